@@ -1,0 +1,302 @@
+"""Typed, frozen configuration loaded from YAML with `--set section.key=value` overrides.
+
+A config has four sections: `model`, `moe`, `mesh`, `train`. Every field is typed; unknown keys,
+wrong types and invalid combinations raise `ConfigError` naming the field and the constraint.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Any, Iterable, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+  """A config field is missing, unknown, mistyped, or violates a constraint."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  d_model: int = 64                 # d
+  num_layers: int = 2               # L
+  num_heads: int = 4
+  num_kv_heads: int = 4
+  head_dim: int = 0                 # 0 -> d_model // num_heads
+  seq_len: int = 64
+  vocab_size: int = 256
+  tie_embeddings: bool = True
+  moe_every: int = 1                # layer i (1-based) is MoE when i % moe_every == 0; 0 = no MoE
+  d_ff: int = 0                     # dense FFN hidden size; 0 -> 4 * d_model
+  ffn_kind: Literal['mlp', 'glu'] = 'glu'
+  scan_layers: bool = False
+  rope_theta: float = 10000.0
+  norm_eps: float = 1e-6
+  dtype: Literal['float32', 'bfloat16'] = 'float32'        # compute dtype
+  param_dtype: Literal['float32', 'bfloat16'] = 'float32'
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def resolved_d_ff(self) -> int:
+    return self.d_ff or 4 * self.d_model
+
+  def is_moe_layer(self, layer: int) -> bool:
+    """Whether 0-based `layer` holds an MoE block (every `moe_every`-th layer, counting from 1)."""
+    return self.moe_every > 0 and (layer + 1) % self.moe_every == 0
+
+  @property
+  def num_moe_layers(self) -> int:
+    return sum(self.is_moe_layer(i) for i in range(self.num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+  num_tiers: int = 1                # T
+  groups_per_tier: int = 1          # G
+  experts_per_group: int = 8        # E_g
+  k_tier: int = 1
+  k_group: int = 1
+  k_expert: int = 2
+  d_expert: int = 128               # h
+  capacity_factor: float = 1.25
+  min_capacity: int = 1
+  expert_kind: Literal['mlp', 'glu'] = 'mlp'
+  num_shared_experts: int = 0
+  d_shared: int = 0                 # shared expert hidden; 0 -> d_expert
+  score: Literal['softmax', 'sigmoid'] = 'softmax'
+  renormalize: bool = True          # combine weights sum to 1 over the K assignments
+  dispatch: Literal['auto', 'capacity', 'gather', 'einsum'] = 'auto'
+  # `auto` uses the capacity buffer while its padding E*C stays within this fraction of
+  # capacity_factor*N*K; beyond that compute follows assignments (gather).
+  auto_padding_tolerance: float = 0.02
+  bias_update_rate: float = 0.0     # loss-free balancing step for sigmoid selection bias (0 = off)
+  aux_loss_weight: float = 0.01     # Switch load-balance loss, summed over levels
+  z_loss_weight: float = 0.001      # ST-MoE router z-loss
+  rank_aligned_groups: bool = False  # send a token once per chosen group (rank) in expert parallel
+
+  @property
+  def experts_total(self) -> int:
+    """Experts per MoE layer: T * G * E_g."""
+    return self.num_tiers * self.groups_per_tier * self.experts_per_group
+
+  @property
+  def k_active(self) -> int:
+    """K = k_tier * k_group * k_expert."""
+    return self.k_tier * self.k_group * self.k_expert
+
+  @property
+  def resolved_d_shared(self) -> int:
+    return self.d_shared or self.d_expert
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+  data: int = -1                    # -1: whatever devices remain
+  expert: int = 1
+  tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  steps: int = 300
+  batch_size: int = 16
+  lr: float = 3e-3
+  min_lr_ratio: float = 0.1
+  warmup_steps: int = 20
+  weight_decay: float = 0.1
+  beta1: float = 0.9
+  beta2: float = 0.95
+  grad_clip: float = 1.0
+  seed: int = 0
+  ckpt_every: int = 100
+  keep_checkpoints: int = 3
+  eval_every: int = 50
+  eval_batches: int = 4
+  log_every: int = 10
+  val_fraction: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  model: ModelConfig = ModelConfig()
+  moe: MoEConfig = MoEConfig()
+  mesh: MeshConfig = MeshConfig()
+  train: TrainConfig = TrainConfig()
+
+  def replace(self, **sections: Any) -> 'Config':
+    return dataclasses.replace(self, **sections)
+
+  def to_dict(self) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_SECTION_TYPES = {'model': ModelConfig, 'moe': MoEConfig, 'mesh': MeshConfig, 'train': TrainConfig}
+
+
+def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
+  name = f'{section}.{field.name}'
+  ftype = eval(field.type) if isinstance(field.type, str) else field.type  # noqa: S307 (own annotations)
+  if get_origin(ftype) is Literal:
+    choices = get_args(ftype)
+    if value not in choices:
+      raise ConfigError(f'{name}: must be one of {list(choices)}, got {value!r}')
+    return value
+  if ftype is bool:
+    if not isinstance(value, bool):
+      raise ConfigError(f'{name}: must be a bool (true/false), got {value!r}')
+    return value
+  if ftype is int:
+    if isinstance(value, bool) or not isinstance(value, int):
+      if isinstance(value, float) and value.is_integer():
+        return int(value)
+      raise ConfigError(f'{name}: must be an integer, got {value!r}')
+    return value
+  if ftype is float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      raise ConfigError(f'{name}: must be a number, got {value!r}')
+    return float(value)
+  raise AssertionError(f'unhandled type {ftype} for {name}')
+
+
+def from_dict(raw: dict[str, Any] | None, base: Config | None = None) -> Config:
+  """Builds a validated Config from nested dicts, on top of `base` (defaults if None)."""
+  base = base or Config()
+  raw = raw or {}
+  if not isinstance(raw, dict):
+    raise ConfigError(f'config: top level must be a mapping of sections, got {type(raw).__name__}')
+  sections = {}
+  for sname, svalue in raw.items():
+    if sname not in _SECTION_TYPES:
+      raise ConfigError(f'{sname}: unknown section (known: {sorted(_SECTION_TYPES)})')
+    if svalue is None:
+      continue
+    if not isinstance(svalue, dict):
+      raise ConfigError(f'{sname}: must be a mapping of keys, got {svalue!r}')
+    fields = {f.name: f for f in dataclasses.fields(_SECTION_TYPES[sname])}
+    updates = {}
+    for key, value in svalue.items():
+      if key not in fields:
+        raise ConfigError(f'{sname}.{key}: unknown key (known: {sorted(fields)})')
+      updates[key] = _coerce(sname, fields[key], value)
+    sections[sname] = dataclasses.replace(getattr(base, sname), **updates)
+  cfg = dataclasses.replace(base, **sections)
+  validate(cfg)
+  return cfg
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict[str, dict[str, Any]]:
+  """Parses `section.key=value` strings (values read as YAML scalars) into nested dicts."""
+  out: dict[str, dict[str, Any]] = {}
+  for item in overrides:
+    if '=' not in item:
+      raise ConfigError(f'--set {item!r}: expected section.key=value')
+    path, text = item.split('=', 1)
+    parts = path.strip().split('.')
+    if len(parts) != 2 or not all(parts):
+      raise ConfigError(f'--set {item!r}: key must look like section.key (e.g. moe.k_expert=2)')
+    try:
+      value = yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError as e:
+      raise ConfigError(f'--set {path}: cannot parse value {text!r}: {e}') from None
+    out.setdefault(parts[0], {})[parts[1]] = value
+  return out
+
+
+def load_config(path: str | pathlib.Path | None = None, overrides: Iterable[str] = ()) -> Config:
+  """Loads a YAML config file (safe loader) and applies `--set` overrides, then validates."""
+  raw: dict[str, Any] = {}
+  if path is not None:
+    p = pathlib.Path(path)
+    if not p.is_file():
+      raise ConfigError(f'config file {str(p)!r} does not exist')
+    try:
+      raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+      raise ConfigError(f'{p}: not valid YAML: {e}') from None
+  cfg = from_dict(raw)
+  ov = parse_overrides(overrides)
+  return from_dict(ov, base=cfg) if ov else cfg
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+  """Raises ConfigError for the first violated constraint."""
+  m, e, t = cfg.model, cfg.moe, cfg.train
+  for name in ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'seq_len', 'vocab_size'):
+    _require(getattr(m, name) > 0, f'model.{name}: must be > 0, got {getattr(m, name)}')
+  _require(m.head_dim >= 0, f'model.head_dim: must be >= 0 (0 = d_model/num_heads), got {m.head_dim}')
+  _require(m.d_ff >= 0, f'model.d_ff: must be >= 0 (0 = 4*d_model), got {m.d_ff}')
+  if m.head_dim == 0:
+    _require(m.d_model % m.num_heads == 0,
+             f'model.d_model ({m.d_model}) must be divisible by model.num_heads ({m.num_heads}) '
+             'when model.head_dim is not set')
+  _require(m.num_heads % m.num_kv_heads == 0,
+           f'model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({m.num_kv_heads})')
+  _require(m.resolved_head_dim % 2 == 0, f'model.head_dim ({m.resolved_head_dim}) must be even for RoPE')
+  _require(m.moe_every >= 0, f'model.moe_every: must be >= 0, got {m.moe_every}')
+  _require(m.rope_theta > 0, f'model.rope_theta: must be > 0, got {m.rope_theta}')
+  for name in ('num_tiers', 'groups_per_tier', 'experts_per_group', 'k_tier', 'k_group', 'k_expert',
+               'd_expert', 'min_capacity'):
+    _require(getattr(e, name) > 0, f'moe.{name}: must be > 0, got {getattr(e, name)}')
+  _require(e.k_tier <= e.num_tiers, f'moe.k_tier ({e.k_tier}) must be <= moe.num_tiers ({e.num_tiers})')
+  _require(e.k_group <= e.groups_per_tier,
+           f'moe.k_group ({e.k_group}) must be <= moe.groups_per_tier ({e.groups_per_tier})')
+  _require(e.k_expert <= e.experts_per_group,
+           f'moe.k_expert ({e.k_expert}) must be <= moe.experts_per_group ({e.experts_per_group})')
+  _require(e.capacity_factor > 0, f'moe.capacity_factor: must be > 0, got {e.capacity_factor}')
+  _require(e.num_shared_experts >= 0, f'moe.num_shared_experts: must be >= 0, got {e.num_shared_experts}')
+  _require(e.d_shared >= 0, f'moe.d_shared: must be >= 0 (0 = d_expert), got {e.d_shared}')
+  _require(e.auto_padding_tolerance >= 0,
+           f'moe.auto_padding_tolerance: must be >= 0, got {e.auto_padding_tolerance}')
+  _require(e.bias_update_rate >= 0, f'moe.bias_update_rate: must be >= 0, got {e.bias_update_rate}')
+  _require(e.bias_update_rate == 0 or e.score == 'sigmoid',
+           'moe.bias_update_rate: selection-bias balancing needs moe.score=sigmoid')
+  _require(e.aux_loss_weight >= 0 and e.z_loss_weight >= 0, 'moe.aux_loss_weight/z_loss_weight: must be >= 0')
+  for name in ('data', 'expert', 'tensor'):
+    v = getattr(cfg.mesh, name)
+    _require(v == -1 or v > 0, f'mesh.{name}: must be > 0 or -1 (the rest), got {v}')
+  _require(sum(getattr(cfg.mesh, n) == -1 for n in ('data', 'expert', 'tensor')) <= 1,
+           'mesh: at most one of data/expert/tensor may be -1')
+  for name in ('steps', 'batch_size', 'ckpt_every', 'keep_checkpoints', 'eval_every', 'eval_batches',
+               'log_every'):
+    _require(getattr(t, name) > 0, f'train.{name}: must be > 0, got {getattr(t, name)}')
+  _require(t.lr > 0, f'train.lr: must be > 0, got {t.lr}')
+  _require(0 <= t.min_lr_ratio <= 1, f'train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}')
+  _require(0 <= t.warmup_steps, f'train.warmup_steps: must be >= 0, got {t.warmup_steps}')
+  _require(t.grad_clip >= 0, f'train.grad_clip: must be >= 0 (0 = off), got {t.grad_clip}')
+  _require(0 < t.val_fraction < 1, f'train.val_fraction: must be in (0, 1), got {t.val_fraction}')
+  _require(math.isfinite(t.lr), 'train.lr: must be finite')
+
+
+def capacity(cfg: MoEConfig, num_tokens: int, num_experts: int | None = None) -> int:
+  """Slots per expert: C = max(ceil(capacity_factor * N * K / E), min_capacity).
+
+  N is the number of tokens routed together: all tokens one device (or one expert-parallel source
+  rank) feeds to one MoE layer call, i.e. local_batch * seq_len.
+  """
+  e = num_experts or cfg.experts_total
+  return max(math.ceil(cfg.capacity_factor * num_tokens * cfg.k_active / e - 1e-9), cfg.min_capacity)
+
+
+def resolve_dispatch(cfg: MoEConfig, num_tokens: int, num_experts: int | None = None) -> str:
+  """The dispatch path that runs: `auto` becomes `capacity` or `gather` by regime.
+
+  The [E, C, d] capacity buffer does E·C expert-rows of work; when rounding C up (or min_capacity)
+  pads that beyond capacity_factor·N·K by more than `auto_padding_tolerance`, the buffer would be
+  mostly empty (E ≫ capacity_factor·N·K), so compute follows assignments instead (`gather`).
+  """
+  if cfg.dispatch != 'auto':
+    return cfg.dispatch
+  e = num_experts or cfg.experts_total
+  slots = e * capacity(cfg, num_tokens, e)
+  useful = cfg.capacity_factor * num_tokens * cfg.k_active
+  return 'capacity' if slots <= (1.0 + cfg.auto_padding_tolerance) * useful else 'gather'

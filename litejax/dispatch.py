@@ -1,0 +1,125 @@
+"""Capacity-bounded dispatch of routed assignments to experts, and the expert FFNs.
+
+Capacity. N is the number of tokens routed together in one MoE call on one device (expert-parallel:
+on one source rank): local_batch · seq_len. Each expert takes at most
+C = max(ceil(capacity_factor · N · K / E), min_capacity) assignments. Priority is slot-major: every
+token's first assignment is placed before any token's second, and within a slot tokens go in order.
+An assignment past its expert's capacity is dropped: it contributes zero and the residual stream
+carries the token.
+
+Paths (same outputs on the same routing when nothing is dropped; the same drops everywhere):
+  capacity: stable sort by expert -> position in expert -> gather tokens into an [E, C, d] buffer ->
+            batched expert matmuls -> gather back and combine. Work E·C rows; no N×E×C tensor.
+  gather:   compute follows assignments: each of the N·K assignments gathers its expert's weights.
+            Work N·K rows whatever E is (dropped ones are masked, so shapes stay static).
+  einsum:   GShard-style one-hot [N, E, C] dispatch/combine einsums; a reference baseline only.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from litejax.config import MoEConfig, capacity, resolve_dispatch
+from litejax.routing import Routing
+
+
+def expert_ffn(x: jax.Array, w: dict[str, jax.Array], kind: str, in_spec: str, out_spec: str) -> jax.Array:
+  """Applies expert FFNs with einsum specs for the two matmuls (e.g. 'ecd,edh->ech', 'ech,ehd->ecd').
+
+  kind 'mlp': relu(x·W_in)·W_out (the spec's two-layer MLP); 'glu': (silu(x·W_gate) ⊙ x·W_in)·W_out.
+  """
+  h = jnp.einsum(in_spec, x, w['w_in'].astype(x.dtype))
+  if kind == 'glu':
+    h = jax.nn.silu(jnp.einsum(in_spec, x, w['w_gate'].astype(x.dtype))) * h
+  else:
+    h = jax.nn.relu(h)
+  return jnp.einsum(out_spec, h, w['w_out'].astype(x.dtype))
+
+
+def assignment_positions(expert_nk: jax.Array, capacity_per_expert: int):
+  """Position of each assignment within its expert's queue (slot-major priority), and keep mask.
+
+  Uses a stable sort over the N·K assignments, never an E-sized or N×E tensor.
+  """
+  n, k = expert_nk.shape
+  flat = expert_nk.T.reshape(-1)                              # slot-major priority order
+  order = jnp.argsort(flat, stable=True)
+  sorted_e = flat[order]
+  run_start = jnp.searchsorted(sorted_e, sorted_e, side='left')
+  pos_sorted = jnp.arange(n * k, dtype=jnp.int32) - run_start.astype(jnp.int32)
+  pos = jnp.zeros((n * k,), jnp.int32).at[order].set(pos_sorted)
+  pos_nk = pos.reshape(k, n).T
+  return pos_nk, pos_nk < capacity_per_expert
+
+
+def drop_fractions(keep_nk: jax.Array, cfg: MoEConfig) -> jax.Array:
+  """Dropped fraction per level [tier, group, expert]: a kept tier (group) branch counts as dropped
+  when every assignment under it was dropped."""
+  n = keep_nk.shape[0]
+  dropped = ~keep_nk
+  tier = dropped.reshape(n, cfg.k_tier, -1).all(-1).mean()
+  group = dropped.reshape(n, cfg.k_tier * cfg.k_group, -1).all(-1).mean()
+  return jnp.stack([tier, group, dropped.mean()]).astype(jnp.float32)
+
+
+def _capacity_path(x_nd, expert_nk, pos_nk, keep_nk, w, kind, num_experts, cap):
+  n, k = expert_nk.shape
+  d = x_nd.shape[-1]
+  dummy = num_experts * cap
+  slot_nk = jnp.where(keep_nk, expert_nk * cap + pos_nk, dummy)
+  token_n = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, k))
+  # Which token fills each slot; empty slots point at an appended zero row.
+  token_of_slot = jnp.full((dummy + 1,), n, jnp.int32).at[slot_nk.reshape(-1)].set(token_n.reshape(-1))
+  x_pad = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])
+  x_ecd = x_pad[token_of_slot[:dummy]].reshape(num_experts, cap, d)
+  y_ecd = expert_ffn(x_ecd, w, kind, 'ecd,edh->ech', 'ech,ehd->ecd')
+  y_flat = jnp.concatenate([y_ecd.reshape(dummy, d), jnp.zeros((1, d), y_ecd.dtype)])
+  return y_flat[slot_nk]                                      # [N, K, d]; dropped -> zero row
+
+
+def _gather_path(x_nd, expert_nk, w, kind):
+  w_nk = {name: v[expert_nk] for name, v in w.items()}         # [N, K, d, h] / [N, K, h, d]
+  return expert_ffn(x_nd, w_nk, kind, 'nd,nkdh->nkh', 'nkh,nkhd->nkd')
+
+
+def _einsum_path(x_nd, expert_nk, pos_nk, keep_nk, weight_nk, w, kind, num_experts, cap):
+  onehot_nke = jax.nn.one_hot(expert_nk, num_experts, dtype=x_nd.dtype)
+  onehot_nkc = jax.nn.one_hot(pos_nk, cap, dtype=x_nd.dtype) * keep_nk[..., None].astype(x_nd.dtype)
+  dispatch_nec = jnp.einsum('nke,nkc->nec', onehot_nke, onehot_nkc)
+  combine_nec = jnp.einsum('nke,nkc,nk->nec', onehot_nke, onehot_nkc, weight_nk.astype(x_nd.dtype))
+  x_ecd = jnp.einsum('nec,nd->ecd', dispatch_nec, x_nd)
+  y_ecd = expert_ffn(x_ecd, w, kind, 'ecd,edh->ech', 'ech,ehd->ecd')
+  return jnp.einsum('nec,ecd->nd', combine_nec, y_ecd)
+
+
+def moe_ffn(x_nd: jax.Array, routing: Routing, w: dict[str, jax.Array], cfg: MoEConfig,
+            dispatch: str | None = None) -> tuple[jax.Array, dict[str, Any]]:
+  """Runs the routed experts for N tokens. Returns (y [N, d], stats).
+
+  w: 'w_in' [E, d, h], 'w_out' [E, h, d] and for glu 'w_gate' [E, d, h].
+  stats: 'drop_fraction' [3] per level, 'dispatch' (the path that ran, a Python str), 'capacity'.
+  """
+  n = x_nd.shape[0]
+  num_experts = w['w_in'].shape[0]
+  if dispatch is not None:
+    cfg = dataclasses.replace(cfg, dispatch=dispatch)
+  path = resolve_dispatch(cfg, n, num_experts)
+  cap = capacity(cfg, n, num_experts)
+  pos_nk, keep_nk = assignment_positions(routing.expert_nk, cap)
+  weight_nk = routing.weight_nk * keep_nk
+  if path == 'capacity':
+    y_nkd = _capacity_path(x_nd, routing.expert_nk, pos_nk, keep_nk, w, cfg.expert_kind, num_experts, cap)
+    y_nd = jnp.einsum('nkd,nk->nd', y_nkd, weight_nk.astype(y_nkd.dtype))
+  elif path == 'gather':
+    y_nkd = _gather_path(x_nd, routing.expert_nk, w, cfg.expert_kind)
+    y_nd = jnp.einsum('nkd,nk->nd', y_nkd, weight_nk.astype(y_nkd.dtype))
+  elif path == 'einsum':
+    y_nd = _einsum_path(x_nd, routing.expert_nk, pos_nk, keep_nk, weight_nk, w, cfg.expert_kind,
+                        num_experts, cap)
+  else:
+    raise ValueError(f'moe.dispatch: unknown path {path!r}')
+  stats = {'drop_fraction': drop_fractions(keep_nk, cfg), 'dispatch': path, 'capacity': cap}
+  return y_nd, stats

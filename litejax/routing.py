@@ -1,0 +1,157 @@
+"""Hierarchical top-K routing: tiers -> groups -> experts, as pure functions.
+
+Each token keeps `k_tier` of T tiers; only inside those tiers are the G groups scored, keeping
+`k_group`; only inside the kept groups are the E_g experts scored, keeping `k_expert`. Router FLOPs per
+token are therefore 2·d·(T + k_tier·G + k_tier·k_group·E_g), never 2·d·(T·G·E_g).
+
+A level with a single branch (T = 1 or G = 1) has no router weights and gate 1, so T = G = 1 is plain
+flat top-k routing: softmax over experts -> top-k -> renormalise (Mixtral).
+
+Expert ids are global: expert = (tier * G + group) * E_g + local_expert, so the experts of one group
+are contiguous (which lets groups align with expert-parallel ranks).
+
+Assignment order inside the K slots of a token is (tier rank, group rank, expert rank), best first.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from litejax.config import MoEConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Routing:
+  """What the router decided for N tokens (K = k_tier·k_group·k_expert assignments each)."""
+  expert_nk: jax.Array           # int32 [N, K] global expert id of each assignment
+  weight_nk: jax.Array           # f32 [N, K] combine weight (product of level gates, maybe renormalised)
+  group_nk: jax.Array            # int32 [N, K] global group id (tier * G + group) of each assignment
+  tier_nk: jax.Array             # int32 [N, K] tier id of each assignment
+  load_balance_loss: jax.Array   # f32 [3] Switch loss per level (tier, group, expert); 0 for 1-branch levels
+  z_loss: jax.Array              # f32 [] ST-MoE z-loss summed over scored levels
+  tokens_per_expert: jax.Array   # int32 [E] assignments per expert before capacity drops
+
+
+def _scores(logits: jax.Array, kind: str) -> jax.Array:
+  return jax.nn.softmax(logits, axis=-1) if kind == 'softmax' else jax.nn.sigmoid(logits)
+
+
+def _level(logits_npb: jax.Array, bias_npb: jax.Array | None, k: int, kind: str):
+  """Top-k over the last axis. Selection uses score + bias; the gate is the unbiased score."""
+  scores = _scores(logits_npb.astype(jnp.float32), kind)
+  select = scores if bias_npb is None else scores + bias_npb
+  _, idx = jax.lax.top_k(select, k)
+  gate = jnp.take_along_axis(scores, idx, axis=-1)
+  return idx, gate, scores
+
+
+def _switch_loss(branch_ids: jax.Array, scores_npb: jax.Array, scored_ids: jax.Array,
+                 num_branches: int) -> jax.Array:
+  """Switch load-balance loss B·Σ_b f_b·P_b over all B branches of a level.
+
+  f_b: fraction of selections that chose branch b. P_b: share of router probability given to b,
+  summed only over the branches that were scored (children of kept parents). Both sum to 1, so
+  perfectly uniform routing gives 1.0. Scores are normalised per parent so sigmoid levels work too.
+  """
+  counts = jnp.zeros((num_branches,), jnp.float32).at[branch_ids.reshape(-1)].add(1.0)
+  f = counts / jnp.maximum(counts.sum(), 1.0)
+  probs = scores_npb / jnp.maximum(scores_npb.sum(-1, keepdims=True), 1e-9)
+  p = jnp.zeros((num_branches,), jnp.float32).at[scored_ids.reshape(-1)].add(probs.reshape(-1))
+  p = p / jnp.maximum(p.sum(), 1e-9)
+  return num_branches * jnp.sum(jax.lax.stop_gradient(f) * p)
+
+
+def _z(logits: jax.Array) -> jax.Array:
+  return jnp.mean(jnp.square(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)))
+
+
+def _child_logits(x_nd: jax.Array, w_pdb: jax.Array, parent_np: jax.Array) -> jax.Array:
+  """Logits of the children of each kept parent: [N, P_kept, B], scoring only those children.
+
+  When every parent is kept (e.g. one parent) a plain matmul is the same work without the gather.
+  """
+  num_parents = w_pdb.shape[0]
+  if parent_np.shape[1] == num_parents:
+    logits_npb = jnp.einsum('nd,pdb->npb', x_nd, w_pdb.astype(x_nd.dtype))
+    return jnp.take_along_axis(logits_npb, parent_np[:, :, None], axis=1)
+  w_npdb = w_pdb[parent_np].astype(x_nd.dtype)   # gather only the kept parents' router weights
+  return jnp.einsum('nd,npdb->npb', x_nd, w_npdb)
+
+
+def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
+          bias: dict[str, jax.Array] | None = None) -> Routing:
+  """Routes N tokens hierarchically.
+
+  Args:
+    x_nd: [N, d] token activations (compute dtype; router math is done in f32).
+    params: router weights: 'tier' [d, T] (if T > 1), 'group' [T, d, G] (if G > 1), 'expert' [T·G, d, E_g].
+    cfg: the MoE config.
+    bias: optional selection-only biases (sigmoid scoring): 'tier' [T], 'group' [T·G], 'expert' [E].
+  """
+  n = x_nd.shape[0]
+  T, G, Eg = cfg.num_tiers, cfg.groups_per_tier, cfg.experts_per_group
+  bias = bias or {}
+  x32 = x_nd.astype(jnp.float32)  # router decisions in f32 even under bf16 compute
+  z_terms, lb = [], []
+
+  # Level 1: tiers.
+  if T > 1:
+    logits_nt = x32 @ params['tier'].astype(jnp.float32)
+    b = bias.get('tier')
+    tier_nk, gate_t, scores_t = _level(logits_nt, None if b is None else b[None, :], cfg.k_tier, cfg.score)
+    z_terms.append(_z(logits_nt))
+    lb.append(_switch_loss(tier_nk, scores_t, jnp.broadcast_to(jnp.arange(T), (n, T)), T))
+  else:
+    tier_nk = jnp.zeros((n, 1), jnp.int32)
+    gate_t = jnp.ones((n, 1), jnp.float32)
+    lb.append(jnp.zeros((), jnp.float32))
+
+  # Level 2: groups inside kept tiers.
+  if G > 1:
+    logits_ntg = _child_logits(x32, params['group'], tier_nk)
+    scored = tier_nk[:, :, None] * G + jnp.arange(G)
+    b = bias.get('group')
+    local_g, gate_g, scores_g = _level(logits_ntg, None if b is None else b[scored], cfg.k_group, cfg.score)
+    group_nk = (tier_nk[:, :, None] * G + local_g).reshape(n, -1)
+    gate_tg = (gate_t[:, :, None] * gate_g).reshape(n, -1)
+    z_terms.append(_z(logits_ntg))
+    lb.append(_switch_loss(group_nk, scores_g, scored, T * G))
+  else:
+    group_nk = tier_nk
+    gate_tg = gate_t
+    lb.append(jnp.zeros((), jnp.float32))
+
+  # Level 3: experts inside kept groups.
+  logits_nge = _child_logits(x32, params['expert'], group_nk)
+  scored = group_nk[:, :, None] * Eg + jnp.arange(Eg)
+  b = bias.get('expert')
+  local_e, gate_e, scores_e = _level(logits_nge, None if b is None else b[scored], cfg.k_expert, cfg.score)
+  expert_nk = (group_nk[:, :, None] * Eg + local_e).reshape(n, -1)
+  weight_nk = (gate_tg[:, :, None] * gate_e).reshape(n, -1)
+  z_terms.append(_z(logits_nge))
+  num_experts = T * G * Eg
+  lb.append(_switch_loss(expert_nk, scores_e, scored, num_experts) if num_experts > 1
+            else jnp.zeros((), jnp.float32))
+
+  if cfg.renormalize:
+    weight_nk = weight_nk / jnp.maximum(weight_nk.sum(-1, keepdims=True), 1e-9)
+  group_k = jnp.repeat(group_nk, cfg.k_expert, axis=1)
+  tier_k = jnp.repeat(tier_nk, cfg.k_group * cfg.k_expert, axis=1)
+  tokens_per_expert = jnp.zeros((num_experts,), jnp.int32).at[expert_nk.reshape(-1)].add(1)
+  return Routing(
+      expert_nk=expert_nk.astype(jnp.int32), weight_nk=weight_nk, group_nk=group_k.astype(jnp.int32),
+      tier_nk=tier_k.astype(jnp.int32), load_balance_loss=jnp.stack(lb),
+      z_loss=sum(z_terms), tokens_per_expert=tokens_per_expert)
+
+
+def update_selection_bias(bias: jax.Array, tokens_per_branch: jax.Array, rate: float) -> jax.Array:
+  """Loss-free balancing (DeepSeek-V3): raise the bias of under-loaded branches, lower over-loaded.
+
+  bias <- bias + rate · sign(mean_load - load). Only selection sees the bias, never the gate.
+  """
+  load = tokens_per_branch.astype(jnp.float32)
+  return bias + rate * jnp.sign(load.mean() - load)
