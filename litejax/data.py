@@ -163,7 +163,8 @@ def load_tokens(path: str | os.PathLike | None = None, *, dtype: Any = None,
                 vocab_size: int = VOCAB_SIZE, validate: bool = True) -> np.ndarray:
   """Loads a token stream from `path` (see module docstring); None -> default corpus.
 
-  `dtype` applies to `.bin` files only (uint16/uint32; default from the name suffix).
+  `dtype` applies to `.bin` files only (uint16/uint32); if None it is uint32 for names
+  ending in `.u32.bin`, else uint16. An explicit dtype wins over the suffix.
   Returns a 1-D unsigned array (np.memmap for `.bin`). With `validate`, checks that every
   token is < vocab_size. Raises FileNotFoundError / ValueError naming the path.
   """
@@ -211,7 +212,8 @@ class TokenDataset:
     If `seq_len` is given, checks now that both splits fit one sequence, so a bad corpus
     fails at startup rather than at the first eval. `validate` checks token ids < vocab_size.
     """
-    tokens = np.asarray(tokens) if not isinstance(tokens, np.ndarray) else tokens
+    if not isinstance(tokens, np.ndarray):  # keep np.memmap as is
+      tokens = np.asarray(tokens)
     if tokens.ndim != 1:
       raise ValueError(f'{source}: tokens must be 1-D, got shape {tokens.shape}')
     if not 0.0 < float(val_fraction) < 1.0:
@@ -266,12 +268,11 @@ class TokenDataset:
     step = _check_int('step', step, 0)
     seed = _check_int('seed', seed, 0)
     batch_size = _check_int('batch_size', batch_size, 1)
+    if split not in SPLITS:
+      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     self.check_seq_len(seq_len)
     n = self.num_train if split == 'train' else self.num_val
-    split_id = SPLITS.index(split) if split in SPLITS else None
-    if split_id is None:
-      raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rng = np.random.default_rng([seed, step, split_id])
+    rng = np.random.default_rng([seed, step, SPLITS.index(split)])
     # Window [s, s+seq_len] must fit, so s in [0, n - seq_len - 1].
     return rng.integers(0, n - seq_len, size=batch_size, dtype=np.int64)
 
@@ -281,7 +282,8 @@ class TokenDataset:
     """Rows [i*B/n, (i+1)*B/n) of global batch `step` for process i of n.
 
     `batch_size` is the GLOBAL batch size B. Returns (inputs, targets), each int32 of shape
-    [B/n, seq_len], with targets[:, t] == inputs[:, t+1]'s source token (shift by one).
+    [B/n, seq_len]; targets are inputs shifted left by one (targets[:, t] follows
+    inputs[:, t] in the corpus).
     Only this process's windows are read from the token array.
     """
     batch_size = _check_int('batch_size', batch_size, 1)

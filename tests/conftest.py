@@ -1,0 +1,21 @@
+"""Test setup: an emulated 8-device CPU mesh, configured before JAX is imported anywhere."""
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / 'configs'
+
+
+def all_config_files():
+  return sorted(CONFIG_DIR.glob('*.yaml'))
+
+
+@pytest.fixture(scope='session')
+def repo_root() -> pathlib.Path:
+  return REPO
