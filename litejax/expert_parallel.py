@@ -1,0 +1,207 @@
+"""Expert-parallel dispatch under `jax.shard_map`: pack -> all_to_all -> local experts -> all_to_all -> combine.
+
+Every (data, expert) rank routes its own N_loc = local_batch·seq_len tokens (routing happens before,
+in MoEBlock). Experts are split over the `expert` axis in contiguous blocks: expert e lives on expert
+rank e // E_loc (E_loc = E / R_EP), so the experts of a routing group share a rank.
+
+Capacity is per (source rank, expert): C = max(ceil(capacity_factor · N_loc · K / E), min_capacity),
+with the same slot-major priority as single-device dispatch (`dispatch.assignment_positions`), so
+with one expert rank and N_loc = N the drops are exactly those of `dispatch.moe_ffn`.
+
+Paths (`moe.dispatch`, resolved for N_loc; `einsum` runs as `capacity`):
+  capacity: each source rank fills an [E, C, d] buffer = [R_EP, E_loc·C, d]; row r goes to rank r.
+            The receiver sees [E_loc, R_EP·C, d] and runs batched expert matmuls. Nothing but
+            activations travels: an expert's slots are implied by position.
+  gather:   for E ≫ capacity_factor·N·K an [E, C, d] buffer would be mostly empty, so assignments
+            kept by the per-expert capacity are packed per destination rank into
+            C_rank = min(E_loc·C, N_loc·K, ceil(capacity_factor·N_loc·K / R_EP)) slots (a second bound:
+            an assignment past it is dropped too) with their local expert id (int32); the receiver
+            gathers each slot's expert weights, so compute follows assignments.
+Rank-aligned groups (`moe.rank_aligned_groups`, groups T·G divisible by R_EP): the unit sent is a
+(token, chosen group) visit, not an assignment. Capacity is per (source rank, group):
+C_g = max(ceil(capacity_factor · N_loc · k_tier·k_group / (T·G)), min_capacity), and the gather path
+packs per rank as above with k_tier·k_group in place of K. Each visit carries the k_expert local
+expert ids (int32) and combine weights (f32); the receiving rank applies those k_expert experts and
+returns their weighted sum, so each all-to-all moves ∝ k_tier·k_group rows per token instead of ∝ K.
+
+All buffers have static shapes; empty slots carry zeros and are never read back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec as P
+
+from litejax.config import MoEConfig, capacity, resolve_dispatch
+from litejax.dispatch import assignment_positions, drop_fractions, expert_ffn
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Static shape plan of one expert-parallel MoE call on one source rank."""
+  path: str                # 'capacity' or 'gather'
+  aligned: bool            # rank-aligned groups: one visit per chosen group
+  num_buckets: int         # E (experts) or T·G (groups, aligned)
+  items_per_token: int     # K, or k_tier·k_group when aligned
+  bucket_capacity: int     # C per (source rank, bucket)
+  slots_per_rank: int      # rows sent to each destination rank per all-to-all
+  num_ranks: int           # R_EP
+
+  @property
+  def total_slots(self) -> int:
+    return self.num_ranks * self.slots_per_rank
+
+
+def plan(cfg: MoEConfig, n_local: int, num_ranks: int) -> Plan:
+  """Buffer sizes for N_loc tokens on one source rank with R_EP expert ranks (see module doc)."""
+  E = cfg.experts_total
+  path = resolve_dispatch(cfg, n_local, E)
+  path = 'capacity' if path == 'einsum' else path
+  if cfg.rank_aligned_groups:
+    buckets, items = cfg.num_tiers * cfg.groups_per_tier, cfg.k_tier * cfg.k_group
+    cap = max(math.ceil(cfg.capacity_factor * n_local * items / buckets - 1e-9), cfg.min_capacity)
+  else:
+    buckets, items = E, cfg.k_active
+    cap = capacity(cfg, n_local, E)
+  per_rank_buckets = buckets // num_ranks
+  if path == 'capacity':
+    spr = per_rank_buckets * cap
+  else:
+    spr = min(per_rank_buckets * cap, n_local * items,
+              max(math.ceil(cfg.capacity_factor * n_local * items / num_ranks - 1e-9), 1))
+  return Plan(path, cfg.rank_aligned_groups, buckets, items, cap, spr, num_ranks)
+
+
+def all_to_all_bytes(p: Plan, d: int, act_bytes: int, k_expert: int) -> dict[str, int]:
+  """Bytes one rank puts into the all-to-alls of one MoE forward call, by buffer.
+
+  'dispatch' and 'combine' are the activation buffers (each R_EP·slots·d); 'metadata' the int32
+  expert ids (gather path) or ids + f32 weights (rank-aligned). Buffer sizes, including the block a
+  rank keeps for itself (1/R_EP of it), which is how XLA shapes the all-to-all.
+  """
+  rows = p.total_slots
+  act = rows * d * act_bytes
+  if p.aligned:
+    meta = rows * k_expert * (4 + 4)
+  elif p.path == 'gather':
+    meta = rows * 4
+  else:
+    meta = 0
+  if p.num_ranks == 1:       # no all-to-all is emitted
+    return {'dispatch': 0, 'combine': 0, 'metadata': 0, 'total': 0}
+  return {'dispatch': act, 'combine': act, 'metadata': meta, 'total': 2 * act + meta}
+
+
+def _slots(bucket_ni: jax.Array, p: Plan):
+  """Slot of each item in the send buffer (dummy = total_slots when dropped) and its keep mask."""
+  pos, keep = assignment_positions(bucket_ni, p.bucket_capacity)
+  if p.path == 'capacity':
+    slot = bucket_ni * p.bucket_capacity + pos
+  else:
+    dest = bucket_ni // (p.num_buckets // p.num_ranks)
+    rpos, _ = assignment_positions(jnp.where(keep, dest, p.num_ranks), p.slots_per_rank)
+    keep = keep & (rpos < p.slots_per_rank)
+    slot = dest * p.slots_per_rank + rpos
+  return jnp.where(keep, slot, p.total_slots).astype(jnp.int32), keep
+
+
+def _scatter_rows(values: jax.Array, slot_ni: jax.Array, total: int) -> jax.Array:
+  """[n, i, ...] item values -> [total, ...] slot values (empty slots zero)."""
+  tail = values.shape[2:]
+  out = jnp.zeros((total + 1,) + tail, values.dtype)
+  return out.at[slot_ni.reshape(-1)].set(values.reshape((-1,) + tail))[:total]
+
+
+def ep_dispatch(x_nd: jax.Array, expert_nk: jax.Array, weight_nk: jax.Array, w: dict[str, jax.Array],
+                cfg: MoEConfig, p: Plan, expert_axis: str, tensor_axis: str | None):
+  """The per-rank body (inside shard_map). Returns (y [N_loc, d], keep [N_loc, K]).
+
+  w holds this rank's E_loc experts (and its tensor shard of their hidden units, when
+  `tensor_axis` is set: partial outputs are summed over it).
+  """
+  n, d = x_nd.shape
+  R, kind = p.num_ranks, cfg.expert_kind
+  e_loc = w['w_in'].shape[0]
+  k_e = cfg.k_expert
+
+  def a2a(t):
+    return t if R == 1 else jax.lax.all_to_all(t, expert_axis, 0, 0, tiled=True)
+
+  def reduce_tensor(t):
+    return t if tensor_axis is None else jax.lax.psum(t, tensor_axis)
+
+  if p.aligned:
+    visits = p.items_per_token
+    bucket = expert_nk.reshape(n, visits, k_e)[:, :, 0] // cfg.experts_per_group   # global group
+  else:
+    bucket = expert_nk
+  slot, keep = _slots(bucket, p)
+  token = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], bucket.shape)
+  token_of_slot = jnp.full((p.total_slots + 1,), n, jnp.int32).at[slot.reshape(-1)].set(token.reshape(-1))
+  x_pad = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])
+  x_recv = a2a(x_pad[token_of_slot[:p.total_slots]].reshape(R, p.slots_per_rank, d))
+  m = p.total_slots                                           # rows received = rows sent
+
+  if p.aligned:
+    eid = _scatter_rows((expert_nk % e_loc).reshape(n, visits, k_e), slot, m)
+    wt = _scatter_rows(weight_nk.reshape(n, visits, k_e).astype(jnp.float32), slot, m)
+    eid, wt = a2a(eid.reshape(R, -1, k_e)), a2a(wt.reshape(R, -1, k_e))
+    w_mk = {name: v[eid.reshape(m, k_e)] for name, v in w.items()}        # [M, k_e, d, h]
+    y_mkd = expert_ffn(x_recv.reshape(m, d), w_mk, kind, 'md,mkdh->mkh', 'mkh,mkhd->mkd')
+    y_recv = jnp.einsum('mkd,mk->md', y_mkd, wt.reshape(m, k_e).astype(y_mkd.dtype))
+  elif p.path == 'capacity':
+    cap = p.bucket_capacity
+    x_ecd = x_recv.reshape(R, e_loc, cap, d).transpose(1, 0, 2, 3).reshape(e_loc, R * cap, d)
+    y_ecd = expert_ffn(x_ecd, w, kind, 'ecd,edh->ech', 'ech,ehd->ecd')
+    y_recv = y_ecd.reshape(e_loc, R, cap, d).transpose(1, 0, 2, 3)
+  else:
+    eid = a2a(_scatter_rows(expert_nk % e_loc, slot, m).reshape(R, -1))
+    w_m = {name: v[eid.reshape(m)] for name, v in w.items()}             # [M, d, h]
+    y_recv = expert_ffn(x_recv.reshape(m, d), w_m, kind, 'md,mdh->mh', 'mh,mhd->md')
+
+  y_back = a2a(reduce_tensor(y_recv).reshape(R, p.slots_per_rank, d))
+  y_flat = jnp.concatenate([y_back.reshape(m, d), jnp.zeros((1, d), y_back.dtype)])
+  y_items = y_flat[slot]                                      # [N, items, d]; dropped -> zero row
+  if p.aligned:
+    y_nd = y_items.sum(axis=1)                                # weights were applied on arrival
+    keep = jnp.repeat(keep, k_e, axis=1)
+  else:
+    y_nd = jnp.einsum('nkd,nk->nd', y_items, (weight_nk * keep).astype(y_items.dtype))
+  return y_nd, keep
+
+
+def make_expert_fn(mesh: Mesh, *, batch_axes: tuple[str, ...], expert_axis: str, tensor_axis: str,
+                   num_expert_ranks: int, num_tensor_ranks: int, expert_spec: P,
+                   expert_out_spec: P) -> Callable[..., tuple[jax.Array, dict[str, Any]]]:
+  """An `expert_fn(x_nd, routing, expert_params, moe_cfg)` running `ep_dispatch` under shard_map.
+
+  Tokens enter split over `batch_axes` (each rank keeps its own N_loc), expert weights with the
+  given specs; the output has the tokens' sharding and stats are averaged over all ranks.
+  """
+  tokens = P(batch_axes, None)
+  batch_ranks = math.prod(int(mesh.shape[a]) for a in batch_axes)
+  # Weights are split over tensor (even of size 1), so outputs are psum-ed over it to be replicated.
+  t_axis = tensor_axis
+  del num_tensor_ranks
+
+  def expert_fn(x_nd, routing, expert_params, moe_cfg: MoEConfig):
+    n_global = x_nd.shape[0]
+    if n_global % batch_ranks:
+      raise ValueError(f'{n_global} tokens do not split over {batch_ranks} data*expert ranks')
+    p = plan(moe_cfg, n_global // batch_ranks, num_expert_ranks)
+    w_specs = {name: (expert_out_spec if name == 'w_out' else expert_spec) for name in expert_params}
+
+    def body(x, e_nk, w_nk, w):
+      y, keep = ep_dispatch(x, e_nk, w_nk, w, moe_cfg, p, expert_axis, t_axis)
+      return y, jax.lax.pmean(drop_fractions(keep, moe_cfg), batch_axes)
+
+    y_nd, drop = jax.shard_map(
+        body, mesh=mesh, in_specs=(tokens, tokens, tokens, w_specs), out_specs=(tokens, P()),
+    )(x_nd, routing.expert_nk, routing.weight_nk, expert_params)
+    return y_nd, {'drop_fraction': drop, 'dispatch': p.path, 'capacity': p.bucket_capacity}
+
+  return expert_fn
