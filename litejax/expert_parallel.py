@@ -28,7 +28,6 @@ All buffers have static shapes; empty slots carry zeros and are never read back.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Callable
 
@@ -36,64 +35,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from litejax.config import MoEConfig, capacity, resolve_dispatch
+from litejax import comm
+from litejax.comm import Plan
+from litejax.config import MoEConfig
 from litejax.dispatch import assignment_positions, drop_fractions, expert_ffn
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """Static shape plan of one expert-parallel MoE call on one source rank."""
-  path: str                # 'capacity' or 'gather'
-  aligned: bool            # rank-aligned groups: one visit per chosen group
-  num_buckets: int         # E (experts) or T·G (groups, aligned)
-  items_per_token: int     # K, or k_tier·k_group when aligned
-  bucket_capacity: int     # C per (source rank, bucket)
-  slots_per_rank: int      # rows sent to each destination rank per all-to-all
-  num_ranks: int           # R_EP
-
-  @property
-  def total_slots(self) -> int:
-    return self.num_ranks * self.slots_per_rank
-
-
-def plan(cfg: MoEConfig, n_local: int, num_ranks: int) -> Plan:
-  """Buffer sizes for N_loc tokens on one source rank with R_EP expert ranks (see module doc)."""
-  E = cfg.experts_total
-  path = resolve_dispatch(cfg, n_local, E)
-  path = 'capacity' if path == 'einsum' else path
-  if cfg.rank_aligned_groups:
-    buckets, items = cfg.num_tiers * cfg.groups_per_tier, cfg.k_tier * cfg.k_group
-    cap = max(math.ceil(cfg.capacity_factor * n_local * items / buckets - 1e-9), cfg.min_capacity)
-  else:
-    buckets, items = E, cfg.k_active
-    cap = capacity(cfg, n_local, E)
-  per_rank_buckets = buckets // num_ranks
-  if path == 'capacity':
-    spr = per_rank_buckets * cap
-  else:
-    spr = min(per_rank_buckets * cap, n_local * items,
-              max(math.ceil(cfg.capacity_factor * n_local * items / num_ranks - 1e-9), 1))
-  return Plan(path, cfg.rank_aligned_groups, buckets, items, cap, spr, num_ranks)
-
-
-def all_to_all_bytes(p: Plan, d: int, act_bytes: int, k_expert: int) -> dict[str, int]:
-  """Bytes one rank puts into the all-to-alls of one MoE forward call, by buffer.
-
-  'dispatch' and 'combine' are the activation buffers (each R_EP·slots·d); 'metadata' the int32
-  expert ids (gather path) or ids + f32 weights (rank-aligned). Buffer sizes, including the block a
-  rank keeps for itself (1/R_EP of it), which is how XLA shapes the all-to-all.
-  """
-  rows = p.total_slots
-  act = rows * d * act_bytes
-  if p.aligned:
-    meta = rows * k_expert * (4 + 4)
-  elif p.path == 'gather':
-    meta = rows * 4
-  else:
-    meta = 0
-  if p.num_ranks == 1:       # no all-to-all is emitted
-    return {'dispatch': 0, 'combine': 0, 'metadata': 0, 'total': 0}
-  return {'dispatch': act, 'combine': act, 'metadata': meta, 'total': 2 * act + meta}
 
 
 def _slots(bucket_ni: jax.Array, p: Plan):
@@ -192,7 +137,7 @@ def make_expert_fn(mesh: Mesh, *, batch_axes: tuple[str, ...], expert_axis: str,
     n_global = x_nd.shape[0]
     if n_global % batch_ranks:
       raise ValueError(f'{n_global} tokens do not split over {batch_ranks} data*expert ranks')
-    p = plan(moe_cfg, n_global // batch_ranks, num_expert_ranks)
+    p = comm.plan(moe_cfg, n_global // batch_ranks, num_expert_ranks)
     w_specs = {name: (expert_out_spec if name == 'w_out' else expert_spec) for name in expert_params}
 
     def body(x, e_nk, w_nk, w):
