@@ -16,9 +16,11 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], fan_in: int,
           dtype=jnp.float32) -> nnx.Param:
-  """A Param drawn from N(0, 1/fan_in), tagged with its logical axes."""
+  """A Param drawn with variance 1/fan_in, tagged with its logical axes."""
   assert len(shape) == len(axes), (shape, axes)
-  value = jax.random.normal(rngs.params(), shape, dtype) * (fan_in ** -0.5)
+  # Uniform with variance 1/fan_in: compiles far faster on CPU than normal (no erfinv).
+  bound = (3.0 / fan_in) ** 0.5
+  value = jax.random.uniform(rngs.params(), shape, dtype, -bound, bound)
   return nnx.Param(value, logical_axes=axes)
 
 
@@ -64,17 +66,21 @@ class Attention(nnx.Module):
     b, s, _ = x_bsd.shape
     kv, hd = cfg.num_kv_heads, cfg.resolved_head_dim
     groups = cfg.num_heads // kv
-    q = jnp.einsum('bsd,dhk->bshk', x_bsd, self.w_q[...].astype(dt))
-    k = jnp.einsum('bsd,dhk->bshk', x_bsd, self.w_k[...].astype(dt))
-    v = jnp.einsum('bsd,dhk->bshk', x_bsd, self.w_v[...].astype(dt))
+    # Scopes name the FLOPs for litejax.cost (components of litejax.bounds).
+    with jax.named_scope('attention_proj'):
+      q = jnp.einsum('bsd,dhk->bshk', x_bsd, self.w_q[...].astype(dt))
+      k = jnp.einsum('bsd,dhk->bshk', x_bsd, self.w_k[...].astype(dt))
+      v = jnp.einsum('bsd,dhk->bshk', x_bsd, self.w_v[...].astype(dt))
     q = rope(q, positions_bs, cfg.rope_theta).reshape(b, s, kv, groups, hd)
     k = rope(k, positions_bs, cfg.rope_theta)
-    scores = jnp.einsum('bsngk,btnk->bngst', q, k).astype(jnp.float32) * (hd ** -0.5)
-    causal = jnp.tril(jnp.ones((s, s), jnp.bool_))
-    scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-    out = jnp.einsum('bngst,btnk->bsngk', probs, v).reshape(b, s, cfg.num_heads, hd)
-    return jnp.einsum('bshk,hkd->bsd', out, self.w_o[...].astype(dt))
+    with jax.named_scope('attention_scores'):
+      scores = jnp.einsum('bsngk,btnk->bngst', q, k).astype(jnp.float32) * (hd ** -0.5)
+      causal = jnp.tril(jnp.ones((s, s), jnp.bool_))
+      scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+      probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+      out = jnp.einsum('bngst,btnk->bsngk', probs, v).reshape(b, s, cfg.num_heads, hd)
+    with jax.named_scope('attention_proj'):
+      return jnp.einsum('bshk,hkd->bsd', out, self.w_o[...].astype(dt))
 
 
 class FFN(nnx.Module):

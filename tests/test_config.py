@@ -1,0 +1,90 @@
+"""Config loading, overrides and validation."""
+import dataclasses
+
+import pytest
+
+from conftest import all_config_files
+from litejax.config import Config, ConfigError, capacity, from_dict, load_config, parse_overrides, resolve_dispatch
+
+
+@pytest.mark.parametrize('path', all_config_files(), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+  cfg = load_config(path)
+  assert cfg.moe.k_active >= 1 and cfg.model.num_layers >= 1
+
+
+def test_overrides_apply_and_parse_types():
+  cfg = load_config('configs/tiny.yaml', ['moe.k_expert=1', 'moe.capacity_factor=2', 'model.tie_embeddings=false',
+                                          'moe.dispatch=gather'])
+  assert cfg.moe.k_expert == 1 and cfg.moe.capacity_factor == 2.0 and isinstance(cfg.moe.capacity_factor, float)
+  assert cfg.model.tie_embeddings is False and cfg.moe.dispatch == 'gather'
+
+
+def test_quadrillion_is_the_spec_example():
+  cfg = load_config('configs/quadrillion.yaml')
+  assert cfg.moe.k_active == 4 and cfg.model.num_layers == 128
+
+
+@pytest.mark.parametrize('overrides, field, words', [
+    ({'moe': {'k_expert': 9}}, 'moe.k_expert', 'experts_per_group'),
+    ({'moe': {'k_group': 3, 'groups_per_tier': 2}}, 'moe.k_group', 'groups_per_tier'),
+    ({'moe': {'k_tier': 2, 'num_tiers': 1}}, 'moe.k_tier', 'num_tiers'),
+    ({'moe': {'capacity_factor': 0}}, 'moe.capacity_factor', '> 0'),
+    ({'moe': {'capacity_factor': -1.5}}, 'moe.capacity_factor', '> 0'),
+    ({'model': {'d_model': 100, 'num_heads': 3}}, 'model.d_model', 'num_heads'),
+    ({'model': {'num_heads': 4, 'num_kv_heads': 3}}, 'model.num_heads', 'num_kv_heads'),
+    ({'model': {'bogus': 1}}, 'model.bogus', 'unknown key'),
+    ({'moes': {'k_expert': 1}}, 'moes', 'unknown section'),
+    ({'model': {'d_model': 'big'}}, 'model.d_model', 'integer'),
+    ({'model': {'d_model': 64.5}}, 'model.d_model', 'integer'),
+    ({'model': {'tie_embeddings': 'yes'}}, 'model.tie_embeddings', 'bool'),
+    ({'moe': {'score': 'relu'}}, 'moe.score', 'one of'),
+    ({'moe': {'dispatch': 'magic'}}, 'moe.dispatch', 'one of'),
+    ({'moe': {'expert_kind': 'moe'}}, 'moe.expert_kind', 'one of'),
+    ({'moe': {'bias_update_rate': 0.01, 'score': 'softmax'}}, 'moe.bias_update_rate', 'sigmoid'),
+    ({'mesh': {'expert': 0}}, 'mesh.expert', '> 0'),
+    ({'mesh': {'data': -1, 'expert': -1}}, 'mesh', 'at most one'),
+    ({'train': {'lr': 0}}, 'train.lr', '> 0'),
+    ({'model': {'head_dim': 3}}, 'model.head_dim', 'even'),
+])
+def test_invalid_configs_name_field_and_constraint(overrides, field, words):
+  with pytest.raises(ConfigError) as e:
+    from_dict(overrides)
+  assert field in str(e.value) and words in str(e.value)
+
+
+def test_bad_set_syntax_and_missing_file(tmp_path):
+  with pytest.raises(ConfigError, match='section.key=value'):
+    parse_overrides(['moe.k_expert'])
+  with pytest.raises(ConfigError, match='section.key'):
+    parse_overrides(['k_expert=2'])
+  with pytest.raises(ConfigError, match='unknown key'):
+    load_config('configs/tiny.yaml', ['moe.k_experts=2'])
+  with pytest.raises(ConfigError, match='does not exist'):
+    load_config(tmp_path / 'nope.yaml')
+  bad = tmp_path / 'bad.yaml'
+  bad.write_text('model: [1, 2\n')
+  with pytest.raises(ConfigError, match='not valid YAML'):
+    load_config(bad)
+
+
+def test_yaml_is_read_safely(tmp_path):
+  evil = tmp_path / 'evil.yaml'
+  evil.write_text('model: !!python/object/apply:os.system ["echo hi"]\n')
+  with pytest.raises(ConfigError):
+    load_config(evil)
+
+
+def test_config_is_frozen():
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    Config().model.d_model = 3
+
+
+def test_capacity_formula_and_auto():
+  m = from_dict({'moe': {'experts_per_group': 8, 'k_expert': 2, 'capacity_factor': 1.25}}).moe
+  assert capacity(m, 64) == 20            # ceil(1.25 * 64 * 2 / 8)
+  assert capacity(m, 10) == 4             # ceil(3.125)
+  assert resolve_dispatch(m, 64) == 'capacity'
+  big = from_dict({'moe': {'num_tiers': 64, 'groups_per_tier': 64, 'experts_per_group': 64, 'k_expert': 2}}).moe
+  assert capacity(big, 64) == 1           # E = 262,144 >> 1.25 * 64 * 2: the buffer would be empty
+  assert resolve_dispatch(big, 64) == 'gather'

@@ -1,0 +1,121 @@
+"""Router against NumPy references."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import reference as ref
+from litejax.config import from_dict
+from litejax.routing import route as route_eager, update_selection_bias
+
+# One compile per (config, shapes) instead of eager op-by-op dispatch.
+route = jax.jit(route_eager, static_argnums=(2,))
+
+
+def make(T, G, Eg, kt, kg, ke, d=16, n=24, seed=0, score='softmax', renormalize=True):
+  cfg = from_dict({'moe': dict(num_tiers=T, groups_per_tier=G, experts_per_group=Eg, k_tier=kt, k_group=kg,
+                               k_expert=ke, score=score, renormalize=renormalize)}).moe
+  rng = np.random.default_rng(seed)
+  params = {'expert': rng.normal(size=(T * G, d, Eg)).astype(np.float32)}
+  if T > 1:
+    params['tier'] = rng.normal(size=(d, T)).astype(np.float32)
+  if G > 1:
+    params['group'] = rng.normal(size=(T, d, G)).astype(np.float32)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  return cfg, params, x
+
+
+def test_flat_routing_is_softmax_topk_renormalise():
+  cfg, params, x = make(1, 1, 8, 1, 1, 2)
+  r = route(jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()}, cfg)
+  probs = ref.softmax(x.astype(np.float64) @ params['expert'][0])
+  idx = np.argsort(-probs, axis=1)[:, :2]
+  w = np.take_along_axis(probs, idx, 1)
+  w /= w.sum(1, keepdims=True)
+  np.testing.assert_array_equal(np.asarray(r.expert_nk), idx)
+  np.testing.assert_allclose(np.asarray(r.weight_nk), w, rtol=1e-5, atol=1e-6)
+  assert r.expert_nk.shape == (24, 2)
+
+
+@pytest.mark.parametrize('shape', [(4, 3, 5, 2, 2, 2), (3, 4, 6, 1, 3, 2), (2, 2, 4, 2, 2, 4), (1, 4, 8, 1, 2, 3),
+                                   (5, 1, 6, 3, 1, 2)])
+@pytest.mark.parametrize('score', ['softmax', 'sigmoid'])
+def test_hierarchical_matches_numpy(shape, score):
+  T, G, Eg, kt, kg, ke = shape
+  for renorm in (True, False):
+    cfg, params, x = make(T, G, Eg, kt, kg, ke, score=score, renormalize=renorm, seed=sum(shape))
+    r = route(jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()}, cfg)
+    e_ref, w_ref = ref.hierarchical_route(x, params, T, G, Eg, kt, kg, ke, score, renorm)
+    np.testing.assert_array_equal(np.asarray(r.expert_nk), e_ref)
+    np.testing.assert_allclose(np.asarray(r.weight_nk), w_ref, rtol=1e-5, atol=1e-6)
+    K = kt * kg * ke
+    ex = np.asarray(r.expert_nk)
+    assert ex.shape == (x.shape[0], K)
+    assert all(len(set(row)) == K for row in ex), 'K distinct experts per token'
+    # each expert sits inside its (kept) group and tier
+    np.testing.assert_array_equal(ex // Eg, np.asarray(r.group_nk))
+    np.testing.assert_array_equal(ex // (G * Eg), np.asarray(r.tier_nk))
+    assert len({(i, t) for i, row in enumerate(np.asarray(r.tier_nk)) for t in row}) == x.shape[0] * kt
+    counts = np.bincount(ex.reshape(-1), minlength=T * G * Eg)
+    np.testing.assert_array_equal(np.asarray(r.tokens_per_expert), counts)
+
+
+def test_only_kept_branches_are_scored():
+  """With many tiers, the group router of an unkept tier cannot influence routing."""
+  cfg, params, x = make(4, 3, 5, 1, 2, 2)
+  r1 = route(jnp.asarray(x[:1]), {k: jnp.asarray(v) for k, v in params.items()}, cfg)
+  kept_tier = int(r1.tier_nk[0, 0])
+  other = (kept_tier + 1) % 4
+  params2 = dict(params)
+  params2['group'] = params['group'].copy()
+  params2['group'][other] = 1e6       # absurd weights in an unkept tier
+  r2 = route(jnp.asarray(x[:1]), {k: jnp.asarray(v) for k, v in params2.items()}, cfg)
+  np.testing.assert_array_equal(np.asarray(r1.expert_nk), np.asarray(r2.expert_nk))
+
+
+def test_router_flops_are_only_kept_branches():
+  """Compiled router FLOPs grow with k_tier·G, not with T·G (only kept tiers' groups are scored)."""
+  def flops(T):
+    cfg, params, x = make(T, 8, 4, 1, 1, 1, d=32, n=64)
+    f = jax.jit(lambda x, p: route_eager(x, p, cfg).weight_nk)
+    ca = f.lower(jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()}).compile().cost_analysis()
+    return ca['flops'] if isinstance(ca, dict) else ca[0]['flops']
+  small, big = flops(4), flops(64)
+  # tier scoring grows 2·d·T per token: (64-4)·2·32·64 tokens = 245,760 FLOPs; group/expert levels fixed.
+  assert big - small < 1.6 * 2 * 32 * 60 * 64
+
+
+def test_load_balance_and_z_loss_on_tied_logits():
+  """Zero logits: ties go to branch 0 at every level, probabilities are uniform over scored siblings.
+
+  tier: f=[1,0], P=[1/2,1/2] -> 2·1/2 = 1; group: f on group 0, P=1/2 on tier 0's two groups -> 4·1/2 = 2;
+  expert: f on expert 0, P=1/4 on group 0's four experts -> 16·1/4 = 4. z: lse² summed over levels.
+  """
+  cfg, params, x = make(2, 2, 4, 1, 1, 1)
+  zero = {k: jnp.zeros(v.shape) for k, v in params.items()}
+  r = route(jnp.asarray(x), zero, cfg)
+  np.testing.assert_allclose(np.asarray(r.load_balance_loss), [1.0, 2.0, 4.0], rtol=1e-6)
+  np.testing.assert_allclose(float(r.z_loss), 2 * np.log(2) ** 2 + np.log(4) ** 2, rtol=1e-5)
+
+
+def test_load_balance_loss_matches_numpy_definition():
+  cfg, params, x = make(1, 1, 8, 1, 1, 2, n=64)
+  r = route(jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()}, cfg)
+  probs = ref.softmax(x.astype(np.float64) @ params['expert'][0])
+  idx = np.argsort(-probs, axis=1)[:, :2]
+  f = np.bincount(idx.reshape(-1), minlength=8) / idx.size
+  p = probs.mean(0)
+  np.testing.assert_allclose(float(r.load_balance_loss[2]), 8 * np.sum(f * p), rtol=1e-5)
+  assert float(r.load_balance_loss[0]) == 0 and float(r.load_balance_loss[1]) == 0
+
+
+def test_selection_bias_changes_choice_not_gate():
+  cfg, params, x = make(1, 1, 8, 1, 1, 1, score='sigmoid', renormalize=False)
+  p = {k: jnp.asarray(v) for k, v in params.items()}
+  bias = jnp.zeros((8,)).at[5].set(100.0)
+  r = route(jnp.asarray(x), p, cfg, {'expert': bias, 'tier': jnp.zeros(1), 'group': jnp.zeros(1)})
+  assert (np.asarray(r.expert_nk) == 5).all()
+  np.testing.assert_allclose(np.asarray(r.weight_nk)[:, 0], ref.sigmoid(x.astype(np.float64) @ params['expert'][0][:, 5]),
+                             rtol=1e-5)
+  new = update_selection_bias(jnp.zeros(4), jnp.array([4, 0, 2, 2]), 0.1)
+  np.testing.assert_allclose(np.asarray(new), [-0.1, 0.1, 0.0, 0.0])
