@@ -1,0 +1,242 @@
+"""One MoE layer, forward+backward under jit, side by side: litejax dispatch paths vs a dense floor,
+the GShard einsum baseline, JAX's ragged_dot and a published all-experts MoE (nano-moe-jax).
+
+    python experiments/bench_moe.py --out out/bench            # E in {8, 64, 256, 1024}
+    python experiments/bench_moe.py --quick --out out/bench    # E in {8, 64}, fewer tokens
+
+Writes OUT/bench_moe.json (a list of rows: impl, experts, median_seconds, ratio_to_dense,
+flops_compiled, temp_bytes, ...) and OUT/bench_moe.png. All rows use the same tokens, K, d, h and
+machine, in one process; ratios are to the dense FFN with the same active parameters (hidden = K·h).
+An implementation that fails at some E gets a row with its error instead of a time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from litejax.config import from_dict
+from litejax.dispatch import expert_ffn, moe_ffn
+from litejax.routing import route
+
+
+def compiled_stats(compiled) -> tuple[float, int]:
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  mem = compiled.memory_analysis()
+  return float(ca.get('flops', 0.0)), int(getattr(mem, 'temp_size_in_bytes', 0) or 0)
+
+
+def time_fn(fn, args, repeats: int, warmup: int = 2) -> tuple[float, object]:
+  """Median wall time of a jitted fn over `repeats` runs after warm-up; returns (seconds, compiled)."""
+  compiled = jax.jit(fn).lower(*args).compile()
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - t0)
+  return statistics.median(times), compiled
+
+
+def init_weights(key, E, d, h, kind):
+  k1, k2, k3, k4 = jax.random.split(key, 4)
+  w = {'w_in': jax.random.normal(k1, (E, d, h)) * d ** -0.5, 'w_out': jax.random.normal(k2, (E, h, d)) * h ** -0.5}
+  if kind == 'glu':
+    w['w_gate'] = jax.random.normal(k3, (E, d, h)) * d ** -0.5
+  router = {'expert': jax.random.normal(k4, (1, d, E)) * d ** -0.5}
+  return w, router
+
+
+def loss_of(y):
+  return jnp.mean(jnp.square(y))
+
+
+def litejax_step(cfg, path):
+  def step(x, w, router):
+    def f(x, w, router):
+      y, _ = moe_ffn(x, route(x, router, cfg), w, cfg, path)
+      return loss_of(y)
+    return jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, router)
+  return step
+
+
+def dense_step(kind):
+  def step(x, w):
+    def f(x, w):
+      return loss_of(expert_ffn(x, w, kind, 'nd,dh->nh', 'nh,hd->nd'))
+    return jax.value_and_grad(f, argnums=(0, 1))(x, w)
+  return step
+
+
+def ragged_step(cfg):
+  """Dropless grouped matmul: sort assignments by expert, lax.ragged_dot per group, unsort, combine."""
+  def step(x, w, router):
+    def f(x, w, router):
+      r = route(x, router, cfg)
+      n, k = r.expert_nk.shape
+      flat_e = r.expert_nk.reshape(-1)
+      order = jnp.argsort(flat_e)
+      x_sorted = jnp.repeat(x, k, axis=0)[order]
+      sizes = jnp.bincount(flat_e, length=w['w_in'].shape[0]).astype(jnp.int32)
+      h = jax.lax.ragged_dot(x_sorted, w['w_in'], sizes)
+      if 'w_gate' in w:
+        h = jax.nn.silu(jax.lax.ragged_dot(x_sorted, w['w_gate'], sizes)) * h
+      else:
+        h = jax.nn.relu(h)
+      y_sorted = jax.lax.ragged_dot(h, w['w_out'], sizes)
+      y_nk = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(n, k, -1)
+      return loss_of(jnp.einsum('nkd,nk->nd', y_nk, r.weight_nk))
+    return jax.value_and_grad(f, argnums=(0, 1, 2))(x, w, router)
+  return step
+
+
+def nano_moe_step(E, d, h, K):
+  """nano-moe-jax's MoELayer as it ships (computes every expert, then keeps the top-k)."""
+  from nano_moe import MoELayer, NanoMoEConfig   # optional: pip install 'litejax[bench]'
+  layer = MoELayer(NanoMoEConfig(d_model=d, d_ff=h, n_experts=E, top_k=K, dropout_rate=0.0))
+
+  def init(key, x):
+    return layer.init(key, x[None])
+
+  def step(x, params):
+    def f(x, params):
+      y, aux = layer.apply(params, x[None], deterministic=True)
+      return loss_of(y)
+    return jax.value_and_grad(f, argnums=(0, 1))(x, params)
+  return init, step
+
+
+def run(args) -> list[dict]:
+  experts = [8, 64] if args.quick else [8, 64, 256, 1024]
+  tokens = args.tokens or (512 if args.quick else 2048)
+  d, h, K, kind = args.d_model, args.d_expert, args.k, args.kind
+  repeats = args.repeats
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (tokens, d))
+  rows = []
+
+  def record(impl, E, fn, fargs, extra=None):
+    row = {'impl': impl, 'experts': E, 'tokens': tokens, 'd_model': d, 'd_expert': h, 'k': K, 'kind': kind}
+    row.update(extra or {})
+    try:
+      sec, compiled = time_fn(fn, fargs, repeats)
+      flops, temp = compiled_stats(compiled)
+      row.update(median_seconds=sec, flops_compiled=flops, temp_bytes=temp, error=None)
+    except Exception as e:  # a failing or OOM implementation gets a row saying so
+      row.update(median_seconds=None, flops_compiled=None, temp_bytes=None,
+                 error=f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
+      if args.verbose:
+        traceback.print_exc()
+    rows.append(row)
+    print(f"  {impl:18s} E={E:5d}  " + (f"{row['median_seconds'] * 1e3:9.2f} ms" if row['error'] is None
+                                         else f"FAILED {row['error']}"), flush=True)
+
+  dense_w = {'w_in': jax.random.normal(key, (d, K * h)) * d ** -0.5,
+             'w_out': jax.random.normal(key, (K * h, d)) * (K * h) ** -0.5}
+  if kind == 'glu':
+    dense_w['w_gate'] = jax.random.normal(key, (d, K * h)) * d ** -0.5
+  for E in experts:
+    print(f'E = {E}', flush=True)
+    record('dense', E, dense_step(kind), (x, dense_w))
+    cfg = from_dict({'moe': dict(num_tiers=1, groups_per_tier=1, experts_per_group=E, k_expert=K, d_expert=h,
+                                 capacity_factor=args.capacity_factor, expert_kind=kind, dispatch='auto')}).moe
+    w, router = init_weights(jax.random.key(E), E, d, h, kind)
+    for path in ('auto', 'capacity', 'gather', 'einsum'):
+      from litejax.config import resolve_dispatch
+      ran = resolve_dispatch(cfg, tokens) if path == 'auto' else path
+      record(f'litejax_{path}', E, litejax_step(cfg, None if path == 'auto' else path), (x, w, router),
+             {'dispatch': ran})
+    record('ragged_dot', E, ragged_step(cfg), (x, w, router))
+    try:
+      init, step = nano_moe_step(E, d, h, K)
+      params = jax.jit(init)(jax.random.key(1), x)
+      record('nano_moe_jax', E, step, (x, params))
+    except ImportError as e:
+      rows.append({'impl': 'nano_moe_jax', 'experts': E, 'median_seconds': None, 'ratio_to_dense': None,
+                   'flops_compiled': None, 'temp_bytes': None, 'error': f'not installed: {e}'})
+  dense = {r['experts']: r['median_seconds'] for r in rows if r['impl'] == 'dense'}
+  for r in rows:
+    base = dense.get(r['experts'])
+    r['ratio_to_dense'] = (r['median_seconds'] / base) if (r.get('median_seconds') and base) else None
+  return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+  """The issue's targets, computed from the rows (not asserted: recorded, hit or miss)."""
+  def by(impl):
+    return {r['experts']: r for r in rows if r['impl'] == impl and r.get('median_seconds')}
+  auto, peer = by('litejax_auto'), by('nano_moe_jax')
+  ratios = [r['ratio_to_dense'] for r in auto.values()]
+  times = [r['median_seconds'] for r in auto.values()]
+  out = {'auto_max_ratio_to_dense': max(ratios) if ratios else None,
+         'auto_within_1_5x_dense': bool(ratios) and max(ratios) <= 1.5,
+         'auto_flatness_max_over_min': (max(times) / min(times)) if times else None,
+         'auto_speedup_vs_nano_moe': {E: peer[E]['median_seconds'] / auto[E]['median_seconds']
+                                      for E in auto if E in peer}}
+  return out
+
+
+def plot(rows, path):
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for impl in dict.fromkeys(r['impl'] for r in rows):
+    pts = sorted((r['experts'], r['ratio_to_dense']) for r in rows if r['impl'] == impl and r.get('ratio_to_dense'))
+    if pts:
+      ax.plot(*zip(*pts), marker='o', label=impl)
+  ax.set_xscale('log', base=2)
+  ax.set_yscale('log')
+  ax.axhline(1.5, color='grey', ls=':', lw=1)
+  ax.set_xlabel('experts E (K fixed)')
+  ax.set_ylabel('time / dense FFN with equal active params')
+  ax.set_title('MoE layer fwd+bwd, one machine, one run')
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--out', required=True)
+  p.add_argument('--quick', action='store_true')
+  p.add_argument('--tokens', type=int, default=0)
+  p.add_argument('--d-model', type=int, default=128)
+  p.add_argument('--d-expert', type=int, default=256)
+  p.add_argument('--k', type=int, default=2)
+  p.add_argument('--kind', default='mlp', choices=['mlp', 'glu'])
+  p.add_argument('--capacity-factor', type=float, default=1.25)
+  p.add_argument('--repeats', type=int, default=10)
+  p.add_argument('--device', default=None, help='jax platform to run on (cpu, gpu, tpu); default: JAX picks')
+  p.add_argument('--verbose', action='store_true')
+  args = p.parse_args(argv)
+  if args.device:
+    jax.config.update('jax_platforms', args.device)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  rows = run(args)
+  machine = {'device': str(jax.devices()[0].device_kind), 'platform': jax.devices()[0].platform,
+             'cpu': platform.processor() or platform.machine(), 'jax': jax.__version__, 'python': sys.version.split()[0]}
+  for r in rows:
+    r['machine'] = machine
+  (out / 'bench_moe.json').write_text(json.dumps(rows, indent=1))
+  (out / 'bench_moe_summary.json').write_text(json.dumps(summarize(rows), indent=1))
+  plot(rows, out / 'bench_moe.png')
+  print(json.dumps(summarize(rows), indent=1))
+  print(f'wrote {out / "bench_moe.json"} and {out / "bench_moe.png"}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
