@@ -14,6 +14,7 @@ from litejax.config import ConfigError
 # name -> (module, one-line help)
 COMMANDS = {
     'params': ('litejax.commands.params', 'parameter counts and the analytic per-token bound'),
+    'bound': ('litejax.commands.bound', 'compile from abstract shapes; compiled vs analytic FLOPs/token'),
     'train': ('litejax.commands.train', 'train a config on the embedded corpus (or --data) with checkpoints'),
 }
 

@@ -31,12 +31,13 @@ def expert_ffn(x: jax.Array, w: dict[str, jax.Array], kind: str, in_spec: str, o
 
   kind 'mlp': relu(x·W_in)·W_out (the spec's two-layer MLP); 'glu': (silu(x·W_gate) ⊙ x·W_in)·W_out.
   """
-  h = jnp.einsum(in_spec, x, w['w_in'].astype(x.dtype))
-  if kind == 'glu':
-    h = jax.nn.silu(jnp.einsum(in_spec, x, w['w_gate'].astype(x.dtype))) * h
-  else:
-    h = jax.nn.relu(h)
-  return jnp.einsum(out_spec, h, w['w_out'].astype(x.dtype))
+  with jax.named_scope('experts'):   # names the FLOPs for litejax.cost
+    h = jnp.einsum(in_spec, x, w['w_in'].astype(x.dtype))
+    if kind == 'glu':
+      h = jax.nn.silu(jnp.einsum(in_spec, x, w['w_gate'].astype(x.dtype))) * h
+    else:
+      h = jax.nn.relu(h)
+    return jnp.einsum(out_spec, h, w['w_out'].astype(x.dtype))
 
 
 def assignment_positions(expert_nk: jax.Array, capacity_per_expert: int):
@@ -76,8 +77,9 @@ def _capacity_path(x_nd, expert_nk, pos_nk, keep_nk, w, kind, num_experts, cap):
   x_pad = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])
   x_ecd = x_pad[token_of_slot[:dummy]].reshape(num_experts, cap, d)
   y_ecd = expert_ffn(x_ecd, w, kind, 'ecd,edh->ech', 'ech,ehd->ecd')
-  y_flat = jnp.concatenate([y_ecd.reshape(dummy, d), jnp.zeros((1, d), y_ecd.dtype)])
-  return y_flat[slot_nk]                                      # [N, K, d]; dropped -> zero row
+  with jax.named_scope('dispatch'):
+    y_flat = jnp.concatenate([y_ecd.reshape(dummy, d), jnp.zeros((1, d), y_ecd.dtype)])
+    return y_flat[slot_nk]                                    # [N, K, d]; dropped -> zero row
 
 
 def _gather_path(x_nd, expert_nk, w, kind):
@@ -86,13 +88,15 @@ def _gather_path(x_nd, expert_nk, w, kind):
 
 
 def _einsum_path(x_nd, expert_nk, pos_nk, keep_nk, weight_nk, w, kind, num_experts, cap):
-  onehot_nke = jax.nn.one_hot(expert_nk, num_experts, dtype=x_nd.dtype)
-  onehot_nkc = jax.nn.one_hot(pos_nk, cap, dtype=x_nd.dtype) * keep_nk[..., None].astype(x_nd.dtype)
-  dispatch_nec = jnp.einsum('nke,nkc->nec', onehot_nke, onehot_nkc)
-  combine_nec = jnp.einsum('nke,nkc,nk->nec', onehot_nke, onehot_nkc, weight_nk.astype(x_nd.dtype))
-  x_ecd = jnp.einsum('nec,nd->ecd', dispatch_nec, x_nd)
+  with jax.named_scope('dispatch'):
+    onehot_nke = jax.nn.one_hot(expert_nk, num_experts, dtype=x_nd.dtype)
+    onehot_nkc = jax.nn.one_hot(pos_nk, cap, dtype=x_nd.dtype) * keep_nk[..., None].astype(x_nd.dtype)
+    dispatch_nec = jnp.einsum('nke,nkc->nec', onehot_nke, onehot_nkc)
+    combine_nec = jnp.einsum('nke,nkc,nk->nec', onehot_nke, onehot_nkc, weight_nk.astype(x_nd.dtype))
+    x_ecd = jnp.einsum('nec,nd->ecd', dispatch_nec, x_nd)
   y_ecd = expert_ffn(x_ecd, w, kind, 'ecd,edh->ech', 'ech,ehd->ecd')
-  return jnp.einsum('nec,ecd->nd', combine_nec, y_ecd)
+  with jax.named_scope('dispatch'):
+    return jnp.einsum('nec,ecd->nd', combine_nec, y_ecd)
 
 
 def moe_ffn(x_nd: jax.Array, routing: Routing, w: dict[str, jax.Array], cfg: MoEConfig,
@@ -109,13 +113,16 @@ def moe_ffn(x_nd: jax.Array, routing: Routing, w: dict[str, jax.Array], cfg: MoE
   path = resolve_dispatch(cfg, n, num_experts)
   cap = capacity(cfg, n, num_experts)
   pos_nk, keep_nk = assignment_positions(routing.expert_nk, cap)
-  weight_nk = routing.weight_nk * keep_nk
+  with jax.named_scope('dispatch'):
+    weight_nk = routing.weight_nk * keep_nk
   if path == 'capacity':
     y_nkd = _capacity_path(x_nd, routing.expert_nk, pos_nk, keep_nk, w, cfg.expert_kind, num_experts, cap)
-    y_nd = jnp.einsum('nkd,nk->nd', y_nkd, weight_nk.astype(y_nkd.dtype))
+    with jax.named_scope('dispatch'):   # the weighted combine, 2·K·d per token
+      y_nd = jnp.einsum('nkd,nk->nd', y_nkd, weight_nk.astype(y_nkd.dtype))
   elif path == 'gather':
     y_nkd = _gather_path(x_nd, routing.expert_nk, w, cfg.expert_kind)
-    y_nd = jnp.einsum('nkd,nk->nd', y_nkd, weight_nk.astype(y_nkd.dtype))
+    with jax.named_scope('dispatch'):
+      y_nd = jnp.einsum('nkd,nk->nd', y_nkd, weight_nk.astype(y_nkd.dtype))
   elif path == 'einsum':
     y_nd = _einsum_path(x_nd, routing.expert_nk, pos_nk, keep_nk, weight_nk, w, cfg.expert_kind,
                         num_experts, cap)

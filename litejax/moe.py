@@ -77,9 +77,11 @@ class MoEBlock(nnx.Module):
     x_nd = x_bsd.reshape(b * s, d)
     r = routing.route(x_nd, self.router_params(), self.moe_cfg, self.router_bias())
     run = expert_fn or dispatch_lib.moe_ffn
-    y_nd, stats = run(x_nd, r, self.expert_params(), self.moe_cfg)
+    with jax.named_scope('dispatch'):   # packing and combine; the expert matmuls inside are 'experts'
+      y_nd, stats = run(x_nd, r, self.expert_params(), self.moe_cfg)
     if hasattr(self, 'shared'):
-      y_nd = y_nd + self.shared(x_nd)
+      with jax.named_scope('shared_experts'):   # scope names the FLOPs for litejax.cost
+        y_nd = y_nd + self.shared(x_nd)
     aux = {
         'load_balance_loss': r.load_balance_loss,       # [3] per level
         'z_loss': r.z_loss,

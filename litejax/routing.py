@@ -100,7 +100,8 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
 
   # Level 1: tiers.
   if T > 1:
-    logits_nt = x32 @ params['tier'].astype(jnp.float32)
+    with jax.named_scope('router_tier'):   # scopes name the FLOPs for litejax.cost
+      logits_nt = x32 @ params['tier'].astype(jnp.float32)
     b = bias.get('tier')
     tier_nk, gate_t, scores_t = _level(logits_nt, None if b is None else b[None, :], cfg.k_tier, cfg.score)
     z_terms.append(_z(logits_nt))
@@ -112,7 +113,8 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
 
   # Level 2: groups inside kept tiers.
   if G > 1:
-    logits_ntg = _child_logits(x32, params['group'], tier_nk)
+    with jax.named_scope('router_group'):
+      logits_ntg = _child_logits(x32, params['group'], tier_nk)
     scored = tier_nk[:, :, None] * G + jnp.arange(G)
     b = bias.get('group')
     local_g, gate_g, scores_g = _level(logits_ntg, None if b is None else b[scored], cfg.k_group, cfg.score)
@@ -126,7 +128,8 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
     lb.append(jnp.zeros((), jnp.float32))
 
   # Level 3: experts inside kept groups.
-  logits_nge = _child_logits(x32, params['expert'], group_nk)
+  with jax.named_scope('router_expert'):
+    logits_nge = _child_logits(x32, params['expert'], group_nk)
   scored = group_nk[:, :, None] * Eg + jnp.arange(Eg)
   b = bias.get('expert')
   local_e, gate_e, scores_e = _level(logits_nge, None if b is None else b[scored], cfg.k_expert, cfg.score)

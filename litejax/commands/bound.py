@@ -1,0 +1,75 @@
+"""`litejax bound`: compile a config from abstract shapes and check compiled FLOPs against the bound.
+
+JAX is imported only inside `run`, after `--devices N` has set XLA_FLAGS (an emulated N-device CPU
+mesh), so this module must not import jax at import time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from litejax.cli import add_config_arguments
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  add_config_arguments(parser)
+  parser.add_argument('--train', action='store_true', help='compile a whole training step, not a forward')
+  parser.add_argument('--json', action='store_true', help='print one JSON object')
+  parser.add_argument('--tol', type=float, default=0.03, help='allowed excess over the padded bound')
+  parser.add_argument('--devices', type=int, default=8, help='emulated CPU devices (default 8)')
+  parser.add_argument('--batch', type=int, default=None,
+                      help='global batch for the compile (default: one sequence per batch rank)')
+
+
+def _emulate(n: int) -> None:
+  flag = f'--xla_force_host_platform_device_count={n}'
+  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'force_host_platform_device_count' not in f]
+  if 'jax' in sys.modules:   # too late to change the device count (e.g. called in-process by tests)
+    return
+  os.environ['XLA_FLAGS'] = ' '.join(flags + [flag])
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+
+def run(args: argparse.Namespace) -> int:
+  from litejax.config import load_config
+  cfg = load_config(args.config, args.overrides)
+  _emulate(args.devices)
+  from litejax import bounds, cost
+  rep = cost.bound(cfg, train=args.train, num_devices=args.devices, global_batch=args.batch, tol=args.tol)
+  if args.json:
+    print(json.dumps(rep, indent=2, default=float))
+  else:
+    _print_table(args.config, rep, bounds.human)
+  for v in rep['violations']:
+    print(f'litejax bound: BOUND EXCEEDED: {v}', file=sys.stderr)
+  return 1 if rep['violations'] else 0
+
+
+def _print_table(path: str, rep: dict, h) -> None:
+  sf = rep['spec_formula']
+  kind = 'train step' if rep['train'] else 'forward'
+  print(f"config: {path}   ({kind}, {rep['devices']} devices {rep['mesh']}, batch {rep['global_batch']}x"
+        f"{rep['seq_len']}, N={rep['tokens_per_group']} tokens/group, dispatch={rep['dispatch']}, "
+        f"compiled in {rep['compile_seconds']:.1f}s)")
+  print(f"params total {h(rep['params_total'])}  active/token {h(rep['params_active_per_token'])}  "
+        f"expert active/token {h(rep['params_expert_active_per_token'])}")
+  print(f"spec: {sf['formula']}")
+  print(f"      L={sf['L']} d={sf['d']} h={sf['h']} K={sf['K']} a={sf['a']:.3g} b={sf['b']:.3g}")
+  print(f"{'component':18s} {'analytic':>10s} {'compiled':>10s} {'ratio':>7s}   (FLOPs/token)")
+  for name, row in rep['by_component'].items():
+    if not row['analytic'] and not row['compiled']:
+      continue
+    note = '  (outside the bound)' if name == 'elementwise' else ''
+    print(f"{name:18s} {h(row['analytic']):>10s} {h(row['compiled']):>10s} {row['ratio']:7.4f}{note}")
+  print(f"{'TOTAL (matmul)':18s} {h(rep['flops_per_token_analytic']):>10s} "
+        f"{h(rep['flops_per_token_compiled']):>10s} {rep['ratio']:7.4f}   tol {rep['tol']:.0%}")
+  print(f"XLA cost_analysis() raw: {h(rep['flops_per_token_xla_cost_analysis'])} FLOPs/token "
+        f"(while bodies counted once, artefacts included); artefacts: "
+        f"{ {k: h(v) for k, v in rep['artefacts_per_token'].items()} }")
+  print(f"bytes accessed/token: XLA {h(rep['bytes_accessed_per_token_xla'])}, walker "
+        f"{h(rep['bytes_accessed_per_token'])};  collective bytes/rank {h(rep['collective_bytes_per_rank'])} "
+        f"(analytic all-to-all {h(rep['collective_bytes_per_rank_analytic'])})")
+  print('memory/device: ' + ', '.join(f'{k} {h(v)}B' for k, v in rep['memory_bytes_per_device'].items()))
+  print('BOUND OK' if not rep['violations'] else 'BOUND EXCEEDED')
