@@ -47,7 +47,10 @@ def leaf_specs(tree: Any) -> dict[str, dict[str, Any]]:
   pytree: the form shapes are stored in and compared by."""
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-    out[path_str(path)] = {'shape': [int(n) for n in np.shape(leaf)], 'dtype': str(np.dtype(leaf.dtype))}
+    name = path_str(path)
+    # nnx Variables flatten to '<path>/value'; the suffix says nothing to a reader.
+    name = name[:-len('/value')] if name.endswith('/value') else name
+    out[name] = {'shape': [int(n) for n in np.shape(leaf)], 'dtype': str(np.dtype(leaf.dtype))}
   return out
 
 
@@ -65,8 +68,10 @@ def path_str(path: tuple[Any, ...]) -> str:
 
 
 def check_compatible(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]], where: str) -> None:
-  """Raises CheckpointMismatchError naming the first leaf that is missing, extra, or reshaped."""
-  for name, spec in current.items():
+  """Raises CheckpointMismatchError naming the first leaf that is missing, extra, or reshaped
+  (parameters are checked before optimizer state, so the name is the one a user recognises)."""
+  for name in sorted(current, key=lambda n: not n.startswith('params/')):
+    spec = current[name]
     if name not in saved:
       raise CheckpointMismatchError(
           f'{where}: the current config has {name} {tuple(spec["shape"])} but the checkpoint has no such '

@@ -160,7 +160,7 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, sha
     tokens_le = aux['tokens_per_expert']                       # [moe layers, E] assignments
     if m.bias_update_rate > 0 and tokens_le.shape[0]:
       extra = _update_bias(graphdef, params, extra, tokens_le, cfg)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     metrics = {
         'loss': ce, 'total_loss': total, 'aux_loss': aux_loss, 'z_loss': aux['z_loss'],
         'drop_fraction': aux['drop_fraction'][2],              # expert level: assignments dropped

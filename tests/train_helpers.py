@@ -1,0 +1,34 @@
+"""Shared by the training/checkpoint tests: the tiny config and a persistent compilation cache.
+
+Each train() call jits fresh closures and several tests run the same programs in subprocesses, so on
+a 2-core CI machine most of their time would be XLA recompiling identical HLO; the on-disk cache
+(keyed by the HLO, flags and jax version) makes every program compile once per checkout.
+"""
+import os
+import pathlib
+
+import jax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_YAML = REPO / 'configs' / 'tiny.yaml'
+COMPILE_CACHE = REPO / '.pytest_cache' / 'jax-compile-cache'
+# 2 layers of d=32 with 16 experts of h=32: seconds to compile, still every code path of tiny.yaml.
+TINY = ['model.d_model=32', 'model.num_layers=2', 'model.num_heads=2', 'model.num_kv_heads=2',
+        'model.seq_len=32', 'moe.d_expert=32', 'train.batch_size=8', 'train.warmup_steps=2',
+        'train.log_every=1', 'train.eval_batches=1']
+
+
+def enable_compile_cache() -> None:
+  COMPILE_CACHE.mkdir(parents=True, exist_ok=True)
+  jax.config.update('jax_compilation_cache_dir', str(COMPILE_CACHE))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+
+
+def subprocess_env(devices: int | None) -> dict[str, str]:
+  """Environment for a child JAX process with `devices` CPU devices and the same compile cache."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(COMPILE_CACHE),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2')
+  env.pop('XLA_FLAGS', None)
+  if devices is not None:
+    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  return env
