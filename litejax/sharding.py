@@ -95,11 +95,16 @@ def logical_sharding(mesh: Mesh, axes: tuple[str | None, ...], ndim: int | None 
 def validate_mesh(cfg: Config, mesh: Mesh, global_batch: int) -> None:
   """Raises ConfigError (naming both numbers) when the mesh does not divide the model's shapes."""
   s = mesh_sizes(mesh)
-  m, e = cfg.model, cfg.moe
   batch_ranks = s['data'] * s['expert']
+  if global_batch % batch_ranks:
+    raise ConfigError(f'batch size {global_batch} is not divisible by mesh data*expert = '
+                      f'{s["data"]}*{s["expert"]} = {batch_ranks}')
+  _validate_model(cfg, s)
+
+
+def _validate_model(cfg: Config, s: dict[str, int]) -> None:
+  m, e = cfg.model, cfg.moe
   checks = [
-      (global_batch % batch_ranks == 0,
-       f'batch size {global_batch} is not divisible by mesh data*expert = {s["data"]}*{s["expert"]} = {batch_ranks}'),
       (m.num_heads % s['tensor'] == 0,
        f'model.num_heads ({m.num_heads}) is not divisible by mesh.tensor ({s["tensor"]})'),
       (m.num_kv_heads % s['tensor'] == 0,
@@ -216,7 +221,6 @@ def sharded_init(cfg: Config, mesh: Mesh, seed: int = 0):
   graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=seed))))
   shardings = state_shardings(abstract, mesh)
 
-  @jax.jit
   def init():
     return nnx.split(Transformer(cfg, nnx.Rngs(params=seed)))[1]
 
@@ -230,10 +234,11 @@ def make_expert_fn(mesh: Mesh, cfg: Config) -> Callable | None:
   None on a one-device mesh (local dispatch is already right). Otherwise each (data, expert) rank
   dispatches its own tokens with capacity per (source rank, expert) — see litejax.expert_parallel.
   """
+  s = mesh_sizes(mesh)
+  _validate_model(cfg, s)
   if mesh.size == 1:
     return None
   from litejax import expert_parallel
-  s = mesh_sizes(mesh)
   return expert_parallel.make_expert_fn(
       mesh, batch_axes=BATCH_AXES, expert_axis='expert', tensor_axis='tensor',
       num_expert_ranks=s['expert'], num_tensor_ranks=s['tensor'],
