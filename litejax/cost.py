@@ -433,7 +433,7 @@ def walk(text: str, components: tuple[str, ...], signatures: list | None = None,
     return None
 
   def visit(comp_name: str, mult: float, ctx: str | None, fused: bool, params: list = (),
-            out_scope: str | None = None) -> None:
+            out_scope: str | None = None, param_factors: list = ()) -> None:
     comp = comps[comp_name]
     # Values that only feed a gather's table operand, through layout ops and converts.
     table_operands = set()
@@ -464,8 +464,9 @@ def walk(text: str, components: tuple[str, ...], signatures: list | None = None,
                           near_scope(comp, o, params, out_scope, down=False) if o in comp.instrs else None
                           for o in ins.operands]
         consumer = own or near_scope(comp, ins.name, params, out_scope, up=False)
+        factors = [_masked_expansion(comps, comp, o) for o in ins.operands]
         for c in ins.called('calls'):
-          visit(c, mult, scope, True, operand_scopes, consumer)
+          visit(c, mult, scope, True, operand_scopes, consumer, factors)
       elif op == 'while':
         m = _TRIP_RE.search(ins.attrs)
         if m is None:
@@ -488,7 +489,13 @@ def walk(text: str, components: tuple[str, ...], signatures: list | None = None,
                  or ctx or 'other')
         flops[where] += f
         if op == 'dot':
-          factor = max(_masked_expansion(comps, comp, o) for o in ins.operands)
+          factor = 1.0
+          for o in ins.operands:
+            src = comp.instrs.get(o)
+            if src is not None and src.opcode == 'parameter' and 0 <= src.param_index < len(param_factors):
+              factor = max(factor, param_factors[src.param_index])
+            else:
+              factor = max(factor, _masked_expansion(comps, comp, o))
           if factor > 1:
             artefacts['masked_dense_dot'] += f * (1 - 1 / factor)
         dots.append({'component': where, 'flops': f, 'shape': list(ins.shapes[0][1]), 'op_name': ins.op_name})
