@@ -14,6 +14,8 @@ from litejax.config import ConfigError
 # name -> (module, one-line help)
 COMMANDS = {
     'params': ('litejax.commands.params', 'parameter counts and the analytic per-token bound'),
+    'plan': ('litejax.commands.plan', 'smallest TPU slice of a generation where a config fits, per-chip report'),
+    'calibrate': ('litejax.commands.calibrate', 'measure this CPU and check the latency model on timed configs'),
     'bound': ('litejax.commands.bound', 'compile from abstract shapes; compiled vs analytic FLOPs/token'),
     'train': ('litejax.commands.train', 'train a config on the embedded corpus (or --data) with checkpoints'),
 }

@@ -19,6 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--json', action='store_true', help='print one JSON object')
   parser.add_argument('--tol', type=float, default=0.03, help='allowed excess over the padded bound')
   parser.add_argument('--devices', type=int, default=8, help='emulated CPU devices (default 8)')
+  parser.add_argument('--target', default=None,
+                      help="compile for TOPOLOGY: cpu:N (emulated, default cpu:--devices) or a TPU slice such as "
+                           "v5p:8x8x8, v5e:16x16, v6e:8x8, v4:4x4x4 (needs pip install 'litejax[tpu]')")
   parser.add_argument('--batch', type=int, default=None,
                       help='global batch for the compile (default: one sequence per batch rank)')
 
@@ -35,9 +38,12 @@ def _emulate(n: int) -> None:
 def run(args: argparse.Namespace) -> int:
   from litejax.config import load_config
   cfg = load_config(args.config, args.overrides)
-  _emulate(args.devices)
+  if args.target and not args.target.startswith('cpu'):
+    return _run_target(args, cfg)
+  n = int(args.target.split(':')[1]) if args.target else args.devices
+  _emulate(n)
   from litejax import bounds, cost
-  rep = cost.bound(cfg, train=args.train, num_devices=args.devices, global_batch=args.batch, tol=args.tol)
+  rep = cost.bound(cfg, train=args.train, num_devices=n, global_batch=args.batch, tol=args.tol)
   if args.json:
     print(json.dumps(rep, indent=2, default=float))
   else:
@@ -45,6 +51,23 @@ def run(args: argparse.Namespace) -> int:
   for v in rep['violations']:
     print(f'litejax bound: BOUND EXCEEDED: {v}', file=sys.stderr)
   return 1 if rep['violations'] else 0
+
+
+def _run_target(args: argparse.Namespace, cfg) -> int:
+  """--target TPU: the per-chip report (litejax.targets) of the step compiled for that slice."""
+  _emulate(1)
+  from litejax import bounds, targets
+  try:
+    rep = targets.compile_report(cfg, targets.resolve(args.target), train=args.train, global_batch=args.batch)
+  except targets.TargetError as e:
+    print(f'litejax bound: {e}', file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(rep, indent=2, default=float))
+  else:
+    print(f'config: {args.config}')
+    print('\n'.join(targets.format_per_chip(rep, bounds.human)))
+  return 0
 
 
 def _print_table(path: str, rep: dict, h) -> None:

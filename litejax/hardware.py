@@ -1,0 +1,118 @@
+"""Per-chip facts of each TPU generation, one cited public source per number.
+
+Units are SI and per chip: bytes, bytes/s, FLOP/s. `ici_bytes_per_s` is the bidirectional inter-chip
+interconnect bandwidth of one chip (all its links together), the figure Google quotes per chip; the
+latency model divides a chip's collective bytes by it, so communication time is a lower bound (no
+link contention, perfect overlap of links).
+
+Where a page quotes a unit of GiB, the number is GiB; "GB"/"GBps" is 1e9. HBM is what one chip has;
+`devices_per_chip` is how many JAX devices `jax.experimental.topologies` makes per chip for that
+generation (2 for v4, whose two TensorCores it exposes separately; 1 elsewhere, megacore/one core).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+GiB = 1024 ** 3
+GB = 1e9
+
+_V5P = 'https://docs.cloud.google.com/tpu/docs/v5p'
+_V5E = 'https://docs.cloud.google.com/tpu/docs/v5e'
+_V6E = 'https://docs.cloud.google.com/tpu/docs/v6e'
+_V4 = 'https://docs.cloud.google.com/tpu/docs/v4'
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """One accelerator chip: capacity, bandwidths and peak, each with where the number comes from."""
+  generation: str               # 'v5p', 'v5e', 'v6e', 'v4' (or 'cpu' for a calibrated host)
+  device_kind: str              # jax Device.device_kind of the compile-only devices
+  hbm_bytes: float
+  hbm_bytes_per_s: float
+  peak_flops: float             # dense bf16 FLOP/s (for 'cpu': measured f32 matmul FLOP/s)
+  ici_bytes_per_s: float        # bidirectional, per chip
+  max_chips: int                # largest slice (a whole pod)
+  torus_dims: int               # 2 (v5e, v6e) or 3 (v4, v5p)
+  devices_per_chip: int = 1
+  sources: dict[str, str] = dataclasses.field(default_factory=dict)
+
+  def as_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+
+CHIPS: dict[str, Chip] = {
+    'v5p': Chip(
+        'v5p', 'TPU v5', hbm_bytes=95 * GiB, hbm_bytes_per_s=2765 * GB, peak_flops=459e12,
+        ici_bytes_per_s=1200 * GB, max_chips=8960, torus_dims=3,
+        sources={
+            'hbm_bytes': f'{_V5P} ("HBM capacity per chip (GiB): 95")',
+            'hbm_bytes_per_s': f'{_V5P} ("HBM bandwidth per chip (GBps): 2765")',
+            'peak_flops': f'{_V5P} ("Peak compute per chip (BF16) (TFLOPs): 459")',
+            'ici_bytes_per_s': f'{_V5P} ("Bidirectional inter-chip interconnect (ICI) bandwidth per chip '
+                               '(GBps): 1200")',
+            'max_chips': f'{_V5P} ("Number of chips per pod: 8960")',
+        }),
+    'v5e': Chip(
+        'v5e', 'TPU v5 lite', hbm_bytes=16 * GB, hbm_bytes_per_s=819 * GB, peak_flops=197e12,
+        ici_bytes_per_s=400 * GB, max_chips=256, torus_dims=2,
+        sources={
+            'hbm_bytes': f'{_V5E} ("HBM2 capacity and bandwidth: 16 GB, 819 GBps")',
+            'hbm_bytes_per_s': f'{_V5E} ("HBM2 capacity and bandwidth: 16 GB, 819 GBps")',
+            'peak_flops': f'{_V5E} ("Peak compute per chip (bf16): 197 TFLOPs")',
+            'ici_bytes_per_s': f'{_V5E} ("Bidirectional inter-chip interconnect (ICI) bandwidth (per chip): '
+                               '400 GBps")',
+            'max_chips': f'{_V5E} ("TPU Pod size: 256 chips")',
+        }),
+    'v6e': Chip(
+        'v6e', 'TPU v6 lite', hbm_bytes=32 * GB, hbm_bytes_per_s=1638 * GB, peak_flops=918e12,
+        ici_bytes_per_s=800 * GB, max_chips=256, torus_dims=2,
+        sources={
+            'hbm_bytes': f'{_V6E} ("HBM capacity per chip: 32 GB")',
+            'hbm_bytes_per_s': f'{_V6E} ("HBM bandwidth per chip: 1638 GBps")',
+            'peak_flops': f'{_V6E} ("Peak compute per chip (bf16): 918 TFLOPs")',
+            'ici_bytes_per_s': f'{_V6E} ("Bidirectional inter-chip interconnect (ICI) bandwidth (per chip): '
+                               '800 GBps")',
+            'max_chips': f'{_V6E} ("TPU Pod size: 256 chips")',
+        }),
+    # The v4 page quotes no per-chip ICI figure; it is derived from its pod all-reduce bandwidth the
+    # way v5e/v6e relate theirs (v5e: 51.2 TB/s / 256 chips = 200 GB/s = half its 400 GBps
+    # bidirectional figure; v6e: 102.4 TB/s / 256 = 400 = half of 800): 2 * 1.1 PB/s / 4096 chips.
+    'v4': Chip(
+        'v4', 'TPU v4', hbm_bytes=32 * GiB, hbm_bytes_per_s=1200 * GB, peak_flops=275e12,
+        ici_bytes_per_s=2 * 1.1e15 / 4096, max_chips=4096, torus_dims=3, devices_per_chip=2,
+        sources={
+            'hbm_bytes': f'{_V4} ("HBM2 capacity and bandwidth: 32 GiB, 1200 GBps")',
+            'hbm_bytes_per_s': f'{_V4} ("HBM2 capacity and bandwidth: 32 GiB, 1200 GBps")',
+            'peak_flops': f'{_V4} ("Peak compute per chip: 275 teraflops (bf16 or int8)")',
+            'ici_bytes_per_s': f'derived: 2 x "All-reduce bandwidth per Pod: 1.1 PB/s" / "TPU Pod size: '
+                               f'4096 chips" ({_V4}); see the comment above',
+            'max_chips': f'{_V4} ("TPU Pod size: 4096 chips")',
+        }),
+}
+
+# Slice shapes, smallest first, that `litejax plan` tries (from the topology tables of the pages
+# above; 1-chip shapes are left out because the compile-only topology API needs whole hosts).
+SLICES: dict[str, tuple[str, ...]] = {
+    'v5p': ('2x2x1', '2x2x2', '2x4x4', '4x4x4', '4x4x8', '4x8x8', '8x8x8', '8x8x16', '8x16x16',
+            '16x16x16', '16x16x24', '16x20x28'),
+    'v5e': ('2x2', '2x4', '4x4', '4x8', '8x8', '8x16', '16x16'),
+    'v6e': ('2x2', '2x4', '4x4', '4x8', '8x8', '8x16', '16x16'),
+    'v4': ('2x2x1', '2x2x2', '2x2x4', '2x4x4', '4x4x4', '4x4x8', '4x8x8', '8x8x8', '8x8x16', '8x16x16',
+           '16x16x16'),
+}
+
+
+def chip(generation: str) -> Chip:
+  """The Chip of a generation name ('v5p', 'v5e', 'v6e', 'v4'); ValueError naming the known ones."""
+  try:
+    return CHIPS[generation]
+  except KeyError:
+    raise ValueError(f'unknown TPU generation {generation!r} (known: {sorted(CHIPS)})') from None
+
+
+def host_chip(peak_flops: float, mem_bytes_per_s: float, mem_bytes: float = 0.0) -> Chip:
+  """A Chip for this CPU from measured peak and bandwidth (litejax.latency.calibrate)."""
+  return Chip('cpu', 'cpu', hbm_bytes=mem_bytes, hbm_bytes_per_s=mem_bytes_per_s, peak_flops=peak_flops,
+              ici_bytes_per_s=mem_bytes_per_s, max_chips=1, torus_dims=0,
+              sources={'peak_flops': 'measured (litejax calibrate)', 'hbm_bytes_per_s': 'measured',
+                       'ici_bytes_per_s': 'emulated devices share host memory: measured bandwidth'})
