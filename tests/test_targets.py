@@ -1,0 +1,74 @@
+"""Targets: spec parsing, the libtpu hint, TPU-vs-CPU per-chip FLOPs, and the HBM fit verdict.
+
+Tests that compile for a TPU topology need libtpu (`pip install 'litejax[tpu]'`) and skip without it.
+"""
+import pytest
+
+from litejax import hardware, targets
+from litejax.config import load_config
+
+needs_libtpu = pytest.mark.skipif(targets.libtpu_version() is None,
+                                  reason="libtpu not installed (pip install 'litejax[tpu]')")
+
+# tiny.yaml cut to one layer and 32 positions: the same sharding rules, a few-second TPU compile.
+SMALL = ['model.num_layers=1', 'model.seq_len=32']
+# One MoE layer whose f32 experts hold 80.5 GB: 12800 experts x 3 x 512 x 1024 parameters x 4 bytes,
+# split over every device (mesh.expert = -1). 20.1 GB per chip on 4 chips, 10.1 GB on 8. Experts are
+# narrow (h = 1024) so the gathered expert weights (temporaries) stay well under a GB.
+HUGE = ['model.d_model=512', 'model.num_layers=1', 'model.seq_len=32', 'model.num_heads=4',
+        'model.num_kv_heads=4', 'moe.num_tiers=1', 'moe.groups_per_tier=16', 'moe.experts_per_group=800',
+        'moe.k_tier=1', 'moe.k_group=1', 'moe.k_expert=2', 'moe.d_expert=1024', 'moe.expert_kind=glu',
+        'mesh.data=1', 'mesh.expert=-1']
+
+
+def test_parse_target():
+  assert targets.parse_target('v5p:8x8x8') == ('v5p', (8, 8, 8))
+  assert targets.parse_target('v5e:16x16') == ('v5e', (16, 16))
+  assert targets.parse_target('cpu:8') == ('cpu', (8,))
+  for bad in ('v5p:8x8', 'v5e:4x4x4', 'tpu:8', 'v5p', 'cpu:0'):
+    with pytest.raises(targets.TargetError):
+      targets.parse_target(bad)
+
+
+def test_missing_libtpu_names_the_install(monkeypatch):
+  monkeypatch.setattr(targets, 'libtpu_version', lambda: None)
+  with pytest.raises(targets.TargetError) as e:
+    targets.resolve('v5p:2x2x2')
+  msg = str(e.value)
+  assert "pip install 'litejax[tpu]'" in msg and 'libtpu==' in msg
+
+
+def test_hardware_table_is_cited():
+  for gen, chip in hardware.CHIPS.items():
+    for field in ('hbm_bytes', 'hbm_bytes_per_s', 'peak_flops', 'ici_bytes_per_s'):
+      assert getattr(chip, field) > 0
+      assert 'cloud.google.com/tpu/docs' in chip.sources[field], (gen, field)
+
+
+def test_cpu_target_uses_emulated_devices():
+  t = targets.resolve('cpu:4')
+  assert len(t.devices) == 4 and t.chip is None
+
+
+@needs_libtpu
+@pytest.mark.parametrize('spec', ['v5e:2x2', 'v5p:2x2x2'])
+def test_tpu_flops_match_cpu_mesh(spec):
+  from litejax import cost
+  cfg = load_config('configs/tiny.yaml', SMALL)
+  tpu = targets.resolve(spec)
+  c, mesh = targets.target_mesh(cfg, tpu)
+  tpu_flops = targets.per_device_cost(cost.compile_program(c, mesh=mesh))['flops']
+  cpu = targets.resolve(f'cpu:{len(tpu.devices)}')
+  c, mesh = targets.target_mesh(cfg, cpu)
+  cpu_flops = targets.per_device_cost(cost.compile_program(c, mesh=mesh))['flops']
+  assert tpu_flops == pytest.approx(cpu_flops, rel=0.01)
+
+
+@needs_libtpu
+def test_fit_verdicts():
+  tiny = targets.compile_report(load_config('configs/tiny.yaml', SMALL), targets.resolve('v5e:2x2'))
+  assert tiny['fit']['verdict'] == 'fits'
+  assert tiny['latency']['total_s'] > 0
+  huge = targets.compile_report(load_config('configs/tiny.yaml', HUGE), targets.resolve('v5e:2x2'))
+  assert huge['fit']['verdict'] == 'does not fit'
+  assert huge['memory_per_chip']['total'] > 20.1e9 > hardware.CHIPS['v5e'].hbm_bytes
