@@ -382,6 +382,13 @@ def _refused_report(cfg, target: Target, mesh, train: bool, global_batch: int | 
     per_layer = comm.analytic_all_to_all_bytes_per_rank(cfg, tokens, sizes, dt)['total']
     a2a = float(per_layer * cfg.model.num_moe_layers * (2 if train else 1)) * dpc
   args = state['state'] * dpc
+  # HBM traffic lower bound: dense weights once, plus one expert's weights per routed assignment
+  # that lands here (capacity_factor·N·K per MoE layer), never more than the experts held.
+  pc = bounds.param_counts(cfg)
+  pbytes = 2 if cfg.model.param_dtype == 'bfloat16' else 4
+  held = state['params'] * dpc
+  assignments = cfg.moe.capacity_factor * n_group * cfg.moe.k_active * cfg.model.num_moe_layers * dpc
+  touched = min(held, (pc.total - pc.expert_total) * pbytes + assignments * bounds.expert_params(cfg) * pbytes)
   temps = oom['required_bytes'] * dpc if 'temporar' in oom['what'] else 0.0
   need = args + temps if temps else max(args, oom['required_bytes'] * dpc)
   out = {
@@ -393,7 +400,8 @@ def _refused_report(cfg, target: Target, mesh, train: bool, global_batch: int | 
                           f"HBM {human_bytes(oom['available_bytes'])}",
       'flops_per_step_per_chip': flops_chip, 'flops_per_token': flops_token,
       'flops_method': 'analytic (litejax.bounds; the compiler refused the program)',
-      'bytes_accessed_per_step_per_chip': args,
+      'bytes_accessed_per_step_per_chip': touched * (mult if train else 1),
+      'bytes_method': 'analytic: dense weights + one expert per routed assignment (capacity_factor*N*K*L)',
       'memory_per_chip': {'argument': args, 'output': 0, 'alias': 0, 'generated_code': 0,
                           'temp': temps,
                           'total': need, 'parameters': state['params'] * dpc,
@@ -404,7 +412,7 @@ def _refused_report(cfg, target: Target, mesh, train: bool, global_batch: int | 
   if chip is not None:
     out['chip'] = chip.as_dict()
     out['fit'] = verdict(need, chip.hbm_bytes)
-    est = latency.estimate(flops_chip, a2a, args, chip)
+    est = latency.estimate(flops_chip, a2a, out['bytes_accessed_per_step_per_chip'], chip)
     out['latency'] = est.as_dict()
     out['tokens_per_s'] = tokens / est.total_s if est.total_s else None
   return out
