@@ -358,8 +358,6 @@ def train(cfg: Config, *, ckpt_dir: str | pathlib.Path | None = None, resume: bo
         m = jax.device_get(m)
         if not bool(m['finite']):
           raise NonFiniteLossError(step, last_ckpt, str(ckpt.directory) if ckpt else None)
-        if on_step is not None:
-          on_step(step, m)
         if not compiled:                 # the first step includes compilation: keep it out of tokens/s
           compiled, window_t, window_steps = True, time.time(), 0
         else:
@@ -382,6 +380,8 @@ def train(cfg: Config, *, ckpt_dir: str | pathlib.Path | None = None, resume: bo
           bar.update(step, record)
         if step % tc.ckpt_every == 0:
           save(state, step)
+        if on_step is not None:
+          on_step(step, m)
         if flag.signal is not None and step < stop:
           status = 'interrupted'
           save(state, step)

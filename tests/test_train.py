@@ -1,6 +1,8 @@
-"""Train loop: the loss falls, metrics land in JSONL, and a SIGKILLed run resumes bit for bit."""
-import json
-import pathlib
+"""Train loop: the loss falls, metrics land in JSONL, and a SIGKILLed or stopped run resumes bit for bit.
+
+Every run here uses the same tiny config with a 30-step schedule (shorter runs use stop_after), so
+the in-process run and the subprocesses execute the same compiled programs (see train_helpers).
+"""
 import subprocess
 import sys
 import textwrap
@@ -11,20 +13,28 @@ import pytest
 from litejax import train as train_lib
 from litejax.config import load_config
 from litejax.metrics import read_metrics
-from train_helpers import REPO, TINY, enable_compile_cache, subprocess_env
+from train_helpers import TINY, TINY_YAML, enable_compile_cache, subprocess_env
 
-TINY = TINY + ['train.eval_every=10']
-enable_compile_cache()
+RUN = TINY + ['train.steps=30', 'train.eval_every=10', 'train.ckpt_every=10']
 METRIC_KEYS = {'step', 'loss', 'aux_loss', 'z_loss', 'drop_fraction', 'tokens_per_second',
                'expert_load_entropy'}
+enable_compile_cache()
 
 
 def tiny_cfg(*extra):
-  return load_config(REPO / 'configs' / 'tiny.yaml', TINY + list(extra))
+  return load_config(TINY_YAML, RUN + list(extra))
+
+
+@pytest.fixture(scope='module')
+def full30(tmp_path_factory):
+  """One uninterrupted 30-step run on the 8-device mesh, logging every step."""
+  d = tmp_path_factory.mktemp('full30')
+  result = train_lib.train(tiny_cfg(), ckpt_dir=d / 'ckpt', metrics_path=d / 'm.jsonl', quiet=True)
+  return result, d
 
 
 def test_schedule_warms_up_then_decays():
-  tc = tiny_cfg('train.steps=100', 'train.warmup_steps=10', 'train.lr=1e-3', 'train.min_lr_ratio=0.1').train
+  tc = tiny_cfg('train.steps=100', 'train.warmup_steps=10', 'train.lr=0.001', 'train.min_lr_ratio=0.1').train
   sched = train_lib.lr_schedule(tc)
   assert float(sched(0)) == 0.0
   assert float(sched(10)) == pytest.approx(1e-3)
@@ -39,22 +49,21 @@ def test_peak_flops_table():
   assert train_lib.peak_flops_per_device(Dev()) is None
 
 
-def test_30_steps_loss_falls_and_metrics_jsonl(tmp_path):
-  cfg = tiny_cfg('train.steps=30')
-  metrics = tmp_path / 'm.jsonl'
-  result = train_lib.train(cfg, ckpt_dir=tmp_path / 'ckpt', metrics_path=metrics, quiet=True)
+def test_30_steps_loss_falls_and_metrics_jsonl(full30):
+  result, d = full30
   assert result.status == 'done' and result.step == 30
-  records = read_metrics(metrics)
+  records = read_metrics(d / 'm.jsonl')
   assert [r['step'] for r in records] == list(range(1, 31))
   for r in records:
     assert METRIC_KEYS <= set(r), METRIC_KEYS - set(r)
     assert 0.0 <= r['drop_fraction'] <= 1.0 and 0.0 < r['expert_load_entropy'] <= 1.0
+  assert all(r['tokens_per_second'] > 0 for r in records[1:])
   assert [r['step'] for r in records if 'val_loss' in r] == [10, 20, 30]
   first = np.mean([r['loss'] for r in records[:5]])
   last = np.mean([r['loss'] for r in records[-5:]])
   assert last < first - 1.0, (first, last)   # byte-level CE starts near ln 256 = 5.5
   assert result.val_loss < records[0]['loss']
-  assert metrics.with_suffix('.png').stat().st_size > 1000
+  assert (d / 'm.png').stat().st_size > 1000
 
 
 KILL_SCRIPT = textwrap.dedent('''
@@ -72,48 +81,40 @@ KILL_SCRIPT = textwrap.dedent('''
           time.sleep(0.05)
         os.kill(os.getpid(), signal.SIGKILL)
 
-    train_lib.train(cfg, ckpt_dir=ckpt, metrics_path=sys.argv[3], quiet=True, on_step=kill_after_15)
+    train_lib.train(cfg, ckpt_dir=ckpt, metrics_path=sys.argv[3], quiet=True, stop_after=20,
+                    on_step=kill_after_15)
 ''')
 
 
-def test_sigkill_resume_is_bit_exact(tmp_path):
-  overrides = ['train.steps=20', 'train.ckpt_every=10', 'train.eval_every=100']
-  cfg = tiny_cfg(*overrides)
-  full = train_lib.train(cfg, metrics_path=tmp_path / 'full.jsonl', quiet=True)
-
-  env = subprocess_env(8)
+def test_sigkill_resume_is_bit_exact(full30, tmp_path):
+  """20 steps with a checkpoint at 10, SIGKILL after 15, resume to 20: steps 11-20 match exactly."""
   proc = subprocess.run(
-      [sys.executable, '-c', KILL_SCRIPT, str(REPO / 'configs' / 'tiny.yaml'), str(tmp_path / 'ckpt'),
-       str(tmp_path / 'killed.jsonl'), *TINY, *overrides],
-      env=env, capture_output=True, text=True, timeout=300)
+      [sys.executable, '-c', KILL_SCRIPT, str(TINY_YAML), str(tmp_path / 'ckpt'), str(tmp_path / 'm.jsonl'),
+       *RUN], env=subprocess_env(8), capture_output=True, text=True, timeout=600)
   assert proc.returncode == -9, proc.stderr[-3000:]
-  assert [r['step'] for r in read_metrics(tmp_path / 'killed.jsonl')][-1] == 15
+  assert [r['step'] for r in read_metrics(tmp_path / 'm.jsonl')][-1] == 15
 
-  resumed = train_lib.train(cfg, ckpt_dir=tmp_path / 'ckpt', resume=True,
-                            metrics_path=tmp_path / 'killed.jsonl', quiet=True)
-  assert resumed.status == 'done'
+  resumed = train_lib.train(tiny_cfg(), ckpt_dir=tmp_path / 'ckpt', resume=True, stop_after=20,
+                            metrics_path=tmp_path / 'm.jsonl', quiet=True)
+  assert resumed.status == 'stopped' and resumed.step == 20
   assert [r['step'] for r in resumed.history] == list(range(11, 21))   # restarted from step 10
-  want = {r['step']: r['loss'] for r in full.history if r['step'] > 10}
+  want = {r['step']: r['loss'] for r in full30[0].history if 10 < r['step'] <= 20}
   got = {r['step']: r['loss'] for r in resumed.history}
   assert got == want      # bit for bit: float equality of every loss
-  # The resumed run rewrote the metrics file: steps 1..20 once each (11..15 of the killed run dropped).
-  assert [r['step'] for r in read_metrics(tmp_path / 'killed.jsonl')] == list(range(1, 21))
+  # Steps 11-15 the killed run logged were replaced: 1..20 once each.
+  assert [r['step'] for r in read_metrics(tmp_path / 'm.jsonl')] == list(range(1, 21))
 
 
-def test_cli_stop_after_then_resume_matches(tmp_path):
-  """`--stop-after 3` then `--resume` ends where one uninterrupted 6-step run ends (CLI path, 1 device)."""
-  base = [sys.executable, '-m', 'litejax.cli', 'train', '--devices', '1', '--quiet', '--steps', '6',
-          *[a for o in TINY for a in ('--set', o)]]
-  env = subprocess_env(None)
-  run = lambda *a: subprocess.run(base + list(a), env=env, capture_output=True, text=True, timeout=300,  # noqa: E731
-                                  cwd=tmp_path)
-  p = run('--ckpt-dir', 'a', '--metrics', 'a.jsonl', '--stop-after', '3')
-  assert p.returncode == 0, p.stderr[-3000:]
-  p = run('--ckpt-dir', 'a', '--metrics', 'a.jsonl', '--resume')
-  assert p.returncode == 0, p.stderr[-3000:]
-  p = run('--ckpt-dir', 'b', '--metrics', 'b.jsonl')
-  assert p.returncode == 0, p.stderr[-3000:]
-  a = [(r['step'], r['loss']) for r in read_metrics(tmp_path / 'a.jsonl')]
-  b = [(r['step'], r['loss']) for r in read_metrics(tmp_path / 'b.jsonl')]
-  assert a == b and len(a) == 6
-  assert json.loads((tmp_path / 'b.jsonl').read_text().splitlines()[-1])['val_loss'] > 0
+def test_cli_stop_after_then_resume(full30, tmp_path):
+  """`litejax train --stop-after 3`, then `--resume --stop-after 6`: the uninterrupted run's losses."""
+  base = [sys.executable, '-m', 'litejax.cli', 'train', '--devices', '8', '--quiet',
+          '--config', str(TINY_YAML), '--ckpt-dir', 'ck', '--metrics', 'm.jsonl',
+          *[a for o in RUN for a in ('--set', o)]]
+  for extra in (['--stop-after', '3'], ['--resume', '--stop-after', '6']):
+    p = subprocess.run(base + extra, env=subprocess_env(None), capture_output=True, text=True, timeout=600,
+                       cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+  got = [(r['step'], r['loss']) for r in read_metrics(tmp_path / 'm.jsonl')]
+  want = [(r['step'], r['loss']) for r in full30[0].history[:6]]
+  assert got == want
+  assert (tmp_path / 'm.png').exists()
