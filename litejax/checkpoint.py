@@ -96,7 +96,9 @@ class Checkpointer:
   """
 
   def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True):
-    self.directory = pathlib.Path(directory).expanduser().absolute()
+    d = str(directory)
+    # Remote stores (gs://, s3://) go to Orbax as URLs; local paths are made absolute.
+    self.directory = d if '://' in d else pathlib.Path(d).expanduser().absolute()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         # Leftover temporary folders from a save cut off by a kill are deleted, never read.
