@@ -12,13 +12,14 @@ import sys
 
 
 def tiny_config(**moe):
-  """Small MoE LM: 2 layers, 8 experts in 4 groups, K = k_group·k_expert = 4; nothing drops."""
+  """Small MoE LM: a dense layer then an MoE layer (8 experts in 4 groups, K = k_group·k_expert = 4);
+  capacity_factor 8 so nothing drops."""
   from litejax.config import Config, ModelConfig, MoEConfig
   moe_kw = dict(num_tiers=1, groups_per_tier=4, experts_per_group=2, k_group=2, k_expert=2, d_expert=32,
                 capacity_factor=8.0)
   moe_kw.update(moe)
   return Config(model=ModelConfig(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, seq_len=16,
-                                  vocab_size=64, d_ff=64),
+                                  vocab_size=64, d_ff=64, moe_every=2),
                 moe=MoEConfig(**moe_kw))
 
 

@@ -36,7 +36,7 @@ def test_expert_weights_are_sharded_over_expert_axis():
   mesh = sharding.make_mesh(MeshConfig(2, 4, 1))
   _, state = sharding.sharded_init(cfg, mesh)
   e, r = cfg.moe.experts_total, 4
-  moe = state['blocks'][0]['ffn']
+  moe = state['blocks'][1]['ffn']          # layer 2 is the MoE layer
   for name in ('w_in', 'w_out'):
     arr = moe[name][...]
     assert arr.shape[0] == e
@@ -53,10 +53,10 @@ def test_scanned_model_gets_leading_layer_axis():
   cfg = cfg.replace(model=cfg.model.__class__(**{**cfg.model.__dict__, 'scan_layers': True}))
   mesh = sharding.make_mesh(MeshConfig(1, 4, 2))
   ab = sharding.abstract_state(cfg, mesh)
-  w_in = ab['periods']['layers'][0]['ffn']['w_in'].get_value()
+  w_in = ab['periods']['layers'][1]['ffn']['w_in'].get_value()
   assert isinstance(w_in, jax.ShapeDtypeStruct)
   assert w_in.sharding.spec == jax.sharding.PartitionSpec(None, 'expert', None, 'tensor')
-  assert w_in.sharding.shard_shape(w_in.shape) == (2, 2, 32, 16)
+  assert w_in.sharding.shard_shape(w_in.shape) == (1, 2, 32, 16)
 
 
 def test_optimizer_state_mirrors_params():
@@ -66,7 +66,7 @@ def test_optimizer_state_mirrors_params():
   state = sharding.abstract_state(cfg, mesh)
   p_sh = sharding.state_shardings(state, mesh)
   opt_sh = sharding.tree_shardings_like(jax.eval_shape(optax.adamw(1e-3).init, state), p_sh)
-  mu = opt_sh[0].mu['blocks'][0]['ffn']['w_in'].get_value()
+  mu = opt_sh[0].mu['blocks'][1]['ffn']['w_in'].get_value()
   assert mu.spec == jax.sharding.PartitionSpec('expert', None, 'tensor')
   assert opt_sh[0].count.spec == jax.sharding.PartitionSpec()
 
