@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--ckpt-dir', help='checkpoint folder (default: runs/<config name>/ckpt, cleared '
                       'unless --resume)')
   parser.add_argument('--no-ckpt', action='store_true', help='write no checkpoints')
-  parser.add_argument('--resume', action='store_true', help='continue from the newest checkpoint in --ckpt-dir')
+  parser.add_argument('--resume', action='store_true', help='continue from the newest checkpoint in --ckpt-dir '
+                      '(without --config: with the config stored in it)')
   parser.add_argument('--metrics', help='metrics JSONL path (default: runs/<config name>/metrics.jsonl); '
                       'a PNG with the same stem is written at the end')
   parser.add_argument('--data', help='text file, folder of .txt, or uint16/uint32 .bin tokens '
@@ -75,8 +76,16 @@ def run(args: argparse.Namespace) -> int:
   overrides = list(args.overrides)
   if args.steps is not None:
     overrides.append(f'train.steps={args.steps}')
-  cfg = load_config(config_path, overrides)
-  run_dir = pathlib.Path('runs') / pathlib.Path(config_path).stem
+  stored = None
+  if args.resume and args.config is None and args.ckpt_dir:
+    stored = train_lib.restore_config(args.ckpt_dir)   # `--resume --ckpt-dir D` alone reuses D's config
+  if stored is not None:
+    from litejax.config import from_dict, parse_overrides
+    cfg = from_dict(parse_overrides(overrides), base=stored)
+    config_path = f'{args.ckpt_dir} (stored config)'
+  else:
+    cfg = load_config(config_path, overrides)
+  run_dir = pathlib.Path('runs') / pathlib.Path(args.config or DEFAULT_CONFIG).stem
   ckpt_dir = None if args.no_ckpt else (args.ckpt_dir or run_dir / 'ckpt')
   if ckpt_dir is not None and args.ckpt_dir is None and not args.resume and jax.process_index() == 0:
     # The default run folder is scratch: a plain `litejax train` starts over. An explicit
