@@ -40,11 +40,23 @@ def _scores(logits: jax.Array, kind: str) -> jax.Array:
   return jax.nn.softmax(logits, axis=-1) if kind == 'softmax' else jax.nn.sigmoid(logits)
 
 
+def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """Top-k over the last axis, best first, ties to the lower index (as lax.top_k).
+
+  A stable sort rather than lax.top_k: XLA's SPMD partitioner gathers the whole batch before a
+  TopK when the batch axis is sharded, so every rank would route every token; a sort along the
+  last axis partitions cleanly over the batch.
+  """
+  idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  neg_sorted, idx_sorted = jax.lax.sort((-x, idx), dimension=x.ndim - 1, num_keys=1, is_stable=True)
+  return -neg_sorted[..., :k], idx_sorted[..., :k]
+
+
 def _level(logits_npb: jax.Array, bias_npb: jax.Array | None, k: int, kind: str):
   """Top-k over the last axis. Selection uses score + bias; the gate is the unbiased score."""
   scores = _scores(logits_npb.astype(jnp.float32), kind)
   select = scores if bias_npb is None else scores + bias_npb
-  _, idx = jax.lax.top_k(select, k)
+  _, idx = top_k(select, k)
   gate = jnp.take_along_axis(scores, idx, axis=-1)
   return idx, gate, scores
 
