@@ -17,8 +17,14 @@ in an XLA rewrite takes its operands' scope. Anything else is 'other', never dro
 Backend artefacts (charged, not computed usefully) are reported under `artefacts`:
   gather_table_convert  an elementwise op (a bf16->f32 convert) fused into a gather's table operand:
                         charged over the whole table although only gathered rows are touched.
+                        Followed into fusions and across a scan's while-loop carry, so a convert
+                        of all layers' stacked expert weights before the loop is caught too.
   masked_dense_dot      a dot whose operand is select(mask, broadcast(x), 0) (jax.lax.ragged_dot's
                         dense CPU lowering): the broadcast's expansion factor is wasted work.
+  bf16_round_trip       a convert pair f32->bf16->f32 (or bf16->f32->bf16): XLA:CPU computes bf16
+                        ops in f32 and rounds after each; on a bf16 backend neither convert exists.
+Collectives: all-to-all operands widened from bf16 just for XLA:CPU are reported apart
+(`collective_upcast_bytes`), so compiled all-to-all bytes compare with the analytic ones.
 """
 from __future__ import annotations
 
@@ -167,6 +173,9 @@ class HloCost:
   collective_bytes: dict[str, float]   # kind -> bytes this rank moves; 'total'
   unknown_trip_counts: int             # while loops without known_trip_count (counted once)
   dots: list[dict]                     # every dot: component, flops (× trips), shape, op_name
+  collective_upcast_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
+  # kind -> bytes of those collectives that are only there because the CPU backend moves bf16
+  # values as f32 (an operand widened by a convert just before the collective)
 
   @property
   def dot_flops(self) -> float:
@@ -196,9 +205,9 @@ def component_of(op_name: str, components: tuple[str, ...]) -> str | None:
   return best
 
 
-def dot_signatures(jaxpr, components: tuple[str, ...]) -> list[tuple[str, int, bool, int]]:
-  """(component, contraction size, has batch dims, output size) of every scoped dot_general in a
-  traced program (nested jaxprs included; their name stacks are relative to the enclosing eqn)."""
+def dot_signatures(jaxpr, components: tuple[str, ...]) -> list[tuple[str, int, int, int]]:
+  """(component, contraction size, batch size, output size) of every scoped dot_general in a traced
+  program (nested jaxprs included; their name stacks are relative to the enclosing eqn)."""
   out = []
 
   def sub_jaxprs(params):
@@ -217,7 +226,7 @@ def dot_signatures(jaxpr, components: tuple[str, ...]) -> list[tuple[str, int, b
         shape = eqn.invars[0].aval.shape
         c = component_of(stack, components)
         if c:
-          out.append((c, math.prod(shape[i] for i in lc), math.prod(shape[i] for i in lb) > 1,
+          out.append((c, math.prod(shape[i] for i in lc), math.prod(shape[i] for i in lb),
                       math.prod(eqn.outvars[0].aval.shape)))
       for sub in sub_jaxprs(eqn.params):
         visit(sub, stack)
@@ -285,27 +294,49 @@ def _masked_expansion(comps, comp: Computation, operand: str) -> float:
 _SLICING = ('dynamic-slice', 'gather', 'slice')
 
 
-def _only_sliced(comps, comp: Computation, name: str, users: dict[str, list[str]]) -> bool:
-  """Whether every consumer of `name` only gathers/slices rows out of it (it is a lookup table)."""
-  us = users.get(name, [])
-  if not us:
+_PASS_THROUGH = ('bitcast', 'copy', 'reshape', 'transpose', 'convert', 'dynamic-slice', 'slice')
+_NARROW_FLOATS = ('bf16', 'f16')
+
+
+def _root(comp: Computation) -> str | None:
+  return next(reversed(comp.instrs), None) if comp.instrs else None
+
+
+def _widened_from(comps, comp: Computation, name: str, depth: int = 0) -> str | None:
+  """The narrow float type (bf16/f16) an f32 value was widened from by a convert, through layout
+  ops and into a producing fusion's root; None if it was not (the CPU backend computes bf16 in f32
+  and widens collective operands it cannot move in bf16)."""
+  ins = comp.instrs.get(name)
+  while ins is not None and ins.opcode in ('bitcast', 'copy', 'reshape', 'transpose') and ins.operands:
+    ins = comp.instrs.get(ins.operands[0])
+  if ins is None or depth > 4:
+    return None
+  if ins.opcode == 'fusion' and ins.called('calls') and ins.called('calls')[0] in comps:
+    called = comps[ins.called('calls')[0]]
+    return _widened_from(comps, called, _root(called), depth + 1)
+  if ins.opcode == 'convert' and ins.operands and ins.shapes[0][0] == 'f32':
+    src = comp.instrs.get(ins.operands[0])
+    if src is not None and src.shapes and src.shapes[0][0] in _NARROW_FLOATS:
+      return src.shapes[0][0]
+  return None
+
+
+def _is_round_trip(comp: Computation, ins: Instr, users: dict[str, list[str]]) -> bool:
+  """A convert that is half of a narrow->wide->narrow or wide->narrow->wide pair: the CPU backend's
+  bf16 emulation (compute in f32, round to bf16 after each op the program wrote in bf16)."""
+  if ins.opcode != 'convert' or not ins.operands:
     return False
-  for u_name in us:
-    u = comp.instrs[u_name]
-    if u.opcode in _SLICING:
-      if u.operands[0] != name:
-        return False
-    elif u.opcode == 'fusion' and u.called('calls'):
-      called = comps[u.called('calls')[0]]
-      idx = [i for i, o in enumerate(u.operands) if o == name]
-      params = [i for i in called.instrs.values() if i.opcode == 'parameter' and i.param_index in idx]
-      for prm in params:
-        inner = [i for i in called.instrs.values() if prm.name in i.operands]
-        if not inner or not all(i.opcode in _SLICING and i.operands[0] == prm.name for i in inner):
-          return False
-    else:
-      return False
-  return True
+  src = comp.instrs.get(ins.operands[0])
+  if src is None or not src.shapes:
+    return False
+  t_out, t_in = ins.shapes[0][0], src.shapes[0][0]
+  if src.opcode == 'convert' and src.operands:               # outer half: back to the source type
+    s2 = comp.instrs.get(src.operands[0])
+    if s2 is not None and s2.shapes and s2.shapes[0][0] == t_out and t_in in _NARROW_FLOATS:
+      return True
+  us = [comp.instrs[u] for u in users.get(ins.name, ()) if u in comp.instrs]
+  return (t_out in _NARROW_FLOATS and t_in not in _NARROW_FLOATS and bool(us) and   # inner half
+          all(u.opcode == 'convert' and u.shapes[0][0] == t_in for u in us))
 
 
 def _bytes_accessed(comps, comp: Computation, ins: Instr) -> float:
@@ -338,9 +369,11 @@ def walk(text: str, components: tuple[str, ...], signatures: list | None = None,
   """Walks an optimized HLO module from its entry; see the module docstring.
 
   signatures: `dot_signatures(jaxpr)` of the traced program. A dot whose metadata XLA dropped is
-  matched to the traced dots with the same contraction size and batch-ness whose output is its own
-  times a divisor of num_devices (SPMD shards outputs); one component among the matches decides,
-  else its neighbours' scopes do.
+  matched to the traced dots with the same contraction size whose batch and output sizes are its
+  own times a divisor of num_devices (SPMD shards them): first with the batch size equal, then with
+  batch-ness alone (XLA may fold a batch dim into the free dims). The batch size is what tells
+  attention's QKᵀ (batch B·H) from a gathered expert matmul (batch N·K) when h = head_dim and
+  d = seq_len. One component among the matches decides, else its neighbours' scopes do.
   """
   divisors = [r for r in range(1, num_devices + 1) if num_devices % r == 0]
 
@@ -351,12 +384,17 @@ def walk(text: str, components: tuple[str, ...], signatures: list | None = None,
     if lhs is None:
       return None
     c = math.prod(lhs.shapes[0][1][i] for i in ins.dims_attr('lhs_contracting_dims'))
-    hb = math.prod(lhs.shapes[0][1][i] for i in ins.dims_attr('lhs_batch_dims')) > 1
+    batch = math.prod(lhs.shapes[0][1][i] for i in ins.dims_attr('lhs_batch_dims'))
     out = ins.elements
-    for strict in (True, False):
+
+    def same(a: int, b: int) -> bool:
+      return any(a == b * r for r in divisors)
+
+    for level in ('batch', 'batched', 'any'):
       found = {comp_ for comp_, sc, sb, so in signatures
-               if any(sc == c * r for r in divisors) and (sb == hb or not strict)
-               and any(so == out * r for r in divisors)}
+               if same(sc, c) and same(so, out) and
+               (same(sb, batch) if level == 'batch' else (sb > 1) == (batch > 1) if level == 'batched'
+                else True)}
       if len(found) == 1:
         return found.pop()
       if found:
@@ -368,6 +406,7 @@ def walk(text: str, components: tuple[str, ...], signatures: list | None = None,
   elem: dict[str, float] = collections.defaultdict(float)
   artefacts: dict[str, float] = collections.defaultdict(float)
   coll: dict[str, float] = collections.defaultdict(float)
+  coll_upcast: dict[str, float] = collections.defaultdict(float)
   totals = {'trans': 0.0, 'bytes': 0.0, 'unknown': 0}
   dots: list[dict] = []
 
@@ -432,6 +471,54 @@ def walk(text: str, components: tuple[str, ...], signatures: list | None = None,
       frontier_down, frontier_up = nxt_down, nxt_up
     return None
 
+  def feeds_only_gathers(comp: Computation, name: str, callers: tuple = (), depth: int = 0) -> bool:
+    """Whether the values of `name` reach compute only as a gather's table operand: through layout
+    ops, converts and (dynamic) slices, into fusions, and across a while loop's carry (a scan's
+    stacked expert weights, dynamic-sliced per layer, then gathered by expert id)."""
+    if depth > 16:
+      return False
+    us = users(comp).get(name, [])
+    reached = False
+    if name == _root(comp) and callers:             # leaves a fused computation: the caller's users
+      if not feeds_only_gathers(*callers[-1], callers[:-1], depth + 1):
+        return False
+      reached = True
+    for u_name in us:
+      u = comp.instrs[u_name]
+      if u.opcode == 'gather':
+        if u.operands[0] != name:
+          return False
+      elif u.opcode in _PASS_THROUGH:
+        if u.operands[0] != name or not feeds_only_gathers(comp, u_name, callers, depth + 1):
+          return False
+      elif u.opcode == 'fusion' and u.called('calls'):
+        called = comps[u.called('calls')[0]]
+        idx = [i for i, o in enumerate(u.operands) if o == name]
+        prms = [i for i in called.instrs.values() if i.opcode == 'parameter' and i.param_index in idx]
+        if not prms or not all(feeds_only_gathers(called, q.name, callers + ((comp, u_name),), depth + 1)
+                               for q in prms):
+          return False
+      elif u.opcode == 'tuple':
+        loops = [comp.instrs[w] for w in users(comp).get(u_name, [])]
+        if not loops and u_name == _root(comp):
+          continue                                    # a loop body's carry passed on unchanged
+        idx = {i for i, o in enumerate(u.operands) if o == name}
+        for w in loops:
+          if w.opcode != 'while' or not w.called('body'):
+            return False
+          body = comps[w.called('body')[0]]
+          outs = [(body, g.name) for g in body.instrs.values()
+                  if g.opcode == 'get-tuple-element' and g.operands and
+                  body.instrs.get(g.operands[0]) is not None and body.instrs[g.operands[0]].opcode == 'parameter'
+                  and int(g.attr('index') or -1) in idx]
+          outs += [(comp, g) for g in users(comp).get(w.name, [])
+                   if int(comp.instrs[g].attr('index') or -1) in idx]
+          if not all(feeds_only_gathers(c, g, (), depth + 1) for c, g in outs):
+            return False
+      else:
+        return False
+    return reached or bool(us)
+
   def visit(comp_name: str, mult: float, ctx: str | None, fused: bool, params: list = (),
             out_scope: str | None = None, param_factors: list = ()) -> None:
     comp = comps[comp_name]
@@ -452,9 +539,10 @@ def walk(text: str, components: tuple[str, ...], signatures: list | None = None,
       op = ins.opcode
       if not fused and op not in _NO_BYTES:
         totals['bytes'] += mult * _bytes_accessed(comps, comp, ins)
-      if op == 'fusion' and _only_sliced(comps, comp, ins.name, users(comp)):
-        # A whole-table elementwise pass (the CPU backend's bf16->f32 convert of expert weights)
-        # feeding only gathers: charged over the table, while only gathered rows are needed.
+      if op == 'fusion' and feeds_only_gathers(comp, ins.name):
+        # A whole-table elementwise pass (the CPU backend's bf16->f32 convert of expert weights,
+        # even of all layers' stacked weights before a scan) feeding only gathers: charged over
+        # the table, while only gathered rows are needed.
         before = sum(elem.values())
         for c in ins.called('calls'):
           visit(c, mult, scope, True, [None] * len(ins.operands), None)
@@ -504,6 +592,8 @@ def walk(text: str, components: tuple[str, ...], signatures: list | None = None,
         elem[scope or 'other'] += f
         if ins.name in table_operands:
           artefacts['gather_table_convert'] += f
+        elif _is_round_trip(comp, ins, users(comp)):
+          artefacts['bf16_round_trip'] += f
       elif op in TRANSCENDENTAL:
         totals['trans'] += mult * ins.elements
       elif op in ('reduce', 'reduce-window'):
@@ -515,12 +605,18 @@ def walk(text: str, components: tuple[str, ...], signatures: list | None = None,
         moved = (ins.nbytes if base == 'all-gather' else
                  sum(comp.instrs[o].nbytes for o in ins.operands if o in comp.instrs))
         coll[base] += mult * moved
+        if base == 'all-to-all':   # operands the CPU backend widened from bf16: 2 of their 4 bytes
+          for o in ins.operands:
+            narrow = _widened_from(comps, comp, o) if o in comp.instrs else None
+            if narrow:
+              src = comp.instrs[o]
+              coll_upcast[base] += mult * (src.nbytes - src.elements * _DTYPE_BYTES[narrow])
 
   visit(entry, 1.0, None, False)
   coll_out = dict(coll)
   coll_out['total'] = float(sum(coll.values()))
   return HloCost(dict(flops), dict(elem), dict(artefacts), totals['trans'], totals['bytes'], coll_out,
-                 int(totals['unknown']), dots)
+                 int(totals['unknown']), dots, dict(coll_upcast))
 
 
 def to_json(cost: HloCost) -> str:
@@ -543,6 +639,11 @@ def make_mesh_for(cfg, num_devices: int | None = None):
   if len(devices) == 1:
     cfg = cfg.replace(mesh=MeshConfig(data=1, expert=1, tensor=1))
   return cfg, sharding.make_mesh(cfg.mesh, devices)
+
+
+# Checked on jax 0.10.2 CPU (forward, scanned train step, 8-way expert parallel, bf16 gather): the
+# optimized HLO text and memory_analysis() are identical with and without this option.
+_ANALYSIS_COMPILER_OPTIONS = {'xla_backend_optimization_level': 0}
 
 
 @dataclasses.dataclass
@@ -618,7 +719,9 @@ def compile_program(cfg, *, train: bool = False, num_devices: int | None = None,
     traced = jax.jit(forward, out_shardings=logits_sh).trace(state, tokens)
   from litejax import bounds
   signatures = dot_signatures(traced.jaxpr, bounds.COMPONENTS)
-  compiled = traced.lower().compile()
+  # The executable is never run (its inputs are abstract): only the optimized HLO is read, and the
+  # HLO passes run the same whatever LLVM's optimization level; level 0 halves CPU compile time.
+  compiled = traced.lower().compile(compiler_options=_ANALYSIS_COMPILER_OPTIONS)
   seconds = time.perf_counter() - t0
   return CompiledProgram(compiled, compiled.as_text(), cfg, mesh, train, b, s, seconds, expert_fn is not None,
                          signatures)
@@ -653,26 +756,40 @@ def analytic_per_token(cfg, tokens_per_group: int, *, train: bool = False,
   return out
 
 
-def _collectives(prog: CompiledProgram) -> tuple[dict[str, float], dict[str, float]]:
-  """(compiled, analytic) collective bytes per rank for the whole program."""
-  from litejax import sharding
-  try:
-    from litejax import comm
-  except ImportError:
-    comm = None
-  if comm is not None:
-    compiled = {k: float(v) for k, v in comm.collective_bytes(prog.hlo_text).items()
-                if isinstance(v, (int, float))}
-  else:
-    compiled = walk(prog.hlo_text, ()).collective_bytes
-  analytic = {'all_to_all': 0.0, 'total': 0.0}
+def _collectives(prog: CompiledProgram, cost: HloCost) -> dict:
+  """Collective bytes per rank for the whole program: compiled (as XLA:CPU moves them, and the
+  all-to-all at the program's dtypes) and analytic (the expert-parallel all-to-alls).
+
+  The analytic figure (litejax.comm) counts both all-to-alls of every MoE layer's forward pass,
+  dispatch out and combine back (+ the expert ids the gather path sends), twice in a training step
+  (their transposes). It is compared with the compiled all-to-all bytes only; other kinds (the
+  partitioner's all-gathers, gradient all-reduces) are listed beside it, not hidden. XLA:CPU moves
+  bf16 all-to-all operands as f32 (a convert just before the collective doubles their bytes): the
+  comparable figure counts those at the program's 2 bytes and reports the difference apart.
+  """
+  from litejax import comm, sharding
+  by_kind = {k: float(v) for k, v in comm.collective_bytes(prog.hlo_text).items() if isinstance(v, (int, float))}
+  upcast = float(cost.collective_upcast_bytes.get('all-to-all', 0.0))
+  a2a = by_kind.get('all_to_all', 0.0) - upcast
+  analytic = {'dispatch': 0.0, 'combine': 0.0, 'metadata': 0.0, 'total': 0.0}
   s = sharding.mesh_sizes(prog.mesh)
-  if comm is not None and prog.expert_parallel and s['expert'] > 1 and prog.cfg.model.num_moe_layers:
+  if prog.expert_parallel and s['expert'] > 1 and prog.cfg.model.num_moe_layers:
     dt = 2 if prog.cfg.model.dtype == 'bfloat16' else 4
-    per_layer = comm.analytic_all_to_all_bytes_per_rank(prog.cfg, prog.tokens, s, dt)['total']
-    a2a = float(per_layer * prog.cfg.model.num_moe_layers * (2 if prog.train else 1))
-    analytic = {'all_to_all': a2a, 'total': a2a}
-  return compiled, analytic
+    per_layer = comm.analytic_all_to_all_bytes_per_rank(prog.cfg, prog.tokens, s, dt)
+    times = prog.cfg.model.num_moe_layers * (2 if prog.train else 1)
+    analytic = {k: float(per_layer[k] * times) for k in analytic}
+  other = {k: v for k, v in by_kind.items() if k not in ('all_to_all', 'total') and v}
+  notes = []
+  if upcast:
+    notes.append(f'all-to-all: XLA:CPU moves bf16 operands as f32; {upcast:.4g} of the '
+                 f'{by_kind["all_to_all"]:.4g} bytes are that widening (counted at 2 bytes here)')
+  if other.get('all_gather'):
+    notes.append('all-gather: not in the analytic figure; inserted by the SPMD partitioner (e.g. the '
+                 "router's top_k over batch-sharded scores gathers every token's scores to every rank)")
+  if other.get('all_reduce'):
+    notes.append('all-reduce: not in the analytic figure (gradient / statistics reductions)')
+  return {'compiled_all_to_all': a2a, 'analytic': analytic, 'by_kind': by_kind, 'upcast': upcast,
+          'other': other, 'notes': notes}
 
 
 def report(prog: CompiledProgram, tol: float = 0.03) -> dict:
@@ -705,7 +822,7 @@ def report(prog: CompiledProgram, tol: float = 0.03) -> dict:
   ca = prog.compiled.cost_analysis() or {}
   ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   mem = prog.compiled.memory_analysis()
-  coll, coll_a = _collectives(prog)
+  coll = _collectives(prog, cost)
   out = {
       'flops_per_token_analytic': fa,
       'flops_per_token_compiled': fk,
@@ -722,9 +839,14 @@ def report(prog: CompiledProgram, tol: float = 0.03) -> dict:
       'params_total': params.total,
       'params_active_per_token': params.active_per_token,
       'params_expert_active_per_token': params.expert_active_per_token,
-      'collective_bytes_per_rank': coll.get('total', 0.0),
-      'collective_bytes_per_rank_analytic': coll_a['total'],
-      'collective_bytes_per_rank_by_kind': coll,
+      'collective_bytes_per_rank': coll['compiled_all_to_all'],          # all-to-all, program dtypes
+      'collective_bytes_per_rank_analytic': coll['analytic']['total'],    # all-to-all: dispatch + combine
+      'collective_bytes_per_rank_analytic_by_buffer': coll['analytic'],
+      'collective_bytes_per_rank_by_kind': coll['by_kind'],              # as XLA:CPU moves them
+      'collective_bytes_per_rank_all_kinds': coll['by_kind'].get('total', 0.0),
+      'collective_bytes_per_rank_other_kinds': coll['other'],
+      'collective_bytes_per_rank_cpu_bf16_upcast': coll['upcast'],
+      'collective_notes': coll['notes'],
       'dispatch': resolve_dispatch_for(prog),
       'compile_seconds': prog.compile_seconds,
       'train': prog.train,

@@ -92,7 +92,15 @@ def _print_table(path: str, rep: dict, h) -> None:
         f"(while bodies counted once, artefacts included); artefacts: "
         f"{ {k: h(v) for k, v in rep['artefacts_per_token'].items()} }")
   print(f"bytes accessed/token: XLA {h(rep['bytes_accessed_per_token_xla'])}, walker "
-        f"{h(rep['bytes_accessed_per_token'])};  collective bytes/rank {h(rep['collective_bytes_per_rank'])} "
-        f"(analytic all-to-all {h(rep['collective_bytes_per_rank_analytic'])})")
+        f"{h(rep['bytes_accessed_per_token'])}")
+  print(f"collective bytes/rank: all-to-all compiled {h(rep['collective_bytes_per_rank'])} vs analytic "
+        f"{h(rep['collective_bytes_per_rank_analytic'])} (dispatch + combine, every MoE layer)")
+  other = rep['collective_bytes_per_rank_other_kinds']
+  if other or rep['collective_bytes_per_rank_cpu_bf16_upcast']:
+    print(f"  as XLA:CPU moves them: {h(rep['collective_bytes_per_rank_all_kinds'])} in all "
+          f"(bf16 widened to f32: {h(rep['collective_bytes_per_rank_cpu_bf16_upcast'])}; other kinds: "
+          f"{ {k: h(v) for k, v in other.items()} })")
+  for note in rep['collective_notes']:
+    print(f'  note: {note}')
   print('memory/device: ' + ', '.join(f'{k} {h(v)}B' for k, v in rep['memory_bytes_per_device'].items()))
   print('BOUND OK' if not rep['violations'] else 'BOUND EXCEEDED')
