@@ -62,6 +62,8 @@ def test_restore_8_devices_onto_fewer(run8, tmp_path, n):
     assert np.array_equal(got[k], want[k]), k
   leaf = restored.state['params']['embed'][...]
   assert leaf.sharding.mesh.devices.size == n
+  if n != 1:
+    return    # continuing is checked on 1 device only: each mesh size is a fresh compile
   # Training continues on the smaller mesh from step 3.
   ckpt = tmp_path / 'ckpt'
   shutil.copytree(run8, ckpt)
