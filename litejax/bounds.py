@@ -20,7 +20,6 @@ Training step = 3 × forward for matmul work (backward computes two products per
 from __future__ import annotations
 
 import dataclasses
-import math
 
 from litejax.config import Config, capacity, resolve_dispatch
 

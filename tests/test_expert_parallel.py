@@ -11,7 +11,7 @@ from flax import nnx
 from litejax import comm, dispatch, routing, sharding
 from litejax.config import MeshConfig
 from litejax.model import abstract_model
-from mp_train import tiny_config
+from sharding_helpers import tiny_config
 
 GLOBAL_BATCH = 8
 

@@ -5,7 +5,7 @@ import pytest
 
 from litejax import sharding
 from litejax.config import Config, ConfigError, MeshConfig, ModelConfig
-from mp_train import tiny_config, train_losses
+from sharding_helpers import tiny_config, train_losses
 
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (4, 1, 2)]
 

@@ -1,5 +1,6 @@
 """Multi-host path on one machine: 2 processes × 4 CPU devices (gloo collectives, jax.distributed)
-train the same 5 steps as 1 process × 8 devices, and write one checkpoint collectively."""
+train the same 5 steps as 1 process × 8 devices, expert-parallel across the two processes, and write
+one checkpoint collectively."""
 import socket
 import subprocess
 import sys
@@ -11,7 +12,8 @@ from litejax.config import load_config
 from litejax.metrics import read_metrics
 from train_helpers import TINY, TINY_YAML, enable_compile_cache, subprocess_env
 
-RUN = TINY + ['train.steps=30', 'train.eval_every=10', 'train.ckpt_every=10']
+# mesh.expert=8: expert parallelism spans both processes, so the all-to-all crosses the gloo link.
+RUN = TINY + ['train.steps=30', 'train.eval_every=10', 'train.ckpt_every=10', 'mesh.expert=8']
 enable_compile_cache()
 
 

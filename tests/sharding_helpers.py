@@ -1,14 +1,7 @@
-"""A tiny sharded training run used by the sharding tests, in-process and as a multi-process worker.
-
-As a script: `python tests/mp_train.py PROCESS_ID NUM_PROCESSES PORT OUT_JSON` joins a localhost
-cluster (gloo CPU collectives, 4 CPU devices per process), runs `train_losses` on a mesh over all
-processes' devices and (process 0) writes the losses to OUT_JSON.
-"""
+"""A tiny sharded model and optimizer step shared by the sharding tests (the multi-process run uses
+the real trainer: tests/test_train_multiprocess.py)."""
 from __future__ import annotations
 
-import json
-import os
-import sys
 
 
 def tiny_config(**moe):
@@ -84,25 +77,3 @@ def train_losses(cfg, mesh, global_batch: int = 8, steps: int = 3):
     if i == 0 and jax.process_count() == 1:
       first = (np.asarray(logits), jax.tree.map(np.asarray, grads))
   return losses, first
-
-
-def main(argv):
-  pid, nproc, port, out = int(argv[1]), int(argv[2]), int(argv[3]), argv[4]
-  os.environ['XLA_FLAGS'] = '--xla_force_host_platform_device_count=4'
-  os.environ['JAX_PLATFORMS'] = 'cpu'
-  import jax
-  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(coordinator_address=f'localhost:{port}', num_processes=nproc,
-                             process_id=pid, initialization_timeout=60)
-  from litejax import sharding
-  from litejax.config import MeshConfig
-  mesh = sharding.make_mesh(MeshConfig(data=2, expert=4, tensor=1))
-  losses, _ = train_losses(tiny_config(), mesh)
-  if pid == 0:
-    with open(out, 'w') as f:
-      json.dump({'losses': losses, 'devices': jax.device_count(), 'local': jax.local_device_count()}, f)
-  jax.distributed.shutdown()
-
-
-if __name__ == '__main__':
-  main(sys.argv)
