@@ -119,7 +119,7 @@ def nano_moe_step(E, d, h, K):
 
 def run(args) -> list[dict]:
   experts = [8, 64] if args.quick else [8, 64, 256, 1024]
-  tokens = args.tokens or (512 if args.quick else 2048)
+  tokens = args.tokens or (256 if args.quick else 2048)
   d, h, K, kind = args.d_model, args.d_expert, args.k, args.kind
   repeats = args.repeats
   key = jax.random.key(0)

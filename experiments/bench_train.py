@@ -1,0 +1,136 @@
+"""Tokens/s of a full training step, MoE vs a dense model with the same active parameters, on one
+device and on the emulated 8-device mesh (each device count in its own process, since XLA_FLAGS must
+be set before JAX starts).
+
+    python experiments/bench_train.py --out out/bench            # tiny and small configs
+    python experiments/bench_train.py --quick --out out/bench    # tiny only, fewer steps
+
+Writes OUT/bench_train.json: rows with config, model ('moe' | 'dense'), devices, tokens_per_second,
+median_step_seconds, compiles (the train step must compile exactly once), and ratio_to_dense.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMALL = ['model.d_model=256', 'model.num_heads=8', 'model.num_kv_heads=4', 'model.seq_len=256', 'moe.d_expert=256']
+
+
+def dense_overrides(cfg) -> list[str]:
+  """The dense model with the MoE's active FFN parameters: every layer a dense FFN of hidden K·h."""
+  m = cfg.moe
+  return ['model.moe_every=0', f'model.d_ff={m.k_active * m.d_expert}', f'model.ffn_kind={m.expert_kind}']
+
+
+def worker(args) -> dict:
+  """Runs in a fresh process whose XLA_FLAGS already emulate `args.devices` devices."""
+  import jax
+  import numpy as np
+
+  from litejax import sharding
+  from litejax import train as train_lib
+  from litejax.config import load_config
+  cfg = load_config(args.config, args.overrides)
+  if args.model == 'dense':
+    cfg = load_config(args.config, args.overrides + dense_overrides(cfg))
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:args.devices])
+  tx = train_lib.make_optimizer(cfg.train)
+  graphdef, _, shardings = train_lib.state_layout(cfg, mesh, tx)
+  batch_sh = sharding.batch_sharding(mesh)
+  expert_fn = sharding.make_expert_fn(mesh, cfg)
+  step = train_lib.make_train_step(cfg, graphdef, tx, shardings, batch_sh, expert_fn)
+  state = train_lib.init_state(cfg, mesh, tx, shardings)
+  b, s = cfg.train.batch_size, cfg.model.seq_len
+  rng = np.random.default_rng(0)
+  tok = rng.integers(0, cfg.model.vocab_size, size=(b, s + 1)).astype(np.int32)
+  inputs = jax.device_put(tok[:, :-1], batch_sh)
+  targets = jax.device_put(tok[:, 1:], batch_sh)
+  t0 = time.perf_counter()
+  state, m = step(state, inputs, targets)
+  jax.block_until_ready(m['loss'])
+  compile_s = time.perf_counter() - t0
+  for _ in range(2):
+    state, m = step(state, inputs, targets)
+  jax.block_until_ready(m['loss'])
+  times = []
+  for _ in range(args.steps):
+    t0 = time.perf_counter()
+    state, m = step(state, inputs, targets)
+    jax.block_until_ready(m['loss'])
+    times.append(time.perf_counter() - t0)
+  med = statistics.median(times)
+  from litejax import bounds
+  return {'config': args.name, 'model': args.model, 'devices': args.devices, 'batch': b, 'seq_len': s,
+          'median_step_seconds': med, 'tokens_per_second': b * s / med, 'first_step_seconds': compile_s,
+          'compiles': step._cache_size(), 'timed_steps': args.steps,
+          'params_active_per_token': bounds.param_counts(cfg).active_per_token,
+          'params_total': bounds.param_counts(cfg).total, 'loss_last': float(m['loss'])}
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--out')
+  p.add_argument('--quick', action='store_true')
+  p.add_argument('--steps', type=int, default=0)
+  p.add_argument('--device', default='cpu', help='jax platform (cpu, gpu, tpu)')
+  # worker mode (internal)
+  p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--config', default=str(REPO / 'configs' / 'tiny.yaml'))
+  p.add_argument('--name', default='tiny')
+  p.add_argument('--model', default='moe')
+  p.add_argument('--devices', type=int, default=1)
+  p.add_argument('--set', dest='overrides', action='append', default=[])
+  args = p.parse_args(argv)
+  if args.worker:
+    print(json.dumps(worker(args)))
+    return 0
+  if not args.out:
+    p.error('--out is required')
+  steps = args.steps or (5 if args.quick else 10)
+  configs = [('tiny', [])] if args.quick else [('tiny', []), ('small', SMALL)]
+  rows = []
+  for name, overrides in configs:
+    for devices in (1, 8):
+      for model in ('moe', 'dense'):
+        env = dict(os.environ, JAX_PLATFORMS=args.device)
+        if args.device == 'cpu':
+          env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+        cmd = [sys.executable, __file__, '--worker', '--name', name, '--model', model, '--devices', str(devices),
+               '--steps', str(steps), *[a for o in overrides for a in ('--set', o)]]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+          row = {'config': name, 'model': model, 'devices': devices, 'tokens_per_second': None,
+                 'error': r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f'exit {r.returncode}'}
+        else:
+          row = json.loads(r.stdout.strip().splitlines()[-1])
+        rows.append(row)
+        print(f"{name:6s} {model:6s} devices={devices}  " +
+              (f"{row['tokens_per_second']:10.0f} tokens/s  (compiles: {row['compiles']})" if row.get('tokens_per_second')
+               else f"FAILED {row.get('error')}"), flush=True)
+  for r in rows:
+    dense = next((d for d in rows if d['config'] == r['config'] and d['devices'] == r['devices']
+                  and d['model'] == 'dense'), None)
+    r['ratio_to_dense'] = (r['tokens_per_second'] / dense['tokens_per_second']
+                           if r.get('tokens_per_second') and dense and dense.get('tokens_per_second') else None)
+    r['machine'] = {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(), 'platform': args.device}
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'bench_train.json').write_text(json.dumps(rows, indent=1))
+  print(f'wrote {out / "bench_train.json"}')
+  bad = [r for r in rows if r.get('compiles') not in (None, 1)]
+  if bad:
+    print(f'train step recompiled: {bad}', file=sys.stderr)
+    return 1
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

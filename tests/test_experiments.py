@@ -1,0 +1,41 @@
+"""The benchmark scripts' --quick modes run end to end and write their JSON (not timed: tests never
+assert speed)."""
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def _env():
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env['JAX_PLATFORMS'] = 'cpu'
+  return env
+
+
+def test_bench_moe_quick(tmp_path):
+  subprocess.run([sys.executable, str(REPO / 'experiments' / 'bench_moe.py'), '--quick', '--repeats', '1',
+                  '--out', str(tmp_path)], check=True, env=_env(), capture_output=True, timeout=600)
+  rows = json.loads((tmp_path / 'bench_moe.json').read_text())
+  impls = {r['impl'] for r in rows}
+  assert {'dense', 'litejax_auto', 'litejax_capacity', 'litejax_gather', 'litejax_einsum', 'ragged_dot',
+          'nano_moe_jax'} <= impls
+  for r in rows:
+    for key in ('impl', 'experts', 'median_seconds', 'ratio_to_dense', 'flops_compiled', 'temp_bytes'):
+      assert key in r
+  ok = [r for r in rows if r['impl'].startswith('litejax') or r['impl'] == 'dense']
+  assert all(r['error'] is None and r['median_seconds'] > 0 and r['flops_compiled'] > 0 for r in ok)
+  assert (tmp_path / 'bench_moe.png').stat().st_size > 0
+
+
+def test_bench_train_quick(tmp_path):
+  subprocess.run([sys.executable, str(REPO / 'experiments' / 'bench_train.py'), '--quick', '--steps', '1',
+                  '--out', str(tmp_path)], check=True, env=_env(), capture_output=True, timeout=600)
+  rows = json.loads((tmp_path / 'bench_train.json').read_text())
+  assert {(r['model'], r['devices']) for r in rows} == {('moe', 1), ('dense', 1), ('moe', 8), ('dense', 8)}
+  assert all(r['tokens_per_second'] > 0 and r['compiles'] == 1 for r in rows)
+  moe1 = next(r for r in rows if r['model'] == 'moe' and r['devices'] == 1)
+  dense1 = next(r for r in rows if r['model'] == 'dense' and r['devices'] == 1)
+  # equal active parameters within the router's share
+  assert abs(moe1['params_active_per_token'] - dense1['params_active_per_token']) < 0.02 * dense1['params_active_per_token']
