@@ -102,6 +102,33 @@ SLICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# Dense (no sparsity) bf16 peak of GPUs, for MFU in `litejax train` (TPUs use CHIPS above).
+# Sources: NVIDIA's H100 / H200 / A100 / L4 datasheets (nvidia.com/en-us/data-center/h100/, .../h200/,
+# .../a100/, .../l4/); the datasheets quote bf16 "with sparsity", which is 2x the dense figure below.
+GPU_PEAK_FLOPS: dict[str, float] = {
+    'NVIDIA H200': 989e12,
+    'NVIDIA H100': 989e12,
+    'NVIDIA A100': 312e12,
+    'NVIDIA L4': 121e12,
+}
+
+
+def peak_flops_for_device_kind(kind: str) -> float | None:
+  """Dense bf16 peak FLOP/s of one JAX device by its `device_kind`, or None (CPU, unknown chips).
+
+  On TPU VMs a JAX device is one chip (megacore on v4), so it gets the chip's peak.
+  """
+  table = {c.device_kind: c.peak_flops for c in CHIPS.values()}
+  table.update(GPU_PEAK_FLOPS)
+  table.setdefault('TPU v5e', CHIPS['v5e'].peak_flops)
+  table.setdefault('TPU v5p', CHIPS['v5p'].peak_flops)
+  table.setdefault('TPU v6e', CHIPS['v6e'].peak_flops)
+  for prefix in sorted(table, key=len, reverse=True):
+    if kind.startswith(prefix):
+      return table[prefix]
+  return None
+
+
 def chip(generation: str) -> Chip:
   """The Chip of a generation name ('v5p', 'v5e', 'v6e', 'v4'); ValueError naming the known ones."""
   try:

@@ -36,21 +36,6 @@ from litejax.config import Config, TrainConfig, from_dict
 from litejax.data import TokenDataset, global_batch_to_device
 from litejax.metrics import MetricsWriter, expert_load_entropy, plot_metrics
 
-# Dense bf16 peak FLOP/s per chip by `device_kind` prefix (vendor datasheets; no sparsity).
-PEAK_FLOPS = {
-    'TPU v4': 275e12,
-    'TPU v5 lite': 197e12,
-    'TPU v5e': 197e12,
-    'TPU v5p': 459e12,
-    'TPU v5': 459e12,
-    'TPU v6 lite': 918e12,
-    'TPU v6e': 918e12,
-    'NVIDIA H200': 989e12,
-    'NVIDIA H100': 989e12,
-    'NVIDIA A100': 312e12,
-    'NVIDIA L4': 121e12,
-}
-
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a non-finite loss or gradient; `step` is the update that did."""
@@ -214,12 +199,9 @@ def _all_finite(tree) -> jax.Array:
 # ---------------------------------------------------------------------------- loop helpers
 
 def peak_flops_per_device(device: Any) -> float | None:
-  """Dense bf16 peak of one device from PEAK_FLOPS, or None (CPU, unknown chips)."""
-  kind = getattr(device, 'device_kind', '')
-  for prefix in sorted(PEAK_FLOPS, key=len, reverse=True):
-    if kind.startswith(prefix):
-      return PEAK_FLOPS[prefix]
-  return None
+  """Dense bf16 peak of one device (litejax.hardware), or None (CPU, unknown chips)."""
+  from litejax.hardware import peak_flops_for_device_kind
+  return peak_flops_for_device_kind(getattr(device, 'device_kind', ''))
 
 
 def train_flops_per_token(cfg: Config, tokens_per_group: int) -> float:
