@@ -6,7 +6,8 @@ the GShard einsum baseline, JAX's ragged_dot and a published all-experts MoE (na
 
 Writes OUT/bench_moe.json (a list of rows: impl, experts, median_seconds, ratio_to_dense,
 flops_compiled, temp_bytes, ...) and OUT/bench_moe.png. All rows use the same tokens, K, d, h and
-machine, in one process; ratios are to the dense FFN with the same active parameters (hidden = K·h).
+machine, in one process; each row is the median of 10 timed runs after a warm-up run, or of at least
+3 when they take longer than --budget seconds together (recorded as timed_runs); ratios are to the dense FFN with the same active parameters (hidden = K·h).
 An implementation that fails at some E gets a row with its error instead of a time.
 """
 from __future__ import annotations
@@ -36,17 +37,20 @@ def compiled_stats(compiled) -> tuple[float, int]:
   return float(ca.get('flops', 0.0)), int(getattr(mem, 'temp_size_in_bytes', 0) or 0)
 
 
-def time_fn(fn, args, repeats: int, warmup: int = 2) -> tuple[float, object]:
-  """Median wall time of a jitted fn over `repeats` runs after warm-up; returns (seconds, compiled)."""
+def time_fn(fn, args, repeats: int, budget_s: float, warmup: int = 1) -> tuple[float, int, object]:
+  """Median wall time of a jitted fn after warm-up: `repeats` runs, or fewer (at least 3) when the
+  runs exhaust `budget_s` (the all-experts rows at E = 1024 take seconds each on 2 cores).
+  Returns (median seconds, runs timed, compiled)."""
   compiled = jax.jit(fn).lower(*args).compile()
   for _ in range(warmup):
     jax.block_until_ready(compiled(*args))
   times = []
-  for _ in range(repeats):
+  start = time.perf_counter()
+  while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
     t0 = time.perf_counter()
     jax.block_until_ready(compiled(*args))
     times.append(time.perf_counter() - t0)
-  return statistics.median(times), compiled
+  return statistics.median(times), len(times), compiled
 
 
 def init_weights(key, E, d, h, kind):
@@ -119,7 +123,7 @@ def nano_moe_step(E, d, h, K):
 
 def run(args) -> list[dict]:
   experts = [8, 64] if args.quick else [8, 64, 256, 1024]
-  tokens = args.tokens or (256 if args.quick else 2048)
+  tokens = args.tokens or (256 if args.quick else 1024)
   d, h, K, kind = args.d_model, args.d_expert, args.k, args.kind
   repeats = args.repeats
   key = jax.random.key(0)
@@ -130,9 +134,9 @@ def run(args) -> list[dict]:
     row = {'impl': impl, 'experts': E, 'tokens': tokens, 'd_model': d, 'd_expert': h, 'k': K, 'kind': kind}
     row.update(extra or {})
     try:
-      sec, compiled = time_fn(fn, fargs, repeats)
+      sec, runs, compiled = time_fn(fn, fargs, repeats, args.budget)
       flops, temp = compiled_stats(compiled)
-      row.update(median_seconds=sec, flops_compiled=flops, temp_bytes=temp, error=None)
+      row.update(median_seconds=sec, timed_runs=runs, flops_compiled=flops, temp_bytes=temp, error=None)
     except Exception as e:  # a failing or OOM implementation gets a row saying so
       row.update(median_seconds=None, flops_compiled=None, temp_bytes=None,
                  error=f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
@@ -218,6 +222,7 @@ def main(argv=None) -> int:
   p.add_argument('--kind', default='mlp', choices=['mlp', 'glu'])
   p.add_argument('--capacity-factor', type=float, default=1.25)
   p.add_argument('--repeats', type=int, default=10)
+  p.add_argument('--budget', type=float, default=15.0, help='seconds of timed runs per row before stopping early (>= 3 runs)')
   p.add_argument('--device', default=None, help='jax platform to run on (cpu, gpu, tpu); default: JAX picks')
   p.add_argument('--verbose', action='store_true')
   args = p.parse_args(argv)

@@ -62,7 +62,7 @@ def test_spec_claims_d_and_h_scaling():
     return bounds.forward_flops_per_token(from_dict(sections, base=tiny))
   a, b = fl(model={'d_model': 128}), fl(model={'d_model': 256})
   assert b['attention_proj'] == 4 * a['attention_proj'] and b['experts'] == 2 * a['experts']
-  assert fl(moe={'d_expert': 256})['experts'] == 2 * a['experts']
+  assert fl(moe={'d_expert': 2 * tiny.moe.d_expert})['experts'] == 2 * a['experts']
   l2, l4 = fl(model={'num_layers': 2}), fl(model={'num_layers': 4})
   assert l4['experts'] == 2 * l2['experts'] and l4['attention_proj'] == 2 * l2['attention_proj']
 
