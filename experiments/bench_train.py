@@ -25,9 +25,11 @@ SMALL = ['model.d_model=256', 'model.num_heads=8', 'model.num_kv_heads=4', 'mode
 
 
 def dense_overrides(cfg) -> list[str]:
-  """The dense model with the MoE's active FFN parameters: every layer a dense FFN of hidden K·h."""
+  """The dense model with the MoE's active FFN parameters: every layer a dense FFN of hidden
+  K·h + num_shared·d_shared (the routed and shared experts a token runs)."""
   m = cfg.moe
-  return ['model.moe_every=0', f'model.d_ff={m.k_active * m.d_expert}', f'model.ffn_kind={m.expert_kind}']
+  hidden = m.k_active * m.d_expert + m.num_shared_experts * m.resolved_d_shared
+  return ['model.moe_every=0', f'model.d_ff={hidden}', f'model.ffn_kind={m.expert_kind}']
 
 
 def worker(args) -> dict:

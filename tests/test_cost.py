@@ -11,8 +11,11 @@ import pytest
 from litejax import bounds, cost
 from litejax.config import load_config
 
+# The cases below were designed on a routed-only hierarchical MoE (2 tiers x 2 groups x 4, K = 2), pinned
+# here so that changes to tiny.yaml's defaults (now with a shared expert) don't move them.
 SMALL = ['model.d_model=32', 'model.num_layers=2', 'model.num_heads=2', 'model.num_kv_heads=2',
-         'model.seq_len=32', 'model.vocab_size=64', 'moe.d_expert=32']
+         'model.seq_len=32', 'model.vocab_size=64', 'moe.d_expert=32', 'moe.num_tiers=2', 'moe.groups_per_tier=2',
+         'moe.experts_per_group=4', 'moe.k_tier=1', 'moe.k_group=1', 'moe.k_expert=2', 'moe.num_shared_experts=0']
 HIER_4L = ['moe.num_tiers=2', 'moe.groups_per_tier=2', 'moe.experts_per_group=4', 'model.num_layers=4']
 CASES = {
     # flat router, auto -> capacity buffer
