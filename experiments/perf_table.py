@@ -21,7 +21,8 @@ def moe_table(rows: list[dict]) -> str:
       if r is None:
         cells.append('')
       elif r.get('median_seconds') is None:
-        cells.append('failed' if 'not installed' not in (r.get('error') or '') else 'not installed')
+        err = r.get('error') or ''
+        cells.append('skipped' if err.startswith('skipped') else 'not installed' if 'not installed' in err else 'failed')
       else:
         cells.append(f"{r['median_seconds'] * 1e3:.1f} ms ({r['ratio_to_dense']:.2f}×)")
     lines.append(f'| {impl} | ' + ' | '.join(cells) + ' |')
