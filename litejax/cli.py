@@ -47,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
   except ConfigError as e:
     print(f'litejax {args.command}: config error: {e}', file=sys.stderr)
     return 2
+  except BrokenPipeError:   # output piped into `head` and closed: not an error worth a traceback
+    sys.stdout = None
+    return 0
 
 
 if __name__ == '__main__':
