@@ -30,6 +30,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from litejax import bounds
 from litejax import sharding as shd
 from litejax.checkpoint import Checkpointer
 from litejax.config import Config, TrainConfig, from_dict
@@ -204,12 +205,6 @@ def peak_flops_per_device(device: Any) -> float | None:
   return peak_flops_for_device_kind(getattr(device, 'device_kind', ''))
 
 
-def train_flops_per_token(cfg: Config, tokens_per_group: int) -> float:
-  """Analytic train FLOPs per token (litejax.bounds; includes capacity padding at this N)."""
-  from litejax import bounds
-  return float(bounds.train_flops_per_token(cfg, tokens_per_group))
-
-
 class _StopFlag:
   """SIGINT/SIGTERM set a flag the loop checks after each step (so the state it saves is whole);
   a second SIGINT raises KeyboardInterrupt as usual."""
@@ -318,7 +313,8 @@ def train(cfg: Config, *, ckpt_dir: str | pathlib.Path | None = None, resume: bo
 
   tokens_per_step = tc.batch_size * cfg.model.seq_len
   n_batch_ranks = shd.mesh_sizes(mesh)['data'] * shd.mesh_sizes(mesh)['expert']
-  flops_per_token = train_flops_per_token(cfg, tokens_per_step // n_batch_ranks)
+  # analytic, with capacity padding at this N (litejax.bounds)
+  flops_per_token = bounds.train_flops_per_token(cfg, tokens_per_step // n_batch_ranks)
   peak = peak_flops_per_device(jax.devices()[0])
   writer = MetricsWriter(metrics_path, keep_until=start if resume else None) if (metrics_path and is_main) else None
   history: list[dict[str, Any]] = []
