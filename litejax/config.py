@@ -70,9 +70,10 @@ class MoEConfig:
   score: Literal['softmax', 'sigmoid'] = 'softmax'
   renormalize: bool = True          # combine weights sum to 1 over the K assignments
   dispatch: Literal['auto', 'capacity', 'gather', 'einsum'] = 'auto'
-  # `auto` uses the capacity buffer while its padding E*C stays within this fraction of
-  # capacity_factor*N*K; beyond that compute follows assignments (gather).
-  auto_padding_tolerance: float = 0.02
+  # `auto` switches from the capacity buffer to gather once E >= auto_gather_ratio * N*K: most
+  # experts then get no token, and gathering the used experts' weights moves less than the buffer
+  # path's read of every expert (plus its padding rows).
+  auto_gather_ratio: float = 2.0
   bias_update_rate: float = 0.0     # loss-free balancing step for sigmoid selection bias (0 = off)
   aux_loss_weight: float = 0.01     # Switch load-balance loss, summed over levels
   z_loss_weight: float = 0.001      # ST-MoE router z-loss
@@ -255,8 +256,7 @@ def validate(cfg: Config) -> None:
   _require(e.capacity_factor > 0, f'moe.capacity_factor: must be > 0, got {e.capacity_factor}')
   _require(e.num_shared_experts >= 0, f'moe.num_shared_experts: must be >= 0, got {e.num_shared_experts}')
   _require(e.d_shared >= 0, f'moe.d_shared: must be >= 0 (0 = d_expert), got {e.d_shared}')
-  _require(e.auto_padding_tolerance >= 0,
-           f'moe.auto_padding_tolerance: must be >= 0, got {e.auto_padding_tolerance}')
+  _require(e.auto_gather_ratio > 0, f'moe.auto_gather_ratio: must be > 0, got {e.auto_gather_ratio}')
   _require(e.bias_update_rate >= 0, f'moe.bias_update_rate: must be >= 0, got {e.bias_update_rate}')
   _require(e.bias_update_rate == 0 or e.score == 'sigmoid',
            'moe.bias_update_rate: selection-bias balancing needs moe.score=sigmoid')
@@ -290,13 +290,13 @@ def capacity(cfg: MoEConfig, num_tokens: int, num_experts: int | None = None) ->
 def resolve_dispatch(cfg: MoEConfig, num_tokens: int, num_experts: int | None = None) -> str:
   """The dispatch path that runs: `auto` becomes `capacity` or `gather` by regime.
 
-  The [E, C, d] capacity buffer does E·C expert-rows of work; when rounding C up (or min_capacity)
-  pads that beyond capacity_factor·N·K by more than `auto_padding_tolerance`, the buffer would be
-  mostly empty (E ≫ capacity_factor·N·K), so compute follows assignments instead (`gather`).
+  Per MoE call the capacity path reads every expert's weights once (E·d·h per matrix) and does E·C
+  rows of work; gather copies one weight slice per assignment (N·K·d·h) and does N·K rows. Gather
+  wins only when most experts are idle: E >= auto_gather_ratio · N·K. Below that the buffer's rows
+  stay bounded per token, E·C < capacity_factor·N·K + E < (capacity_factor + auto_gather_ratio)·N·K,
+  so the per-token work is O(K) whatever E is on either path.
   """
   if cfg.dispatch != 'auto':
     return cfg.dispatch
   e = num_experts or cfg.experts_total
-  slots = e * capacity(cfg, num_tokens, e)
-  useful = cfg.capacity_factor * num_tokens * cfg.k_active
-  return 'capacity' if slots <= (1.0 + cfg.auto_padding_tolerance) * useful else 'gather'
+  return 'gather' if e >= cfg.auto_gather_ratio * num_tokens * cfg.k_active else 'capacity'

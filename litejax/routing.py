@@ -41,15 +41,30 @@ def _scores(logits: jax.Array, kind: str) -> jax.Array:
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """Top-k over the last axis, best first, ties to the lower index (as lax.top_k).
+  """Top-k over the last axis, best first, ties to the lower index (as lax.top_k). x: finite scores.
 
-  A stable sort rather than lax.top_k: XLA's SPMD partitioner gathers the whole batch before a
-  TopK when the batch axis is sharded, so every rank would route every token; a sort along the
-  last axis partitions cleanly over the batch.
+  Not lax.top_k: XLA's SPMD partitioner gathers the whole batch in front of a TopK when the batch
+  axis is sharded, so every rank would route every token. For the small k of routing, k rounds of
+  argmax-and-mask are reductions along the last axis, which partition cleanly over the batch and
+  cost O(k·B) per row; a full stable sort (the fallback for large k) is O(B log B) and on XLA:CPU
+  ~100x slower than the argmax rounds at B = 1024, k = 2 (experiments/bench_moe.py measured it).
   """
-  idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-  neg_sorted, idx_sorted = jax.lax.sort((-x, idx), dimension=x.ndim - 1, num_keys=1, is_stable=True)
-  return -neg_sorted[..., :k], idx_sorted[..., :k]
+  if k > _ARGMAX_TOP_K_MAX:
+    idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    neg_sorted, idx_sorted = jax.lax.sort((-x, idx), dimension=x.ndim - 1, num_keys=1, is_stable=True)
+    return -neg_sorted[..., :k], idx_sorted[..., :k]
+  iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  values, indices = [], []
+  for _ in range(k):
+    i = jnp.argmax(x, axis=-1).astype(jnp.int32)          # first maximum: ties to the lower index
+    values.append(jnp.take_along_axis(x, i[..., None], axis=-1)[..., 0])
+    indices.append(i)
+    x = jnp.where(iota == i[..., None], -jnp.inf, x)
+  return jnp.stack(values, -1), jnp.stack(indices, -1)
+
+
+# Above this k the argmax rounds (k passes over the row) cost more than one sort.
+_ARGMAX_TOP_K_MAX = 16
 
 
 def _level(logits_npb: jax.Array, bias_npb: jax.Array | None, k: int, kind: str):
@@ -61,18 +76,25 @@ def _level(logits_npb: jax.Array, bias_npb: jax.Array | None, k: int, kind: str)
   return idx, gate, scores
 
 
-def _switch_loss(branch_ids: jax.Array, scores_npb: jax.Array, scored_ids: jax.Array,
-                 num_branches: int) -> jax.Array:
+def _switch_loss(branch_ids: jax.Array, scores_npb: jax.Array, parent_np: jax.Array | None,
+                 num_parents: int) -> jax.Array:
   """Switch load-balance loss B·Σ_b f_b·P_b over all B branches of a level.
 
   f_b: fraction of selections that chose branch b. P_b: share of router probability given to b,
-  summed only over the branches that were scored (children of kept parents). Both sum to 1, so
-  perfectly uniform routing gives 1.0. Scores are normalised per parent so sigmoid levels work too.
+  summed only over the branches that were scored (children of kept parents; branch id =
+  parent · children + child). Both sum to 1, so perfectly uniform routing gives 1.0. Scores are
+  normalised per parent so sigmoid levels work too. parent_np None: one parent, every row scored.
   """
+  children = scores_npb.shape[-1]
+  num_branches = num_parents * children
   counts = jnp.zeros((num_branches,), jnp.float32).at[branch_ids.reshape(-1)].add(1.0)
   f = counts / jnp.maximum(counts.sum(), 1.0)
   probs = scores_npb / jnp.maximum(scores_npb.sum(-1, keepdims=True), 1e-9)
-  p = jnp.zeros((num_branches,), jnp.float32).at[scored_ids.reshape(-1)].add(probs.reshape(-1))
+  if parent_np is None:
+    p = probs.reshape(-1, children).sum(0)
+  else:   # one scatter of a whole row of children per kept parent, not one per element
+    p = jnp.zeros((num_parents, children), jnp.float32).at[parent_np.reshape(-1)].add(
+        probs.reshape(-1, children)).reshape(-1)
   p = p / jnp.maximum(p.sum(), 1e-9)
   return num_branches * jnp.sum(jax.lax.stop_gradient(f) * p)
 
@@ -117,7 +139,7 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
     b = bias.get('tier')
     tier_nk, gate_t, scores_t = _level(logits_nt, None if b is None else b[None, :], cfg.k_tier, cfg.score)
     z_terms.append(_z(logits_nt))
-    lb.append(_switch_loss(tier_nk, scores_t, jnp.broadcast_to(jnp.arange(T), (n, T)), T))
+    lb.append(_switch_loss(tier_nk, scores_t, None, 1))
   else:
     tier_nk = jnp.zeros((n, 1), jnp.int32)
     gate_t = jnp.ones((n, 1), jnp.float32)
@@ -133,7 +155,7 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
     group_nk = (tier_nk[:, :, None] * G + local_g).reshape(n, -1)
     gate_tg = (gate_t[:, :, None] * gate_g).reshape(n, -1)
     z_terms.append(_z(logits_ntg))
-    lb.append(_switch_loss(group_nk, scores_g, scored, T * G))
+    lb.append(_switch_loss(group_nk, scores_g, tier_nk, T))
   else:
     group_nk = tier_nk
     gate_tg = gate_t
@@ -149,7 +171,7 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
   weight_nk = (gate_tg[:, :, None] * gate_e).reshape(n, -1)
   z_terms.append(_z(logits_nge))
   num_experts = T * G * Eg
-  lb.append(_switch_loss(expert_nk, scores_e, scored, num_experts) if num_experts > 1
+  lb.append(_switch_loss(expert_nk, scores_e, group_nk if T * G > 1 else None, T * G) if num_experts > 1
             else jnp.zeros((), jnp.float32))
 
   if cfg.renormalize:

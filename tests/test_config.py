@@ -88,3 +88,8 @@ def test_capacity_formula_and_auto():
   big = from_dict({'moe': {'num_tiers': 64, 'groups_per_tier': 64, 'experts_per_group': 64, 'k_expert': 2}}).moe
   assert capacity(big, 64) == 1           # E = 262,144 >> 1.25 * 64 * 2: the buffer would be empty
   assert resolve_dispatch(big, 64) == 'gather'
+  # E = 1024 vs N·K = 2048: every expert gets ~2 tokens, the buffer (C = 3) beats gathering weights
+  mid = from_dict({'moe': {'experts_per_group': 1024, 'k_expert': 2}}).moe
+  assert capacity(mid, 1024) == 3 and resolve_dispatch(mid, 1024) == 'capacity'
+  assert resolve_dispatch(mid, 256) == 'gather'    # E = 2·N·K: half the experts idle at best
+  assert resolve_dispatch(mid, 257) == 'capacity'
