@@ -784,8 +784,8 @@ def _collectives(prog: CompiledProgram, cost: HloCost) -> dict:
     notes.append(f'all-to-all: XLA:CPU moves bf16 operands as f32; {upcast:.4g} of the '
                  f'{by_kind["all_to_all"]:.4g} bytes are that widening (counted at 2 bytes here)')
   if other.get('all_gather'):
-    notes.append('all-gather: not in the analytic figure; inserted by the SPMD partitioner (e.g. the '
-                 "router's top_k over batch-sharded scores gathers every token's scores to every rank)")
+    notes.append('all-gather: not in the analytic figure; inserted by the SPMD partitioner (e.g. '
+                 'lax.top_k over batch-sharded scores would gather every token to every rank)')
   if other.get('all_reduce'):
     notes.append('all-reduce: not in the analytic figure (gradient / statistics reductions)')
   return {'compiled_all_to_all': a2a, 'analytic': analytic, 'by_kind': by_kind, 'upcast': upcast,
