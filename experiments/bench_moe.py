@@ -7,13 +7,19 @@ the GShard einsum baseline, JAX's ragged_dot and a published all-experts MoE (na
 Writes OUT/bench_moe.json (a list of rows: impl, experts, median_seconds, ratio_to_dense,
 flops_compiled, temp_bytes, ...) and OUT/bench_moe.png. All rows use the same tokens, K, d, h and
 machine, in one process; each row is the median of 10 timed runs after a warm-up run, or of at least
-3 when they take longer than --budget seconds together (recorded as timed_runs); ratios are to the dense FFN with the same active parameters (hidden = K·h).
+3 when they take longer than --budget seconds together (recorded as timed_runs); ratios are to the
+dense FFN with the same active parameters (hidden = K·h) at the same token count.
 An implementation that fails at some E gets a row with its error instead of a time.
+
+Beside the implementations: `weight_grad_floor` (read every expert weight, write a fresh buffer of
+the same size: the least memory traffic of any fwd+bwd that returns dense weight gradients) and, in
+the `tokens` series, dense and auto again at --scale-tokens tokens per step.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import platform
 import statistics
@@ -25,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from litejax.config import from_dict
+from litejax.config import from_dict, resolve_dispatch
 from litejax.dispatch import expert_ffn, moe_ffn
 from litejax.routing import route
 
@@ -54,12 +60,37 @@ def time_fn(fn, args, repeats: int, budget_s: float, warmup: int = 1) -> tuple[f
 
 
 def init_weights(key, E, d, h, kind):
+  """Expert weights w_in [E, d, h], w_out [E, h, d] (and w_gate for glu)."""
   k1, k2, k3, k4 = jax.random.split(key, 4)
   w = {'w_in': jax.random.normal(k1, (E, d, h)) * d ** -0.5, 'w_out': jax.random.normal(k2, (E, h, d)) * h ** -0.5}
   if kind == 'glu':
     w['w_gate'] = jax.random.normal(k3, (E, d, h)) * d ** -0.5
-  router = {'expert': jax.random.normal(k4, (1, d, E)) * d ** -0.5}
-  return w, router
+  return w
+
+
+def moe_config(E, h, K, kind, capacity_factor, routing):
+  """litejax's MoE config at E experts. `hier`: groups of 2^ceil(log2(E)/2) experts (E = 1024: 32 x 32),
+  top-1 group then top-K experts in it, so the router scores ~2·sqrt(E) branches, not E (the spec's
+  hierarchical routing); `flat`: one softmax over all E (Mixtral-style)."""
+  eg = E if routing == 'flat' else 2 ** math.ceil(math.log2(E) / 2)
+  return from_dict({'moe': dict(num_tiers=1, groups_per_tier=E // eg, experts_per_group=eg, k_group=1,
+                                k_expert=K, d_expert=h, capacity_factor=capacity_factor, expert_kind=kind,
+                                dispatch='auto')}).moe
+
+
+def router_params(key, cfg, d):
+  k1, k2 = jax.random.split(key)
+  G, Eg = cfg.groups_per_tier, cfg.experts_per_group
+  params = {'expert': jax.random.normal(k1, (G, d, Eg)) * d ** -0.5}
+  if G > 1:
+    params['group'] = jax.random.normal(k2, (1, d, G)) * d ** -0.5
+  return params
+
+
+def weight_grad_floor_step(w):
+  """Reads every expert weight and writes a fresh buffer of the same size: the memory traffic that
+  any forward+backward returning dense weight gradients pays at least, whatever its FLOPs."""
+  return jax.tree.map(lambda a: a * 2.0, w)
 
 
 def loss_of(y):
@@ -126,12 +157,11 @@ def run(args) -> list[dict]:
   tokens = args.tokens or (256 if args.quick else 1024)
   d, h, K, kind = args.d_model, args.d_expert, args.k, args.kind
   repeats = args.repeats
-  key = jax.random.key(0)
-  x = jax.random.normal(key, (tokens, d))
   rows = []
 
-  def record(impl, E, fn, fargs, extra=None):
-    row = {'impl': impl, 'experts': E, 'tokens': tokens, 'd_model': d, 'd_expert': h, 'k': K, 'kind': kind}
+  def record(impl, E, fn, fargs, extra=None, n=tokens):
+    row = {'impl': impl, 'experts': E, 'tokens': n, 'd_model': d, 'd_expert': h, 'k': K, 'kind': kind,
+           'series': 'main' if n == tokens else 'tokens', 'tokens_per_expert': n * K / E}
     row.update(extra or {})
     try:
       sec, runs, compiled = time_fn(fn, fargs, repeats, args.budget)
@@ -143,57 +173,86 @@ def run(args) -> list[dict]:
       if args.verbose:
         traceback.print_exc()
     rows.append(row)
-    print(f"  {impl:18s} E={E:5d}  " + (f"{row['median_seconds'] * 1e3:9.2f} ms" if row['error'] is None
-                                         else f"FAILED {row['error']}"), flush=True)
+    print(f"  {impl:18s} E={E:5d} N={n:6d} " + (f"{row['median_seconds'] * 1e3:9.2f} ms" if row['error'] is None
+                                                 else f"FAILED {row['error']}"), flush=True)
 
-  dense_w = {'w_in': jax.random.normal(key, (d, K * h)) * d ** -0.5,
-             'w_out': jax.random.normal(key, (K * h, d)) * (K * h) ** -0.5}
-  if kind == 'glu':
-    dense_w['w_gate'] = jax.random.normal(key, (d, K * h)) * d ** -0.5
+  def dense_weights(key):
+    k1, k2, k3 = jax.random.split(key, 3)
+    w = {'w_in': jax.random.normal(k1, (d, K * h)) * d ** -0.5,
+         'w_out': jax.random.normal(k2, (K * h, d)) * (K * h) ** -0.5}
+    if kind == 'glu':
+      w['w_gate'] = jax.random.normal(k3, (d, K * h)) * d ** -0.5
+    return w
+
+  x = jax.random.normal(jax.random.key(0), (tokens, d))
+  dense_w = dense_weights(jax.random.key(1))
   for E in experts:
     print(f'E = {E}', flush=True)
     record('dense', E, dense_step(kind), (x, dense_w))
-    cfg = from_dict({'moe': dict(num_tiers=1, groups_per_tier=1, experts_per_group=E, k_expert=K, d_expert=h,
-                                 capacity_factor=args.capacity_factor, expert_kind=kind, dispatch='auto')}).moe
-    w, router = init_weights(jax.random.key(E), E, d, h, kind)
+    cfg = moe_config(E, h, K, kind, args.capacity_factor, args.routing)
+    w = init_weights(jax.random.key(E), E, d, h, kind)
+    router = router_params(jax.random.key(E + 1), cfg, d)
+    meta = {'routing': args.routing, 'groups': cfg.groups_per_tier, 'weight_bytes': 4 * sum(v.size for v in w.values())}
+    record('weight_grad_floor', E, weight_grad_floor_step, (w,), meta)
     for path in ('auto', 'capacity', 'gather', 'einsum'):
-      from litejax.config import resolve_dispatch
       ran = resolve_dispatch(cfg, tokens) if path == 'auto' else path
       record(f'litejax_{path}', E, litejax_step(cfg, None if path == 'auto' else path), (x, w, router),
-             {'dispatch': ran})
-    record('ragged_dot', E, ragged_step(cfg), (x, w, router))
+             {**meta, 'dispatch': ran})
+    if args.routing != 'flat' and cfg.groups_per_tier > 1:
+      flat = moe_config(E, h, K, kind, args.capacity_factor, 'flat')
+      record('litejax_auto_flat_router', E, litejax_step(flat, None), (x, w, router_params(jax.random.key(E + 1), flat, d)),
+             {**meta, 'routing': 'flat', 'groups': 1, 'dispatch': resolve_dispatch(flat, tokens)})
+    record('ragged_dot', E, ragged_step(cfg), (x, w, router), meta)
     if E > args.peer_max_experts:
-      rows.append({'impl': 'nano_moe_jax', 'experts': E, 'median_seconds': None, 'ratio_to_dense': None,
-                   'flops_compiled': None, 'temp_bytes': None,
+      rows.append({'impl': 'nano_moe_jax', 'experts': E, 'tokens': tokens, 'series': 'main', 'median_seconds': None,
+                   'ratio_to_dense': None, 'flops_compiled': None, 'temp_bytes': None,
                    'error': f'skipped: its init (one Dense module per expert) had not compiled after 10 min '
                             f'at E=1024 on 2 cores (--peer-max-experts {args.peer_max_experts})'})
-      continue
-    try:
-      init, step = nano_moe_step(E, d, h, K)
-      params = jax.jit(init)(jax.random.key(1), x)
-      record('nano_moe_jax', E, step, (x, params))
-    except ImportError as e:
-      rows.append({'impl': 'nano_moe_jax', 'experts': E, 'median_seconds': None, 'ratio_to_dense': None,
-                   'flops_compiled': None, 'temp_bytes': None, 'error': f'not installed: {e}'})
-  dense = {r['experts']: r['median_seconds'] for r in rows if r['impl'] == 'dense'}
+    else:
+      try:
+        init, step = nano_moe_step(E, d, h, K)
+        params = jax.jit(init)(jax.random.key(1), x)
+        record('nano_moe_jax', E, step, (x, params))
+      except ImportError as e:
+        rows.append({'impl': 'nano_moe_jax', 'experts': E, 'tokens': tokens, 'series': 'main', 'median_seconds': None,
+                     'ratio_to_dense': None, 'flops_compiled': None, 'temp_bytes': None, 'error': f'not installed: {e}'})
+    # More tokens per step at the same E: the per-step weight traffic (E·d·h per matrix, read and
+    # written as gradients) is spread over more tokens, so the ratio to dense falls toward the FLOP ratio.
+    for n in args.scale_tokens:
+      xn = jax.random.normal(jax.random.key(n), (n, d))
+      record('dense', E, dense_step(kind), (xn, dense_w), n=n)
+      record('litejax_auto', E, litejax_step(cfg, None), (xn, w, router),
+             {**meta, 'dispatch': resolve_dispatch(cfg, n)}, n=n)
+  dense = {(r['experts'], r['tokens']): r['median_seconds'] for r in rows if r['impl'] == 'dense'}
   for r in rows:
-    base = dense.get(r['experts'])
+    base = dense.get((r['experts'], r.get('tokens')))
     r['ratio_to_dense'] = (r['median_seconds'] / base) if (r.get('median_seconds') and base) else None
   return rows
 
 
 def summarize(rows: list[dict]) -> dict:
-  """The issue's targets, computed from the rows (not asserted: recorded, hit or miss)."""
-  def by(impl):
-    return {r['experts']: r for r in rows if r['impl'] == impl and r.get('median_seconds')}
-  auto, peer = by('litejax_auto'), by('nano_moe_jax')
+  """The issue's targets, computed from the main rows (not asserted: recorded, hit or miss), plus
+  what bounds them: the weight-gradient memory floor and the same ratios at more tokens per step."""
+  def by(impl, series='main'):
+    return {r['experts']: r for r in rows
+            if r['impl'] == impl and r.get('series', 'main') == series and r.get('median_seconds')}
+  auto, peer, floor = by('litejax_auto'), by('nano_moe_jax'), by('weight_grad_floor')
   ratios = [r['ratio_to_dense'] for r in auto.values()]
   times = [r['median_seconds'] for r in auto.values()]
-  out = {'auto_max_ratio_to_dense': max(ratios) if ratios else None,
+  out = {'tokens': next(iter(auto.values()))['tokens'] if auto else None,
+         'auto_ratio_to_dense': {E: r['ratio_to_dense'] for E, r in auto.items()},
+         'auto_max_ratio_to_dense': max(ratios) if ratios else None,
          'auto_within_1_5x_dense': bool(ratios) and max(ratios) <= 1.5,
          'auto_flatness_max_over_min': (max(times) / min(times)) if times else None,
          'auto_speedup_vs_nano_moe': {E: peer[E]['median_seconds'] / auto[E]['median_seconds']
-                                      for E in auto if E in peer}}
+                                      for E in auto if E in peer},
+         'weight_grad_floor_ratio_to_dense': {E: r['ratio_to_dense'] for E, r in floor.items()}}
+  scaled = by('litejax_auto', 'tokens')
+  if scaled:
+    s_times = [r['median_seconds'] for r in scaled.values()]
+    out['more_tokens'] = {'tokens': next(iter(scaled.values()))['tokens'],
+                          'auto_ratio_to_dense': {E: r['ratio_to_dense'] for E, r in scaled.items()},
+                          'auto_flatness_max_over_min': max(s_times) / min(s_times)}
   return out
 
 
@@ -203,7 +262,8 @@ def plot(rows, path):
   import matplotlib.pyplot as plt
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for impl in dict.fromkeys(r['impl'] for r in rows):
-    pts = sorted((r['experts'], r['ratio_to_dense']) for r in rows if r['impl'] == impl and r.get('ratio_to_dense'))
+    pts = sorted((r['experts'], r['ratio_to_dense']) for r in rows
+                 if r['impl'] == impl and r.get('series', 'main') == 'main' and r.get('ratio_to_dense'))
     if pts:
       ax.plot(*zip(*pts), marker='o', label=impl)
   ax.set_xscale('log', base=2)
@@ -227,6 +287,10 @@ def main(argv=None) -> int:
   p.add_argument('--k', type=int, default=2)
   p.add_argument('--kind', default='mlp', choices=['mlp', 'glu'])
   p.add_argument('--capacity-factor', type=float, default=1.25)
+  p.add_argument('--routing', default='hier', choices=['hier', 'flat'],
+                 help="litejax's router: hierarchical groups of ~sqrt(E) (default) or flat over E")
+  p.add_argument('--scale-tokens', type=int, nargs='*', default=None,
+                 help='extra token counts for dense and auto rows at every E (default: 8192; --quick: none)')
   p.add_argument('--repeats', type=int, default=10)
   p.add_argument('--budget', type=float, default=15.0, help='seconds of timed runs per row before stopping early (>= 3 runs)')
   p.add_argument('--device', default=None, help='jax platform to run on (cpu, gpu, tpu); default: JAX picks')
@@ -234,6 +298,8 @@ def main(argv=None) -> int:
                  help='largest E for nano-moe-jax (its per-expert modules compile for many minutes beyond)')
   p.add_argument('--verbose', action='store_true')
   args = p.parse_args(argv)
+  if args.scale_tokens is None:
+    args.scale_tokens = [] if args.quick else [8192]
   if args.device:
     jax.config.update('jax_platforms', args.device)
   out = pathlib.Path(args.out)

@@ -83,6 +83,8 @@ def main(argv=None) -> int:
   p.add_argument('--quick', action='store_true')
   p.add_argument('--steps', type=int, default=0)
   p.add_argument('--device', default='cpu', help='jax platform (cpu, gpu, tpu)')
+  p.add_argument('--device-counts', default=None,
+                 help='comma-separated device counts to run (default: 1,8 on cpu, emulated; 1 elsewhere)')
   # worker mode (internal)
   p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
   p.add_argument('--config', default=str(REPO / 'configs' / 'tiny.yaml'))
@@ -99,8 +101,9 @@ def main(argv=None) -> int:
   steps = args.steps or (5 if args.quick else 10)
   configs = [('tiny', [])] if args.quick else [('tiny', []), ('small', SMALL)]
   rows = []
+  counts = [int(c) for c in (args.device_counts or ('1,8' if args.device == 'cpu' else '1')).split(',')]
   for name, overrides in configs:
-    for devices in (1, 8):
+    for devices in counts:
       for model in ('moe', 'dense'):
         env = dict(os.environ, JAX_PLATFORMS=args.device)
         if args.device == 'cpu':

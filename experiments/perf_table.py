@@ -9,7 +9,9 @@ import pathlib
 import sys
 
 
-def moe_table(rows: list[dict]) -> str:
+def moe_table(rows: list[dict], series: str = 'main') -> str:
+  """impl x E cells 'time (ratio to dense)' for one series of rows ('main' or 'tokens')."""
+  rows = [r for r in rows if r.get('series', 'main') == series]
   experts = sorted({r['experts'] for r in rows})
   impls = list(dict.fromkeys(r['impl'] for r in rows))
   head = '| impl | ' + ' | '.join(f'E = {e}' for e in experts) + ' |'
@@ -40,7 +42,11 @@ def train_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
   d = pathlib.Path((argv or sys.argv[1:] or ['experiments/results'])[0])
-  print(moe_table(json.loads((d / 'bench_moe.json').read_text())))
+  moe_rows = json.loads((d / 'bench_moe.json').read_text())
+  print(moe_table(moe_rows))
+  if any(r.get('series') == 'tokens' for r in moe_rows):
+    print()
+    print(moe_table(moe_rows, 'tokens'))
   print()
   print(train_table(json.loads((d / 'bench_train.json').read_text())))
   return 0

@@ -26,18 +26,82 @@ from litejax.config import MoEConfig, capacity, resolve_dispatch
 from litejax.routing import Routing
 
 
+# The capacity buffer's per-expert matmuls: [E, C, a] x [E, a, b] -> [E, C, b].
+_BATCHED_EXPERT_SPECS = ('ecd,edh->ech', 'ech,ehd->ecd')
+
+# At or below this many rows per expert, XLA:CPU's batched dot runs the backward's transposed
+# matmuls several times slower than a loop of per-expert 2-D matmuls (experiments/bench_moe.py).
+_CPU_LOOP_MAX_ROWS = 128
+
+
+def _bwd_batched(x_eca, w_eab, g_ecb):
+  return jnp.einsum('ecb,eab->eca', g_ecb, w_eab), jnp.einsum('eca,ecb->eab', x_eca, g_ecb)
+
+
+def _bwd_per_expert(x_eca, w_eab, g_ecb):
+  def one_expert(args):
+    x_ca, w_ab, g_cb = args
+    return g_cb @ w_ab.T, x_ca.T @ g_cb
+  return jax.lax.map(one_expert, (x_eca, w_eab, g_ecb))
+
+
+@jax.custom_vjp
+def expert_matmul(x_eca: jax.Array, w_eab: jax.Array) -> jax.Array:
+  """Per-expert matmul [E, C, a] x [E, a, b] -> [E, C, b]: one batched dot forward.
+
+  The backward is the same math; when lowered for CPU with few rows per expert it loops over
+  experts (XLA:CPU's batched dot with a transposed operand ran 2-6x slower at E >= 256, C <= 20);
+  other platforms (and AOT lowering for TPU from this host) keep the batched dots.
+  """
+  return jnp.einsum('eca,eab->ecb', x_eca, w_eab)
+
+
+def _expert_matmul_fwd(x_eca, w_eab):
+  return expert_matmul(x_eca, w_eab), (x_eca, w_eab)
+
+
+def _varying_axes(x: jax.Array) -> set[str]:
+  """Mesh axes a value varies along inside shard_map (jax 0.10: manual_axis_type; earlier: vma)."""
+  aval = jax.typeof(x)
+  manual = getattr(aval, 'manual_axis_type', None)
+  return set(manual.varying) if manual is not None else set(getattr(aval, 'vma', ()) or ())
+
+
+def _sum_to_primal_vma(ct: jax.Array, primal: jax.Array) -> jax.Array:
+  """Inside shard_map a weight replicated over e.g. the data axis gets a per-rank partial cotangent;
+  sum it over the axes the primal does not vary along (what autodiff of an einsum inserts)."""
+  extra = _varying_axes(ct) - _varying_axes(primal)
+  return jax.lax.psum(ct, tuple(sorted(extra))) if extra else ct
+
+
+def _expert_matmul_bwd(res, g_ecb):
+  x_eca, w_eab = res
+  if x_eca.shape[1] > _CPU_LOOP_MAX_ROWS:
+    dx, dw = _bwd_batched(x_eca, w_eab, g_ecb)
+  else:
+    dx, dw = jax.lax.platform_dependent(x_eca, w_eab, g_ecb, cpu=_bwd_per_expert, default=_bwd_batched)
+  return _sum_to_primal_vma(dx, x_eca), _sum_to_primal_vma(dw, w_eab)
+
+
+expert_matmul.defvjp(_expert_matmul_fwd, _expert_matmul_bwd)
+
+
+def _matmul(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+  return expert_matmul(a, b) if spec in _BATCHED_EXPERT_SPECS else jnp.einsum(spec, a, b)
+
+
 def expert_ffn(x: jax.Array, w: dict[str, jax.Array], kind: str, in_spec: str, out_spec: str) -> jax.Array:
   """Applies expert FFNs with einsum specs for the two matmuls (e.g. 'ecd,edh->ech', 'ech,ehd->ecd').
 
   kind 'mlp': relu(x·W_in)·W_out (the spec's two-layer MLP); 'glu': (silu(x·W_gate) ⊙ x·W_in)·W_out.
   """
   with jax.named_scope('experts'):   # names the FLOPs for litejax.cost
-    h = jnp.einsum(in_spec, x, w['w_in'].astype(x.dtype))
+    h = _matmul(in_spec, x, w['w_in'].astype(x.dtype))
     if kind == 'glu':
-      h = jax.nn.silu(jnp.einsum(in_spec, x, w['w_gate'].astype(x.dtype))) * h
+      h = jax.nn.silu(_matmul(in_spec, x, w['w_gate'].astype(x.dtype))) * h
     else:
       h = jax.nn.relu(h)
-    return jnp.einsum(out_spec, h, w['w_out'].astype(x.dtype))
+    return _matmul(out_spec, h, w['w_out'].astype(x.dtype))
 
 
 def assignment_positions(expert_nk: jax.Array, capacity_per_expert: int):

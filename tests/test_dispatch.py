@@ -157,3 +157,21 @@ def test_gradients_reach_router_and_experts(path):
   idx = (used, 1, 2)
   fd = finite_difference_check(lambda v: float(loss_j(rp, {**w, 'w_in': jnp.asarray(v)})), a, idx)
   np.testing.assert_allclose(float(g_w['w_in'][idx]), fd, rtol=3e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize('rows', [3, 200])   # CPU: per-expert loop backward; above 128 rows: batched
+def test_expert_matmul_gradients_match_einsum(rows):
+  from litejax.dispatch import expert_matmul
+  rng = np.random.default_rng(rows)
+  x = jnp.asarray(rng.normal(size=(5, rows, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(5, 6, 7)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(5, rows, 7)), jnp.float32)
+
+  def loss(mm):
+    return lambda x, w: jnp.sum(jnp.tanh(mm(x, w)) * t)
+  got = jax.jit(jax.value_and_grad(loss(expert_matmul), argnums=(0, 1)))(x, w)
+  want = jax.value_and_grad(loss(lambda a, b: jnp.einsum('eca,eab->ecb', a, b)), argnums=(0, 1))(x, w)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
+  hlo = jax.jit(jax.grad(loss(expert_matmul), argnums=(0, 1))).lower(x, w).compile().as_text()
+  assert ('while' in hlo) == (rows <= 128)

@@ -20,13 +20,15 @@ def test_bench_moe_quick(tmp_path):
   rows = json.loads((tmp_path / 'bench_moe.json').read_text())
   impls = {r['impl'] for r in rows}
   assert {'dense', 'litejax_auto', 'litejax_capacity', 'litejax_gather', 'litejax_einsum', 'ragged_dot',
-          'nano_moe_jax'} <= impls
+          'nano_moe_jax', 'weight_grad_floor', 'litejax_auto_flat_router'} <= impls
   for r in rows:
     for key in ('impl', 'experts', 'median_seconds', 'ratio_to_dense', 'flops_compiled', 'temp_bytes'):
       assert key in r
   ok = [r for r in rows if r['impl'].startswith('litejax') or r['impl'] == 'dense']
   assert all(r['error'] is None and r['median_seconds'] > 0 and r['flops_compiled'] > 0 for r in ok)
   assert (tmp_path / 'bench_moe.png').stat().st_size > 0
+  summary = json.loads((tmp_path / 'bench_moe_summary.json').read_text())
+  assert set(summary['auto_ratio_to_dense']) == {'8', '64'} and summary['auto_max_ratio_to_dense'] > 0
 
 
 def test_bench_train_quick(tmp_path):
