@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python}
 out=${OUT:-$(mktemp -d)}
+mkdir -p "$out"
 backend=$("$py" -c 'import jax; print(jax.default_backend())' 2>/dev/null | tail -1)
 if [ "$backend" = "cpu" ]; then
   echo "no accelerator: JAX's backend is cpu; running the quick CPU versions"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import re
 from typing import Any, Iterable, Literal, get_args, get_origin
 
 import yaml
@@ -190,6 +191,15 @@ def from_dict(raw: dict[str, Any] | None, base: Config | None = None) -> Config:
   return cfg
 
 
+class _Loader(yaml.SafeLoader):
+  """The safe loader, also reading exponent floats without a dot (1e-3) as floats: YAML 1.1's float
+  pattern needs a '.', so `lr: 1e-3` would otherwise be the string '1e-3'."""
+
+
+_Loader.add_implicit_resolver('tag:yaml.org,2002:float', re.compile(r'^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$'),
+                              list('-+0123456789.'))
+
+
 def parse_overrides(overrides: Iterable[str]) -> dict[str, dict[str, Any]]:
   """Parses `section.key=value` strings (values read as YAML scalars) into nested dicts."""
   out: dict[str, dict[str, Any]] = {}
@@ -201,7 +211,7 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, dict[str, Any]]:
     if len(parts) != 2 or not all(parts):
       raise ConfigError(f'--set {item!r}: key must look like section.key (e.g. moe.k_expert=2)')
     try:
-      value = yaml.safe_load(text) if text.strip() else None
+      value = yaml.load(text, Loader=_Loader) if text.strip() else None
     except yaml.YAMLError as e:
       raise ConfigError(f'--set {path}: cannot parse value {text!r}: {e}') from None
     out.setdefault(parts[0], {})[parts[1]] = value
@@ -216,7 +226,7 @@ def load_config(path: str | pathlib.Path | None = None, overrides: Iterable[str]
     if not p.is_file():
       raise ConfigError(f'config file {str(p)!r} does not exist')
     try:
-      raw = yaml.safe_load(p.read_text()) or {}
+      raw = yaml.load(p.read_text(), Loader=_Loader) or {}
     except yaml.YAMLError as e:
       raise ConfigError(f'{p}: not valid YAML: {e}') from None
   cfg = from_dict(raw)

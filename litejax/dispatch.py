@@ -29,9 +29,12 @@ from litejax.routing import Routing
 # The capacity buffer's per-expert matmuls: [E, C, a] x [E, a, b] -> [E, C, b].
 _BATCHED_EXPERT_SPECS = ('ecd,edh->ech', 'ech,ehd->ecd')
 
-# At or below this many rows per expert, XLA:CPU's batched dot runs the backward's transposed
-# matmuls several times slower than a loop of per-expert 2-D matmuls (experiments/bench_moe.py).
+# With many experts and at most this many rows each, XLA:CPU's batched dot runs the backward's
+# transposed matmuls several times slower than a loop of per-expert 2-D matmuls (E >= 256 measured
+# 2x faster end to end). With few experts the loop loses: tiny's 16 experts on 8 emulated devices
+# trained 1.6x slower with it (experiments/bench_moe.py, bench_train.py).
 _CPU_LOOP_MAX_ROWS = 128
+_CPU_LOOP_MIN_EXPERTS = 128
 
 
 def _bwd_batched(x_eca, w_eab, g_ecb):
@@ -49,8 +52,9 @@ def _bwd_per_expert(x_eca, w_eab, g_ecb):
 def expert_matmul(x_eca: jax.Array, w_eab: jax.Array) -> jax.Array:
   """Per-expert matmul [E, C, a] x [E, a, b] -> [E, C, b]: one batched dot forward.
 
-  The backward is the same math; when lowered for CPU with few rows per expert it loops over
-  experts (XLA:CPU's batched dot with a transposed operand ran 2-6x slower at E >= 256, C <= 20);
+  The backward is the same math; when lowered for CPU with many experts (>= 128) of few rows
+  (<= 128) it loops over experts (XLA:CPU's batched dot with a transposed operand ran 2-6x slower
+  at E >= 256, C <= 20);
   other platforms (and AOT lowering for TPU from this host) keep the batched dots.
   """
   return jnp.einsum('eca,eab->ecb', x_eca, w_eab)
@@ -76,7 +80,7 @@ def _sum_to_primal_vma(ct: jax.Array, primal: jax.Array) -> jax.Array:
 
 def _expert_matmul_bwd(res, g_ecb):
   x_eca, w_eab = res
-  if x_eca.shape[1] > _CPU_LOOP_MAX_ROWS:
+  if x_eca.shape[0] < _CPU_LOOP_MIN_EXPERTS or x_eca.shape[1] > _CPU_LOOP_MAX_ROWS:
     dx, dw = _bwd_batched(x_eca, w_eab, g_ecb)
   else:
     dx, dw = jax.lax.platform_dependent(x_eca, w_eab, g_ecb, cpu=_bwd_per_expert, default=_bwd_batched)

@@ -93,3 +93,12 @@ def test_capacity_formula_and_auto():
   assert capacity(mid, 1024) == 3 and resolve_dispatch(mid, 1024) == 'capacity'
   assert resolve_dispatch(mid, 256) == 'gather'    # E = 2·N·K: half the experts idle at best
   assert resolve_dispatch(mid, 257) == 'capacity'
+
+
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+  assert load_config(overrides=['train.lr=1e-3']).train.lr == 1e-3
+  f = tmp_path / 'c.yaml'
+  f.write_text('train:\n  lr: 3E-4\n  weight_decay: 1.0e-1\n')
+  cfg = load_config(f)
+  assert cfg.train.lr == 3e-4 and cfg.train.weight_decay == 0.1
+  assert parse_overrides(['model.name=1e3x']) == {'model': {'name': '1e3x'}}   # not a number: still a string

@@ -159,13 +159,13 @@ def test_gradients_reach_router_and_experts(path):
   np.testing.assert_allclose(float(g_w['w_in'][idx]), fd, rtol=3e-2, atol=1e-3)
 
 
-@pytest.mark.parametrize('rows', [3, 200])   # CPU: per-expert loop backward; above 128 rows: batched
-def test_expert_matmul_gradients_match_einsum(rows):
+@pytest.mark.parametrize('experts,rows', [(128, 3), (128, 200), (8, 3)])  # CPU: loop only for the first
+def test_expert_matmul_gradients_match_einsum(experts, rows):
   from litejax.dispatch import expert_matmul
   rng = np.random.default_rng(rows)
-  x = jnp.asarray(rng.normal(size=(5, rows, 6)), jnp.float32)
-  w = jnp.asarray(rng.normal(size=(5, 6, 7)), jnp.float32)
-  t = jnp.asarray(rng.normal(size=(5, rows, 7)), jnp.float32)
+  x = jnp.asarray(rng.normal(size=(experts, rows, 6)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(experts, 6, 7)), jnp.float32)
+  t = jnp.asarray(rng.normal(size=(experts, rows, 7)), jnp.float32)
 
   def loss(mm):
     return lambda x, w: jnp.sum(jnp.tanh(mm(x, w)) * t)
@@ -174,4 +174,4 @@ def test_expert_matmul_gradients_match_einsum(rows):
   for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
   hlo = jax.jit(jax.grad(loss(expert_matmul), argnums=(0, 1))).lower(x, w).compile().as_text()
-  assert ('while' in hlo) == (rows <= 128)
+  assert ('while' in hlo) == (experts >= 128 and rows <= 128)

@@ -20,7 +20,7 @@ def test_bench_moe_quick(tmp_path):
   rows = json.loads((tmp_path / 'bench_moe.json').read_text())
   impls = {r['impl'] for r in rows}
   assert {'dense', 'litejax_auto', 'litejax_capacity', 'litejax_gather', 'litejax_einsum', 'ragged_dot',
-          'nano_moe_jax', 'weight_grad_floor', 'litejax_auto_flat_router'} <= impls
+          'nano_moe_jax', 'weight_grad_floor', 'litejax_auto_hier_router'} <= impls
   for r in rows:
     for key in ('impl', 'experts', 'median_seconds', 'ratio_to_dense', 'flops_compiled', 'temp_bytes'):
       assert key in r
