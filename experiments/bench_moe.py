@@ -8,7 +8,8 @@ Writes OUT/bench_moe.json (a list of rows: impl, experts, median_seconds, ratio_
 flops_compiled, temp_bytes, ...) and OUT/bench_moe.png. All rows use the same tokens, K, d, h and
 machine, in one process; each row is the median of 10 timed runs after a warm-up run, or of at least
 3 when they take longer than --budget seconds together (recorded as timed_runs); ratios are to the
-dense FFN with the same active parameters (hidden = K·h) at the same token count.
+dense FFN with the same active parameters (hidden = K·h) at the same token count (the median of the
+dense rows across E: it is the same program at every E).
 An implementation that fails at some E gets a row with its error instead of a time.
 
 Beside the implementations: `weight_grad_floor` (read every expert weight, write a fresh buffer of
@@ -227,11 +228,25 @@ def run(args) -> list[dict]:
       record('dense', E, dense_step(kind), (xn, dense_w), n=n)
       record('litejax_auto', E, litejax_step(cfg, None), (xn, w, router),
              {**meta, 'dispatch': resolve_dispatch(cfg, n)}, n=n)
-  dense = {(r['experts'], r['tokens']): r['median_seconds'] for r in rows if r['impl'] == 'dense'}
-  for r in rows:
-    base = dense.get((r['experts'], r.get('tokens')))
-    r['ratio_to_dense'] = (r['median_seconds'] / base) if (r.get('median_seconds') and base) else None
+  add_ratios(rows)
   return rows
+
+
+def add_ratios(rows: list[dict]) -> None:
+  """ratio_to_dense = time / the dense floor at the same token count. The dense step is the same
+  program at every E, so its floor is the median of its rows across E (one noisy dense run would
+  otherwise skew that E's whole column); each row keeps its own dense time as dense_seconds_same_e."""
+  by_tokens: dict[int, list[float]] = {}
+  same_e = {}
+  for r in rows:
+    if r['impl'] == 'dense' and r.get('median_seconds'):
+      by_tokens.setdefault(r.get('tokens'), []).append(r['median_seconds'])
+      same_e[(r['experts'], r.get('tokens'))] = r['median_seconds']
+  for r in rows:
+    base = statistics.median(by_tokens[r.get('tokens')]) if r.get('tokens') in by_tokens else None
+    r['dense_seconds'] = base
+    r['dense_seconds_same_e'] = same_e.get((r['experts'], r.get('tokens')))
+    r['ratio_to_dense'] = (r['median_seconds'] / base) if (r.get('median_seconds') and base) else None
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -301,6 +316,7 @@ def main(argv=None) -> int:
   p.add_argument('--device', default=None, help='jax platform to run on (cpu, gpu, tpu); default: JAX picks')
   p.add_argument('--peer-max-experts', type=int, default=256,
                  help='largest E for nano-moe-jax (its per-expert modules compile for many minutes beyond)')
+  p.add_argument('--from-json', default=None, help='recompute ratios, summary and plot from this bench_moe.json')
   p.add_argument('--verbose', action='store_true')
   args = p.parse_args(argv)
   if args.scale_tokens is None:
@@ -309,6 +325,14 @@ def main(argv=None) -> int:
     jax.config.update('jax_platforms', args.device)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
+  if args.from_json:   # re-derive ratios, summary and plot from an earlier run's rows
+    rows = json.loads(pathlib.Path(args.from_json).read_text())
+    add_ratios(rows)
+    (out / 'bench_moe.json').write_text(json.dumps(rows, indent=1))
+    (out / 'bench_moe_summary.json').write_text(json.dumps(summarize(rows), indent=1))
+    plot(rows, out / 'bench_moe.png')
+    print(json.dumps(summarize(rows), indent=1))
+    return 0
   rows = run(args)
   machine = {'device': str(jax.devices()[0].device_kind), 'platform': jax.devices()[0].platform,
              'cpu': platform.processor() or platform.machine(), 'jax': jax.__version__, 'python': sys.version.split()[0]}
