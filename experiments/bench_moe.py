@@ -179,6 +179,10 @@ def run(args) -> list[dict]:
     print(f"  {impl:18s} E={E:5d} N={n:6d} " + (f"{row['median_seconds'] * 1e3:9.2f} ms" if row['error'] is None
                                                  else f"FAILED {row['error']}"), flush=True)
 
+  def record_missing(impl, E, error):   # a row that says why there is no time
+    rows.append({'impl': impl, 'experts': E, 'tokens': tokens, 'series': 'main', 'median_seconds': None,
+                 'ratio_to_dense': None, 'flops_compiled': None, 'temp_bytes': None, 'error': error})
+
   def dense_weights(key):
     k1, k2, k3 = jax.random.split(key, 3)
     w = {'w_in': jax.random.normal(k1, (d, K * h)) * d ** -0.5,
@@ -209,18 +213,15 @@ def run(args) -> list[dict]:
              {**meta, 'routing': other, 'groups': alt.groups_per_tier, 'dispatch': resolve_dispatch(alt, tokens)})
     record('ragged_dot', E, ragged_step(cfg), (x, w, router), meta)
     if E > args.peer_max_experts:
-      rows.append({'impl': 'nano_moe_jax', 'experts': E, 'tokens': tokens, 'series': 'main', 'median_seconds': None,
-                   'ratio_to_dense': None, 'flops_compiled': None, 'temp_bytes': None,
-                   'error': f'skipped: its init (one Dense module per expert) had not compiled after 10 min '
-                            f'at E=1024 on 2 cores (--peer-max-experts {args.peer_max_experts})'})
+      record_missing('nano_moe_jax', E, f'skipped: its init (one Dense module per expert) had not compiled '
+                                        f'after 10 min at E=1024 on 2 cores (--peer-max-experts {args.peer_max_experts})')
     else:
       try:
         init, step = nano_moe_step(E, d, h, K)
         params = jax.jit(init)(jax.random.key(1), x)
         record('nano_moe_jax', E, step, (x, params))
       except ImportError as e:
-        rows.append({'impl': 'nano_moe_jax', 'experts': E, 'tokens': tokens, 'series': 'main', 'median_seconds': None,
-                     'ratio_to_dense': None, 'flops_compiled': None, 'temp_bytes': None, 'error': f'not installed: {e}'})
+        record_missing('nano_moe_jax', E, f'not installed: {e}')
     # More tokens per step at the same E: the per-step weight traffic (E·d·h per matrix, read and
     # written as gradients) is spread over more tokens, so the ratio to dense falls toward the FLOP ratio.
     for n in args.scale_tokens:
@@ -328,23 +329,20 @@ def main(argv=None) -> int:
   if args.from_json:   # re-derive ratios, summary and plot from an earlier run's rows
     rows = json.loads(pathlib.Path(args.from_json).read_text())
     add_ratios(rows)
-    (out / 'bench_moe.json').write_text(json.dumps(rows, indent=1))
-    (out / 'bench_moe_summary.json').write_text(json.dumps(summarize(rows), indent=1))
-    plot(rows, out / 'bench_moe.png')
-    print(json.dumps(summarize(rows), indent=1))
-    return 0
-  rows = run(args)
-  machine = {'device': str(jax.devices()[0].device_kind), 'platform': jax.devices()[0].platform,
-             'cpu': platform.processor() or platform.machine(), 'jax': jax.__version__, 'python': sys.version.split()[0]}
-  for r in rows:
-    r['machine'] = machine
+  else:
+    rows = run(args)
+    machine = {'device': str(jax.devices()[0].device_kind), 'platform': jax.devices()[0].platform,
+               'cpu': platform.processor() or platform.machine(), 'jax': jax.__version__,
+               'python': sys.version.split()[0]}
+    for r in rows:
+      r['machine'] = machine
+  summary = summarize(rows)
   (out / 'bench_moe.json').write_text(json.dumps(rows, indent=1))
-  (out / 'bench_moe_summary.json').write_text(json.dumps(summarize(rows), indent=1))
+  (out / 'bench_moe_summary.json').write_text(json.dumps(summary, indent=1))
   plot(rows, out / 'bench_moe.png')
-  print(json.dumps(summarize(rows), indent=1))
+  print(json.dumps(summary, indent=1))
   print(f'wrote {out / "bench_moe.json"} and {out / "bench_moe.png"}')
   return 0
-
 
 if __name__ == '__main__':
   sys.exit(main())

@@ -40,6 +40,10 @@ def _scores(logits: jax.Array, kind: str) -> jax.Array:
   return jax.nn.softmax(logits, axis=-1) if kind == 'softmax' else jax.nn.sigmoid(logits)
 
 
+# Above this k the argmax rounds (k passes over the row) cost more than one sort.
+_ARGMAX_TOP_K_MAX = 16
+
+
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """Top-k over the last axis, best first, ties to the lower index (as lax.top_k). x: finite scores.
 
@@ -47,13 +51,12 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   axis is sharded, so every rank would route every token. For the small k of routing, k rounds of
   argmax-and-mask are reductions along the last axis, which partition cleanly over the batch and
   cost O(k·B) per row; a full stable sort (the fallback for large k) is O(B log B) and on XLA:CPU
-  ~100x slower than the argmax rounds at B = 1024, k = 2 (experiments/bench_moe.py measured it).
+  ~100x slower than the argmax rounds at B = 1024, k = 2 (timed under jit on a 2-core CPU).
   """
-  if k > _ARGMAX_TOP_K_MAX:
-    idx = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    neg_sorted, idx_sorted = jax.lax.sort((-x, idx), dimension=x.ndim - 1, num_keys=1, is_stable=True)
-    return -neg_sorted[..., :k], idx_sorted[..., :k]
   iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+  if k > _ARGMAX_TOP_K_MAX:
+    neg_sorted, idx_sorted = jax.lax.sort((-x, iota), dimension=x.ndim - 1, num_keys=1, is_stable=True)
+    return -neg_sorted[..., :k], idx_sorted[..., :k]
   values, indices = [], []
   for _ in range(k):
     i = jnp.argmax(x, axis=-1).astype(jnp.int32)          # first maximum: ties to the lower index
@@ -61,10 +64,6 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
     indices.append(i)
     x = jnp.where(iota == i[..., None], -jnp.inf, x)
   return jnp.stack(values, -1), jnp.stack(indices, -1)
-
-
-# Above this k the argmax rounds (k passes over the row) cost more than one sort.
-_ARGMAX_TOP_K_MAX = 16
 
 
 def _level(logits_npb: jax.Array, bias_npb: jax.Array | None, k: int, kind: str):
