@@ -30,9 +30,9 @@ from litejax.routing import Routing
 _BATCHED_EXPERT_SPECS = ('ecd,edh->ech', 'ech,ehd->ecd')
 
 # With many experts and at most this many rows each, XLA:CPU's batched dot runs the backward's
-# transposed matmuls several times slower than a loop of per-expert 2-D matmuls (E >= 256 measured
-# 2x faster end to end). With few experts the loop loses: tiny's 16 experts on 8 emulated devices
-# trained 1.6x slower with it (experiments/bench_moe.py, bench_train.py).
+# transposed matmuls slower than a loop of per-expert 2-D matmuls (the expert MLP's fwd+bwd at
+# E = 1024, C = 3: 2.1x faster with the loop; experiments/profile_moe.py). With few experts the loop
+# loses: tiny's 16 experts on 8 emulated devices trained 1.6x slower with it (bench_train.py).
 _CPU_LOOP_MAX_ROWS = 128
 _CPU_LOOP_MIN_EXPERTS = 128
 
@@ -53,8 +53,7 @@ def expert_matmul(x_eca: jax.Array, w_eab: jax.Array) -> jax.Array:
   """Per-expert matmul [E, C, a] x [E, a, b] -> [E, C, b]: one batched dot forward.
 
   The backward is the same math; when lowered for CPU with many experts (>= 128) of few rows
-  (<= 128) it loops over experts (XLA:CPU's batched dot with a transposed operand ran 2-6x slower
-  at E >= 256, C <= 20);
+  (<= 128) it loops over experts, where XLA:CPU's batched dot with a transposed operand is slow;
   other platforms (and AOT lowering for TPU from this host) keep the batched dots.
   """
   return jnp.einsum('eca,eab->ecb', x_eca, w_eab)

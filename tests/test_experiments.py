@@ -41,3 +41,12 @@ def test_bench_train_quick(tmp_path):
   dense1 = next(r for r in rows if r['model'] == 'dense' and r['devices'] == 1)
   # equal active parameters within the router's share
   assert abs(moe1['params_active_per_token'] - dense1['params_active_per_token']) < 0.02 * dense1['params_active_per_token']
+
+
+def test_profile_moe_runs(tmp_path):
+  out = subprocess.run([sys.executable, str(REPO / 'experiments' / 'profile_moe.py'), '--experts', '16',
+                        '--tokens', '64', '--repeats', '1', '--json'],
+                       check=True, env=_env(), capture_output=True, text=True, timeout=600).stdout
+  times = json.loads(out[out.index('{'):])
+  assert set(times) >= {'top_k_argmax', 'top_k_sort', 'lax_top_k', 'layer_fwd', 'experts_fwd_bwd_expert_matmul'}
+  assert all(t > 0 for t in times.values())
