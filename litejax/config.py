@@ -192,7 +192,7 @@ def from_dict(raw: dict[str, Any] | None, base: Config | None = None) -> Config:
   sections = {}
   for sname, svalue in raw.items():
     if not isinstance(sname, str) or sname not in _SECTION_TYPES:
-      raise ConfigError(f'{_short(sname)}: unknown section (known: {sorted(_SECTION_TYPES)})')
+      raise ConfigError(f'{sname if isinstance(sname, str) else _short(sname)}: unknown section (known: {sorted(_SECTION_TYPES)})')
     if svalue is None:
       continue
     if not isinstance(svalue, dict):

