@@ -23,9 +23,8 @@ class ConfigError(InputError):
   """A config field is missing, unknown, mistyped, or violates a constraint."""
 
 
-# Shipped configs: the repo's top-level configs/ folder, installed as the package data litejax.configs
+# Shipped configs: the repo's top-level configs/ folder, installed as the package data litejax/configs/
 # (pyproject.toml maps one onto the other), so `--config tiny` works from any folder.
-CONFIG_PACKAGE = 'litejax.configs'
 # Upper bounds that only catch absurd values (each loop over layers is Python-level work at trace time,
 # and shapes must fit int32 indexing).
 MAX_LAYERS = 4096
@@ -242,13 +241,10 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def shipped_configs() -> dict[str, pathlib.Path]:
-  """{'tiny': path, ...}: the configs shipped with litejax (package data once installed; the repo's
-  configs/ folder when running from a source tree)."""
-  import importlib.resources
-  try:
-    root = pathlib.Path(str(importlib.resources.files(CONFIG_PACKAGE)))
-  except ModuleNotFoundError:   # a source tree on PYTHONPATH: the mapping exists only once installed
-    root = pathlib.Path(__file__).resolve().parents[1] / 'configs'
+  """{'tiny': path, ...}: the configs shipped with litejax (litejax/configs/ in an installed wheel; the
+  repo's configs/ folder in a source tree or an editable install)."""
+  here = pathlib.Path(__file__).resolve().parent
+  root = here / 'configs' if (here / 'configs').is_dir() else here.parent / 'configs'
   return {p.stem: p for p in sorted(root.glob('*.yaml'))}
 
 
