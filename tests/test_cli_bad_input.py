@@ -155,3 +155,16 @@ def test_libtpu_quiet_settings_only_without_a_tpu(monkeypatch):
   monkeypatch.setattr(cli.glob, 'glob', lambda pattern: [])        # no PCI devices: a CPU machine
   cli.quiet_libtpu()
   assert os.environ['TPU_SKIP_MDS_QUERY'] == '1' and os.environ['TPU_WORKER_HOSTNAMES'] == 'localhost'
+
+
+def test_no_libtpu_noise_on_cpu(tmp_path):
+  """With libtpu installed and no TPU, a command that initialises JAX prints nothing on stderr."""
+  import importlib.util
+  import subprocess
+  import sys
+  if importlib.util.find_spec('libtpu') is None:
+    pytest.skip('libtpu (the tpu extra) is not installed')
+  env = {k: v for k, v in os.environ.items() if not k.startswith(('TPU_', 'JAX_PLATFORMS', 'ALLOW_MULTIPLE'))}
+  p = subprocess.run([sys.executable, '-m', 'litejax.cli', 'params', '--config', 'tiny'], env=env, cwd=tmp_path,
+                     capture_output=True, text=True, timeout=120)
+  assert p.returncode == 0 and p.stderr == '', p.stderr[-2000:]
