@@ -110,7 +110,7 @@ def _preflight(args, cfg, paths, mode: str) -> None:
     TokenDataset.from_path(args.data, val_fraction=cfg.train.val_fraction, seq_len=cfg.model.seq_len,
                            vocab_size=cfg.model.vocab_size)
   except (OSError, ValueError) as e:
-    raise InputError(f'--data: {e}') from None
+    raise InputError(str(e) if str(e).startswith('--data') else f'--data: {e}') from None
   if steps and mode.startswith('resume'):
     _check_checkpoint(cfg, mesh, paths.local_ckpt, steps)
 
