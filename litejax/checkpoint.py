@@ -8,15 +8,27 @@ A checkpoint `DIR/<step>/` holds two items:
 Restore goes through an *abstract* state whose leaves are `jax.ShapeDtypeStruct`s carrying the
 current mesh's shardings, so a checkpoint written on 8 devices is read straight onto 4 or 1. Before
 any tensor is read, the saved shapes in `meta` are compared with the abstract state: an incompatible
-config fails with `CheckpointMismatchError` naming the first mismatched leaf. A checkpoint that fails
-to read (truncated file, missing item) is skipped with a warning and the previous one is tried;
-Orbax itself writes each step to a temporary folder and renames it only when complete, so a save cut
-off by a kill is never even listed.
+config fails with `CheckpointMismatchError` naming the first mismatched leaf.
+
+Faults:
+  * a save cut off by a kill: Orbax writes each step to a temporary folder and renames it only when
+    complete, so it is never even listed (and its leftovers are deleted);
+  * a changed file (flipped bit, truncation): once a save is on disk, process 0 records every file's
+    size and SHA-256 in `DIR/<step>/litejax_digest.json`; restore checks them before reading a tensor
+    and skips a checkpoint that differs, with a warning naming the file, for the previous one. If no
+    checkpoint is intact, restore raises `CheckpointCorruptError` (never a silent fresh start);
+  * a failed write (disk full): `CheckpointWriteError` names the step and the intact previous one.
+A checkpoint committed by Orbax but cut off before its digest was written is restored unverified,
+with a warning.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
+import hashlib
+import json
 import logging
+import os
 import pathlib
 import warnings
 from typing import Any
@@ -25,12 +37,24 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from litejax.config import InputError
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+DIGEST_FILE = 'litejax_digest.json'
+_HASH_BLOCK = 1 << 22
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointCorruptError(RuntimeError):
+  """Checkpoints exist, but none could be read intact (each was skipped with a warning)."""
+
+
+class CheckpointWriteError(OSError):
+  """A save failed (e.g. the disk is full); the previous checkpoint, if any, is untouched."""
+
+
+class CheckpointMismatchError(InputError):
   """The checkpoint's tree or shapes do not match the state the current config builds."""
 
 
@@ -92,13 +116,16 @@ class Checkpointer:
   """Keeps the last `keep` checkpoints of a run in `directory`; saves asynchronously.
 
   Every process calls every method (Orbax writes collectively: each process its own shards,
-  process 0 the metadata).
+  process 0 the metadata and the digest).
   """
 
   def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True):
     d = str(directory)
     # Remote stores (gs://, s3://) go to Orbax as URLs; local paths are made absolute.
     self.directory = d if '://' in d else pathlib.Path(d).expanduser().absolute()
+    self._local = '://' not in d
+    self._pending: int | None = None      # a step whose save may still be in flight (no digest yet)
+    self._last_good: int | None = None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
         # Leftover temporary folders from a save cut off by a kill are deleted, never read.
@@ -115,33 +142,43 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
     """Starts saving `state` at `step` (returns once device buffers are copied; writes continue in the
-    background). `meta` must be JSON-serialisable; shapes and the format version are added."""
+    background). `meta` must be JSON-serialisable; shapes and the format version are added.
+
+    Raises CheckpointWriteError when this or the previous in-flight save failed to write.
+    """
+    self._finish_pending()
+    self._last_good = self.latest_step()
     meta = dict(meta, step=int(step), format_version=FORMAT_VERSION, leaves=leaf_specs(state))
-    self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                    meta=ocp.args.JsonSave(meta)), force=True)
+    with self._write_errors(step):
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)), force=True)
+    self._pending = int(step)
 
   def read_meta(self, step: int) -> dict[str, Any]:
     """The JSON sidecar of one checkpoint (no tensors read)."""
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
   def restore(self, abstract_state: Any, step: int | None = None) -> Restored | None:
-    """Restores the newest readable checkpoint (or exactly `step`) into `abstract_state`'s shardings.
+    """Restores the newest intact checkpoint (or exactly `step`) into `abstract_state`'s shardings.
 
     Returns None when the directory holds no checkpoint. Raises CheckpointMismatchError when the
-    checkpoint was written by an incompatible config; a checkpoint that cannot be read is skipped
-    with a warning (only when `step` is None).
+    checkpoint was written by an incompatible config. A checkpoint that cannot be read or fails its
+    digest is skipped with a warning (only when `step` is None); CheckpointCorruptError when none
+    is left.
     """
     self.manager.reload()
     candidates = [step] if step is not None else list(reversed(self.all_steps()))
     current = leaf_specs(abstract_state)
+    skipped = []
     for s in candidates:
       where = f'checkpoint {self.directory}/{s}'
       try:
+        self.verify(s)
         meta = self.read_meta(s)
       except Exception as e:  # noqa: BLE001 (any read failure means: not a usable checkpoint)
         if step is not None:
           raise
-        _skip(where, e)
+        skipped.append(_skip(where, e))
         continue
       check_compatible(meta.get('leaves', {}), current, where)
       try:
@@ -150,22 +187,103 @@ class Checkpointer:
       except Exception as e:  # noqa: BLE001
         if step is not None:
           raise
-        _skip(where, e)
+        skipped.append(_skip(where, e))
         continue
       return Restored(step=s, state=restored, meta=meta)
+    if skipped:
+      raise CheckpointCorruptError(f'no intact checkpoint in {self.directory}: ' + '; '.join(skipped))
     return None
 
+  def verify(self, step: int) -> None:
+    """Checks every file of checkpoint `step` against its digest; raises CheckpointCorruptError naming
+    the first file that is missing, resized or changed. Warns when the checkpoint has no digest."""
+    if not self._local:
+      return
+    step_dir = pathlib.Path(self.directory) / str(step)
+    digest_path = step_dir / DIGEST_FILE
+    if not digest_path.is_file():
+      warnings.warn(f'checkpoint {step_dir} has no {DIGEST_FILE} (cut off after its commit, or written by '
+                    'an older litejax): restoring it unverified', RuntimeWarning, stacklevel=3)
+      return
+    try:
+      recorded = json.loads(digest_path.read_text())['files']
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise CheckpointCorruptError(f'{digest_path}: unreadable digest ({e})') from None
+    for rel, (size, sha) in sorted(recorded.items()):
+      f = step_dir / rel
+      if not f.is_file():
+        raise CheckpointCorruptError(f'{f}: file missing')
+      if f.stat().st_size != size:
+        raise CheckpointCorruptError(f'{f}: {f.stat().st_size} bytes, {size} when written (truncated?)')
+      if _sha256(f) != sha:
+        raise CheckpointCorruptError(f'{f}: SHA-256 differs from when it was written (corrupted)')
+
   def wait(self) -> None:
-    """Blocks until in-flight saves are on disk."""
-    self.manager.wait_until_finished()
+    """Blocks until in-flight saves are on disk (and digested)."""
+    self._finish_pending()
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self._finish_pending()
+    finally:
+      self.manager.close()
+
+  def _finish_pending(self) -> None:
+    step, self._pending = self._pending, None
+    with self._write_errors(step):
+      self.manager.wait_until_finished()
+      if step is not None and self._local and jax.process_index() == 0:
+        _write_digest(pathlib.Path(self.directory) / str(step))
+
+  def _write_errors(self, step: int | None):
+    return _WriteErrors(self, step)
 
 
-def _skip(where: str, error: Exception) -> None:
+class _WriteErrors:
+  """Turns an OSError while writing a checkpoint into CheckpointWriteError with one clear line."""
+
+  def __init__(self, ckpt: Checkpointer, step: int | None):
+    self.ckpt, self.step = ckpt, step
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, kind, error, tb):
+    cause = error
+    while cause is not None and not isinstance(cause, OSError):   # Orbax may wrap the OSError
+      cause = cause.__cause__ or cause.__context__
+    if cause is None or isinstance(error, CheckpointWriteError):
+      return False
+    why = 'no space left on device' if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
+    prev = self.ckpt._last_good
+    kept = f'the previous checkpoint (step {prev}) is kept' if prev is not None else 'no earlier checkpoint'
+    e = CheckpointWriteError(f'writing checkpoint step {self.step} to {self.ckpt.directory} failed: {why}; '
+                             f'{kept}')
+    e.errno = cause.errno
+    raise e from error
+
+
+def _sha256(path: pathlib.Path) -> str:
+  h = hashlib.sha256()
+  with path.open('rb') as f:
+    while block := f.read(_HASH_BLOCK):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _write_digest(step_dir: pathlib.Path) -> None:
+  """Records size and SHA-256 of every file under a committed step folder (written atomically)."""
+  files = {}
+  for f in sorted(p for p in step_dir.rglob('*') if p.is_file() and p.name != DIGEST_FILE):
+    files[str(f.relative_to(step_dir))] = [f.stat().st_size, _sha256(f)]
+  tmp = step_dir / (DIGEST_FILE + '.tmp')
+  tmp.write_text(json.dumps({'algorithm': 'sha256', 'files': files}))
+  os.replace(tmp, step_dir / DIGEST_FILE)
+
+
+def _skip(where: str, error: Exception) -> str:
   first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
   msg = f'{where} is unreadable ({type(error).__name__}: {first[:300]}); skipping it and trying an older one'
   warnings.warn(msg, RuntimeWarning, stacklevel=3)
   log.warning(msg)
+  return f'{where}: {first[:300]}'

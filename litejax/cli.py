@@ -2,14 +2,20 @@
 
 Each command module defines `add_arguments(parser)` and `run(args) -> int`. Modules are imported only
 when their command runs, so `litejax params` never pays for what `litejax train` needs.
+
+Bad input (`litejax.config.InputError`, its `ConfigError`, and argparse's own errors) ends in exit
+status 2 and one line on stderr naming the field or path and the constraint.
 """
 from __future__ import annotations
 
 import argparse
+import glob
 import importlib
+import os
+import pathlib
 import sys
 
-from litejax.config import ConfigError
+from litejax.config import ConfigError, InputError
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -19,19 +25,66 @@ COMMANDS = {
     'bound': ('litejax.commands.bound', 'compile from abstract shapes; compiled vs analytic FLOPs/token'),
     'train': ('litejax.commands.train', 'train a config on the embedded corpus (or --data) with checkpoints'),
 }
+_GOOGLE_PCI_VENDOR = '0x1ae0'
+# PCI device ids of TPU chips (v3 ... 7x), as jax._src.hardware_utils lists them; Google's vendor id
+# alone also matches the gVNIC network card of any GCE VM.
+_TPU_PCI_DEVICES = {'0x0027', '0x0056', '0x005e', '0x0062', '0x0063', '0x006f', '0x0076'}
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse whose usage errors are one line (`litejax train: --steps: invalid int value: 'x'`)."""
+
+  def error(self, message: str):
+    self.exit(2, f'{self.prog}: {message}\n')
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer >= 1 (argparse names the flag in its one-line error)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {text!r}') from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
+  return value
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
   """--config PATH and repeatable --set section.key=value, shared by every command."""
-  parser.add_argument('--config', required=required, help='YAML config file (e.g. configs/tiny.yaml)')
+  parser.add_argument('--config', required=required,
+                      help='YAML config file, or the name of a shipped one (tiny, tiny_dense, tiny_hier, '
+                      'quadrillion)')
   parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='SECTION.KEY=VALUE',
                       help='override one config field; repeatable')
 
 
+def quiet_libtpu() -> None:
+  """On a machine with no TPU attached, keeps an installed libtpu from probing the GCE metadata server
+  and printing its initialisation errors (the same settings as litejax.targets' compile-only use).
+  Set before jax loads; on a TPU VM nothing changes. Reads PCI ids rather than importing jax, so the
+  commands can still set XLA_FLAGS first."""
+  for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
+    try:
+      if (pathlib.Path(vendor).read_text().strip() == _GOOGLE_PCI_VENDOR and
+          pathlib.Path(vendor).with_name('device').read_text().strip() in _TPU_PCI_DEVICES):
+        return    # a TPU chip: leave libtpu to find it
+    except OSError:
+      continue
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
+  os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')
+  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
+
+
+def _one_line(error: Exception) -> str:
+  return ' '.join(str(error).split()) or type(error).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  parser = argparse.ArgumentParser(prog='litejax', description=__doc__.splitlines()[0])
-  sub = parser.add_subparsers(dest='command', metavar='COMMAND')
+  quiet_libtpu()
+  parser = _Parser(prog='litejax', description=__doc__.splitlines()[0])
+  sub = parser.add_subparsers(dest='command', metavar='COMMAND', parser_class=_Parser)
   # Only the chosen command's module is imported; the rest get a stub parser for --help.
   chosen = next((a for a in argv if not a.startswith('-')), None)
   for name, (module, help_text) in COMMANDS.items():
@@ -45,7 +98,10 @@ def main(argv: list[str] | None = None) -> int:
   try:
     return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
   except ConfigError as e:
-    print(f'litejax {args.command}: config error: {e}', file=sys.stderr)
+    print(f'litejax {args.command}: config error: {_one_line(e)}', file=sys.stderr)
+    return 2
+  except InputError as e:
+    print(f'litejax {args.command}: {_one_line(e)}', file=sys.stderr)
     return 2
   except BrokenPipeError:   # output piped into `head` and closed: not an error worth a traceback
     sys.stdout = None

@@ -14,8 +14,21 @@ from typing import Any, Iterable, Literal, get_args, get_origin
 import yaml
 
 
-class ConfigError(ValueError):
+class InputError(ValueError):
+  """Bad input from the user (a config, a flag, a data or checkpoint path): the CLI prints the message,
+  one line naming the field or path and the constraint, and exits with status 2."""
+
+
+class ConfigError(InputError):
   """A config field is missing, unknown, mistyped, or violates a constraint."""
+
+
+# Shipped configs: the repo's top-level configs/ folder, installed as the package data litejax/configs/
+# (pyproject.toml maps one onto the other), so `--config tiny` works from any folder.
+# Upper bounds that only catch absurd values (each loop over layers is Python-level work at trace time,
+# and shapes must fit int32 indexing).
+MAX_LAYERS = 4096
+MAX_INT = 2**31 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +149,6 @@ class Config:
     return dataclasses.asdict(self)
 
 
-_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _SECTION_TYPES = {'model': ModelConfig, 'moe': MoEConfig, 'mesh': MeshConfig, 'train': TrainConfig}
 
 
@@ -154,13 +166,17 @@ def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
     return value
   if ftype is int:
     if isinstance(value, bool) or not isinstance(value, int):
-      if isinstance(value, float) and value.is_integer():
-        return int(value)
-      raise ConfigError(f'{name}: must be an integer, got {value!r}')
+      if not (isinstance(value, float) and value.is_integer()):
+        raise ConfigError(f'{name}: must be an integer, got {value!r}')
+      value = int(value)
+    if abs(value) > MAX_INT:
+      raise ConfigError(f'{name}: must be at most {MAX_INT} in magnitude, got {value}')
     return value
   if ftype is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
       raise ConfigError(f'{name}: must be a number, got {value!r}')
+    if not math.isfinite(value):
+      raise ConfigError(f'{name}: must be finite, got {value!r}')
     return float(value)
   raise AssertionError(f'unhandled type {ftype} for {name}')
 
@@ -170,19 +186,20 @@ def from_dict(raw: dict[str, Any] | None, base: Config | None = None) -> Config:
   base = base or Config()
   raw = raw or {}
   if not isinstance(raw, dict):
-    raise ConfigError(f'config: top level must be a mapping of sections, got {type(raw).__name__}')
+    raise ConfigError(f'config: top level must be a mapping of sections, got {type(raw).__name__} '
+                      f'{_short(raw)}')
   sections = {}
   for sname, svalue in raw.items():
-    if sname not in _SECTION_TYPES:
-      raise ConfigError(f'{sname}: unknown section (known: {sorted(_SECTION_TYPES)})')
+    if not isinstance(sname, str) or sname not in _SECTION_TYPES:
+      raise ConfigError(f'{sname if isinstance(sname, str) else _short(sname)}: unknown section (known: {sorted(_SECTION_TYPES)})')
     if svalue is None:
       continue
     if not isinstance(svalue, dict):
-      raise ConfigError(f'{sname}: must be a mapping of keys, got {svalue!r}')
+      raise ConfigError(f'{sname}: must be a mapping of keys, got {_short(svalue)}')
     fields = {f.name: f for f in dataclasses.fields(_SECTION_TYPES[sname])}
     updates = {}
     for key, value in svalue.items():
-      if key not in fields:
+      if not isinstance(key, str) or key not in fields:
         raise ConfigError(f'{sname}.{key}: unknown key (known: {sorted(fields)})')
       updates[key] = _coerce(sname, fields[key], value)
     sections[sname] = dataclasses.replace(getattr(base, sname), **updates)
@@ -213,22 +230,52 @@ def parse_overrides(overrides: Iterable[str]) -> dict[str, dict[str, Any]]:
     try:
       value = yaml.load(text, Loader=_Loader) if text.strip() else None
     except yaml.YAMLError as e:
-      raise ConfigError(f'--set {path}: cannot parse value {text!r}: {e}') from None
+      raise ConfigError(f'--set {path}: cannot parse value {text!r}: {" ".join(str(e).split())}') from None
     out.setdefault(parts[0], {})[parts[1]] = value
   return out
 
 
+def _short(value: Any, limit: int = 60) -> str:
+  text = ' '.join(repr(value).split())
+  return text if len(text) <= limit else text[:limit] + '...'
+
+
+def shipped_configs() -> dict[str, pathlib.Path]:
+  """{'tiny': path, ...}: the configs shipped with litejax (litejax/configs/ in an installed wheel; the
+  repo's configs/ folder in a source tree or an editable install)."""
+  here = pathlib.Path(__file__).resolve().parent
+  root = here / 'configs' if (here / 'configs').is_dir() else here.parent / 'configs'
+  return {p.stem: p for p in sorted(root.glob('*.yaml'))}
+
+
+def resolve_config_path(path: str | pathlib.Path) -> pathlib.Path:
+  """A config path as given if it exists, else the shipped config of that name ('tiny' or 'tiny.yaml')."""
+  p = pathlib.Path(path).expanduser()
+  if p.exists() or len(p.parts) != 1:
+    return p
+  return shipped_configs().get(p.name.removesuffix('.yaml'), p)
+
+
+def _read_yaml(p: pathlib.Path) -> Any:
+  if not p.is_file():
+    shipped = ', '.join(shipped_configs())
+    raise ConfigError(f'config file {str(p)!r} does not exist (or is not a file); shipped: {shipped}')
+  try:
+    text = p.read_bytes().decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ConfigError(f'{p}: not a UTF-8 text file (byte {e.start}: {e.reason})') from None
+  except OSError as e:
+    raise ConfigError(f'{p}: cannot read: {e.strerror}') from None
+  try:
+    return yaml.load(text, Loader=_Loader)
+  except yaml.YAMLError as e:
+    raise ConfigError(f'{p}: not valid YAML: {" ".join(str(e).split())}') from None
+
+
 def load_config(path: str | pathlib.Path | None = None, overrides: Iterable[str] = ()) -> Config:
-  """Loads a YAML config file (safe loader) and applies `--set` overrides, then validates."""
-  raw: dict[str, Any] = {}
-  if path is not None:
-    p = pathlib.Path(path)
-    if not p.is_file():
-      raise ConfigError(f'config file {str(p)!r} does not exist')
-    try:
-      raw = yaml.load(p.read_text(), Loader=_Loader) or {}
-    except yaml.YAMLError as e:
-      raise ConfigError(f'{p}: not valid YAML: {e}') from None
+  """Loads a YAML config file (safe loader; a bare name like 'tiny' finds the shipped one) and applies
+  `--set` overrides, then validates."""
+  raw = _read_yaml(resolve_config_path(path)) if path is not None else None
   cfg = from_dict(raw)
   ov = parse_overrides(overrides)
   return from_dict(ov, base=cfg) if ov else cfg
@@ -244,6 +291,7 @@ def validate(cfg: Config) -> None:
   m, e, t = cfg.model, cfg.moe, cfg.train
   for name in ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'seq_len', 'vocab_size'):
     _require(getattr(m, name) > 0, f'model.{name}: must be > 0, got {getattr(m, name)}')
+  _require(m.num_layers <= MAX_LAYERS, f'model.num_layers: must be <= {MAX_LAYERS}, got {m.num_layers}')
   _require(m.head_dim >= 0, f'model.head_dim: must be >= 0 (0 = d_model/num_heads), got {m.head_dim}')
   _require(m.d_ff >= 0, f'model.d_ff: must be >= 0 (0 = 4*d_model), got {m.d_ff}')
   if m.head_dim == 0:

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from conftest import all_config_files
+from conftest import CONFIG_DIR, all_config_files
 from litejax.config import Config, ConfigError, capacity, from_dict, load_config, parse_overrides, resolve_dispatch
 
 
@@ -102,3 +102,42 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
   cfg = load_config(f)
   assert cfg.train.lr == 3e-4 and cfg.train.weight_decay == 0.1
   assert parse_overrides(['model.name=1e3x']) == {'model': {'name': '1e3x'}}   # not a number: still a string
+
+
+# Shapes small enough to compile in seconds; the structure (levels, K, dispatch kind, scan, dtypes)
+# stays the config's own. quadrillion.yaml also loses most of its 983,040 experts per layer.
+SHRINK = ['model.d_model=32', 'model.num_layers=2', 'model.seq_len=32', 'model.num_heads=2',
+          'model.num_kv_heads=2', 'model.head_dim=0', 'model.d_ff=0', 'moe.d_expert=32', 'moe.d_shared=0',
+          'model.vocab_size=256', 'mesh.data=-1', 'mesh.expert=1', 'mesh.tensor=1']
+SHRINK_EXPERTS = {'quadrillion': ['moe.num_tiers=2', 'moe.groups_per_tier=4', 'moe.experts_per_group=8']}
+
+
+@pytest.mark.parametrize('path', all_config_files(), ids=lambda p: p.name)
+def test_shipped_config_model_matches_closed_form_counts(path):
+  """The abstract model of every shipped config (full size: shapes only) has bounds' parameter count."""
+  from litejax import bounds
+  from litejax.commands.params import count_model_params
+  cfg = load_config(path)
+  assert count_model_params(cfg) == bounds.param_counts(cfg).total
+
+
+@pytest.mark.parametrize('path', all_config_files(), ids=lambda p: p.name)
+def test_shipped_config_shrunk_is_within_the_bound(path, capsys):
+  """`litejax bound` on every shipped config, shrunk: it compiles and stays within the bound."""
+  import json
+
+  from litejax import cli
+  shrink = SHRINK + SHRINK_EXPERTS.get(path.stem, [])
+  rc = cli.main(['bound', '--config', str(path), '--devices', '1', '--json',
+                 *[a for o in shrink for a in ('--set', o)]])
+  out = capsys.readouterr()
+  assert rc == 0, out.err
+  rep = json.loads(out.out)
+  assert rep['violations'] == [] and rep['flops_per_token_compiled'] > 0
+
+
+def test_shipped_configs_are_found_by_name():
+  from litejax.config import resolve_config_path, shipped_configs
+  assert {p.stem for p in all_config_files()} == set(shipped_configs())
+  assert resolve_config_path('tiny') == resolve_config_path('tiny.yaml') == shipped_configs()['tiny']
+  assert load_config('tiny') == load_config(CONFIG_DIR / 'tiny.yaml')

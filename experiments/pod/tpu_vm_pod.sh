@@ -15,5 +15,5 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone "$ZONE" --worker=all --command
   cd litejax
   python3 -m venv .venv && . .venv/bin/activate
   pip install -q -e . 'jax[tpu]'
-  litejax train --distributed --config $CONFIG --ckpt-dir $CKPT --resume --metrics metrics.jsonl $*
+  litejax train --distributed --config $CONFIG --ckpt-dir $CKPT --resume-if-possible --metrics metrics.jsonl $*
 "

@@ -10,7 +10,7 @@ import json
 import os
 import sys
 
-from litejax.cli import add_config_arguments
+from litejax.cli import add_config_arguments, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,11 +18,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--train', action='store_true', help='compile a whole training step, not a forward')
   parser.add_argument('--json', action='store_true', help='print one JSON object')
   parser.add_argument('--tol', type=float, default=0.03, help='allowed excess over the padded bound')
-  parser.add_argument('--devices', type=int, default=8, help='emulated CPU devices (default 8)')
+  parser.add_argument('--devices', type=positive_int, default=8, help='emulated CPU devices (default 8)')
   parser.add_argument('--target', default=None,
                       help="compile for TOPOLOGY: cpu:N (emulated, default cpu:--devices) or a TPU slice such as "
                            "v5p:8x8x8, v5e:16x16, v6e:8x8, v4:4x4x4 (needs pip install 'litejax[tpu]')")
-  parser.add_argument('--batch', type=int, default=None,
+  parser.add_argument('--batch', type=positive_int, default=None,
                       help='global batch for the compile (default: one sequence per batch rank)')
 
 

@@ -10,14 +10,14 @@ import json
 import math
 
 from litejax import bounds
-from litejax.cli import add_config_arguments
+from litejax.cli import add_config_arguments, positive_int
 from litejax.config import load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   add_config_arguments(parser)
   parser.add_argument('--json', action='store_true', help='print one JSON object')
-  parser.add_argument('--tokens-per-group', type=int, default=None,
+  parser.add_argument('--tokens-per-group', type=positive_int, default=None,
                       help='N for capacity padding (default: train.batch_size * model.seq_len)')
 
 

@@ -15,7 +15,7 @@ import json
 import math
 import sys
 
-from litejax.cli import add_config_arguments
+from litejax.cli import add_config_arguments, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--generation', default='v5p', help='TPU generation: v5p, v5e, v6e or v4 (default v5p)')
   parser.add_argument('--forward', action='store_true',
                       help='plan a forward pass (parameters only), not a training step')
-  parser.add_argument('--batch', type=int, default=None,
+  parser.add_argument('--batch', type=positive_int, default=None,
                       help='global batch (default: one sequence per batch rank of each slice)')
   parser.add_argument('--json', action='store_true', help='print one JSON object')
 

@@ -1,0 +1,128 @@
+"""Checkpoints under injected faults (issue 14): SIGKILL during asynchronous saves (20 seeds), a full
+disk in the write path, flipped and truncated bytes. Small NumPy states keep these cheap; the training
+loop's own resume (bit-exact losses, metrics 1..N once each after a kill) is tests/test_train.py's."""
+import errno
+import pathlib
+import subprocess
+import sys
+import warnings
+
+import jax
+import numpy as np
+import orbax.checkpoint._src.handlers.json_checkpoint_handler as json_handler
+import pytest
+
+from litejax.checkpoint import (DIGEST_FILE, CheckpointCorruptError, Checkpointer, CheckpointWriteError)
+from train_helpers import subprocess_env
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))
+from ckpt_kill_worker import state  # noqa: E402
+
+SEEDS = 20
+ABSTRACT = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), state(0))
+
+
+def restore(directory, step=None):
+  ck = Checkpointer(directory)
+  try:
+    return ck.restore(ABSTRACT, step=step)
+  finally:
+    ck.close()
+
+
+def assert_state(restored, step):
+  want = state(step)
+  for k in ('w', 'b'):
+    assert np.array_equal(np.asarray(restored.state['params'][k]), want['params'][k]), (step, k)
+  assert int(restored.state['step']) == step and restored.meta['data']['next_batch'] == step
+
+
+@pytest.fixture(scope='module')
+def killed_runs(tmp_path_factory):
+  out = tmp_path_factory.mktemp('killed')
+  p = subprocess.run([sys.executable, str(pathlib.Path(__file__).parent / 'ckpt_kill_worker.py'), str(out / 'runs'),
+                      str(SEEDS)], env=subprocess_env(1), capture_output=True, text=True, timeout=300)
+  assert p.returncode == 0, p.stderr[-3000:]
+  return sorted((out / 'runs').iterdir(), key=lambda d: int(d.name))
+
+
+def test_sigkill_during_async_saves_restores_newest_complete(killed_runs):
+  assert len(killed_runs) == SEEDS
+  resumed = 0
+  for run in killed_runs:
+    committed = [int(s) for s in (run / 'committed').read_text().split()] if (run / 'committed').exists() else []
+    with warnings.catch_warnings():
+      warnings.simplefilter('ignore')       # a step killed between its commit and its digest is unverified
+      restored = restore(run / 'ckpt') if (run / 'ckpt').exists() else None
+    if not committed:
+      continue                              # killed before its first save completed
+    assert restored is not None, run
+    # Newest complete: at least the newest step the child knew was on disk, at most the one after it
+    # (committed by Orbax, killed before the child could log it); and exactly that step's arrays.
+    assert committed[-1] <= restored.step <= committed[-1] + 1, (run, committed[-1], restored.step)
+    assert_state(restored, restored.step)
+    resumed += 1
+  assert resumed >= SEEDS // 2, 'too few seeds got past their first save: lengthen the delays'
+
+
+def _save(directory, steps, keep=3):
+  ck = Checkpointer(directory, keep=keep)
+  for s in steps:
+    ck.save(s, state(s), {'data': {'next_batch': s}})
+  ck.close()
+
+
+def test_disk_full_during_save_is_a_clear_error_and_previous_restores(tmp_path, monkeypatch):
+  _save(tmp_path / 'ckpt', [1, 2])
+
+  async def full_disk(self, item, directory):
+    raise OSError(errno.ENOSPC, 'No space left on device')
+
+  monkeypatch.setattr(json_handler.JsonCheckpointHandler, '_save_fn', full_disk)
+  ck = Checkpointer(tmp_path / 'ckpt')
+  with pytest.raises(CheckpointWriteError, match=r'writing checkpoint step 3 to \S+ failed: no space left on '
+                     r'device; the previous checkpoint \(step 2\) is kept') as e:
+    ck.save(3, state(3), {'data': {'next_batch': 3}})
+    ck.wait()
+  assert e.value.errno == errno.ENOSPC
+  ck.close()
+  monkeypatch.undo()
+  assert_state(restore(tmp_path / 'ckpt'), 2)
+
+
+def _tensor_files(step_dir: pathlib.Path):
+  return [f for f in (step_dir / 'state').rglob('*') if f.is_file() and '/d/' in str(f) and f.stat().st_size > 64]
+
+
+@pytest.mark.parametrize('damage', ['flip', 'truncate'])
+def test_damaged_checkpoint_falls_back_with_a_warning_naming_the_file(tmp_path, damage):
+  _save(tmp_path / 'ckpt', [1, 2])
+  f = _tensor_files(tmp_path / 'ckpt' / '2')[0]
+  data = bytearray(f.read_bytes())
+  if damage == 'flip':
+    data[len(data) // 2] ^= 0x10
+  else:
+    del data[len(data) // 2:]
+  f.write_bytes(bytes(data))
+  with pytest.warns(RuntimeWarning, match=rf'/2 is unreadable \(CheckpointCorruptError: {f}'):
+    restored = restore(tmp_path / 'ckpt')
+  assert_state(restored, 1)
+
+
+def test_no_intact_checkpoint_stops_naming_the_file(tmp_path):
+  _save(tmp_path / 'ckpt', [1])
+  f = _tensor_files(tmp_path / 'ckpt' / '1')[0]
+  data = bytearray(f.read_bytes())
+  data[-1] ^= 0xFF
+  f.write_bytes(bytes(data))
+  with pytest.warns(RuntimeWarning), pytest.raises(CheckpointCorruptError, match=rf'no intact checkpoint .*{f}'):
+    restore(tmp_path / 'ckpt')
+
+
+def test_digest_lists_every_file(tmp_path):
+  _save(tmp_path / 'ckpt', [1])
+  import json
+  digest = json.loads((tmp_path / 'ckpt' / '1' / DIGEST_FILE).read_text())['files']
+  on_disk = {str(p.relative_to(tmp_path / 'ckpt' / '1')) for p in (tmp_path / 'ckpt' / '1').rglob('*')
+             if p.is_file() and p.name != DIGEST_FILE}
+  assert set(digest) == on_disk and any(k.startswith('state/') for k in digest)
