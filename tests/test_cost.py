@@ -168,9 +168,9 @@ def test_all_to_all_bf16_widening_is_reported_apart():
   sh = jax.sharding.NamedSharding(mesh, jax.P('x'))
   c = jax.jit(f).lower(jax.ShapeDtypeStruct((8 * 64, 32), jnp.bfloat16, sharding=sh)).compile()
   w = cost.walk(c.as_text(), ())
-  moved = w.collective_bytes['all-to-all']
+  moved = w.collective_bytes['all_to_all']
   program = 64 * 32 * 2                                    # one rank's bf16 buffer
-  assert moved - w.collective_upcast_bytes.get('all-to-all', 0.0) == program
+  assert moved - w.collective_upcast_bytes.get('all_to_all', 0.0) == program
   assert moved in (program, 2 * program)                   # 2×: moved as f32 by XLA:CPU
 
 
