@@ -6,7 +6,8 @@ the figures from the instructions themselves (parsed by litejax.hlo, loops count
 trip-count rule) so each can be attributed and corrected:
 
   dot          2 · |out| · |contracting|                 (convolution: 2 · |out| · |kernel| / out_features)
-  elementwise  |out| per arithmetic op, |in| per reduce: XLA's HloCostAnalysis convention, so that on
+  elementwise  |out| per arithmetic op, |in| per reduce, |updates| per combiner op of a scatter (a
+               scatter-add is the weight gradient of a gather): XLA's HloCostAnalysis convention, so that on
                a program without while loops `total_flops` equals `cost_analysis()['flops']`
                (tests/test_cost.py checks it within 3%, forward and train step). Transcendental ops
                (exp, tanh, ...) are not FLOPs in that convention (XLA counts them apart) and are
@@ -94,6 +95,18 @@ def conv_flops(ins: Instr, comp: Computation) -> float:
   return 2.0 * ins.elements * math.prod(kernel) / max(out_features, 1)
 
 
+def scatter_flops(module: Module, comp: Computation, ins: Instr) -> float:
+  """|updates| × the elementwise ops of the combiner (a scatter-add: one add per update element), as
+  HloCostAnalysis charges it; a scatter that overwrites (combiner returns its update) costs 0."""
+  n = len(ins.operands) // 2            # scatter(operands..., indices, updates...)
+  updates = [comp.instrs.get(o) for o in ins.operands[n + 1:]]
+  combiner = module.get(ins.called('to_apply')[0]) if ins.called('to_apply') else None
+  if combiner is None or not updates or any(u is None for u in updates):
+    return 0.0
+  per_element = sum(1 for i in combiner.instrs.values() if i.opcode in ELEMENTWISE)
+  return float(updates[0].elements * per_element)
+
+
 def instr_bytes_accessed(module: Module, comp: Computation, ins: Instr) -> float:
   """Output + operand bytes of an unfused instruction; an operand that is only sliced (a scan's
   stacked weights, a gathered table) counts as the slices read, as HloCostAnalysis does."""
@@ -174,6 +187,8 @@ class FlopWalker:
       elif op in ('reduce', 'reduce-window'):
         src = comp.instrs.get(ins.operands[0]) if ins.operands else None
         self.elementwise[scope or 'other'] += mult * (src.elements if src is not None else ins.elements)
+      elif op == 'scatter':
+        self.elementwise[scope or 'other'] += mult * scatter_flops(self.module, comp, ins)
 
   def _fusion(self, comp: Computation, ins: Instr, mult: float, own, scope, params, out_scope) -> None:
     if art.feeds_only_gathers(self.module, comp, ins.name):
