@@ -364,7 +364,7 @@ def compile_report(cfg, target: Target, *, train: bool = False, global_batch: in
 def _refused_report(cfg, target: Target, mesh, train: bool, global_batch: int | None, oom: dict,
                     chip: hardware.Chip) -> dict:
   from litejax import bounds, comm, latency, sharding
-  from litejax.planning import state_bytes_per_device
+  from litejax.footprint import state_bytes_per_device
   sizes = sharding.mesh_sizes(mesh)
   b = global_batch or sizes['data'] * sizes['expert']
   tokens = b * cfg.model.seq_len

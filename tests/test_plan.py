@@ -2,7 +2,7 @@
 import pytest
 
 from litejax import hardware, targets
-from litejax import planning
+from litejax import footprint, planning
 from litejax.config import load_config
 from test_targets import HUGE, SMALL
 
@@ -13,10 +13,10 @@ needs_libtpu = pytest.mark.skipif(targets.libtpu_version() is None,
 def test_state_bytes_by_hand():
   # HUGE: 12800 experts x 3 x 512 x 1024 f32 = 80.53 GB of experts, split over the 8 expert ranks.
   cfg = load_config('configs/tiny.yaml', HUGE)
-  s = planning.state_bytes_per_device(cfg, {'data': 1, 'expert': 8, 'tensor': 1}, train=False)
+  s = footprint.state_bytes_per_device(cfg, {'data': 1, 'expert': 8, 'tensor': 1}, train=False)
   experts = 12800 * 3 * 512 * 1024 * 4
   assert experts / 8 < s['params'] < experts / 8 * 1.01
-  t = planning.state_bytes_per_device(cfg, {'data': 1, 'expert': 8, 'tensor': 1}, train=True)
+  t = footprint.state_bytes_per_device(cfg, {'data': 1, 'expert': 8, 'tensor': 1}, train=True)
   assert t['state'] == pytest.approx(3 * s['params'])
 
 

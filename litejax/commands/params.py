@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
   cfg = load_config(args.config, args.overrides)
   n = args.tokens_per_group or cfg.train.batch_size * cfg.model.seq_len
   out = bounds.summary(cfg, n)
-  from litejax.planning import count_model_params
+  from litejax.footprint import count_model_params
   out['params_total_from_model'] = count_model_params(cfg)
   if out['params_total_from_model'] != out['params_total']:
     raise AssertionError(f"bounds.param_counts ({out['params_total']}) disagrees with the model "
