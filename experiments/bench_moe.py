@@ -25,7 +25,6 @@ import pathlib
 import platform
 import statistics
 import sys
-import time
 import traceback
 
 import jax
@@ -35,11 +34,11 @@ import numpy as np
 from litejax.config import from_dict, resolve_dispatch
 from litejax.dispatch import expert_ffn, moe_ffn
 from litejax.routing import route
+from litejax.timing import time_calls
 
 
 def compiled_stats(compiled) -> tuple[float, int]:
   ca = compiled.cost_analysis()
-  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
   mem = compiled.memory_analysis()
   return float(ca.get('flops', 0.0)), int(getattr(mem, 'temp_size_in_bytes', 0) or 0)
 
@@ -49,14 +48,7 @@ def time_fn(fn, args, repeats: int, budget_s: float, warmup: int = 1) -> tuple[f
   runs exhaust `budget_s` (the all-experts rows at E = 1024 take seconds each on 2 cores).
   Returns (median seconds, runs timed, compiled)."""
   compiled = jax.jit(fn).lower(*args).compile()
-  for _ in range(warmup):
-    jax.block_until_ready(compiled(*args))
-  times = []
-  start = time.perf_counter()
-  while len(times) < repeats and (len(times) < 3 or time.perf_counter() - start < budget_s):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
+  times = time_calls(lambda: compiled(*args), repeats, warmup=warmup, budget_s=budget_s)
   return statistics.median(times), len(times), compiled
 
 

@@ -40,6 +40,7 @@ def worker(args) -> dict:
   from litejax import sharding
   from litejax import train as train_lib
   from litejax.config import load_config
+  from litejax.timing import time_calls
   cfg = load_config(args.config, args.overrides)
   if args.model == 'dense':
     cfg = load_config(args.config, args.overrides + dense_overrides(cfg))
@@ -59,22 +60,22 @@ def worker(args) -> dict:
   state, m = step(state, inputs, targets)
   jax.block_until_ready(m['loss'])
   compile_s = time.perf_counter() - t0
-  for _ in range(2):
-    state, m = step(state, inputs, targets)
-  jax.block_until_ready(m['loss'])
-  times = []
-  for _ in range(args.steps):
-    t0 = time.perf_counter()
-    state, m = step(state, inputs, targets)
-    jax.block_until_ready(m['loss'])
-    times.append(time.perf_counter() - t0)
-  med = statistics.median(times)
+
+  last = {'loss': m['loss']}
+
+  def one_step():
+    nonlocal state
+    state, metrics = step(state, inputs, targets)
+    last['loss'] = metrics['loss']
+    return metrics['loss']
+
+  med = statistics.median(time_calls(one_step, args.steps, warmup=2))
   from litejax import bounds
   return {'config': args.name, 'model': args.model, 'devices': args.devices, 'batch': b, 'seq_len': s,
           'median_step_seconds': med, 'tokens_per_second': b * s / med, 'first_step_seconds': compile_s,
           'compiles': step._cache_size(), 'timed_steps': args.steps,
           'params_active_per_token': bounds.param_counts(cfg).active_per_token,
-          'params_total': bounds.param_counts(cfg).total, 'loss_last': float(m['loss'])}
+          'params_total': bounds.param_counts(cfg).total, 'loss_last': float(last['loss'])}
 
 
 def main(argv=None) -> int:

@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,17 +23,12 @@ import jax.numpy as jnp
 from litejax.config import capacity, from_dict
 from litejax.dispatch import expert_matmul, moe_ffn
 from litejax.routing import route, top_k
+from litejax.timing import time_calls
 
 
 def median_ms(fn, *args, repeats: int) -> float:
   compiled = jax.jit(fn).lower(*args).compile()
-  jax.block_until_ready(compiled(*args))
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(*args))
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times) * 1e3
+  return statistics.median(time_calls(lambda: compiled(*args), repeats)) * 1e3
 
 
 def sort_top_k(x, k):

@@ -199,20 +199,3 @@ def human(n: float) -> str:
     if abs(n) >= scale:
       return f'{n / scale:.3g}{unit}'
   return f'{n:.3g}' if not float(n).is_integer() else str(int(n))
-
-
-
-
-# --- Expert-parallel communication (litejax.sharding / litejax.expert_parallel) --------------------
-
-def all_to_all_bytes_per_rank(cfg: Config, global_tokens: int, mesh_shape, dtype_bytes: int) -> dict[str, int]:
-  """Per-rank all-to-all bytes of one MoE layer's forward pass under expert parallelism.
-
-  'dispatch' ≈ capacity_factor·N·K·d·bytes / (data·R_EP) (exactly E·C·d·bytes with C per (source
-  rank, expert)); 'combine' the same back; 'metadata' the expert ids/weights that the gather path and
-  rank-aligned groups send along; 'total'. With rank-aligned groups K becomes k_tier·k_group.
-  The compiled HLO's all-to-alls (litejax.comm.collective_bytes) match this exactly; a training step
-  moves it twice (backward) per MoE layer. See litejax.comm.analytic_all_to_all_bytes_per_rank.
-  """
-  from litejax.comm import analytic_all_to_all_bytes_per_rank
-  return analytic_all_to_all_bytes_per_rank(cfg, global_tokens, mesh_shape, dtype_bytes)

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 
 from litejax import hardware
+from litejax.timing import best_time, time_calls
 
 TERMS = ('compute', 'communication', 'memory')
 
@@ -69,17 +69,6 @@ def _seconds(s: float) -> str:
 
 # ------------------------------------------------------------------------------------------ calibrate
 
-def _best_time(fn, *args, repeats: int) -> float:
-  """Fastest of `repeats` timed calls after a warm-up: other work on a shared machine only adds time."""
-  fn(*args).block_until_ready()
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn(*args).block_until_ready()
-    times.append(time.perf_counter() - t0)
-  return min(times)
-
-
 def measure_peak_flops(n: int = 1024, repeats: int = 5) -> float:
   """This machine's f32 matmul FLOP/s: an [n, n] @ [n, n] chain (2·n³ FLOPs per product)."""
   import jax
@@ -93,28 +82,29 @@ def measure_peak_flops(n: int = 1024, repeats: int = 5) -> float:
       x = x @ a
     return x
 
-  return steps * 2 * n ** 3 / _best_time(chain, a, repeats=repeats)
+  return steps * 2 * n ** 3 / best_time(chain, a, repeats=repeats)
 
 
 def measure_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:
   """This machine's memory bandwidth: x*a+b in place over a large f32 array (read + write per element).
 
   The input is donated so every call writes into the same buffer: a fresh output each call would
-  time the kernel's page faults (~1 GB/s here), not memory.
+  time the kernel's page faults, not memory.
   """
   import jax
   import jax.numpy as jnp
   n = mbytes * 2 ** 20 // 4
   f = jax.jit(lambda x: x * 1.0001 + 1e-3, donate_argnums=0)
-  x = f(jnp.ones((n,), jnp.float32)).block_until_ready()
-  calls, best = 4, float('inf')
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    for _ in range(calls):
+  x = jnp.ones((n,), jnp.float32)
+  calls = 4
+
+  def run():
+    nonlocal x
+    for _ in range(calls):   # several calls per timing, so dispatch overhead is amortised
       x = f(x)
-    x.block_until_ready()
-    best = min(best, (time.perf_counter() - t0) / calls)
-  return 2 * n * 4 / best
+    return x
+
+  return 2 * n * 4 * calls / min(time_calls(run, repeats))
 
 
 # The configs timed by `calibrate`: configs/tiny.yaml with these overrides, chosen to span
@@ -148,9 +138,8 @@ def _time_config(cfg, batch: int, repeats: int) -> tuple[dict, float]:
   tokens = jnp.zeros((batch, cfg.model.seq_len), jnp.int32)
   f = jax.jit(forward)
   compiled = f.lower(state, tokens).compile()
-  ca = compiled.cost_analysis() or {}
-  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
-  seconds = _best_time(compiled, state, tokens, repeats=repeats)
+  ca = compiled.cost_analysis()
+  seconds = best_time(compiled, state, tokens, repeats=repeats)
   return {'flops': float(ca.get('flops', 0.0)), 'bytes_accessed': float(ca.get('bytes accessed', 0.0))}, seconds
 
 

@@ -141,12 +141,6 @@ def resolve(spec: str) -> Target:
   return Target(spec, 'tpu', kind, dims, tuple(devices), hardware.chip(kind))
 
 
-def target_devices(spec: str) -> tuple[list, hardware.Chip | None]:
-  """(devices, chip facts) of a target spec; chip facts are None for cpu:N."""
-  t = resolve(spec)
-  return list(t.devices), t.chip
-
-
 def target_mesh(cfg, target: Target):
   """(cfg, mesh): the config's (data, expert, tensor) mesh rules laid over the target's devices.
 
@@ -183,45 +177,49 @@ def _split_axes_mesh(cfg, devices):
   return jax.sharding.Mesh(grid, sharding.AXES, axis_types=auto)
 
 
-def emulate_cpu_devices(spec: str | None) -> None:
-  """Before jax is imported: make enough emulated CPU devices for a `cpu:N` spec (no-op otherwise)."""
-  import sys
-  if not spec or 'jax' in sys.modules:
-    return
-  kind, dims = parse_target(spec)
-  if kind != 'cpu':
-    return
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'force_host_platform_device_count' not in f]
-  os.environ['XLA_FLAGS'] = ' '.join(flags + [f'--xla_force_host_platform_device_count={dims[0]}'])
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-
-
 # ------------------------------------------------------------------------------------------ per chip
 
 def _cost(compiled) -> dict[str, float]:
-  ca = compiled.cost_analysis() or {}
-  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  ca = compiled.cost_analysis()
   return {'flops': float(ca.get('flops', 0.0)), 'bytes_accessed': float(ca.get('bytes accessed', 0.0))}
 
 
-def _has_loops(hlo_text: str) -> bool:
-  return re.search(r'\swhile\(', hlo_text) is not None
+def _platform(mesh) -> str:
+  return mesh.devices.flat[0].platform
 
 
 def per_device_cost(prog) -> dict[str, float]:
-  """FLOPs and bytes accessed of one device for one step, scan loops counted by their trip count.
+  """FLOPs and bytes accessed of one device for one step, loops counted by their trip count.
 
-  XLA's cost_analysis() counts a while (scan) body once, on TPU as on CPU. Layers are identical, so
-  cost is affine in depth: with scanned layers, two shallow unrolled compiles (one and two periods of
-  `moe_every`) give the per-period cost b and the rest a, and the step costs a + b·periods.
+  XLA's cost_analysis() counts a while (scan) body once, on TPU as on CPU. Loops are counted by
+  litejax.hlo's one trip-count rule:
+    CPU  the HLO walker (litejax.hlo_cost): dots + elementwise FLOPs (XLA's convention; it equals
+         cost_analysis() within 3% on loop-free programs, tests/test_cost.py) and bytes accessed,
+         every computation × its multiplicity.
+    TPU  the chip's own cost_analysis(): the TPU compiler lowers dots to windowed convolutions that
+         the walker does not price. With scanned layers, cost is affine in depth: two shallow
+         unrolled compiles (one and two periods of `moe_every`) give the per-period cost b and the
+         rest a, and the step costs a + b·n, n the trip count of the layer scan (hlo.Module.trip_count
+         of the entry's while loops). Loops inside a layer (a sort's) stay counted once.
   """
+  from litejax import bounds, hlo, hlo_cost
+  if _platform(prog.mesh) != 'tpu':
+    w = hlo_cost.walk(prog.hlo_text, bounds.COMPONENTS, prog.signatures, prog.num_devices)
+    return {'flops': w.total_flops, 'bytes_accessed': w.bytes_accessed,
+            'method': 'HLO walker (loops x trip count)'}
+  module = hlo.parse(prog.hlo_text)
+  trips = {module.trips(i) for i in module[module.entry].instrs.values() if i.opcode == 'while'}
+  if not (prog.cfg.model.scan_layers and trips):
+    return {**_cost(prog.compiled), 'method': 'cost_analysis'}
+  if len(trips) != 1:
+    raise ValueError(f'per_device_cost: the layer scans run {sorted(trips)} times; expected one trip count')
+  return _extrapolate_over_depth(prog, trips.pop())
+
+
+def _extrapolate_over_depth(prog, periods: int) -> dict[str, float]:
   from litejax import cost
   cfg = prog.cfg
-  direct = _cost(prog.compiled)
-  if not (cfg.model.scan_layers and _has_loops(prog.hlo_text)):
-    return {**direct, 'method': 'cost_analysis'}
   period = max(cfg.model.moe_every, 1)
-  periods = cfg.model.num_layers / period
   shallow = []
   for n in (1, 2):
     c = cfg.replace(model=dataclasses.replace(cfg.model, num_layers=n * period, scan_layers=False))
@@ -232,7 +230,7 @@ def per_device_cost(prog) -> dict[str, float]:
     b = shallow[1][k] - shallow[0][k]
     out[k] = shallow[0][k] - b + b * periods
   return {**out, 'method': f'cost_analysis extrapolated over depth (1 and 2 periods of {period} layer(s), '
-                           f'x{periods:g})'}
+                           f'x{periods:g} scan trips)'}
 
 
 def memory_per_device(compiled) -> dict[str, int]:
@@ -366,7 +364,7 @@ def compile_report(cfg, target: Target, *, train: bool = False, global_batch: in
 def _refused_report(cfg, target: Target, mesh, train: bool, global_batch: int | None, oom: dict,
                     chip: hardware.Chip) -> dict:
   from litejax import bounds, comm, latency, sharding
-  from litejax.commands.plan import state_bytes_per_device
+  from litejax.footprint import state_bytes_per_device
   sizes = sharding.mesh_sizes(mesh)
   b = global_batch or sizes['data'] * sizes['expert']
   tokens = b * cfg.model.seq_len

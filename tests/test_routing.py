@@ -79,7 +79,7 @@ def test_router_flops_are_only_kept_branches():
     cfg, params, x = make(T, 8, 4, 1, 1, 1, d=32, n=64)
     f = jax.jit(lambda x, p: route_eager(x, p, cfg).weight_nk)
     ca = f.lower(jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()}).compile().cost_analysis()
-    return ca['flops'] if isinstance(ca, dict) else ca[0]['flops']
+    return ca['flops']
   small, big = flops(4), flops(64)
   # tier scoring grows 2·d·T per token: (64-4)·2·32·64 tokens = 245,760 FLOPs; group/expert levels fixed.
   assert big - small < 1.6 * 2 * 32 * 60 * 64

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from litejax.cli import add_config_arguments, positive_int
+from litejax.devices import set_cpu_device_count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,22 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='global batch for the compile (default: one sequence per batch rank)')
 
 
-def _emulate(n: int) -> None:
-  flag = f'--xla_force_host_platform_device_count={n}'
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split() if 'force_host_platform_device_count' not in f]
-  if 'jax' in sys.modules:   # too late to change the device count (e.g. called in-process by tests)
-    return
-  os.environ['XLA_FLAGS'] = ' '.join(flags + [flag])
-  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-
-
 def run(args: argparse.Namespace) -> int:
   from litejax.config import load_config
   cfg = load_config(args.config, args.overrides)
   if args.target and not args.target.startswith('cpu'):
     return _run_target(args, cfg)
   n = int(args.target.split(':')[1]) if args.target else args.devices
-  _emulate(n)
+  set_cpu_device_count(n, cpu_only=True)   # no-op when called in-process after jax (tests)
   from litejax import bounds, cost
   rep = cost.bound(cfg, train=args.train, num_devices=n, global_batch=args.batch, tol=args.tol)
   if args.json:
@@ -55,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_target(args: argparse.Namespace, cfg) -> int:
   """--target TPU: the per-chip report (litejax.targets) of the step compiled for that slice."""
-  _emulate(1)
+  set_cpu_device_count(1, cpu_only=True)
   from litejax import bounds, targets
   try:
     rep = targets.compile_report(cfg, targets.resolve(args.target), train=args.train, global_batch=args.batch)

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 from litejax import bounds
 from litejax.cli import add_config_arguments, positive_int
@@ -21,20 +20,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='N for capacity padding (default: train.batch_size * model.seq_len)')
 
 
-def count_model_params(cfg) -> int:
-  """Parameters of the real NNX model, from abstract shapes only."""
-  import jax
-  from flax import nnx
-
-  from litejax.model import abstract_model
-  state = nnx.state(abstract_model(cfg), nnx.Param)
-  return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
-
-
 def run(args: argparse.Namespace) -> int:
   cfg = load_config(args.config, args.overrides)
   n = args.tokens_per_group or cfg.train.batch_size * cfg.model.seq_len
   out = bounds.summary(cfg, n)
+  from litejax.footprint import count_model_params
   out['params_total_from_model'] = count_model_params(cfg)
   if out['params_total_from_model'] != out['params_total']:
     raise AssertionError(f"bounds.param_counts ({out['params_total']}) disagrees with the model "

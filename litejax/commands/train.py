@@ -48,16 +48,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _set_device_count(n: int) -> None:
-  flag = f'--xla_force_host_platform_device_count={n}'
-  if 'jax' in sys.modules:
+  from litejax.devices import set_cpu_device_count
+  if not set_cpu_device_count(n):
     import jax
     if jax.config.jax_platforms in (None, '', 'cpu') and len(jax.devices('cpu')) != n:
       print(f'litejax train: jax was imported before --devices could apply; using '
             f'{len(jax.devices("cpu"))} CPU devices', file=sys.stderr)
-    return
-  flags = [f for f in os.environ.get('XLA_FLAGS', '').split()
-           if not f.startswith('--xla_force_host_platform_device_count')]
-  os.environ['XLA_FLAGS'] = ' '.join(flags + [flag])
 
 
 def _check_flags(args: argparse.Namespace) -> None:

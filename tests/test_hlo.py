@@ -1,0 +1,78 @@
+"""litejax.hlo: one parser, one dtype table and one trip-count rule for every HLO reader."""
+import pytest
+
+from litejax import comm, hlo, hlo_cost
+
+HLO = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%body (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %x = f32[4,8]{1,0} get-tuple-element(%p), index=1
+  %m = f32[4,8]{1,0} multiply(%x, %x)
+  ROOT %t = (s32[], f32[4,8]{1,0}) tuple(%i, %m)
+}
+
+%cond (p: (s32[], f32[4,8])) -> pred[] {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %c = s32[] constant(5)
+  ROOT %lt = pred[] compare(%i, %c), direction=LT
+}
+
+%cond_unknown (p: (s32[], f32[4,8])) -> pred[] {
+  %p = (s32[], f32[4,8]{1,0}) parameter(0)
+  ROOT %f = pred[] constant(false)
+}
+
+ENTRY %main (a: f32[4,8], q: s4[64]) -> f32[4,8] {
+  %a = f32[4,8]{1,0} parameter(0)
+  %q = s4[64]{0} parameter(1)
+  %t = (s32[], f32[4,8]{1,0}) tuple(%z, %a)
+  %known = (s32[], f32[4,8]{1,0}) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  %by_cond = (s32[], f32[4,8]{1,0}) while(%t), condition=%cond, body=%body
+  %unknown = (s32[], f32[4,8]{1,0}) while(%t), condition=%cond_unknown, body=%body
+  %r = f32[] reduce(%a, %zero), dimensions={0,1}, to_apply=%add
+  ROOT %ar = f32[4,8]{1,0} all-reduce(%a), replica_groups={}, to_apply=%add
+}
+"""
+
+
+def test_parse_computations_and_shapes():
+  m = hlo.parse(HLO)
+  assert m.entry == 'main' and set(m.computations) == {'add', 'body', 'cond', 'cond_unknown', 'main'}
+  main = m['main']
+  assert main.root == 'ar'
+  assert main.instrs['t'].shapes == [('s32', ()), ('f32', (4, 8))]
+  assert main.instrs['q'].nbytes == 32          # s4: half a byte per element, packed
+  assert main.instrs['a'].param_index == 0 and main.instrs['q'].param_index == 1
+  assert m['body'].users['m'] == ['t']
+  with pytest.raises(ValueError, match='ENTRY'):
+    hlo.parse('HloModule m\n')
+
+
+def test_one_trip_count_rule():
+  m = hlo.parse(HLO)
+  loops = m['main'].instrs
+  assert m.trip_count(loops['known']) == 3       # known_trip_count first
+  assert m.trip_count(loops['by_cond']) == 5     # then the condition's constant
+  assert m.trip_count(loops['unknown']) is None  # else once, and listed
+  assert m.unknown_loops() == ['unknown']
+  mult = m.multiplicities()
+  assert mult['body'] == 3 + 5 + 1 and mult['cond'] == 3 + 5 and mult['cond_unknown'] == 1
+  assert mult['add'] == 2                        # the reduce's and the all-reduce's combiner
+  assert 'add' not in m.multiplicities(control_flow_only=True)
+
+
+def test_readers_share_the_rule():
+  w = hlo_cost.walk(HLO, ())
+  # the body's multiply (3 + 5 + 1 runs), the condition's compare (3 + 5 runs), the reduce
+  assert w.elementwise['other'] == (3 + 5 + 1) * 32 + (3 + 5) + 32
+  assert w.unknown_trip_counts == 1
+  coll = comm.collective_bytes(HLO)
+  assert coll['all_reduce'] == 4 * 8 * 4 and coll['unknown_trip_count'] == ['unknown']
