@@ -156,11 +156,10 @@ def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None =
   sees every layer. Returns the host chip facts, one row per config (flops, bytes, predicted terms,
   measured seconds, ratio) and whether the model ranks them right and lands within 2x.
   """
-  import pathlib
 
   from litejax.config import load_config
   if base is None:
-    base = str(pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'tiny.yaml')
+    base = 'tiny'   # the shipped config (litejax.config.resolve_config_path)
   if configs is None:
     configs = QUICK_CONFIGS if quick else CALIBRATION_CONFIGS
   if quick:

@@ -29,9 +29,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from litejax.config import load_config
   cfg = load_config(args.config, args.overrides)
-  if args.target and not args.target.startswith('cpu'):
-    return _run_target(args, cfg)
-  n = int(args.target.split(':')[1]) if args.target else args.devices
+  n = args.devices
+  if args.target:
+    from litejax.targets import TargetError, parse_target   # no jax import: safe before XLA_FLAGS
+    try:
+      kind, dims = parse_target(args.target)
+    except TargetError as e:
+      print(f'litejax bound: {e}', file=sys.stderr)
+      return 2
+    if kind != 'cpu':
+      return _run_target(args, cfg)
+    n = dims[0]
   set_cpu_device_count(n, cpu_only=True)   # no-op when called in-process after jax (tests)
   from litejax import bounds, cost
   rep = cost.bound(cfg, train=args.train, num_devices=n, global_batch=args.batch, tol=args.tol)
