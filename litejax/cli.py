@@ -18,6 +18,7 @@ COMMANDS = {
     'calibrate': ('litejax.commands.calibrate', 'measure this CPU and check the latency model on timed configs'),
     'bound': ('litejax.commands.bound', 'compile from abstract shapes; compiled vs analytic FLOPs/token'),
     'train': ('litejax.commands.train', 'train a config on the embedded corpus (or --data) with checkpoints'),
+    'export-experts': ('litejax.commands.export_experts', 'write an expert store from a checkpoint or random init'),
 }
 
 
