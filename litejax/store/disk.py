@@ -55,12 +55,13 @@ def read_manifest(location: str, context: ts.Context) -> dict[str, Any] | None:
 class PendingRead:
   """Reads of some experts of one layer in flight; `result()` waits and returns {name: [n, ...]}."""
 
-  def __init__(self, store: 'ExpertStore', layer: int, ids: np.ndarray, futures: dict[str, ts.Future]):
-    self.store, self.layer, self.ids, self.futures = store, layer, ids, futures
+  def __init__(self, store: 'ExpertStore', layer: int, ids: np.ndarray, futures: dict[str, ts.Future],
+               inverse: np.ndarray):
+    self.store, self.layer, self.ids, self.futures, self.inverse = store, layer, ids, futures, inverse
 
   def result(self) -> dict[str, np.ndarray]:
     try:
-      return {name: np.asarray(f.result()) for name, f in self.futures.items()}
+      return {name: np.asarray(f.result())[self.inverse] for name, f in self.futures.items()}
     except ValueError:
       # One batched read failed: read the experts one by one to name the first bad one.
       raise self.store.diagnose(self.layer, self.ids) from None
@@ -120,11 +121,12 @@ class ExpertStore:
     """Starts reading experts `ids` of `layer` (all arrays, one batched read each) and returns at once;
     a prefetch thread overlaps these reads with compute and calls `.result()` when it needs them."""
     ids_n = self._check(layer, ids)
-    futures = {name: arr[ids_n].read() for name, arr in self.arrays[layer].items()}
-    return PendingRead(self, layer, ids_n, futures)
+    unique_u, inverse_n = np.unique(ids_n, return_inverse=True)   # a repeated id is read once
+    futures = {name: arr[unique_u].read() for name, arr in self.arrays[layer].items()}
+    return PendingRead(self, layer, ids_n, futures, inverse_n)
 
   def read_experts(self, layer: int, ids: Sequence[int]) -> dict[str, np.ndarray]:
-    """{name: [n, ...]} for experts `ids` of `layer`, in the order given (duplicates allowed)."""
+    """{name: [n, ...]} for experts `ids` of `layer`, in the order given; a repeated id is read once."""
     return self.read_experts_async(layer, ids).result()
 
   def diagnose(self, layer: int, ids: np.ndarray) -> ExpertStoreError:
