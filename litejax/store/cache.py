@@ -80,7 +80,8 @@ class SlotCache:
       out = self._admit(k, protected)
       if out is not None:
         evicted.append(out)
-    for k in unique:
+    for k in unique:    # one tick per key, so recency ties within a step break in request order
+      self.clock += 1
       self.last_use[self.slot_of[k]] = self.clock
     np.add.at(self.uses, np.asarray(keys, np.int64), 1)
     self.group_last[np.unique(np.asarray(unique, np.int64) // self.keys_per_group)] = self.clock
