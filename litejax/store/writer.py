@@ -6,6 +6,7 @@ written). The manifest is written last; a store whose export was cut off has non
 """
 from __future__ import annotations
 
+import functools
 import json
 import pathlib
 from typing import Any, Callable
@@ -101,6 +102,7 @@ def experts_per_block(cfg: Config, block_bytes: int) -> int:
   return max(1, min(cfg.moe.experts_total, block_bytes // layout.expert_bytes(cfg)))
 
 
+@functools.lru_cache(maxsize=4)   # one compile per (config, block size) per process
 def random_block_fn(cfg: Config, n: int) -> Callable[[int, int, int], dict[str, np.ndarray]]:
   """f(seed, layer, start) -> {name: [n, ...]}: experts start..start+n-1 of `layer`, each drawn from its
   own key fold_in(fold_in(fold_in(key(seed), layer), array), expert), uniform with variance 1/fan_in
