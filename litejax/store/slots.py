@@ -1,0 +1,65 @@
+"""The device slot buffer: per MoE layer, static-shape [slots, ...] arrays of expert weights on device.
+
+Experts arrive from the host tier as arrays in JAX's `pinned_host` memory (the staging copy a DMA
+reads from; on CPU in jax 0.10.2 it is listed but is not physically separate) and are written into
+their slots by one jitted `.at[slot].set` with the buffer donated, so the update is in place and the
+step compiles once per load width, whatever slots it fills.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def memory_sharding(kind: str, device: jax.Device | None = None) -> jax.sharding.SingleDeviceSharding:
+  """A single-device sharding in memory `kind` ('device' or 'pinned_host')."""
+  return jax.sharding.SingleDeviceSharding(device or jax.devices()[0], memory_kind=kind)
+
+
+def to_pinned_host(x: np.ndarray, device: jax.Device | None = None) -> jax.Array:
+  """A host copy of `x` in pinned_host memory, ready to be moved onto `device`."""
+  return jax.device_put(x, memory_sharding('pinned_host', device))
+
+
+def _set_slots(buf_snk, slots_n, value_nk, device_sharding):
+  # Out-of-range slots (padding up to the load width) are dropped, not clamped onto a real slot.
+  return buf_snk.at[slots_n].set(jax.device_put(value_nk, device_sharding).astype(buf_snk.dtype), mode='drop')
+
+
+class DeviceSlots:
+  """`buffers[name]` is a [num_slots, *shape] device array per expert array (w_in, w_gate, w_out)."""
+
+  def __init__(self, num_slots: int, shapes: Mapping[str, Sequence[int]], dtype, load_width: int,
+               device: jax.Device | None = None):
+    if num_slots <= 0 or load_width <= 0:
+      raise ValueError(f'num_slots ({num_slots}) and load_width ({load_width}) must be > 0')
+    self.num_slots, self.load_width = num_slots, load_width
+    self.device_sharding = memory_sharding('device', device)
+    self.device = device
+    self.buffers = {name: jax.device_put(np.zeros((num_slots, *shape), dtype), self.device_sharding)
+                    for name, shape in shapes.items()}
+    self._set = jax.jit(_set_slots, donate_argnums=0, static_argnums=3)
+
+  def load(self, slots: Sequence[int], experts: Mapping[str, np.ndarray | jax.Array]) -> None:
+    """Writes experts[name][i] into slot slots[i] of every buffer; up to `load_width` experts per call
+    (the call pads to that width so every load reuses one compiled program)."""
+    n = len(slots)
+    if n > self.load_width:
+      raise ValueError(f'load of {n} experts exceeds load_width {self.load_width}')
+    if any(not 0 <= s < self.num_slots for s in slots):
+      raise ValueError(f'slots {list(slots)}: must be in [0, {self.num_slots})')
+    idx = np.full(self.load_width, self.num_slots, np.int32)   # pad with an out-of-range slot: dropped
+    idx[:n] = slots
+    for name, buf in self.buffers.items():
+      x = np.asarray(experts[name])
+      padded = np.zeros((self.load_width, *x.shape[1:]), x.dtype)
+      padded[:n] = x
+      self.buffers[name] = self._set(buf, jnp.asarray(idx), to_pinned_host(padded, self.device),
+                                     self.device_sharding)
+
+  def gather(self, slots_n: jax.Array) -> dict[str, jax.Array]:
+    """{name: [n, ...]} the experts in slots `slots_n` (what a decode step feeds its expert matmuls)."""
+    return {name: buf[slots_n] for name, buf in self.buffers.items()}

@@ -1,0 +1,107 @@
+"""`litejax export-experts`: a checkpoint's experts (unscanned and scanned models) land in the store
+unchanged; --init writes the configured store; bad input fails before anything is written."""
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from litejax.checkpoint import Checkpointer
+from litejax.cli import main
+from litejax.config import load_config
+from litejax.store import layout
+from litejax.store.disk import ExpertStore
+from store_helpers import SMALL, STORE_1B, small_cfg
+
+
+def save_checkpoint(cfg, ckpt_dir):
+  """A checkpoint of random params laid out as the trainer saves them ({'params': nnx.State, ...}), built
+  from the abstract model so nothing is compiled."""
+  from flax import nnx
+
+  from litejax.model import abstract_model
+  rng = np.random.default_rng(0)
+  params = nnx.state(abstract_model(cfg), nnx.Param)
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), params)
+  state = {'params': params, 'step': np.zeros((), np.int32)}
+  ckpt = Checkpointer(ckpt_dir, async_save=False)
+  ckpt.save(0, state, {'config': cfg.to_dict()})
+  ckpt.close()
+  return state
+
+
+def expert_param(state, cfg, layer, name):
+  p = state['params']
+  if cfg.model.scan_layers:
+    period = max(cfg.model.moe_every, 1)
+    return np.asarray(p['periods']['layers'][layer % period]['ffn'][name][...])[layer // period]
+  return np.asarray(p['blocks'][layer]['ffn'][name][...])
+
+
+@pytest.mark.parametrize('extra', [[], ['model.scan_layers=true', 'model.moe_every=2', 'model.num_layers=4']],
+                         ids=['blocks', 'scanned'])
+def test_checkpoint_experts_land_unchanged(tmp_path, extra, capsys):
+  cfg = small_cfg(*extra)
+  state = save_checkpoint(cfg, tmp_path / 'ckpt')
+  assert main(['export-experts', '--ckpt-dir', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'store'),
+               '--json']) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out['layers'] == layout.moe_layers(cfg) and out['source']['step'] == 0
+  store = ExpertStore.open(str(tmp_path / 'store'), cfg)
+  ids = list(range(cfg.moe.experts_total))
+  for layer in store.layers:
+    got = store.read_experts(layer, ids)
+    for name in layout.array_names(cfg):
+      assert np.array_equal(got[name], expert_param(state, cfg, layer, name)), (layer, name)
+  if extra:
+    assert store.layers == [1, 3]
+
+
+def test_init_writes_the_configured_store_and_refuses_to_overwrite(tmp_path, capsys):
+  cfg_args = ['--config', STORE_1B] + sum((['--set', s] for s in SMALL), [])
+  out = str(tmp_path / 'store')
+  cfg_args += ['--block-mib', '0.01']     # blocks of 6 experts, the last one short
+  assert main(['export-experts', '--init', '--seed', '2', '--out', out] + cfg_args) == 0
+  store = ExpertStore.open(out, small_cfg())
+  assert store.manifest['source'] == {'kind': 'init', 'seed': 2}
+  first = store.read_experts(1, [5])['w_in']
+  capsys.readouterr()
+  assert main(['export-experts', '--init', '--seed', '3', '--out', out] + cfg_args) == 2
+  assert 'pass --overwrite' in capsys.readouterr().err
+  assert np.array_equal(ExpertStore.open(out).read_experts(1, [5])['w_in'], first)
+  assert main(['export-experts', '--init', '--seed', '3', '--out', out, '--overwrite'] + cfg_args) == 0
+  assert not np.array_equal(ExpertStore.open(out).read_experts(1, [5])['w_in'], first)
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--out', 'S'], 'exactly one of --ckpt-dir D or --init'),
+    (['--out', 'S', '--init', '--ckpt-dir', 'D'], 'exactly one of --ckpt-dir D or --init'),
+    (['--out', 'S', '--init'], '--config is required'),
+    (['--out', 'S', '--ckpt-dir', 'D', '--config', STORE_1B], 'drop --config'),
+    (['--out', 'S', '--init', '--config', STORE_1B, '--block-mib', '0'], '--block-mib: must be > 0'),
+    (['--out', 'S', '--init', '--config', STORE_1B, '--set', 'moe.k_expert=99'], 'moe.k_expert'),
+    (['--out', 'S', '--init', '--config', STORE_1B, '--set', 'model.moe_every=0'], 'no MoE layer'),
+    (['--out', 'S', '--ckpt-dir', 'no/such/dir'], 'no such directory'),
+])
+def test_bad_input_writes_nothing(tmp_path, monkeypatch, capsys, args, words):
+  monkeypatch.chdir(tmp_path)
+  args = [a if a != STORE_1B else str(layout_root() / STORE_1B) for a in args]
+  assert main(['export-experts'] + args) == 2
+  assert words in capsys.readouterr().err
+  assert not (tmp_path / 'S').exists() and not (tmp_path / 'no').exists()
+
+
+def layout_root():
+  import pathlib
+  return pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_store_1b_config_is_a_billion_parameters_in_hierarchical_experts():
+  from litejax import bounds
+  cfg = load_config(layout_root() / STORE_1B)
+  m = cfg.moe
+  assert (m.num_tiers, m.groups_per_tier, m.experts_per_group) == (16, 16, 64) and m.experts_total == 16384
+  assert cfg.model.num_moe_layers == 4 and m.k_tier == 1 and m.k_group == 2
+  counts = bounds.summary(cfg, 1)
+  assert counts['params_total'] == 1_216_717_952 and counts['params_expert_total'] == 1_207_959_552
+  assert layout.expert_bytes(cfg) == 73_728
