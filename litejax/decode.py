@@ -155,6 +155,10 @@ class Runtime:
     s = shd.mesh_sizes(self.mesh)
     return s['data'] * s['expert']
 
+  def place(self, params, extra):
+    """Puts model state (e.g. from a one-device model) into the runtime's shardings."""
+    return jax.device_put(params, self.params_shardings), jax.device_put(extra, self.extra_shardings)
+
   def abstract_step_args(self) -> tuple:
     """ShapeDtypeStructs (with shardings) of the decode step's arguments: `step.trace(*args)` lowers
     it without allocating anything."""
@@ -282,3 +286,17 @@ def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_token
   except KeyboardInterrupt:
     interrupted = True
   return Generation(out, ttft, step_s, interrupted, rt.step._cache_size())
+
+
+def step_latency_split(rt: Runtime, chip) -> dict[str, Any]:
+  """The latency model's compute / communication / memory terms (litejax.latency.estimate) for one
+  decode step, from the step compiled from abstract shapes: XLA cost_analysis FLOPs and bytes
+  accessed (a scan body is counted once by XLA: scanned layers are undercounted until calibrated),
+  collective bytes from litejax.comm. Per step = per generated token of every row."""
+  from litejax import comm, latency
+  compiled = rt.step.trace(*rt.abstract_step_args()).lower().compile()
+  ca = compiled.cost_analysis()
+  coll = comm.collective_bytes(compiled)['total']
+  est = latency.estimate(float(ca.get('flops', 0.0)), float(coll), float(ca.get('bytes accessed', 0.0)), chip)
+  return {**est.as_dict(), 'flops': float(ca.get('flops', 0.0)), 'bytes_accessed': float(ca.get('bytes accessed', 0.0)),
+          'collective_bytes': float(coll)}
