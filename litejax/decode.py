@@ -155,6 +155,15 @@ class Runtime:
     s = shd.mesh_sizes(self.mesh)
     return s['data'] * s['expert']
 
+  def rows(self, x) -> jax.Array:
+    """int32 per-row values (tokens, positions) placed as the step expects them: a committed array
+    with the batch sharding. Uncommitted host arrays would compile a second variant of the step."""
+    return jax.device_put(np.asarray(x, np.int32), shd.logical_sharding(self.mesh, ('batch',)))
+
+  def replicated(self, tree):
+    """Scalars (key, step index, sampling settings) placed as the step expects them."""
+    return jax.device_put(tree, NamedSharding(self.mesh, P()))
+
   def place(self, params, extra):
     """Puts model state (e.g. from a one-device model) into the runtime's shardings."""
     return jax.device_put(params, self.params_shardings), jax.device_put(extra, self.extra_shardings)
@@ -262,14 +271,15 @@ def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_token
     raise ValueError(f'longest prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) - 1 exceeds the '
                      f'cache length {rt.max_len}')
   n = len(prompts)
+  params, extra = rt.place(params, extra)        # a no-op when already in the runtime's shardings
   out: list[list[int]] = [[] for _ in range(n)]
-  key, samp = jax.random.key(seed), sampling.as_arrays()
+  key, samp = rt.replicated((jax.random.key(seed), sampling.as_arrays()))
   step_s: list[float] = []
   interrupted, ttft = False, 0.0
   try:
     cache = init_cache(rt.cfg, rt.mesh, rt.batch, rt.max_len)
     t0 = time.perf_counter()
-    next_b, _, cache = rt.prefill(params, extra, cache, tokens, lengths, key, samp)
+    next_b, _, cache = rt.prefill(params, extra, cache, tokens, rt.rows(lengths), key, samp)
     host = np.asarray(jax.device_get(next_b))
     ttft = time.perf_counter() - t0
     for j in range(max_new_tokens):
@@ -280,7 +290,8 @@ def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_token
       if j == max_new_tokens - 1:
         break
       t0 = time.perf_counter()
-      next_b, _, cache = rt.step(params, extra, cache, next_b, jnp.asarray(lengths + j), key, jnp.int32(j + 1), samp)
+      next_b, _, cache = rt.step(params, extra, cache, next_b, rt.rows(lengths + j), key,
+                                 rt.replicated(jnp.int32(j + 1)), samp)
       host = np.asarray(jax.device_get(next_b))
       step_s.append(time.perf_counter() - t0)
   except KeyboardInterrupt:

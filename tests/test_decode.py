@@ -12,7 +12,9 @@ from litejax import sharding as shd
 from litejax.config import MeshConfig, load_config
 from litejax.model import init_model
 from litejax.sampling import Sampling
-from train_helpers import REPO, TINY
+from train_helpers import REPO, TINY, enable_compile_cache
+
+enable_compile_cache()
 
 S, EXTRA = 12, 4                       # tokens compared per row; cache slack for the longest prompt
 LENGTHS = np.array([5, 3, 8, 5, 4, 6, 7, 3], np.int32)    # prompt length per row: 3 .. 7 (+1)
@@ -44,16 +46,22 @@ def reference(name):
   return params, extra, tokens, np.asarray(logits)
 
 
-def cached_logits(cfg, mesh, params, extra, tokens):
+@functools.lru_cache(maxsize=None)
+def runtime(name, shape, max_len=S + EXTRA):
+  """One Runtime (so one compile of prefill and step) per config and mesh, shared by the tests."""
+  return decode.make_runtime(config(name), mesh_of(shape), 8, max_len)
+
+
+def cached_logits(rt, params, extra, tokens):
   """Logits at every position of every row from prefill (each row its own prompt length, padded)
   followed by teacher-forced decode steps; and the decode step's compile count."""
-  rt = decode.make_runtime(cfg, mesh, 8, S + EXTRA)
+  cfg, mesh = rt.cfg, rt.mesh
   params, extra = rt.place(params, extra)
   padded = np.where(np.arange(LENGTHS.max())[None] < LENGTHS[:, None], tokens[:, :LENGTHS.max()], 0)
-  key, samp = jax.random.key(0), Sampling().as_arrays()
+  key, samp = rt.replicated((jax.random.key(0), Sampling().as_arrays()))
   with jax.set_mesh(mesh):
     cache = decode.init_cache(cfg, mesh, 8, S + EXTRA)
-    _, logits_p, cache = rt.prefill(params, extra, cache, padded, LENGTHS, key, samp)
+    _, logits_p, cache = rt.prefill(params, extra, cache, padded, rt.rows(LENGTHS), key, samp)
     got = np.full((8, S, cfg.model.vocab_size), np.nan, np.float32)
     logits_p = np.asarray(logits_p)
     for b, n in enumerate(LENGTHS):
@@ -61,7 +69,8 @@ def cached_logits(cfg, mesh, params, extra, tokens):
     for j in range(S - LENGTHS.min()):
       pos = LENGTHS + j
       feed = np.where(pos < S, tokens[np.arange(8), np.minimum(pos, S - 1)], 0).astype(np.int32)
-      _, logits_b, cache = rt.step(params, extra, cache, feed, pos, key, jnp.int32(j), samp)
+      _, logits_b, cache = rt.step(params, extra, cache, rt.rows(feed), rt.rows(pos), key,
+                                   rt.replicated(jnp.int32(j)), samp)
       logits_b = np.asarray(logits_b)
       for b in np.flatnonzero(pos < S):
         got[b, pos[b]] = logits_b[b]
@@ -70,7 +79,7 @@ def cached_logits(cfg, mesh, params, extra, tokens):
 
 def check(name, shape):
   params, extra, tokens, want = reference(name)
-  got, compiles = cached_logits(config(name), mesh_of(shape), params, extra, tokens)
+  got, compiles = cached_logits(runtime(name, shape), params, extra, tokens)
   assert not np.isnan(got).any()
   np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
   assert compiles == 1
@@ -99,23 +108,21 @@ def test_hier_expert_parallel():
 def test_cached_differs_when_the_cache_is_wrong():
   # The comparison can fail: shifting the positions by one changes RoPE and the logits.
   params, extra, tokens, want = reference('tiny')
-  cfg = config('tiny')
-  rt = decode.make_runtime(cfg, mesh_of((1, 1, 1)), 8, S + EXTRA)
+  rt = runtime('tiny', (1, 1, 1))
+  cfg = rt.cfg
+  params, extra = rt.place(params, extra)
+  key, step, samp = rt.replicated((jax.random.key(0), jnp.int32(0), Sampling().as_arrays()))
   with jax.set_mesh(rt.mesh):
     cache = decode.init_cache(cfg, rt.mesh, 8, S + EXTRA)
-    _, _, cache = rt.prefill(params, extra, cache, tokens[:, :4], np.full(8, 4, np.int32), jax.random.key(0),
-                             Sampling().as_arrays())
-    _, logits_b, _ = rt.step(params, extra, cache, tokens[:, 4], np.full(8, 5, np.int32), jax.random.key(0),
-                             jnp.int32(0), Sampling().as_arrays())
+    _, _, cache = rt.prefill(params, extra, cache, tokens[:, :8], rt.rows(np.full(8, 4)), key, samp)
+    _, logits_b, _ = rt.step(params, extra, cache, rt.rows(tokens[:, 4]), rt.rows(np.full(8, 5)), key, step, samp)
   assert np.abs(np.asarray(logits_b) - want[:, 4]).max() > 1e-3
 
 
 @pytest.fixture(scope='module')
 def tiny_runtime():
-  cfg = config('tiny')
-  mesh = mesh_of((1, 1, 1))
   params, extra, _, _ = reference('tiny')
-  return decode.make_runtime(cfg, mesh, 8, 24), params, extra
+  return runtime('tiny', (1, 1, 1)), params, extra
 
 
 PROMPTS = [[72, 101, 108, 108, 111], [87, 104], [65, 110, 100, 32, 71, 111, 100]]
@@ -161,7 +168,7 @@ def test_bad_arguments_are_named(tiny_runtime):
   with pytest.raises(ValueError, match='max_new_tokens'):
     decode.generate(rt, params, extra, PROMPTS, 0)
   with pytest.raises(ValueError, match='cache length'):
-    decode.generate(rt, params, extra, PROMPTS, 30)
+    decode.generate(rt, params, extra, PROMPTS, S + EXTRA)
   with pytest.raises(ValueError, match='top_p'):
     decode.generate(rt, params, extra, PROMPTS, 2, Sampling(top_p=0.0))
 

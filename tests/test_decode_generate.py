@@ -8,7 +8,9 @@ from litejax import cli
 from litejax import train as train_lib
 from litejax.config import load_config
 from litejax.sharding import make_mesh
-from train_helpers import TINY, TINY_YAML
+from train_helpers import TINY, TINY_YAML, enable_compile_cache
+
+enable_compile_cache()
 
 RUN = TINY + ['model.scan_layers=true', 'train.steps=2', 'train.ckpt_every=2', 'train.eval_every=2',
               'mesh.data=1']
