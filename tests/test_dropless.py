@@ -66,6 +66,7 @@ def test_equals_dense_reference_with_skewed_load(kind, impl):
   np.testing.assert_allclose(np.asarray(y), y_ref, rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('impl', ['tiles', 'ragged'])
 def test_gradients_match_gather_path(impl):
   # The gather path drops nothing at capacity_factor 50 and its gradients are checked against finite
