@@ -97,3 +97,11 @@ def test_analytic_bound_counts_the_tiles():
   f = bounds.forward_flops_per_token(cfg, n)
   assert f['experts'] == pytest.approx(cfg.model.num_layers * t * tiles / n * bounds.expert_flops(cfg))
   assert t * tiles > n * 4      # the padding is counted, not hidden
+
+
+def test_expert_parallel_plan_has_room_for_every_assignment():
+  from litejax import comm
+  cfg = moe_cfg(dispatch='dropless')
+  for n, ranks in ((1, 2), (3, 4), (16, 1)):
+    p = comm.plan(cfg, n, ranks)
+    assert (p.path, p.slots_per_rank, p.bucket_capacity) == ('gather', n * cfg.k_active, n * cfg.k_active)
