@@ -8,6 +8,7 @@ FLOPs count a multiply-add as 2. Per token and per layer:
   experts                K · c·d·h,  c = 4 (mlp: two matmuls) or 6 (glu: three)
   with capacity padding  (E·C / N) · c·d·h for the capacity/einsum paths (C slots for each of E experts,
                          filled or not), K · c·d·h for gather (every assignment computed, drops masked)
+  dropless               (t · tiles / N) · c·d·h on CPU (config.dropless_tiles: fixed row tiles of one expert)
   combine                2·K·d   (weighted sum of the K expert outputs)
   shared experts         c·d·(num_shared·d_shared)
   dense FFN              c·d·d_ff  (non-MoE layers)
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from litejax.config import Config, capacity, resolve_dispatch
+from litejax.config import Config, capacity, dropless_tiles, resolve_dispatch
 
 BWD_MULTIPLIER = 3  # forward + backward (dgrad + wgrad) for every matmul
 
@@ -101,6 +102,9 @@ def forward_flops_per_token(cfg: Config, tokens_per_group: int | None = None,
   per_expert = expert_flops(cfg)
   if tokens_per_group is None or path == 'gather':
     expert_rows = K
+  elif path == 'dropless':   # the CPU form's static tiles (litejax.dropless); ragged_dot does exactly K
+    tile, tiles = dropless_tiles(tokens_per_group * K, E)
+    expert_rows = tile * tiles / tokens_per_group
   else:
     expert_rows = E * capacity(m, tokens_per_group) / tokens_per_group
   out = {

@@ -24,6 +24,7 @@ COMMANDS = {
     'calibrate': ('litejax.commands.calibrate', 'measure this CPU and check the latency model on timed configs'),
     'bound': ('litejax.commands.bound', 'compile from abstract shapes; compiled vs analytic FLOPs/token'),
     'train': ('litejax.commands.train', 'train a config on the embedded corpus (or --data) with checkpoints'),
+    'generate': ('litejax.commands.generate', 'continue prompts from a checkpoint (KV cache, dropless MoE)'),
     'export-experts': ('litejax.commands.export_experts', 'write an expert store from a checkpoint or random init'),
 }
 _GOOGLE_PCI_VENDOR = '0x1ae0'

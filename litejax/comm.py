@@ -140,6 +140,8 @@ def plan(cfg: MoEConfig, n_local: int, num_ranks: int) -> Plan:
     buckets, items = E, cfg.k_active
     cap = capacity(cfg, n_local, E)
   per_rank_buckets = buckets // num_ranks
+  if path == 'dropless':   # decode: every item fits (capacity and slots per rank = N_loc·items)
+    return Plan('gather', cfg.rank_aligned_groups, buckets, items, n_local * items, n_local * items, num_ranks)
   if path == 'capacity':
     spr = per_rank_buckets * cap
   else:

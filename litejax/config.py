@@ -5,10 +5,12 @@ wrong types and invalid combinations raise `ConfigError` naming the field and th
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import pathlib
 import re
+import types
 from typing import Any, Iterable, Literal, get_args, get_origin
 
 import yaml
@@ -77,13 +79,16 @@ class MoEConfig:
   k_expert: int = 2
   d_expert: int = 128               # h
   capacity_factor: float = 1.25
+  # Capacity factor of prefill (evaluation without gradients); null: prefill is dropless, as decode
+  # always is (litejax.decode), so a prompt's logits do not depend on what else is in the batch.
+  eval_capacity_factor: float | None = None
   min_capacity: int = 1
   expert_kind: Literal['mlp', 'glu'] = 'mlp'
   num_shared_experts: int = 0
   d_shared: int = 0                 # shared expert hidden; 0 -> d_expert
   score: Literal['softmax', 'sigmoid'] = 'softmax'
   renormalize: bool = True          # combine weights sum to 1 over the K assignments
-  dispatch: Literal['auto', 'capacity', 'gather', 'einsum'] = 'auto'
+  dispatch: Literal['auto', 'capacity', 'gather', 'einsum', 'dropless'] = 'auto'
   # `auto` switches from the capacity buffer to gather once E >= auto_gather_ratio * N*K: most
   # experts then get no token, and gathering the used experts' weights moves less than the buffer
   # path's read of every expert (plus its padding rows).
@@ -160,6 +165,12 @@ def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
     if value not in choices:
       raise ConfigError(f'{name}: must be one of {list(choices)}, got {value!r}')
     return value
+  if isinstance(ftype, types.UnionType) and type(None) in get_args(ftype):   # `float | None`: null allowed
+    if value is None:
+      return None
+    inner = copy.copy(field)
+    (inner.type,) = [a for a in get_args(ftype) if a is not type(None)]
+    return _coerce(section, inner, value)
   if ftype is bool:
     if not isinstance(value, bool):
       raise ConfigError(f'{name}: must be a bool (true/false), got {value!r}')
@@ -312,6 +323,8 @@ def validate(cfg: Config) -> None:
   _require(e.k_expert <= e.experts_per_group,
            f'moe.k_expert ({e.k_expert}) must be <= moe.experts_per_group ({e.experts_per_group})')
   _require(e.capacity_factor > 0, f'moe.capacity_factor: must be > 0, got {e.capacity_factor}')
+  _require(e.eval_capacity_factor is None or e.eval_capacity_factor > 0,
+           f'moe.eval_capacity_factor: must be > 0 or null (dropless prefill), got {e.eval_capacity_factor}')
   _require(e.num_shared_experts >= 0, f'moe.num_shared_experts: must be >= 0, got {e.num_shared_experts}')
   _require(e.d_shared >= 0, f'moe.d_shared: must be >= 0 (0 = d_expert), got {e.d_shared}')
   _require(e.auto_gather_ratio > 0, f'moe.auto_gather_ratio: must be > 0, got {e.auto_gather_ratio}')
@@ -358,3 +371,18 @@ def resolve_dispatch(cfg: MoEConfig, num_tokens: int, num_experts: int | None = 
     return cfg.dispatch
   e = num_experts or cfg.experts_total
   return 'gather' if e >= cfg.auto_gather_ratio * num_tokens * cfg.k_active else 'capacity'
+
+
+def dropless_tiles(num_assignments: int, num_experts: int) -> tuple[int, int]:
+  """(rows per tile t, static tile count) of the CPU dropless dispatch (litejax.dropless).
+
+  Each expert's assignments fill ceil(c_e / t) tiles of t rows, so the tiles needed are at most
+  (A + min(E, A)·(t - 1)) / t for A = N·K assignments: at most min(E, A)·(t - 1) padding rows. t is the
+  largest power of two keeping that padding within 1/8 of A (capped at 128 rows): t = 1 (no padding)
+  at a few tokens per step, larger tiles (fewer weight gathers) when many tokens share each expert.
+  """
+  a, busy = num_assignments, min(num_experts, num_assignments)
+  t = 1
+  while t < 128 and 2 * t - 1 <= a / (8 * busy):
+    t *= 2
+  return t, (a + busy * (t - 1)) // t

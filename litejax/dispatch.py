@@ -13,6 +13,7 @@ Paths (same outputs on the same routing when nothing is dropped; the same drops 
   gather:   compute follows assignments: each of the N·K assignments gathers its expert's weights.
             Work N·K rows whatever E is (dropped ones are masked, so shapes stay static).
   einsum:   GShard-style one-hot [N, E, C] dispatch/combine einsums; a reference baseline only.
+  dropless: no capacity: sort by expert, grouped matmul (litejax.dropless). Decoding always uses it.
 """
 from __future__ import annotations
 
@@ -178,6 +179,10 @@ def moe_ffn(x_nd: jax.Array, routing: Routing, w: dict[str, jax.Array], cfg: MoE
   if dispatch is not None:
     cfg = dataclasses.replace(cfg, dispatch=dispatch)
   path = resolve_dispatch(cfg, n, num_experts)
+  if path == 'dropless':   # no capacity, nothing dropped (litejax.dropless; imported here: it imports us)
+    from litejax.dropless import dropless_moe
+    y_nd = dropless_moe(x_nd, routing.expert_nk, routing.weight_nk, w, cfg.expert_kind)
+    return y_nd, {'drop_fraction': jnp.zeros((3,), jnp.float32), 'dispatch': path, 'capacity': 0}
   cap = capacity(cfg, n, num_experts)
   pos_nk, keep_nk = assignment_positions(routing.expert_nk, cap)
   with jax.named_scope('dispatch'):

@@ -60,27 +60,66 @@ class Attention(nnx.Module):
     self.w_v = param(rngs, (d, kv, hd), ('embed', 'kv_heads', 'head_dim'), d, pd)
     self.w_o = param(rngs, (h, hd, d), ('heads', 'head_dim', 'embed'), h * hd, pd)
 
-  def __call__(self, x_bsd: jax.Array, positions_bs: jax.Array) -> jax.Array:
-    cfg = self.cfg
-    dt = x_bsd.dtype
+  def _qkv(self, x_bsd: jax.Array, positions_bs: jax.Array):
+    """q [B, S, KV, groups, hd] and k, v [B, S, KV, hd], RoPE applied at the given positions."""
+    cfg, dt = self.cfg, x_bsd.dtype
     b, s, _ = x_bsd.shape
     kv, hd = cfg.num_kv_heads, cfg.resolved_head_dim
-    groups = cfg.num_heads // kv
     # Scopes name the FLOPs for litejax.cost (components of litejax.bounds).
     with jax.named_scope('attention_proj'):
       q = jnp.einsum('bsd,dhk->bshk', x_bsd, self.w_q[...].astype(dt))
       k = jnp.einsum('bsd,dhk->bshk', x_bsd, self.w_k[...].astype(dt))
       v = jnp.einsum('bsd,dhk->bshk', x_bsd, self.w_v[...].astype(dt))
-    q = rope(q, positions_bs, cfg.rope_theta).reshape(b, s, kv, groups, hd)
-    k = rope(k, positions_bs, cfg.rope_theta)
+    q = rope(q, positions_bs, cfg.rope_theta).reshape(b, s, kv, cfg.num_heads // kv, hd)
+    return q, rope(k, positions_bs, cfg.rope_theta), v
+
+  def _attend(self, q_bsngk, k_btnk, v_btnk, visible_bst: jax.Array) -> jax.Array:
+    """Softmax attention of queries over keys where `visible` [B or 1, S, T], then the output projection."""
+    cfg, dt = self.cfg, q_bsngk.dtype
+    b, s = q_bsngk.shape[:2]
+    hd = cfg.resolved_head_dim
     with jax.named_scope('attention_scores'):
-      scores = jnp.einsum('bsngk,btnk->bngst', q, k).astype(jnp.float32) * (hd ** -0.5)
-      causal = jnp.tril(jnp.ones((s, s), jnp.bool_))
-      scores = jnp.where(causal, scores, jnp.finfo(jnp.float32).min)
+      scores = jnp.einsum('bsngk,btnk->bngst', q_bsngk, k_btnk).astype(jnp.float32) * (hd ** -0.5)
+      scores = jnp.where(visible_bst[:, None, None], scores, jnp.finfo(jnp.float32).min)
       probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-      out = jnp.einsum('bngst,btnk->bsngk', probs, v).reshape(b, s, cfg.num_heads, hd)
+      out = jnp.einsum('bngst,btnk->bsngk', probs, v_btnk).reshape(b, s, cfg.num_heads, hd)
     with jax.named_scope('attention_proj'):
       return jnp.einsum('bshk,hkd->bsd', out, self.w_o[...].astype(dt))
+
+  def __call__(self, x_bsd: jax.Array, positions_bs: jax.Array) -> jax.Array:
+    s = x_bsd.shape[1]
+    q, k, v = self._qkv(x_bsd, positions_bs)
+    return self._attend(q, k, v, jnp.tril(jnp.ones((1, s, s), jnp.bool_)))
+
+  def cached(self, x_bsd: jax.Array, positions_bs: jax.Array, k_cache_btnk: jax.Array,
+             v_cache_btnk: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Attention with a KV cache: writes this call's keys/values at `positions_bs`, then each query at
+    position p attends to cache entries 0..p of its row. Returns (out [B, S, d], k_cache, v_cache).
+
+    Every cache entry at or below a query's position must hold that row's keys (written by this call
+    or an earlier one); entries above it are masked, so padding and stale rows never leak in.
+    """
+    q, k, v = self._qkv(x_bsd, positions_bs)
+    k_cache_btnk = write_cache(k_cache_btnk, k, positions_bs)
+    v_cache_btnk = write_cache(v_cache_btnk, v, positions_bs)
+    t = jnp.arange(k_cache_btnk.shape[1], dtype=jnp.int32)
+    visible = t[None, None, :] <= positions_bs[:, :, None]
+    return self._attend(q, k_cache_btnk, v_cache_btnk, visible), k_cache_btnk, v_cache_btnk
+
+
+def write_cache(cache_btnk: jax.Array, new_bsnk: jax.Array, positions_bs: jax.Array) -> jax.Array:
+  """Writes new_bsnk into cache_btnk at each row's positions.
+
+  One token per row (decode): a select against the row's position, so rows write at different
+  positions without a scatter (XLA partitions a select over a sharded batch trivially). Several tokens
+  (prefill): one contiguous block starting at positions_bs[0, 0] for every row.
+  """
+  new_bsnk = new_bsnk.astype(cache_btnk.dtype)
+  if new_bsnk.shape[1] == 1:
+    t = jnp.arange(cache_btnk.shape[1], dtype=jnp.int32)
+    hit_bt = t[None, :] == positions_bs[:, :1]
+    return jnp.where(hit_bt[:, :, None, None], new_bsnk, cache_btnk)
+  return jax.lax.dynamic_update_slice_in_dim(cache_btnk, new_bsnk, positions_bs[0, 0], axis=1)
 
 
 class FFN(nnx.Module):

@@ -1,0 +1,114 @@
+"""Dropless expert dispatch: every assignment runs, whatever the load (no capacity, no drops).
+
+The A = N·K assignments are sorted by expert; the expert FFN then runs over the sorted rows as a
+grouped matmul whose groups are the experts (MaxText / MegaBlocks):
+  TPU, GPU: `jax.lax.ragged_dot` over the A sorted rows with per-expert group sizes (the real
+            grouped matmul: work A·d·h per matrix).
+  CPU:      `ragged_dot` lowers to a dense matmul over every group there (E× the work), so the rows
+            are laid out in fixed-size tiles of t rows that each belong to one expert (an expert's
+            last tile is zero-padded); each tile gathers its expert's weights and the tiles run as one
+            batched matmul. The static tile count (`config.dropless_tiles`) bounds the work by
+            (A + min(E, A)·(t - 1))·d·h per matrix, and the weights read by tiles·d·h.
+No N×E or E-sized tensor is built on the CPU path: run starts come from a search over the sorted ids.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from litejax.config import dropless_tiles
+from litejax.dispatch import expert_ffn
+
+
+def sort_by_expert(expert_nk: jax.Array):
+  """Assignments in expert order: (order [A] flat assignment index, sorted expert ids [A], rank of
+  each sorted assignment within its expert [A], size of its expert's run [A])."""
+  flat = expert_nk.reshape(-1)
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+  sorted_e = flat[order]
+  start = jnp.searchsorted(sorted_e, sorted_e, side='left').astype(jnp.int32)
+  end = jnp.searchsorted(sorted_e, sorted_e, side='right').astype(jnp.int32)
+  rank = jnp.arange(flat.shape[0], dtype=jnp.int32) - start
+  return order, sorted_e, rank, end - start
+
+
+def tile_rows(sorted_e: jax.Array, rank: jax.Array, run: jax.Array, tile: int):
+  """Row of each sorted assignment in the tiled layout: each expert's run starts on a tile boundary.
+
+  A run of c assignments takes ceil(c / tile)·tile rows; runs are laid out in expert order.
+  """
+  padded = (run + tile - 1) // tile * tile
+  first = rank == 0
+  # Rows used by the runs before each run: exclusive cumulative sum over the runs' first elements.
+  before = jnp.cumsum(jnp.where(first, padded, 0)) - jnp.where(first, padded, 0)
+  run_start = jnp.arange(sorted_e.shape[0], dtype=jnp.int32) - rank
+  return before[run_start] + rank
+
+
+def _tiled_ffn(x_ad: jax.Array, sorted_e: jax.Array, rank: jax.Array, run: jax.Array,
+               w: dict[str, jax.Array], kind: str, num_experts: int) -> jax.Array:
+  """CPU form: [A, d] expert-sorted rows -> [A, d] outputs via tiles of one expert each."""
+  a, d = x_ad.shape
+  tile, tiles = dropless_tiles(a, num_experts)
+  rows = tiles * tile
+  row_a = tile_rows(sorted_e, rank, run, tile)
+  # Which sorted assignment fills each row (a = the appended zero row for padding rows).
+  source = jnp.full((rows,), a, jnp.int32).at[row_a].set(jnp.arange(a, dtype=jnp.int32))
+  x_pad = jnp.concatenate([x_ad, jnp.zeros((1, d), x_ad.dtype)])
+  x_tcd = x_pad[source].reshape(tiles, tile, d)
+  # Unused trailing tiles keep expert 0: their rows are zero and never read back.
+  expert_t = jnp.zeros((tiles,), jnp.int32).at[row_a // tile].set(sorted_e)
+  w_t = {name: v[expert_t] for name, v in w.items()}                   # [tiles, d, h] / [tiles, h, d]
+  y_tcd = expert_ffn(x_tcd, w_t, kind, 'ecd,edh->ech', 'ech,ehd->ecd')
+  return y_tcd.reshape(rows, d)[row_a]
+
+
+def _ragged_ffn(x_ad: jax.Array, sorted_e: jax.Array, w: dict[str, jax.Array], kind: str,
+                num_experts: int) -> jax.Array:
+  """Grouped-matmul form (TPU/GPU): `ragged_dot` over the expert-sorted rows."""
+  sizes = jnp.zeros((num_experts,), jnp.int32).at[sorted_e].add(1)
+  dt = x_ad.dtype
+  with jax.named_scope('experts'):   # names the FLOPs for litejax.cost
+    def mm(x, name):
+      return jax.lax.ragged_dot(x, w[name].astype(dt), sizes)
+    h = mm(x_ad, 'w_in')
+    h = jax.nn.silu(mm(x_ad, 'w_gate')) * h if kind == 'glu' else jax.nn.relu(h)
+    return mm(h, 'w_out')
+
+
+def expert_rows_ffn(x_ad: jax.Array, expert_a: jax.Array, w: dict[str, jax.Array], kind: str,
+                    impl: str = 'auto') -> jax.Array:
+  """Runs expert `expert_a[i]` on row i of x_ad for every row (no drops). Returns [A, d].
+
+  impl: 'tiles' (the bounded CPU form), 'ragged' (`lax.ragged_dot`), or 'auto' (tiles when lowered for
+  CPU, ragged elsewhere; chosen per platform at lowering, as dispatch.expert_matmul does).
+  """
+  num_experts = w['w_in'].shape[0]
+  order, sorted_e, rank, run = sort_by_expert(expert_a)
+  x_sorted = x_ad[order]
+
+  def tiles(x_s, e_s, r, c):
+    return _tiled_ffn(x_s, e_s, r, c, w, kind, num_experts)
+
+  def ragged(x_s, e_s, r, c):
+    del r, c
+    return _ragged_ffn(x_s, e_s, w, kind, num_experts)
+
+  if impl == 'auto':
+    y_sorted = jax.lax.platform_dependent(x_sorted, sorted_e, rank, run, cpu=tiles, default=ragged)
+  else:
+    y_sorted = {'tiles': tiles, 'ragged': ragged}[impl](x_sorted, sorted_e, rank, run)
+  return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+
+
+def dropless_moe(x_nd: jax.Array, expert_nk: jax.Array, weight_nk: jax.Array, w: dict[str, jax.Array],
+                 kind: str, impl: str = 'auto') -> jax.Array:
+  """y [N, d] = Σ_k weight_nk · expert_{expert_nk}(x_n), every assignment computed.
+
+  w: 'w_in' [E, d, h], 'w_out' [E, h, d] and for glu 'w_gate' [E, d, h].
+  """
+  n, k = expert_nk.shape
+  x_ad = jnp.repeat(x_nd, k, axis=0)                                   # row n·K + j: token n, slot j
+  y_nkd = expert_rows_ffn(x_ad, expert_nk.reshape(-1), w, kind, impl).reshape(n, k, -1)
+  with jax.named_scope('dispatch'):   # the weighted combine, 2·K·d per token
+    return jnp.einsum('nkd,nk->nd', y_nkd, weight_nk.astype(y_nkd.dtype))

@@ -1,0 +1,72 @@
+"""A checkpoint loaded for decoding: config from the checkpoint, parameters onto the current mesh, and
+`generate` with a runtime sized to the prompts (litejax.decode) and the latency model's split.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import pathlib
+from typing import Any
+
+import jax
+
+from litejax import decode
+from litejax import sharding as shd
+from litejax.config import Config, from_dict, parse_overrides
+from litejax.sampling import Sampling
+
+
+@dataclasses.dataclass
+class Session:
+  cfg: Config
+  mesh: Any
+  params: Any
+  extra: Any
+  step: int
+  runtime: decode.Runtime | None = None
+
+  def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
+               seed: int = 0, latency_split: bool = True) -> tuple[decode.Generation, dict | None]:
+    """Generates for a batch of token prompts; returns (Generation, latency split of one decode step)."""
+    s = shd.mesh_sizes(self.mesh)
+    ranks = s['data'] * s['expert']
+    batch = math.ceil(len(prompts) / ranks) * ranks
+    max_len = max(len(p) for p in prompts) + max_new_tokens
+    rt = self.runtime
+    if rt is None or rt.batch != batch or rt.max_len != max_len:
+      rt = self.runtime = decode.make_runtime(self.cfg, self.mesh, batch, max_len)
+    with jax.set_mesh(self.mesh):
+      gen = decode.generate(rt, self.params, self.extra, prompts, max_new_tokens, sampling, seed)
+      split = decode.step_latency_split(rt, _host_chip()) if latency_split else None
+    return gen, split
+
+
+def _host_chip():
+  """This host as a latency-model chip, measured quickly (litejax.latency; calibrated in a later phase)."""
+  from litejax import hardware, latency
+  return hardware.host_chip(latency.measure_peak_flops(256, 2), latency.measure_bandwidth(16, 2))
+
+
+def load(ckpt_dir: str | pathlib.Path, overrides: list[str] = (), devices=None) -> Session:
+  """Reads the config stored with the newest checkpoint (plus `overrides`, e.g. mesh.*) and restores
+  its parameters onto that config's mesh over `devices` (default all). FileNotFoundError when ckpt_dir holds no checkpoint."""
+  from litejax import train as train_lib
+  from litejax.checkpoint import Checkpointer
+  stored = train_lib.restore_config(ckpt_dir)
+  if stored is None:
+    raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: run `litejax train` first (or pass --ckpt-dir)')
+  cfg = from_dict(parse_overrides(overrides), base=stored) if overrides else stored
+  mesh = shd.make_mesh(cfg.mesh, devices)
+  # The whole train state is restored (optimizer included): Orbax restores against the complete
+  # abstract tree here, and the tiny models this serves make the extra read cheap.
+  tx = train_lib.make_optimizer(cfg.train)
+  _, abstract, _ = train_lib.state_layout(cfg, mesh, tx)
+  ckpt = Checkpointer(ckpt_dir)
+  try:
+    restored = ckpt.restore(abstract)
+  finally:
+    ckpt.close()
+  if restored is None:
+    raise FileNotFoundError(f'no readable checkpoint in {ckpt_dir}: run `litejax train` first')
+  state = restored.state
+  return Session(cfg, mesh, state['params'], state['extra'], restored.step)

@@ -1,0 +1,66 @@
+"""`litejax generate` end to end on a tiny checkpoint trained in-process for 2 steps."""
+import json
+
+import jax
+import pytest
+
+from litejax import cli
+from litejax import train as train_lib
+from litejax.config import load_config
+from litejax.sharding import make_mesh
+from train_helpers import TINY, TINY_YAML, enable_compile_cache
+
+enable_compile_cache()
+
+RUN = TINY + ['model.scan_layers=true', 'train.steps=2', 'train.ckpt_every=2', 'train.eval_every=2',
+              'mesh.data=1']
+
+
+@pytest.fixture(scope='module')
+def ckpt(tmp_path_factory):
+  d = tmp_path_factory.mktemp('gen')
+  cfg = load_config(TINY_YAML, RUN)
+  train_lib.train(cfg, ckpt_dir=d / 'ckpt', metrics_path=d / 'm.jsonl', quiet=True,
+                  mesh=make_mesh(cfg.mesh, jax.devices()[:1]))
+  return d / 'ckpt'
+
+
+def test_generate_json(ckpt, tmp_path, capsys):
+  prompts = tmp_path / 'p.txt'
+  prompts.write_text('In the beginning\nAnd God said\n\xff\n', encoding='utf-8')
+  rc = cli.main(['generate', '--ckpt-dir', str(ckpt), '--prompts', str(prompts), '--max-new-tokens', '6',
+                 '--temperature', '0.8', '--top-k', '20', '--seed', '1', '--json'])
+  assert rc == 0
+  out = json.loads(capsys.readouterr().out)
+  for key in ('texts', 'tokens', 'ttft_ms', 'ms_per_token_p50', 'ms_per_token_p99', 'tokens_per_second',
+              'compiles', 'latency_split'):
+    assert key in out, key
+  assert len(out['texts']) == 3 and all(len(t) == 6 for t in out['tokens'])
+  assert out['compiles'] == 1 and out['ms_per_token_p50'] > 0 and out['tokens_per_second'] > 0
+  split = out['latency_split']
+  assert split['dominant'] in ('compute', 'communication', 'memory') and split['flops'] > 0
+  # Arbitrary bytes decode with replacement characters, never an exception.
+  assert all(isinstance(t, str) for t in out['texts'])
+
+
+def test_generate_text_is_greedy_and_deterministic(ckpt, capsys):
+  args = ['generate', '--ckpt-dir', str(ckpt), '--prompt', 'In the', '--max-new-tokens', '4']
+  assert cli.main(args) == 0
+  first = capsys.readouterr().out
+  assert cli.main(args) == 0
+  assert capsys.readouterr().out == first and first.startswith('In the')
+
+
+def test_no_checkpoint_says_train_first(tmp_path, capsys, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(['generate', '--prompt', 'x']) == 2
+  assert 'litejax train' in capsys.readouterr().err
+  assert cli.main(['generate', '--ckpt-dir', str(tmp_path), '--prompt', 'x']) == 2
+  assert 'litejax train' in capsys.readouterr().err
+
+
+def test_bad_flags_are_named(ckpt, capsys):
+  assert cli.main(['generate', '--ckpt-dir', str(ckpt), '--prompt', 'x', '--top-p', '0']) == 2
+  assert '--top-p' in capsys.readouterr().err
+  assert cli.main(['generate', '--ckpt-dir', str(ckpt)]) == 2
+  assert '--prompt' in capsys.readouterr().err
