@@ -212,7 +212,7 @@ def all_to_all_bytes_per_rank(cfg: Config, global_tokens: int, mesh_shape, dtype
   rank, expert)); 'combine' the same back; 'metadata' the expert ids/weights that the gather path and
   rank-aligned groups send along; 'total'. With rank-aligned groups K becomes k_tier·k_group.
   The compiled HLO's all-to-alls (litejax.comm.collective_bytes) match this exactly; a training step
-  moves it twice (backward) per MoE layer. See litejax.comm.analytic_all_to_all_bytes_per_rank.
+  moves it twice (backward) per MoE layer. See litejax.ep_plan.analytic_all_to_all_bytes_per_rank.
   """
-  from litejax.comm import analytic_all_to_all_bytes_per_rank
+  from litejax.ep_plan import analytic_all_to_all_bytes_per_rank
   return analytic_all_to_all_bytes_per_rank(cfg, global_tokens, mesh_shape, dtype_bytes)
