@@ -52,9 +52,9 @@ def test_capacity_is_per_source_rank(dispatch_path, mesh_shape):
   ranks = mesh_shape[0] * mesh_shape[1]
   ys, drops = [], []
   for xs in jnp.split(x, ranks):
-    ref_y, drop = dispatch.moe_ffn(xs, routing.route(xs, params, cfg.moe), w, cfg.moe)
+    ref_y, ref_drop = dispatch.moe_ffn(xs, routing.route(xs, params, cfg.moe), w, cfg.moe)
     ys.append(ref_y)
-    drops.append(drop)
+    drops.append(ref_drop)
   assert float(jnp.mean(jnp.stack(drops), 0)[2]) > 0.05          # the test really drops
   np.testing.assert_allclose(y, jnp.concatenate(ys), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(drop, jnp.mean(jnp.stack(drops), 0), rtol=1e-6)
