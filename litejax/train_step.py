@@ -115,8 +115,10 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, sha
     return loss, (ce, aux_loss, z_loss, stats)
 
   def train_step(state, inputs_bs, targets_bs):
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (total, (ce, aux_loss, z_loss, stats)), grads = grad_fn(
+    # Differentiated w.r.t. extra too (its gradient is dropped: the selection biases only pick
+    # top-k indices): nnx.scan refuses Variables whose values come from outside the grad trace.
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (total, (ce, aux_loss, z_loss, stats)), (grads, _) = grad_fn(
         state['params'], state['extra'], inputs_bs, targets_bs)
     updates, opt = tx.update(grads, state['opt'], state['params'])
     params = optax.apply_updates(state['params'], updates)
