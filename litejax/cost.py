@@ -89,34 +89,30 @@ def compile_program(cfg, *, train: bool = False, num_devices: int | None = None,
   b = global_batch or sizes['data'] * sizes['expert']
   s = cfg.model.seq_len
   sharding.validate_mesh(cfg, mesh, b)
-  expert_fn = sharding.make_expert_fn(mesh, cfg)
   tok_sh = sharding.batch_sharding(mesh)
   tokens = jax.ShapeDtypeStruct((b, s), jnp.int32, sharding=tok_sh)
   t0 = time.perf_counter()
+  from litejax import train_step as ts
+  tx = ts.make_optimizer(cfg.train)
+  graphdef, abstract, shardings = ts.state_layout(cfg, mesh, tx)
   if train:
-    from litejax import train as train_lib
-    tx = train_lib.make_optimizer(cfg.train)
-    graphdef, abstract, shardings = train_lib.state_layout(cfg, mesh, tx)
-    step = train_lib.make_train_step(cfg, graphdef, tx, shardings, tok_sh, expert_fn)
-    traced = step.trace(abstract, tokens, tokens)
+    program, args = ts.make_train_step(cfg, graphdef, tx, shardings, tok_sh), (abstract, tokens, tokens)
   else:
-    from litejax.model import abstract_model
-    graphdef = nnx.split(abstract_model(cfg))[0]
-    state = sharding.abstract_state(cfg, mesh)
-
-    def forward(state, tokens_bs):
-      logits_bsv, _ = nnx.merge(graphdef, state)(tokens_bs, expert_fn=expert_fn)
+    def forward(params, extra, tokens_bs):
+      logits_bsv, _ = nnx.merge(graphdef, params, extra)(tokens_bs)
       return logits_bsv
 
     logits_sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*tok_sh.spec, None))
-    traced = jax.jit(forward, out_shardings=logits_sh).trace(state, tokens)
+    program, args = jax.jit(forward, out_shardings=logits_sh), (abstract['params'], abstract['extra'], tokens)
   from litejax import bounds
-  signatures = dot_signatures(traced.jaxpr, bounds.COMPONENTS)
-  # The executable is never run (its inputs are abstract): only the optimized HLO is read, and the
-  # HLO passes run the same whatever LLVM's optimization level (see _ANALYSIS_COMPILER_OPTIONS).
-  compiled = traced.lower().compile(compiler_options=_ANALYSIS_COMPILER_OPTIONS)
+  with jax.set_mesh(mesh):   # the MoE layers choose expert-parallel dispatch from the mesh
+    traced = program.trace(*args)
+    signatures = dot_signatures(traced.jaxpr, bounds.COMPONENTS)
+    # The executable is never run (its inputs are abstract): only the optimized HLO is read, and the
+    # HLO passes run the same whatever LLVM's optimization level (see _ANALYSIS_COMPILER_OPTIONS).
+    compiled = traced.lower().compile(compiler_options=_ANALYSIS_COMPILER_OPTIONS)
   seconds = time.perf_counter() - t0
-  return CompiledProgram(compiled, compiled.as_text(), cfg, mesh, train, b, s, seconds, expert_fn is not None,
+  return CompiledProgram(compiled, compiled.as_text(), cfg, mesh, train, b, s, seconds, mesh.size > 1,
                          signatures)
 
 
@@ -127,7 +123,7 @@ def analytic_per_token(cfg, tokens_per_group: int, *, train: bool = False,
                        expert_parallel: bool = False, expert_ranks: int = 1) -> dict[str, float]:
   """The analytic matmul FLOPs per token by component, with the padding of the path that runs.
 
-  Single-device dispatch pads as litejax.bounds says. Expert-parallel dispatch (litejax.comm.plan)
+  Single-device dispatch pads as litejax.bounds says. Expert-parallel dispatch (litejax.ep_plan.plan)
   runs `einsum` as `capacity`, and its gather path computes the slots packed per destination rank
   (≈ capacity_factor·K rows per token, not K).
   """
@@ -138,8 +134,8 @@ def analytic_per_token(cfg, tokens_per_group: int, *, train: bool = False,
     path = 'capacity'
   out = bounds.forward_flops_per_token(cfg, tokens_per_group, dispatch=path)
   if expert_parallel and cfg.model.num_moe_layers:
-    from litejax import comm
-    p = comm.plan(cfg.moe, tokens_per_group, expert_ranks)
+    from litejax import ep_plan
+    p = ep_plan.plan(cfg.moe, tokens_per_group, expert_ranks)
     rows = p.total_slots * (cfg.moe.k_expert if p.aligned else 1) / tokens_per_group
     out['experts'] = cfg.model.num_moe_layers * rows * bounds.expert_flops(cfg)
   if train:
@@ -151,14 +147,14 @@ def _collectives(prog: CompiledProgram, cost: HloCost) -> dict:
   """Collective bytes per rank for the whole program: compiled (as XLA:CPU moves them, and the
   all-to-all at the program's dtypes) and analytic (the expert-parallel all-to-alls).
 
-  The analytic figure (litejax.comm) counts both all-to-alls of every MoE layer's forward pass,
+  The analytic figure (litejax.ep_plan) counts both all-to-alls of every MoE layer's forward pass,
   dispatch out and combine back (+ the expert ids the gather path sends), twice in a training step
   (their transposes). It is compared with the compiled all-to-all bytes only; other kinds (the
   partitioner's all-gathers, gradient all-reduces) are listed beside it, not hidden. XLA:CPU moves
   bf16 all-to-all operands as f32 (a convert just before the collective doubles their bytes): the
   comparable figure counts those at the program's 2 bytes and reports the difference apart.
   """
-  from litejax import comm, sharding
+  from litejax import ep_plan, sharding
   by_kind = dict(cost.collective_bytes)
   upcast = float(cost.collective_upcast_bytes.get('all_to_all', 0.0))
   a2a = by_kind.get('all_to_all', 0.0) - upcast
@@ -166,7 +162,7 @@ def _collectives(prog: CompiledProgram, cost: HloCost) -> dict:
   s = sharding.mesh_sizes(prog.mesh)
   if prog.expert_parallel and s['expert'] > 1 and prog.cfg.model.num_moe_layers:
     dt = 2 if prog.cfg.model.dtype == 'bfloat16' else 4
-    per_layer = comm.analytic_all_to_all_bytes_per_rank(prog.cfg, prog.tokens, s, dt)
+    per_layer = ep_plan.analytic_all_to_all_bytes_per_rank(prog.cfg, prog.tokens, s, dt)
     times = prog.cfg.model.num_moe_layers * (2 if prog.train else 1)
     analytic = {k: float(per_layer[k] * times) for k in analytic}
   other = {k: v for k, v in by_kind.items() if k not in ('all_to_all', 'total') and v}

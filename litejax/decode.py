@@ -12,7 +12,7 @@ len_b - 1. Decode step j then feeds each row's last token at its own position le
 entry and attends to entries 0..len_b + j: the padding a row's prompt left in the cache is masked
 until it is overwritten, so a row's tokens equal decoding its prompt alone.
 
-Routing is dropless while decoding (litejax.dropless; expert-parallel: comm.plan's dropless mode).
+Routing is dropless while decoding (litejax.dropless; expert-parallel: ep_plan.plan's dropless mode).
 Prefill uses `moe.eval_capacity_factor` (null: dropless too). The decode step compiles once per
 (batch, max_len): sampling settings, positions and the step counter are traced arrays.
 """
@@ -50,11 +50,6 @@ def prefill_config(cfg: Config) -> Config:
   return cfg.replace(moe=dataclasses.replace(m, capacity_factor=m.eval_capacity_factor))
 
 
-def _expert_fn(mesh: Mesh, cfg: Config) -> Callable | None:
-  """The MoE dispatch hook for this mesh; the only place decoding obtains it (see litejax.sharding)."""
-  return shd.make_expert_fn(mesh, cfg)
-
-
 # ---------------------------------------------------------------------------- the cache
 
 def cache_shapes(cfg: Config, batch: int, max_len: int) -> Any:
@@ -86,21 +81,20 @@ def init_cache(cfg: Config, mesh: Mesh, batch: int, max_len: int) -> Any:
 
 # ---------------------------------------------------------------------------- the model with a cache
 
-def _block(block, x_bsd, positions_bs, cache: dict[str, jax.Array], expert_fn):
+def _block(block, x_bsd, positions_bs, cache: dict[str, jax.Array]):
   """model.Block with cached attention; returns (x, updated layer cache)."""
   h, k, v = block.attn.cached(block.attn_norm(x_bsd), positions_bs, cache['k'], cache['v'])
   x_bsd = x_bsd + h
   h = block.ffn_norm(x_bsd)
   if block.is_moe:
-    y = block.ffn(h, expert_fn)[0]
+    y = block.ffn(h)[0]
   else:
     with jax.named_scope('dense_ffn'):   # scope names the FLOPs for litejax.cost
       y = block.ffn(h)
   return x_bsd + y, {'k': k, 'v': v}
 
 
-def forward_cached(model, tokens_bs: jax.Array, positions_bs: jax.Array, cache: Any,
-                   expert_fn=None) -> tuple[jax.Array, Any]:
+def forward_cached(model, tokens_bs: jax.Array, positions_bs: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
   """The Transformer's forward over S new tokens per row at `positions_bs`, reading and writing the
   cache. Returns (logits [B, S, V] f32, cache)."""
   mc = model.cfg.model
@@ -111,7 +105,7 @@ def forward_cached(model, tokens_bs: jax.Array, positions_bs: jax.Array, cache: 
     def step(x_c, period, cache_p):
       new = []
       for layer, c in zip(period.layers, cache_p):
-        x_c, c = _block(layer, x_c, positions_bs, c, expert_fn)
+        x_c, c = _block(layer, x_c, positions_bs, c)
         new.append(c)
       return x_c, new
 
@@ -119,7 +113,7 @@ def forward_cached(model, tokens_bs: jax.Array, positions_bs: jax.Array, cache: 
   else:
     new = []
     for block, c in zip(model.blocks, cache):
-      x, c = _block(block, x, positions_bs, c, expert_fn)
+      x, c = _block(block, x, positions_bs, c)
       new.append(c)
     cache = new
   x = model.final_norm(x)
@@ -196,7 +190,6 @@ def make_runtime(cfg: Config, mesh: Mesh, batch: int, max_len: int) -> Runtime:
   shd.validate_mesh(cfg, mesh, batch)
   if max_len < 2:
     raise ValueError(f'max_len: must be >= 2 (a prompt token and a new one), got {max_len}')
-  expert_fn = _expert_fn(mesh, cfg)
   graph_step = nnx.split(_abstract(decode_config(cfg)), nnx.Param, ...)[0]
   graph_prefill = nnx.split(_abstract(prefill_config(cfg)), nnx.Param, ...)[0]
   _, params, extra = nnx.split(_abstract(cfg), nnx.Param, ...)
@@ -207,14 +200,15 @@ def make_runtime(cfg: Config, mesh: Mesh, batch: int, max_len: int) -> Runtime:
 
   def prefill(params, extra, cache, tokens_bp, lengths_b, key, sampling):
     positions = jnp.broadcast_to(jnp.arange(tokens_bp.shape[1], dtype=jnp.int32), tokens_bp.shape)
-    logits_bpv, cache = forward_cached(nnx.merge(graph_prefill, params, extra), tokens_bp, positions, cache,
-                                       expert_fn)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):   # MoE dispatch follows the mesh
+      logits_bpv, cache = forward_cached(nnx.merge(graph_prefill, params, extra), tokens_bp, positions, cache)
     last_bv = jnp.take_along_axis(logits_bpv, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
     return sample(last_bv, key, sampling), logits_bpv, cache
 
   def step(params, extra, cache, tokens_b, positions_b, key, step_index, sampling):
-    logits_b1v, cache = forward_cached(nnx.merge(graph_step, params, extra), tokens_b[:, None],
-                                       positions_b[:, None], cache, expert_fn)
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      logits_b1v, cache = forward_cached(nnx.merge(graph_step, params, extra), tokens_b[:, None],
+                                         positions_b[:, None], cache)
     logits_bv = logits_b1v[:, 0]
     return sample(logits_bv, jax.random.fold_in(key, step_index), sampling), logits_bv, cache
 

@@ -18,8 +18,6 @@ Paths (same outputs on the same routing when nothing is dropped; the same drops 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 
@@ -31,9 +29,9 @@ from litejax.routing import Routing
 _BATCHED_EXPERT_SPECS = ('ecd,edh->ech', 'ech,ehd->ecd')
 
 # With many experts and at most this many rows each, XLA:CPU's batched dot runs the backward's
-# transposed matmuls slower than a loop of per-expert 2-D matmuls (the expert MLP's fwd+bwd at
-# E = 1024, C = 3: 2.1x faster with the loop; experiments/profile_moe.py). With few experts the loop
-# loses: tiny's 16 experts on 8 emulated devices trained 1.6x slower with it (bench_train.py).
+# transposed matmuls slower than a loop of per-expert 2-D matmuls (experiments/profile_moe.py
+# measures the expert MLP's fwd+bwd both ways at E = 1024). With few experts the loop loses
+# (experiments/bench_train.py, tiny's 16 experts on 8 emulated devices).
 _CPU_LOOP_MAX_ROWS = 128
 _CPU_LOOP_MIN_EXPERTS = 128
 
@@ -65,10 +63,8 @@ def _expert_matmul_fwd(x_eca, w_eab):
 
 
 def _varying_axes(x: jax.Array) -> set[str]:
-  """Mesh axes a value varies along inside shard_map (jax 0.10: manual_axis_type; earlier: vma)."""
-  aval = jax.typeof(x)
-  manual = getattr(aval, 'manual_axis_type', None)
-  return set(manual.varying) if manual is not None else set(getattr(aval, 'vma', ()) or ())
+  """Mesh axes a value varies along inside shard_map (empty outside it)."""
+  return set(jax.typeof(x).manual_axis_type.varying)
 
 
 def _sum_to_primal_vma(ct: jax.Array, primal: jax.Array) -> jax.Array:
@@ -134,20 +130,39 @@ def drop_fractions(keep_nk: jax.Array, cfg: MoEConfig) -> jax.Array:
   return jnp.stack([tier, group, dropped.mean()]).astype(jnp.float32)
 
 
-def _capacity_path(x_nd, expert_nk, pos_nk, keep_nk, w, kind, num_experts, cap):
-  n, k = expert_nk.shape
-  d = x_nd.shape[-1]
-  dummy = num_experts * cap
-  slot_nk = jnp.where(keep_nk, expert_nk * cap + pos_nk, dummy)
-  token_n = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], (n, k))
-  # Which token fills each slot; empty slots point at an appended zero row.
-  token_of_slot = jnp.full((dummy + 1,), n, jnp.int32).at[slot_nk.reshape(-1)].set(token_n.reshape(-1))
+def pack_rows(x_nd: jax.Array, slot_ni: jax.Array, total: int) -> jax.Array:
+  """Gathers token rows into `total` buffer slots: [N, d] -> [total, d].
+
+  slot_ni: [N, I] the slot of each of a token's I items, `total` for a dropped item. Empty slots
+  read an appended zero row; each token row is read once per slot (no [N, I, d] scatter).
+  """
+  n, d = x_nd.shape
+  token_ni = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], slot_ni.shape)
+  token_of_slot = jnp.full((total + 1,), n, jnp.int32).at[slot_ni.reshape(-1)].set(token_ni.reshape(-1))
   x_pad = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])
-  x_ecd = x_pad[token_of_slot[:dummy]].reshape(num_experts, cap, d)
+  return x_pad[token_of_slot[:total]]
+
+
+def unpack_rows(y_md: jax.Array, slot_ni: jax.Array) -> jax.Array:
+  """Reads each item's result back from its slot: [M, d] -> [N, I, d]; dropped items (slot M) get zero."""
+  y_pad = jnp.concatenate([y_md, jnp.zeros((1, y_md.shape[-1]), y_md.dtype)])
+  return y_pad[slot_ni]
+
+
+def combine(y_nkd: jax.Array, weight_nk: jax.Array) -> jax.Array:
+  """The weighted sum of a token's K expert outputs (2·K·d FLOPs per token): [N, K, d] -> [N, d]."""
+  with jax.named_scope('dispatch'):
+    return jnp.einsum('nkd,nk->nd', y_nkd, weight_nk.astype(y_nkd.dtype))
+
+
+def _capacity_path(x_nd, expert_nk, pos_nk, keep_nk, w, kind, num_experts, cap):
+  d = x_nd.shape[-1]
+  total = num_experts * cap
+  slot_nk = jnp.where(keep_nk, expert_nk * cap + pos_nk, total)
+  x_ecd = pack_rows(x_nd, slot_nk, total).reshape(num_experts, cap, d)
   y_ecd = expert_ffn(x_ecd, w, kind, 'ecd,edh->ech', 'ech,ehd->ecd')
   with jax.named_scope('dispatch'):
-    y_flat = jnp.concatenate([y_ecd.reshape(dummy, d), jnp.zeros((1, d), y_ecd.dtype)])
-    return y_flat[slot_nk]                                    # [N, K, d]; dropped -> zero row
+    return unpack_rows(y_ecd.reshape(total, d), slot_nk)     # [N, K, d]
 
 
 def _gather_path(x_nd, expert_nk, w, kind):
@@ -168,11 +183,11 @@ def _einsum_path(x_nd, expert_nk, pos_nk, keep_nk, weight_nk, w, kind, num_exper
 
 
 def moe_ffn(x_nd: jax.Array, routing: Routing, w: dict[str, jax.Array], cfg: MoEConfig,
-            dispatch: str | None = None) -> tuple[jax.Array, dict[str, Any]]:
-  """Runs the routed experts for N tokens. Returns (y [N, d], stats).
+            dispatch: str | None = None) -> tuple[jax.Array, jax.Array]:
+  """Runs the routed experts for N tokens on one device. Returns (y [N, d], drop_fraction [3]).
 
-  w: 'w_in' [E, d, h], 'w_out' [E, h, d] and for glu 'w_gate' [E, d, h].
-  stats: 'drop_fraction' [3] per level, 'dispatch' (the path that ran, a Python str), 'capacity'.
+  w: 'w_in' [E, d, h], 'w_out' [E, h, d] and for glu 'w_gate' [E, d, h]. drop_fraction is per
+  level (tier, group, expert), see `drop_fractions`. The path is `config.resolve_dispatch`'s.
   """
   n = x_nd.shape[0]
   num_experts = w['w_in'].shape[0]
@@ -189,16 +204,12 @@ def moe_ffn(x_nd: jax.Array, routing: Routing, w: dict[str, jax.Array], cfg: MoE
     weight_nk = routing.weight_nk * keep_nk
   if path == 'capacity':
     y_nkd = _capacity_path(x_nd, routing.expert_nk, pos_nk, keep_nk, w, cfg.expert_kind, num_experts, cap)
-    with jax.named_scope('dispatch'):   # the weighted combine, 2·K·d per token
-      y_nd = jnp.einsum('nkd,nk->nd', y_nkd, weight_nk.astype(y_nkd.dtype))
+    y_nd = combine(y_nkd, weight_nk)
   elif path == 'gather':
-    y_nkd = _gather_path(x_nd, routing.expert_nk, w, cfg.expert_kind)
-    with jax.named_scope('dispatch'):
-      y_nd = jnp.einsum('nkd,nk->nd', y_nkd, weight_nk.astype(y_nkd.dtype))
+    y_nd = combine(_gather_path(x_nd, routing.expert_nk, w, cfg.expert_kind), weight_nk)
   elif path == 'einsum':
     y_nd = _einsum_path(x_nd, routing.expert_nk, pos_nk, keep_nk, weight_nk, w, cfg.expert_kind,
                         num_experts, cap)
   else:
     raise ValueError(f'moe.dispatch: unknown path {path!r}')
-  stats = {'drop_fraction': drop_fractions(keep_nk, cfg), 'dispatch': path, 'capacity': cap}
-  return y_nd, stats
+  return y_nd, drop_fractions(keep_nk, cfg)

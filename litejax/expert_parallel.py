@@ -25,20 +25,24 @@ expert ids (int32) and combine weights (f32); the receiving rank applies those k
 returns their weighted sum, so each all-to-all moves ∝ k_tier·k_group rows per token instead of ∝ K.
 
 All buffers have static shapes; empty slots carry zeros and are never read back.
+
+`moe_ffn` picks the dispatch from the ambient mesh (`jax.set_mesh`): none or one device runs
+`dispatch.moe_ffn` locally; otherwise this module's shard_map runs on the mesh's axes as
+`litejax.sharding` names them. The buffer plan is `litejax.ep_plan`.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from litejax import comm
-from litejax.comm import Plan
+from litejax import dispatch, sharding
 from litejax.config import MoEConfig
-from litejax.dispatch import assignment_positions, drop_fractions, expert_ffn
+from litejax.dispatch import assignment_positions, combine, drop_fractions, expert_ffn, pack_rows, unpack_rows
+from litejax.ep_plan import Plan, plan
+from litejax.routing import Routing
 
 
 def _slots(bucket_ni: jax.Array, p: Plan):
@@ -55,7 +59,7 @@ def _slots(bucket_ni: jax.Array, p: Plan):
 
 
 def _scatter_rows(values: jax.Array, slot_ni: jax.Array, total: int) -> jax.Array:
-  """[n, i, ...] item values -> [total, ...] slot values (empty slots zero)."""
+  """[n, i, ...] per-item metadata (expert ids, weights) -> [total, ...] slot values (empty slots zero)."""
   tail = values.shape[2:]
   out = jnp.zeros((total + 1,) + tail, values.dtype)
   return out.at[slot_ni.reshape(-1)].set(values.reshape((-1,) + tail))[:total]
@@ -85,11 +89,8 @@ def ep_dispatch(x_nd: jax.Array, expert_nk: jax.Array, weight_nk: jax.Array, w: 
   else:
     bucket = expert_nk
   slot, keep = _slots(bucket, p)
-  token = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32)[:, None], bucket.shape)
-  token_of_slot = jnp.full((p.total_slots + 1,), n, jnp.int32).at[slot.reshape(-1)].set(token.reshape(-1))
-  x_pad = jnp.concatenate([x_nd, jnp.zeros((1, d), x_nd.dtype)])
-  x_recv = a2a(x_pad[token_of_slot[:p.total_slots]].reshape(R, p.slots_per_rank, d))
   m = p.total_slots                                           # rows received = rows sent
+  x_recv = a2a(pack_rows(x_nd, slot, m).reshape(R, p.slots_per_rank, d))
 
   if p.aligned:
     eid = _scatter_rows((expert_nk % e_loc).reshape(n, visits, k_e), slot, m)
@@ -97,7 +98,7 @@ def ep_dispatch(x_nd: jax.Array, expert_nk: jax.Array, weight_nk: jax.Array, w: 
     eid, wt = a2a(eid.reshape(R, -1, k_e)), a2a(wt.reshape(R, -1, k_e))
     w_mk = {name: v[eid.reshape(m, k_e)] for name, v in w.items()}        # [M, k_e, d, h]
     y_mkd = expert_ffn(x_recv.reshape(m, d), w_mk, kind, 'md,mkdh->mkh', 'mkh,mkhd->mkd')
-    y_recv = jnp.einsum('mkd,mk->md', y_mkd, wt.reshape(m, k_e).astype(y_mkd.dtype))
+    y_recv = combine(y_mkd, wt.reshape(m, k_e))
   elif p.path == 'capacity':
     cap = p.bucket_capacity
     x_ecd = x_recv.reshape(R, e_loc, cap, d).transpose(1, 0, 2, 3).reshape(e_loc, R * cap, d)
@@ -109,44 +110,46 @@ def ep_dispatch(x_nd: jax.Array, expert_nk: jax.Array, weight_nk: jax.Array, w: 
     y_recv = expert_ffn(x_recv.reshape(m, d), w_m, kind, 'md,mdh->mh', 'mh,mhd->md')
 
   y_back = a2a(reduce_tensor(y_recv).reshape(R, p.slots_per_rank, d))
-  y_flat = jnp.concatenate([y_back.reshape(m, d), jnp.zeros((1, d), y_back.dtype)])
-  y_items = y_flat[slot]                                      # [N, items, d]; dropped -> zero row
+  y_items = unpack_rows(y_back.reshape(m, d), slot)           # [N, items, d]; dropped -> zero row
   if p.aligned:
     y_nd = y_items.sum(axis=1)                                # weights were applied on arrival
     keep = jnp.repeat(keep, k_e, axis=1)
   else:
-    y_nd = jnp.einsum('nkd,nk->nd', y_items, (weight_nk * keep).astype(y_items.dtype))
+    y_nd = combine(y_items, weight_nk * keep)
   return y_nd, keep
 
 
-def make_expert_fn(mesh: Mesh, *, batch_axes: tuple[str, ...], expert_axis: str, tensor_axis: str,
-                   num_expert_ranks: int, num_tensor_ranks: int, expert_spec: P,
-                   expert_out_spec: P) -> Callable[..., tuple[jax.Array, dict[str, Any]]]:
-  """An `expert_fn(x_nd, routing, expert_params, moe_cfg)` running `ep_dispatch` under shard_map.
+def moe_ffn(x_nd: jax.Array, r: Routing, w: dict[str, jax.Array], cfg: MoEConfig) -> tuple[jax.Array, jax.Array]:
+  """Runs the routed experts with the dispatch the ambient mesh calls for. Returns (y [N, d], drop_fraction [3]).
 
-  Tokens enter split over `batch_axes` (each rank keeps its own N_loc), expert weights with the
-  given specs; the output has the tokens' sharding and stats are averaged over all ranks.
+  No mesh (or one device): `dispatch.moe_ffn` on this device. A litejax mesh (`jax.set_mesh`) of
+  more devices: `ep_dispatch` under shard_map; tokens enter split over `sharding.BATCH_AXES` (each
+  rank keeps its own N_loc), expert weights split over 'expert' and 'tensor'; the output has the
+  tokens' sharding and drop fractions are averaged over the batch ranks.
   """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return dispatch.moe_ffn(x_nd, r, w, cfg)
+  missing = [a for a in sharding.AXES if a not in mesh.axis_names]
+  if missing:
+    raise ValueError(f'expert-parallel dispatch: the ambient mesh has axes {mesh.axis_names}, '
+                     f'missing {missing} (build it with litejax.sharding.make_mesh)')
+  sizes = {a: int(mesh.shape[a]) for a in sharding.AXES}
+  sharding.validate_moe_mesh(cfg, sizes)
+  batch_axes = sharding.BATCH_AXES
+  batch_ranks = math.prod(sizes[a] for a in batch_axes)
+  n_global = x_nd.shape[0]
+  if n_global % batch_ranks:
+    raise ValueError(f'{n_global} tokens do not split over {batch_ranks} data*expert ranks')
+  p = plan(cfg, n_global // batch_ranks, sizes['expert'])
   tokens = P(batch_axes, None)
-  batch_ranks = math.prod(int(mesh.shape[a]) for a in batch_axes)
-  # Weights are split over tensor (even of size 1), so outputs are psum-ed over it to be replicated.
-  t_axis = tensor_axis
-  del num_tensor_ranks
+  w_specs = {name: sharding.logical_to_spec(('expert', 'expert_mlp', 'embed') if name == 'w_out'
+                                            else ('expert', 'embed', 'expert_mlp')) for name in w}
 
-  def expert_fn(x_nd, routing, expert_params, moe_cfg: MoEConfig):
-    n_global = x_nd.shape[0]
-    if n_global % batch_ranks:
-      raise ValueError(f'{n_global} tokens do not split over {batch_ranks} data*expert ranks')
-    p = comm.plan(moe_cfg, n_global // batch_ranks, num_expert_ranks)
-    w_specs = {name: (expert_out_spec if name == 'w_out' else expert_spec) for name in expert_params}
+  def body(x, e_nk, w_nk, w_loc):
+    # Weights are split over tensor (even of size 1), so outputs are psum-ed over it to be replicated.
+    y, keep = ep_dispatch(x, e_nk, w_nk, w_loc, cfg, p, 'expert', 'tensor')
+    return y, jax.lax.pmean(drop_fractions(keep, cfg), batch_axes)
 
-    def body(x, e_nk, w_nk, w):
-      y, keep = ep_dispatch(x, e_nk, w_nk, w, moe_cfg, p, expert_axis, t_axis)
-      return y, jax.lax.pmean(drop_fractions(keep, moe_cfg), batch_axes)
-
-    y_nd, drop = jax.shard_map(
-        body, mesh=mesh, in_specs=(tokens, tokens, tokens, w_specs), out_specs=(tokens, P()),
-    )(x_nd, routing.expert_nk, routing.weight_nk, expert_params)
-    return y_nd, {'drop_fraction': drop, 'dispatch': p.path, 'capacity': p.bucket_capacity}
-
-  return expert_fn
+  return jax.shard_map(body, mesh=mesh, in_specs=(tokens, tokens, tokens, w_specs),
+                       out_specs=(tokens, P()))(x_nd, r.expert_nk, r.weight_nk, w)

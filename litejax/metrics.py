@@ -1,4 +1,4 @@
-"""Training metrics: expert-load entropy (in-graph), a JSONL writer, and the end-of-run PNG.
+"""Training metrics: per-level load entropy (in-graph), a JSONL writer, and the end-of-run PNG.
 
 matplotlib is imported only when a plot is drawn, so training without plots never loads it.
 """
@@ -13,18 +13,30 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def expert_load_entropy(tokens_le) -> Any:
-  """Entropy of each MoE layer's assignment distribution over its E experts, divided by log E and
-  averaged over layers: 1.0 is a perfectly even load, 0.0 every token on one expert.
+def load_entropy(counts_lb) -> Any:
+  """Entropy of each MoE layer's selection counts over its B branches (experts, groups or tiers),
+  divided by log B and averaged over layers: 1.0 is a perfectly even load, 0.0 everything on one.
 
-  tokens_le: [moe layers, E] assignment counts (0 layers -> 0.0).
+  counts_lb: [moe layers, B] selection counts (0 layers or one branch -> 0.0).
   """
-  if tokens_le.shape[0] == 0 or tokens_le.shape[1] < 2:
+  if counts_lb.shape[0] == 0 or counts_lb.shape[1] < 2:
     return jnp.zeros((), jnp.float32)
-  load = tokens_le.astype(jnp.float32)
+  load = counts_lb.astype(jnp.float32)
   p = load / jnp.maximum(load.sum(axis=-1, keepdims=True), 1.0)
   h = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0), axis=-1)
-  return jnp.mean(h) / math.log(tokens_le.shape[1])
+  return jnp.mean(h) / math.log(counts_lb.shape[1])
+
+
+def level_load_entropies(stats, moe_cfg) -> dict[str, Any]:
+  """'expert_load_entropy', and 'tier_load_entropy' / 'group_load_entropy' for levels with more than
+  one branch (per parent: G > 1 for groups), from stacked `litejax.moe.MoEStats`. The group figure
+  is over all T·G groups."""
+  out = {'expert_load_entropy': load_entropy(stats.tokens_per_expert)}
+  if moe_cfg.num_tiers > 1:
+    out['tier_load_entropy'] = load_entropy(stats.tokens_per_tier)
+  if moe_cfg.groups_per_tier > 1:
+    out['group_load_entropy'] = load_entropy(stats.tokens_per_group)
+  return out
 
 
 class MetricsWriter:

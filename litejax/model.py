@@ -2,10 +2,10 @@
 
 Layer i (1-based) is MoE when i % moe_every == 0. With `scan_layers`, each run of `moe_every`
 layers (dense..., MoE) is one scanned "period" with stacked parameters (leading axis 'layers').
+Expert dispatch follows the ambient mesh: run the model under `jax.set_mesh(mesh)` for expert
+parallelism (litejax.expert_parallel), with no mesh for single-device dispatch.
 """
 from __future__ import annotations
-
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +13,7 @@ from flax import nnx
 
 from litejax.config import Config, ConfigError
 from litejax.layers import DTYPES, FFN, Attention, RMSNorm, param
-from litejax.moe import MoEBlock
-
-AUX_ZERO = ('load_balance_loss', 'z_loss', 'drop_fraction')
+from litejax.moe import MoEBlock, MoEStats
 
 
 class Block(nnx.Module):
@@ -30,11 +28,11 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(mc.d_model, mc.norm_eps)
     self.ffn = MoEBlock(cfg, rngs) if is_moe else FFN(mc.d_model, mc.resolved_d_ff, mc.ffn_kind, rngs, pd)
 
-  def __call__(self, x_bsd, positions_bs, expert_fn=None):
+  def __call__(self, x_bsd, positions_bs):
     x_bsd = x_bsd + self.attn(self.attn_norm(x_bsd), positions_bs)
     h = self.ffn_norm(x_bsd)
     if self.is_moe:
-      y, aux = self.ffn(h, expert_fn)
+      y, aux = self.ffn(h)
     else:
       with jax.named_scope('dense_ffn'):   # scope names the FLOPs for litejax.cost
         y, aux = self.ffn(h), None
@@ -48,10 +46,10 @@ class Period(nnx.Module):
     n = max(cfg.model.moe_every, 1)
     self.layers = nnx.List([Block(cfg, cfg.model.moe_every > 0 and i == n - 1, rngs) for i in range(n)])
 
-  def __call__(self, x_bsd, positions_bs, expert_fn=None):
+  def __call__(self, x_bsd, positions_bs):
     aux = None
     for layer in self.layers:
-      x_bsd, a = layer(x_bsd, positions_bs, expert_fn)
+      x_bsd, a = layer(x_bsd, positions_bs)
       aux = a if a is not None else aux
     return x_bsd, aux
 
@@ -88,50 +86,46 @@ class Transformer(nnx.Module):
       return [b.ffn for b in self.blocks if b.is_moe]
     return [layer.ffn for layer in self.periods.layers if layer.is_moe]
 
-  def __call__(self, tokens_bs: jax.Array, expert_fn=None) -> tuple[jax.Array, dict[str, Any]]:
+  def __call__(self, tokens_bs: jax.Array) -> tuple[jax.Array, MoEStats]:
+    """logits [B, S, V] f32 and the MoE layers' stats stacked [L_moe, ...] (in layer order)."""
     mc = self.cfg.model
     dt = DTYPES[mc.dtype]
     b, s = tokens_bs.shape
     positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     x = self.embed[...][tokens_bs].astype(dt)
-    auxes = []
     if mc.scan_layers:
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
       def step(x_c, period):
-        x_c, aux = period(x_c, positions, expert_fn)
-        return x_c, (aux if aux is not None else {})
+        x_c, aux = period(x_c, positions)
+        return x_c, (aux if aux is not None else ())
 
-      x, stacked = step(x, self.periods)
-      if stacked:
-        auxes = [jax.tree.map(lambda a, i=i: a[i], stacked) for i in range(mc.num_layers // max(mc.moe_every, 1))]
+      x, stats = step(x, self.periods)
     else:
+      per_layer = []
       for block in self.blocks:
-        x, aux = block(x, positions, expert_fn)
+        x, aux = block(x, positions)
         if aux is not None:
-          auxes.append(aux)
+          per_layer.append(aux)
+      stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else ()
+    if not isinstance(stats, MoEStats):   # no MoE layer
+      stats = MoEStats.empty(self.cfg.moe)
     x = self.final_norm(x)
     w_out = self.embed[...].T if mc.tie_embeddings else self.unembed[...]
     with jax.named_scope('unembed'):
       logits = jnp.einsum('bsd,dv->bsv', x, w_out.astype(dt)).astype(jnp.float32)
-    return logits, summarize_aux(auxes, self.cfg)
+    return logits, stats
 
 
-def summarize_aux(auxes: list[dict[str, jax.Array]], cfg: Config) -> dict[str, jax.Array]:
-  """Averages router losses and drop rates over MoE layers; stacks per-layer expert loads."""
-  if not auxes:
-    e = cfg.moe.experts_total
-    return {'load_balance_loss': jnp.zeros((3,)), 'z_loss': jnp.zeros(()), 'drop_fraction': jnp.zeros((3,)),
-            'tokens_per_expert': jnp.zeros((0, e), jnp.int32)}
-  out = {k: jnp.mean(jnp.stack([a[k] for a in auxes]), axis=0) for k in AUX_ZERO}
-  out['tokens_per_expert'] = jnp.stack([a['tokens_per_expert'] for a in auxes])
-  return out
+def layer_mean(x_l: jax.Array) -> jax.Array:
+  """Mean over the stacked MoE-layer axis of a `MoEStats` field; zeros for a model without MoE layers."""
+  return jnp.mean(x_l, axis=0) if x_l.shape[0] else jnp.zeros(x_l.shape[1:], x_l.dtype)
 
 
 def init_model(cfg: Config, seed: int = 0) -> Transformer:
   """Builds the model with materialised parameters.
 
   Initialisation runs as one jitted program with the 'rbg' PRNG: eager init compiles one kernel
-  per parameter shape, and threefry bit generation made this program take ~4x longer to compile on CPU.
+  per parameter shape, and threefry bit generation compiles much slower on CPU than 'rbg'.
   """
   return nnx.jit(lambda: Transformer(cfg, nnx.Rngs(params=jax.random.key(seed, impl='rbg'))))()
 

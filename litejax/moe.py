@@ -7,19 +7,21 @@ Parameters (logical axes in brackets):
   w_in/w_gate   [E, d, h]       ('expert', 'embed', 'expert_mlp')
   w_out         [E, h, d]       ('expert', 'expert_mlp', 'embed')
 Selection biases (sigmoid scoring, loss-free balancing) are `RouterBias` variables, not Params: the
-optimizer never touches them; `litejax.routing.update_selection_bias` does.
+optimizer never touches them; `MoEBlock.update_bias` (loss-free balancing) does, every level from
+its own load.
+
+Dispatch (local or expert-parallel) follows the ambient mesh: see `litejax.expert_parallel.moe_ffn`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from litejax import dispatch as dispatch_lib
-from litejax import routing
-from litejax.config import Config
+from litejax import expert_parallel, routing
+from litejax.config import Config, MoEConfig
 from litejax.layers import DTYPES, FFN, param
 
 
@@ -27,8 +29,29 @@ class RouterBias(nnx.Variable):
   """Selection-only routing bias (not trained by gradients)."""
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class MoEStats:
+  """What one MoE layer reports. The model stacks them over MoE layers (a leading [L] axis on every
+  field), which a scan over layers does by itself."""
+  load_balance_loss: jax.Array   # f32 [3] Switch loss per level (tier, group, expert)
+  z_loss: jax.Array              # f32 [] router z-loss
+  drop_fraction: jax.Array       # f32 [3] dropped fraction per level (`dispatch.drop_fractions`)
+  tokens_per_expert: jax.Array   # int32 [E] assignments per expert before capacity drops
+  tokens_per_group: jax.Array    # int32 [T·G] selections per group
+  tokens_per_tier: jax.Array     # int32 [T] selections per tier
+
+  @classmethod
+  def empty(cls, cfg: MoEConfig) -> MoEStats:
+    """Stacked stats of zero MoE layers (a dense model)."""
+    m = cfg
+    return cls(jnp.zeros((0, 3)), jnp.zeros((0,)), jnp.zeros((0, 3)),
+               jnp.zeros((0, m.experts_total), jnp.int32),
+               jnp.zeros((0, m.num_tiers * m.groups_per_tier), jnp.int32), jnp.zeros((0, m.num_tiers), jnp.int32))
+
+
 class MoEBlock(nnx.Module):
-  """Routed experts for [B, S, d] activations; returns (y [B, S, d], aux dict)."""
+  """Routed experts for [B, S, d] activations; returns (y [B, S, d], MoEStats)."""
 
   def __init__(self, cfg: Config, rngs: nnx.Rngs):
     m, d = cfg.moe, cfg.model.d_model
@@ -70,27 +93,30 @@ class MoEBlock(nnx.Module):
       out['w_gate'] = self.w_gate[...]
     return out
 
-  def __call__(self, x_bsd: jax.Array,
-               expert_fn: Callable[..., tuple[jax.Array, dict[str, Any]]] | None = None):
-    """expert_fn(x_nd, routing, expert_params, moe_cfg) replaces local dispatch (expert parallel)."""
+  def __call__(self, x_bsd: jax.Array) -> tuple[jax.Array, MoEStats]:
+    """Routes and runs the experts; local or expert-parallel as the ambient mesh says (`jax.set_mesh`)."""
     b, s, d = x_bsd.shape
     x_nd = x_bsd.reshape(b * s, d)
     r = routing.route(x_nd, self.router_params(), self.moe_cfg, self.router_bias())
-    run = expert_fn or dispatch_lib.moe_ffn
     with jax.named_scope('dispatch'):   # packing and combine; the expert matmuls inside are 'experts'
-      y_nd, stats = run(x_nd, r, self.expert_params(), self.moe_cfg)
+      y_nd, drop_fraction = expert_parallel.moe_ffn(x_nd, r, self.expert_params(), self.moe_cfg)
     if hasattr(self, 'shared'):
       with jax.named_scope('shared_experts'):   # scope names the FLOPs for litejax.cost
         y_nd = y_nd + self.shared(x_nd)
-    aux = {
-        'load_balance_loss': r.load_balance_loss,       # [3] per level
-        'z_loss': r.z_loss,
-        'drop_fraction': stats['drop_fraction'],        # [3] per level
-        'tokens_per_expert': r.tokens_per_expert,       # [E]
-    }
-    return y_nd.reshape(b, s, d).astype(x_bsd.dtype), aux
+    stats = MoEStats(load_balance_loss=r.load_balance_loss, z_loss=r.z_loss, drop_fraction=drop_fraction,
+                     tokens_per_expert=r.tokens_per_expert, tokens_per_group=r.tokens_per_group,
+                     tokens_per_tier=r.tokens_per_tier)
+    return y_nd.reshape(b, s, d).astype(x_bsd.dtype), stats
 
-  def update_bias(self, tokens_per_expert: jax.Array, rate: float) -> None:
-    """Loss-free balancing step on the expert-level selection bias (sigmoid scoring only)."""
-    if hasattr(self, 'bias_expert') and rate > 0:
-      self.bias_expert[...] = routing.update_selection_bias(self.bias_expert[...], tokens_per_expert, rate)
+  def update_bias(self, stats: MoEStats, rate: float) -> None:
+    """Loss-free balancing step on every level's selection bias (sigmoid scoring only).
+
+    stats: this block's loads; for a scanned block (biases stacked [L, ...]) stacked the same way.
+    """
+    if not hasattr(self, 'bias_expert') or rate <= 0:
+      return
+    step = lambda bias, loads: routing.update_selection_biases(bias, loads, rate, self.moe_cfg)  # noqa: E731
+    for _ in range(self.bias_expert[...].ndim - 1):   # one vmap per stacked (scanned) axis
+      step = jax.vmap(step)
+    new = step(self.router_bias(), stats)
+    self.bias_tier[...], self.bias_group[...], self.bias_expert[...] = new['tier'], new['group'], new['expert']

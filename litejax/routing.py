@@ -34,6 +34,8 @@ class Routing:
   load_balance_loss: jax.Array   # f32 [3] Switch loss per level (tier, group, expert); 0 for 1-branch levels
   z_loss: jax.Array              # f32 [] ST-MoE z-loss summed over scored levels
   tokens_per_expert: jax.Array   # int32 [E] assignments per expert before capacity drops
+  tokens_per_group: jax.Array    # int32 [T·G] selections per group (tokens that kept it)
+  tokens_per_tier: jax.Array     # int32 [T] selections per tier
 
 
 def _scores(logits: jax.Array, kind: str) -> jax.Array:
@@ -51,7 +53,7 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   axis is sharded, so every rank would route every token. For the small k of routing, k rounds of
   argmax-and-mask are reductions along the last axis, which partition cleanly over the batch and
   cost O(k·B) per row; a full stable sort (the fallback for large k) is O(B log B) and on XLA:CPU
-  ~100x slower than the argmax rounds at B = 1024, k = 2 (timed under jit on a 2-core CPU).
+  far slower than the argmax rounds at small k (experiments/profile_moe.py times both).
   """
   iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
   if k > _ARGMAX_TOP_K_MAX:
@@ -177,17 +179,40 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
     weight_nk = weight_nk / jnp.maximum(weight_nk.sum(-1, keepdims=True), 1e-9)
   group_k = jnp.repeat(group_nk, cfg.k_expert, axis=1)
   tier_k = jnp.repeat(tier_nk, cfg.k_group * cfg.k_expert, axis=1)
-  tokens_per_expert = jnp.zeros((num_experts,), jnp.int32).at[expert_nk.reshape(-1)].add(1)
   return Routing(
       expert_nk=expert_nk.astype(jnp.int32), weight_nk=weight_nk, group_nk=group_k.astype(jnp.int32),
-      tier_nk=tier_k.astype(jnp.int32), load_balance_loss=jnp.stack(lb),
-      z_loss=sum(z_terms), tokens_per_expert=tokens_per_expert)
+      tier_nk=tier_k.astype(jnp.int32), load_balance_loss=jnp.stack(lb), z_loss=sum(z_terms),
+      tokens_per_expert=_counts(expert_nk, num_experts), tokens_per_group=_counts(group_nk, T * G),
+      tokens_per_tier=_counts(tier_nk, T))
 
 
-def update_selection_bias(bias: jax.Array, tokens_per_branch: jax.Array, rate: float) -> jax.Array:
+def _counts(ids: jax.Array, num_branches: int) -> jax.Array:
+  return jnp.zeros((num_branches,), jnp.int32).at[ids.reshape(-1)].add(1)
+
+
+def update_selection_bias(bias: jax.Array, tokens_per_branch: jax.Array, rate: float,
+                          num_parents: int = 1) -> jax.Array:
   """Loss-free balancing (DeepSeek-V3): raise the bias of under-loaded branches, lower over-loaded.
 
-  bias <- bias + rate · sign(mean_load - load). Only selection sees the bias, never the gate.
+  bias <- bias + rate · sign(mean_load - load), the mean taken over the siblings of each branch
+  (branch id = parent · children + child; one parent for the tier level). A branch only competes
+  with its siblings (top-k among the children of a kept parent), so a shift common to all children
+  of a parent would change no selection; comparing with the siblings' mean balances each parent's
+  children, and a level with one child per parent (T = 1, G = 1) stays at zero. Only selection sees
+  the bias, never the gate.
   """
-  load = tokens_per_branch.astype(jnp.float32)
-  return bias + rate * jnp.sign(load.mean() - load)
+  load_pc = tokens_per_branch.astype(jnp.float32).reshape(num_parents, -1)
+  step_pc = jnp.sign(load_pc.mean(axis=-1, keepdims=True) - load_pc)
+  return bias + rate * step_pc.reshape(bias.shape)
+
+
+def update_selection_biases(bias: dict[str, jax.Array], r: Routing | Any, rate: float,
+                            cfg: MoEConfig) -> dict[str, jax.Array]:
+  """One loss-free balancing step on every level: 'tier' [T], 'group' [T·G], 'expert' [E], each
+  from its own load (`r` has the fields tokens_per_tier / _group / _expert, e.g. a Routing)."""
+  T, G = cfg.num_tiers, cfg.groups_per_tier
+  return {
+      'tier': update_selection_bias(bias['tier'], r.tokens_per_tier, rate),
+      'group': update_selection_bias(bias['group'], r.tokens_per_group, rate, T),
+      'expert': update_selection_bias(bias['expert'], r.tokens_per_expert, rate, T * G),
+  }

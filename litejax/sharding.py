@@ -11,13 +11,13 @@ maps them here. Everything is jitted with explicit in/out shardings built from t
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any
 
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from litejax.config import Config, ConfigError, MeshConfig
+from litejax.config import Config, ConfigError, MeshConfig, MoEConfig
 
 AXES = ('data', 'expert', 'tensor')
 BATCH_AXES = ('data', 'expert')
@@ -103,7 +103,7 @@ def validate_mesh(cfg: Config, mesh: Mesh, global_batch: int) -> None:
 
 
 def _validate_model(cfg: Config, s: dict[str, int]) -> None:
-  m, e = cfg.model, cfg.moe
+  m = cfg.model
   checks = [
       (m.num_heads % s['tensor'] == 0,
        f'model.num_heads ({m.num_heads}) is not divisible by mesh.tensor ({s["tensor"]})'),
@@ -112,22 +112,30 @@ def _validate_model(cfg: Config, s: dict[str, int]) -> None:
       (m.resolved_d_ff % s['tensor'] == 0,
        f'model.d_ff ({m.resolved_d_ff}) is not divisible by mesh.tensor ({s["tensor"]})'),
   ]
+  for ok, message in checks:
+    if not ok:
+      raise ConfigError(message)
   if m.num_moe_layers:
-    checks += [
-        (e.experts_total % s['expert'] == 0,
-         f'moe experts per layer ({e.experts_total} = num_tiers*groups_per_tier*experts_per_group) '
-         f'is not divisible by mesh.expert ({s["expert"]})'),
-        (e.d_expert % s['tensor'] == 0,
-         f'moe.d_expert ({e.d_expert}) is not divisible by mesh.tensor ({s["tensor"]})'),
-        (not e.num_shared_experts or (e.num_shared_experts * e.resolved_d_shared) % s['tensor'] == 0,
-         f'shared expert hidden ({e.num_shared_experts * e.resolved_d_shared}) is not divisible by '
-         f'mesh.tensor ({s["tensor"]})'),
-    ]
-    groups = e.num_tiers * e.groups_per_tier
-    if e.rank_aligned_groups:
-      checks.append((groups % s['expert'] == 0,
-                     f'moe.rank_aligned_groups: groups per layer ({groups} = num_tiers*groups_per_tier) '
-                     f'is not divisible by mesh.expert ({s["expert"]})'))
+    validate_moe_mesh(cfg.moe, s)
+
+
+def validate_moe_mesh(e: MoEConfig, s: dict[str, int]) -> None:
+  """Raises ConfigError when mesh sizes {'data', 'expert', 'tensor'} do not divide the MoE layer."""
+  checks = [
+      (e.experts_total % s['expert'] == 0,
+       f'moe experts per layer ({e.experts_total} = num_tiers*groups_per_tier*experts_per_group) '
+       f'is not divisible by mesh.expert ({s["expert"]})'),
+      (e.d_expert % s['tensor'] == 0,
+       f'moe.d_expert ({e.d_expert}) is not divisible by mesh.tensor ({s["tensor"]})'),
+      (not e.num_shared_experts or (e.num_shared_experts * e.resolved_d_shared) % s['tensor'] == 0,
+       f'shared expert hidden ({e.num_shared_experts * e.resolved_d_shared}) is not divisible by '
+       f'mesh.tensor ({s["tensor"]})'),
+  ]
+  groups = e.num_tiers * e.groups_per_tier
+  if e.rank_aligned_groups:
+    checks.append((groups % s['expert'] == 0,
+                   f'moe.rank_aligned_groups: groups per layer ({groups} = num_tiers*groups_per_tier) '
+                   f'is not divisible by mesh.expert ({s["expert"]})'))
   for ok, message in checks:
     if not ok:
       raise ConfigError(message)
@@ -191,61 +199,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return logical_sharding(mesh, ('batch', 'sequence'))
 
 
-def shard_model(model: nnx.Module, mesh: Mesh) -> nnx.Module:
-  """Places a materialised model's state with its shardings (in place) and returns it."""
-  state = nnx.state(model)
-  nnx.update(model, jax.device_put(state, state_shardings(state, mesh)))
-  return model
-
-
-def abstract_state(cfg: Config, mesh: Mesh) -> nnx.State:
-  """The model state as ShapeDtypeStructs carrying `.sharding`; nothing is allocated."""
-  from litejax.model import abstract_model
-  state = nnx.state(abstract_model(cfg))
-  shardings = state_shardings(state, mesh)
-
-  def attach(v, s):
-    sds = v.get_value()
-    return v.replace(jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=s.get_value()))
-
-  return jax.tree.map(attach, state, shardings, is_leaf=_is_var)
-
-
-def sharded_init(cfg: Config, mesh: Mesh, seed: int = 0):
-  """Builds the model's (graphdef, state) with every parameter created directly in its sharding.
-
-  Initialisation runs under jit with out_shardings, so no device ever holds a whole unsharded
-  parameter and it works across processes (each process materialises only its shards).
-  """
-  from litejax.model import Transformer
-  graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=seed))))
-  shardings = state_shardings(abstract, mesh)
-
-  def init():
-    return nnx.split(Transformer(cfg, nnx.Rngs(params=seed)))[1]
-
-  state = jax.jit(init, out_shardings=shardings)()
-  return graphdef, state
-
-
-def make_expert_fn(mesh: Mesh, cfg: Config) -> Callable | None:
-  """The MoEBlock `expert_fn` hook for this mesh: explicit expert-parallel dispatch under shard_map.
-
-  None on a one-device mesh (local dispatch is already right). Otherwise each (data, expert) rank
-  dispatches its own tokens with capacity per (source rank, expert) — see litejax.expert_parallel.
-  """
-  s = mesh_sizes(mesh)
-  _validate_model(cfg, s)
-  if mesh.size == 1:
-    return None
-  from litejax import expert_parallel
-  return expert_parallel.make_expert_fn(
-      mesh, batch_axes=BATCH_AXES, expert_axis='expert', tensor_axis='tensor',
-      num_expert_ranks=s['expert'], num_tensor_ranks=s['tensor'],
-      expert_spec=logical_to_spec(('expert', 'embed', 'expert_mlp')),
-      expert_out_spec=logical_to_spec(('expert', 'expert_mlp', 'embed')))
-
-
 __all__ = ['AXES', 'BATCH_AXES', 'LOGICAL_RULES', 'make_mesh', 'mesh_sizes', 'logical_to_spec',
-           'logical_sharding', 'validate_mesh', 'state_shardings', 'tree_shardings_like',
-           'batch_sharding', 'shard_model', 'abstract_state', 'sharded_init', 'make_expert_fn']
+           'logical_sharding', 'validate_mesh', 'validate_moe_mesh', 'state_shardings',
+           'tree_shardings_like', 'batch_sharding']

@@ -363,7 +363,7 @@ def compile_report(cfg, target: Target, *, train: bool = False, global_batch: in
 
 def _refused_report(cfg, target: Target, mesh, train: bool, global_batch: int | None, oom: dict,
                     chip: hardware.Chip) -> dict:
-  from litejax import bounds, comm, latency, sharding
+  from litejax import bounds, ep_plan, latency, sharding
   from litejax.footprint import state_bytes_per_device
   sizes = sharding.mesh_sizes(mesh)
   b = global_batch or sizes['data'] * sizes['expert']
@@ -377,7 +377,7 @@ def _refused_report(cfg, target: Target, mesh, train: bool, global_batch: int | 
   a2a = 0.0
   if sizes['expert'] > 1 and cfg.model.num_moe_layers:
     dt = 2 if cfg.model.dtype == 'bfloat16' else 4
-    per_layer = comm.analytic_all_to_all_bytes_per_rank(cfg, tokens, sizes, dt)['total']
+    per_layer = ep_plan.analytic_all_to_all_bytes_per_rank(cfg, tokens, sizes, dt)['total']
     a2a = float(per_layer * cfg.model.num_moe_layers * (2 if train else 1)) * dpc
   args = state['state'] * dpc
   # HBM traffic lower bound: dense weights once, plus one expert's weights per routed assignment

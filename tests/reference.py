@@ -18,23 +18,28 @@ def topk(v, k):
   return order[:k]
 
 
-def hierarchical_route(x_nd, params, T, G, Eg, kt, kg, ke, score='softmax', renormalize=True):
-  """Scores every branch densely, then selects level by level. Returns (experts [N,K], weights [N,K])."""
+def hierarchical_route(x_nd, params, T, G, Eg, kt, kg, ke, score='softmax', renormalize=True, bias=None):
+  """Scores every branch densely, then selects level by level. Returns (experts [N,K], weights [N,K]).
+
+  bias: optional selection biases {'tier' [T], 'group' [T·G], 'expert' [E]}: selection ranks
+  score + bias, the weight is the product of the unbiased scores."""
+  zero = {'tier': np.zeros(T), 'group': np.zeros(T * G), 'expert': np.zeros(T * G * Eg)}
+  bias = zero if bias is None else {k: np.asarray(v, np.float64) for k, v in bias.items()}
   f = softmax if score == 'softmax' else sigmoid
   n = x_nd.shape[0]
   experts, weights = [], []
   for i in range(n):
     x = x_nd[i].astype(np.float64)
     tier_s = f(x @ params['tier']) if T > 1 else np.ones(1)
-    tiers = topk(tier_s, kt) if T > 1 else [0]
+    tiers = topk(tier_s + bias['tier'], kt) if T > 1 else [0]
     ex, wt = [], []
     for t in tiers:
       group_s = f(x @ params['group'][t]) if G > 1 else np.ones(1)
-      groups = topk(group_s, kg) if G > 1 else [0]
+      groups = topk(group_s + bias['group'][t * G:(t + 1) * G], kg) if G > 1 else [0]
       for g in groups:
         gid = t * G + g
         exp_s = f(x @ params['expert'][gid])
-        for e in topk(exp_s, ke):
+        for e in topk(exp_s + bias['expert'][gid * Eg:(gid + 1) * Eg], ke):
           ex.append(gid * Eg + e)
           wt.append(tier_s[t] * group_s[g] * exp_s[e])
     wt = np.array(wt)

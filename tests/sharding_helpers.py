@@ -1,5 +1,5 @@
 """A tiny sharded MoE LM for the sharding tests, trained with the real trainer's pieces
-(`litejax.train`: optimizer, state layout, init, jitted train step)."""
+(`litejax.train_step`: optimizer, state layout, init, jitted train step), run under the mesh."""
 from __future__ import annotations
 
 
@@ -28,19 +28,18 @@ def train_losses(cfg, mesh, global_batch: int = 8, steps: int = 3):
   import numpy as np
   import optax
   from flax import nnx
-  from litejax import sharding, train
+  from litejax import sharding, train_step
 
   sharding.validate_mesh(cfg, mesh, global_batch)
-  tx = train.make_optimizer(cfg.train)
-  graphdef, _, shardings = train.state_layout(cfg, mesh, tx)
-  state = train.init_state(cfg, mesh, tx, shardings)
+  tx = train_step.make_optimizer(cfg.train)
+  graphdef, _, shardings = train_step.state_layout(cfg, mesh, tx)
+  state = train_step.init_state(cfg, mesh, tx, shardings)
   batch_sh = sharding.batch_sharding(mesh)
-  expert_fn = sharding.make_expert_fn(mesh, cfg)
-  step = train.make_train_step(cfg, graphdef, tx, shardings, batch_sh, expert_fn)
+  step = train_step.make_train_step(cfg, graphdef, tx, shardings, batch_sh)
   logits_sh = sharding.logical_sharding(mesh, ('batch', 'sequence', 'vocab'))
 
   def ce_and_logits(params, extra, inputs, targets):   # the loss the trainer reports as `loss`
-    logits, _ = nnx.merge(graphdef, params, extra)(inputs, expert_fn=expert_fn)
+    logits, _ = nnx.merge(graphdef, params, extra)(inputs)
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean(), logits
 
   grad_fn = jax.jit(jax.value_and_grad(ce_and_logits, has_aux=True),
@@ -51,9 +50,10 @@ def train_losses(cfg, mesh, global_batch: int = 8, steps: int = 3):
     host = batch(cfg, global_batch, i)
     inputs, targets = (jax.make_array_from_callback(a.shape, batch_sh, lambda idx, a=a: a[idx])
                        for a in (np.ascontiguousarray(host[:, :-1]), np.ascontiguousarray(host[:, 1:])))
-    if i == 0 and jax.process_count() == 1:
-      (_, logits), grads = grad_fn(state['params'], state['extra'], inputs, targets)
-      first = (np.asarray(logits), jax.tree.map(np.asarray, grads))
-    state, metrics = step(state, inputs, targets)
+    with jax.set_mesh(mesh):     # the MoE layers pick local or expert-parallel dispatch from it
+      if i == 0 and jax.process_count() == 1:
+        (_, logits), grads = grad_fn(state['params'], state['extra'], inputs, targets)
+        first = (np.asarray(logits), jax.tree.map(np.asarray, grads))
+      state, metrics = step(state, inputs, targets)
     losses.append(float(metrics['loss']))
   return losses, first

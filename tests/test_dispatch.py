@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import reference as ref
-from litejax.config import from_dict
+from litejax.config import from_dict, resolve_dispatch
 from litejax.dispatch import assignment_positions, drop_fractions, moe_ffn
 from litejax.routing import Routing, route
 
@@ -41,8 +41,8 @@ def router_params(cfg, d, seed=1):
 @functools.partial(jax.jit, static_argnums=(3, 4))
 def run(x, rp, w, cfg, path):
   r = route(x, rp, cfg)
-  y, stats = moe_ffn(x, r, w, cfg, path)
-  return y, r.expert_nk, r.weight_nk, stats['drop_fraction']
+  y, drop_fraction = moe_ffn(x, r, w, cfg, path)
+  return y, r.expert_nk, r.weight_nk, drop_fraction
 
 
 def test_hand_worked_capacity_and_drops():
@@ -103,15 +103,7 @@ def test_paths_agree_with_drops_and_match_reference(kind):
 
 def test_auto_picks_by_regime():
   def path_taken(cfg, d=8, n=32):
-    seen = {}
-
-    def f(x, rp, w):
-      y, stats = moe_ffn(x, route(x, rp, cfg), w, cfg)
-      seen['path'] = stats['dispatch']
-      return y
-    w = {k: jnp.asarray(v) for k, v in weights(cfg, d).items()}
-    jax.eval_shape(f, jnp.ones((n, d)), router_params(cfg, d), w)   # trace only: the path is static
-    return seen['path']
+    return resolve_dispatch(cfg, n, cfg.experts_total)   # what moe_ffn runs for n tokens
 
   assert path_taken(moe_cfg(dispatch='auto')) == 'capacity'
   huge = moe_cfg(dispatch='auto', num_tiers=4, groups_per_tier=16, experts_per_group=16, k_group=1, k_expert=1)

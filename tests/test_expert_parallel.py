@@ -1,4 +1,5 @@
-"""Expert-parallel dispatch: per-device capacity semantics, paths, and all-to-all bytes vs analytic."""
+"""Expert-parallel dispatch (chosen by the ambient mesh): per-device capacity semantics, paths, and
+all-to-all bytes vs analytic."""
 import dataclasses
 import functools
 
@@ -8,9 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from litejax import comm, dispatch, routing, sharding
-from litejax.config import MeshConfig
-from litejax.model import abstract_model
+from litejax import comm, dispatch, ep_plan, expert_parallel, routing, sharding, train_step
+from litejax.config import ConfigError, MeshConfig
 from sharding_helpers import tiny_config
 
 GLOBAL_BATCH = 8
@@ -30,18 +30,16 @@ def _moe_inputs(cfg, n, seed=0):
 
 def _run_ep(cfg, mesh_shape, x, params, w):
   mesh = sharding.make_mesh(MeshConfig(*mesh_shape), devices=jax.devices()[:int(np.prod(mesh_shape))])
-  fn = sharding.make_expert_fn(mesh, cfg)
   tok = sharding.logical_sharding(mesh, ('batch', 'embed'))
   w_sh = {k: sharding.logical_sharding(mesh, ('expert', 'expert_mlp', 'embed') if k == 'w_out'
                                        else ('expert', 'embed', 'expert_mlp')) for k in w}
 
   @jax.jit
   def run(x, w):
-    r = routing.route(x, params, cfg.moe)
-    y, stats = fn(x, r, w, cfg.moe)
-    return y, stats['drop_fraction']
+    return expert_parallel.moe_ffn(x, routing.route(x, params, cfg.moe), w, cfg.moe)
 
-  return run(jax.device_put(x, tok), jax.device_put(w, w_sh))
+  with jax.set_mesh(mesh):
+    return run(jax.device_put(x, tok), jax.device_put(w, w_sh))
 
 
 @pytest.mark.parametrize('dispatch_path, mesh_shape', [('capacity', (4, 1, 1)), ('capacity', (2, 2, 1)),
@@ -54,9 +52,9 @@ def test_capacity_is_per_source_rank(dispatch_path, mesh_shape):
   ranks = mesh_shape[0] * mesh_shape[1]
   ys, drops = [], []
   for xs in jnp.split(x, ranks):
-    ref_y, st = dispatch.moe_ffn(xs, routing.route(xs, params, cfg.moe), w, cfg.moe)
+    ref_y, ref_drop = dispatch.moe_ffn(xs, routing.route(xs, params, cfg.moe), w, cfg.moe)
     ys.append(ref_y)
-    drops.append(st['drop_fraction'])
+    drops.append(ref_drop)
   assert float(jnp.mean(jnp.stack(drops), 0)[2]) > 0.05          # the test really drops
   np.testing.assert_allclose(y, jnp.concatenate(ys), rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(drop, jnp.mean(jnp.stack(drops), 0), rtol=1e-6)
@@ -77,17 +75,17 @@ def test_paths_equal_single_device_without_drops(moe):
 def _a2a_bytes(cfg, r, grad=False):
   """Measured all-to-all bytes per rank of the whole (scanned) model on mesh (1, r, 1)."""
   mesh = sharding.make_mesh(MeshConfig(1, r, 1), devices=jax.devices()[:r])
-  state = sharding.abstract_state(cfg, mesh)
-  graphdef = nnx.graphdef(abstract_model(cfg))
-  fn = sharding.make_expert_fn(mesh, cfg)
+  graphdef, abstract, _ = train_step.state_layout(cfg, mesh)
+  state = (abstract['params'], abstract['extra'])
   tokens = jax.ShapeDtypeStruct((GLOBAL_BATCH, cfg.model.seq_len), jnp.int32,
                                 sharding=sharding.batch_sharding(mesh))
 
   def fwd(st, t):
-    return nnx.merge(graphdef, st)(t, expert_fn=fn)[0].sum()
+    return nnx.merge(graphdef, *st)(t)[0].sum()
 
   f = jax.grad(fwd) if grad else fwd
-  compiled = jax.jit(f).lower(state, tokens).compile()
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(f).lower(state, tokens).compile()
   return comm.collective_bytes(compiled)
 
 
@@ -99,7 +97,7 @@ def _scanned(**moe):
 
 def _analytic(cfg, r):
   n = GLOBAL_BATCH * cfg.model.seq_len
-  return comm.analytic_all_to_all_bytes_per_rank(cfg, n, (1, r, 1), 4)['total'] * cfg.model.num_moe_layers
+  return ep_plan.analytic_all_to_all_bytes_per_rank(cfg, n, (1, r, 1), 4)['total'] * cfg.model.num_moe_layers
 
 
 def test_all_to_all_bytes_match_analytic_and_fall_as_one_over_r():
@@ -136,8 +134,8 @@ def test_rank_aligned_groups_cut_volume_by_predicted_factor():
   assert m_plain / m_aligned == pytest.approx(predicted, rel=0.02)
   # activations fall by K / (k_tier*k_group) = k_expert; metadata (ids, weights) is the rest
   n = GLOBAL_BATCH * plain.model.seq_len
-  a_plain = comm.analytic_all_to_all_bytes_per_rank(plain, n, (1, 4, 1), 4)
-  a_aligned = comm.analytic_all_to_all_bytes_per_rank(aligned, n, (1, 4, 1), 4)
+  a_plain = ep_plan.analytic_all_to_all_bytes_per_rank(plain, n, (1, 4, 1), 4)
+  a_aligned = ep_plan.analytic_all_to_all_bytes_per_rank(aligned, n, (1, 4, 1), 4)
   assert a_plain['dispatch'] / a_aligned['dispatch'] == pytest.approx(plain.moe.k_expert, rel=0.02)
   assert predicted > 1.5
 
@@ -168,3 +166,25 @@ ENTRY %main (a: f32[4,8]) -> f32[4,8] {
   assert out['reduce_scatter'] == 5 * 2 * 8 * 4 * 2
   assert out['all_reduce'] == 16 * 4
   assert out['total'] == sum(out[k] for k in comm.KINDS)
+
+
+def test_dispatch_follows_the_ambient_mesh():
+  """No mesh or a one-device mesh: local dispatch; a multi-device litejax mesh: shard_map with
+  all-to-alls; a mesh that does not divide the experts is a ConfigError when traced."""
+  cfg = tiny_config()
+  x, params, w = _moe_inputs(cfg, 32)
+
+  def f(x, w):
+    return expert_parallel.moe_ffn(x, routing.route(x, params, cfg.moe), w, cfg.moe)[0]
+
+  def text(mesh):
+    if mesh is None:
+      return jax.jit(f).lower(x, w).as_text()
+    with jax.set_mesh(mesh):
+      return jax.jit(f).lower(x, w).as_text()
+
+  one = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
+  assert 'all_to_all' not in text(None) and 'all_to_all' not in text(one)
+  assert 'all_to_all' in text(sharding.make_mesh(MeshConfig(1, 4, 1), devices=jax.devices()[:4]))
+  with pytest.raises(ConfigError, match=r'is not divisible by mesh.expert \(3\)'):
+    text(sharding.make_mesh(MeshConfig(1, 3, 1), devices=jax.devices()[:3]))

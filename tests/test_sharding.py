@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from litejax import sharding
+from litejax import sharding, train_step
 from litejax.config import Config, ConfigError, MeshConfig, ModelConfig
 from sharding_helpers import tiny_config, train_losses
 
@@ -34,7 +34,8 @@ def test_sharded_training_matches_single_device(shape, reference):
 def test_expert_weights_are_sharded_over_expert_axis():
   cfg = tiny_config()
   mesh = sharding.make_mesh(MeshConfig(2, 4, 1))
-  _, state = sharding.sharded_init(cfg, mesh)
+  _, _, shardings = train_step.state_layout(cfg, mesh)
+  state = train_step.init_state(cfg, mesh, train_step.make_optimizer(cfg.train), shardings)['params']
   e, r = cfg.moe.experts_total, 4
   moe = state['blocks'][1]['ffn']          # layer 2 is the MoE layer
   for name in ('w_in', 'w_out'):
@@ -52,7 +53,7 @@ def test_scanned_model_gets_leading_layer_axis():
   cfg = tiny_config()
   cfg = cfg.replace(model=cfg.model.__class__(**{**cfg.model.__dict__, 'scan_layers': True}))
   mesh = sharding.make_mesh(MeshConfig(1, 4, 2))
-  ab = sharding.abstract_state(cfg, mesh)
+  ab = train_step.state_layout(cfg, mesh)[1]['params']
   w_in = ab['periods']['layers'][1]['ffn']['w_in'].get_value()
   assert isinstance(w_in, jax.ShapeDtypeStruct)
   assert w_in.sharding.spec == jax.sharding.PartitionSpec(None, 'expert', None, 'tensor')
@@ -63,7 +64,7 @@ def test_optimizer_state_mirrors_params():
   import optax
   cfg = tiny_config()
   mesh = sharding.make_mesh(MeshConfig(2, 4, 1))
-  state = sharding.abstract_state(cfg, mesh)
+  state = train_step.state_layout(cfg, mesh)[1]['params']
   p_sh = sharding.state_shardings(state, mesh)
   opt_sh = sharding.tree_shardings_like(jax.eval_shape(optax.adamw(1e-3).init, state), p_sh)
   mu = opt_sh[0].mu['blocks'][1]['ffn']['w_in'].get_value()
@@ -80,8 +81,6 @@ def test_logical_rules_and_specs():
     sharding.logical_to_spec(('no_such_axis',))
   mesh = sharding.make_mesh(MeshConfig(-1, 2, 2))
   assert dict(mesh.shape) == {'data': 2, 'expert': 2, 'tensor': 2}
-  assert sharding.make_expert_fn(sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1]),
-                                 tiny_config()) is None
 
 
 @pytest.mark.parametrize('mesh_shape, devices, batch, needle', [
@@ -95,9 +94,9 @@ def test_mesh_that_does_not_divide_is_config_error(mesh_shape, devices, batch, n
   with pytest.raises(ConfigError) as e:
     sharding.validate_mesh(tiny_config(), mesh, batch)
   assert needle in str(e.value)
-  if mesh_shape[1] == 3:     # building the expert-parallel hook checks too, before any XLA error
+  if mesh_shape[1] == 3:     # expert-parallel dispatch checks the MoE layer alone (test_expert_parallel)
     with pytest.raises(ConfigError):
-      sharding.make_expert_fn(mesh, tiny_config())
+      sharding.validate_moe_mesh(tiny_config().moe, sharding.mesh_sizes(mesh))
 
 
 def test_device_count_mismatch_is_config_error():

@@ -1,0 +1,176 @@
+"""The training step on functional NNX state: optimizer, state layout and init, jitted train/eval steps.
+
+The model is split once into a static `graphdef` and array state; the train state is a plain dict
+
+  {'params': nnx.State (Param), 'extra': nnx.State (router selection biases, ...),
+   'opt': optax state, 'step': int32 [] (updates done = next batch index), 'rng': uint32 key data}
+
+so one jitted function `(state, inputs, targets) -> (state, metrics)` does a whole update, with the
+state donated and explicit in/out shardings from litejax.sharding. Run the steps under
+`jax.set_mesh(mesh)`: the MoE layers choose local or expert-parallel dispatch from it.
+
+Loss = cross-entropy + moe.aux_loss_weight · Σ_levels load_balance_loss + moe.z_loss_weight · z_loss
+(router terms averaged over MoE layers). The `loss` metric is the cross-entropy alone (nats per
+token; per byte for the byte tokenizer), so MoE and dense runs compare directly.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from litejax import sharding as shd
+from litejax.config import Config, TrainConfig
+from litejax.metrics import level_load_entropies
+from litejax.model import Transformer, layer_mean
+from litejax.moe import MoEStats
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+def lr_schedule(tc: TrainConfig) -> optax.Schedule:
+  """Linear warmup from 0 to train.lr, then cosine decay to lr·min_lr_ratio at train.steps."""
+  return optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=tc.lr, warmup_steps=tc.warmup_steps,
+      decay_steps=max(tc.steps, tc.warmup_steps + 1), end_value=tc.lr * tc.min_lr_ratio)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+  """Global-norm clipping, then AdamW; weight decay only on matrices (not norm scales)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+  adamw = optax.adamw(lr_schedule(tc), b1=tc.beta1, b2=tc.beta2, weight_decay=tc.weight_decay,
+                      mask=decay_mask)
+  return optax.chain(optax.clip_by_global_norm(tc.grad_clip), adamw) if tc.grad_clip > 0 else adamw
+
+
+# ---------------------------------------------------------------------------- state
+
+def _new_state(cfg: Config, tx: optax.GradientTransformation) -> dict[str, Any]:
+  model = Transformer(cfg, nnx.Rngs(params=cfg.train.seed))
+  _, params, extra = nnx.split(model, nnx.Param, ...)
+  return {
+      'params': params, 'extra': extra, 'opt': tx.init(params),
+      'step': jnp.zeros((), jnp.int32),
+      # No layer draws randomness today; the key is carried (and checkpointed) so one that does
+      # (dropout, noisy routing) resumes bit-exactly.
+      'rng': jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
+  }
+
+
+def state_layout(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation | None = None):
+  """(graphdef, abstract state with shardings attached, shardings pytree) for the current mesh.
+
+  The one way to lay out a model's state: train, eval, checkpoint restore and `litejax.cost` use it
+  (forward-only users take `abstract['params']` and `abstract['extra']`). Nothing is allocated:
+  this is also the restore target for checkpoints written on any mesh. tx defaults to
+  `make_optimizer(cfg.train)`.
+  """
+  tx = make_optimizer(cfg.train) if tx is None else tx
+  graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0))), nnx.Param, ...)[0]
+  abstract = jax.eval_shape(lambda: _new_state(cfg, tx))
+  replicated = NamedSharding(mesh, P())
+  params_sh = shd.state_shardings(abstract['params'], mesh)
+  shardings = {
+      'params': params_sh,
+      'extra': shd.state_shardings(abstract['extra'], mesh),
+      'opt': shd.tree_shardings_like(abstract['opt'], params_sh),
+      'step': replicated,
+      'rng': replicated,
+  }
+  abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  return graphdef, abstract, shardings
+
+
+def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardings: Any) -> dict[str, Any]:
+  """A fresh train state, each array created directly in its sharding (no host copy)."""
+  return jax.jit(lambda: _new_state(cfg, tx), out_shardings=shardings)()
+
+
+# ---------------------------------------------------------------------------- steps
+
+def _forward(graphdef, params, extra, inputs_bs, targets_bs):
+  model = nnx.merge(graphdef, params, extra)
+  logits_bsv, stats = model(inputs_bs)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits_bsv, targets_bs).mean()
+  return ce, stats
+
+
+def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, shardings: Any,
+                    batch_sharding: NamedSharding):
+  """The jitted update `(state, inputs [B,S], targets [B,S]) -> (state, metrics)`; state is donated.
+
+  Call (and trace) it under `jax.set_mesh(mesh)`: the MoE layers pick their dispatch from it.
+  """
+  m = cfg.moe
+
+  def loss_fn(params, extra, inputs_bs, targets_bs):
+    ce, stats = _forward(graphdef, params, extra, inputs_bs, targets_bs)
+    aux_loss = jnp.sum(layer_mean(stats.load_balance_loss))
+    z_loss = layer_mean(stats.z_loss)
+    loss = ce + m.aux_loss_weight * aux_loss + m.z_loss_weight * z_loss
+    return loss, (ce, aux_loss, z_loss, stats)
+
+  def train_step(state, inputs_bs, targets_bs):
+    # Differentiated w.r.t. extra too (its gradient is dropped: the selection biases only pick
+    # top-k indices): nnx.scan refuses Variables whose values come from outside the grad trace.
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (total, (ce, aux_loss, z_loss, stats)), (grads, _) = grad_fn(
+        state['params'], state['extra'], inputs_bs, targets_bs)
+    updates, opt = tx.update(grads, state['opt'], state['params'])
+    params = optax.apply_updates(state['params'], updates)
+    extra = state['extra']
+    if m.bias_update_rate > 0 and stats.tokens_per_expert.shape[0]:
+      extra = _update_bias(graphdef, params, extra, stats, cfg)
+    grad_norm = optax.tree.norm(grads)
+    drop_levels = layer_mean(stats.drop_fraction)
+    metrics = {
+        'loss': ce, 'total_loss': total, 'aux_loss': aux_loss, 'z_loss': z_loss,
+        'drop_fraction': drop_levels[2],                       # expert level: assignments dropped
+        'drop_fraction_levels': drop_levels,
+        'grad_norm': grad_norm,
+        **level_load_entropies(stats, m),
+        'tokens_per_expert': stats.tokens_per_expert,          # [moe layers, E] assignments
+        'finite': jnp.isfinite(total) & jnp.isfinite(grad_norm),
+    }
+    state = dict(state, params=params, extra=extra, opt=opt, step=state['step'] + 1)
+    return state, metrics
+
+  return jax.jit(train_step, in_shardings=(shardings, batch_sharding, batch_sharding),
+                 out_shardings=(shardings, None), donate_argnums=(0,))
+
+
+def _update_bias(graphdef, params, extra, stats: MoEStats, cfg: Config):
+  """Loss-free balancing: each MoE block nudges every level's selection bias toward even load."""
+  model = nnx.merge(graphdef, params, extra)
+  blocks = model.moe_blocks()
+  rate = cfg.moe.bias_update_rate
+  if cfg.model.scan_layers:
+    blocks[0].update_bias(stats, rate)        # one stacked block: biases [periods, ...] as stats
+  else:
+    for i, blk in enumerate(blocks):
+      blk.update_bias(jax.tree.map(lambda a, i=i: a[i], stats), rate)
+  return nnx.split(model, nnx.Param, ...)[2]
+
+
+def make_eval_step(cfg: Config, graphdef, shardings: Any, batch_sharding: NamedSharding):
+  """Jitted `(state, inputs, targets) -> mean cross-entropy` (no state change); run it under the mesh."""
+  del cfg   # the graphdef holds the config
+
+  def eval_step(state, inputs_bs, targets_bs):
+    ce, _ = _forward(graphdef, state['params'], state['extra'], inputs_bs, targets_bs)
+    return ce
+
+  return jax.jit(eval_step, in_shardings=(shardings, batch_sharding, batch_sharding), out_shardings=None)
+
+
+
+
+@jax.jit
+def all_finite(tree) -> jax.Array:
+  """True when every floating leaf of `tree` is finite (a state that may replace a checkpoint)."""
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+                            if jnp.issubdtype(x.dtype, jnp.floating)]))
