@@ -196,8 +196,7 @@ def moe_ffn(x_nd: jax.Array, routing: Routing, w: dict[str, jax.Array], cfg: MoE
   path = resolve_dispatch(cfg, n, num_experts)
   if path == 'dropless':   # no capacity, nothing dropped (litejax.dropless; imported here: it imports us)
     from litejax.dropless import dropless_moe
-    y_nd = dropless_moe(x_nd, routing.expert_nk, routing.weight_nk, w, cfg.expert_kind)
-    return y_nd, {'drop_fraction': jnp.zeros((3,), jnp.float32), 'dispatch': path, 'capacity': 0}
+    return dropless_moe(x_nd, routing.expert_nk, routing.weight_nk, w, cfg.expert_kind), jnp.zeros((3,), jnp.float32)
   cap = capacity(cfg, n, num_experts)
   pos_nk, keep_nk = assignment_positions(routing.expert_nk, cap)
   with jax.named_scope('dispatch'):

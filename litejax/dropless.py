@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from litejax.config import dropless_tiles
-from litejax.dispatch import expert_ffn
+from litejax.dispatch import combine, expert_ffn
 
 
 def sort_by_expert(expert_nk: jax.Array):
@@ -110,5 +110,4 @@ def dropless_moe(x_nd: jax.Array, expert_nk: jax.Array, weight_nk: jax.Array, w:
   n, k = expert_nk.shape
   x_ad = jnp.repeat(x_nd, k, axis=0)                                   # row n·K + j: token n, slot j
   y_nkd = expert_rows_ffn(x_ad, expert_nk.reshape(-1), w, kind, impl).reshape(n, k, -1)
-  with jax.named_scope('dispatch'):   # the weighted combine, 2·K·d per token
-    return jnp.einsum('nkd,nk->nd', y_nkd, weight_nk.astype(y_nkd.dtype))
+  return combine(y_nkd, weight_nk)
