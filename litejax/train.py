@@ -140,8 +140,9 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, sha
   def train_step(state, inputs_bs, targets_bs):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (total, (ce, aux_loss, aux)), grads = grad_fn(state['params'], state['extra'], inputs_bs, targets_bs)
-    updates, opt = tx.update(grads, state['opt'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+    with jax.named_scope('optimizer'):   # names the update's work and bytes for litejax.cost
+      updates, opt = tx.update(grads, state['opt'], state['params'])
+      params = optax.apply_updates(state['params'], updates)
     extra = state['extra']
     tokens_le = aux['tokens_per_expert']                       # [moe layers, E] assignments
     if m.bias_update_rate > 0 and tokens_le.shape[0]:
