@@ -3,7 +3,17 @@
 `compile_program` lowers and compiles a forward pass or a whole training step without allocating
 anything; `report` reads the optimized HLO with litejax.hlo_cost (FLOPs by component, bytes,
 collectives; loops counted by litejax.hlo's trip-count rule) and sets it beside litejax.bounds'
-analytic figures (the `litejax bound --json` object). The HLO readers are re-exported here
+analytic figures (the `litejax bound --json` object), and `violations` says whether the whole
+program is within the bound: matmul total and each component within tol of the analytic figure,
+either way; the elementwise row within ELEMENTWISE_FACTOR of its estimate; a train step's
+optimizer update within OPTIMIZER_FACTOR of its cost for the parameters a bounded step touches.
+Weight-gradient outer products (the gradient of gathered expert or router slices, lowered by XLA as
+multiply + scatter-add into the whole table) are matmul work of the component whose weights they
+are, at 2·rows·d·h like any weight-gradient matmul (litejax.hlo_cost, "lowered dot"); they are
+listed apart under `lowered_dots_per_token`. So an E-sized dense gradient shows up where it costs:
+the whole-table writes and conversions in the elementwise row, the update of every row in the
+optimizer row, the table's gradient all-reduce in `all_reduce_bytes_per_rank`, its buffers in
+`memory_bytes_per_device.temp`. The HLO readers are re-exported here
 (`walk`, `HloCost`, `parse_hlo`, `component_of`, `dot_signatures`) for callers of the old module.
 """
 from __future__ import annotations
@@ -125,10 +135,17 @@ def compile_program(cfg, *, train: bool = False, num_devices: int | None = None,
 
 # Scopes the walker attributes to: the model's components and the train step's update.
 SCOPES = COMPONENTS + ('optimizer',)
-# How far the elementwise row and the optimizer's FLOPs may exceed their estimates (see `violations`).
-ELEMENTWISE_FACTOR = 2.0
-# AdamW + global-norm clipping in XLA's convention, FLOPs per parameter updated (see `violations`).
+# How far the elementwise row may exceed its estimate (see `violations`). The estimate is rough
+# (norms, softmaxes, activations; not the router's top-k, the loss or index arithmetic): the shipped
+# tiny configs sit at 1.34-1.47x forward and 1.63-1.74x as a train step, the small shapes of
+# tests/test_cost.py (d = S = 32) up to ~2.5x; a dense gradient of an expert table is ~100x.
+ELEMENTWISE_FACTOR = 4.0
+# AdamW + global-norm clipping in XLA's convention, FLOPs per parameter updated: 11.7 measured on
+# the tiny configs' train steps (`litejax bound --train --json`, optimizer.ratio). The estimate is a
+# count, not a guess, so its factor is tight: a dense update of tables whose rows mostly got no
+# token is several times over it.
 OPTIMIZER_FLOPS_PER_PARAM = 12.0
+OPTIMIZER_FACTOR = 1.5
 
 
 def analytic_per_token(cfg, tokens_per_group: int, *, train: bool = False,
@@ -259,6 +276,7 @@ def report(prog: CompiledProgram, tol: float = 0.03) -> dict:
       'spec_formula': bounds.spec_formula(cfg),
       'tol': tol,
       'elementwise_factor': ELEMENTWISE_FACTOR,
+      'optimizer_factor': OPTIMIZER_FACTOR,
   }
   if prog.train:
     out['optimizer'] = _optimizer(prog, cost, sizes)
@@ -331,7 +349,7 @@ def violations(rep: dict, tol: float) -> list[str]:
               so a blow-up in one cannot hide behind slack in another (named when the total is off);
   elementwise the elementwise row (forward + backward, artefacts out) above ELEMENTWISE_FACTOR × its
               estimate (litejax.bounds.elementwise_flops_per_token);
-  optimizer   the update's FLOPs above ELEMENTWISE_FACTOR × OPTIMIZER_FLOPS_PER_PARAM × the
+  optimizer   the update's FLOPs above OPTIMIZER_FACTOR × OPTIMIZER_FLOPS_PER_PARAM × the
               parameters a bounded step touches (`params_touched_per_step`): a dense update of
               expert tables most of whose rows got no token fails it.
   """
@@ -360,10 +378,10 @@ def violations(rep: dict, tol: float) -> list[str]:
     out.append(f'elementwise: compiled {el["compiled"]:.4g} FLOPs/token is {el["ratio"]:.4g}x its estimate '
                f'{el["analytic"]:.4g} (> {ELEMENTWISE_FACTOR:g}x)')
   opt = rep.get('optimizer')
-  if opt and opt['flops_per_token'] > ELEMENTWISE_FACTOR * opt['flops_per_token_estimate']:
+  if opt and opt['flops_per_token'] > OPTIMIZER_FACTOR * opt['flops_per_token_estimate']:
     out.append(f'optimizer: the update costs {opt["flops_per_token"]:.4g} FLOPs/token, {opt["ratio"]:.4g}x '
                f'the estimate {opt["flops_per_token_estimate"]:.4g} for the parameters a bounded step '
-               f'touches (> {ELEMENTWISE_FACTOR:g}x): it updates rows no token reached')
+               f'touches (> {OPTIMIZER_FACTOR:g}x): it updates rows no token reached')
   return out
 
 
