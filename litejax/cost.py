@@ -136,9 +136,10 @@ def compile_program(cfg, *, train: bool = False, num_devices: int | None = None,
 # Scopes the walker attributes to: the model's components and the train step's update.
 SCOPES = COMPONENTS + ('optimizer',)
 # How far the elementwise row may exceed its estimate (see `violations`). The estimate is rough
-# (norms, softmaxes, activations; not the router's top-k, the loss or index arithmetic): the shipped
-# tiny configs sit at 1.34-1.47x forward and 1.63-1.74x as a train step, the small shapes of
-# tests/test_cost.py (d = S = 32) up to ~2.5x; a dense gradient of an expert table is ~100x.
+# (norms, softmaxes, activations, router scores; not the loss or index arithmetic): the shipped
+# tiny configs sit at 1.34-1.44x forward and 1.59-1.70x as a train step (8 CPU devices), the small
+# shapes of tests/test_cost.py (d = S = 32) higher; a dense gradient of the expert tables is 7x
+# (tests/test_bound_whole_program.py's shrunk quadrillion) to 6,800x (configs/quadrillion.yaml).
 ELEMENTWISE_FACTOR = 4.0
 # AdamW + global-norm clipping in XLA's convention, FLOPs per parameter updated: 11.7 measured on
 # the tiny configs' train steps (`litejax bound --train --json`, optimizer.ratio). The estimate is a
