@@ -134,13 +134,18 @@ def dispatch_path(cfg: Config, tokens_per_group: int | None, dispatch: str | Non
 
 
 def elementwise_flops_per_token(cfg: Config, seq_len: int | None = None) -> float:
-  """Rough elementwise work (norms, softmaxes, activations, RoPE): O(d + S·H) per layer; not bounded
-  work in the spec's sense and not part of `forward_flops_per_token`."""
+  """Rough elementwise work (norms, softmaxes, activations, RoPE, the router's score softmax and
+  top-k): O(d + S·H + scores) per layer; not bounded work in the spec's sense and not part of
+  `forward_flops_per_token`."""
   mc, m = cfg.model, cfg.moe
   S = seq_len or mc.seq_len
   per_layer = 2 * 4 * mc.d_model + 5 * S * mc.num_heads + 6 * mc.resolved_head_dim * (mc.num_heads + mc.num_kv_heads)
   moe = m.k_active * m.d_expert * (4 if m.expert_kind == 'glu' else 1)
-  return float(mc.num_layers * per_layer + mc.num_moe_layers * moe + 4 * mc.d_model)
+  # The router's softmax / top-k / masking over every score it computes: ~9 ops per score (measured
+  # with litejax.hlo_cost on a 16K-expert flat router), O(E_g) per token like its matmul.
+  scores = ((m.num_tiers if m.num_tiers > 1 else 0) + (m.k_tier * m.groups_per_tier if m.groups_per_tier > 1 else 0)
+            + m.k_tier * m.k_group * m.experts_per_group)
+  return float(mc.num_layers * per_layer + mc.num_moe_layers * (moe + 9 * scores) + 4 * mc.d_model)
 
 
 def train_flops_per_token(cfg: Config, tokens_per_group: int | None = None) -> float:

@@ -8,6 +8,12 @@
   bf16 round trip       a convert pair f32->bf16->f32 (or bf16->f32->bf16): XLA:CPU computes bf16
                         ops in f32 and rounds after each (`is_round_trip`).
   widened collective    an f32 collective operand converted from bf16 just before it (`widened_from`).
+
+Not an artefact but recognised here too: a dot lowered as elementwise work (`lowered_dot`). XLA rewrites
+a dot_general with contraction size 1 (an outer product: the weight gradient of gathered slices,
+one [d, h] product per assignment) as multiply(broadcast, broadcast), and small dots as
+multiply + reduce; the ops keep the dot's op_name (`.../dot_general`). litejax.hlo_cost charges
+them as matmul work of their component.
 """
 from __future__ import annotations
 
@@ -161,3 +167,24 @@ def _carry_feeds_only_gathers(module: Module, comp: Computation, name: str, tup:
     if not all(feeds_only_gathers(module, c, g, (), depth + 1) for c, g in outs):
       return False
   return True
+
+
+def is_lowered_dot(ins: Instr) -> bool:
+  """A multiply or reduce that XLA made out of a dot_general (its op_name says so; a convert of a
+  dot's output carries the dot's op_name too, and is no part of it)."""
+  return ins.opcode in ('multiply', 'reduce') and ins.op_name.rsplit('/', 1)[-1] == 'dot_general'
+
+
+def lowered_dot(module: Module, comp: Computation, name: str, depth: int = 0) -> Instr | None:
+  """The multiply of a dot lowered as an outer product that produced `name` (through layout ops,
+  converts and into a producing fusion's root), else None. A scatter-add whose updates it is accumulates the
+  products into the table: the contraction of the dot the multiply lowered."""
+  ins = comp.instrs.get(name)
+  while ins is not None and ins.opcode in _LAYOUT + ('convert',) and ins.operands:
+    ins = comp.instrs.get(ins.operands[0])      # a bf16 round trip may sit between (XLA:CPU)
+  if ins is None or depth > 4:
+    return None
+  if ins.opcode == 'fusion' and ins.called('calls') and ins.called('calls')[0] in module:
+    called = module[ins.called('calls')[0]]
+    return lowered_dot(module, called, called.root, depth + 1)
+  return ins if ins.opcode == 'multiply' and is_lowered_dot(ins) else None

@@ -12,6 +12,14 @@ trip-count rule) so each can be attributed and corrected:
                (tests/test_cost.py checks it within 3%, forward and train step). Transcendental ops
                (exp, tanh, ...) are not FLOPs in that convention (XLA counts them apart) and are
                not counted here either.
+  lowered dot  a dot that XLA rewrote as elementwise work (hlo_artefacts.lowered_dot) is matmul work of
+               its component, at the same FLOPs: the multiply and reduce of a small dot, and the
+               weight gradient of gathered slices (expert weights, router rows), lowered as an outer
+               product per row (multiply of broadcasts, |out|) plus a scatter-add into the table
+               (|updates|, the dot's contraction over the rows of one expert): 2·rows·d·h, what
+               litejax.bounds charges for a weight-gradient matmul. The scatter-add goes to the
+               component of the multiply that produced its updates (the weights' owner: 'experts'
+               although the gather sits in the 'dispatch' scope). Reported apart in `lowered_dots`.
   while        body × trip count (a scan over L layers counts L times)
   fusion/call  the called computation, with the caller's metadata as fallback attribution
 
@@ -19,7 +27,12 @@ Each FLOP goes to the component named by the innermost `jax.named_scope` in its 
 (litejax.hlo_scopes); anything else is 'other', never dropped. Backend artefacts (charged, not
 computed usefully: litejax.hlo_artefacts) are reported under `artefacts`.
 Bytes accessed: operands + outputs of every unfused instruction, an operand that is only sliced
-counting as the slices read (as HloCostAnalysis does). Collectives: litejax.comm.collective_bytes on
+counting as the slices read (as HloCostAnalysis does). A scatter (unfused, or the root of a fusion)
+is charged for its updates, not its table (convention SCATTER_BYTES: the updates read, the rows they
+land in read and written, and the indices): XLA's cost model charges the whole table of an in-place
+scatter, so a sparse update of a few rows would look as costly as a dense one. Bytes are attributed
+to the innermost scope named in the instruction's op_name (`bytes_by_scope`; the train step's
+update runs under `jax.named_scope('optimizer')`). Collectives: litejax.comm.collective_bytes on
 the same parsed module; all-to-all operands widened from bf16 just for XLA:CPU are reported apart
 (`collective_upcast_bytes`), so compiled all-to-all bytes compare with the analytic ones.
 """
@@ -55,6 +68,16 @@ class HloCost:
   collective_upcast_bytes: dict[str, float] = dataclasses.field(default_factory=dict)
   # kind -> bytes of those collectives that are only there because the CPU backend moves bf16
   # values as f32 (an operand widened by a convert just before the collective)
+  elementwise_artefacts: dict[str, float] = dataclasses.field(default_factory=dict)
+  # component -> the part of `elementwise` that is an artefact (so useful elementwise = the difference)
+  lowered_dots: dict[str, float] = dataclasses.field(default_factory=dict)
+  # component -> the part of `flops` that XLA lowered as elementwise ops (outer products, scatter-adds)
+  bytes_by_scope: dict[str, float] = dataclasses.field(default_factory=dict)
+  # scope (see bytes_accessed) -> the part of bytes_accessed of instructions in that scope
+
+  def useful_elementwise(self, scope: str) -> float:
+    """Elementwise FLOPs charged to `scope`, its artefacts taken out."""
+    return self.elementwise.get(scope, 0.0) - self.elementwise_artefacts.get(scope, 0.0)
 
   @property
   def dot_flops(self) -> float:
@@ -95,21 +118,51 @@ def conv_flops(ins: Instr, comp: Computation) -> float:
   return 2.0 * ins.elements * math.prod(kernel) / max(out_features, 1)
 
 
-def scatter_flops(module: Module, comp: Computation, ins: Instr) -> float:
-  """|updates| × the elementwise ops of the combiner (a scatter-add: one add per update element), as
-  HloCostAnalysis charges it; a scatter that overwrites (combiner returns its update) costs 0."""
+def scatter_flops(module: Module, comp: Computation, ins: Instr, ops=ELEMENTWISE) -> float:
+  """|updates| × the elementwise ops (of `ops`) of the combiner (a scatter-add: one add per update
+  element), as HloCostAnalysis charges it; a scatter that overwrites (combiner returns its update)
+  costs 0."""
   n = len(ins.operands) // 2            # scatter(operands..., indices, updates...)
   updates = [comp.instrs.get(o) for o in ins.operands[n + 1:]]
   combiner = module.get(ins.called('to_apply')[0]) if ins.called('to_apply') else None
   if combiner is None or not updates or any(u is None for u in updates):
     return 0.0
-  per_element = sum(1 for i in combiner.instrs.values() if i.opcode in ELEMENTWISE)
+  per_element = sum(1 for i in combiner.instrs.values() if i.opcode in ops)
   return float(updates[0].elements * per_element)
+
+
+def scatter_bytes(comp: Computation, scatter: Instr) -> float | None:
+  """SCATTER_BYTES: 3 × the updates' bytes (read; the rows they land in read and written) + the
+  indices' bytes; None when an operand is not in `comp`."""
+  n = len(scatter.operands) // 2            # scatter(operands..., indices, updates...)
+  ops = [comp.instrs.get(o) for o in scatter.operands[n:]]
+  if not ops or any(o is None for o in ops):
+    return None
+  return ops[0].nbytes + 3.0 * sum(o.nbytes for o in ops[1:])
+
+
+def _fused_scatter_bytes(module: Module, comp: Computation, ins: Instr) -> float | None:
+  """SCATTER_BYTES of a fusion whose root is a scatter (XLA:CPU wraps each scatter in one), its
+  other operands (the indices' and updates' producers) read as usual."""
+  called = module.get(ins.called('calls')[0]) if ins.opcode == 'fusion' and ins.called('calls') else None
+  root = called.instrs.get(called.root) if called is not None and called.root else None
+  if root is None or root.opcode != 'scatter':
+    return None
+  return scatter_bytes(called, root)
 
 
 def instr_bytes_accessed(module: Module, comp: Computation, ins: Instr) -> float:
   """Output + operand bytes of an unfused instruction; an operand that is only sliced (a scan's
-  stacked weights, a gathered table) counts as the slices read, as HloCostAnalysis does."""
+  stacked weights, a gathered table) counts as the slices read, as HloCostAnalysis does; a
+  scatter counts its updates (SCATTER_BYTES, see the module docstring)."""
+  if ins.opcode == 'scatter':
+    b = scatter_bytes(comp, ins)
+    if b is not None:
+      return b
+  elif ins.opcode == 'fusion':
+    b = _fused_scatter_bytes(module, comp, ins)
+    if b is not None:
+      return b
   if ins.opcode in _SLICING:
     return 2.0 * ins.nbytes
   if ins.opcode == 'dynamic-update-slice':
@@ -132,14 +185,21 @@ def instr_bytes_accessed(module: Module, comp: Computation, ins: Instr) -> float
   return total
 
 
-def bytes_accessed(module: Module) -> float:
-  """Bytes accessed by one execution: every unfused instruction × the runs of its computation."""
-  total = 0.0
+def bytes_accessed(module: Module, scopes: tuple[str, ...] = ()) -> tuple[float, dict[str, float]]:
+  """(total, by scope): bytes accessed by one execution, every unfused instruction × the runs of its
+  computation; by scope: those of instructions whose op_name names one of `scopes` (innermost)."""
+  total, by = 0.0, collections.defaultdict(float)
   for name, times in module.multiplicities(control_flow_only=True).items():
     comp = module[name]
-    total += times * sum(instr_bytes_accessed(module, comp, ins) for ins in comp.instrs.values()
-                         if ins.opcode not in _NO_BYTES)
-  return total
+    for ins in comp.instrs.values():
+      if ins.opcode in _NO_BYTES:
+        continue
+      b = times * instr_bytes_accessed(module, comp, ins)
+      total += b
+      scope = component_of(ins.op_name, scopes) if scopes else None
+      if scope:
+        by[scope] += b
+  return total, dict(by)
 
 
 class FlopWalker:
@@ -151,12 +211,14 @@ class FlopWalker:
     self.flops: dict[str, float] = collections.defaultdict(float)
     self.elementwise: dict[str, float] = collections.defaultdict(float)
     self.artefacts: dict[str, float] = collections.defaultdict(float)
+    self.elementwise_artefacts: dict[str, float] = collections.defaultdict(float)
+    self.lowered_dots: dict[str, float] = collections.defaultdict(float)
 
   def visit(self, comp_name: str, mult: float, ctx: str | None, params: list = (),
-            out_scope: str | None = None, param_factors: list = ()) -> None:
+            out_scope: str | None = None, param_factors: list = (), param_products: list = ()) -> None:
     """Charges one computation run `mult` times; ctx: the caller's component (fallback attribution);
-    params / out_scope / param_factors: a fused computation's operand scopes, consumer scope and
-    operands' masked-expansion factors."""
+    params / out_scope / param_factors / param_products: a fused computation's operand scopes,
+    consumer scope, operands' masked-expansion factors and operands' lowered-dot components."""
     comp = self.module[comp_name]
     tables = art.gather_tables(comp)
     for ins in comp.instrs.values():
@@ -177,34 +239,74 @@ class FlopWalker:
           self.visit(c, mult, scope)
       elif op in ('dot', 'convolution'):
         self._dot(comp, ins, mult, own, ctx, params, out_scope, param_factors)
-      elif op in ELEMENTWISE:
-        f = mult * ins.elements
-        self.elementwise[scope or 'other'] += f
-        if ins.name in tables:
-          self.artefacts['gather_table_convert'] += f
-        elif art.is_round_trip(comp, ins):
-          self.artefacts['bf16_round_trip'] += f
-      elif op in ('reduce', 'reduce-window'):
-        src = comp.instrs.get(ins.operands[0]) if ins.operands else None
-        self.elementwise[scope or 'other'] += mult * (src.elements if src is not None else ins.elements)
+      elif op in ELEMENTWISE or op in ('reduce', 'reduce-window'):
+        self._elementwise(comp, ins, mult, scope or 'other', ins.name in tables)
       elif op == 'scatter':
-        self.elementwise[scope or 'other'] += mult * scatter_flops(self.module, comp, ins)
+        self._scatter(comp, ins, mult, scope or 'other', param_products)
+
+  def _elementwise(self, comp: Computation, ins: Instr, mult: float, scope: str, table: bool) -> None:
+    if ins.opcode in ELEMENTWISE:
+      f = mult * ins.elements
+    else:   # a reduce: one op per input element
+      src = comp.instrs.get(ins.operands[0]) if ins.operands else None
+      f = mult * (src.elements if src is not None else ins.elements)
+    if art.is_lowered_dot(ins):
+      self.flops[scope] += f
+      self.lowered_dots[scope] += f
+      return
+    self.elementwise[scope] += f
+    kind = ('gather_table_convert' if table else
+            'bf16_round_trip' if ins.opcode in ELEMENTWISE and art.is_round_trip(comp, ins) else None)
+    if kind:
+      self.artefacts[kind] += f
+      self.elementwise_artefacts[scope] += f
+
+  def _scatter(self, comp: Computation, ins: Instr, mult: float, scope: str, param_products) -> None:
+    """A scatter's combiner ops; a scatter-add of outer products is that weight gradient's contraction."""
+    f = mult * scatter_flops(self.module, comp, ins)
+    upd = comp.instrs.get(ins.operands[-1]) if ins.operands else None
+    owner = None
+    if upd is not None and upd.opcode == 'parameter' and 0 <= upd.param_index < len(param_products):
+      owner = param_products[upd.param_index]
+    elif upd is not None:
+      owner = self._product_owner(comp, upd.name)
+    if not owner:
+      self.elementwise[scope] += f
+      return
+    # One add per update element is the contraction; a combiner that rounds to bf16 after the add
+    # (XLA:CPU's bf16 emulation) charges its converts on top: elementwise, and an artefact.
+    adds = mult * scatter_flops(self.module, comp, ins, ops=('add',))
+    self.flops[owner] += adds
+    self.lowered_dots[owner] += adds
+    if f > adds:
+      self.elementwise[owner] += f - adds
+      self.elementwise_artefacts[owner] += f - adds
+      self.artefacts['bf16_round_trip'] += f - adds
+
+  def _product_owner(self, comp: Computation, name: str) -> str | None:
+    """The component of the lowered outer product that made `name` ('other' if unscoped), else None."""
+    prod = art.lowered_dot(self.module, comp, name)
+    return None if prod is None else (component_of(prod.op_name, self.components) or 'other')
 
   def _fusion(self, comp: Computation, ins: Instr, mult: float, own, scope, params, out_scope) -> None:
     if art.feeds_only_gathers(self.module, comp, ins.name):
       # A whole-table elementwise pass (the CPU backend's bf16->f32 convert of expert weights,
       # even of all layers' stacked weights before a scan) feeding only gathers: charged over
       # the table, while only gathered rows are needed.
-      before = sum(self.elementwise.values())
+      before, before_art = dict(self.elementwise), dict(self.elementwise_artefacts)
       for c in ins.called('calls'):
         self.visit(c, mult, scope, [None] * len(ins.operands), None)
-      self.artefacts['gather_table_convert'] += sum(self.elementwise.values()) - before
+      for k, v in list(self.elementwise.items()):   # what the visit did not already call an artefact
+        f = (v - before.get(k, 0.0)) - (self.elementwise_artefacts.get(k, 0.0) - before_art.get(k, 0.0))
+        self.artefacts['gather_table_convert'] += f
+        self.elementwise_artefacts[k] += f
       return
     operand_scopes = [self._scope_of_operand(comp, o, params, out_scope) for o in ins.operands]
     consumer = own or near_scope(comp, ins.name, self.components, params, out_scope, up=False)
     factors = [art.masked_expansion(self.module, comp, o) for o in ins.operands]
+    products = [self._product_owner(comp, o) for o in ins.operands]
     for c in ins.called('calls'):
-      self.visit(c, mult, scope, operand_scopes, consumer, factors)
+      self.visit(c, mult, scope, operand_scopes, consumer, factors, products)
 
   def _scope_of_operand(self, comp: Computation, o: str, params, out_scope) -> str | None:
     if o not in comp.instrs:
@@ -242,6 +344,8 @@ def walk(text_or_module: str | Module, components: tuple[str, ...], signatures: 
   walker = FlopWalker(module, components, signatures, num_devices)
   walker.visit(module.entry, 1.0, None)
   coll = comm.collective_bytes(module)
-  return HloCost(dict(walker.flops), dict(walker.elementwise), dict(walker.artefacts), bytes_accessed(module),
+  total_bytes, bytes_by = bytes_accessed(module, components)
+  return HloCost(dict(walker.flops), dict(walker.elementwise), dict(walker.artefacts), total_bytes,
                  {k: float(coll[k]) for k in (*comm.KINDS, 'total')}, len(coll['unknown_trip_count']),
-                 comm.upcast_bytes(module))
+                 comm.upcast_bytes(module), dict(walker.elementwise_artefacts), dict(walker.lowered_dots),
+                 bytes_by)

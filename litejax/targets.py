@@ -278,6 +278,7 @@ def per_chip_report(prog, target: Target, chip: hardware.Chip | None = None) -> 
       'memory_per_chip': {k: v * dpc for k, v in mem.items()},
       'collective_bytes_per_chip': {**kinds, 'total': sum(kinds.values())},
       'unknown_trip_counts': len(coll.get('unknown_trip_count', ())),
+      **analytic_comparison(prog, flops_chip * target.chips / prog.tokens),
   }
   if chip is not None:
     out['chip'] = chip.as_dict()
@@ -288,6 +289,23 @@ def per_chip_report(prog, target: Target, chip: hardware.Chip | None = None) -> 
     out['latency'] = est.as_dict()
     out['tokens_per_s'] = prog.tokens / est.total_s if est.total_s else None
   return out
+
+
+def analytic_comparison(prog, flops_per_token: float) -> dict:
+  """`flops_per_token_analytic` (litejax.cost.analytic_per_token: the matmul bound with the padding
+  of the path that runs, at the same tokens per group) and `ratio` = compiled / analytic, as in
+  the CPU report. On TPU the compiled figure is the chip's cost_analysis(), which counts
+  elementwise work too (the walker cannot price the TPU's convolutions, so it cannot be split
+  off): the ratio sits a little above 1 by that share; `flops_per_token_elementwise_estimate`
+  (litejax.bounds) says how much to expect."""
+  from litejax import bounds, cost, sharding
+  sizes = sharding.mesh_sizes(prog.mesh)
+  analytic = sum(cost.analytic_per_token(prog.cfg, prog.tokens_per_group, train=prog.train,
+                                         expert_parallel=prog.expert_parallel,
+                                         expert_ranks=sizes['expert']).values())
+  elem = bounds.elementwise_flops_per_token(prog.cfg) * (bounds.BWD_MULTIPLIER if prog.train else 1)
+  return {'flops_per_token_analytic': analytic, 'ratio': flops_per_token / analytic if analytic else math.inf,
+          'flops_per_token_elementwise_estimate': elem, 'tokens_per_group': prog.tokens_per_group}
 
 
 def human_bytes(n: float) -> str:
@@ -307,6 +325,9 @@ def format_per_chip(rep: dict, h) -> list[str]:
            + (f"  -- the TPU compiler refused it: {rep['compiler_refused']}" if 'compiler_refused' in rep else ''),
            f"  FLOPs        {h(rep['flops_per_step_per_chip'])} per step per chip, "
            f"{h(rep['flops_per_token'])} per token  [{rep['flops_method']}]"]
+  if 'ratio' in rep:
+    lines.append(f"  vs bound     {h(rep['flops_per_token_analytic'])} FLOPs/token analytic (matmul), ratio "
+                 f"{rep['ratio']:.4f} (compiled includes elementwise, ~{h(rep['flops_per_token_elementwise_estimate'])})")
   m = rep['memory_per_chip']
   mem_line = (f"  HBM needed   {hb(m['total'])} = arguments {hb(m['argument'])} + outputs {hb(m['output'])} "
               f"- aliased {hb(m['alias'])} + temporaries {hb(m['temp'])} + code {hb(m['generated_code'])}")
@@ -397,6 +418,7 @@ def _refused_report(cfg, target: Target, mesh, train: bool, global_batch: int | 
       'compiler_refused': f"{oom['what']} need {human_bytes(oom['required_bytes'])} per device, "
                           f"HBM {human_bytes(oom['available_bytes'])}",
       'flops_per_step_per_chip': flops_chip, 'flops_per_token': flops_token,
+      'flops_per_token_analytic': flops_token, 'ratio': None,      # nothing compiled to compare
       'flops_method': 'analytic (litejax.bounds; the compiler refused the program)',
       'bytes_accessed_per_step_per_chip': touched * (mult if train else 1),
       'bytes_method': 'analytic: dense weights + one expert per routed assignment (capacity_factor*N*K*L)',

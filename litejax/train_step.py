@@ -120,8 +120,9 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, sha
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     (total, (ce, aux_loss, z_loss, stats)), (grads, _) = grad_fn(
         state['params'], state['extra'], inputs_bs, targets_bs)
-    updates, opt = tx.update(grads, state['opt'], state['params'])
-    params = optax.apply_updates(state['params'], updates)
+    with jax.named_scope('optimizer'):   # litejax.cost reports the update's FLOPs and bytes by this scope
+      updates, opt = tx.update(grads, state['opt'], state['params'])
+      params = optax.apply_updates(state['params'], updates)
     extra = state['extra']
     if m.bias_update_rate > 0 and stats.tokens_per_expert.shape[0]:
       extra = _update_bias(graphdef, params, extra, stats, cfg)

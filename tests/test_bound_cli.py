@@ -59,3 +59,13 @@ def test_exit_1_names_the_component():
 def test_table_prints_formula():
   rc, text, _ = run()
   assert rc == 0 and 'spec:' in text and 'experts' in text and 'BOUND OK' in text
+
+
+def test_train_json_reports_the_update_and_all_reduce():
+  rc, text, err = run('--train', '--json')
+  rep = json.loads(text)
+  assert rc == 0, err
+  opt = rep['optimizer']
+  assert opt['bytes_accessed_per_step'] > 0 and opt['flops_per_token'] > 0
+  assert opt['ratio'] <= rep['optimizer_factor']
+  assert 'all_reduce_bytes_per_rank' in rep and rep['memory_bytes_per_device']['temp'] > 0

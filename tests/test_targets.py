@@ -72,3 +72,24 @@ def test_fit_verdicts():
   huge = targets.compile_report(load_config('configs/tiny.yaml', HUGE), targets.resolve('v5e:2x2'))
   assert huge['fit']['verdict'] == 'does not fit'
   assert huge['memory_per_chip']['total'] > 20.1e9 > hardware.CHIPS['v5e'].hbm_bytes
+
+
+@needs_libtpu
+def test_tpu_report_compares_with_the_analytic_bound():
+  """--target JSON carries ratio and flops_per_token_analytic, as the CPU report does; the compiled
+  figure is the chip's cost_analysis (elementwise included, so a little above 1)."""
+  rep = targets.compile_report(load_config('configs/tiny.yaml', SMALL), targets.resolve('v5p:2x2x1'))
+  from litejax import bounds
+  cfg = load_config('configs/tiny.yaml', SMALL)
+  n = rep['tokens_per_group']
+  analytic = sum(bounds.forward_flops_per_token(cfg, n).values())
+  assert rep['flops_per_token_analytic'] == pytest.approx(analytic, rel=1e-9)
+  assert rep['ratio'] == pytest.approx(rep['flops_per_token'] / analytic, rel=1e-9)
+  elem = rep['flops_per_token_elementwise_estimate'] / analytic
+  assert 0.97 <= rep['ratio'] <= 1.03 + cost_elementwise_share_bound(elem), rep['ratio']
+  assert 'vs bound' in '\n'.join(targets.format_per_chip(rep, bounds.human))
+
+
+def cost_elementwise_share_bound(elem_share: float) -> float:
+  from litejax import cost
+  return cost.ELEMENTWISE_FACTOR * elem_share

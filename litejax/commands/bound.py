@@ -83,10 +83,18 @@ def _print_table(path: str, rep: dict, h) -> None:
   for name, row in rep['by_component'].items():
     if not row['analytic'] and not row['compiled']:
       continue
-    note = '  (outside the bound)' if name == 'elementwise' else ''
+    note = f"  (estimate; within {rep['elementwise_factor']:g}x)" if name == 'elementwise' else ''
     print(f"{name:18s} {h(row['analytic']):>10s} {h(row['compiled']):>10s} {row['ratio']:7.4f}{note}")
   print(f"{'TOTAL (matmul)':18s} {h(rep['flops_per_token_analytic']):>10s} "
         f"{h(rep['flops_per_token_compiled']):>10s} {rep['ratio']:7.4f}   tol {rep['tol']:.0%}")
+  if rep['lowered_dots_per_token']:
+    print(f"  incl. dots XLA lowered as elementwise ops (outer-product weight gradients + their scatter-add): "
+          f"{ {k: h(v) for k, v in rep['lowered_dots_per_token'].items()} }")
+  opt = rep.get('optimizer')
+  if opt:
+    print(f"optimizer update: {h(opt['flops_per_token'])} FLOPs/token vs {h(opt['flops_per_token_estimate'])} "
+          f"for the parameters a bounded step touches (ratio {opt['ratio']:.4g}, within {rep['optimizer_factor']:g}x); "
+          f"bytes accessed {h(opt['bytes_accessed_per_step'])}B per step")
   print(f"XLA cost_analysis() raw: {h(rep['flops_per_token_xla_cost_analysis'])} FLOPs/token "
         f"(while bodies counted once, artefacts included); artefacts: "
         f"{ {k: h(v) for k, v in rep['artefacts_per_token'].items()} }")
@@ -99,6 +107,7 @@ def _print_table(path: str, rep: dict, h) -> None:
     print(f"  as XLA:CPU moves them: {h(rep['collective_bytes_per_rank_all_kinds'])} in all "
           f"(bf16 widened to f32: {h(rep['collective_bytes_per_rank_cpu_bf16_upcast'])}; other kinds: "
           f"{ {k: h(v) for k, v in other.items()} })")
+  print(f"  all-reduce: {h(rep['all_reduce_bytes_per_rank'])}B per rank")
   for note in rep['collective_notes']:
     print(f'  note: {note}')
   print('memory/device: ' + ', '.join(f'{k} {h(v)}B' for k, v in rep['memory_bytes_per_device'].items()))
