@@ -128,6 +128,7 @@ def test_kernel_overhead_from_two_chains():
   assert calibration.kernel_overhead(points, CHIP) == pytest.approx(2e-6, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_calibrate_runs():
   from litejax import calibration
   rep = calibration.calibrate(quick=True)

@@ -18,7 +18,7 @@ from litejax.cli import positive_int
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--repeats', type=positive_int, default=5, help='timed runs per measurement (best is kept)')
   parser.add_argument('--batch', type=positive_int, default=8, help='sequences per timed forward')
-  parser.add_argument('--quick', action='store_true', help='two small configs, few repeats (a smoke test)')
+  parser.add_argument('--quick', action='store_true', help='one small config and one token, few repeats (a smoke test)')
   parser.add_argument('--json', action='store_true', help='print one JSON object')
 
 
