@@ -11,7 +11,7 @@ Per chip and per step:
 The terms are added, not overlapped, so the estimate is what a step costs with nothing hidden behind
 anything else; each term is a lower bound for its own resource. The report names the dominant term:
 the spec expects arithmetic to stop being the limit at scale ("memory bandwidth and communication
-become the limiting factors"); small steps (a decode step of a few tokens) are dominated by overhead.
+become the limiting factors"); in small steps (a decode step of a few tokens) overhead is a large share.
 
 `estimate_compiled` gives the whole estimate of one compiled program (what `bound --decode` and
 `generate --json` report). litejax.calibration checks the model where it can be checked, on this
