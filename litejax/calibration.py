@@ -170,6 +170,29 @@ def _ranks_agree(pred: list[float], meas: list[float]) -> bool:
   return sorted(range(len(pred)), key=pred.__getitem__) == sorted(range(len(meas)), key=meas.__getitem__)
 
 
+def _host_probes(quick: bool):
+  """(the probes to time, a function of their median seconds -> the host Chip)."""
+  peak_t, flops = _peak_probe(256 if quick else 512)
+  bw_t, bw_bytes = _bandwidth_probe(16 if quick else 256)
+  tr_t, tr_bytes = _transpose_probe((8, 64, 4, 32) if quick else (32, 256, 4, 32))
+  chains = _overhead_probes((2, 6) if quick else (8, 40))
+
+  def host(seconds: dict[str, float]) -> hardware.Chip:
+    peak, bw, t_bw = flops / seconds['peak'], bw_bytes / seconds['bandwidth'], tr_bytes / seconds['transpose']
+    kernel_s = kernel_overhead([(c, seconds[t.name]) for t, c in chains],
+                               hardware.host_chip(peak, bw, transpose_bytes_per_s=t_bw))
+    return hardware.host_chip(peak, bw, kernel_overhead_s=kernel_s, transpose_bytes_per_s=t_bw)
+
+  return [peak_t, bw_t, tr_t] + [t for t, _ in chains], host
+
+
+def measure_host(repeats: int = 5, quick: bool = False) -> hardware.Chip:
+  """This CPU as a hardware.Chip (peak, bandwidths, per-kernel overhead), from the probes alone: what
+  a caller that predicts a step on this machine (a decode benchmark) passes to latency.estimate_compiled."""
+  probes, host = _host_probes(quick)
+  return host(_median_interleaved(probes, repeats))
+
+
 def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None = None, batch: int = 8,
               repeats: int = 5, quick: bool = False, decode: dict[str, tuple[list[str], int]] | None = None) -> dict:
   """Measure this CPU, predict each config's forward step time with the model, time it, compare.
@@ -188,32 +211,27 @@ def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None =
     decode = dict(list(DECODE_PROXIES.items())[:1]) if quick else DECODE_PROXIES
   if quick:
     repeats, batch = min(repeats, 2), min(batch, 2)
-  plan = [(n, o, batch) for n, o in configs.items()] + [(n, o, b) for n, (o, b) in decode.items()]
-  steps = {}
-  for name, overrides, b in plan:
+  plan = [(n, o, batch, 1) for n, o in configs.items()]
+  plan += [(n, o, b, _SHORT_STEP_CALLS) for n, (o, b) in decode.items()]
+  steps, timed = {}, []
+  for name, overrides, b, calls in plan:
     cfg = load_config(base, list(overrides) + ['model.scan_layers=false', 'mesh.data=1'])
-    steps[name] = (_config_step(cfg, b), b, list(overrides))
-  peak_t, flops = _peak_probe(256 if quick else 512)
-  bw_t, bw_bytes = _bandwidth_probe(16 if quick else 256)
-  tr_t, tr_bytes = _transpose_probe((8, 64, 4, 32) if quick else (32, 256, 4, 32))
-  chains = _overhead_probes((2, 6) if quick else (8, 40))
-  timed = [peak_t, bw_t, tr_t] + [t for t, _ in chains]
-  timed += [_Timed(n, call, _SHORT_STEP_CALLS if b < batch else 1) for n, ((_, call), b, _) in steps.items()]
-  best = _median_interleaved(timed, repeats)
-  peak, bw, t_bw = flops / best['peak'], bw_bytes / best['bandwidth'], tr_bytes / best['transpose']
-  kernel_s = kernel_overhead([(c, best[t.name]) for t, c in chains],
-                             hardware.host_chip(peak, bw, transpose_bytes_per_s=t_bw))
-  host = hardware.host_chip(peak, bw, kernel_overhead_s=kernel_s, transpose_bytes_per_s=t_bw)
+    compiled, call = _config_step(cfg, b)
+    steps[name] = (compiled, b, list(overrides))
+    timed.append(_Timed(name, call, calls))
+  probes, measured_host = _host_probes(quick)
+  best = _median_interleaved(probes + timed, repeats)
+  host = measured_host(best)
   rows = []
-  for name, ((compiled, _), b, overrides) in steps.items():
+  for name, (compiled, b, overrides) in steps.items():
     est = latency.estimate_compiled(compiled, host)
     rows.append({'name': name, 'overrides': overrides, 'batch': b, **est, 'measured_s': best[name],
                  'predicted_over_measured': est['total_s'] / best[name]})
   ratios = [r['predicted_over_measured'] for r in rows]
   lo, hi = latency.TRUST_BAND
   return {
-      'host': {'peak_flops': peak, 'mem_bytes_per_s': bw, 'transpose_bytes_per_s': t_bw,
-               'kernel_overhead_s': kernel_s},
+      'host': {'peak_flops': host.peak_flops, 'mem_bytes_per_s': host.hbm_bytes_per_s,
+               'transpose_bytes_per_s': host.transpose_bytes_per_s, 'kernel_overhead_s': host.kernel_overhead_s},
       'batch': batch, 'repeats': repeats, 'rows': rows,
       'ranks_correctly': _ranks_agree([r['total_s'] for r in rows], [r['measured_s'] for r in rows]),
       'within_band': all(lo <= r <= hi for r in ratios), 'band': [lo, hi],

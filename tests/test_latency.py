@@ -146,3 +146,10 @@ def test_calibrate_runs():
                                           r['transpose_bytes'] / host['transpose_bytes_per_s'], rel=1e-12)
     assert r['overhead_s'] == pytest.approx(r['kernels'] * host['kernel_overhead_s'], rel=1e-12)
   assert len(calibration.format_calibration(rep, bounds.human)) == 2 + len(rep['rows']) + 1
+
+
+def test_measure_host_is_a_calibrated_chip():
+  from litejax import calibration
+  host = calibration.measure_host(repeats=1, quick=True)
+  assert host.generation == 'cpu' and host.peak_flops > 0 and host.hbm_bytes_per_s > 0
+  assert host.transpose_bytes_per_s > 0 and host.kernel_overhead_s >= 0
