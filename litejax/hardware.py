@@ -8,6 +8,14 @@ link contention, perfect overlap of links).
 Where a page quotes a unit of GiB, the number is GiB; "GB"/"GBps" is 1e9. HBM is what one chip has;
 `devices_per_chip` is how many JAX devices `jax.experimental.topologies` makes per chip for that
 generation (2 for v4, whose two TensorCores it exposes separately; 1 elsewhere, megacore/one core).
+
+`kernel_overhead_s` is the fixed time one executed kernel (an HLO fusion, dot, sort, copy, ...;
+litejax.hlo.kernel_counts) costs beyond its FLOPs and bytes. For a calibrated host it is measured by
+`litejax calibrate` (XLA:CPU runs each kernel as a thunk: dispatch, and a thread-pool hand-off for
+partitioned loops). For the TPU chips it is 0, i.e. NOT modelled: a TPU step runs as one device
+program with no per-kernel host launch, and Google publishes no per-fusion figure to cite.
+`transpose_bytes_per_s` is the bandwidth of kernels that permute dimensions (litejax.hlo.transposes);
+0 means "as hbm_bytes_per_s" (the TPU chips: not modelled apart).
 """
 from __future__ import annotations
 
@@ -34,6 +42,8 @@ class Chip:
   max_chips: int                # largest slice (a whole pod)
   torus_dims: int               # 2 (v5e, v6e) or 3 (v4, v5p)
   devices_per_chip: int = 1
+  kernel_overhead_s: float = 0.0  # seconds per executed kernel (see the module docstring)
+  transpose_bytes_per_s: float = 0.0  # bandwidth of dimension-permuting kernels; 0 = hbm_bytes_per_s
   sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def as_dict(self) -> dict:
@@ -137,9 +147,13 @@ def chip(generation: str) -> Chip:
     raise ValueError(f'unknown TPU generation {generation!r} (known: {sorted(CHIPS)})') from None
 
 
-def host_chip(peak_flops: float, mem_bytes_per_s: float, mem_bytes: float = 0.0) -> Chip:
-  """A Chip for this CPU from measured peak and bandwidth (litejax.latency.calibrate)."""
+def host_chip(peak_flops: float, mem_bytes_per_s: float, mem_bytes: float = 0.0,
+              kernel_overhead_s: float = 0.0, transpose_bytes_per_s: float = 0.0) -> Chip:
+  """A Chip for this CPU from measured peak, bandwidths and per-kernel overhead (litejax.calibration)."""
   return Chip('cpu', 'cpu', hbm_bytes=mem_bytes, hbm_bytes_per_s=mem_bytes_per_s, peak_flops=peak_flops,
-              ici_bytes_per_s=mem_bytes_per_s, max_chips=1, torus_dims=0,
+              ici_bytes_per_s=mem_bytes_per_s, max_chips=1, torus_dims=0, kernel_overhead_s=kernel_overhead_s,
+              transpose_bytes_per_s=transpose_bytes_per_s,
               sources={'peak_flops': 'measured (litejax calibrate)', 'hbm_bytes_per_s': 'measured',
-                       'ici_bytes_per_s': 'emulated devices share host memory: measured bandwidth'})
+                       'ici_bytes_per_s': 'emulated devices share host memory: measured bandwidth',
+                       'kernel_overhead_s': 'measured (litejax calibrate: a chain of small kernels)',
+                       'transpose_bytes_per_s': 'measured (litejax calibrate: a chain of head transposes)'})

@@ -242,3 +242,56 @@ def parse_hlo(text: str) -> tuple[dict[str, Computation], str]:
   """(computations, entry name) of an HLO module's text; see `parse`."""
   m = parse(text)
   return m.computations, m.entry
+
+
+# ------------------------------------------------------------------------------------------ kernels
+
+# Opcodes that run no work of their own when executed: buffer plumbing (parameters, tuples and their
+# elements, bitcasts, constants baked into the executable), ordering tokens, and control flow whose
+# bodies are counted in their own right (a while, call or conditional is the instructions it runs).
+# An async collective is one kernel, counted at its `-start` (all-gather-start, ...); the `-done` only
+# waits; a generic async-start is the instructions of the computation it calls.
+NO_KERNEL_OPCODES = frozenset({
+    'parameter', 'tuple', 'get-tuple-element', 'bitcast', 'constant', 'after-all', 'add-dependency',
+    'opt-barrier', 'domain', 'partition-id', 'replica-id', 'while', 'call', 'conditional', 'async-start',
+    'async-update'})
+
+
+def launches_kernel(ins: Instr) -> bool:
+  """Whether executing `ins` at the top level of a computation runs a kernel (a fusion, a dot, a
+  custom-call, a copy, a collective, a scatter/gather, a sort, ...): see NO_KERNEL_OPCODES."""
+  return ins.opcode not in NO_KERNEL_OPCODES and not ins.opcode.endswith('-done')
+
+
+def kernel_counts(module: Module) -> dict[str, float]:
+  """Kernels one execution of the module runs, by opcode.
+
+  The top-level instructions of the entry and of every computation it reaches through control flow
+  (while bodies and conditions, calls, conditional branches, async computations) that launch work
+  (`launches_kernel`), each × its computation's multiplicity: a scanned body counts trip-count times,
+  by the module's one trip-count rule; both branches of a conditional count (an upper bound).
+  Instructions inside a fusion, or a reduce's or sort's combiner, are part of their caller's kernel.
+  """
+  counts: dict[str, float] = collections.defaultdict(float)
+  for name, times in module.multiplicities(control_flow_only=True).items():
+    for ins in module[name].instrs.values():
+      if launches_kernel(ins):
+        counts[ins.opcode] += times
+  return dict(counts)
+
+
+def kernel_count(module: Module) -> float:
+  """Total kernels one execution of the module runs (see `kernel_counts`)."""
+  return sum(kernel_counts(module).values())
+
+
+def transposes(module: Module, ins: Instr) -> bool:
+  """Whether a top-level instruction permutes dimensions: a `transpose`, or a fusion with a transpose
+  that is not the identity permutation. Such kernels read or write with strides, and run far below
+  the streaming memory bandwidth on a CPU (litejax.calibration measures it)."""
+  def permutes(i: Instr) -> bool:
+    dims = i.dims_attr('dimensions')
+    return i.opcode == 'transpose' and dims != tuple(range(len(dims)))
+  if ins.opcode != 'fusion':
+    return permutes(ins)
+  return any(permutes(i) for c in ins.called('calls') if c in module for i in module[c].instrs.values())

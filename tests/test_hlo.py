@@ -76,3 +76,50 @@ def test_readers_share_the_rule():
   assert w.unknown_trip_counts == 1
   coll = comm.collective_bytes(HLO)
   assert coll['all_reduce'] == 4 * 8 * 4 and coll['unknown_trip_count'] == ['unknown']
+
+
+def test_kernel_count_follows_control_flow_and_trip_counts():
+  m = hlo.parse(HLO)
+  # entry: the reduce and the all-reduce (parameters, the tuple and the whiles launch nothing);
+  # body: its multiply, 3 + 5 + 1 runs; cond: its compare, 3 + 5 runs; cond_unknown: a constant only;
+  # the reduce's combiner `add` is part of the reduce's kernel
+  assert hlo.kernel_counts(m) == {'reduce': 1, 'all-reduce': 1, 'multiply': 9, 'compare': 8}
+  assert hlo.kernel_count(m) == 19
+
+
+KERNELS_HLO = """HloModule k
+
+%fused (p0: f32[4,8]) -> f32[8,4] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %n = f32[4,8]{1,0} negate(%p0)
+  ROOT %t = f32[8,4]{1,0} transpose(%n), dimensions={1,0}
+}
+
+%fused_id (p0: f32[4,8]) -> f32[4,8] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  ROOT %t = f32[4,8]{1,0} transpose(%p0), dimensions={0,1}
+}
+
+ENTRY %main (a: f32[4,8]) -> (f32[8,4], f32[4,8]) {
+  %a = f32[4,8]{1,0} parameter(0)
+  %c = f32[] constant(1)
+  %b = f32[32]{0} bitcast(%a)
+  %f = f32[8,4]{1,0} fusion(%a), kind=kLoop, calls=%fused
+  %g = f32[4,8]{1,0} fusion(%a), kind=kLoop, calls=%fused_id
+  %cp = f32[4,8]{0,1} copy(%a)
+  %cc = f32[4,8]{1,0} custom-call(%a), custom_call_target="foo"
+  %ags = (f32[4,8]{1,0}, f32[8,8]{1,0}) all-gather-start(%a), dimensions={0}
+  %agd = f32[8,8]{1,0} all-gather-done(%ags)
+  %tr = f32[8,4]{1,0} transpose(%a), dimensions={1,0}
+  ROOT %out = (f32[8,4]{1,0}, f32[4,8]{1,0}) tuple(%f, %g)
+}
+"""
+
+
+def test_kernel_count_which_opcodes_launch():
+  m = hlo.parse(KERNELS_HLO)
+  # two fusions, a copy, a custom-call, the async all-gather once (at its start), a transpose;
+  # not the parameter, the constant, the bitcast, the -done, the tuple, nor inside the fusions
+  assert hlo.kernel_counts(m) == {'fusion': 2, 'copy': 1, 'custom-call': 1, 'all-gather-start': 1, 'transpose': 1}
+  main = m['main'].instrs
+  assert [n for n in main if hlo.transposes(m, main[n])] == ['f', 'tr']   # %g's permutation is the identity

@@ -1,4 +1,6 @@
 """The latency model against step times computed by hand, and the calibration's smoke run."""
+import dataclasses
+
 import pytest
 
 from litejax import bounds, hardware, latency
@@ -41,12 +43,113 @@ def test_format_estimate_shares():
                   'memory 100 ms (17%); dominated by compute')
 
 
+# The same chip with a per-kernel overhead of 2 us and transposes at 200 GB/s.
+SLOW_KERNELS = dataclasses.replace(CHIP, kernel_overhead_s=2e-6, transpose_bytes_per_s=200e9)
+
+
+def test_overhead_and_transpose_terms_by_hand():
+  # 1e9 FLOPs / 1e14 = 10 us; 1e7 B of which 4e6 transposing: 6e6 / 1e12 + 4e6 / 2e11 = 6 + 20 = 26 us;
+  # 500 kernels x 2 us = 1 ms: overhead dominates, as it does in a small decode step
+  est = latency.estimate(1e9, 0.0, 1e7, SLOW_KERNELS, kernels=500, transpose_bytes=4e6)
+  assert (est.compute_s, est.memory_s, est.overhead_s) == pytest.approx((1e-5, 2.6e-5, 1e-3), rel=1e-12)
+  assert est.total_s == pytest.approx(1.036e-3, rel=1e-12)
+  assert est.dominant == 'overhead' and est.kernels == 500
+  d = est.as_dict()
+  assert {'compute_s', 'communication_s', 'memory_s', 'total_s', 'dominant'} <= set(d)   # the old keys stay
+  assert d['overhead_s'] == pytest.approx(1e-3) and d['kernels'] == 500
+  # 10 us + 26 us + 1 ms = 1.036 ms: 1%, 0%, 3%, 97%
+  assert latency.format_estimate(d, bounds.human) == (
+      'step time   1.04 ms = compute 10 us (1%), communication 0 us (0%), memory 26 us (3%), '
+      'overhead 1 ms (97%); dominated by overhead')
+  # a chip without the figures (the TPUs): no overhead, transposes at the HBM bandwidth
+  plain = latency.estimate(1e9, 0.0, 1e7, CHIP, kernels=500, transpose_bytes=4e6)
+  assert (plain.memory_s, plain.overhead_s) == pytest.approx((1e-5, 0.0), rel=1e-12)
+  assert hardware.chip('v5p').kernel_overhead_s == 0.0
+
+
+@pytest.mark.parametrize('kwargs, match', [({'kernels': -1}, 'kernels'),
+                                           ({'transpose_bytes': 2e7}, 'transpose_bytes')])
+def test_estimate_rejects_bad_counts(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    latency.estimate(1e9, 0.0, 1e7, SLOW_KERNELS, **kwargs)
+
+
+def _compiled(fn, *args):
+  import jax
+  return jax.jit(fn).lower(*args).compile()
+
+
+def test_estimate_compiled_by_hand():
+  import jax.numpy as jnp
+  x, w = jnp.ones((8, 16), jnp.float32), jnp.ones((16, 32), jnp.float32)
+  c = _compiled(lambda x, w: x @ w, x, w)
+  e = latency.estimate_compiled(c, SLOW_KERNELS)
+  # one dot, no loop: XLA's own figures. 2·8·16·32 FLOPs; x, w and the [8, 32] result, f32
+  assert e['method'] == 'cost_analysis' and e['kernels'] == 1
+  assert e['flops'] == 2 * 8 * 16 * 32 and e['bytes_accessed'] == 4 * (8 * 16 + 16 * 32 + 8 * 32)
+  assert e['collective_bytes'] == 0.0 and e['transpose_bytes'] == 0.0
+  assert e['compute_s'] == pytest.approx(8192 / 100e12) and e['overhead_s'] == pytest.approx(2e-6)
+  assert e['memory_s'] == pytest.approx(e['bytes_accessed'] / 1e12)
+  assert latency.estimate_compiled(c, SLOW_KERNELS, flops=1e12)['compute_s'] == pytest.approx(0.01)
+
+
+def test_estimate_compiled_counts_loop_kernels_per_trip():
+  import jax
+  import jax.numpy as jnp
+  from litejax import hlo
+  w = jnp.ones((16, 16), jnp.float32)
+
+  def looped(trips):
+    return _compiled(lambda x: jax.lax.fori_loop(0, trips, lambda i, x: jnp.tanh(x @ w), x), jnp.ones((4, 16)))
+
+  c5, c9 = looped(5), looped(9)
+  m5 = hlo.parse(c5.as_text())
+  body = {n for n, t in m5.multiplicities(control_flow_only=True).items() if t == 5}
+  per_trip = sum(hlo.launches_kernel(i) for n in body for i in m5[n].instrs.values())
+  e5, e9 = latency.estimate_compiled(c5, SLOW_KERNELS), latency.estimate_compiled(c9, SLOW_KERNELS)
+  assert e5['method'].startswith('HLO walker') and per_trip >= 2     # the body's dot/tanh and the condition
+  assert e9['kernels'] - e5['kernels'] == 4 * per_trip
+  # the walker counts the body's dot each trip: 2·4·16·16 FLOPs per trip
+  assert e9['flops'] - e5['flops'] >= 4 * 2 * 4 * 16 * 16
+
+
+def test_kernel_overhead_from_two_chains():
+  # synthetic times: each chain's modelled work + 2 us per kernel + a fixed 30 us per call; the
+  # fixed cost cancels, the work is not counted twice: 2 us per kernel comes back
+  from litejax import calibration
+  import jax.numpy as jnp
+  w = jnp.ones((16, 16), jnp.float32)
+  chains = [_compiled(lambda x, n=n: [x := jnp.cumsum(jnp.tanh(x @ w), -1) for _ in range(n)][-1], jnp.ones((4, 16)))
+            for n in (2, 6)]
+  points = []
+  for c in chains:
+    e = latency.estimate_compiled(c, CHIP)
+    points.append((c, e['total_s'] + e['kernels'] * 2e-6 + 30e-6))
+  assert calibration.kernel_overhead(points, CHIP) == pytest.approx(2e-6, rel=1e-9)
+
+
+@pytest.mark.slow
 def test_calibrate_runs():
-  rep = latency.calibrate(quick=True)
-  assert rep['host']['peak_flops'] > 0 and rep['host']['mem_bytes_per_s'] > 0
-  assert [r['name'] for r in rep['rows']] == list(latency.QUICK_CONFIGS)
+  from litejax import calibration
+  rep = calibration.calibrate(quick=True)
+  host = rep['host']
+  assert host['peak_flops'] > 0 and host['mem_bytes_per_s'] > 0 and host['transpose_bytes_per_s'] > 0
+  assert host['kernel_overhead_s'] >= 0
+  assert [r['name'] for r in rep['rows']] == list(calibration.QUICK_CONFIGS) + ['token-b1']
+  assert rep['rows'][-1]['batch'] == 1 and rep['band'] == list(latency.TRUST_BAND)
   for r in rep['rows']:
-    assert r['measured_s'] > 0 and r['compute_s'] > 0 and r['communication_s'] == 0.0
+    assert r['measured_s'] > 0 and r['compute_s'] > 0 and r['communication_s'] == 0.0 and r['kernels'] > 0
     # the prediction is the model applied to the row's own figures and the measured host
-    assert r['compute_s'] == pytest.approx(r['flops'] / rep['host']['peak_flops'], rel=1e-12)
-    assert r['memory_s'] == pytest.approx(r['bytes_accessed'] / rep['host']['mem_bytes_per_s'], rel=1e-12)
+    assert r['compute_s'] == pytest.approx(r['flops'] / host['peak_flops'], rel=1e-12)
+    streamed = r['bytes_accessed'] - r['transpose_bytes']
+    assert r['memory_s'] == pytest.approx(streamed / host['mem_bytes_per_s'] +
+                                          r['transpose_bytes'] / host['transpose_bytes_per_s'], rel=1e-12)
+    assert r['overhead_s'] == pytest.approx(r['kernels'] * host['kernel_overhead_s'], rel=1e-12)
+  assert len(calibration.format_calibration(rep, bounds.human)) == 2 + len(rep['rows']) + 1
+
+
+def test_measure_host_is_a_calibrated_chip():
+  from litejax import calibration
+  host = calibration.measure_host(repeats=1, quick=True)
+  assert host.generation == 'cpu' and host.peak_flops > 0 and host.hbm_bytes_per_s > 0
+  assert host.transpose_bytes_per_s > 0 and host.kernel_overhead_s >= 0
