@@ -240,3 +240,20 @@ class Tiers:
         'slots_per_layer': self.num_slots, 'host_cache_experts': self.host.capacity,
         'policy': self.opts.policy, 'lookahead': self.opts.lookahead, 'miss': self.opts.miss,
     }
+
+
+def int8_copies(store: ExpertStore, block: int = 1024) -> dict[int, dict[str, tuple]]:
+  """The resident int8 copy of every expert (miss='fallback'): per layer {name: (q int8 [E, ...] , scale
+  f32 [E, rows, 1])} on the default device, quantised per row as litejax.store.quant does."""
+  import jax
+  from litejax.store.quant import quantize_int8
+  out = {}
+  for layer in store.layers:
+    parts: dict[str, list] = {name: [] for name in store.shapes}
+    for start in range(0, store.num_experts, block):
+      got = store.read_experts(layer, range(start, min(start + block, store.num_experts)))
+      for name, w in got.items():
+        parts[name].append(quantize_int8(w))
+    out[layer] = {name: tuple(jax.device_put(np.concatenate([p[i] for p in ps])) for i in range(2))
+                  for name, ps in parts.items()}
+  return out
