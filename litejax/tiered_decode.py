@@ -95,6 +95,32 @@ def _ahead(moe: list[Layer], depth: int) -> list[Any]:
   return out
 
 
+def _is_routed(path: tuple, cfg: Config) -> bool:
+  # params/blocks/<i>/ffn/w_in (MoE layer i) or params/periods/layers/<j>/ffn/w_in (scanned).
+  if len(path) < 3 or path[-2] != 'ffn' or path[-1] not in ('w_in', 'w_gate', 'w_out'):
+    return False
+  mc = cfg.model
+  return mc.scan_layers or mc.is_moe_layer(int(path[-3]))
+
+
+def model_without_experts(cfg: Config, seed: int = 0):
+  """The model with every weight but the routed experts initialised as `init_model(cfg, seed)` would
+  (one jitted init whose expert outputs are dead code, so XLA never builds them), the routed experts left
+  abstract: for a store written by `export-experts --init`, whose model was never trained."""
+  from litejax.model import Transformer, abstract_model
+  model = abstract_model(cfg)
+
+  def build():
+    m = Transformer(cfg, nnx.Rngs(params=jax.random.key(seed, impl='rbg')))
+    return {path: v[...] for path, v in nnx.to_flat_state(nnx.state(m)) if not _is_routed(path, cfg)}
+
+  values = jax.jit(build)()
+  for path, var in nnx.to_flat_state(nnx.state(model)):
+    if path in values:
+      var.set_value(values[path])
+  return model
+
+
 # ---------------------------------------------------------------------------- jitted programs
 
 def _positions(positions_bs, x_bsd):
@@ -256,16 +282,18 @@ class TieredRuntime:
     if keep_logits:
       kept.append(np.asarray(last_bv))
     stall0 = self.tiers.counters.stall_s
+    self.step_stall_s = []
     for j in range(max_new_tokens):
       for i in range(batch):
         out[i].append(int(host[i]))
       if j == max_new_tokens - 1:
         break
-      t0 = time.perf_counter()
+      t0, s0 = time.perf_counter(), self.tiers.counters.stall_s
       logits_b1v, cache = self.forward(host[:, None], (lengths + j)[:, None], cache)
       next_b = _sample(logits_b1v[:, 0], jax.random.fold_in(key, j + 1), samp)
       host = np.asarray(next_b)
       step_s.append(time.perf_counter() - t0)
+      self.step_stall_s.append(self.tiers.counters.stall_s - s0)
       self.tiers.end_step()
       if keep_logits:
         kept.append(np.asarray(logits_b1v[:, 0]))

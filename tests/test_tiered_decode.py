@@ -114,3 +114,26 @@ def test_fallback_uses_int8_copies_and_stays_close(setup):
 def test_bad_options_name_the_flag(field, opts, match):
   with pytest.raises(ValueError, match=match):
     opts.validate()
+
+
+def test_generate_store_cli_json_and_png(tmp_path, capsys):
+  """`litejax generate --store` on an --init store (no checkpoint): the JSON `store` key and the PNG."""
+  import json
+
+  from litejax.cli import main
+  from litejax.store.writer import write_random
+  write_random(str(tmp_path / 'store'), small_cfg(), 0)
+  png = tmp_path / 'store.png'
+  assert main(['generate', '--store', str(tmp_path / 'store'), '--ckpt-dir', str(tmp_path / 'none'),
+               '--prompt', 'In the', '--max-new-tokens', '3', '--device-slots', '0.25', '--lookahead', '1',
+               '--policy', 'group', '--json', '--plot', str(png)]) == 0
+  out = json.loads(capsys.readouterr().out)
+  s = out['store']
+  for key in ('hit_rate', 'lookahead_recall', 'bytes_read_per_token', 'expert_bytes', 'misses', 'stall_ms_per_token'):
+    assert key in s
+  assert set(s['hit_rate']) == {'device', 'host', 'disk', 'fallback'} and len(s['lookahead_recall']) == 1
+  assert s['bytes_read']['disk'] == s['disk_reads'] * s['expert_bytes']
+  assert 'io_ms_per_step_p50' in out['latency_split'] and len(out['tokens'][0]) == 3
+  assert png.stat().st_size > 0
+  assert main(['generate', '--store', str(tmp_path / 'store'), '--prompt', 'x', '--policy', 'fifo']) == 2
+  assert '--policy' in capsys.readouterr().err

@@ -219,9 +219,11 @@ class Tiers:
     """Drops predictions that were never checked (the first layers of a token have none)."""
     self._predicted.clear()
 
-  def report(self, tokens: int) -> dict:
-    """The `store` JSON: hit rates per tier, lookahead recall per depth, bytes read per token per tier."""
+  def report(self, tokens: int, stall_s: float | None = None) -> dict:
+    """The `store` JSON: hit rates per tier, lookahead recall per depth, bytes read per token per tier.
+    stall_s: the stall time to divide by `tokens` (default: all of it, prefill included)."""
     c, eb = self.counters, self.store.expert_bytes
+    stall_s = c.stall_s if stall_s is None else stall_s
     n = max(c.lookups, 1)
     tokens = max(tokens, 1)
     disk_lookups = c.disk_demand + c.prefetch_waits
@@ -236,7 +238,7 @@ class Tiers:
         'misses': {'device': c.lookups - c.device_hits, 'host': c.lookups - c.device_hits - c.host_hits},
         'disk_reads': c.disk_reads, 'device_loads': c.device_loads, 'lookups': c.lookups,
         'prefetch_reads': c.disk_reads - c.disk_demand, 'fallbacks': c.fallbacks,
-        'stall_ms_per_token': 1e3 * c.stall_s / tokens,
+        'stall_ms_per_token': 1e3 * stall_s / tokens,
         'slots_per_layer': self.num_slots, 'host_cache_experts': self.host.capacity,
         'policy': self.opts.policy, 'lookahead': self.opts.lookahead, 'miss': self.opts.miss,
     }
