@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='CPU only: emulate N host devices (default 1); ignored on GPU/TPU')
   parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='SECTION.KEY=VALUE',
                       help='override a field of the stored config (e.g. mesh.expert=2); repeatable')
+  from litejax.commands import generate_store
+  generate_store.add_arguments(parser)
 
 
 def _fail(message: str) -> int:
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
   if args.max_new_tokens < 1:
     return _fail(f'--max-new-tokens must be >= 1, got {args.max_new_tokens}')
   ckpt_dir = pathlib.Path(args.ckpt_dir) if args.ckpt_dir else DEFAULT_CKPT
-  if not ckpt_dir.is_dir():
+  if not ckpt_dir.is_dir() and not args.store:
     return _fail(f'no checkpoint in {ckpt_dir}: run `litejax train` first (or pass --ckpt-dir)')
   if args.prompts and not pathlib.Path(args.prompts).is_file():
     return _fail(f'--prompts {args.prompts}: no such file')
@@ -65,6 +67,9 @@ def run(args: argparse.Namespace) -> int:
     sampling.validate()
   except ValueError as e:
     return _fail(f'--{str(e).replace("_", "-")}')
+  if args.store:
+    from litejax.commands.generate_store import run_store
+    return run_store(args, prompts, sampling, _fail)
   from litejax import generation
   try:
     cpu = jax.devices()[0].platform == 'cpu'

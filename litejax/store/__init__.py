@@ -8,4 +8,7 @@ a host-memory cache and a fixed number of device slots per MoE layer.
   simulate.py replay a routing trace through device slots, host cache and disk; hit rates and bytes
   slots.py    the device slot buffer: [slots, d, h] arrays updated in place from pinned host memory
   quant.py    the int8 fallback copy of an expert (per-row symmetric scales)
+  slot_moe.py the MoE expert FFN over a slot buffer, bit-identical to the resident dropless path (pure JAX)
+  tiers.py    decode-time tiers: slots + host cache + disk, lookahead prefetch thread, fallback, metrics
+  plot.py     the `generate --store --plot` PNG
 """

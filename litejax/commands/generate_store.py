@@ -1,0 +1,98 @@
+"""`litejax generate --store STORE ...`: decoding with the routed experts in the tiered store
+(litejax.tiered_decode). The other weights come from --ckpt-dir when it holds a checkpoint, else (a store
+written by `export-experts --init`) they are initialised from the store's config and seed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--store', help='expert store (litejax export-experts): decode from device slots, host '
+                                      'cache and disk')
+  parser.add_argument('--device-slots', type=float, default=0.05, metavar='F',
+                      help='device slots per MoE layer, a fraction of its experts (default 0.05)')
+  parser.add_argument('--host-cache', type=float, default=0.1, metavar='F',
+                      help='host cache, a fraction of each layer\'s experts (default 0.1)')
+  parser.add_argument('--policy', default='lru', help='eviction policy: lru, lfu, group (default lru)')
+  parser.add_argument('--lookahead', type=int, default=0, metavar='D',
+                      help='prefetch with the routers of the next D MoE layers (default 0)')
+  parser.add_argument('--miss', default='stall', help='stall (exact) or fallback (int8 copy; default stall)')
+  parser.add_argument('--plot', metavar='PNG', help='with --store: write the store metrics plot here')
+
+
+def _session_model(args, store_location: str):
+  """(cfg, model with concrete non-expert weights, store, where the weights came from)."""
+  import jax
+  from flax import nnx
+
+  from litejax import generation
+  from litejax.config import from_dict, parse_overrides
+  from litejax.store.disk import ExpertStore
+  from litejax.tiered_decode import model_without_experts
+  ckpt = pathlib.Path(args.ckpt_dir) if args.ckpt_dir else None
+  if ckpt is not None and ckpt.is_dir():
+    session = generation.load(ckpt, args.overrides, jax.devices()[:1])
+    store = ExpertStore.open(store_location, session.cfg)
+    graphdef = nnx.split(_abstract(session.cfg), nnx.Param, ...)[0]
+    params, extra = jax.device_get((session.params, session.extra))
+    return session.cfg, nnx.merge(graphdef, params, extra), store, f'checkpoint {ckpt}'
+  store = ExpertStore.open(store_location)
+  cfg = from_dict(store.manifest['config'])
+  if args.overrides:
+    cfg = from_dict(parse_overrides(args.overrides), base=cfg)
+  seed = int(store.manifest.get('source', {}).get('seed', 0))
+  return cfg, model_without_experts(cfg, seed), store, f'initialised (seed {seed}): the store has no checkpoint'
+
+
+def _abstract(cfg):
+  from litejax.model import abstract_model
+  return abstract_model(cfg)
+
+
+def run_store(args, prompts: list[str], sampling, fail) -> int:
+  from litejax import data
+  from litejax.store.layout import ExpertStoreError
+  from litejax.store.tiers import TierOptions, Tiers, int8_copies
+  from litejax.tiered_decode import TieredRuntime
+  opts = TierOptions(args.device_slots, args.host_cache, args.policy, args.lookahead, args.miss)
+  try:
+    opts.validate()
+    cfg, model, store, source = _session_model(args, args.store)
+  except (ValueError, ExpertStoreError, FileNotFoundError) as e:
+    return fail(str(e))
+  tokens = [data.encode(p).astype(int).tolist() for p in prompts]
+  tiers = Tiers(store, opts, load_width=cfg.moe.k_active * len(prompts),
+                int8=int8_copies(store) if opts.miss == 'fallback' else None)
+  try:
+    rt = TieredRuntime(cfg, model, tiers)
+    gen, _ = rt.generate(tokens, args.max_new_tokens, sampling, args.seed)
+  finally:
+    tiers.close()
+  generated = sum(len(t) for t in gen.tokens)
+  rep = tiers.report(len(prompts) * len(gen.step_s), rt.decode_stall_s)
+  rep['weights'] = source
+  texts = [data.decode(t) for t in gen.tokens]
+  if args.plot:
+    from litejax.store.plot import plot_store
+    plot_store(rep, gen.step_s, rt.step_stall_s, args.plot)
+  if args.json:
+    steps_ms = [1e3 * s for s in gen.step_s]
+    io_ms = statistics.median(1e3 * s for s in rt.step_stall_s) if steps_ms else 0.0
+    mean = statistics.median(steps_ms) if steps_ms else None   # the median: the first step compiles
+    out = {'texts': texts, 'tokens': gen.tokens, 'ttft_ms': 1e3 * gen.ttft_s,
+           'ms_per_token_p50': statistics.median(steps_ms) if steps_ms else None,
+           'tokens_per_second': (len(prompts) * len(gen.step_s) / sum(gen.step_s)) if gen.step_s else None,
+           'compiles': gen.compiles, 'batch': len(prompts), 'generated': generated,
+           # measured: I/O = time inside the tier lookups (disk reads, waits, slot loads) per decode step
+           'latency_split': {'measured_ms_per_step_p50': mean, 'io_ms_per_step_p50': io_ms,
+                             'compute_ms_per_step_p50': None if mean is None else mean - io_ms},
+           'store': rep}
+    print(json.dumps(out, indent=2, default=float))
+  else:
+    for prompt, text in zip(prompts, texts):
+      print(prompt + text)
+  return 0

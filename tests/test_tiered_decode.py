@@ -1,0 +1,139 @@
+"""Decoding from the tiered expert store (litejax.tiered_decode): with miss='stall' tokens and logits are
+bit-identical to the resident decode step for every policy and lookahead; bytes read from disk are
+exactly the expert reads x expert bytes (TensorStore's own counter); the int8 fallback stays close."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from litejax import decode
+from litejax import sharding as shd
+from litejax.config import MeshConfig
+from litejax.model import init_model
+from litejax.sampling import Sampling
+from litejax.store import layout
+from litejax.store.tiers import TierOptions, Tiers, int8_copies
+from litejax.store.writer import StoreWriter
+from litejax.tiered_decode import TieredRuntime
+from store_helpers import bytes_read, small_cfg
+from train_helpers import enable_compile_cache
+
+enable_compile_cache()
+
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
+NEW = 6
+
+
+def write_model_store(cfg, model, location):
+  """The model's routed experts, written to a store (unscanned model)."""
+  w = StoreWriter(str(location), cfg, overwrite=True)
+  for layer, name, _, _ in layout.expert_leaves(cfg):
+    w.write(layer, 0, {name: np.asarray(getattr(model.blocks[layer].ffn, name)[...])})
+  return w.finish({'test': True})
+
+
+def resident(cfg, model):
+  """Tokens [B, NEW] and logits per step [NEW][B, V] of the resident decode step (litejax.decode)."""
+  _, params, extra = nnx.split(model, nnx.Param, ...)
+  mesh = shd.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+  rt = decode.make_runtime(cfg, mesh, len(PROMPTS), 5 + NEW)
+  with jax.set_mesh(mesh):
+    params, extra = rt.place(params, extra)
+    tokens, lengths = decode.pad_prompts(PROMPTS, len(PROMPTS))
+    key, samp = rt.replicated((jax.random.key(0), Sampling().as_arrays()))
+    cache = decode.init_cache(cfg, mesh, len(PROMPTS), 5 + NEW)
+    nb, lp, cache = rt.prefill(params, extra, cache, tokens, rt.rows(lengths), key, samp)
+    logits, toks = [np.asarray(lp)[np.arange(len(PROMPTS)), lengths - 1]], [np.asarray(nb)]
+    for j in range(NEW - 1):
+      nb, lb, cache = rt.step(params, extra, cache, nb, rt.rows(lengths + j), key,
+                              rt.replicated(jnp.int32(j + 1)), samp)
+      logits.append(np.asarray(lb))
+      toks.append(np.asarray(nb))
+  return np.stack(toks, 1), logits
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  cfg = small_cfg()
+  model = init_model(cfg, seed=1)
+  store = write_model_store(cfg, model, tmp_path_factory.mktemp('store'))
+  return cfg, model, store, *resident(cfg, model)
+
+
+def run(setup, opts, **kw):
+  cfg, model, store = setup[:3]
+  tiers = Tiers(store, opts, load_width=8, **kw)
+  try:
+    gen, logits = TieredRuntime(cfg, model, tiers).generate(PROMPTS, NEW, keep_logits=True)
+  finally:
+    tiers.close()
+  return gen, logits, tiers
+
+
+@pytest.mark.parametrize('opts', [TierOptions(0.25, 0.5, 'lru', 0), TierOptions(0.5, 0.5, 'group', 1),
+                                  TierOptions(0.125, 0.25, 'lfu', 2)], ids=['lru', 'group-ahead1', 'lfu-ahead2'])
+def test_stall_is_bit_identical_to_resident_decoding(setup, opts):
+  tokens, ref_logits = setup[3:]
+  gen, logits, tiers = run(setup, opts)
+  assert np.array_equal(np.asarray(gen.tokens), tokens)
+  for step, (a, b) in enumerate(zip(logits, ref_logits)):
+    assert np.array_equal(a, b), f'step {step}: max |diff| {np.abs(a - b).max()}'
+  rep = tiers.report(NEW * len(PROMPTS))
+  assert rep['misses']['device'] > 0 and rep['hit_rate']['device'] < 1   # the slots really were too few
+  assert len(rep['lookahead_recall']) == opts.lookahead
+
+
+def test_bytes_read_are_misses_times_expert_bytes(setup):
+  before = bytes_read()
+  _, _, tiers = run(setup, TierOptions(0.25, 0.25, 'lru', 1))    # close() waits for the prefetch thread
+  rep = tiers.report(1)
+  assert rep['disk_reads'] > 0
+  assert rep['bytes_read']['disk'] == rep['disk_reads'] * rep['expert_bytes'] == bytes_read() - before
+  assert rep['bytes_read']['host'] == rep['device_loads'] * rep['expert_bytes']
+  assert rep['expert_bytes'] == layout.expert_bytes(setup[0])
+
+
+def test_fallback_uses_int8_copies_and_stays_close(setup):
+  store = setup[2]
+  gen, logits, tiers = run(setup, TierOptions(0.25, 0.25, 'lru', 0, 'fallback'), int8=int8_copies(store))
+  rep = tiers.report(1)
+  assert rep['fallbacks'] > 0
+  ref = setup[4]
+  diffs = [float(np.abs(a - b).max()) for a, b in zip(logits, ref)]
+  assert max(diffs) > 0          # the int8 copies were really used
+  assert max(diffs) < 0.1 * max(float(np.abs(b).max()) for b in ref)
+
+
+@pytest.mark.parametrize('field,opts,match', [
+    ('--device-slots', TierOptions(device_slots=0), 'device-slots'),
+    ('--host-cache', TierOptions(host_cache=1.5), 'host-cache'),
+    ('--policy', TierOptions(policy='fifo'), 'policy'),
+    ('--lookahead', TierOptions(lookahead=-1), 'lookahead'),
+    ('--miss', TierOptions(miss='skip'), 'miss')])
+def test_bad_options_name_the_flag(field, opts, match):
+  with pytest.raises(ValueError, match=match):
+    opts.validate()
+
+
+def test_generate_store_cli_json_and_png(tmp_path, capsys):
+  """`litejax generate --store` on an --init store (no checkpoint): the JSON `store` key and the PNG."""
+  import json
+
+  from litejax.cli import main
+  from litejax.store.writer import write_random
+  write_random(str(tmp_path / 'store'), small_cfg(), 0)
+  png = tmp_path / 'store.png'
+  assert main(['generate', '--store', str(tmp_path / 'store'), '--ckpt-dir', str(tmp_path / 'none'),
+               '--prompt', 'In the', '--max-new-tokens', '3', '--device-slots', '0.25', '--lookahead', '1',
+               '--policy', 'group', '--json', '--plot', str(png)]) == 0
+  out = json.loads(capsys.readouterr().out)
+  s = out['store']
+  for key in ('hit_rate', 'lookahead_recall', 'bytes_read_per_token', 'expert_bytes', 'misses', 'stall_ms_per_token'):
+    assert key in s
+  assert set(s['hit_rate']) == {'device', 'host', 'disk', 'fallback'} and len(s['lookahead_recall']) == 1
+  assert s['bytes_read']['disk'] == s['disk_reads'] * s['expert_bytes']
+  assert 'io_ms_per_step_p50' in out['latency_split'] and len(out['tokens'][0]) == 3
+  assert png.stat().st_size > 0
+  assert main(['generate', '--store', str(tmp_path / 'store'), '--prompt', 'x', '--policy', 'fifo']) == 2
+  assert '--policy' in capsys.readouterr().err
