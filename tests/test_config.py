@@ -116,7 +116,7 @@ SHRINK_EXPERTS = {'quadrillion': ['moe.num_tiers=2', 'moe.groups_per_tier=4', 'm
 def test_shipped_config_model_matches_closed_form_counts(path):
   """The abstract model of every shipped config (full size: shapes only) has bounds' parameter count."""
   from litejax import bounds
-  from litejax.commands.params import count_model_params
+  from litejax.footprint import count_model_params
   cfg = load_config(path)
   assert count_model_params(cfg) == bounds.param_counts(cfg).total
 
