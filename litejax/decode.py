@@ -294,14 +294,12 @@ def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_token
 
 
 def step_latency_split(rt: Runtime, chip) -> dict[str, Any]:
-  """The latency model's compute / communication / memory terms (litejax.latency.estimate) for one
-  decode step, from the step compiled from abstract shapes: XLA cost_analysis FLOPs and bytes
-  accessed (a scan body is counted once by XLA: scanned layers are undercounted until calibrated),
-  collective bytes from litejax.comm. Per step = per generated token of every row."""
-  from litejax import comm, latency
-  compiled = rt.step.trace(*rt.abstract_step_args()).lower().compile()
-  ca = compiled.cost_analysis()
-  coll = comm.collective_bytes(compiled)['total']
-  est = latency.estimate(float(ca.get('flops', 0.0)), float(coll), float(ca.get('bytes accessed', 0.0)), chip)
-  return {**est.as_dict(), 'flops': float(ca.get('flops', 0.0)), 'bytes_accessed': float(ca.get('bytes accessed', 0.0)),
-          'collective_bytes': float(coll)}
+  """The latency model's compute / communication / memory terms for one decode step of this runtime
+  (litejax.decode_cost: the step compiled from abstract shapes, loops counted by trip count) and
+  predicted_ms_per_token. Per step = per generated token of every row."""
+  from litejax import decode_cost
+  dp = decode_cost.compile_step(rt.cfg, batch=rt.batch, cache_len=rt.max_len, mesh=rt.mesh)
+  rep = decode_cost.report(dp, chip)
+  return {**rep['latency'], 'flops': rep['flops_per_token_compiled_with_elementwise'] * rt.batch / rt.mesh.size,
+          'bytes_accessed': rep['bytes_accessed_per_token'] * rt.batch / rt.mesh.size,
+          'collective_bytes': rep['collective_bytes_per_rank_all_kinds']}

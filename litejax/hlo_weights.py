@@ -19,6 +19,7 @@ from litejax.hlo import Computation, Instr, Module
 
 _MOVES = frozenset('bitcast copy transpose reshape convert dynamic-slice slice gather broadcast '
                    'copy-start copy-done'.split())
+_SLICES = frozenset(('dynamic-slice', 'slice', 'gather'))
 _MAX_DEPTH = 48
 # pytree path fragment -> component (litejax.bounds.COMPONENTS); routed vs dense FFN is decided apart.
 _FAMILIES = (("['attn']", 'attention_proj'), ("['shared']", 'shared_experts'),
@@ -38,16 +39,20 @@ class WeightOrigins:
         for callee, _ in module.callees(ins):
           self.callers.setdefault(callee, []).append((comp, ins))
     entry = module[module.entry]
-    self.entry_paths = [_unescape(i.op_name) for i in entry.instrs.values() if i.opcode == 'parameter']
+    self._moves = _MOVES
+    self.entry_paths = [unescape(i.op_name) for i in entry.instrs.values() if i.opcode == 'parameter']
 
-  def origin(self, comp: Computation, name: str) -> str | None:
-    """The op_name (pytree path) of the entry parameter that `name` in `comp` is a moved copy of."""
+  def origin(self, comp: Computation, name: str, through_slices: bool = True) -> str | None:
+    """The op_name (pytree path) of the entry parameter that `name` in `comp` is a moved copy of
+    (through_slices=False: a copy of the whole parameter, not of a slice or gathered rows of it)."""
+    self._moves = _MOVES if through_slices else _MOVES - _SLICES
     return self._trace(comp, name, [], [], 0)
 
   def _trace(self, comp: Computation, name: str, tuple_idx: list[int], calls: list, depth: int) -> str | None:
     ins = comp.instrs.get(name)
     if ins is None or depth > _MAX_DEPTH:
       return None
+    moves = self._moves
     op, nxt = ins.opcode, depth + 1
     if op == 'parameter':
       return self._from_parameter(comp, ins, tuple_idx, calls, nxt)
@@ -57,7 +62,7 @@ class WeightOrigins:
       if not tuple_idx or tuple_idx[-1] >= len(ins.operands):
         return None
       return self._trace(comp, ins.operands[tuple_idx[-1]], tuple_idx[:-1], calls, nxt)
-    if op in _MOVES and ins.operands:
+    if op in moves and ins.operands:
       return self._trace(comp, ins.operands[0], tuple_idx, calls, nxt)
     if op == 'fusion' and ins.called('calls'):   # followed from its root: arithmetic stops the trace
       body = self.module.get(ins.called('calls')[0])
@@ -88,13 +93,13 @@ class WeightOrigins:
     a weight of a known family."""
     for o in reversed(ins.operands[:2]):
       path = self.origin(comp, o)
-      c = component_of_weight(_unescape(path), self.entry_paths) if path else None
+      c = component_of_weight(unescape(path), self.entry_paths) if path else None
       if c in components:
         return c
     return None
 
 
-def _unescape(op_name: str) -> str:
+def unescape(op_name: str) -> str:
   return op_name.replace("\\'", "'")   # the HLO text escapes the path's quotes: [\'attn\']
 
 
