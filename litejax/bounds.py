@@ -125,6 +125,24 @@ def forward_flops_per_token(cfg: Config, tokens_per_group: int | None = None,
   return {k: float(v) for k, v in out.items()}
 
 
+def decode_flops_per_token(cfg: Config, cache_len: int, expert_rows: float | None = None) -> dict[str, float]:
+  """Forward FLOPs of one decode step per generated token, by component (summed over layers).
+
+  One new token per row attends over the whole cache (the step multiplies by a mask, not a shorter
+  product): attention scores 4·cache_len·H·hd per layer. Decode routing is dropless, so expert work is
+  K experts' rows (`expert_rows` overrides K: the padded rows per token of the path that runs, e.g.
+  R_EP·K for expert-parallel dispatch). Projections, router, shared experts, dense FFN, combine and
+  unembedding are as in `forward_flops_per_token`; nothing here depends on the number of experts
+  except the router's kept branches.
+  """
+  if cache_len < 1:
+    raise ValueError(f'cache_len: must be >= 1, got {cache_len}')
+  out = forward_flops_per_token(cfg, None, seq_len=cache_len)
+  if expert_rows is not None:
+    out['experts'] = float(cfg.model.num_moe_layers * expert_rows * expert_flops(cfg))
+  return out
+
+
 def dispatch_path(cfg: Config, tokens_per_group: int | None, dispatch: str | None = None) -> str:
   """The dispatch path that runs for N = tokens_per_group (None: what `auto` means at no padding)."""
   m = dataclasses.replace(cfg.moe, dispatch=dispatch) if dispatch else cfg.moe

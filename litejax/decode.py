@@ -28,6 +28,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from litejax import routing
 from litejax import sharding as shd
 from litejax.config import Config
 from litejax.layers import DTYPES
@@ -81,45 +82,65 @@ def init_cache(cfg: Config, mesh: Mesh, batch: int, max_len: int) -> Any:
 
 # ---------------------------------------------------------------------------- the model with a cache
 
-def _block(block, x_bsd, positions_bs, cache: dict[str, jax.Array]):
-  """model.Block with cached attention; returns (x, updated layer cache)."""
+def _block(block, x_bsd, positions_bs, cache: dict[str, jax.Array], with_routing: bool = False):
+  """model.Block with cached attention; returns (x, updated layer cache, expert ids [B, S, K] of an
+  MoE block, else None)."""
   h, k, v = block.attn.cached(block.attn_norm(x_bsd), positions_bs, cache['k'], cache['v'])
   x_bsd = x_bsd + h
   h = block.ffn_norm(x_bsd)
+  ids = None
   if block.is_moe:
     y = block.ffn(h)[0]
-  else:
+  if block.is_moe and with_routing:
+    # The router's choice again, for inspection only (make_runtime(with_routing=True)); the step
+    # that serves tokens never computes it.
+    b, s, d = h.shape
+    ids = routing.route(h.reshape(b * s, d), block.ffn.router_params(), block.ffn.moe_cfg,
+                        block.ffn.router_bias()).expert_nk.reshape(b, s, -1)
+  if not block.is_moe:
     with jax.named_scope('dense_ffn'):   # scope names the FLOPs for litejax.cost
       y = block.ffn(h)
-  return x_bsd + y, {'k': k, 'v': v}
+  return x_bsd + y, {'k': k, 'v': v}, ids
 
 
-def forward_cached(model, tokens_bs: jax.Array, positions_bs: jax.Array, cache: Any) -> tuple[jax.Array, Any]:
+def forward_cached(model, tokens_bs: jax.Array, positions_bs: jax.Array, cache: Any,
+                   with_routing: bool = False):
   """The Transformer's forward over S new tokens per row at `positions_bs`, reading and writing the
-  cache. Returns (logits [B, S, V] f32, cache)."""
+  cache. Returns (logits [B, S, V] f32, cache), and with_routing: also the routed expert ids
+  int32 [MoE layers, B, S, K] in layer order."""
   mc = model.cfg.model
   dt = DTYPES[mc.dtype]
   x = model.embed[...][tokens_bs].astype(dt)
+  ids: list = []
   if mc.scan_layers:
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0))
     def step(x_c, period, cache_p):
-      new = []
+      new, got = [], []
       for layer, c in zip(period.layers, cache_p):
-        x_c, c = _block(layer, x_c, positions_bs, c)
+        x_c, c, e = _block(layer, x_c, positions_bs, c, with_routing)
         new.append(c)
-      return x_c, new
+        got.append(e)
+      return x_c, new, [e for e in got if e is not None]
 
-    x, cache = step(x, model.periods, cache)
+    x, cache, per_period = step(x, model.periods, cache)
+    if per_period:   # [periods, B, S, K] per MoE layer of a period -> layer order
+      ids = list(jnp.stack(per_period, axis=1).reshape((-1,) + per_period[0].shape[1:]))
   else:
     new = []
     for block, c in zip(model.blocks, cache):
-      x, c = _block(block, x, positions_bs, c)
+      x, c, e = _block(block, x, positions_bs, c, with_routing)
       new.append(c)
+      if e is not None:
+        ids.append(e)
     cache = new
   x = model.final_norm(x)
   w_out = model.embed[...].T if mc.tie_embeddings else model.unembed[...]
   with jax.named_scope('unembed'):
-    return jnp.einsum('bsd,dv->bsv', x, w_out.astype(dt)).astype(jnp.float32), cache
+    logits = jnp.einsum('bsd,dv->bsv', x, w_out.astype(dt)).astype(jnp.float32)
+  if with_routing:
+    b, s = tokens_bs.shape
+    return logits, cache, (jnp.stack(ids) if ids else jnp.zeros((0, b, s, model.cfg.moe.k_active), jnp.int32))
+  return logits, cache
 
 
 # ---------------------------------------------------------------------------- jitted programs
@@ -143,6 +164,7 @@ class Runtime:
   params_shardings: Any
   extra_shardings: Any
   cache_shardings: Any
+  with_routing: bool = False       # prefill and step also return expert ids (see make_runtime)
 
   @property
   def batch_ranks(self) -> int:
@@ -185,8 +207,12 @@ def _abstract(cfg: Config):
   return abstract_model(cfg)
 
 
-def make_runtime(cfg: Config, mesh: Mesh, batch: int, max_len: int) -> Runtime:
-  """Builds (does not compile) prefill and the decode step. batch must divide over data·expert ranks."""
+def make_runtime(cfg: Config, mesh: Mesh, batch: int, max_len: int, with_routing: bool = False) -> Runtime:
+  """Builds (does not compile) prefill and the decode step. batch must divide over data·expert ranks.
+
+  with_routing (for inspection, e.g. experts/notebooks/decode.ipynb): prefill and step also return
+  the routed expert ids, int32 [MoE layers, B, P, K] and [MoE layers, B, K]; the default programs
+  neither compute nor return them."""
   shd.validate_mesh(cfg, mesh, batch)
   if max_len < 2:
     raise ValueError(f'max_len: must be >= 2 (a prompt token and a new one), got {max_len}')
@@ -201,27 +227,30 @@ def make_runtime(cfg: Config, mesh: Mesh, batch: int, max_len: int) -> Runtime:
   def prefill(params, extra, cache, tokens_bp, lengths_b, key, sampling):
     positions = jnp.broadcast_to(jnp.arange(tokens_bp.shape[1], dtype=jnp.int32), tokens_bp.shape)
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):   # MoE dispatch follows the mesh
-      logits_bpv, cache = forward_cached(nnx.merge(graph_prefill, params, extra), tokens_bp, positions, cache)
+      out = forward_cached(nnx.merge(graph_prefill, params, extra), tokens_bp, positions, cache, with_routing)
+    logits_bpv, cache = out[:2]
     last_bv = jnp.take_along_axis(logits_bpv, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
-    return sample(last_bv, key, sampling), logits_bpv, cache
+    return (sample(last_bv, key, sampling), logits_bpv, cache) + out[2:]
 
   def step(params, extra, cache, tokens_b, positions_b, key, step_index, sampling):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      logits_b1v, cache = forward_cached(nnx.merge(graph_step, params, extra), tokens_b[:, None],
-                                         positions_b[:, None], cache)
-    logits_bv = logits_b1v[:, 0]
-    return sample(logits_bv, jax.random.fold_in(key, step_index), sampling), logits_bv, cache
+      out = forward_cached(nnx.merge(graph_step, params, extra), tokens_b[:, None], positions_b[:, None],
+                           cache, with_routing)
+    logits_bv, cache = out[0][:, 0], out[1]
+    ids = (out[2][:, :, 0],) if with_routing else ()
+    return (sample(logits_bv, jax.random.fold_in(key, step_index), sampling), logits_bv, cache) + ids
 
   samp_sh = Sampling(rep, rep, rep)
+  ids_sh = (rep,) if with_routing else ()
   prefill_jit = jax.jit(
       prefill, in_shardings=(params_sh, extra_sh, cache_sh, shd.logical_sharding(mesh, ('batch', 'sequence')),
                              rows, rep, samp_sh),
-      out_shardings=(rows, shd.logical_sharding(mesh, ('batch', 'sequence', 'vocab')), cache_sh),
+      out_shardings=(rows, shd.logical_sharding(mesh, ('batch', 'sequence', 'vocab')), cache_sh) + ids_sh,
       donate_argnums=(2,))
   step_jit = jax.jit(
       step, in_shardings=(params_sh, extra_sh, cache_sh, rows, rows, rep, rep, samp_sh),
-      out_shardings=(rows, shd.logical_sharding(mesh, ('batch', 'vocab')), cache_sh), donate_argnums=(2,))
-  return Runtime(cfg, mesh, batch, max_len, prefill_jit, step_jit, params_sh, extra_sh, cache_sh)
+      out_shardings=(rows, shd.logical_sharding(mesh, ('batch', 'vocab')), cache_sh) + ids_sh, donate_argnums=(2,))
+  return Runtime(cfg, mesh, batch, max_len, prefill_jit, step_jit, params_sh, extra_sh, cache_sh, with_routing)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -234,6 +263,9 @@ class Generation:
   step_s: list[float]              # one entry per decode step (every row gets a token)
   interrupted: bool
   compiles: int                    # compiled variants of the decode step so far
+  # with_routing runtimes: per new token j, the experts that computed it, int [MoE layers, prompts, K]
+  # (token 0: the prompt's last position in prefill; token j: decode step j, fed token j - 1)
+  experts: list | None = None
 
 
 def pad_prompts(prompts: list[list[int]], batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -270,11 +302,14 @@ def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_token
   key, samp = rt.replicated((jax.random.key(seed), sampling.as_arrays()))
   step_s: list[float] = []
   interrupted, ttft = False, 0.0
+  experts: list = []
   try:
     cache = init_cache(rt.cfg, rt.mesh, rt.batch, rt.max_len)
     t0 = time.perf_counter()
-    next_b, _, cache = rt.prefill(params, extra, cache, tokens, rt.rows(lengths), key, samp)
+    next_b, _, cache, *ids = rt.prefill(params, extra, cache, tokens, rt.rows(lengths), key, samp)
     host = np.asarray(jax.device_get(next_b))
+    if ids:
+      experts.append(np.asarray(ids[0])[:, np.arange(n), lengths[:n] - 1])
     ttft = time.perf_counter() - t0
     for j in range(max_new_tokens):
       for i in range(n):
@@ -284,24 +319,25 @@ def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_token
       if j == max_new_tokens - 1:
         break
       t0 = time.perf_counter()
-      next_b, _, cache = rt.step(params, extra, cache, next_b, rt.rows(lengths + j), key,
-                                 rt.replicated(jnp.int32(j + 1)), samp)
+      next_b, _, cache, *ids = rt.step(params, extra, cache, next_b, rt.rows(lengths + j), key,
+                                       rt.replicated(jnp.int32(j + 1)), samp)
       host = np.asarray(jax.device_get(next_b))
       step_s.append(time.perf_counter() - t0)
+      if ids:
+        experts.append(np.asarray(ids[0])[:, :n])
   except KeyboardInterrupt:
     interrupted = True
-  return Generation(out, ttft, step_s, interrupted, rt.step._cache_size())
+  return Generation(out, ttft, step_s, interrupted, rt.step._cache_size(),
+                    experts if rt.with_routing else None)
 
 
 def step_latency_split(rt: Runtime, chip) -> dict[str, Any]:
-  """The latency model's compute / communication / memory terms (litejax.latency.estimate) for one
-  decode step, from the step compiled from abstract shapes: XLA cost_analysis FLOPs and bytes
-  accessed (a scan body is counted once by XLA: scanned layers are undercounted until calibrated),
-  collective bytes from litejax.comm. Per step = per generated token of every row."""
-  from litejax import comm, latency
-  compiled = rt.step.trace(*rt.abstract_step_args()).lower().compile()
-  ca = compiled.cost_analysis()
-  coll = comm.collective_bytes(compiled)['total']
-  est = latency.estimate(float(ca.get('flops', 0.0)), float(coll), float(ca.get('bytes accessed', 0.0)), chip)
-  return {**est.as_dict(), 'flops': float(ca.get('flops', 0.0)), 'bytes_accessed': float(ca.get('bytes accessed', 0.0)),
-          'collective_bytes': float(coll)}
+  """The latency model's compute / communication / memory terms for one decode step of this runtime
+  (litejax.decode_cost: the step compiled from abstract shapes, loops counted by trip count) and
+  predicted_ms_per_token. Per step = per generated token of every row."""
+  from litejax import decode_cost
+  dp = decode_cost.compile_step(rt.cfg, batch=rt.batch, cache_len=rt.max_len, mesh=rt.mesh)
+  rep = decode_cost.report(dp, chip)
+  return {**rep['latency'], 'flops': rep['flops_per_token_compiled_with_elementwise'] * rt.batch / rt.mesh.size,
+          'bytes_accessed': rep['bytes_accessed_per_token'] * rt.batch / rt.mesh.size,
+          'collective_bytes': rep['collective_bytes_per_rank_all_kinds']}

@@ -42,9 +42,9 @@ class Session:
 
 
 def _host_chip():
-  """This host as a latency-model chip, measured quickly (litejax.latency; calibrated in a later phase)."""
-  from litejax import hardware, latency
-  return hardware.host_chip(latency.measure_peak_flops(256, 2), latency.measure_bandwidth(16, 2))
+  """This host as a latency-model chip, measured quickly (litejax.decode_cost.host_chip)."""
+  from litejax import decode_cost
+  return decode_cost.host_chip()
 
 
 def load(ckpt_dir: str | pathlib.Path, overrides: list[str] = (), devices=None) -> Session:

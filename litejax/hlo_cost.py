@@ -46,6 +46,7 @@ import re
 from litejax import hlo_artefacts as art
 from litejax.hlo import Computation, Instr, Module, parse
 from litejax.hlo_scopes import by_signature, component_of, near_scope
+from litejax.hlo_weights import WeightOrigins
 
 ELEMENTWISE = frozenset(
     'add subtract multiply divide maximum minimum compare select negate abs convert and or xor not '
@@ -213,6 +214,7 @@ class FlopWalker:
     self.artefacts: dict[str, float] = collections.defaultdict(float)
     self.elementwise_artefacts: dict[str, float] = collections.defaultdict(float)
     self.lowered_dots: dict[str, float] = collections.defaultdict(float)
+    self.weights = WeightOrigins(module)   # dots without metadata: the weight they read names them
 
   def visit(self, comp_name: str, mult: float, ctx: str | None, params: list = (),
             out_scope: str | None = None, param_factors: list = (), param_products: list = ()) -> None:
@@ -316,7 +318,8 @@ class FlopWalker:
 
   def _dot(self, comp: Computation, ins: Instr, mult: float, own, ctx, params, out_scope, param_factors) -> None:
     f = mult * (dot_flops(ins, comp) if ins.opcode == 'dot' else conv_flops(ins, comp))
-    where = (own or by_signature(ins, comp, self.signatures, self.divisors) or
+    where = (own or self.weights.component(comp, ins, self.components) or
+             by_signature(ins, comp, self.signatures, self.divisors) or
              near_scope(comp, ins.name, self.components, params, out_scope) or ctx or 'other')
     self.flops[where] += f
     if ins.opcode != 'dot':

@@ -189,3 +189,32 @@ def test_cache_layout_follows_the_logical_rules():
   sh = decode.cache_shardings(cfg, mesh_of((2, 2, 2)), 8, 16)
   spec = sh[0]['k'].spec                    # scanned: [periods, B, T, KV, hd]
   assert tuple(spec) == (None, ('data', 'expert'), None, 'tensor', None)
+
+
+def test_routing_ids_match_the_router():
+  # make_runtime(with_routing=True): each token's experts per MoE layer, equal to the router's choice
+  # on that layer's input in a full forward (the default runtime returns no ids).
+  from litejax import routing
+  cfg = config('tiny', ['model.scan_layers=false'])
+  mesh = mesh_of((1, 1, 1))
+  rt = decode.make_runtime(cfg, mesh, 8, 16, with_routing=True)
+  model = init_model(decode.decode_config(cfg), seed=1)
+  _, params, extra = nnx.split(model, nnx.Param, ...)
+  prompt = PROMPTS[0]
+  with jax.set_mesh(mesh):
+    g = decode.generate(rt, params, extra, [prompt], 4)
+  assert len(g.experts) == 4 and g.experts[0].shape == (cfg.model.num_moe_layers, 1, cfg.moe.k_active)
+  # Reference: the router on each block's ffn input over prompt + generated tokens (full forward).
+  seq = np.asarray([prompt + g.tokens[0][:-1]], np.int32)
+  x = model.embed[...][seq]
+  want = []
+  for block in model.blocks:
+    positions = jnp.arange(seq.shape[1])[None]
+    x = x + block.attn(block.attn_norm(x), positions)
+    h = block.ffn_norm(x)
+    r = routing.route(h.reshape(-1, h.shape[-1]), block.ffn.router_params(), block.ffn.moe_cfg)
+    want.append(np.asarray(r.expert_nk))
+    x = x + block.ffn(h)[0]
+  want = np.stack(want)[:, len(prompt) - 1:]                    # [L, new tokens, K]
+  got = np.stack([e[:, 0] for e in g.experts], axis=1)
+  np.testing.assert_array_equal(got, want)

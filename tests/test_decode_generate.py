@@ -39,6 +39,9 @@ def test_generate_json(ckpt, tmp_path, capsys):
   assert out['compiles'] == 1 and out['ms_per_token_p50'] > 0 and out['tokens_per_second'] > 0
   split = out['latency_split']
   assert split['dominant'] in ('compute', 'communication', 'memory') and split['flops'] > 0
+  # the model's prediction beside the measurement of the same step
+  assert split['predicted_ms_per_token'] > 0 and split['measured_ms_per_token'] == out['ms_per_token_p50']
+  assert split['predicted_over_measured'] == pytest.approx(split['predicted_ms_per_token'] / out['ms_per_token_p50'])
   # Arbitrary bytes decode with replacement characters, never an exception.
   assert all(isinstance(t, str) for t in out['texts'])
 

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
@@ -50,3 +52,22 @@ def test_profile_moe_runs(tmp_path):
   times = json.loads(out[out.index('{'):])
   assert set(times) >= {'top_k_argmax', 'top_k_sort', 'lax_top_k', 'layer_fwd', 'experts_fwd_bwd_expert_matmul'}
   assert all(t > 0 for t in times.values())
+
+
+@pytest.mark.slow
+def test_bench_decode_quick(tmp_path):
+  subprocess.run([sys.executable, str(REPO / 'experiments' / 'bench_decode.py'), '--quick', '--out', str(tmp_path)],
+                 check=True, env=_env(), capture_output=True, timeout=600)
+  rows = json.loads((tmp_path / 'bench_decode.json').read_text())
+  assert {(r['impl'], r['experts'], r['batch']) for r in rows} == {
+      (i, e, b) for b in (1, 16) for i, e in (('dense', 0), ('moe', 16))}
+  for r in rows:
+    for key in ('ms_per_token', 'tokens_per_second', 'bytes_accessed_per_token', 'predicted_ms_per_token'):
+      assert r[key] > 0, key
+    assert r['compiles'] == 1 and r['violations'] == []
+  dense = next(r for r in rows if r['impl'] == 'dense' and r['batch'] == 1)
+  moe = next(r for r in rows if r['impl'] == 'moe' and r['batch'] == 1)
+  assert abs(moe['params_active_per_token'] - dense['params_active_per_token']) < 0.05 * dense['params_active_per_token']
+  summary = json.loads((tmp_path / 'bench_decode_summary.json').read_text())
+  assert set(summary['pass']) == {'moe_over_dense_max', 'max_over_min_over_experts', 'bytes_max_over_min'}
+  assert (tmp_path / 'bench_decode.png').stat().st_size > 0

@@ -4,6 +4,7 @@ import time
 
 import nbclient
 import nbformat
+import pytest
 
 from conftest import REPO
 
@@ -31,3 +32,29 @@ def test_bound_notebook_executes():
   assert any(o.output_type == 'display_data' and 'image/png' in o.get('data', {}) for o in outputs)
   text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
   assert 'PASS experts: gather outside router flat within 1%' in text and 'FAIL' not in text
+
+
+DECODE_NOTEBOOK = REPO / 'experiments' / 'notebooks' / 'decode.ipynb'
+
+
+@pytest.mark.slow
+def test_decode_notebook_executes():
+  # Trains a tiny model for 2 steps inside the notebook, generates, plots experts per token.
+  nb = nbformat.read(DECODE_NOTEBOOK, as_version=4)
+  env = {'NB_STEPS': '2', 'NB_NEW_TOKENS': '6', 'JAX_PLATFORMS': 'cpu'}
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  try:
+    nbclient.NotebookClient(nb, timeout=300, kernel_name='python3',
+                            resources={'metadata': {'path': str(DECODE_NOTEBOOK.parent)}}).execute()
+  finally:
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+  outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])]
+  assert not [o for o in outputs if o.output_type == 'error']
+  assert any(o.output_type == 'display_data' and 'image/png' in o.get('data', {}) for o in outputs)
+  text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+  assert 'experts (2, 6, 4)' in text and 'compiles of the step: 1' in text

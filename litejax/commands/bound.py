@@ -24,11 +24,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            "v5p:8x8x8, v5e:16x16, v6e:8x8, v4:4x4x4 (needs pip install 'litejax[tpu]')")
   parser.add_argument('--batch', type=positive_int, default=None,
                       help='global batch for the compile (default: one sequence per batch rank)')
+  parser.add_argument('--decode', action='store_true',
+                      help='compile one decode step (KV cache, dropless routing) and report per generated token')
+  parser.add_argument('--cache-len', type=positive_int, default=None,
+                      help='--decode: KV cache length (default: model.seq_len)')
 
 
 def run(args: argparse.Namespace) -> int:
   from litejax.config import load_config
   cfg = load_config(args.config, args.overrides)
+  if args.decode or args.cache_len:
+    from litejax.commands import bound_decode
+    return bound_decode.run(args, cfg)
   n = args.devices
   if args.target:
     from litejax.targets import TargetError, parse_target   # no jax import: safe before XLA_FLAGS

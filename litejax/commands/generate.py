@@ -86,6 +86,9 @@ def run(args: argparse.Namespace) -> int:
     steps_ms = [1e3 * s for s in gen.step_s]
     q = (lambda p: float(statistics.quantiles(steps_ms, n=100, method='inclusive')[p - 1])  # noqa: E731
          if len(steps_ms) > 1 else (steps_ms[0] if steps_ms else None))
+    if split is not None and q(50):   # the prediction beside the measurement, for the same step
+      split = {**split, 'measured_ms_per_token': q(50),
+               'predicted_over_measured': split['predicted_ms_per_token'] / q(50)}
     out = {'texts': texts, 'tokens': gen.tokens, 'ttft_ms': 1e3 * gen.ttft_s,
            'ms_per_token_p50': q(50), 'ms_per_token_p99': q(99),
            'tokens_per_second': (len(prompts) * len(gen.step_s) / sum(gen.step_s)) if gen.step_s else None,
