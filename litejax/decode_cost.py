@@ -78,10 +78,9 @@ def predict(flops: float, collective_bytes: float, bytes_accessed: float, chip: 
 
 
 def host_chip(quick: bool = True) -> hardware.Chip:
-  """This CPU as a latency-model chip: matmul peak and memory bandwidth measured now."""
-  if quick:
-    return hardware.host_chip(latency.measure_peak_flops(256, 2), latency.measure_bandwidth(16, 2))
-  return hardware.host_chip(latency.measure_peak_flops(), latency.measure_bandwidth())
+  """This CPU as a latency-model chip, measured now by litejax.calibration's probes."""
+  from litejax import calibration
+  return calibration.measure_host(quick=quick)
 
 
 # ------------------------------------------------------------------------------------------ bytes
