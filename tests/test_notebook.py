@@ -31,3 +31,24 @@ def test_bound_notebook_executes():
   assert any(o.output_type == 'display_data' and 'image/png' in o.get('data', {}) for o in outputs)
   text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
   assert 'PASS experts: gather outside router flat within 1%' in text and 'FAIL' not in text
+
+
+def test_tiers_notebook_executes():
+  """experiments/notebooks/tiers.ipynb replays the committed decode trace (its first tokens) per policy."""
+  nb_path = REPO / 'experiments' / 'notebooks' / 'tiers.ipynb'
+  nb = nbformat.read(nb_path, as_version=4)
+  old = os.environ.get('NB_TRACE_TOKENS')
+  os.environ['NB_TRACE_TOKENS'] = '64'
+  try:
+    nbclient.NotebookClient(nb, timeout=120, kernel_name='python3',
+                            resources={'metadata': {'path': str(nb_path.parent)}}).execute()
+  finally:
+    if old is None:
+      os.environ.pop('NB_TRACE_TOKENS', None)
+    else:
+      os.environ['NB_TRACE_TOKENS'] = old
+  outputs = [o for c in nb.cells if c.cell_type == 'code' for o in c.get('outputs', [])]
+  assert not [o for o in outputs if o.output_type == 'error']
+  assert any(o.output_type == 'display_data' and 'image/png' in o.get('data', {}) for o in outputs)
+  text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+  assert '64 decoded tokens' in text and 'PASS lru hit rate grows' in text and 'FAIL' not in text
