@@ -320,7 +320,8 @@ def _validate_store(cfg: Config) -> None:
   _require(len(classes) == cfg.moe.num_tiers, f'store.placement: needs one class per routing tier '
            f'(moe.num_tiers={cfg.moe.num_tiers}), got {len(classes)} in {cfg.store.placement!r}')
   bad = [c for c in classes if c not in STORAGE_CLASSES]
-  _require(not bad, f'store.placement: classes must be among {list(STORAGE_CLASSES)}, got {bad[0]!r}')
+  if bad:
+    raise ConfigError(f'store.placement: classes must be among {list(STORAGE_CLASSES)}, got {bad[0]!r}')
   hot = classes.count('hot')
   _require(hot >= cfg.moe.k_tier, f'store.placement: needs at least moe.k_tier={cfg.moe.k_tier} hot tiers (the '
            f'smallest TierSet), got {hot} in {cfg.store.placement!r}')
