@@ -128,7 +128,7 @@ def sim_grid(trace, store, fractions, host_fraction: float) -> list[dict]:
                    experts_per_group=store.experts_per_group, tokens=tokens)
       rows.append({'policy': policy, 'device_fraction': f, 'slots': opts.num_slots(store.num_experts),
                    'device_hit_rate': r.device.hit_rate, 'host_hit_rate_of_device_misses': r.host.hit_rate,
-                   'hit_rate_device_or_host': 1 - r.host.misses / max(r.device.hits + r.device.misses, 1)})
+                   'hit_rate_device_or_host': (r.device.hits + r.host.hits) / max(r.device.hits + r.device.misses, 1)})
   return rows
 
 

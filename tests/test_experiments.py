@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import REPO
 
 
@@ -52,6 +53,7 @@ def test_profile_moe_runs(tmp_path):
   assert all(t > 0 for t in times.values())
 
 
+@pytest.mark.slow   # trains for 2 steps in a subprocess, then ~20 small compiles
 def test_bench_tiers_quick(tmp_path):
   """Trains the shrunk tiny_1k for 2 steps, replays its decode trace, decodes from the store (stall and
   fallback) and the shrunk store_1b tiered vs preloaded; checks the JSON's shape and exact invariants."""
@@ -63,7 +65,7 @@ def test_bench_tiers_quick(tmp_path):
   full = [s for s in r['sim'] if s['device_fraction'] == 1.0]
   # every slot resident: only first touches miss, for every policy alike
   assert len({s['device_hit_rate'] for s in full}) == 1
-  assert all(0 <= s['device_hit_rate'] <= s['hit_rate_device_or_host'] <= 1 for s in r['sim'])
+  assert all(0 <= s['device_hit_rate'] <= s['hit_rate_device_or_host'] + 1e-12 <= 1 + 1e-12 for s in r['sim'])
   assert {(d['lookahead'], d['policy']) for d in r['decode']} == {(0, 'lru'), (1, 'lru')}
   assert all(d['tokens_per_second'] > 0 for d in r['decode'])
   assert r['fallback']['steps_compared'] >= 1 and 0 <= r['fallback']['token_agreement'] <= 1
