@@ -1,6 +1,6 @@
 """Typed, frozen configuration loaded from YAML with `--set section.key=value` overrides.
 
-A config has four sections: `model`, `moe`, `mesh`, `train`. Every field is typed; unknown keys,
+A config has five sections: `model`, `moe`, `mesh`, `train`, `store` (optional: TierSets). Every field is typed; unknown keys,
 wrong types and invalid combinations raise `ConfigError` naming the field and the constraint.
 """
 from __future__ import annotations
@@ -140,12 +140,28 @@ class TrainConfig:
   val_fraction: float = 0.05
 
 
+STORAGE_CLASSES = ('hot', 'warm', 'cold')
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreConfig:
+  # TierSets (issue 13): the storage class of each routing tier, comma-separated, one per moe.num_tiers
+  # ("hot,warm,cold,cold"): hot tiers' experts are meant to stay in device slots, warm ones in the host
+  # cache, cold ones on disk. '' = every tier hot.
+  placement: str = ''
+
+  def classes(self, num_tiers: int) -> tuple[str, ...]:
+    """The storage class of each routing tier."""
+    return tuple(c.strip() for c in self.placement.split(',')) if self.placement else ('hot',) * num_tiers
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
   model: ModelConfig = ModelConfig()
   moe: MoEConfig = MoEConfig()
   mesh: MeshConfig = MeshConfig()
   train: TrainConfig = TrainConfig()
+  store: StoreConfig = StoreConfig()
 
   def replace(self, **sections: Any) -> 'Config':
     return dataclasses.replace(self, **sections)
@@ -154,7 +170,8 @@ class Config:
     return dataclasses.asdict(self)
 
 
-_SECTION_TYPES = {'model': ModelConfig, 'moe': MoEConfig, 'mesh': MeshConfig, 'train': TrainConfig}
+_SECTION_TYPES = {'model': ModelConfig, 'moe': MoEConfig, 'mesh': MeshConfig, 'train': TrainConfig,
+                  'store': StoreConfig}
 
 
 def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
@@ -182,6 +199,10 @@ def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
       value = int(value)
     if abs(value) > MAX_INT:
       raise ConfigError(f'{name}: must be at most {MAX_INT} in magnitude, got {value}')
+    return value
+  if ftype is str:
+    if not isinstance(value, str):
+      raise ConfigError(f'{name}: must be a string, got {value!r}')
     return value
   if ftype is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -292,6 +313,20 @@ def load_config(path: str | pathlib.Path | None = None, overrides: Iterable[str]
   return from_dict(ov, base=cfg) if ov else cfg
 
 
+def _validate_store(cfg: Config) -> None:
+  if not cfg.store.placement:
+    return
+  classes = cfg.store.classes(cfg.moe.num_tiers)
+  _require(len(classes) == cfg.moe.num_tiers, f'store.placement: needs one class per routing tier '
+           f'(moe.num_tiers={cfg.moe.num_tiers}), got {len(classes)} in {cfg.store.placement!r}')
+  bad = [c for c in classes if c not in STORAGE_CLASSES]
+  if bad:
+    raise ConfigError(f'store.placement: classes must be among {list(STORAGE_CLASSES)}, got {bad[0]!r}')
+  hot = classes.count('hot')
+  _require(hot >= cfg.moe.k_tier, f'store.placement: needs at least moe.k_tier={cfg.moe.k_tier} hot tiers (the '
+           f'smallest TierSet), got {hot} in {cfg.store.placement!r}')
+
+
 def _require(ok: bool, message: str) -> None:
   if not ok:
     raise ConfigError(message)
@@ -300,6 +335,7 @@ def _require(ok: bool, message: str) -> None:
 def validate(cfg: Config) -> None:
   """Raises ConfigError for the first violated constraint."""
   m, e, t = cfg.model, cfg.moe, cfg.train
+  _validate_store(cfg)
   for name in ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'seq_len', 'vocab_size'):
     _require(getattr(m, name) > 0, f'model.{name}: must be > 0, got {getattr(m, name)}')
   _require(m.num_layers <= MAX_LAYERS, f'model.num_layers: must be <= {MAX_LAYERS}, got {m.num_layers}')

@@ -157,3 +157,16 @@ def host_chip(peak_flops: float, mem_bytes_per_s: float, mem_bytes: float = 0.0,
                        'ici_bytes_per_s': 'emulated devices share host memory: measured bandwidth',
                        'kernel_overhead_s': 'measured (litejax calibrate: a chain of small kernels)',
                        'transpose_bytes_per_s': 'measured (litejax calibrate: a chain of head transposes)'})
+
+
+# Serving from the tiered expert store (`litejax plan --serve`): what one chip's host offers beside HBM.
+# host_ram_bytes: a v5p host (machine type ct5p-hightpu-4t) has 448 GB of memory for its 4 chips, i.e.
+# 112 GB per chip (Google Cloud, TPU v5p, "System architecture"/machine types, _V5P above). The other
+# generations are left out rather than guessed. host_to_hbm_bytes_per_s: the PCIe Gen4 x16 link of a
+# TPU chip to its host, 32 GB/s theoretical per direction (PCI-SIG); disk_bytes_per_s: an assumption,
+# a local NVMe SSD's sequential read of 2 GB/s per chip's share of the host -- measure it with
+# `litejax calibrate` on a real host before trusting the I/O term.
+SERVE_HOST = {
+    'v5p': {'host_ram_bytes': 112 * GB, 'host_ram_source': _V5P + ' (ct5p-hightpu-4t: 448 GB for 4 chips)',
+            'host_to_hbm_bytes_per_s': 32 * GB, 'disk_bytes_per_s': 2 * GB},
+}

@@ -70,3 +70,66 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
         'pods_needed_if_fully_sharded': total / (chip.max_chips * chip.hbm_bytes),
     }
   return out
+
+
+def serve_plan(cfg, generation: str, *, device_fraction: float = 0.01, host_fraction: float = 0.1,
+               batch: int = 1, hit_rates: dict | None = None) -> dict:
+  """Serving with the tiered expert store, by arithmetic (no compile): per chip, HBM holds the non-expert
+  weights (sharded over the slice), its share of the device slots (`device_fraction` of every layer's
+  experts) and of the KV cache (`batch` sequences of seq_len); host RAM holds its share of the host cache
+  (`host_fraction` of the experts); disk holds every expert. The smallest slice of `generation` where both
+  fit is the answer. Per-token latency at batch 1: the active weights read once from HBM (the memory
+  roofline, at one chip's bandwidth), plus the I/O term -- each token's K experts per layer that miss the device slots cross
+  host -> HBM, and those that also miss the host cache are read from disk first -- at `hit_rates`
+  ({'device': ..., 'device_or_host': ...}, e.g. the benchmark's measured ones)."""
+  from litejax import bounds, hardware
+  chip = hardware.chip(generation)
+  if generation not in hardware.SERVE_HOST:
+    raise ValueError(f'--generation: serving needs host RAM per chip, known for {sorted(hardware.SERVE_HOST)}')
+  host = hardware.SERVE_HOST[generation]
+  m, mm = cfg.model, cfg.moe
+  wbytes = 2 if m.param_dtype == 'bfloat16' else 4
+  p = bounds.param_counts(cfg)
+  expert_bytes = p.expert_total * wbytes
+  non_expert = (p.total - p.expert_total) * wbytes
+  kv = 2 * m.num_layers * batch * m.seq_len * m.num_kv_heads * m.resolved_head_dim * wbytes
+  device_total = non_expert + device_fraction * expert_bytes + kv
+  host_total = host_fraction * expert_bytes
+  tried, answer = [], None
+  for topo in hardware.SLICES[generation]:
+    chips = math.prod(int(x) for x in topo.split('x'))
+    hbm, ram = device_total / chips, host_total / chips
+    row = {'target': f'{generation}:{topo}', 'chips': chips, 'hbm_bytes_per_chip': hbm,
+           'host_bytes_per_chip': ram, 'hbm_fits': hbm <= chip.hbm_bytes, 'host_fits': ram <= host['host_ram_bytes']}
+    tried.append(row)
+    if row['hbm_fits'] and row['host_fits']:
+      answer = row
+      break
+  hr = hit_rates or {}
+  one_expert = p.expert_active_per_token * wbytes / max(mm.k_active * bounds_moe_layers(cfg), 1)
+  lookups = mm.k_active * bounds_moe_layers(cfg)
+  out = {'generation': generation, 'device_fraction': device_fraction, 'host_fraction': host_fraction,
+         'batch': batch, 'bytes': {'experts': expert_bytes, 'non_expert': non_expert, 'kv_cache': kv,
+                                   'device_total': device_total, 'host_total': host_total,
+                                   'disk_total': expert_bytes},
+         'host': host, 'chip_hbm_bytes': chip.hbm_bytes, 'tried': tried,
+         'answer': answer['target'] if answer else None, 'per_chip': answer}
+  if answer is None:
+    last = tried[-1]
+    out['why_none'] = (f"the largest slice {last['target']} needs {last['hbm_bytes_per_chip'] / chip.hbm_bytes:.3g}x "
+                       f"a chip's HBM and {last['host_bytes_per_chip'] / host['host_ram_bytes']:.3g}x its host RAM")
+  if 'device' in hr and 'device_or_host' in hr:
+    # one chip's HBM bandwidth for all active weights: batch 1 gains little from spreading a token's layers
+    compute_s = p.active_per_token * wbytes / chip.hbm_bytes_per_s
+    host_s = (1 - hr['device']) * lookups * one_expert / host['host_to_hbm_bytes_per_s']
+    disk_s = (1 - hr['device_or_host']) * lookups * one_expert / host['disk_bytes_per_s']
+    out['latency'] = {'hit_rates': hr, 'expert_bytes': one_expert, 'expert_lookups_per_token': lookups,
+                      'compute_ms': 1e3 * compute_s, 'io_host_to_hbm_ms': 1e3 * host_s, 'io_disk_ms': 1e3 * disk_s,
+                      'per_token_ms': 1e3 * (compute_s + host_s + disk_s)}
+  return out
+
+
+def bounds_moe_layers(cfg) -> int:
+  """MoE layers of the config (every moe_every-th)."""
+  from litejax.store import layout
+  return len(layout.moe_layers(cfg))

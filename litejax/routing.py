@@ -68,10 +68,17 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   return jnp.stack(values, -1), jnp.stack(indices, -1)
 
 
-def _level(logits_npb: jax.Array, bias_npb: jax.Array | None, k: int, kind: str):
-  """Top-k over the last axis. Selection uses score + bias; the gate is the unbiased score."""
+def _level(logits_npb: jax.Array, bias_npb: jax.Array | None, k: int, kind: str,
+           allowed_b: jax.Array | None = None):
+  """Top-k over the last axis. Selection uses score + bias; the gate is the unbiased score.
+  allowed_b: bool [B], the branches that may be chosen (None: all); the others get logit -inf, so a
+  softmax gate renormalises over the allowed branches and they are never selected."""
+  if allowed_b is not None:
+    logits_npb = jnp.where(allowed_b, logits_npb.astype(jnp.float32), -jnp.inf)
   scores = _scores(logits_npb.astype(jnp.float32), kind)
   select = scores if bias_npb is None else scores + bias_npb
+  if allowed_b is not None:
+    select = jnp.where(allowed_b, select, -jnp.inf)
   _, idx = top_k(select, k)
   gate = jnp.take_along_axis(scores, idx, axis=-1)
   return idx, gate, scores
@@ -118,7 +125,7 @@ def _child_logits(x_nd: jax.Array, w_pdb: jax.Array, parent_np: jax.Array) -> ja
 
 
 def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
-          bias: dict[str, jax.Array] | None = None) -> Routing:
+          bias: dict[str, jax.Array] | None = None, tier_mask: Any = None) -> Routing:
   """Routes N tokens hierarchically.
 
   Args:
@@ -126,9 +133,13 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
     params: router weights: 'tier' [d, T] (if T > 1), 'group' [T, d, G] (if G > 1), 'expert' [T·G, d, E_g].
     cfg: the MoE config.
     bias: optional selection-only biases (sigmoid scoring): 'tier' [T], 'group' [T·G], 'expert' [E].
+    tier_mask: optional bool [T], the TierSet: the routing tiers this request may use. The others are
+      masked before the top-k_tier choice (logit -inf: never chosen, and a softmax tier gate
+      renormalises over the allowed tiers). None: every tier.
   """
   n = x_nd.shape[0]
   T, G, Eg = cfg.num_tiers, cfg.groups_per_tier, cfg.experts_per_group
+  allowed_t = None if tier_mask is None else _check_tier_mask(tier_mask, cfg)
   bias = bias or {}
   x32 = x_nd.astype(jnp.float32)  # router decisions in f32 even under bf16 compute
   z_terms, lb = [], []
@@ -138,7 +149,10 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
     with jax.named_scope('router_tier'):   # scopes name the FLOPs for litejax.cost
       logits_nt = x32 @ params['tier'].astype(jnp.float32)
     b = bias.get('tier')
-    tier_nk, gate_t, scores_t = _level(logits_nt, None if b is None else b[None, :], cfg.k_tier, cfg.score)
+    tier_nk, gate_t, scores_t = _level(logits_nt, None if b is None else b[None, :], cfg.k_tier, cfg.score,
+                                       allowed_t)
+    if allowed_t is not None:   # the z-loss of the logits the choice saw
+      logits_nt = jnp.where(allowed_t, logits_nt, -jnp.inf)
     z_terms.append(_z(logits_nt))
     lb.append(_switch_loss(tier_nk, scores_t, None, 1))
   else:
@@ -184,6 +198,16 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
       tier_nk=tier_k.astype(jnp.int32), load_balance_loss=jnp.stack(lb), z_loss=sum(z_terms),
       tokens_per_expert=_counts(expert_nk, num_experts), tokens_per_group=_counts(group_nk, T * G),
       tokens_per_tier=_counts(tier_nk, T))
+
+
+def _check_tier_mask(tier_mask: Any, cfg: MoEConfig) -> jax.Array:
+  """The mask as a bool [T] array; a concrete mask must allow at least k_tier tiers."""
+  mask = jnp.asarray(tier_mask, bool)
+  if mask.shape != (cfg.num_tiers,):
+    raise ValueError(f'tier_mask: must be bool [num_tiers={cfg.num_tiers}], got shape {mask.shape}')
+  if not isinstance(mask, jax.core.Tracer) and int(mask.sum()) < cfg.k_tier:
+    raise ValueError(f'tier_mask: allows {int(mask.sum())} tiers, fewer than moe.k_tier={cfg.k_tier}')
+  return mask
 
 
 def _counts(ids: jax.Array, num_branches: int) -> jax.Array:

@@ -18,11 +18,14 @@ def topk(v, k):
   return order[:k]
 
 
-def hierarchical_route(x_nd, params, T, G, Eg, kt, kg, ke, score='softmax', renormalize=True, bias=None):
+def hierarchical_route(x_nd, params, T, G, Eg, kt, kg, ke, score='softmax', renormalize=True, bias=None,
+                       tier_mask=None):
   """Scores every branch densely, then selects level by level. Returns (experts [N,K], weights [N,K]).
 
   bias: optional selection biases {'tier' [T], 'group' [T·G], 'expert' [E]}: selection ranks
-  score + bias, the weight is the product of the unbiased scores."""
+  score + bias, the weight is the product of the unbiased scores.
+  tier_mask: optional bool [T] (a TierSet): tier scores are computed over the allowed tiers only
+  (softmax over them; sigmoid unchanged) and only they are selected."""
   zero = {'tier': np.zeros(T), 'group': np.zeros(T * G), 'expert': np.zeros(T * G * Eg)}
   bias = zero if bias is None else {k: np.asarray(v, np.float64) for k, v in bias.items()}
   f = softmax if score == 'softmax' else sigmoid
@@ -31,7 +34,14 @@ def hierarchical_route(x_nd, params, T, G, Eg, kt, kg, ke, score='softmax', reno
   for i in range(n):
     x = x_nd[i].astype(np.float64)
     tier_s = f(x @ params['tier']) if T > 1 else np.ones(1)
-    tiers = topk(tier_s + bias['tier'], kt) if T > 1 else [0]
+    select_t = tier_s + bias['tier']
+    if tier_mask is not None and T > 1:
+      allowed = np.flatnonzero(tier_mask)
+      tier_s = np.zeros(T)
+      tier_s[allowed] = f(x @ params['tier'][:, allowed])
+      select_t = np.full(T, -np.inf)
+      select_t[allowed] = tier_s[allowed] + bias['tier'][allowed]
+    tiers = topk(select_t, kt) if T > 1 else [0]
     ex, wt = [], []
     for t in tiers:
       group_s = f(x @ params['group'][t]) if G > 1 else np.ones(1)

@@ -141,3 +141,18 @@ def test_shipped_configs_are_found_by_name():
   assert {p.stem for p in all_config_files()} == set(shipped_configs())
   assert resolve_config_path('tiny') == resolve_config_path('tiny.yaml') == shipped_configs()['tiny']
   assert load_config('tiny') == load_config(CONFIG_DIR / 'tiny.yaml')
+
+
+def test_store_placement_validated():
+  """store.placement (TierSets): one storage class per routing tier, enough hot tiers for k_tier."""
+  from litejax.config import ConfigError, from_dict
+  moe = {'num_tiers': 4, 'groups_per_tier': 2, 'experts_per_group': 4, 'k_tier': 1}
+  cfg = from_dict({'moe': moe, 'store': {'placement': 'hot, warm,cold,cold'}})
+  assert cfg.store.classes(4) == ('hot', 'warm', 'cold', 'cold')
+  assert from_dict({'moe': moe}).store.classes(4) == ('hot',) * 4
+  for placement, msg in (('hot,warm', 'one class per routing tier'), ('hot,warm,tepid,cold', "'tepid'"),
+                         ('warm,warm,cold,cold', 'at least moe.k_tier=1 hot tiers')):
+    with pytest.raises(ConfigError, match=f'store.placement: .*{msg}'):
+      from_dict({'moe': moe, 'store': {'placement': placement}})
+  with pytest.raises(ConfigError, match='store.placement: must be a string'):
+    from_dict({'moe': moe, 'store': {'placement': 3}})

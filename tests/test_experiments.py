@@ -71,3 +71,29 @@ def test_bench_decode_quick(tmp_path):
   summary = json.loads((tmp_path / 'bench_decode_summary.json').read_text())
   assert set(summary['pass']) == {'moe_over_dense_max', 'max_over_min_over_experts', 'bytes_max_over_min'}
   assert (tmp_path / 'bench_decode.png').stat().st_size > 0
+
+
+@pytest.mark.slow   # trains for 2 steps in a subprocess, then ~20 small compiles
+def test_bench_tiers_quick(tmp_path):
+  """Trains the shrunk tiny_1k for 2 steps, replays its decode trace, decodes from the store (stall and
+  fallback) and the shrunk store_1b tiered vs preloaded; checks the JSON's shape and exact invariants."""
+  subprocess.run([sys.executable, str(REPO / 'experiments' / 'bench_tiers.py'), '--quick', '--out', str(tmp_path)],
+                 check=True, env=_env(), capture_output=True, timeout=900)
+  r = json.loads((tmp_path / 'bench_tiers.json').read_text())
+  assert {(s['policy'], s['device_fraction']) for s in r['sim']} == {
+      (p, f) for p in ('lru', 'lfu', 'group') for f in (0.005, 0.01, 0.05, 0.1, 1.0)}
+  full = [s for s in r['sim'] if s['device_fraction'] == 1.0]
+  # every slot resident: only first touches miss, for every policy alike
+  assert len({s['device_hit_rate'] for s in full}) == 1
+  assert all(0 <= s['device_hit_rate'] <= s['hit_rate_device_or_host'] + 1e-12 <= 1 + 1e-12 for s in r['sim'])
+  assert {(d['lookahead'], d['policy']) for d in r['decode']} == {(0, 'lru'), (1, 'lru')}
+  assert all(d['tokens_per_second'] > 0 for d in r['decode'])
+  assert r['fallback']['steps_compared'] >= 1 and 0 <= r['fallback']['token_agreement'] <= 1
+  big = r['store_1b']
+  assert big['tokens_identical'] and big['resident']['hit_rate']['device'] == 1.0
+  assert big['resident']['bytes_read_per_token']['disk'] == 0
+  assert set(r['targets']) == {'lookahead_recall_1_ahead', 'device_hit_rate_at_5pct_best_policy',
+                               'store_1b_latency_ratio_1pct_lookahead'}
+  assert (tmp_path / 'bench_tiers.png').stat().st_size > 0
+  trace = json.loads((tmp_path / 'bench_tiers_trace.json').read_text())
+  assert len(trace['trace']) == 15 * len(trace['layers'])   # 16 tokens: 15 decode steps

@@ -42,3 +42,47 @@ def test_plan_reports_shortfall_without_compiling():
   assert out['answer'] is None
   assert out['shortfall']['state_over_pod_hbm'] > 1
   assert all(r['verdict'] in ('does not fit', 'mesh does not divide') for r in out['tried'])
+
+
+def test_serve_plan_by_hand():
+  """plan --serve on the quadrillion config: every byte figure and the chosen slice by hand."""
+  from litejax import bounds
+  cfg = load_config('configs/quadrillion.yaml')
+  p = bounds.param_counts(cfg)
+  experts, rest = 2 * p.expert_total, 2 * (p.total - p.expert_total)
+  kv = 2 * 128 * 1 * 2048 * 8 * (2048 // 16) * 2
+  hr = {'device': 0.5, 'device_or_host': 0.9}
+  out = planning.serve_plan(cfg, 'v5p', hit_rates=hr)
+  b = out['bytes']
+  assert b['experts'] == experts and b['non_expert'] == rest and b['kv_cache'] == kv
+  assert b['device_total'] == pytest.approx(rest + 0.01 * experts + kv)
+  assert b['host_total'] == pytest.approx(0.1 * experts)
+  ram, hbm = hardware.SERVE_HOST['v5p']['host_ram_bytes'], hardware.chip('v5p').hbm_bytes
+  fits = [r for r in out['tried'] if r['hbm_bytes_per_chip'] <= hbm and r['host_bytes_per_chip'] <= ram]
+  assert out['answer'] == fits[0]['target'] == out['tried'][-1]['target']
+  first = next(t for t in hardware.SLICES['v5p']
+               if (rest + 0.01 * experts + kv) / _chips(t) <= hbm and 0.1 * experts / _chips(t) <= ram)
+  assert out['answer'] == f'v5p:{first}'
+  lat = out['latency']
+  one = 2 * p.expert_active_per_token / (4 * 128)
+  assert lat['io_disk_ms'] == pytest.approx(1e3 * 0.1 * 4 * 128 * one / hardware.SERVE_HOST['v5p']['disk_bytes_per_s'])
+  assert lat['io_host_to_hbm_ms'] == pytest.approx(
+      1e3 * 0.5 * 4 * 128 * one / hardware.SERVE_HOST['v5p']['host_to_hbm_bytes_per_s'])
+  # every expert in host RAM: no slice serves it, and the answer says why
+  small = planning.serve_plan(cfg, 'v5p', host_fraction=1.0)
+  assert small['answer'] is None and 'host RAM' in small['why_none'] and 'latency' not in small
+  with pytest.raises(ValueError, match='--generation: serving needs host RAM per chip'):
+    planning.serve_plan(cfg, 'v5e')
+
+
+def _chips(topo):
+  import math
+  return math.prod(int(x) for x in topo.split('x'))
+
+
+def test_plan_serve_command_prints_the_slice(capsys):
+  from litejax import cli
+  rc = cli.main(['plan', '--config', 'configs/quadrillion.yaml', '--generation', 'v5p', '--serve'])
+  out = capsys.readouterr().out
+  assert rc == 0 and 'is the smallest v5p slice that serves this config' in out
+  assert 'host RAM per chip assumed 112 GB' in out

@@ -60,6 +60,26 @@ def test_hierarchical_matches_numpy(shape, score):
     np.testing.assert_array_equal(np.asarray(r.tokens_per_expert), counts)
 
 
+@pytest.mark.parametrize('score', ['softmax', 'sigmoid'])
+def test_tier_mask_matches_numpy(score):
+  """A TierSet: masked tiers are never chosen, and the tier gate is the score over the allowed ones."""
+  T, G, Eg, kt, kg, ke = 4, 3, 5, 2, 2, 2
+  cfg, params, x = make(T, G, Eg, kt, kg, ke, score=score, seed=7)
+  jp = {k: jnp.asarray(v) for k, v in params.items()}
+  unmasked = np.asarray(route(jnp.asarray(x), jp, cfg).tier_nk)
+  for mask in ([True, False, True, False], [False, True, True, True], [True] * 4):
+    r = route(jnp.asarray(x), jp, cfg, None, jnp.asarray(mask))
+    e_ref, w_ref = ref.hierarchical_route(x, params, T, G, Eg, kt, kg, ke, score, tier_mask=np.array(mask))
+    np.testing.assert_array_equal(np.asarray(r.expert_nk), e_ref)
+    np.testing.assert_allclose(np.asarray(r.weight_nk), w_ref, rtol=1e-5, atol=1e-6)
+    assert np.isin(np.asarray(r.tier_nk), np.flatnonzero(mask)).all()
+  assert not np.isin(unmasked, [0, 2]).all(), 'the mask changed the choice'
+  with pytest.raises(ValueError, match='tier_mask: allows 1 tiers, fewer than moe.k_tier=2'):
+    route_eager(jnp.asarray(x), jp, cfg, None, np.array([True, False, False, False]))
+  with pytest.raises(ValueError, match=r'tier_mask: must be bool \[num_tiers=4\]'):
+    route_eager(jnp.asarray(x), jp, cfg, None, np.array([True, True]))
+
+
 def test_only_kept_branches_are_scored():
   """With many tiers, the group router of an unkept tier cannot influence routing."""
   cfg, params, x = make(4, 3, 5, 1, 2, 2)

@@ -18,6 +18,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='plan a forward pass (parameters only), not a training step')
   parser.add_argument('--batch', type=positive_int, default=None,
                       help='global batch (default: one sequence per batch rank of each slice)')
+  parser.add_argument('--serve', action='store_true',
+                      help='plan serving from the tiered expert store: 1%% of experts in device slots + KV cache '
+                           'in HBM, 10%% in host RAM, the rest on disk; latency at the hit rates '
+                           'experiments/results/bench_tiers.json measured')
   parser.add_argument('--json', action='store_true', help='print one JSON object')
 
 
@@ -32,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
     return 2
   from litejax import bounds
   h = bounds.human
+  if args.serve:
+    return _serve(cfg, args, h)
   try:
     out = planning.smallest_slice(cfg, args.generation, train=not args.forward, global_batch=args.batch,
                log=(lambda s: None) if args.json else (lambda s: print('  ' + s, flush=True)))
@@ -59,3 +65,58 @@ def run(args: argparse.Namespace) -> int:
     print('  to fit, most experts must live off-HBM: cold tiers in host memory or storage, fetched on '
           'demand (SPEC-006 I/O term), with only hot tiers resident')
   return 1
+
+
+BENCH = 'experiments/results/bench_tiers.json'
+
+
+def measured_hit_rates(path: str = BENCH) -> dict | None:
+  """The lru trace-replay hit rates at 1% device slots + 10% host cache, from the tiers benchmark."""
+  import pathlib
+  p = pathlib.Path(__file__).resolve().parents[2] / path
+  if not p.exists():
+    return None
+  rows = [r for r in json.loads(p.read_text())['sim'] if r['policy'] == 'lru' and r['device_fraction'] == 0.01]
+  if not rows:
+    return None
+  return {'device': rows[0]['device_hit_rate'], 'device_or_host': rows[0]['hit_rate_device_or_host'],
+          'source': f'{path} (lru, 1% device slots, 10% host cache, trained tiny_1k decode trace)'}
+
+
+def _bytes(n: float) -> str:
+  for unit, scale in (('PB', 1e15), ('TB', 1e12), ('GB', 1e9), ('MB', 1e6)):
+    if n >= scale:
+      return f'{n / scale:.3g} {unit}'
+  return f'{n:.0f} B'
+
+
+def _serve(cfg, args, h) -> int:
+  from litejax import planning
+  try:
+    out = planning.serve_plan(cfg, args.generation, batch=args.batch or 1, hit_rates=measured_hit_rates())
+  except ValueError as e:
+    print(f'litejax plan: {e}', file=sys.stderr)
+    return 2
+  if args.json:
+    print(json.dumps(out, indent=2, default=float))
+    return 0 if out['answer'] else 1
+  b, host = out['bytes'], out['host']
+  print(f"serve: experts {_bytes(b['experts'])} on disk; HBM: non-expert {_bytes(b['non_expert'])} + 1% device slots + "
+        f"KV cache {_bytes(b['kv_cache'])} = {_bytes(b['device_total'])}; host cache (10%) {_bytes(b['host_total'])}")
+  print(f"  host RAM per chip assumed {_bytes(host['host_ram_bytes'])} ({host['host_ram_source']})")
+  for r in out['tried']:
+    print(f"  {r['target']:16s} HBM {r['hbm_bytes_per_chip'] / out['chip_hbm_bytes']:.3g}x  "
+          f"host {r['host_bytes_per_chip'] / host['host_ram_bytes']:.3g}x")
+  if out['answer']:
+    print(f"plan --serve: {out['answer']} is the smallest {args.generation} slice that serves this config")
+  else:
+    print(f"plan --serve: no {args.generation} slice serves this config: {out['why_none']}")
+  lat = out.get('latency')
+  if lat:
+    print(f"  per-token latency at batch 1: {lat['per_token_ms']:.3g} ms = compute {lat['compute_ms']:.3g} + "
+          f"host->HBM {lat['io_host_to_hbm_ms']:.3g} + disk {lat['io_disk_ms']:.3g} (hit rates device "
+          f"{lat['hit_rates']['device']:.3f}, device or host {lat['hit_rates']['device_or_host']:.3f}: "
+          f"{lat['hit_rates']['source']})")
+  else:
+    print(f'  no I/O term: {BENCH} is missing (python experiments/bench_tiers.py --out experiments/results)')
+  return 0 if out['answer'] else 1

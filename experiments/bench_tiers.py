@@ -1,0 +1,284 @@
+"""The tiered expert store at decode (issue 13): hit rate and tokens/s against the device-resident fraction,
+per eviction policy, with and without router lookahead, on a trained config with 1,024 experts per layer;
+the --miss fallback quality cost; per-token latency of the disk-backed 1.2e9-parameter configs/store_1b.yaml
+against the same model fully resident in host memory.
+
+    python experiments/bench_tiers.py --out experiments/results           # trains configs/tiny_1k.yaml if
+                                                                          # --ckpt-dir has no checkpoint
+    python experiments/bench_tiers.py --quick --out /tmp/bt               # shrunk, untimed (the tests)
+
+Where each figure comes from:
+  * `sim`: device/host hit rates replayed by litejax.store.simulate on the routing trace of real decoded
+    text (batch 1, sampled at temperature 1 from the trained model, decode steps only: the prompt's
+    prefill is not part of the trace). Lookahead does not move experts into device slots (it prefetches
+    disk -> host), so the device hit rate is the same with and without it.
+  * `decode`: real tiered decoding (litejax.tiered_decode, miss=stall) of the same prompt: tokens/s
+    (median step), the store report (per-tier hit rates over all lookups, prefill included; lookahead
+    recall per depth; stall ms per token).
+  * `fallback`: miss=fallback against miss=stall at 1% device slots with lookahead 1, same seed: token
+    agreement, the first step where the tokens differ, mean |delta logit| over the steps before it.
+  * `store_1b`: per-token latency with 1% device slots + 10% host cache + lookahead 1 from the disk store,
+    against every expert preloaded into device slots (host memory on CPU): the same programs, no I/O.
+Writes OUT/bench_tiers.json, OUT/bench_tiers.png and OUT/bench_tiers_trace.json (the trace, for
+experiments/notebooks/tiers.ipynb).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FRACTIONS = (0.005, 0.01, 0.05, 0.1, 1.0)
+POLICIES = ('lru', 'lfu', 'group')
+PROMPT = 'And God said, Let there be light: and there was light. '
+QUICK_SETS = ['model.num_layers=2', 'moe.groups_per_tier=4', 'train.batch_size=2', 'train.eval_every=2',
+              'train.ckpt_every=2']
+QUICK_1B_SETS = ['moe.num_tiers=2', 'moe.groups_per_tier=4', 'moe.experts_per_group=16']
+
+
+def ensure_checkpoint(ckpt_dir: pathlib.Path, quick: bool) -> str:
+  """Trains configs/tiny_1k.yaml into ckpt_dir unless it already holds a checkpoint."""
+  if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+    return 'read'
+  cmd = [sys.executable, '-m', 'litejax.cli', 'train', '--config', str(REPO / 'configs' / 'tiny_1k.yaml'),
+         '--devices', '1', '--ckpt-dir', str(ckpt_dir), '--metrics', str(ckpt_dir.parent / 'metrics.jsonl'),
+         '--quiet']
+  if quick:
+    cmd += ['--steps', '2'] + [a for s in QUICK_SETS for a in ('--set', s)]
+  subprocess.run(cmd, check=True, cwd=REPO)
+  return 'trained'
+
+
+def load(ckpt_dir: pathlib.Path, store_dir: pathlib.Path):
+  """(cfg, model without experts, ExpertStore) of a checkpoint, exporting its experts once."""
+  from litejax.commands.generate_store import _session_model
+  from litejax.store.from_checkpoint import write_from_checkpoint
+  if not (store_dir / 'manifest.json').exists():
+    write_from_checkpoint(str(store_dir), str(ckpt_dir), overwrite=True)
+  cfg, model, store, _ = _session_model(argparse.Namespace(ckpt_dir=str(ckpt_dir), overrides=[]), str(store_dir))
+  return cfg, model, store
+
+
+def decode(cfg, model, store, opts, prompt, new_tokens, sampling, seed=0, keep_logits=False, preload=False,
+           record=None):
+  """One tiered decode; returns (Generation, logits, store report, runtime)."""
+  from litejax.store.tiers import Tiers, int8_copies
+  from litejax.tiered_decode import TieredRuntime
+  tiers = Tiers(store, opts, load_width=cfg.moe.k_active,
+                int8=int8_copies(store) if opts.miss == 'fallback' else None)
+  try:
+    if preload:
+      preload_all(tiers)
+    if record is not None:
+      _record(tiers, record)
+    rt = TieredRuntime(cfg, model, tiers)
+    gen, logits = rt.generate([prompt], new_tokens, sampling, seed, keep_logits=keep_logits)
+  finally:
+    tiers.close()
+  return gen, logits, tiers.report(len(gen.step_s), rt.decode_stall_s), rt
+
+
+def preload_all(tiers) -> None:
+  """Every expert of every layer into a device slot (needs device_slots = 1.0): fully resident."""
+  store = tiers.store
+  for layer in store.layers:
+    for start in range(0, store.num_experts, 512):
+      ids = list(range(start, min(start + 512, store.num_experts)))
+      slots = tiers.caches[layer].access(ids).slots
+      arrays = store.read_experts(layer, ids)
+      tiers._load(layer, [(int(s), {k: v[i] for k, v in arrays.items()}) for i, s in enumerate(slots)])
+
+
+def _record(tiers, trace: list) -> None:
+  """Appends (layer, experts) of every decode-step lookup to `trace` (the prefill's are dropped)."""
+  resolve, end_step, state = tiers.resolve, tiers.end_step, {'decoding': False}
+
+  def rec_resolve(layer, experts, groups=()):
+    if state['decoding']:
+      trace.append((int(layer), [int(e) for e in experts]))
+    return resolve(layer, experts, groups)
+
+  def rec_end():
+    state['decoding'] = True
+    end_step()
+  tiers.resolve, tiers.end_step = rec_resolve, rec_end
+
+
+def sim_grid(trace, store, fractions, host_fraction: float) -> list[dict]:
+  from litejax.store.simulate import Step, simulate
+  from litejax.store.tiers import TierOptions
+  steps = [Step(l, e) for l, e in trace]
+  tokens = len(trace) // max(len(store.layers), 1)
+  rows = []
+  for policy in POLICIES:
+    for f in fractions:
+      opts = TierOptions(f, host_fraction, policy, 0, 'stall')
+      r = simulate(steps, layers=store.layers, experts_per_layer=store.num_experts,
+                   expert_bytes=store.expert_bytes, device_slots=opts.num_slots(store.num_experts),
+                   host_bytes=opts.host_experts(store.num_experts, len(store.layers)) * store.expert_bytes,
+                   policy=policy, host_policy=policy if policy != 'group' else 'lru',
+                   experts_per_group=store.experts_per_group, tokens=tokens)
+      rows.append({'policy': policy, 'device_fraction': f, 'slots': opts.num_slots(store.num_experts),
+                   'device_hit_rate': r.device.hit_rate, 'host_hit_rate_of_device_misses': r.host.hit_rate,
+                   'hit_rate_device_or_host': (r.device.hits + r.host.hits) / max(r.device.hits + r.device.misses, 1)})
+  return rows
+
+
+def decode_grid(cfg, model, store, fractions, prompt, new_tokens, host_fraction, policies=POLICIES) -> list[dict]:
+  from litejax.sampling import Sampling
+  from litejax.store.tiers import TierOptions
+  rows = []
+  for policy in policies:
+    for lookahead in (0, 1):
+      for f in fractions:
+        opts = TierOptions(f, host_fraction, policy, lookahead, 'stall')
+        gen, _, rep, _ = decode(cfg, model, store, opts, prompt, new_tokens, Sampling(temperature=1.0))
+        steps = gen.step_s[1:] or gen.step_s      # the first decode step compiles
+        rows.append({'policy': policy, 'lookahead': lookahead, 'device_fraction': f,
+                     'tokens_per_second': 1 / statistics.median(steps), 'ms_per_token_p50':
+                     1e3 * statistics.median(steps), 'hit_rate': rep['hit_rate'],
+                     'lookahead_recall': rep['lookahead_recall'], 'stall_ms_per_token': rep['stall_ms_per_token'],
+                     'slots_per_layer': rep['slots_per_layer']})
+        print(f"decode {policy} la={lookahead} f={f}: {rows[-1]['tokens_per_second']:.1f} tok/s "
+              f"device hit {rep['hit_rate']['device']:.3f} recall {rep['lookahead_recall']}", flush=True)
+  return rows
+
+
+def fallback_cost(cfg, model, store, prompt, new_tokens, host_fraction) -> dict:
+  from litejax.sampling import Sampling
+  from litejax.store.tiers import TierOptions
+  out = {}
+  for miss in ('stall', 'fallback'):
+    opts = TierOptions(0.01, host_fraction, 'lru', 1, miss)
+    gen, logits, rep, _ = decode(cfg, model, store, opts, prompt, new_tokens, Sampling(), keep_logits=True)
+    out[miss] = (gen.tokens[0], logits, rep)
+  (ts, ls, _), (tf, lf, rep) = out['stall'], out['fallback']
+  agree = [a == b for a, b in zip(ts, tf)]
+  first = agree.index(False) if False in agree else len(agree)
+  # logits kept[i] predict token i; they see the same context until the first differing token
+  delta = [float(np.abs(a - b).mean()) for a, b in zip(ls[:first + 1], lf[:first + 1])]
+  return {'device_fraction': 0.01, 'lookahead': 1, 'policy': 'lru', 'sampling': 'greedy',
+          'token_agreement': float(np.mean(agree)), 'first_differing_token': first if first < len(agree) else None,
+          'mean_abs_delta_logit_same_context': float(np.mean(delta)), 'steps_compared': len(delta),
+          'fallback_rate': rep['hit_rate']['fallback']}
+
+
+def store_1b(location: pathlib.Path, quick: bool, new_tokens: int) -> dict:
+  """Per-token latency of the disk-backed store_1b (1% slots, 10% host, lookahead 1) vs fully resident."""
+  from litejax.bounds import param_counts
+  from litejax.config import load_config
+  from litejax.sampling import Sampling
+  from litejax.store.disk import ExpertStore
+  from litejax.store.tiers import TierOptions
+  from litejax.store.writer import write_random
+  from litejax.tiered_decode import model_without_experts
+  cfg = load_config(REPO / 'configs' / 'store_1b.yaml', QUICK_1B_SETS if quick else ())
+  if not (location / 'manifest.json').exists():
+    t0 = time.perf_counter()
+    write_random(str(location), cfg, 0, overwrite=True)
+    print(f'wrote {location} in {time.perf_counter() - t0:.0f} s', flush=True)
+  store = ExpertStore.open(str(location), cfg)
+  model = model_without_experts(cfg, 0)
+  prompt = [int(b) for b in PROMPT.encode()]
+  rows = {}
+  for name, opts, preload in (('tiered', TierOptions(0.01, 0.1, 'lru', 1, 'stall'), False),
+                              ('resident', TierOptions(1.0, 1.0, 'lru', 0, 'stall'), True)):
+    gen, _, rep, _ = decode(cfg, model, store, opts, prompt, new_tokens, Sampling(), preload=preload)
+    steps = gen.step_s[1:] or gen.step_s
+    rows[name] = {'ms_per_token_p50': 1e3 * statistics.median(steps), 'hit_rate': rep['hit_rate'],
+                  'lookahead_recall': rep['lookahead_recall'], 'stall_ms_per_token': rep['stall_ms_per_token'],
+                  'bytes_read_per_token': rep['bytes_read_per_token'], 'tokens': gen.tokens[0]}
+  same = rows['tiered'].pop('tokens') == rows['resident'].pop('tokens')
+  return {'params': int(param_counts(cfg).total),
+          'experts_per_layer': store.num_experts, 'expert_bytes': store.expert_bytes, 'store': str(location),
+          **rows, 'latency_ratio': rows['tiered']['ms_per_token_p50'] / rows['resident']['ms_per_token_p50'],
+          'tokens_identical': same}
+
+
+def targets(sim_rows, dec_rows, big) -> dict:
+  recall = [r['lookahead_recall'][0] for r in dec_rows if r['lookahead'] == 1 and r['lookahead_recall'][0]
+            is not None and r['device_fraction'] < 1]
+  hit5 = max(r['device_hit_rate'] for r in sim_rows if r['device_fraction'] == 0.05)
+  return {'lookahead_recall_1_ahead': {'value': min(recall) if recall else None, 'target': 0.9,
+                                       'reached': bool(recall) and min(recall) >= 0.9},
+          'device_hit_rate_at_5pct_best_policy': {'value': hit5, 'target': 0.8, 'reached': hit5 >= 0.8},
+          'store_1b_latency_ratio_1pct_lookahead': {'value': big['latency_ratio'], 'target': 2.0,
+                                                    'reached': big['latency_ratio'] <= 2.0}}
+
+
+def plot(sim_rows, dec_rows, path: pathlib.Path) -> None:
+  import matplotlib
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+  for policy in POLICIES:
+    rs = [r for r in sim_rows if r['policy'] == policy]
+    a.plot([100 * r['device_fraction'] for r in rs], [r['device_hit_rate'] for r in rs], 'o-', label=policy)
+    for la, style in ((0, 'o-'), (1, 's--')):
+      rs = [r for r in dec_rows if r['policy'] == policy and r['lookahead'] == la]
+      b.plot([100 * r['device_fraction'] for r in rs], [r['tokens_per_second'] for r in rs], style,
+             label=f'{policy} lookahead {la}')
+  for ax, title, ylabel in ((a, 'device hit rate (trace replay)', 'hit rate'),
+                            (b, 'tiered decode, batch 1', 'tokens/s')):
+    ax.set_xscale('log')
+    ax.set_xlabel('experts in device slots (% per layer)')
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--out', required=True)
+  p.add_argument('--quick', action='store_true', help='shrunk configs, few tokens (untimed; the tests)')
+  p.add_argument('--ckpt-dir', help='trained tiny_1k checkpoint (default: runs/tiny_1k/ckpt, trained if missing)')
+  p.add_argument('--store-1b', help='store of configs/store_1b.yaml (written if missing; default: runs/store_1b)')
+  p.add_argument('--trace-tokens', type=int, default=None, help='decoded tokens in the routing trace')
+  p.add_argument('--decode-tokens', type=int, default=None, help='tokens per timed decode')
+  args = p.parse_args(argv)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  # checkpoints and stores never go under OUT (results only): a temporary folder for --quick, else runs/
+  work = pathlib.Path(tempfile.mkdtemp(prefix='bench_tiers_')) if args.quick else REPO / 'runs'
+  trace_n = args.trace_tokens or (16 if args.quick else 512)
+  dec_n = args.decode_tokens or (3 if args.quick else 32)
+  fractions = (0.01,) if args.quick else FRACTIONS
+  ckpt = pathlib.Path(args.ckpt_dir) if args.ckpt_dir else work / 'tiny_1k' / 'ckpt'
+  how = ensure_checkpoint(ckpt, args.quick)
+  cfg, model, store = load(ckpt, ckpt.parent / 'store')
+  from litejax.sampling import Sampling
+  from litejax.store.tiers import TierOptions
+  prompt = [int(b) for b in PROMPT.encode()]
+  trace: list = []
+  decode(cfg, model, store, TierOptions(1.0, 0.1, 'lru', 0, 'stall'), prompt, trace_n, Sampling(temperature=1.0),
+         record=trace)
+  sim_rows = sim_grid(trace, store, FRACTIONS, 0.1)
+  dec_rows = decode_grid(cfg, model, store, fractions, prompt, dec_n, 0.1, ('lru',) if args.quick else POLICIES)
+  fb = fallback_cost(cfg, model, store, prompt, dec_n, 0.1)
+  big = store_1b(pathlib.Path(args.store_1b) if args.store_1b else work / 'store_1b', args.quick, dec_n)
+  result = {'config': 'configs/tiny_1k.yaml' + (' (quick: ' + ', '.join(QUICK_SETS) + ')' if args.quick else ''),
+            'checkpoint': how, 'experts_per_layer': store.num_experts, 'layers': list(store.layers),
+            'host_cache_fraction': 0.1, 'trace_tokens': trace_n, 'decode_tokens': dec_n, 'quick': args.quick,
+            'sim': sim_rows, 'decode': dec_rows, 'fallback': fb, 'store_1b': big,
+            'targets': targets(sim_rows, dec_rows, big)}
+  (out / 'bench_tiers.json').write_text(json.dumps(result, indent=1, default=float))
+  (out / 'bench_tiers_trace.json').write_text(json.dumps(
+      {'experts_per_layer': store.num_experts, 'experts_per_group': store.experts_per_group,
+       'layers': list(store.layers), 'expert_bytes': store.expert_bytes, 'trace': trace}))
+  plot(sim_rows, dec_rows, out / 'bench_tiers.png')
+  print(json.dumps(result['targets'], indent=1, default=float))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
