@@ -7,6 +7,10 @@
                         dense CPU lowering: the broadcast's expansion is wasted (`masked_expansion`).
   bf16 round trip       a convert pair f32->bf16->f32 (or bf16->f32->bf16): XLA:CPU computes bf16
                         ops in f32 and rounds after each (`is_round_trip`).
+  narrow float convert  any other convert between bf16/f16 and a wider float (`is_narrow_float_convert`):
+                        a cast, not arithmetic; XLA:CPU also inserts them around every bf16 op across
+                        fusion boundaries, where `is_round_trip` cannot pair them. Reported, not useful
+                        elementwise work (so the elementwise check compares like with like in f32 and bf16).
   widened collective    an f32 collective operand converted from bf16 just before it (`widened_from`).
 
 Not an artefact but recognised here too: a dot lowered as elementwise work (`lowered_dot`). XLA rewrites
@@ -74,6 +78,17 @@ def widened_from(module: Module, comp: Computation, name: str, depth: int = 0) -
     if src is not None and src.shapes and src.shapes[0][0] in NARROW_FLOATS:
       return src.shapes[0][0]
   return None
+
+
+def is_narrow_float_convert(comp: Computation, ins: Instr) -> bool:
+  """A convert from or to a narrow float (bf16/f16) from or to a wider float type."""
+  if ins.opcode != 'convert' or not ins.operands or not ins.shapes:
+    return False
+  src = comp.instrs.get(ins.operands[0])
+  if src is None or not src.shapes:
+    return False
+  t_out, t_in = ins.shapes[0][0], src.shapes[0][0]
+  return (t_out in NARROW_FLOATS) != (t_in in NARROW_FLOATS) and {t_out, t_in} <= set(NARROW_FLOATS) | {'f32', 'f64'}
 
 
 def is_round_trip(comp: Computation, ins: Instr) -> bool:

@@ -258,7 +258,8 @@ class FlopWalker:
       return
     self.elementwise[scope] += f
     kind = ('gather_table_convert' if table else
-            'bf16_round_trip' if ins.opcode in ELEMENTWISE and art.is_round_trip(comp, ins) else None)
+            'bf16_round_trip' if ins.opcode in ELEMENTWISE and art.is_round_trip(comp, ins) else
+            'narrow_float_convert' if art.is_narrow_float_convert(comp, ins) else None)
     if kind:
       self.artefacts[kind] += f
       self.elementwise_artefacts[scope] += f

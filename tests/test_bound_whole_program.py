@@ -37,11 +37,11 @@ def test_quadrillion_train_step_fails_one_line_per_reason(quad_train):
     assert rep['by_component'][c]['ratio'] == pytest.approx(1.0, rel=0.01), c
   lowered = rep['lowered_dots_per_token']
   assert lowered['experts'] > 0 and lowered['router_expert'] > 0 and lowered['router_group'] > 0
-  # What fails is the dense gradient and the dense update, one line each.
+  # What fails is the dense update of every expert row, one line. (The dense bf16 gradient's converts are
+  # reported as the narrow_float_convert artefact, not as useful elementwise work: hlo_artefacts.)
   v = rep['violations']
-  assert len(v) == 2, v
-  assert v[0].startswith('elementwise:') and v[1].startswith('optimizer:'), v
-  assert rep['by_component']['elementwise']['ratio'] > cost.ELEMENTWISE_FACTOR
+  assert len(v) == 1 and v[0].startswith('optimizer:'), v
+  assert rep['artefacts_per_token']['narrow_float_convert'] > 0
   assert rep["optimizer"]["ratio"] > cost.OPTIMIZER_FACTOR
   assert rep['optimizer']['bytes_accessed_per_step'] > 0
   assert rep['all_reduce_bytes_per_rank'] > 0 and rep['memory_bytes_per_device']['temp'] > 0
