@@ -76,6 +76,8 @@ def run_one(name: str, experts: int | None, batch: int, args, chip) -> dict:
           'predicted_ms_per_token': rep['latency']['predicted_ms_per_token'],
           'predicted_over_measured': rep['latency']['predicted_ms_per_token'] / ms,
           'predicted_dominant': rep['latency']['dominant'],
+          'predicted_kernels': rep['latency']['kernels'],
+          'predicted_overhead_ms': 1e3 * rep['latency']['overhead_s'],
           'params_total': pc.total, 'params_active_per_token': pc.active_per_token,
           'compiles': gen.compiles, 'violations': rep['violations']}
 
@@ -153,7 +155,9 @@ def main(argv=None) -> int:
   out.mkdir(parents=True, exist_ok=True)
   (out / 'bench_decode.json').write_text(json.dumps(rows, indent=1))
   summary = summarize(rows)
-  summary['host'] = {'peak_flops': chip.peak_flops, 'mem_bytes_per_s': chip.hbm_bytes_per_s}
+  summary['host'] = {'peak_flops': chip.peak_flops, 'mem_bytes_per_s': chip.hbm_bytes_per_s,
+                     'transpose_bytes_per_s': chip.transpose_bytes_per_s,
+                     'kernel_overhead_s': chip.kernel_overhead_s}
   (out / 'bench_decode_summary.json').write_text(json.dumps(summary, indent=1))
   plot(rows, out / 'bench_decode.png')
   print(json.dumps(summary['pass']))

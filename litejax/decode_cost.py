@@ -20,6 +20,7 @@ same step (the walker does not price the TPU's convolution lowering of dots).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 from litejax import bounds, cost, decode, hardware, latency
@@ -69,18 +70,30 @@ def expert_rows_per_token(cfg, mesh, batch: int) -> float:
   return p.total_slots * (m.k_expert if p.aligned else 1) / n_local
 
 
-def predict(flops: float, collective_bytes: float, bytes_accessed: float, chip: hardware.Chip) -> dict:
-  """The latency model's step time for one chip's share of a step (the one call of
-  litejax.latency here and in `litejax generate`): terms in seconds, the dominant term, and
-  predicted_ms_per_token (a decode step gives every row one token)."""
-  est = latency.estimate(flops, collective_bytes, bytes_accessed, chip).as_dict()
+def predict(chip: hardware.Chip, *, compiled=None, flops: float | None = None,
+            collective_bytes: float | None = None, bytes_accessed: float | None = None) -> dict:
+  """The latency model's step time for one chip's share of a decode step: the one place the decode
+  prediction is made (`bound --decode`, `generate --json`, bench_decode). Terms in seconds, the
+  dominant term, kernels, and predicted_ms_per_token (a decode step gives every row one token).
+
+  With `compiled` (the step's program on one device): latency.estimate_compiled, i.e. kernels
+  executed (scan bodies × trip count) × chip.kernel_overhead_s and the transpose-bandwidth memory
+  term included; flops / bytes_accessed, when given, replace its own figures. Without (a TPU slice
+  whose figures are extrapolated or analytic): latency.estimate on the three figures."""
+  if compiled is not None:
+    est = latency.estimate_compiled(compiled, chip, flops=flops, bytes_accessed=bytes_accessed)
+  else:
+    est = latency.estimate(flops or 0.0, collective_bytes or 0.0, bytes_accessed or 0.0, chip).as_dict()
   return {**est, 'predicted_ms_per_token': 1e3 * est['total_s']}
 
 
-def host_chip(quick: bool = True) -> hardware.Chip:
-  """This CPU as a latency-model chip, measured now by litejax.calibration's probes."""
+@functools.lru_cache(maxsize=None)
+def host_chip(quick: bool = False) -> hardware.Chip:
+  """This CPU as a latency-model chip (peak, bandwidths, per-kernel overhead), from
+  litejax.calibration's probes: measured once per process and cached. CPU only: a TPU target keeps
+  its datasheet chip (targets.resolve)."""
   from litejax import calibration
-  return calibration.measure_host(quick=quick)
+  return calibration.measure_host(repeats=2 if quick else 3, quick=quick)
 
 
 # ------------------------------------------------------------------------------------------ bytes
@@ -90,7 +103,8 @@ def expert_weight_bytes(hlo_text: str) -> float:
 
   Counted where a table is read directly (reached from its entry parameter without a slice): a
   slice or gather of it reads the slices (hlo_cost's rule, also for a fusion whose parameter is
-  only sliced); any other use (a copy, a convert of the whole table, a dense dot) reads it all.
+  only sliced, through chains of slices: a scanned layer's dynamic-slice fused into the gather of
+  K rows reads those rows); any other use (a copy, a convert of the whole table, a dense dot) reads it all.
   The gathered rows' later uses are activations' traffic, not counted here."""
   from litejax import hlo, hlo_cost
   from litejax.hlo_weights import WeightOrigins, component_of_weight, unescape
@@ -116,11 +130,8 @@ def expert_weight_bytes(hlo_text: str) -> float:
         if o not in comp.instrs or not is_table(comp, o):
           continue
         p = params.get(idx)
-        us = [u for u in called.instrs.values() if p.name in u.operands] if p is not None else []
-        if us and all(u.opcode in hlo_cost._SLICING and u.operands[0] == p.name for u in us):
-          total += times * sum(u.nbytes for u in us)
-        else:
-          total += times * comp.instrs[o].nbytes
+        sliced = hlo_cost.slice_reads(called, p.name) if p is not None else None
+        total += times * (comp.instrs[o].nbytes if sliced is None else sliced)
   return total
 
 
@@ -187,7 +198,8 @@ def report(dp: DecodeProgram, chip: hardware.Chip | None = None, tol: float = 0.
   if chip is not None:
     out['chip'] = chip.as_dict()
     # One chip = one device here (CPU host, or a TPU device per chip): per-device figures per step.
-    out['latency'] = predict(walked.useful_flops, coll['by_kind'].get('total', 0.0), walked.bytes_accessed, chip)
+    out['latency'] = predict(chip, compiled=prog.compiled, flops=walked.useful_flops,
+                             bytes_accessed=walked.bytes_accessed)
   return out
 
 
@@ -258,7 +270,8 @@ def target_report(cfg, target, *, batch: int | None, cache_len: int) -> dict:
       'params_total': bounds.param_counts(cfg).total,
       'params_active_per_token': bounds.param_counts(cfg).active_per_token,
       'chip': target.chip.as_dict(),
-      'latency': predict(dev['flops'] * dpc, dev['collectives'] * dpc, dev['bytes'] * dpc, target.chip),
+      'latency': predict(target.chip, flops=dev['flops'] * dpc, collective_bytes=dev['collectives'] * dpc,
+                         bytes_accessed=dev['bytes'] * dpc),
       'violations': [],
   })
   return out

@@ -42,7 +42,7 @@ class Session:
 
 
 def _host_chip():
-  """This host as a latency-model chip, measured quickly (litejax.decode_cost.host_chip)."""
+  """This host as a latency-model chip (litejax.decode_cost.host_chip: measured once per process)."""
   from litejax import decode_cost
   return decode_cost.host_chip()
 

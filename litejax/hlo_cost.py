@@ -177,12 +177,31 @@ def instr_bytes_accessed(module: Module, comp: Computation, ins: Instr) -> float
     if src is None:
       continue
     p = params.get(idx)
-    if p is not None:
-      us = [u for u in called.instrs.values() if p.name in u.operands]
-      if us and all(u.opcode in _SLICING and u.operands[0] == p.name for u in us):
-        total += sum(u.nbytes for u in us)
-        continue
-    total += src.nbytes
+    sliced = slice_reads(called, p.name) if p is not None else None
+    total += src.nbytes if sliced is None else sliced
+  return total
+
+
+def slice_reads(called: Computation, name: str) -> float | None:
+  """Bytes a fusion reads of its value `name` when every use only slices it (operand 0 of a slice,
+  dynamic-slice or gather, through bitcasts), else None (read whole). Chains are followed: a loop
+  fusion computes a fused slice's elements on demand, so a gather of a dynamic-slice (a scanned
+  layer's expert table, then K rows of it) reads the gathered rows, not the layer's table."""
+  uses = [u for u in called.instrs.values() if name in u.operands]
+  if not uses:
+    return None
+  total = 0.0
+  for u in uses:
+    if u.opcode == 'bitcast':
+      inner = slice_reads(called, u.name)
+      if inner is None:
+        return None
+    elif u.opcode in _SLICING and u.operands[0] == name and name not in u.operands[1:]:
+      inner = slice_reads(called, u.name)
+      inner = u.nbytes if inner is None else min(inner, u.nbytes)
+    else:
+      return None
+    total += inner
   return total
 
 
