@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 from typing import Any
 
@@ -50,9 +51,15 @@ class MetricsWriter:
     kept = []
     if keep_until is not None and self.path.exists():
       kept = [r for r in read_metrics(self.path) if r.get('step', 0) <= keep_until]
-    self._f = self.path.open('w', encoding='utf-8')
-    for r in kept:
-      self.write(r)
+    # The kept records go to a temporary file renamed over the old one, so a kill during the rewrite
+    # leaves either the old file or the new one, never a half-written file.
+    tmp = self.path.with_name(self.path.name + '.tmp')
+    with tmp.open('w', encoding='utf-8') as f:
+      f.writelines(json.dumps(r, allow_nan=True) + '\n' for r in kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, self.path)
+    self._f = self.path.open('a', encoding='utf-8')
 
   def write(self, record: dict[str, Any]) -> None:
     self._f.write(json.dumps(record, allow_nan=True) + '\n')
