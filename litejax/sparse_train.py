@@ -214,8 +214,11 @@ def make_sparse_train_step(cfg: Config, graphdef, shardings: Any, batch_sharding
     deltas = jax.tree.map(lambda a, s: jax.lax.with_sharding_constraint(jnp.zeros(a.shape, a.dtype), s),
                           deltas_abs, deltas_sh)
     tables, dense = split_tables(state['params'])
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
-    (total, (ce, (aux_loss, z_loss), stats)), (g_dense, g_deltas, _) = grad_fn(
+    # Differentiated w.r.t. extra and the tables too, for nnx.scan (it refuses Variables from outside
+    # the grad trace); the tables are read only through stop_gradient, so their zero cotangent is
+    # dropped and compiled away (tests/test_sparse_train.py checks the temporaries).
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3), has_aux=True)
+    (total, (ce, (aux_loss, z_loss), stats)), (g_dense, g_deltas, _, _) = grad_fn(
         dense, deltas, state['extra'], tables)
     rows = touched_grads(cfg, tables, g_deltas, stats.touched, data_ranks)
     g_rows = {k: g for k, (_, g) in rows.items()}
