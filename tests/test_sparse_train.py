@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from litejax import sharding, sparse_train, train_step
+from litejax.checkpoint import Checkpointer
 from litejax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, TrainConfig, from_dict
 
 
@@ -27,13 +28,16 @@ def _batch(cfg, step, fixed=False):
   return np.ascontiguousarray(tok[:, :-1]), np.ascontiguousarray(tok[:, 1:])
 
 
-def run(cfg, mesh, steps, fixed=False):
-  """(losses, states after each step as host numpy, tokens_per_expert per step) of `steps` updates."""
+def run(cfg, mesh, steps, fixed=False, keep=None):
+  """(losses, states after each step as host numpy, tokens_per_expert per step) of `steps` updates;
+  keep (a dict) receives the step function and the state shardings."""
   tx = train_step.make_optimizer(cfg.train)
   graphdef, _, shardings = train_step.state_layout(cfg, mesh, tx)
   state = train_step.init_state(cfg, mesh, tx, shardings)
   bsh = sharding.batch_sharding(mesh)
   step = train_step.make_train_step(cfg, graphdef, tx, shardings, bsh)
+  if keep is not None:
+    keep.update(step=step, shardings=shardings, batch_sharding=bsh)
   losses, states, loads = [], [jax.device_get(state)], []
   for i in range(steps):
     x, y = (jax.device_put(a, bsh) for a in _batch(cfg, i, fixed))
@@ -86,11 +90,12 @@ def many_experts():
   """E = 256 experts per layer, N·K = 64 assignments per step: most experts idle every step."""
   cfg = small_config(groups=16, experts_per_group=16, batch=2)
   mesh = _mesh((1, 1, 1))
-  return cfg, mesh, run(cfg, mesh, 12, fixed=True)
+  keep = {}
+  return cfg, mesh, run(cfg, mesh, 12, fixed=True, keep=keep), keep
 
 
 def test_untouched_rows_are_bit_identical(many_experts):
-  cfg, _, (_, states, loads) = many_experts
+  cfg, _, (_, states, loads), _ = many_experts
   before, after = states[2], states[3]                  # step 3: past warmup's lr = 0 at step 1
   idle = loads[2][0] == 0                                # [E] experts no token chose at step 3
   assert 0 < idle.sum() < cfg.moe.experts_total
@@ -105,7 +110,7 @@ def test_untouched_rows_are_bit_identical(many_experts):
 
 
 def test_many_experts_trains_like_dense(many_experts):
-  cfg, mesh, (losses, _, _) = many_experts
+  cfg, mesh, (losses, _, _), _ = many_experts
   dense_losses, _, _ = run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, expert_update='dense')),
                            mesh, 12, fixed=True)
   assert losses[-1] < losses[0] - 0.3                    # memorising one batch: the loss falls
@@ -128,3 +133,28 @@ def test_temporaries_follow_touched_rows_not_experts():
   table_bytes = cfg.moe.experts_total * cfg.model.d_model * cfg.moe.d_expert * 4
   assert temps['sparse'] < table_bytes
   assert temps['dense'] > table_bytes
+
+
+def test_checkpoint_resumes_bit_exact_and_restores_onto_expert_mesh(many_experts, tmp_path):
+  cfg, mesh, (_, states, _), keep = many_experts
+  ckpt = Checkpointer(tmp_path / 'ckpt', async_save=False)
+  ckpt.save(3, jax.device_put(states[3], keep['shardings']), {'config': cfg.to_dict()})
+  ckpt.wait()
+  # Resume on the same device: the next step equals the uninterrupted run's, bit for bit.
+  abstract = train_step.state_layout(cfg, mesh)[1]
+  restored = ckpt.restore(abstract).state
+  x, y = (jax.device_put(a, keep['batch_sharding']) for a in _batch(cfg, 3, fixed=True))
+  with jax.set_mesh(mesh):
+    resumed, _ = keep['step'](restored, x, y)
+  for a, b in zip(jax.tree.leaves(jax.device_get(resumed)), jax.tree.leaves(states[4]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  # Onto 8 devices with expert parallelism: the row state (counts included) shards like its table.
+  ep_abstract = train_step.state_layout(cfg, _mesh((1, 8, 1)))[1]
+  on_ep = ckpt.restore(ep_abstract).state
+  ckpt.close()
+  for a, b in zip(jax.tree.leaves(jax.device_get(on_ep)), jax.tree.leaves(states[3]), strict=True):
+    np.testing.assert_array_equal(a, b)
+  row = on_ep['opt']['rows']['blocks.1.ffn.w_in']
+  table = on_ep['params']['blocks'][1]['ffn']['w_in'][...]
+  assert row.mu.sharding.spec == table.sharding.spec == jax.sharding.PartitionSpec('expert', None, 'tensor')
+  assert row.count.sharding.spec == jax.sharding.PartitionSpec('expert')
