@@ -26,11 +26,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from litejax import sharding as shd
 from litejax import sparse_grad, sparse_optim
-from litejax.config import Config, TrainConfig, resolve_expert_update
+from litejax.config import Config, ConfigError, TrainConfig, resolve_expert_update
 from litejax.expert_parallel import touched_rows_per_rank
 from litejax.model import Transformer
 from litejax.moe import EXPERT_TABLES, RowDelta, RowParam
@@ -156,28 +156,69 @@ def _moe_index(cfg: Config, prefix: tuple) -> Any:
   return sum(cfg.model.is_moe_layer(j) for j in range(int(prefix[1])))
 
 
+def _table_spec(var: nnx.Variable) -> P:
+  return shd.logical_to_spec(var.get_metadata()['logical_axes'], len(var.shape))
+
+
+def _by_expert_rank(ids: jax.Array, grads: jax.Array, spec: P, num_rows: int, mesh: Mesh):
+  """Expert rows on a mesh: [*lead, R_b·u] rows split over the batch ranks (global ids) -> rows split over
+  the expert ranks, [*lead, R_e·u2] with *local* ids (padding E_loc), each expert once.
+
+  A (data, expert) rank's rows are experts of its expert rank, so only the data ranks of one expert rank
+  exchange rows (all_gather over 'data'), then sum rows of equal id: u2 = min(E_loc, R_data·u).
+  """
+  lead = ids.ndim - 1
+  sizes = shd.mesh_sizes(mesh)
+  e_loc = num_rows // sizes['expert']
+  u2 = sparse_grad.touched_bound(e_loc, sizes['data'] * (ids.shape[-1] // (sizes['data'] * sizes['expert'])))
+  none = (None,) * lead
+  row_spec = tuple(spec)[lead + 1:]
+
+  def body(ids_u, grads_u):
+    ids_u = jax.lax.all_gather(ids_u, 'data', axis=lead, tiled=True)
+    grads_u = jax.lax.all_gather(grads_u, 'data', axis=lead, tiled=True)
+    local = jnp.where(ids_u < num_rows, ids_u - jax.lax.axis_index('expert') * e_loc, e_loc)
+    return _vmapped(lambda i, g: sparse_grad.dedup_rows(i, g, u2, e_loc), lead, 0)(local, grads_u)
+
+  # After the all_gather every data rank of an expert rank holds the same rows; the type system still
+  # counts them as varying over 'data', so the replication is asserted (check_vma off) rather than inferred.
+  return jax.shard_map(body, mesh=mesh, in_specs=(P(*none, shd.BATCH_AXES), P(*none, shd.BATCH_AXES, *row_spec)),
+                       out_specs=(P(*none, 'expert'), P(*none, 'expert', *row_spec)), check_vma=False)(ids, grads)
+
+
 def touched_grads(cfg: Config, tables: nnx.State, g_deltas: nnx.State, touched: dict[str, jax.Array],
-                  data_ranks: int) -> dict[str, tuple[jax.Array, jax.Array]]:
-  """{table key: (ids [..., u], grads [..., u, ...])}: each touched row once, its gradients summed."""
+                  mesh: Mesh) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """{table key: (ids [..., u], grads [..., u, ...])}: each touched row once, its gradients summed.
+
+  Expert tables on a mesh come back split over the expert ranks with local ids (`_by_expert_rank`);
+  the rest (one device, router tables) with global ids, replicated.
+  """
   g_flat = {path: v.get_value() for path, v in _variables(g_deltas)}
+  on_mesh = math.prod(shd.mesh_sizes(mesh).values()) > 1
   out = {}
   for path, var in _variables(tables):
     name, prefix = path[-1], path[:-1]
     kind = 'experts' if name in EXPERT_TABLES else name
     ids = touched[kind][_moe_index(cfg, prefix)]
     grads = g_flat[prefix + ('delta_' + name,)]
-    if kind == 'experts' and data_ranks > 1:   # the same expert reported by several data ranks
-      num_rows = var.shape[-3]
-      u = sparse_grad.touched_bound(num_rows, ids.shape[-1])
-      ids, grads = _vmapped(lambda i, g: sparse_grad.dedup_rows(i, g, u, num_rows), ids.ndim - 1, 0)(ids, grads)
+    if kind == 'experts' and on_mesh:
+      ids, grads = _by_expert_rank(ids, grads, _table_spec(var), var.shape[-3], mesh)
     out['.'.join(path)] = (ids, grads)
   return out
 
 
 def apply_rows(cfg: Config, tables: nnx.State, row_state: dict[str, Any],
-               rows: dict[str, tuple[jax.Array, jax.Array]], lr: jax.Array):
-  """Row optimizer on every table: (tables, row_state) with only the touched rows changed."""
+               rows: dict[str, tuple[jax.Array, jax.Array]], lr: jax.Array, mesh: Mesh):
+  """Row optimizer on every table: (tables, row_state) with only the touched rows changed.
+
+  Expert tables on a mesh update under shard_map, each device its own shard of rows in place (XLA's
+  partitioner would otherwise gather the whole table for a scatter with replicated ids).
+  """
   opt = sparse_optim.row_optimizer(cfg.train.expert_optimizer, cfg.train)
+  on_mesh = math.prod(shd.mesh_sizes(mesh).values()) > 1
+  if on_mesh and cfg.train.expert_optimizer == 'factored' and shd.mesh_sizes(mesh)['tensor'] > 1:
+    raise ConfigError('train.expert_optimizer: factored is not yet supported with mesh.tensor > 1 '
+                      '(its statistics average over the tensor-split hidden axis)')
   new_state = {}
 
   def update(path, var):
@@ -185,6 +226,12 @@ def apply_rows(cfg: Config, tables: nnx.State, row_state: dict[str, Any],
     ids, grads = rows[k]
     table = var.get_value()
     fn = _vmapped(opt.update, table.ndim - 3, (0, 0, 0, 0, None))
+    if on_mesh and path[-1].key in EXPERT_TABLES:
+      spec = _table_spec(var)
+      state_spec = jax.tree.map(lambda s: s.spec, sparse_optim.state_shardings(NamedSharding(mesh, spec), row_state[k]))
+      lead = table.ndim - 3
+      fn = jax.shard_map(fn, mesh=mesh, in_specs=(spec, state_spec, P(*spec[:lead + 1]), spec, P()),
+                         out_specs=(spec, state_spec))
     new_table, new_state[k] = fn(table, row_state[k], ids, grads, lr)
     return var.replace(new_table)
 
@@ -199,7 +246,6 @@ def make_sparse_train_step(cfg: Config, graphdef, shardings: Any, batch_sharding
   """
   from litejax.train_step import _forward, lr_schedule, step_metrics, update_bias
   mesh = batch_sharding.mesh
-  data_ranks = shd.mesh_sizes(mesh)['data']
   dense_tx = dense_optimizer(cfg.train)
   schedule = lr_schedule(cfg.train)
 
@@ -207,6 +253,9 @@ def make_sparse_train_step(cfg: Config, graphdef, shardings: Any, batch_sharding
     sgraph, deltas_abs, deltas_sh = delta_graph(cfg, math.prod(inputs_bs.shape), mesh)
 
     def loss_fn(dense, deltas, extra, tables):
+      # Fresh Variables at this trace level (nnx.scan refuses ones from the outer trace); the tables
+      # are constants here: only the deltas carry their gradient.
+      tables = jax.tree.map(jax.lax.stop_gradient, tables)
       ce, stats = _forward(sgraph, nnx.merge_state(dense, tables, deltas), extra, inputs_bs, targets_bs)
       total, aux = loss_terms(ce, stats)
       return total, (ce, aux, stats)
@@ -214,20 +263,18 @@ def make_sparse_train_step(cfg: Config, graphdef, shardings: Any, batch_sharding
     deltas = jax.tree.map(lambda a, s: jax.lax.with_sharding_constraint(jnp.zeros(a.shape, a.dtype), s),
                           deltas_abs, deltas_sh)
     tables, dense = split_tables(state['params'])
-    # Differentiated w.r.t. extra and the tables too, for nnx.scan (it refuses Variables from outside
-    # the grad trace); the tables are read only through stop_gradient, so their zero cotangent is
-    # dropped and compiled away (tests/test_sparse_train.py checks the temporaries).
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2, 3), has_aux=True)
-    (total, (ce, (aux_loss, z_loss), stats)), (g_dense, g_deltas, _, _) = grad_fn(
+    # Differentiated w.r.t. extra too (gradient dropped), as the dense step does, for nnx.scan.
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True)
+    (total, (ce, (aux_loss, z_loss), stats)), (g_dense, g_deltas, _) = grad_fn(
         dense, deltas, state['extra'], tables)
-    rows = touched_grads(cfg, tables, g_deltas, stats.touched, data_ranks)
+    rows = touched_grads(cfg, tables, g_deltas, stats.touched, mesh)
     g_rows = {k: g for k, (_, g) in rows.items()}
     grad_norm = sparse_optim.global_norm(g_dense, g_rows)
     g_dense, g_rows = sparse_optim.clip_by_norm((g_dense, g_rows), grad_norm, cfg.train.grad_clip)
     updates, opt_dense = dense_tx.update(g_dense, state['opt']['dense'], dense)
     dense = optax.apply_updates(dense, updates)
     rows = {k: (ids, g_rows[k]) for k, (ids, _) in rows.items()}
-    tables, opt_rows = apply_rows(cfg, tables, state['opt']['rows'], rows, schedule(state['step']))
+    tables, opt_rows = apply_rows(cfg, tables, state['opt']['rows'], rows, schedule(state['step']), mesh)
     params = nnx.merge_state(dense, tables)
     extra = state['extra']
     if cfg.moe.bias_update_rate > 0 and stats.tokens_per_expert.shape[0]:
