@@ -230,8 +230,10 @@ def apply_rows(cfg: Config, tables: nnx.State, row_state: dict[str, Any],
       spec = _table_spec(var)
       state_spec = jax.tree.map(lambda s: s.spec, sparse_optim.state_shardings(NamedSharding(mesh, spec), row_state[k]))
       lead = table.ndim - 3
+      # factored: v_row / v_col come from the tensor-split gradient; with tensor = 1 (required above)
+      # they are whole, which the type system cannot infer.
       fn = jax.shard_map(fn, mesh=mesh, in_specs=(spec, state_spec, P(*spec[:lead + 1]), spec, P()),
-                         out_specs=(spec, state_spec))
+                         out_specs=(spec, state_spec), check_vma=cfg.train.expert_optimizer != 'factored')
     new_table, new_state[k] = fn(table, row_state[k], ids, grads, lr)
     return var.replace(new_table)
 
