@@ -71,6 +71,7 @@ def test_config_choice_and_validation():
 CASES = [((1, 1, 1), False), ((1, 1, 1), True), ((1, 8, 1), False), ((1, 8, 1), True)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('shape,scan', CASES, ids=['1dev', '1dev-scan', 'ep8', 'ep8-scan'])
 def test_every_expert_touched_equals_dense_adamw(shape, scan):
   mesh = _mesh(shape)
@@ -109,6 +110,7 @@ def test_untouched_rows_are_bit_identical(many_experts):
     np.testing.assert_array_equal(np.asarray(st1.count) - np.asarray(st0.count), (~idle).astype(np.int32))
 
 
+@pytest.mark.slow
 def test_many_experts_trains_like_dense(many_experts):
   cfg, mesh, (losses, _, _), _ = many_experts
   dense_losses, _, _ = run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, expert_update='dense')),
