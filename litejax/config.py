@@ -138,6 +138,12 @@ class TrainConfig:
   eval_batches: int = 4
   log_every: int = 10
   val_fraction: float = 0.05
+  # How expert (and gathered router) tables are updated: `dense` differentiates and AdamW-updates every
+  # row; `sparse` only the rows a step touches (litejax.sparse_train); `auto` is dense while every expert
+  # is touched anyway (E <= N·K), sparse beyond (`resolve_expert_update`).
+  expert_update: Literal['auto', 'dense', 'sparse'] = 'auto'
+  # The row optimizer of the sparse path: lazy AdamW, or Adafactor-style factored (O(d + h) per expert).
+  expert_optimizer: Literal['adamw', 'factored'] = 'adamw'
 
 
 STORAGE_CLASSES = ('hot', 'warm', 'cold')
@@ -382,6 +388,9 @@ def validate(cfg: Config) -> None:
   _require(t.grad_clip >= 0, f'train.grad_clip: must be >= 0 (0 = off), got {t.grad_clip}')
   _require(0 < t.val_fraction < 1, f'train.val_fraction: must be in (0, 1), got {t.val_fraction}')
   _require(math.isfinite(t.lr), 'train.lr: must be finite')
+  _require(t.expert_optimizer == 'adamw' or t.expert_update != 'dense',
+           'train.expert_optimizer: factored runs on the sparse path only; needs train.expert_update '
+           f'sparse or auto, got {t.expert_update}')
 
 
 def capacity(cfg: MoEConfig, num_tokens: int, num_experts: int | None = None) -> int:
@@ -407,6 +416,25 @@ def resolve_dispatch(cfg: MoEConfig, num_tokens: int, num_experts: int | None = 
     return cfg.dispatch
   e = num_experts or cfg.experts_total
   return 'gather' if e >= cfg.auto_gather_ratio * num_tokens * cfg.k_active else 'capacity'
+
+
+def resolve_expert_update(cfg: Config, tokens_per_rank: int) -> str:
+  """'dense' or 'sparse': how the expert tables are updated (train.expert_update, `auto` resolved).
+
+  tokens_per_rank is N, the tokens of one MoE call on one rank (local_batch · seq_len). A step touches at
+  most N·K experts per rank, so while E <= N·K every expert is (nearly) touched anyway and the dense
+  update costs no more than the sparse one; beyond, the sparse update follows the touched experts.
+  A model without MoE layers is always dense; `factored` exists only on the sparse path, so it makes
+  `auto` sparse.
+  """
+  t, m = cfg.train, cfg.moe
+  if cfg.model.num_moe_layers == 0:
+    return 'dense'
+  if t.expert_update != 'auto':
+    return t.expert_update
+  if t.expert_optimizer == 'factored':
+    return 'sparse'
+  return 'sparse' if m.experts_total > tokens_per_rank * m.k_active else 'dense'
 
 
 def dropless_tiles(num_assignments: int, num_experts: int) -> tuple[int, int]:

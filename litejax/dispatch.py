@@ -183,14 +183,18 @@ def _einsum_path(x_nd, expert_nk, pos_nk, keep_nk, weight_nk, w, kind, num_exper
 
 
 def moe_ffn(x_nd: jax.Array, routing: Routing, w: dict[str, jax.Array], cfg: MoEConfig,
-            dispatch: str | None = None) -> tuple[jax.Array, jax.Array]:
+            dispatch: str | None = None, num_experts: int | None = None) -> tuple[jax.Array, jax.Array]:
   """Runs the routed experts for N tokens on one device. Returns (y [N, d], drop_fraction [3]).
 
   w: 'w_in' [E, d, h], 'w_out' [E, h, d] and for glu 'w_gate' [E, d, h]. drop_fraction is per
   level (tier, group, expert), see `drop_fractions`. The path is `config.resolve_dispatch`'s.
+  num_experts: the layer's E when w holds only some rows of the tables (sparse training: the u
+  touched experts, routing.expert_nk their row in w, in the order of their expert ids): the path and
+  capacity follow E, the buffers the rows of w.
   """
   n = x_nd.shape[0]
-  num_experts = w['w_in'].shape[0]
+  rows = w['w_in'].shape[0]
+  num_experts = num_experts or rows
   if dispatch is not None:
     cfg = dataclasses.replace(cfg, dispatch=dispatch)
   path = resolve_dispatch(cfg, n, num_experts)
@@ -202,13 +206,12 @@ def moe_ffn(x_nd: jax.Array, routing: Routing, w: dict[str, jax.Array], cfg: MoE
   with jax.named_scope('dispatch'):
     weight_nk = routing.weight_nk * keep_nk
   if path == 'capacity':
-    y_nkd = _capacity_path(x_nd, routing.expert_nk, pos_nk, keep_nk, w, cfg.expert_kind, num_experts, cap)
+    y_nkd = _capacity_path(x_nd, routing.expert_nk, pos_nk, keep_nk, w, cfg.expert_kind, rows, cap)
     y_nd = combine(y_nkd, weight_nk)
   elif path == 'gather':
     y_nd = combine(_gather_path(x_nd, routing.expert_nk, w, cfg.expert_kind), weight_nk)
   elif path == 'einsum':
-    y_nd = _einsum_path(x_nd, routing.expert_nk, pos_nk, keep_nk, weight_nk, w, cfg.expert_kind,
-                        num_experts, cap)
+    y_nd = _einsum_path(x_nd, routing.expert_nk, pos_nk, keep_nk, weight_nk, w, cfg.expert_kind, rows, cap)
   else:
     raise ValueError(f'moe.dispatch: unknown path {path!r}')
   return y_nd, drop_fractions(keep_nk, cfg)

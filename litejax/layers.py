@@ -15,13 +15,13 @@ DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], fan_in: int,
-          dtype=jnp.float32) -> nnx.Param:
-  """A Param drawn with variance 1/fan_in, tagged with its logical axes."""
+          dtype=jnp.float32, kind: type[nnx.Param] = nnx.Param) -> nnx.Param:
+  """A Param (or the Param subclass `kind`) drawn with variance 1/fan_in, tagged with its logical axes."""
   assert len(shape) == len(axes), (shape, axes)
   # Uniform with variance 1/fan_in: compiles far faster on CPU than normal (no erfinv).
   bound = (3.0 / fan_in) ** 0.5
   value = jax.random.uniform(rngs.params(), shape, dtype, -bound, bound)
-  return nnx.Param(value, logical_axes=axes)
+  return kind(value, logical_axes=axes)
 
 
 class RMSNorm(nnx.Module):

@@ -10,6 +10,12 @@ Selection biases (sigmoid scoring, loss-free balancing) are `RouterBias` variabl
 optimizer never touches them; `MoEBlock.update_bias` (loss-free balancing) does, every level from
 its own load.
 
+Tables whose rows a step touches sparsely are `RowParam`s (a Param subclass, so everything that
+takes Params takes them): the expert weights, and a router table whose level gathers the kept
+parents' rows (router_group when k_tier < T, router_expert when k_tier·k_group < T·G). Sparse
+training (litejax.sparse_train) attaches zero `RowDelta` perturbations of their touched rows
+(`attach_row_deltas`); the block then reads only those rows and reports their ids in `MoEStats.touched`.
+
 Dispatch (local or expert-parallel) follows the ambient mesh: see `litejax.expert_parallel.moe_ffn`.
 """
 from __future__ import annotations
@@ -29,6 +35,17 @@ class RouterBias(nnx.Variable):
   """Selection-only routing bias (not trained by gradients)."""
 
 
+class RowParam(nnx.Param):
+  """A table [rows, ...] (per layer) of which a step touches only some rows: experts, gathered router rows."""
+
+
+class RowDelta(nnx.Variable):
+  """Sparse training: the zero perturbation [u, ...] of a RowParam's touched rows (differentiated)."""
+
+
+EXPERT_TABLES = ('w_in', 'w_gate', 'w_out')
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class MoEStats:
@@ -40,6 +57,9 @@ class MoEStats:
   tokens_per_expert: jax.Array   # int32 [E] assignments per expert before capacity drops
   tokens_per_group: jax.Array    # int32 [T·G] selections per group
   tokens_per_tier: jax.Array     # int32 [T] selections per tier
+  # Sparse training only: ids of the rows behind each RowDelta, {'experts' | 'router_group' |
+  # 'router_expert': int32 [rows]}, padded with the table's row count (`attach_row_deltas`).
+  touched: dict[str, jax.Array] | None = None
 
   @classmethod
   def empty(cls, cfg: MoEConfig) -> MoEStats:
@@ -61,18 +81,41 @@ class MoEBlock(nnx.Module):
     if T > 1:
       self.router_tier = param(rngs, (d, T), ('embed', None), d)
     if G > 1:
-      self.router_group = param(rngs, (T, d, G), (None, 'embed', None), d)
-    self.router_expert = param(rngs, (T * G, d, Eg), ('expert_group', 'embed', None), d)
-    self.w_in = param(rngs, (E, d, h), ('expert', 'embed', 'expert_mlp'), d, pd)
+      self.router_group = param(rngs, (T, d, G), (None, 'embed', None), d, kind=_row_kind(m.k_tier < T))
+    self.router_expert = param(rngs, (T * G, d, Eg), ('expert_group', 'embed', None), d,
+                               kind=_row_kind(m.k_tier * m.k_group < T * G))
+    self.w_in = param(rngs, (E, d, h), ('expert', 'embed', 'expert_mlp'), d, pd, kind=RowParam)
     if m.expert_kind == 'glu':
-      self.w_gate = param(rngs, (E, d, h), ('expert', 'embed', 'expert_mlp'), d, pd)
-    self.w_out = param(rngs, (E, h, d), ('expert', 'expert_mlp', 'embed'), h, pd)
+      self.w_gate = param(rngs, (E, d, h), ('expert', 'embed', 'expert_mlp'), d, pd, kind=RowParam)
+    self.w_out = param(rngs, (E, h, d), ('expert', 'expert_mlp', 'embed'), h, pd, kind=RowParam)
     if m.num_shared_experts:
       self.shared = FFN(d, m.num_shared_experts * m.resolved_d_shared, m.expert_kind, rngs, pd)
     if m.score == 'sigmoid':
       self.bias_tier = RouterBias(jnp.zeros((T,), jnp.float32), logical_axes=(None,))
       self.bias_group = RouterBias(jnp.zeros((T * G,), jnp.float32), logical_axes=(None,))
       self.bias_expert = RouterBias(jnp.zeros((E,), jnp.float32), logical_axes=('expert',))
+
+  def attach_row_deltas(self, rows: dict[str, int]) -> None:
+    """Sparse training: zero RowDelta perturbations for this block's RowParams.
+
+    rows: {'experts': rows of the expert deltas (u, or R_b·u on a mesh), 'router_group' / 'router_expert':
+    u of that table}. Each delta is [*layers, rows, *row shape] (a scanned block keeps its leading axis);
+    expert deltas are split over the batch axes like the tokens whose rows they are.
+    """
+    for name in EXPERT_TABLES + ('router_group', 'router_expert'):
+      table = getattr(self, name, None)
+      if not isinstance(table, RowParam):
+        continue
+      key = 'experts' if name in EXPERT_TABLES else name
+      lead = table.shape[:table.ndim - 3]
+      axes = table.get_metadata()['logical_axes']
+      axes = (('batch',) + axes[1:]) if key == 'experts' else (None,) * 3
+      value = jnp.zeros(lead + (rows[key],) + table.shape[table.ndim - 2:], jnp.float32)
+      setattr(self, 'delta_' + name, RowDelta(value, logical_axes=('layers',) * len(lead) + axes))
+
+  def _row_deltas(self) -> dict[str, jax.Array]:
+    return {name: getattr(self, 'delta_' + name)[...] for name in EXPERT_TABLES + ('router_group', 'router_expert')
+            if hasattr(self, 'delta_' + name)}
 
   def router_params(self) -> dict[str, jax.Array]:
     out = {'expert': self.router_expert[...]}
@@ -97,15 +140,23 @@ class MoEBlock(nnx.Module):
     """Routes and runs the experts; local or expert-parallel as the ambient mesh says (`jax.set_mesh`)."""
     b, s, d = x_bsd.shape
     x_nd = x_bsd.reshape(b * s, d)
-    r = routing.route(x_nd, self.router_params(), self.moe_cfg, self.router_bias())
+    deltas = self._row_deltas()
+    router_deltas = {level: deltas[f'router_{level}'] for level in ('group', 'expert') if f'router_{level}' in deltas}
+    r = routing.route(x_nd, self.router_params(), self.moe_cfg, self.router_bias(), router_deltas)
+    touched = dict(r.touched or {})
+    expert_deltas = {name: deltas[name] for name in EXPERT_TABLES if name in deltas}
     with jax.named_scope('dispatch'):   # packing and combine; the expert matmuls inside are 'experts'
-      y_nd, drop_fraction = expert_parallel.moe_ffn(x_nd, r, self.expert_params(), self.moe_cfg)
+      if expert_deltas:
+        y_nd, drop_fraction, touched['experts'] = expert_parallel.moe_ffn_touched(
+            x_nd, r, self.expert_params(), expert_deltas, self.moe_cfg)
+      else:
+        y_nd, drop_fraction = expert_parallel.moe_ffn(x_nd, r, self.expert_params(), self.moe_cfg)
     if hasattr(self, 'shared'):
       with jax.named_scope('shared_experts'):   # scope names the FLOPs for litejax.cost
         y_nd = y_nd + self.shared(x_nd)
     stats = MoEStats(load_balance_loss=r.load_balance_loss, z_loss=r.z_loss, drop_fraction=drop_fraction,
                      tokens_per_expert=r.tokens_per_expert, tokens_per_group=r.tokens_per_group,
-                     tokens_per_tier=r.tokens_per_tier)
+                     tokens_per_tier=r.tokens_per_tier, touched=touched or None)
     return y_nd.reshape(b, s, d).astype(x_bsd.dtype), stats
 
   def update_bias(self, stats: MoEStats, rate: float) -> None:
@@ -120,3 +171,8 @@ class MoEBlock(nnx.Module):
       step = jax.vmap(step)
     new = step(self.router_bias(), stats)
     self.bias_tier[...], self.bias_group[...], self.bias_expert[...] = new['tier'], new['group'], new['expert']
+
+
+def _row_kind(gathered: bool) -> type[nnx.Param]:
+  """A router table is a RowParam when its level gathers the kept parents' rows (scores a subset)."""
+  return RowParam if gathered else nnx.Param

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from litejax import sparse_grad
 from litejax.config import MoEConfig
 
 
@@ -36,6 +37,9 @@ class Routing:
   tokens_per_expert: jax.Array   # int32 [E] assignments per expert before capacity drops
   tokens_per_group: jax.Array    # int32 [T·G] selections per group (tokens that kept it)
   tokens_per_tier: jax.Array     # int32 [T] selections per tier
+  # Sparse training only (`route(row_deltas=...)`): the touched rows of each gathered router table,
+  # {'router_group' | 'router_expert': int32 [u] ascending, padded with the table's row count}.
+  touched: dict[str, jax.Array] | None = None
 
 
 def _scores(logits: jax.Array, kind: str) -> jax.Array:
@@ -124,8 +128,20 @@ def _child_logits(x_nd: jax.Array, w_pdb: jax.Array, parent_np: jax.Array) -> ja
   return jnp.einsum('nd,npdb->npb', x_nd, w_npdb)
 
 
+def _touched_child_logits(x_nd, w_pdb, parent_np, delta_udb, touched, name):
+  """`_child_logits` through the touched parent rows only (sparse training): the rows
+  w_pdb[ids_u] + delta_udb, differentiable in delta_udb, with the parents' ids recorded in `touched`."""
+  if delta_udb is None:
+    return _child_logits(x_nd, w_pdb, parent_np)
+  ids_u, slot = sparse_grad.unique_ids(parent_np.reshape(-1), delta_udb.shape[0], w_pdb.shape[0])
+  touched[name] = ids_u
+  rows_udb = sparse_grad.touched_rows(w_pdb, ids_u, delta_udb)
+  return _child_logits(x_nd, rows_udb, slot.reshape(parent_np.shape))
+
+
 def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
-          bias: dict[str, jax.Array] | None = None, tier_mask: Any = None) -> Routing:
+          bias: dict[str, jax.Array] | None = None, tier_mask: Any = None,
+          row_deltas: dict[str, jax.Array] | None = None) -> Routing:
   """Routes N tokens hierarchically.
 
   Args:
@@ -136,7 +152,12 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
     tier_mask: optional bool [T], the TierSet: the routing tiers this request may use. The others are
       masked before the top-k_tier choice (logit -inf: never chosen, and a softmax tier gate
       renormalises over the allowed tiers). None: every tier.
+    row_deltas: sparse training: zero perturbations 'group' [u, d, G] / 'expert' [u, d, E_g] of the
+      gathered router tables; those levels then read only the u touched parent rows (litejax.sparse_grad)
+      and the returned Routing's `touched` holds their ids. Same outputs as without.
   """
+  row_deltas = row_deltas or {}
+  touched: dict[str, jax.Array] = {}
   n = x_nd.shape[0]
   T, G, Eg = cfg.num_tiers, cfg.groups_per_tier, cfg.experts_per_group
   allowed_t = None if tier_mask is None else _check_tier_mask(tier_mask, cfg)
@@ -163,7 +184,8 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
   # Level 2: groups inside kept tiers.
   if G > 1:
     with jax.named_scope('router_group'):
-      logits_ntg = _child_logits(x32, params['group'], tier_nk)
+      logits_ntg = _touched_child_logits(x32, params['group'], tier_nk, row_deltas.get('group'), touched,
+                                         'router_group')
     scored = tier_nk[:, :, None] * G + jnp.arange(G)
     b = bias.get('group')
     local_g, gate_g, scores_g = _level(logits_ntg, None if b is None else b[scored], cfg.k_group, cfg.score)
@@ -178,7 +200,8 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
 
   # Level 3: experts inside kept groups.
   with jax.named_scope('router_expert'):
-    logits_nge = _child_logits(x32, params['expert'], group_nk)
+    logits_nge = _touched_child_logits(x32, params['expert'], group_nk, row_deltas.get('expert'), touched,
+                                       'router_expert')
   scored = group_nk[:, :, None] * Eg + jnp.arange(Eg)
   b = bias.get('expert')
   local_e, gate_e, scores_e = _level(logits_nge, None if b is None else b[scored], cfg.k_expert, cfg.score)
@@ -197,7 +220,7 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
       expert_nk=expert_nk.astype(jnp.int32), weight_nk=weight_nk, group_nk=group_k.astype(jnp.int32),
       tier_nk=tier_k.astype(jnp.int32), load_balance_loss=jnp.stack(lb), z_loss=sum(z_terms),
       tokens_per_expert=_counts(expert_nk, num_experts), tokens_per_group=_counts(group_nk, T * G),
-      tokens_per_tier=_counts(tier_nk, T))
+      tokens_per_tier=_counts(tier_nk, T), touched=touched or None)
 
 
 def _check_tier_mask(tier_mask: Any, cfg: MoEConfig) -> jax.Array:

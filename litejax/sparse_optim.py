@@ -181,6 +181,22 @@ def row_optimizer(kind: str, tc: Any) -> RowOptimizer:
   raise ValueError(f'train.expert_optimizer: must be one of {OPTIMIZERS}, got {kind!r}')
 
 
+def state_shardings(table_sharding: Any, state: Any) -> Any:
+  """The row state's shardings from its table's NamedSharding: a row's state lives with its row.
+
+  mu, nu: the table's; count [*lead, E]: the table's leading axes; v_row [..., d] / v_col [..., h]:
+  the table's spec without its last / second-to-last axis. `state` may be abstract.
+  """
+  adamw = isinstance(state, RowAdamWState)
+  ndim = len(state.mu.shape) if adamw else len(state.v_row.shape) + 1   # the table's rank
+  spec = (tuple(table_sharding.spec) + (None,) * ndim)[:ndim]
+  named = lambda s: table_sharding.update(spec=jax.sharding.PartitionSpec(*s))  # noqa: E731
+  lead = len(state.count.shape)
+  if adamw:
+    return RowAdamWState(named(spec), named(spec), named(spec[:lead]))
+  return RowFactoredState(named(spec[:-1]), named(spec[:-2] + spec[-1:]), named(spec[:lead]))
+
+
 # ---------------------------------------------------------------------------- planning
 
 def row_state_bytes(row_shape: Sequence[int], optimizer: str, param_bytes: int = 2, state_bytes: int = 4) -> int:

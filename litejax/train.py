@@ -19,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from litejax import bounds
+from litejax import bounds, sparse_train
 from litejax import sharding as shd
 from litejax.checkpoint import Checkpointer
 from litejax.config import Config, from_dict
@@ -179,6 +179,7 @@ def train(cfg: Config, *, ckpt_dir: str | pathlib.Path | None = None, resume: bo
   say(f'training {stop - start} steps ({start} -> {stop} of {tc.steps}) on {len(mesh.devices.flat)} '
       f'{jax.devices()[0].platform} devices, mesh {dict(mesh.shape)}, {tokens_per_step} tokens/step, '
       f'corpus {dataset.source} ({len(dataset):,} tokens)')
+  say(sparse_train.describe(cfg, mesh))
 
   bar = Progress(stop, start, enabled=is_main and not quiet, live=progress)
   window_t, window_steps, compiled = time.time(), 0, start == stop

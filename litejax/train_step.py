@@ -24,6 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from litejax import sharding as shd
+from litejax import sparse_train
 from litejax.config import Config, TrainConfig
 from litejax.metrics import level_load_entropies
 from litejax.model import Transformer, layer_mean
@@ -49,11 +50,12 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 # ---------------------------------------------------------------------------- state
 
-def _new_state(cfg: Config, tx: optax.GradientTransformation) -> dict[str, Any]:
+def _new_state(cfg: Config, tx: optax.GradientTransformation, mode: str = 'dense') -> dict[str, Any]:
   model = Transformer(cfg, nnx.Rngs(params=cfg.train.seed))
   _, params, extra = nnx.split(model, nnx.Param, ...)
   return {
-      'params': params, 'extra': extra, 'opt': tx.init(params),
+      'params': params, 'extra': extra,
+      'opt': tx.init(params) if mode == 'dense' else sparse_train.init_opt(cfg, params),
       'step': jnp.zeros((), jnp.int32),
       # No layer draws randomness today; the key is carried (and checkpointed) so one that does
       # (dropout, noisy routing) resumes bit-exactly.
@@ -67,17 +69,20 @@ def state_layout(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation | Non
   The one way to lay out a model's state: train, eval, checkpoint restore and `litejax.cost` use it
   (forward-only users take `abstract['params']` and `abstract['extra']`). Nothing is allocated:
   this is also the restore target for checkpoints written on any mesh. tx defaults to
-  `make_optimizer(cfg.train)`.
+  `make_optimizer(cfg.train)`; with the sparse expert update (`sparse_train.update_mode`) the optimizer
+  state is `sparse_train.init_opt`'s instead and tx is not used.
   """
   tx = make_optimizer(cfg.train) if tx is None else tx
+  mode = sparse_train.update_mode(cfg, mesh)
   graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0))), nnx.Param, ...)[0]
-  abstract = jax.eval_shape(lambda: _new_state(cfg, tx))
+  abstract = jax.eval_shape(lambda: _new_state(cfg, tx, mode))
   replicated = NamedSharding(mesh, P())
   params_sh = shd.state_shardings(abstract['params'], mesh)
   shardings = {
       'params': params_sh,
       'extra': shd.state_shardings(abstract['extra'], mesh),
-      'opt': shd.tree_shardings_like(abstract['opt'], params_sh),
+      'opt': (shd.tree_shardings_like(abstract['opt'], params_sh) if mode == 'dense'
+              else sparse_train.opt_shardings(abstract['opt'], params_sh)),
       'step': replicated,
       'rng': replicated,
   }
@@ -87,7 +92,8 @@ def state_layout(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation | Non
 
 def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardings: Any) -> dict[str, Any]:
   """A fresh train state, each array created directly in its sharding (no host copy)."""
-  return jax.jit(lambda: _new_state(cfg, tx), out_shardings=shardings)()
+  mode = sparse_train.update_mode(cfg, mesh)
+  return jax.jit(lambda: _new_state(cfg, tx, mode), out_shardings=shardings)()
 
 
 # ---------------------------------------------------------------------------- steps
@@ -103,15 +109,22 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, sha
                     batch_sharding: NamedSharding):
   """The jitted update `(state, inputs [B,S], targets [B,S]) -> (state, metrics)`; state is donated.
 
-  Call (and trace) it under `jax.set_mesh(mesh)`: the MoE layers pick their dispatch from it.
+  Call (and trace) it under `jax.set_mesh(mesh)`: the MoE layers pick their dispatch from it. With the
+  sparse expert update (`sparse_train.update_mode`) it is `sparse_train.make_sparse_train_step`.
   """
   m = cfg.moe
 
-  def loss_fn(params, extra, inputs_bs, targets_bs):
-    ce, stats = _forward(graphdef, params, extra, inputs_bs, targets_bs)
+  def loss_terms(ce, stats):
     aux_loss = jnp.sum(layer_mean(stats.load_balance_loss))
     z_loss = layer_mean(stats.z_loss)
-    loss = ce + m.aux_loss_weight * aux_loss + m.z_loss_weight * z_loss
+    return ce + m.aux_loss_weight * aux_loss + m.z_loss_weight * z_loss, (aux_loss, z_loss)
+
+  if sparse_train.update_mode(cfg, batch_sharding.mesh) == 'sparse':
+    return sparse_train.make_sparse_train_step(cfg, graphdef, shardings, batch_sharding, loss_terms)
+
+  def loss_fn(params, extra, inputs_bs, targets_bs):
+    ce, stats = _forward(graphdef, params, extra, inputs_bs, targets_bs)
+    loss, (aux_loss, z_loss) = loss_terms(ce, stats)
     return loss, (ce, aux_loss, z_loss, stats)
 
   def train_step(state, inputs_bs, targets_bs):
@@ -125,18 +138,8 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, sha
       params = optax.apply_updates(state['params'], updates)
     extra = state['extra']
     if m.bias_update_rate > 0 and stats.tokens_per_expert.shape[0]:
-      extra = _update_bias(graphdef, params, extra, stats, cfg)
-    grad_norm = optax.tree.norm(grads)
-    drop_levels = layer_mean(stats.drop_fraction)
-    metrics = {
-        'loss': ce, 'total_loss': total, 'aux_loss': aux_loss, 'z_loss': z_loss,
-        'drop_fraction': drop_levels[2],                       # expert level: assignments dropped
-        'drop_fraction_levels': drop_levels,
-        'grad_norm': grad_norm,
-        **level_load_entropies(stats, m),
-        'tokens_per_expert': stats.tokens_per_expert,          # [moe layers, E] assignments
-        'finite': jnp.isfinite(total) & jnp.isfinite(grad_norm),
-    }
+      extra = update_bias(graphdef, params, extra, stats, cfg)
+    metrics = step_metrics(cfg, ce, total, aux_loss, z_loss, optax.tree.norm(grads), stats)
     state = dict(state, params=params, extra=extra, opt=opt, step=state['step'] + 1)
     return state, metrics
 
@@ -144,7 +147,21 @@ def make_train_step(cfg: Config, graphdef, tx: optax.GradientTransformation, sha
                  out_shardings=(shardings, None), donate_argnums=(0,))
 
 
-def _update_bias(graphdef, params, extra, stats: MoEStats, cfg: Config):
+def step_metrics(cfg: Config, ce, total, aux_loss, z_loss, grad_norm, stats: MoEStats) -> dict[str, jax.Array]:
+  """What a train step reports (either expert update)."""
+  drop_levels = layer_mean(stats.drop_fraction)
+  return {
+      'loss': ce, 'total_loss': total, 'aux_loss': aux_loss, 'z_loss': z_loss,
+      'drop_fraction': drop_levels[2],                       # expert level: assignments dropped
+      'drop_fraction_levels': drop_levels,
+      'grad_norm': grad_norm,
+      **level_load_entropies(stats, cfg.moe),
+      'tokens_per_expert': stats.tokens_per_expert,          # [moe layers, E] assignments
+      'finite': jnp.isfinite(total) & jnp.isfinite(grad_norm),
+  }
+
+
+def update_bias(graphdef, params, extra, stats: MoEStats, cfg: Config):
   """Loss-free balancing: each MoE block nudges every level's selection bias toward even load."""
   model = nnx.merge(graphdef, params, extra)
   blocks = model.moe_blocks()
