@@ -140,7 +140,7 @@ def _touched_child_logits(x_nd, w_pdb, parent_np, delta_udb, touched, name):
 
 
 def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
-          bias: dict[str, jax.Array] | None = None, tier_mask: Any = None,
+          bias: dict[str, jax.Array] | None = None, *, tier_mask: Any = None,
           row_deltas: dict[str, jax.Array] | None = None) -> Routing:
   """Routes N tokens hierarchically.
 
