@@ -175,9 +175,12 @@ def _by_expert_rank(ids: jax.Array, grads: jax.Array, spec: P, num_rows: int, me
   row_spec = tuple(spec)[lead + 1:]
 
   def body(ids_u, grads_u):
-    ids_u = jax.lax.all_gather(ids_u, 'data', axis=lead, tiled=True)
-    grads_u = jax.lax.all_gather(grads_u, 'data', axis=lead, tiled=True)
+    if sizes['data'] > 1:
+      ids_u = jax.lax.all_gather(ids_u, 'data', axis=lead, tiled=True)
+      grads_u = jax.lax.all_gather(grads_u, 'data', axis=lead, tiled=True)
     local = jnp.where(ids_u < num_rows, ids_u - jax.lax.axis_index('expert') * e_loc, e_loc)
+    if sizes['data'] == 1:   # one rank's ids are distinct already: nothing to sum
+      return local, grads_u
     return _vmapped(lambda i, g: sparse_grad.dedup_rows(i, g, u2, e_loc), lead, 0)(local, grads_u)
 
   # After the all_gather every data rank of an expert rank holds the same rows; the type system still
