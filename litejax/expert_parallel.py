@@ -69,7 +69,7 @@ def _scatter_rows(values: jax.Array, slot_ni: jax.Array, total: int) -> jax.Arra
 def _touched(eid_plus: jax.Array, e_loc: int, w: dict[str, jax.Array], deltas: dict[str, jax.Array]):
   """Sparse training: the local experts that arriving slots name (eid_plus = local id + 1, 0 = empty
   slot). Returns (rows {name: [u, ...]} = w[ids_u] + delta, differentiable in the deltas only;
-  slot of each arriving slot in rows (u = empty: reads zeros); ids_u int32 [u], padded with e_loc)."""
+  slot of each arriving slot in rows (u = empty slot, zero activations); ids_u int32 [u], padded with e_loc)."""
   u = next(iter(deltas.values())).shape[0]
   ids = jnp.where(eid_plus > 0, eid_plus - 1, e_loc)
   ids_u, slot = sparse_grad.unique_ids(ids.reshape(-1), u, e_loc)
@@ -124,7 +124,7 @@ def ep_dispatch(x_nd: jax.Array, expert_nk: jax.Array, weight_nk: jax.Array, w: 
     eid, wt = a2a(eid.reshape(R, -1, k_e)), a2a(wt.reshape(R, -1, k_e))
     if sparse:
       rows, slot_mk, ids_u = _touched(eid.reshape(m, k_e), e_loc, w, deltas)
-      w_mk = {name: sparse_grad.gather_rows(v, slot_mk) for name, v in rows.items()}
+      w_mk = {name: sparse_grad.slot_rows(v, slot_mk) for name, v in rows.items()}
     else:
       w_mk = {name: v[eid.reshape(m, k_e)] for name, v in w.items()}      # [M, k_e, d, h]
     y_mkd = expert_ffn(x_recv.reshape(m, d), w_mk, kind, 'md,mkdh->mkh', 'mkh,mkhd->mkd')
@@ -142,7 +142,7 @@ def ep_dispatch(x_nd: jax.Array, expert_nk: jax.Array, weight_nk: jax.Array, w: 
     eid = a2a(_scatter_rows(expert_nk % e_loc + sparse, slot, m).reshape(R, -1))
     if sparse:
       rows, slot_m, ids_u = _touched(eid.reshape(m), e_loc, w, deltas)
-      w_m = {name: sparse_grad.gather_rows(v, slot_m) for name, v in rows.items()}
+      w_m = {name: sparse_grad.slot_rows(v, slot_m) for name, v in rows.items()}
     else:
       w_m = {name: v[eid.reshape(m)] for name, v in w.items()}           # [M, d, h]
     y_recv = expert_ffn(x_recv.reshape(m, d), w_m, kind, 'md,mdh->mh', 'mh,mhd->md')

@@ -9,8 +9,9 @@ table's size (tests/test_sparse_grad.py reads the optimized HLO to check it).
 
 Conventions shared with litejax/sparse_optim.py:
   - u is static: the number of distinct rows a step can touch, min(E, assignments) (`touched_bound`).
-  - Unused entries of an [u] id list hold the padding id E (one past the last row). Gathers of a padding
-    id read zeros and scatters to it are dropped, so padded rows never change anything.
+  - Unused entries of an [u] id list hold the padding id E (one past the last row). `gather_rows` of a
+    padding id reads zeros (`touched_rows` / `slot_rows` a clamped row nothing uses) and scatters to it
+    are dropped, so padded rows never change anything.
   - Ids in an [u] list are distinct apart from padding (scatters of duplicate ids are ill-defined);
     `unique_ids` builds such a list from per-assignment ids, `sum_rows` sums per-assignment
     contributions onto it.
@@ -78,7 +79,16 @@ def touched_rows(table: jax.Array, ids_u: jax.Array, delta_u: jax.Array) -> jax.
   if delta_u.shape != ids_u.shape + table.shape[1:]:
     raise ValueError(f'touched_rows: delta_u shape {delta_u.shape} must be ids_u shape + row shape '
                      f'{ids_u.shape + table.shape[1:]}')
-  return gather_rows(jax.lax.stop_gradient(table), ids_u) + delta_u.astype(table.dtype)
+  # A padding id reads a clamped real row, not zeros: no row of the result with a padding id is used
+  # by any assignment (and its delta's gradient is zero), so the fill mask - a select over every
+  # gathered element - would buy nothing.
+  return jax.lax.stop_gradient(table).at[ids_u].get(mode='clip') + delta_u.astype(table.dtype)
+
+
+def slot_rows(rows_u: jax.Array, slot_m: jax.Array) -> jax.Array:
+  """rows_u[slot_m] for slots whose unused entries (slot u) carry zero activations: those read a clamped
+  row (finite, multiplied by zeros) instead of a zero row, saving a select per gathered element."""
+  return rows_u.at[slot_m].get(mode='clip')
 
 
 def zero_delta(table: jax.Array | jax.ShapeDtypeStruct, u: int, dtype=jnp.float32) -> jax.Array:

@@ -25,7 +25,8 @@ standard choice for sparse tables (lazy Adam in recommender embeddings). The cos
 pulled toward zero, and the learning rate it sees follows the global schedule, not its own count.
 
 Global-norm clipping and the learning rate are shared with the dense optax path: `global_norm` takes the
-dense gradients and the row gradients together, `clip_by_norm` scales either with optax's formula, and the
+dense gradients and the row gradients together, `clip_scale` is optax's clip factor (`clip_by_norm` applies it;
+the row updates take it as `grad_scale` and fold it into their scalars), and the
 update takes the learning rate as a scalar, `lr_schedule(tc)(step)` from litejax/train.py at the global
 step count (what optax's own schedule sees). A train step therefore builds its dense optax chain without
 `clip_by_global_norm`, clips both paths with one norm, and passes the same lr to both.
@@ -40,13 +41,14 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from litejax.sparse_grad import gather_rows
 
 OPTIMIZERS = ('adamw', 'factored')
 
 
 class RowOptimizer(NamedTuple):
-  """init(table) -> state; update(table, state, ids_u, grads_u, lr) -> (table, state)."""
+  """init(table) -> state; update(table, state, ids_u, grads_u, lr, grad_scale=1) -> (table, state).
+
+  grad_scale multiplies grads_u (the global-norm clip factor, `clip_scale`), folded into the update."""
   init: Callable[[jax.Array], Any]
   update: Callable[..., tuple[jax.Array, Any]]
 
@@ -71,19 +73,35 @@ def global_norm(*trees: Any) -> jax.Array:
   return jnp.sqrt(sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in leaves))
 
 
-def clip_by_norm(tree: Any, g_norm: jax.Array, max_norm: float) -> Any:
-  """Scale `tree` as optax.clip_by_global_norm(max_norm) would, given the global norm; max_norm 0 = off."""
+def clip_scale(g_norm: jax.Array, max_norm: float) -> jax.Array:
+  """The factor optax.clip_by_global_norm(max_norm) scales gradients by, given their norm (max_norm 0: 1)."""
   if max_norm < 0:
     raise ValueError(f'clip_by_norm: max_norm must be >= 0 (0 = off), got {max_norm}')
   if max_norm == 0:
-    return tree
-  keep = g_norm < max_norm
-  return jax.tree.map(lambda t: jax.lax.select(keep, t, (t / g_norm.astype(t.dtype)) * max_norm), tree)
+    return jnp.ones((), jnp.float32)
+  return jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm).astype(jnp.float32)
+
+
+def clip_by_norm(tree: Any, g_norm: jax.Array, max_norm: float) -> Any:
+  """Scale `tree` as optax.clip_by_global_norm(max_norm) would, given the global norm; max_norm 0 = off.
+
+  One scalar factor (`clip_scale`), one multiply per element: optax selects between t and
+  (t / norm) · max per element, the same values to rounding at three ops per element."""
+  scale = clip_scale(g_norm, max_norm)
+  return jax.tree.map(lambda t: t * scale.astype(t.dtype), tree)
 
 
 def _set_rows(table: jax.Array, ids_u: jax.Array, rows_u: jax.Array) -> jax.Array:
   # mode='drop': padding ids (E) write nothing.
   return table.at[ids_u].set(rows_u.astype(table.dtype), mode='drop')
+
+
+def _get_rows(table: jax.Array, ids_u: jax.Array) -> jax.Array:
+  # A padding id (E) reads a clamped row: whatever the update computes for it is dropped by `_set_rows`,
+  # so no per-element fill mask is needed (sparse_grad.gather_rows' zeros cost a select per element).
+  return table.at[ids_u].get(mode='clip')
+
+
 
 
 def _check_rows(table: jax.Array, ids_u: jax.Array, grads_u: jax.Array, who: str) -> None:
@@ -107,20 +125,28 @@ def row_adamw(b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8, weight_deca
     return RowAdamWState(jnp.zeros(table.shape, state_dtype), jnp.zeros(table.shape, state_dtype),
                          jnp.zeros(table.shape[:1], jnp.int32))
 
-  def update(table, state: RowAdamWState, ids_u, grads_u, lr):
+  def update(table, state: RowAdamWState, ids_u, grads_u, lr, grad_scale=1.0):
     _check_rows(table, ids_u, grads_u, 'row_adamw')
     g = grads_u.astype(state_dtype)
-    count_u = gather_rows(state.count, ids_u) + 1
-    mu = (1 - b1) * g + b1 * gather_rows(state.mu, ids_u)
-    nu = (1 - b2) * jnp.square(g) + b2 * gather_rows(state.nu, ids_u)
-    c = _per_row(count_u, g.ndim)
-    mu_hat = mu / (1 - b1 ** c).astype(state_dtype)
-    nu_hat = nu / (1 - b2 ** c).astype(state_dtype)
-    p = gather_rows(table, ids_u)
-    step = mu_hat / (jnp.sqrt(nu_hat) + eps) + weight_decay * p.astype(state_dtype)
-    new_p = p + (-lr * step).astype(p.dtype)   # optax: updates scaled by -lr, then apply_updates adds
-    new_state = RowAdamWState(_set_rows(state.mu, ids_u, mu), _set_rows(state.nu, ids_u, nu),
-                              _set_rows(state.count, ids_u, count_u))
+    count_u = _get_rows(state.count, ids_u) + 1
+    # The clip factor (`clip_scale`) folds into the scalars: (1 - b1)·(s·g), (1 - b2)·(s·g)².
+    scale = jnp.asarray(grad_scale, state_dtype)
+    mu_tab = _set_rows(state.mu, ids_u, ((1 - b1) * scale) * g + b1 * _get_rows(state.mu, ids_u))
+    nu_tab = _set_rows(state.nu, ids_u, ((1 - b2) * scale * scale) * jnp.square(g) + b2 * _get_rows(state.nu, ids_u))
+    # The new moments are read back from the updated tables (u rows) rather than kept: XLA fuses the
+    # moment arithmetic into each scatter, and would otherwise repeat it in the parameter update.
+    mu, nu = _get_rows(mu_tab, ids_u), _get_rows(nu_tab, ids_u)
+    # optax: mu_hat / (sqrt(nu_hat) + eps) with mu_hat = mu / (1 - b1^c), nu_hat = nu / (1 - b2^c); the
+    # bias corrections are per-row scalars, so they fold into two [u] factors (the same value to rounding,
+    # three ops per element instead of five).
+    c = count_u.astype(state_dtype)
+    root_c2 = jnp.sqrt(1 - b2 ** c)
+    scale_u, eps_u = _per_row(root_c2 / (1 - b1 ** c), g.ndim), _per_row(eps * root_c2, g.ndim)
+    p = _get_rows(table, ids_u)
+    step = mu * scale_u / (jnp.sqrt(nu) + eps_u)
+    # optax: p + (-lr · (step + wd·p)), as p·(1 - lr·wd) - lr·step
+    new_p = (p.astype(state_dtype) * (1 - lr * weight_decay) - lr * step).astype(p.dtype)
+    new_state = RowAdamWState(mu_tab, nu_tab, _set_rows(state.count, ids_u, count_u))
     return _set_rows(table, ids_u, new_p), new_state
 
   return RowOptimizer(init, update)
@@ -148,22 +174,22 @@ def row_factored(decay_rate: float = 0.8, eps: float = 1e-30, clip_threshold: fl
                             jnp.zeros(table.shape[:-2] + table.shape[-1:], state_dtype),
                             jnp.zeros(table.shape[:1], jnp.int32))
 
-  def update(table, state: RowFactoredState, ids_u, grads_u, lr):
+  def update(table, state: RowFactoredState, ids_u, grads_u, lr, grad_scale=1.0):
     _check_rows(table, ids_u, grads_u, 'row_factored')
-    g = grads_u.astype(state_dtype)
-    count_u = gather_rows(state.count, ids_u)
+    g = grads_u.astype(state_dtype) * jnp.asarray(grad_scale, state_dtype)
+    count_u = _get_rows(state.count, ids_u)
     beta = 1 - (count_u + 1).astype(state_dtype) ** -decay_rate
     g_sq = jnp.square(g) + eps
-    v_row = _per_row(beta, g.ndim - 1) * gather_rows(state.v_row, ids_u) \
+    v_row = _per_row(beta, g.ndim - 1) * _get_rows(state.v_row, ids_u) \
         + _per_row(1 - beta, g.ndim - 1) * jnp.mean(g_sq, axis=-1)
-    v_col = _per_row(beta, g.ndim - 1) * gather_rows(state.v_col, ids_u) \
+    v_col = _per_row(beta, g.ndim - 1) * _get_rows(state.v_col, ids_u) \
         + _per_row(1 - beta, g.ndim - 1) * jnp.mean(g_sq, axis=-2)
     row_factor = (v_row / jnp.mean(v_row, axis=-1, keepdims=True)) ** -0.5
     upd = g * row_factor[..., :, None] * (v_col ** -0.5)[..., None, :]
     if clip_threshold > 0:
       rms = jnp.sqrt(jnp.mean(jnp.square(upd), axis=tuple(range(1, upd.ndim))))
       upd = upd / _per_row(jnp.maximum(1.0, rms / clip_threshold), upd.ndim)
-    p = gather_rows(table, ids_u)
+    p = _get_rows(table, ids_u)
     new_p = p + (-lr * (upd + weight_decay * p.astype(state_dtype))).astype(p.dtype)
     new_state = RowFactoredState(_set_rows(state.v_row, ids_u, v_row), _set_rows(state.v_col, ids_u, v_col),
                                  _set_rows(state.count, ids_u, count_u + 1))

@@ -175,9 +175,12 @@ def _by_expert_rank(ids: jax.Array, grads: jax.Array, spec: P, num_rows: int, me
   row_spec = tuple(spec)[lead + 1:]
 
   def body(ids_u, grads_u):
-    ids_u = jax.lax.all_gather(ids_u, 'data', axis=lead, tiled=True)
-    grads_u = jax.lax.all_gather(grads_u, 'data', axis=lead, tiled=True)
+    if sizes['data'] > 1:
+      ids_u = jax.lax.all_gather(ids_u, 'data', axis=lead, tiled=True)
+      grads_u = jax.lax.all_gather(grads_u, 'data', axis=lead, tiled=True)
     local = jnp.where(ids_u < num_rows, ids_u - jax.lax.axis_index('expert') * e_loc, e_loc)
+    if sizes['data'] == 1:   # one rank's ids are distinct already: nothing to sum
+      return local, grads_u
     return _vmapped(lambda i, g: sparse_grad.dedup_rows(i, g, u2, e_loc), lead, 0)(local, grads_u)
 
   # After the all_gather every data rank of an expert rank holds the same rows; the type system still
@@ -208,8 +211,9 @@ def touched_grads(cfg: Config, tables: nnx.State, g_deltas: nnx.State, touched: 
 
 
 def apply_rows(cfg: Config, tables: nnx.State, row_state: dict[str, Any],
-               rows: dict[str, tuple[jax.Array, jax.Array]], lr: jax.Array, mesh: Mesh):
-  """Row optimizer on every table: (tables, row_state) with only the touched rows changed.
+               rows: dict[str, tuple[jax.Array, jax.Array]], lr: jax.Array, grad_scale: jax.Array, mesh: Mesh):
+  """Row optimizer on every table: (tables, row_state) with only the touched rows changed; the row
+  gradients are scaled by grad_scale (the global-norm clip factor) inside the update.
 
   Expert tables on a mesh update under shard_map, each device its own shard of rows in place (XLA's
   partitioner would otherwise gather the whole table for a scatter with replicated ids).
@@ -225,16 +229,16 @@ def apply_rows(cfg: Config, tables: nnx.State, row_state: dict[str, Any],
     k = '.'.join(_key([p]) for p in path)
     ids, grads = rows[k]
     table = var.get_value()
-    fn = _vmapped(opt.update, table.ndim - 3, (0, 0, 0, 0, None))
+    fn = _vmapped(opt.update, table.ndim - 3, (0, 0, 0, 0, None, None))
     if on_mesh and path[-1].key in EXPERT_TABLES:
       spec = _table_spec(var)
       state_spec = jax.tree.map(lambda s: s.spec, sparse_optim.state_shardings(NamedSharding(mesh, spec), row_state[k]))
       lead = table.ndim - 3
       # factored: v_row / v_col come from the tensor-split gradient; with tensor = 1 (required above)
       # they are whole, which the type system cannot infer.
-      fn = jax.shard_map(fn, mesh=mesh, in_specs=(spec, state_spec, P(*spec[:lead + 1]), spec, P()),
+      fn = jax.shard_map(fn, mesh=mesh, in_specs=(spec, state_spec, P(*spec[:lead + 1]), spec, P(), P()),
                          out_specs=(spec, state_spec), check_vma=cfg.train.expert_optimizer != 'factored')
-    new_table, new_state[k] = fn(table, row_state[k], ids, grads, lr)
+    new_table, new_state[k] = fn(table, row_state[k], ids, grads, lr, grad_scale)
     return var.replace(new_table)
 
   return jax.tree_util.tree_map_with_path(update, tables, is_leaf=_is_var), new_state
@@ -270,13 +274,14 @@ def make_sparse_train_step(cfg: Config, graphdef, shardings: Any, batch_sharding
     (total, (ce, (aux_loss, z_loss), stats)), (g_dense, g_deltas, _) = grad_fn(
         dense, deltas, state['extra'], tables)
     rows = touched_grads(cfg, tables, g_deltas, stats.touched, mesh)
-    g_rows = {k: g for k, (_, g) in rows.items()}
-    grad_norm = sparse_optim.global_norm(g_dense, g_rows)
-    g_dense, g_rows = sparse_optim.clip_by_norm((g_dense, g_rows), grad_norm, cfg.train.grad_clip)
-    updates, opt_dense = dense_tx.update(g_dense, state['opt']['dense'], dense)
-    dense = optax.apply_updates(dense, updates)
-    rows = {k: (ids, g_rows[k]) for k, (ids, _) in rows.items()}
-    tables, opt_rows = apply_rows(cfg, tables, state['opt']['rows'], rows, schedule(state['step']), mesh)
+    with jax.named_scope('optimizer'):   # litejax.cost reports the update's FLOPs and bytes by this scope
+      grad_norm = sparse_optim.global_norm(g_dense, {k: g for k, (_, g) in rows.items()})
+      # One clip factor for both: dense grads scaled here, row grads inside the row update.
+      scale = sparse_optim.clip_scale(grad_norm, cfg.train.grad_clip)
+      g_dense = jax.tree.map(lambda t: t * scale.astype(t.dtype), g_dense)
+      updates, opt_dense = dense_tx.update(g_dense, state['opt']['dense'], dense)
+      dense = optax.apply_updates(dense, updates)
+      tables, opt_rows = apply_rows(cfg, tables, state['opt']['rows'], rows, schedule(state['step']), scale, mesh)
     params = nnx.merge_state(dense, tables)
     extra = state['extra']
     if cfg.moe.bias_update_rate > 0 and stats.tokens_per_expert.shape[0]:
