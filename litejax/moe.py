@@ -142,7 +142,8 @@ class MoEBlock(nnx.Module):
     x_nd = x_bsd.reshape(b * s, d)
     deltas = self._row_deltas()
     router_deltas = {level: deltas[f'router_{level}'] for level in ('group', 'expert') if f'router_{level}' in deltas}
-    r = routing.route(x_nd, self.router_params(), self.moe_cfg, self.router_bias(), router_deltas)
+    r = routing.route(x_nd, self.router_params(), self.moe_cfg, self.router_bias(),
+                      row_deltas=router_deltas)
     touched = dict(r.touched or {})
     expert_deltas = {name: deltas[name] for name in EXPERT_TABLES if name in deltas}
     with jax.named_scope('dispatch'):   # packing and combine; the expert matmuls inside are 'experts'
