@@ -165,8 +165,15 @@ def _capacity_path(x_nd, expert_nk, pos_nk, keep_nk, w, kind, num_experts, cap):
     return unpack_rows(y_ecd.reshape(total, d), slot_nk)     # [N, K, d]
 
 
-def _gather_path(x_nd, expert_nk, w, kind):
-  w_nk = {name: v[expert_nk] for name, v in w.items()}         # [N, K, d, h] / [N, K, h, d]
+def gather_ffn(x_nd: jax.Array, expert_nk: jax.Array, w: dict[str, jax.Array], kind: str) -> jax.Array:
+  """[N, K, d]: expert expert_nk[n, k] on token n, each assignment gathering its expert's weight
+  slices (the `gather` path; dropless decode on CPU)."""
+  return gathered_weights_ffn(x_nd, {name: v[expert_nk] for name, v in w.items()}, kind)
+
+
+def gathered_weights_ffn(x_nd: jax.Array, w_nk: dict[str, jax.Array], kind: str) -> jax.Array:
+  """[N, K, d] from per-assignment weights w_nk ([N, K, d, h] / [N, K, h, d]): the one arithmetic of
+  `gather_ffn`, shared with the slot buffers (litejax.store.slot_moe) so that both are bit-identical."""
   return expert_ffn(x_nd, w_nk, kind, 'nd,nkdh->nkh', 'nkh,nkhd->nkd')
 
 
@@ -209,7 +216,7 @@ def moe_ffn(x_nd: jax.Array, routing: Routing, w: dict[str, jax.Array], cfg: MoE
     y_nkd = _capacity_path(x_nd, routing.expert_nk, pos_nk, keep_nk, w, cfg.expert_kind, rows, cap)
     y_nd = combine(y_nkd, weight_nk)
   elif path == 'gather':
-    y_nd = combine(_gather_path(x_nd, routing.expert_nk, w, cfg.expert_kind), weight_nk)
+    y_nd = combine(gather_ffn(x_nd, routing.expert_nk, w, cfg.expert_kind), weight_nk)
   elif path == 'einsum':
     y_nd = _einsum_path(x_nd, routing.expert_nk, pos_nk, keep_nk, weight_nk, w, cfg.expert_kind, rows, cap)
   else:

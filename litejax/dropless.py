@@ -9,6 +9,10 @@ grouped matmul whose groups are the experts (MaxText / MegaBlocks):
             last tile is zero-padded); each tile gathers its expert's weights and the tiles run as one
             batched matmul. The static tile count (`config.dropless_tiles`) bounds the work by
             (A + min(E, A)·(t - 1))·d·h per matrix, and the weights read by tiles·d·h.
+  CPU, t = 1 (a few tokens per step: every decode step): a tile is one row, so the tiles are just the
+            assignments in expert order. The sort buys nothing there; each assignment gathers its
+            expert's slices directly (`dispatch`'s gather form: no sort, no tiles, no scatter back),
+            the same A·d·h work and weights read in far fewer kernels, which at decode set the latency.
 No N×E or E-sized tensor is built on the CPU path: run starts come from a search over the sorted ids.
 """
 from __future__ import annotations
@@ -17,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from litejax.config import dropless_tiles
-from litejax.dispatch import combine, expert_ffn
+from litejax.dispatch import combine, expert_ffn, gather_ffn
 
 
 def sort_by_expert(expert_nk: jax.Array):
@@ -78,27 +82,23 @@ def _ragged_ffn(x_ad: jax.Array, sorted_e: jax.Array, w: dict[str, jax.Array], k
 
 def expert_rows_ffn(x_ad: jax.Array, expert_a: jax.Array, w: dict[str, jax.Array], kind: str,
                     impl: str = 'auto') -> jax.Array:
-  """Runs expert `expert_a[i]` on row i of x_ad for every row (no drops). Returns [A, d].
+  """Runs expert `expert_a[i]` on row i of x_ad for every row (no drops), sorted by expert. Returns [A, d].
 
-  impl: 'tiles' (the bounded CPU form), 'ragged' (`lax.ragged_dot`), or 'auto' (tiles when lowered for
-  CPU, ragged elsewhere; chosen per platform at lowering, as dispatch.expert_matmul does).
+  impl: 'tiles' (the bounded CPU form) or 'ragged' (`lax.ragged_dot`).
   """
   num_experts = w['w_in'].shape[0]
   order, sorted_e, rank, run = sort_by_expert(expert_a)
   x_sorted = x_ad[order]
-
-  def tiles(x_s, e_s, r, c):
-    return _tiled_ffn(x_s, e_s, r, c, w, kind, num_experts)
-
-  def ragged(x_s, e_s, r, c):
-    del r, c
-    return _ragged_ffn(x_s, e_s, w, kind, num_experts)
-
-  if impl == 'auto':
-    y_sorted = jax.lax.platform_dependent(x_sorted, sorted_e, rank, run, cpu=tiles, default=ragged)
+  if impl == 'tiles':
+    y_sorted = _tiled_ffn(x_sorted, sorted_e, rank, run, w, kind, num_experts)
   else:
-    y_sorted = {'tiles': tiles, 'ragged': ragged}[impl](x_sorted, sorted_e, rank, run)
+    y_sorted = _ragged_ffn(x_sorted, sorted_e, w, kind, num_experts)
   return jnp.zeros_like(y_sorted).at[order].set(y_sorted)
+
+
+def cpu_impl(num_assignments: int, num_experts: int) -> str:
+  """The CPU form for A assignments over E experts: 'direct' when tiles are one row, else 'tiles'."""
+  return 'direct' if dropless_tiles(num_assignments, num_experts)[0] == 1 else 'tiles'
 
 
 def dropless_moe(x_nd: jax.Array, expert_nk: jax.Array, weight_nk: jax.Array, w: dict[str, jax.Array],
@@ -106,8 +106,22 @@ def dropless_moe(x_nd: jax.Array, expert_nk: jax.Array, weight_nk: jax.Array, w:
   """y [N, d] = Σ_k weight_nk · expert_{expert_nk}(x_n), every assignment computed.
 
   w: 'w_in' [E, d, h], 'w_out' [E, h, d] and for glu 'w_gate' [E, d, h].
+  impl: 'direct' (each assignment gathers its expert's slices), 'tiles', 'ragged', or 'auto': on CPU
+  `cpu_impl` (direct at t = 1, tiles beyond), ragged elsewhere; chosen per platform at lowering, as
+  dispatch.expert_matmul does.
   """
   n, k = expert_nk.shape
-  x_ad = jnp.repeat(x_nd, k, axis=0)                                   # row n·K + j: token n, slot j
-  y_nkd = expert_rows_ffn(x_ad, expert_nk.reshape(-1), w, kind, impl).reshape(n, k, -1)
+
+  def sorted_form(x, e, form):
+    x_ad = jnp.repeat(x, k, axis=0)                                    # row n·K + j: token n, slot j
+    return expert_rows_ffn(x_ad, e.reshape(-1), w, kind, form).reshape(n, k, -1)
+
+  forms = {'direct': lambda x, e: gather_ffn(x, e, w, kind),
+           'tiles': lambda x, e: sorted_form(x, e, 'tiles'),
+           'ragged': lambda x, e: sorted_form(x, e, 'ragged')}
+  if impl == 'auto':
+    cpu = forms[cpu_impl(n * k, w['w_in'].shape[0])]
+    y_nkd = jax.lax.platform_dependent(x_nd, expert_nk, cpu=cpu, default=forms['ragged'])
+  else:
+    y_nkd = forms[impl](x_nd, expert_nk)
   return combine(y_nkd, weight_nk)

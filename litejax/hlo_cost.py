@@ -184,7 +184,7 @@ def instr_bytes_accessed(module: Module, comp: Computation, ins: Instr) -> float
 
 def slice_reads(called: Computation, name: str) -> float | None:
   """Bytes a fusion reads of its value `name` when every use only slices it (operand 0 of a slice,
-  dynamic-slice or gather, through bitcasts), else None (read whole). Chains are followed: a loop
+  dynamic-slice or gather, through bitcasts and converts), else None (read whole). Chains are followed: a loop
   fusion computes a fused slice's elements on demand, so a gather of a dynamic-slice (a scanned
   layer's expert table, then K rows of it) reads the gathered rows, not the layer's table."""
   uses = [u for u in called.instrs.values() if name in u.operands]
@@ -196,6 +196,13 @@ def slice_reads(called: Computation, name: str) -> float | None:
       inner = slice_reads(called, u.name)
       if inner is None:
         return None
+    elif u.opcode == 'convert' and u.elements:
+      # elementwise, computed per element on demand too (XLA:CPU's bf16 round trip between a
+      # scanned layer's slice and its gather): the source's bytes of the elements read
+      inner = slice_reads(called, u.name)
+      if inner is None:
+        return None
+      inner *= (called.instrs[name].nbytes / max(called.instrs[name].elements, 1)) / (u.nbytes / u.elements)
     elif u.opcode in _SLICING and u.operands[0] == name and name not in u.operands[1:]:
       inner = slice_reads(called, u.name)
       inner = u.nbytes if inner is None else min(inner, u.nbytes)

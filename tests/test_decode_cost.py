@@ -53,6 +53,21 @@ def test_scanned_layers_read_only_the_active_rows():
   assert rep['ratio'] == pytest.approx(1.0) and rep['violations'] == []
   assert rep['expert_weight_bytes_per_token'] == rep['expert_weight_bytes_per_token_analytic']
   assert rep['expert_weight_bytes_per_token'] < rep['expert_weight_bytes_all_experts']
+  assert rep['expert_weight_bytes_per_token_cpu_bf16_upcast'] == 0
+
+
+def test_scanned_bf16_upcast_is_a_named_cpu_artefact():
+  # XLA:CPU converts each stacked bf16 expert table to f32 whole, hoisted out of the layer loop: it
+  # reads every expert per step. Named as the artefact (a TPU compile keeps the tables bf16); the
+  # rest is exactly the K rows' slices, so no violation.
+  cfg = load_config(TINY_YAML, ['model.scan_layers=true', 'model.param_dtype=bfloat16', 'model.dtype=bfloat16'])
+  rep = decode_cost.bound_decode(cfg, batch=2, cache_len=16, num_devices=1)
+  upcast = rep['expert_weight_bytes_per_token_cpu_bf16_upcast']
+  assert upcast >= rep['expert_weight_bytes_all_experts'] / rep['batch']      # the whole-table convert
+  assert rep['expert_weight_bytes_per_token_without_artefacts'] == pytest.approx(
+      rep['expert_weight_bytes_per_token_analytic'])
+  assert rep['artefacts_per_token']['cpu_bf16_expert_table_upcast_bytes'] == upcast
+  assert not [v for v in rep['violations'] if 'expert weights' in v]
 
 
 def test_slice_reads_follows_chains_and_fails_on_a_whole_read():

@@ -49,7 +49,7 @@ def run_moe(x, rp, w, cfg, impl):
   return y, r.expert_nk, r.weight_nk
 
 
-@pytest.mark.parametrize('impl', ['moe_ffn', 'tiles', 'ragged'])
+@pytest.mark.parametrize('impl', ['moe_ffn', 'direct', 'tiles', 'ragged'])
 @pytest.mark.parametrize('kind', ['mlp', 'glu'])
 def test_equals_dense_reference_with_skewed_load(kind, impl):
   # A router bias toward a few experts: far past capacity_factor 1.25 for them, yet nothing may drop.
@@ -67,7 +67,7 @@ def test_equals_dense_reference_with_skewed_load(kind, impl):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('impl', ['tiles', 'ragged'])
+@pytest.mark.parametrize('impl', ['direct', 'tiles', 'ragged'])
 def test_gradients_match_gather_path(impl):
   # The gather path drops nothing at capacity_factor 50 and its gradients are checked against finite
   # differences in test_dispatch; dropless must give the same gradients for inputs, router and experts.
@@ -88,6 +88,24 @@ def test_gradients_match_gather_path(impl):
                          argnums=(0, 1, 2)))(x, rp, w)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
+def test_decode_sized_call_runs_no_sort_on_cpu():
+  # At t = 1 (a few tokens per step) the CPU form gathers each assignment's slices: no argsort, no
+  # searchsorted, no scatter back; with more tokens per expert it keeps the bounded tiles (one sort).
+  from litejax import hlo
+  from litejax.dropless import cpu_impl
+  cfg = moe_cfg(expert_kind='glu')
+  d = 12
+  w = {k: jnp.asarray(v) for k, v in weights(cfg, d).items()}
+  rp = router_params(cfg, d)
+  assert cpu_impl(2 * cfg.k_active, cfg.experts_total) == 'direct'
+  assert cpu_impl(4096 * cfg.k_active, cfg.experts_total) == 'tiles'
+  for n, sorts in ((2, 0), (4096, 1)):
+    x = jnp.zeros((n, d), jnp.float32)
+    text = run_moe.lower(x, rp, w, cfg, 'auto').compile().as_text()
+    kinds = hlo.kernel_counts(hlo.parse(text))
+    assert kinds.get('sort', 0) == sorts, (n, kinds)
 
 
 def test_analytic_bound_counts_the_tiles():

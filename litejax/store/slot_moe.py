@@ -1,12 +1,16 @@
 """The MoE layer computed from device slots (pure JAX): routed experts read from a static [slots, ...]
 buffer through an expert->slot remap, with the arithmetic of the resident dropless path.
 
-Exactness. The resident decode step runs `litejax.dropless` (tiles of t rows, one expert per tile, t and
-the tile count from `config.dropless_tiles(A, E)`). Here the same tiles are built from slot ids instead of
-expert ids, with t and the tile count still taken from E: an expert's assignments are the same rows in
-the same order (a stable sort by slot keeps the within-expert order, and expert <-> slot is one-to-one in
-a wave), only the tiles come in slot order. Each tile is an independent matmul, so every assignment's
-output is the resident one bit for bit, and the combine over K runs on the same [N, K, d] values.
+Exactness. The resident step runs `litejax.dropless` on CPU in the form `dropless.cpu_impl(A, E)` picks.
+  direct (t = 1: every decode step): each assignment gathers its expert's slices and the same
+         `dispatch.gathered_weights_ffn` runs here on the slices gathered from the slots: the same
+         values in the same [N, K, ...] shapes, so the same outputs bit for bit.
+  tiles  (prefill): the same tiles are built from slot ids instead of expert ids, with t and the tile
+         count still taken from E: an expert's assignments are the same rows in the same order (a stable
+         sort by slot keeps the within-expert order, and expert <-> slot is one-to-one in a wave), only
+         the tiles come in slot order. Each tile is an independent matmul, so every assignment's output
+         is the resident one bit for bit.
+Either way the combine over K runs on the same [N, K, d] values.
 
 Waves. When a step's distinct experts outnumber the slots (prefill, large batches), the host runs
 several waves, each loading at most `slots` experts; `expert_outputs` keeps the per-assignment outputs
@@ -22,8 +26,8 @@ import jax
 import jax.numpy as jnp
 
 from litejax.config import dropless_tiles
-from litejax.dispatch import combine, expert_ffn
-from litejax.dropless import sort_by_expert, tile_rows
+from litejax.dispatch import combine, expert_ffn, gathered_weights_ffn
+from litejax.dropless import cpu_impl, sort_by_expert, tile_rows
 
 
 def _dequant(q: jax.Array, scale: jax.Array) -> jax.Array:
@@ -56,6 +60,17 @@ def expert_outputs(x_nd: jax.Array, slot_nk: jax.Array, slot_w: dict[str, jax.Ar
   Inactive assignments must still carry a valid slot (e.g. 0); their rows are computed and discarded.
   """
   n, k = slot_nk.shape
+  if cpu_impl(n * k, num_experts) == 'direct':
+    w_a = tile_weights(slot_w, int8_w, fallback_f, slot_nk.reshape(-1))
+    y_nkd = gathered_weights_ffn(x_nd, {name: v.reshape((n, k) + v.shape[1:]) for name, v in w_a.items()}, kind)
+  else:
+    y_nkd = _tiled_outputs(x_nd, slot_nk, slot_w, kind, num_experts, int8_w, fallback_f)
+  return jnp.where(active_nk[:, :, None], y_nkd, acc_nkd)
+
+
+def _tiled_outputs(x_nd, slot_nk, slot_w, kind, num_experts, int8_w, fallback_f) -> jax.Array:
+  """[N, K, d] through the resident tiles layout (litejax.dropless._tiled_ffn) over slot ids."""
+  n, k = slot_nk.shape
   d = x_nd.shape[-1]
   x_ad = jnp.repeat(x_nd, k, axis=0)                                   # row n·K + j: token n, slot j
   order, sorted_s, rank, run = sort_by_expert(slot_nk)
@@ -70,8 +85,7 @@ def expert_outputs(x_nd: jax.Array, slot_nk: jax.Array, slot_w: dict[str, jax.Ar
   w_t = tile_weights(slot_w, int8_w, fallback_f, slot_t)
   y_tcd = expert_ffn(x_tcd, w_t, kind, 'ecd,edh->ech', 'ech,ehd->ecd')
   y_sorted = y_tcd.reshape(rows, d)[row_a]
-  y_nkd = jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(n, k, d)
-  return jnp.where(active_nk[:, :, None], y_nkd, acc_nkd)
+  return jnp.zeros_like(y_sorted).at[order].set(y_sorted).reshape(n, k, d)
 
 
 def combine_outputs(y_nkd: jax.Array, weight_nk: jax.Array) -> jax.Array:
