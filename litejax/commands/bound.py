@@ -36,27 +36,40 @@ def run(args: argparse.Namespace) -> int:
   if args.decode or args.cache_len:
     from litejax.commands import bound_decode
     return bound_decode.run(args, cfg)
-  n = args.devices
-  if args.target:
-    from litejax.targets import TargetError, parse_target   # no jax import: safe before XLA_FLAGS
-    try:
-      kind, dims = parse_target(args.target)
-    except TargetError as e:
-      print(f'litejax bound: {e}', file=sys.stderr)
-      return 2
-    if kind != 'cpu':
-      return _run_target(args, cfg)
-    n = dims[0]
-  set_cpu_device_count(n, cpu_only=True)   # no-op when called in-process after jax (tests)
+  target = target_devices(args)
+  if target is None:
+    return 2
+  if target == 'tpu':
+    return _run_target(args, cfg)
+  set_cpu_device_count(target, cpu_only=True)   # no-op when called in-process after jax (tests)
   from litejax import bounds, cost
-  rep = cost.bound(cfg, train=args.train, num_devices=n, global_batch=args.batch, tol=args.tol)
+  rep = cost.bound(cfg, train=args.train, num_devices=target, global_batch=args.batch, tol=args.tol)
+  return emit(args, rep, lambda r: _print_table(args.config, r, bounds.human))
+
+
+def target_devices(args: argparse.Namespace) -> int | str | None:
+  """The emulated CPU device count (`--devices`, or N of `--target cpu:N`), 'tpu' for a TPU slice, or None
+  after printing one line for a malformed --target. Imports no jax (safe before XLA_FLAGS is set)."""
+  if not args.target:
+    return args.devices
+  from litejax.targets import TargetError, parse_target
+  try:
+    kind, dims = parse_target(args.target)
+  except TargetError as e:
+    print(f'litejax bound: {e}', file=sys.stderr)
+    return None
+  return dims[0] if kind == 'cpu' else 'tpu'
+
+
+def emit(args: argparse.Namespace, rep: dict, print_table) -> int:
+  """Prints the report (JSON or table) and one line per violation; exit 1 when there is one."""
   if args.json:
     print(json.dumps(rep, indent=2, default=float))
   else:
-    _print_table(args.config, rep, bounds.human)
-  for v in rep['violations']:
+    print_table(rep)
+  for v in rep.get('violations', ()):
     print(f'litejax bound: BOUND EXCEEDED: {v}', file=sys.stderr)
-  return 1 if rep['violations'] else 0
+  return 1 if rep.get('violations') else 0
 
 
 def _run_target(args: argparse.Namespace, cfg) -> int:
@@ -68,12 +81,11 @@ def _run_target(args: argparse.Namespace, cfg) -> int:
   except targets.TargetError as e:
     print(f'litejax bound: {e}', file=sys.stderr)
     return 2
-  if args.json:
-    print(json.dumps(rep, indent=2, default=float))
-  else:
+
+  def table(r):
     print(f'config: {args.config}')
-    print('\n'.join(targets.format_per_chip(rep, bounds.human)))
-  return 0
+    print('\n'.join(targets.format_per_chip(r, bounds.human)))
+  return emit(args, rep, table)
 
 
 def _print_table(path: str, rep: dict, h) -> None:

@@ -5,7 +5,6 @@ Like commands/bound.py, jax is imported only after `--devices` has set XLA_FLAGS
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 from litejax.devices import set_cpu_device_count
@@ -19,32 +18,21 @@ def run(args: argparse.Namespace, cfg) -> int:
     print('litejax bound: --decode and --train are exclusive (a decode step is a forward)', file=sys.stderr)
     return 2
   cache_len = args.cache_len or cfg.model.seq_len
-  n = args.devices
-  if args.target:
-    from litejax.targets import TargetError, parse_target
-    try:
-      kind, dims = parse_target(args.target)
-    except TargetError as e:
-      print(f'litejax bound: {e}', file=sys.stderr)
-      return 2
-    if kind != 'cpu':
-      return _run_target(args, cfg, cache_len)
-    n = dims[0]
-  set_cpu_device_count(n, cpu_only=True)
+  from litejax.commands.bound import emit, target_devices
+  target = target_devices(args)
+  if target is None:
+    return 2
+  if target == 'tpu':
+    return _run_target(args, cfg, cache_len)
+  set_cpu_device_count(target, cpu_only=True)
   from litejax import bounds, decode_cost
   try:
-    rep = decode_cost.bound_decode(cfg, batch=args.batch, cache_len=cache_len, num_devices=n,
+    rep = decode_cost.bound_decode(cfg, batch=args.batch, cache_len=cache_len, num_devices=target,
                                    chip=decode_cost.host_chip(), tol=args.tol)
   except ValueError as e:
     print(f'litejax bound: {e}', file=sys.stderr)
     return 2
-  if args.json:
-    print(json.dumps(rep, indent=2, default=float))
-  else:
-    _print(args.config, rep, bounds.human)
-  for v in rep['violations']:
-    print(f'litejax bound: BOUND EXCEEDED: {v}', file=sys.stderr)
-  return 1 if rep['violations'] else 0
+  return emit(args, rep, lambda r: _print(args.config, r, bounds.human))
 
 
 def _run_target(args, cfg, cache_len: int) -> int:
@@ -55,11 +43,8 @@ def _run_target(args, cfg, cache_len: int) -> int:
   except targets.TargetError as e:
     print(f'litejax bound: {e}', file=sys.stderr)
     return 2
-  if args.json:
-    print(json.dumps(rep, indent=2, default=float))
-  else:
-    _print(args.config, rep, bounds.human)
-  return 0
+  from litejax.commands.bound import emit
+  return emit(args, rep, lambda r: _print(args.config, r, bounds.human))
 
 
 def _print(path: str, rep: dict, h) -> None:
