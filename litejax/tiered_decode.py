@@ -142,21 +142,22 @@ def dense_layer(gds, states, x_bsd, positions_bs, cache):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(9,))
-def moe_pre(gds, moe_cfg, depth, states, router, bias, ahead, x_bsd, positions_bs, cache):
+def moe_pre(gds, moe_cfg, depth, states, router, bias, ahead, x_bsd, positions_bs, cache, tier_mask=None):
   """(residual [B,S,d], router input [N,d], expert ids [N,K], weights [N,K], group ids [N,K],
-  lookahead expert ids [D,N,K], cache)."""
+  lookahead expert ids [D,N,K], cache). tier_mask: the TierSet (bool [T]) this layer and the lookahead
+  routers choose among (None: every tier)."""
   positions_bs = _positions(positions_bs, x_bsd)
   attn_norm, attn, ffn_norm = (nnx.merge(g, s) for g, s in zip(gds[:3], states[:3]))
   h, k, v = attn.cached(attn_norm(x_bsd), positions_bs, cache['k'], cache['v'])
   x_bsd = x_bsd + h
   b, s, d = x_bsd.shape
   h_nd = ffn_norm(x_bsd).reshape(b * s, d)
-  r = routing.route(h_nd, router, moe_cfg, bias)
+  r = routing.route(h_nd, router, moe_cfg, bias, tier_mask)
   ahead_dnk = []
   for j in range(depth):
     norm_j, router_j, bias_j = jax.tree.map(lambda a: a[j], ahead)
     hj = nnx.merge(gds[2], norm_j)(x_bsd).reshape(b * s, d)
-    ahead_dnk.append(routing.route(hj, router_j, moe_cfg, bias_j).expert_nk)
+    ahead_dnk.append(routing.route(hj, router_j, moe_cfg, bias_j, tier_mask).expert_nk)
   ahead_dnk = jnp.stack(ahead_dnk) if ahead_dnk else jnp.zeros((0,) + r.expert_nk.shape, jnp.int32)
   return x_bsd, h_nd, r.expert_nk, r.weight_nk, r.group_nk, ahead_dnk, {'k': k, 'v': v}
 
@@ -180,8 +181,10 @@ def finish(gds, states, x_bsd, h_nd, y_nkd, weight_nk):
 class TieredRuntime:
   """Decoding with routed experts from `tiers` and every other weight from `model` (one device)."""
 
-  def __init__(self, cfg: Config, model, tiers: Tiers):
+  def __init__(self, cfg: Config, model, tiers: Tiers, tier_mask: Any = None):
+    """tier_mask: optional bool [T], the TierSet every MoE layer routes among (litejax.tiersets)."""
     self.cfg, self.tiers = decode_config(cfg), tiers
+    self.tier_mask = None if tier_mask is None else jnp.asarray(tier_mask, bool)
     self.prefill_cfg = prefill_config(cfg)
     if self.prefill_cfg.moe.dispatch != 'dropless':
       raise ValueError('moe.eval_capacity_factor: decoding from a store needs dropless prefill (null)')
@@ -219,7 +222,7 @@ class TieredRuntime:
       depth = self.tiers.opts.lookahead
       x, h_nd, e_nk, w_nk, g_nk, ahead_dnk, cache[layer.index] = moe_pre(
           layer.graphdefs[:3] + layer.graphdefs[3:], moe_cfg, depth, layer.states, layer.router, layer.bias,
-          self.ahead[layer.index], x, pos, c)
+          self.ahead[layer.index], x, pos, c, self.tier_mask)
       e_nk_host, g_host, ahead_host = jax.device_get((e_nk, g_nk, ahead_dnk))   # the round trip
       for d, target in enumerate(self.next_moe[layer.index]):
         self.tiers.prefetch(target, ahead_host[d].reshape(-1), d + 1)
