@@ -342,3 +342,35 @@ def measure_tier_bandwidth(mbytes: int = 8, repeats: int = 3, directory: str | N
           'disk_bytes_per_s': nbytes / statistics.median(t for t, _ in runs),
           'disk_method': max(methods, key=('o_direct', 'fadvise_dontneed', 'page_cache').index),
           'probe_bytes': nbytes}
+
+
+def measure_expert_ops(store, samples: int = 8) -> dict:
+  """Per-expert I/O operation times on this machine, at the granularity the tiered decode moves experts
+  (median seconds): `disk_read_s`, one expert read from `store` (TensorStore, one chunk per array; experts
+  spread over the store, so a repeat is not a cache hit of TensorStore's own), and `slot_load_s`, one
+  expert copied host -> device slot (litejax.store.slots). At small expert sizes these are set by
+  per-call latency, not bandwidth, which `measure_tier_bandwidth` alone would miss. The disk figure may
+  come from the page cache when the store's files are cached."""
+  import time
+
+  import jax
+  import numpy as np
+
+  from litejax.store.slots import DeviceSlots
+  rng = np.random.default_rng(0)
+  layer = store.layers[-1]
+  ids = rng.choice(store.num_experts, size=min(samples, store.num_experts), replace=False)
+  reads, got = [], None
+  for e in ids:
+    t0 = time.perf_counter()
+    got = store.read_experts(layer, [int(e)])
+    reads.append(time.perf_counter() - t0)
+  slots = DeviceSlots(1, store.shapes, store.dtype, 1)
+  slots.load([0], got)   # compiles the slot update once
+  loads = []
+  for _ in range(samples):
+    t0 = time.perf_counter()
+    slots.load([0], got)
+    jax.block_until_ready(slots.buffers)
+    loads.append(time.perf_counter() - t0)
+  return {'disk_read_s': statistics.median(reads), 'slot_load_s': statistics.median(loads)}

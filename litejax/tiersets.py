@@ -53,13 +53,16 @@ def class_fractions(tokens_per_tier_t: np.ndarray, classes: tuple[str, ...]) -> 
 
 
 def io_ms_per_step(fractions: dict[str, float], assignments_per_step: float, expert_bytes: int,
-                   bandwidth: dict[str, float]) -> float:
-  """The I/O term (module docstring): warm selections cost a host -> device copy, cold ones a disk
-  read and that copy; hot ones nothing (resident in device slots)."""
-  host, disk = bandwidth['host_bytes_per_s'], bandwidth['disk_bytes_per_s']
-  warm_b = assignments_per_step * fractions['warm'] * expert_bytes
-  cold_b = assignments_per_step * fractions['cold'] * expert_bytes
-  return 1e3 * (warm_b / host + cold_b * (1.0 / disk + 1.0 / host))
+                   io: dict[str, float]) -> float:
+  """The I/O term (module docstring): a warm selection costs one host -> device slot load, a cold one a
+  disk read and that load; hot ones nothing (resident in device slots). Each operation costs the larger
+  of its measured per-expert time (`slot_load_s`, `disk_read_s`, calibration.measure_expert_ops) and the
+  expert's bytes over the tier's bandwidth (`host_bytes_per_s`, `disk_bytes_per_s`,
+  calibration.measure_tier_bandwidth); either may be absent."""
+  load = max(io.get('slot_load_s', 0.0), expert_bytes / io['host_bytes_per_s'])
+  read = max(io.get('disk_read_s', 0.0), expert_bytes / io['disk_bytes_per_s'])
+  warm, cold = assignments_per_step * fractions['warm'], assignments_per_step * fractions['cold']
+  return 1e3 * (warm * load + cold * (read + load))
 
 
 def evaluate(cfg: Config, model, tiersets: list[TierSet], batches: list[tuple[np.ndarray, np.ndarray]]) -> list[dict]:

@@ -58,6 +58,9 @@ def test_io_term_and_choice():
   fr = {'hot': 0.5, 'warm': 0.25, 'cold': 0.25}
   # 8 selections x 1,000 B: 2 warm (one copy each), 2 cold (a disk read and a copy each)
   assert tiersets.io_ms_per_step(fr, 8, 1000, BW) == pytest.approx(1e3 * (2e3 / 1e9 + 2e3 * (1e-8 + 1e-9)))
+  # per-expert operation times dominate when they exceed bytes / bandwidth
+  ops = {**BW, 'disk_read_s': 1e-3, 'slot_load_s': 1e-4}
+  assert tiersets.io_ms_per_step(fr, 8, 1000, ops) == pytest.approx(1e3 * (2 * 1e-4 + 2 * (1e-3 + 1e-4)))
   rows = tiersets.predict([{'name': 'hot', 'val_loss': 2.0, 'selection_fractions': {'hot': 1.0, 'warm': 0, 'cold': 0}},
                            {'name': 'all', 'val_loss': 1.5, 'selection_fractions': fr}], 1.0, 8, 10 ** 6, BW)
   assert rows[0]['predicted_ms_per_token'] == 1.0 and rows[1]['predicted_ms_per_token'] > 1.0
@@ -82,6 +85,7 @@ def test_decode_with_hot_tierset_reads_nothing(setup):
   assert rep['lookahead_recall'][0] is not None and len(gen.tokens[0]) == 4
 
 
+@pytest.mark.slow
 def test_generate_latency_budget_cli(tmp_path, capsys, monkeypatch):
   """--latency-budget-ms on an --init store: the `tierset` JSON; a budget nothing fits is a clear error."""
   from litejax import calibration, decode_cost
@@ -97,7 +101,20 @@ def test_generate_latency_budget_cli(tmp_path, capsys, monkeypatch):
   for r in t['considered']:
     assert r['predicted_ms_per_token'] == pytest.approx(r['compute_ms'] + r['io_ms']) and np.isfinite(r['val_loss'])
   assert t['considered'][0]['io_ms'] == 0 and t['considered'][1]['io_ms'] > 0
-  assert t['measured_ms_per_token'] > 0 and t['bandwidth']['disk_method'] in ('o_direct', 'fadvise_dontneed',
+  assert t['measured_ms_per_token'] > 0 and t['io_probes']['disk_method'] in ('o_direct', 'fadvise_dontneed',
                                                                              'page_cache')
   assert main(base + ['--latency-budget-ms', '1e-6']) == 2
   assert 'no TierSet fits' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_lookahead_recall_quick(tmp_path):
+  """experiments/lookahead_recall.py --quick: recall per depth for both proxies; the recorded routing is
+  reproduced exactly by the layer's own router on its recorded input (depth 0)."""
+  import subprocess
+  import sys
+  subprocess.run([sys.executable, 'experiments/lookahead_recall.py', '--quick', '--out', str(tmp_path)], check=True)
+  rep = json.loads((tmp_path / 'lookahead_recall.json').read_text())
+  assert rep['self_check_depth0'] == 1.0
+  for proxy in ('after_attn', 'after_moe'):
+    assert all(0 <= r <= 1 for r in rep['recall'][proxy]['expert'])

@@ -29,7 +29,8 @@ def choose(args, cfg, model, store, opts, batch: int, cache_len: int):
   model = tiersets.with_store_experts(cfg, model, store)
   batches = tiersets.val_batches(cfg, args.val_batches, cfg.train.batch_size)
   rows = tiersets.evaluate(cfg, model, sets, batches)
-  bandwidth = calibration.measure_tier_bandwidth(directory=_store_dir(args.store))
+  bandwidth = {**calibration.measure_tier_bandwidth(directory=_store_dir(args.store)),
+               **calibration.measure_expert_ops(store)}
   compute = _compute_ms(cfg, batch, cache_len)
   rows = tiersets.predict(rows, compute, tiersets.assignments_per_step(cfg, batch), store.expert_bytes, bandwidth)
   best = tiersets.choose(rows, args.latency_budget_ms)
@@ -38,7 +39,7 @@ def choose(args, cfg, model, store, opts, batch: int, cache_len: int):
   opts = dataclasses.replace(opts, device_slots=device, host_cache=host)
   return {'budget_ms': args.latency_budget_ms, 'chosen': best['name'], 'mask': mask,
           'predicted_ms_per_token': best['predicted_ms_per_token'], 'considered': rows,
-          'bandwidth': bandwidth, 'device_slots': device, 'host_cache': host}, opts
+          'io_probes': bandwidth, 'device_slots': device, 'host_cache': host}, opts
 
 
 def _store_dir(location: str) -> str | None:
