@@ -258,3 +258,119 @@ def format_calibration(rep: dict, h) -> list[str]:
                f"measured: {'yes' if rep['within_band'] else 'NO'};  geometric-mean predicted/measured "
                f"{rep['geomean_ratio']:.2f}")
   return lines
+
+
+# ---------------------------------------------------------------------------- tier read bandwidth
+
+def _host_copy_bytes_per_s(mbytes: int, repeats: int) -> float:
+  """Host-memory copy bandwidth (bytes copied per second, median of `repeats`): what moving an expert
+  from the host cache into a device slot costs on a CPU backend, where both are host memory."""
+  import time
+
+  import numpy as np
+  src = np.ones(mbytes * 2 ** 20, np.uint8)
+  dst = np.empty_like(src)
+  np.copyto(dst, src)   # first touch of dst's pages stays out
+  runs = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    np.copyto(dst, src)
+    runs.append(time.perf_counter() - t0)
+  return src.nbytes / statistics.median(runs)
+
+
+def _read_uncached(path: str, nbytes: int) -> tuple[float, str]:
+  """(seconds to read the file once, how the page cache was kept out): O_DIRECT into a page-aligned
+  buffer where the filesystem allows it, else posix_fadvise(DONTNEED) before a plain read, else a
+  plain read (the file is then likely still in the page cache: an upper bound on disk bandwidth)."""
+  import mmap
+  import os
+  import time
+  if hasattr(os, 'O_DIRECT'):
+    try:
+      fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+      fd = None
+    if fd is not None:
+      try:
+        buf = mmap.mmap(-1, nbytes)   # anonymous mmap: page-aligned, as O_DIRECT needs
+        t0 = time.perf_counter()
+        got = os.readv(fd, [buf])
+        dt = time.perf_counter() - t0
+        if got == nbytes:
+          return dt, 'o_direct'
+      except OSError:
+        pass   # e.g. tmpfs accepts the flag at open and refuses the read
+      finally:
+        os.close(fd)
+  fd = os.open(path, os.O_RDONLY)
+  try:
+    method = 'page_cache'
+    if hasattr(os, 'posix_fadvise'):
+      os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+      method = 'fadvise_dontneed'
+    t0 = time.perf_counter()
+    while os.read(fd, 1 << 20):
+      pass
+    return time.perf_counter() - t0, method
+  finally:
+    os.close(fd)
+
+
+def measure_tier_bandwidth(mbytes: int = 8, repeats: int = 3, directory: str | None = None) -> dict:
+  """Per-tier read bandwidth on this machine, for the TierSet latency prediction (litejax.tiersets):
+  `host_bytes_per_s` (host cache -> device slot: a host-memory copy) and `disk_bytes_per_s` (a temporary
+  file of `mbytes` MiB in `directory` read back once per repeat, median), with `disk_method` saying how
+  the page cache was kept out ('o_direct', 'fadvise_dontneed', or 'page_cache': then the figure is the
+  page cache's, not the disk's, and the prediction's disk term is optimistic)."""
+  import os
+  import tempfile
+  if mbytes < 1 or repeats < 1:
+    raise ValueError(f'measure_tier_bandwidth: mbytes and repeats must be >= 1, got {mbytes}, {repeats}')
+  nbytes = mbytes * 2 ** 20
+  fd, path = tempfile.mkstemp(prefix='litejax-disk-probe-', dir=directory)
+  try:
+    with os.fdopen(fd, 'wb') as f:
+      f.write(os.urandom(nbytes))
+      f.flush()
+      os.fsync(f.fileno())
+    runs = [_read_uncached(path, nbytes) for _ in range(repeats)]
+  finally:
+    os.unlink(path)
+  methods = {m for _, m in runs}
+  return {'host_bytes_per_s': _host_copy_bytes_per_s(mbytes, repeats),
+          'disk_bytes_per_s': nbytes / statistics.median(t for t, _ in runs),
+          'disk_method': max(methods, key=('o_direct', 'fadvise_dontneed', 'page_cache').index),
+          'probe_bytes': nbytes}
+
+
+def measure_expert_ops(store, samples: int = 8) -> dict:
+  """Per-expert I/O operation times on this machine, at the granularity the tiered decode moves experts
+  (median seconds): `disk_read_s`, one expert read from `store` (TensorStore, one chunk per array; experts
+  spread over the store, so a repeat is not a cache hit of TensorStore's own), and `slot_load_s`, one
+  expert copied host -> device slot (litejax.store.slots). At small expert sizes these are set by
+  per-call latency, not bandwidth, which `measure_tier_bandwidth` alone would miss. The disk figure may
+  come from the page cache when the store's files are cached."""
+  import time
+
+  import jax
+  import numpy as np
+
+  from litejax.store.slots import DeviceSlots
+  rng = np.random.default_rng(0)
+  layer = store.layers[-1]
+  ids = rng.choice(store.num_experts, size=min(samples, store.num_experts), replace=False)
+  reads, got = [], None
+  for e in ids:
+    t0 = time.perf_counter()
+    got = store.read_experts(layer, [int(e)])
+    reads.append(time.perf_counter() - t0)
+  slots = DeviceSlots(1, store.shapes, store.dtype, 1)
+  slots.load([0], got)   # compiles the slot update once
+  loads = []
+  for _ in range(samples):
+    t0 = time.perf_counter()
+    slots.load([0], got)
+    jax.block_until_ready(slots.buffers)
+    loads.append(time.perf_counter() - t0)
+  return {'disk_read_s': statistics.median(reads), 'slot_load_s': statistics.median(loads)}

@@ -28,11 +28,11 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(mc.d_model, mc.norm_eps)
     self.ffn = MoEBlock(cfg, rngs) if is_moe else FFN(mc.d_model, mc.resolved_d_ff, mc.ffn_kind, rngs, pd)
 
-  def __call__(self, x_bsd, positions_bs):
+  def __call__(self, x_bsd, positions_bs, tier_mask=None):
     x_bsd = x_bsd + self.attn(self.attn_norm(x_bsd), positions_bs)
     h = self.ffn_norm(x_bsd)
     if self.is_moe:
-      y, aux = self.ffn(h)
+      y, aux = self.ffn(h, tier_mask)
     else:
       with jax.named_scope('dense_ffn'):   # scope names the FLOPs for litejax.cost
         y, aux = self.ffn(h), None
@@ -46,10 +46,10 @@ class Period(nnx.Module):
     n = max(cfg.model.moe_every, 1)
     self.layers = nnx.List([Block(cfg, cfg.model.moe_every > 0 and i == n - 1, rngs) for i in range(n)])
 
-  def __call__(self, x_bsd, positions_bs):
+  def __call__(self, x_bsd, positions_bs, tier_mask=None):
     aux = None
     for layer in self.layers:
-      x_bsd, a = layer(x_bsd, positions_bs)
+      x_bsd, a = layer(x_bsd, positions_bs, tier_mask)
       aux = a if a is not None else aux
     return x_bsd, aux
 
@@ -86,8 +86,9 @@ class Transformer(nnx.Module):
       return [b.ffn for b in self.blocks if b.is_moe]
     return [layer.ffn for layer in self.periods.layers if layer.is_moe]
 
-  def __call__(self, tokens_bs: jax.Array) -> tuple[jax.Array, MoEStats]:
-    """logits [B, S, V] f32 and the MoE layers' stats stacked [L_moe, ...] (in layer order)."""
+  def __call__(self, tokens_bs: jax.Array, tier_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
+    """logits [B, S, V] f32 and the MoE layers' stats stacked [L_moe, ...] (in layer order).
+    tier_mask: optional bool [T], a TierSet: every MoE layer routes among those tiers only."""
     mc = self.cfg.model
     dt = DTYPES[mc.dtype]
     b, s = tokens_bs.shape
@@ -96,14 +97,14 @@ class Transformer(nnx.Module):
     if mc.scan_layers:
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
       def step(x_c, period):
-        x_c, aux = period(x_c, positions)
+        x_c, aux = period(x_c, positions, tier_mask)
         return x_c, (aux if aux is not None else ())
 
       x, stats = step(x, self.periods)
     else:
       per_layer = []
       for block in self.blocks:
-        x, aux = block(x, positions)
+        x, aux = block(x, positions, tier_mask)
         if aux is not None:
           per_layer.append(aux)
       stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else ()

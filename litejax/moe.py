@@ -136,13 +136,15 @@ class MoEBlock(nnx.Module):
       out['w_gate'] = self.w_gate[...]
     return out
 
-  def __call__(self, x_bsd: jax.Array) -> tuple[jax.Array, MoEStats]:
-    """Routes and runs the experts; local or expert-parallel as the ambient mesh says (`jax.set_mesh`)."""
+  def __call__(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
+    """Routes and runs the experts; local or expert-parallel as the ambient mesh says (`jax.set_mesh`).
+    tier_mask: optional bool [T], a TierSet (routing.route): the routing tiers these tokens may use."""
     b, s, d = x_bsd.shape
     x_nd = x_bsd.reshape(b * s, d)
     deltas = self._row_deltas()
     router_deltas = {level: deltas[f'router_{level}'] for level in ('group', 'expert') if f'router_{level}' in deltas}
-    r = routing.route(x_nd, self.router_params(), self.moe_cfg, self.router_bias(), row_deltas=router_deltas)
+    r = routing.route(x_nd, self.router_params(), self.moe_cfg, self.router_bias(), tier_mask=tier_mask,
+                      row_deltas=router_deltas)
     touched = dict(r.touched or {})
     expert_deltas = {name: deltas[name] for name in EXPERT_TABLES if name in deltas}
     with jax.named_scope('dispatch'):   # packing and combine; the expert matmuls inside are 'experts'

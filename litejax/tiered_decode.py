@@ -2,14 +2,15 @@
 are fetched (disk -> host -> device slot) after its router has run and before its experts do.
 
 Per token, for each layer: a dense layer is one jitted program (attention + FFN). An MoE layer is
-  1. `moe_pre`: attention, ffn_norm, the router, and the lookahead routers of the next D MoE layers
-     applied to this layer's residual stream (each with its own ffn_norm scale);
-  2. the host reads the chosen expert ids (one small device -> host copy), starts the lookahead prefetch
-     on the background thread, and `Tiers.resolve` puts every chosen expert in a device slot (stall) or
-     points it at its int8 copy (fallback);
+  1. `moe_pre`: attention, ffn_norm, the router;
+  2. the host reads the chosen expert ids (one small device -> host copy) and `Tiers.resolve` puts every
+     chosen expert in a device slot (stall) or points it at its int8 copy (fallback);
   3. `experts`: the dropless expert FFN over the slot buffer with expert ids remapped to slots
      (litejax.store.slot_moe), repeated per wave when a step uses more distinct experts than slots;
-  4. `finish`: the weighted combine, the shared experts and the residual add.
+  4. `finish`: the weighted combine, the shared experts and the residual add;
+  5. with lookahead D: `lookahead` applies the routers of the next D MoE layers (each with its own
+     ffn_norm scale) to the residual stream `finish` returned, and the host starts reading the predicted
+     experts that are on disk only on the background thread, overlapping the next layer's attention.
 Every program has static shapes ([slots, d, h] buffers, [N, K] slot ids), so each compiles once per
 (batch, tokens); the same programs serve every layer (layer weights are arguments). The arithmetic is
 the resident decode step's (litejax.decode, one device, dropless), so with miss='stall' tokens and
@@ -141,24 +142,33 @@ def dense_layer(gds, states, x_bsd, positions_bs, cache):
   return x_bsd + ffn(ffn_norm(x_bsd)), {'k': k, 'v': v}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2), donate_argnums=(9,))
-def moe_pre(gds, moe_cfg, depth, states, router, bias, ahead, x_bsd, positions_bs, cache):
-  """(residual [B,S,d], router input [N,d], expert ids [N,K], weights [N,K], group ids [N,K],
-  lookahead expert ids [D,N,K], cache)."""
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(7,))
+def moe_pre(gds, moe_cfg, states, router, bias, x_bsd, positions_bs, cache, tier_mask=None):
+  """(residual [B,S,d], router input [N,d], expert ids [N,K], weights [N,K], group ids [N,K], cache).
+  tier_mask: the TierSet (bool [T]) this layer chooses among (None: every tier)."""
   positions_bs = _positions(positions_bs, x_bsd)
   attn_norm, attn, ffn_norm = (nnx.merge(g, s) for g, s in zip(gds[:3], states[:3]))
   h, k, v = attn.cached(attn_norm(x_bsd), positions_bs, cache['k'], cache['v'])
   x_bsd = x_bsd + h
   b, s, d = x_bsd.shape
   h_nd = ffn_norm(x_bsd).reshape(b * s, d)
-  r = routing.route(h_nd, router, moe_cfg, bias)
-  ahead_dnk = []
+  r = routing.route(h_nd, router, moe_cfg, bias, tier_mask)
+  return x_bsd, h_nd, r.expert_nk, r.weight_nk, r.group_nk, {'k': k, 'v': v}
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def lookahead(norm_gd, moe_cfg, depth, ahead, x_bsd, tier_mask=None):
+  """[D, N, K]: the experts the routers of the next D MoE layers (each with its own ffn_norm scale) pick
+  for the residual stream entering the next layer (after this layer's attention and MoE). Measured on
+  configs/tiny_1k.yaml (experiments/lookahead_recall.py), this state predicts the next layer's experts
+  better than the state before this layer's MoE output is added."""
+  b, s, d = x_bsd.shape
+  out = []
   for j in range(depth):
     norm_j, router_j, bias_j = jax.tree.map(lambda a: a[j], ahead)
-    hj = nnx.merge(gds[2], norm_j)(x_bsd).reshape(b * s, d)
-    ahead_dnk.append(routing.route(hj, router_j, moe_cfg, bias_j).expert_nk)
-  ahead_dnk = jnp.stack(ahead_dnk) if ahead_dnk else jnp.zeros((0,) + r.expert_nk.shape, jnp.int32)
-  return x_bsd, h_nd, r.expert_nk, r.weight_nk, r.group_nk, ahead_dnk, {'k': k, 'v': v}
+    hj = nnx.merge(norm_gd, norm_j)(x_bsd).reshape(b * s, d)
+    out.append(routing.route(hj, router_j, moe_cfg, bias_j, tier_mask).expert_nk)
+  return jnp.stack(out)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(6,))
@@ -180,8 +190,10 @@ def finish(gds, states, x_bsd, h_nd, y_nkd, weight_nk):
 class TieredRuntime:
   """Decoding with routed experts from `tiers` and every other weight from `model` (one device)."""
 
-  def __init__(self, cfg: Config, model, tiers: Tiers):
+  def __init__(self, cfg: Config, model, tiers: Tiers, tier_mask: Any = None):
+    """tier_mask: optional bool [T], the TierSet every MoE layer routes among (litejax.tiersets)."""
     self.cfg, self.tiers = decode_config(cfg), tiers
+    self.tier_mask = None if tier_mask is None else jnp.asarray(tier_mask, bool)
     self.prefill_cfg = prefill_config(cfg)
     if self.prefill_cfg.moe.dispatch != 'dropless':
       raise ValueError('moe.eval_capacity_factor: decoding from a store needs dropless prefill (null)')
@@ -217,14 +229,18 @@ class TieredRuntime:
         x, cache[layer.index] = dense_layer(layer.graphdefs[:4], layer.states, x, pos, c)
         continue
       depth = self.tiers.opts.lookahead
-      x, h_nd, e_nk, w_nk, g_nk, ahead_dnk, cache[layer.index] = moe_pre(
-          layer.graphdefs[:3] + layer.graphdefs[3:], moe_cfg, depth, layer.states, layer.router, layer.bias,
-          self.ahead[layer.index], x, pos, c)
-      e_nk_host, g_host, ahead_host = jax.device_get((e_nk, g_nk, ahead_dnk))   # the round trip
-      for d, target in enumerate(self.next_moe[layer.index]):
-        self.tiers.prefetch(target, ahead_host[d].reshape(-1), d + 1)
+      x, h_nd, e_nk, w_nk, g_nk, cache[layer.index] = moe_pre(
+          layer.graphdefs[:3] + layer.graphdefs[3:], moe_cfg, layer.states, layer.router, layer.bias, x, pos, c,
+          self.tier_mask)
+      e_nk_host, g_host = jax.device_get((e_nk, g_nk))   # the round trip
       y = self._experts(layer.index, h_nd, np.asarray(e_nk_host), np.asarray(g_host))
       x = finish(layer.graphdefs, layer.states, x, h_nd, y, w_nk)
+      targets = self.next_moe[layer.index]
+      if depth and targets:   # prefetch from the stream entering the next layer (module docstring)
+        ahead_host = jax.device_get(lookahead(layer.graphdefs[2], moe_cfg, depth, self.ahead[layer.index], x,
+                                              self.tier_mask))
+        for d, target in enumerate(targets):
+          self.tiers.prefetch(target, ahead_host[d].reshape(-1), d + 1)
     return self._head(x), cache
 
   def _experts(self, layer: int, h_nd, e_nk: np.ndarray, g_nk: np.ndarray) -> jax.Array:

@@ -98,9 +98,9 @@ def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardi
 
 # ---------------------------------------------------------------------------- steps
 
-def _forward(graphdef, params, extra, inputs_bs, targets_bs):
+def _forward(graphdef, params, extra, inputs_bs, targets_bs, tier_mask=None):
   model = nnx.merge(graphdef, params, extra)
-  logits_bsv, stats = model(inputs_bs)
+  logits_bsv, stats = model(inputs_bs, tier_mask)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits_bsv, targets_bs).mean()
   return ce, stats
 

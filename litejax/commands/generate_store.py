@@ -22,6 +22,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='prefetch with the routers of the next D MoE layers (default 0)')
   parser.add_argument('--miss', default='stall', help='stall (exact) or fallback (int8 copy; default stall)')
   parser.add_argument('--plot', metavar='PNG', help='with --store: write the store metrics plot here')
+  parser.add_argument('--latency-budget-ms', type=float, metavar='X',
+                      help='with --store: decode with the TierSet (store.placement: hot, hot+warm, all) whose '
+                           'predicted per-token latency fits X ms and whose validation loss is least; device '
+                           'slots and host cache are then sized and filled by the placement')
+  parser.add_argument('--val-batches', type=int, default=2, metavar='N',
+                      help='with --latency-budget-ms: validation batches per TierSet (default 2)')
 
 
 def _session_model(args, store_location: str):
@@ -65,10 +71,20 @@ def run_store(args, prompts: list[str], sampling, fail) -> int:
   except (ValueError, ExpertStoreError, FileNotFoundError) as e:
     return fail(str(e))
   tokens = [data.encode(p).astype(int).tolist() for p in prompts]
+  tierset = None
+  if args.latency_budget_ms is not None:
+    from litejax.commands import generate_tierset
+    try:
+      tierset, opts = generate_tierset.choose(args, cfg, model, store, opts, len(prompts),
+                                              max(len(t) for t in tokens) + args.max_new_tokens)
+    except ValueError as e:
+      return fail(str(e))
   tiers = Tiers(store, opts, load_width=cfg.moe.k_active * len(prompts),
                 int8=int8_copies(store) if opts.miss == 'fallback' else None)
   try:
-    rt = TieredRuntime(cfg, model, tiers)
+    if tierset is not None:
+      generate_tierset.preload(cfg, tiers)
+    rt = TieredRuntime(cfg, model, tiers, None if tierset is None else tierset['mask'])
     gen, _ = rt.generate(tokens, args.max_new_tokens, sampling, args.seed)
   finally:
     tiers.close()
@@ -91,6 +107,8 @@ def run_store(args, prompts: list[str], sampling, fail) -> int:
            'latency_split': {'measured_ms_per_step_p50': mean, 'io_ms_per_step_p50': io_ms,
                              'compute_ms_per_step_p50': None if mean is None else mean - io_ms},
            'store': rep}
+    if tierset is not None:
+      out['tierset'] = generate_tierset.report(tierset, mean)
     print(json.dumps(out, indent=2, default=float))
   else:
     for prompt, text in zip(prompts, texts):

@@ -215,6 +215,17 @@ class Tiers:
       self.counters.recall_hit[depth - 1] += len(pred.intersection(used))
       self.counters.recall_total[depth - 1] += len(used)
 
+  def preload(self, layer: int, device: Sequence[int], host: Sequence[int] = ()) -> None:
+    """Places experts before decoding (TierSets: the hot tiers in device slots, the warm ones in the host
+    cache), then zeroes the counters, so that the run's figures count decoding only."""
+    device = [int(e) for e in device]
+    for start in range(0, len(device), self.num_slots):
+      self.resolve(layer, device[start:start + self.num_slots])
+    host = [int(e) for e in host]
+    if host:
+      self._read_into_host(layer, host)
+    self.counters = TierCounters(recall_hit=[0] * self.opts.lookahead, recall_total=[0] * self.opts.lookahead)
+
   def end_step(self) -> None:
     """Drops predictions that were never checked (the first layers of a token have none)."""
     self._predicted.clear()

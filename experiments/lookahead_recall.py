@@ -1,0 +1,149 @@
+"""Router lookahead recall per depth (issue 13), measured two ways on real decoded text from the trained
+configs/tiny_1k.yaml: which hidden state should layer l+d's router (with its own ffn_norm) be applied to?
+
+  after_attn   layer l's residual stream after its attention, before its MoE output is added: what
+               litejax.tiered_decode.moe_pre uses (available before layer l's experts run, so the
+               prefetch overlaps them)
+  after_moe    the residual stream entering layer l+1 (after layer l's attention AND its MoE): the closest
+               state available before layer l+1 runs (the prefetch then overlaps layer l+1's attention only)
+The state the router really sees, layer l+d's own post-attention stream, gives recall 1 by definition
+(the reference); its cosine similarity to each proxy says how far the stream moves per layer.
+
+Recall at depth d = mean over decode tokens of |predicted ∩ used| / |used| (batch 1: per token), at the
+expert, group and tier level. The decode is the tiered runtime with every expert resident (no I/O), its
+per-layer programs wrapped to record the states.
+
+    python experiments/lookahead_recall.py --ckpt-dir runs/tiny_1k/ckpt --store runs/tiny_1k/store \\
+        --tokens 256 --out experiments/results
+    python experiments/lookahead_recall.py --quick --out /tmp/lr     # shrunk model, untrained (the tests)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+
+import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import bench_tiers  # noqa: E402  (the checkpoint, store and decode helpers)
+
+PROXIES = ('after_attn', 'after_moe')
+
+
+def record_decode(cfg, model, store, prompt: str, new_tokens: int, temperature: float, seed: int):
+  """(per decode step: [(after_attn [1,d], after_moe [1,d], experts [K], groups [K])] per MoE layer, layers)."""
+  from litejax import data, tiered_decode
+  from litejax.sampling import Sampling
+  from litejax.store.tiers import TierOptions
+  steps, cur = [], []
+  pre, fin = tiered_decode.moe_pre, tiered_decode.finish
+
+  def rec_pre(*a, **k):
+    out = pre(*a, **k)
+    if out[0].shape[1] == 1:    # decode steps only: [B=1, S=1, d]
+      cur.append([np.asarray(out[0][0, 0], np.float32), None, np.asarray(out[2][0]), np.asarray(out[4][0])])
+    return out
+
+  def rec_fin(*a, **k):
+    x = fin(*a, **k)
+    if x.shape[1] == 1:
+      cur[-1][1] = np.asarray(x[0, 0], np.float32)
+      if len(cur) == cfg.model.num_moe_layers:
+        steps.append(list(cur))
+        cur.clear()
+    return x
+
+  rec_pre._cache_size = pre._cache_size   # read by TieredRuntime.generate
+  tiered_decode.moe_pre, tiered_decode.finish = rec_pre, rec_fin
+  try:
+    opts = TierOptions(1.0, 1.0, 'lru', 0, 'stall')
+    gen, _, _, rt = bench_tiers.decode(cfg, model, store, opts, data.encode(prompt).astype(int).tolist(),
+                                       new_tokens, Sampling(temperature), seed, preload=True)
+  finally:
+    tiered_decode.moe_pre, tiered_decode.finish = pre, fin
+  return steps, rt.moe, data.decode(gen.tokens[0])
+
+
+def _router_fn(cfg, norm_graphdef):
+  """A jitted (ffn_norm state, router, bias, x [N, d]) -> (experts, groups, tiers) [N, K] for one layer."""
+  import jax
+  from flax import nnx
+
+  from litejax import routing
+
+  @jax.jit
+  def f(norm_state, router, bias, x_nd):
+    r = routing.route(nnx.merge(norm_graphdef, norm_state)(x_nd), router, cfg.moe, bias)
+    return r.expert_nk, r.group_nk, r.tier_nk
+  return f
+
+
+def recall_table(cfg, steps, moe_layers, max_depth: int) -> dict:
+  """{proxy: {level: [recall at depth 1..D]}} and the cosine similarity of each proxy to the true input."""
+  fns = {}
+  L = len(moe_layers)
+  groups_per_tier = cfg.moe.groups_per_tier
+  out = {p: {'expert': [], 'group': [], 'tier': []} for p in PROXIES}
+  cosine = {p: [] for p in PROXIES}
+  for d in range(1, max_depth + 1):
+    sums = {p: {'expert': [], 'group': [], 'tier': []} for p in PROXIES}
+    for j in range(L - d):
+      tgt = moe_layers[j + d]
+      f = fns.setdefault(tgt.index, _router_fn(cfg, tgt.graphdefs[2]))
+      for p_i, proxy in enumerate(PROXIES):
+        x = np.stack([s[j][p_i] for s in steps])
+        e_nk, g_nk, _ = (np.asarray(a) for a in f(tgt.states[2], tgt.router, tgt.bias, x))
+        for n, s in enumerate(steps):
+          used_e, used_g = set(s[j + d][2].tolist()), set(s[j + d][3].tolist())
+          sums[proxy]['expert'].append(len(used_e & set(e_nk[n].tolist())) / len(used_e))
+          sums[proxy]['group'].append(len(used_g & set(g_nk[n].tolist())) / len(used_g))
+          used_t = {g // groups_per_tier for g in used_g}
+          sums[proxy]['tier'].append(len(used_t & {g // groups_per_tier for g in g_nk[n].tolist()}) / len(used_t))
+          if d == 1:
+            true = s[j + 1][0]
+            v = s[j][p_i]
+            cosine[proxy].append(float(v @ true / (np.linalg.norm(v) * np.linalg.norm(true) + 1e-12)))
+    for proxy in PROXIES:
+      for level in ('expert', 'group', 'tier'):
+        out[proxy][level].append(float(np.mean(sums[proxy][level])) if sums[proxy][level] else None)
+  # Depth 0 with the layer's own post-attention state must reproduce the experts the decode used.
+  self_check = []
+  for j, layer in enumerate(moe_layers):
+    f = fns.setdefault(layer.index, _router_fn(cfg, layer.graphdefs[2]))
+    e_nk = np.asarray(f(layer.states[2], layer.router, layer.bias, np.stack([s[j][0] for s in steps]))[0])
+    self_check += [set(e_nk[n].tolist()) == set(s[j][2].tolist()) for n, s in enumerate(steps)]
+  return {'recall': out, 'cosine_to_true_router_input_depth1': {p: float(np.mean(c)) for p, c in cosine.items()},
+          'self_check_depth0': float(np.mean(self_check))}
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--out', required=True)
+  ap.add_argument('--ckpt-dir', default='runs/tiny_1k/ckpt')
+  ap.add_argument('--store', default=None, help='store of the checkpoint\'s experts (default: CKPT/../store)')
+  ap.add_argument('--tokens', type=int, default=256)
+  ap.add_argument('--temperature', type=float, default=1.0)
+  ap.add_argument('--quick', action='store_true')
+  args = ap.parse_args(argv)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  ckpt = pathlib.Path(args.ckpt_dir)
+  if args.quick:
+    ckpt, args.tokens = out / 'ckpt', 8
+  source = bench_tiers.ensure_checkpoint(ckpt, args.quick)
+  store_dir = pathlib.Path(args.store) if args.store else ckpt.parent / 'store'
+  cfg, model, store = bench_tiers.load(ckpt, store_dir)
+  steps, moe_layers, text = record_decode(cfg, model, store, bench_tiers.PROMPT, args.tokens, args.temperature, 0)
+  rep = {'checkpoint': str(ckpt), 'checkpoint_source': source, 'decode_tokens': len(steps),
+         'temperature': args.temperature, 'moe_layers': len(moe_layers), 'd_model': cfg.model.d_model,
+         'experts_per_layer': cfg.moe.experts_total, 'k': cfg.moe.k_active,
+         **recall_table(cfg, steps, moe_layers, len(moe_layers) - 1), 'text': text}
+  (out / 'lookahead_recall.json').write_text(json.dumps(rep, indent=2))
+  print(json.dumps({k: v for k, v in rep.items() if k != 'text'}, indent=2))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

@@ -1,0 +1,66 @@
+"""`litejax generate --store S --latency-budget-ms X`: choose the TierSet (litejax.tiersets) before decoding,
+size and fill the tiers by `store.placement`, and report predicted against measured latency."""
+from __future__ import annotations
+
+import dataclasses
+
+
+def _compute_ms(cfg, batch: int, cache_len: int) -> float:
+  """The latency model's decode step on this host (litejax.decode_cost, the resident step's program)."""
+  import jax
+
+  from litejax import decode_cost
+  from litejax import sharding as shd
+  from litejax.config import MeshConfig
+  mesh = shd.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
+  dp = decode_cost.compile_step(cfg, batch=batch, cache_len=cache_len, mesh=mesh)
+  return decode_cost.report(dp, decode_cost.host_chip())['latency']['predicted_ms_per_token']
+
+
+def choose(args, cfg, model, store, opts, batch: int, cache_len: int):
+  """(the chosen TierSet's row with every considered row, the TierOptions sized by placement).
+  ValueError for a bad flag or when no TierSet fits."""
+  from litejax import calibration, tiersets
+  if args.val_batches < 1:
+    raise ValueError(f'--val-batches: must be >= 1, got {args.val_batches}')
+  if not args.latency_budget_ms > 0:
+    raise ValueError(f'--latency-budget-ms: must be > 0, got {args.latency_budget_ms}')
+  sets = tiersets.candidates(cfg)
+  model = tiersets.with_store_experts(cfg, model, store)
+  batches = tiersets.val_batches(cfg, args.val_batches, cfg.train.batch_size)
+  rows = tiersets.evaluate(cfg, model, sets, batches)
+  bandwidth = {**calibration.measure_tier_bandwidth(directory=_store_dir(args.store)),
+               **calibration.measure_expert_ops(store)}
+  compute = _compute_ms(cfg, batch, cache_len)
+  rows = tiersets.predict(rows, compute, tiersets.assignments_per_step(cfg, batch), store.expert_bytes, bandwidth)
+  best = tiersets.choose(rows, args.latency_budget_ms)
+  mask = next(ts.mask for ts in sets if ts.name == best['name'])
+  device, host = tiersets.placement_fractions(cfg)
+  opts = dataclasses.replace(opts, device_slots=device, host_cache=host)
+  return {'budget_ms': args.latency_budget_ms, 'chosen': best['name'], 'mask': mask,
+          'predicted_ms_per_token': best['predicted_ms_per_token'], 'considered': rows,
+          'io_probes': bandwidth, 'device_slots': device, 'host_cache': host}, opts
+
+
+def _store_dir(location: str) -> str | None:
+  """The local folder of a store (the disk probe's file goes there); None for a remote one."""
+  import pathlib
+  path = pathlib.Path(location.removeprefix('file://'))
+  return str(path) if path.is_dir() else None
+
+
+def preload(cfg, tiers) -> None:
+  """Hot tiers' experts into device slots, warm ones into the host cache, for every MoE layer."""
+  from litejax import tiersets
+  hot, warm = tiersets.tier_experts(cfg, 'hot'), tiersets.tier_experts(cfg, 'warm')
+  for layer in tiers.store.layers:
+    tiers.preload(layer, hot, warm)
+
+
+def report(tierset: dict, measured_ms: float | None) -> dict:
+  """The `tierset` JSON: the budget, the chosen TierSet, predicted vs measured, every considered one."""
+  out = {k: v for k, v in tierset.items() if k != 'mask'}
+  out['tiers'] = [i for i, m in enumerate(tierset['mask']) if m]
+  out['measured_ms_per_token'] = measured_ms
+  out['predicted_over_measured'] = (tierset['predicted_ms_per_token'] / measured_ms) if measured_ms else None
+  return out
