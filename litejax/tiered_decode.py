@@ -152,7 +152,7 @@ def moe_pre(gds, moe_cfg, states, router, bias, x_bsd, positions_bs, cache, tier
   x_bsd = x_bsd + h
   b, s, d = x_bsd.shape
   h_nd = ffn_norm(x_bsd).reshape(b * s, d)
-  r = routing.route(h_nd, router, moe_cfg, bias, tier_mask)
+  r = routing.route(h_nd, router, moe_cfg, bias, tier_mask=tier_mask)
   return x_bsd, h_nd, r.expert_nk, r.weight_nk, r.group_nk, {'k': k, 'v': v}
 
 
@@ -167,7 +167,7 @@ def lookahead(norm_gd, moe_cfg, depth, ahead, x_bsd, tier_mask=None):
   for j in range(depth):
     norm_j, router_j, bias_j = jax.tree.map(lambda a: a[j], ahead)
     hj = nnx.merge(norm_gd, norm_j)(x_bsd).reshape(b * s, d)
-    out.append(routing.route(hj, router_j, moe_cfg, bias_j, tier_mask).expert_nk)
+    out.append(routing.route(hj, router_j, moe_cfg, bias_j, tier_mask=tier_mask).expert_nk)
   return jnp.stack(out)
 
 
