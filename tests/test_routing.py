@@ -68,16 +68,16 @@ def test_tier_mask_matches_numpy(score):
   jp = {k: jnp.asarray(v) for k, v in params.items()}
   unmasked = np.asarray(route(jnp.asarray(x), jp, cfg).tier_nk)
   for mask in ([True, False, True, False], [False, True, True, True], [True] * 4):
-    r = route(jnp.asarray(x), jp, cfg, None, jnp.asarray(mask))
+    r = route(jnp.asarray(x), jp, cfg, None, tier_mask=jnp.asarray(mask))
     e_ref, w_ref = ref.hierarchical_route(x, params, T, G, Eg, kt, kg, ke, score, tier_mask=np.array(mask))
     np.testing.assert_array_equal(np.asarray(r.expert_nk), e_ref)
     np.testing.assert_allclose(np.asarray(r.weight_nk), w_ref, rtol=1e-5, atol=1e-6)
     assert np.isin(np.asarray(r.tier_nk), np.flatnonzero(mask)).all()
   assert not np.isin(unmasked, [0, 2]).all(), 'the mask changed the choice'
   with pytest.raises(ValueError, match='tier_mask: allows 1 tiers, fewer than moe.k_tier=2'):
-    route_eager(jnp.asarray(x), jp, cfg, None, np.array([True, False, False, False]))
+    route_eager(jnp.asarray(x), jp, cfg, None, tier_mask=np.array([True, False, False, False]))
   with pytest.raises(ValueError, match=r'tier_mask: must be bool \[num_tiers=4\]'):
-    route_eager(jnp.asarray(x), jp, cfg, None, np.array([True, True]))
+    route_eager(jnp.asarray(x), jp, cfg, None, tier_mask=np.array([True, True]))
 
 
 def test_only_kept_branches_are_scored():
