@@ -12,6 +12,9 @@ from litejax.config import MeshConfig, load_config
 from litejax.metrics import read_metrics
 from train_helpers import TINY, TINY_YAML, enable_compile_cache
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 enable_compile_cache()
 # 2 tiers x 2 groups x 4 experts, one of each kept: every level has branches to balance.
 HIER = ['moe.num_tiers=2', 'moe.groups_per_tier=2', 'moe.experts_per_group=4', 'moe.k_tier=1',

@@ -9,6 +9,9 @@ import pytest
 from litejax import cost, hlo_cost
 from litejax.config import load_config
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 # configs/quadrillion.yaml shrunk (bf16, scanned, hierarchical router, gather dispatch, 8-way expert
 # parallel) with E/expert = 1024 experts per rank against ⌈cf·N·K⌉ = 160 assignments: the full
 # config's lowering in a compile of a few seconds. train.expert_update auto resolves to sparse there

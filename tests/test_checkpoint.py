@@ -12,6 +12,9 @@ from litejax.checkpoint import Checkpointer, CheckpointMismatchError
 from litejax.config import load_config
 from train_helpers import TINY, TINY_YAML, enable_compile_cache
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 # The same programs as tests/test_train.py (30-step schedule), stopped after 6 steps.
 RUN = TINY + ['train.steps=30', 'train.eval_every=10', 'train.ckpt_every=3']
 enable_compile_cache()

@@ -18,6 +18,9 @@ from train_helpers import subprocess_env
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from ckpt_kill_worker import state  # noqa: E402
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 SEEDS = 20
 ABSTRACT = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), state(0))
 

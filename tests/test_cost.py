@@ -11,6 +11,9 @@ import pytest
 from litejax import bounds, cost
 from litejax.config import load_config
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 # The cases below were designed on a routed-only hierarchical MoE (2 tiers x 2 groups x 4, K = 2), pinned
 # here so that changes to tiny.yaml's defaults (now with a shared expert) don't move them.
 SMALL = ['model.d_model=32', 'model.num_layers=2', 'model.num_heads=2', 'model.num_kv_heads=2',

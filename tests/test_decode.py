@@ -14,6 +14,9 @@ from litejax.model import init_model
 from litejax.sampling import Sampling
 from train_helpers import REPO, TINY, enable_compile_cache
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 enable_compile_cache()
 
 S, EXTRA = 12, 4                       # tokens compared per row; cache slack for the longest prompt

@@ -8,6 +8,9 @@ from litejax import bounds, cli, decode_cost, latency
 from litejax.config import load_config
 from train_helpers import TINY_YAML
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 
 def test_decode_bound_by_hand():
   cfg = load_config(TINY_YAML)

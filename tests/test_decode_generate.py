@@ -10,6 +10,9 @@ from litejax.config import load_config
 from litejax.sharding import make_mesh
 from train_helpers import TINY, TINY_YAML, enable_compile_cache
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 enable_compile_cache()
 
 RUN = TINY + ['model.scan_layers=true', 'train.steps=2', 'train.ckpt_every=2', 'train.eval_every=2',

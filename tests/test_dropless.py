@@ -14,6 +14,9 @@ from litejax.dropless import dropless_moe, sort_by_expert, tile_rows
 from litejax.routing import route
 from test_dispatch import moe_cfg, router_params, weights
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 
 def test_tile_layout_by_hand():
   # Experts [2, 0, 2, 2, 1] with tiles of 2 rows: e0 -> rows 0 (+pad 1), e1 -> 2 (+pad 3), e2 -> 4, 5, 6 (+pad 7).

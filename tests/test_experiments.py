@@ -9,6 +9,9 @@ import pytest
 
 from conftest import REPO
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 
 def _env():
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}

@@ -13,6 +13,9 @@ from litejax import comm, dispatch, ep_plan, expert_parallel, routing, sharding,
 from litejax.config import ConfigError, MeshConfig
 from sharding_helpers import tiny_config
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 GLOBAL_BATCH = 8
 
 

@@ -9,6 +9,9 @@ from litejax import bounds
 from litejax.config import from_dict
 from litejax.model import abstract_model, init_model, layer_mean
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 SMALL = {'model': dict(d_model=32, num_layers=4, num_heads=4, num_kv_heads=2, seq_len=16, vocab_size=64, d_ff=48),
          'moe': dict(num_tiers=2, groups_per_tier=2, experts_per_group=2, k_tier=1, k_group=1, k_expert=2,
                      d_expert=16, capacity_factor=8.0)}

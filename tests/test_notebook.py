@@ -7,6 +7,9 @@ import pytest
 
 from conftest import REPO
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 NOTEBOOKS = REPO / 'experiments' / 'notebooks'
 
 

@@ -13,6 +13,9 @@ from litejax import cli, run_folder
 from litejax.config import InputError
 from train_helpers import TINY, TINY_YAML, enable_compile_cache
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 enable_compile_cache()
 HOLD = ('import sys, time; from litejax import run_folder as r; '
         'r.RunLock(r.make_paths(sys.argv[1], None)).acquire(); print("locked", flush=True); time.sleep(60)')

@@ -7,6 +7,9 @@ from litejax import sharding, train_step
 from litejax.config import Config, ConfigError, MeshConfig, ModelConfig
 from sharding_helpers import tiny_config, train_losses
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 4, 1), (2, 2, 2), (4, 1, 2)]
 
 

@@ -10,6 +10,9 @@ from litejax import sharding, sparse_train, train_step
 from litejax.checkpoint import Checkpointer
 from litejax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, TrainConfig, from_dict
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 
 def small_config(groups=4, experts_per_group=2, scan=False, update='sparse', batch=8, optimizer='adamw'):
   """A dense layer then an MoE layer; K = k_group·k_expert = 4, router_expert gathered (k_group < groups)."""

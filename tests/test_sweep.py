@@ -6,6 +6,9 @@ import pytest
 
 from conftest import REPO
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope='module')
 def sweep(tmp_path_factory):

@@ -7,6 +7,9 @@ import pytest
 from litejax import hardware, targets
 from litejax.config import load_config
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 needs_libtpu = pytest.mark.skipif(targets.libtpu_version() is None,
                                   reason="libtpu not installed (pip install 'litejax[tpu]')")
 

@@ -19,6 +19,9 @@ from litejax.tiered_decode import TieredRuntime
 from store_helpers import bytes_read, small_cfg
 from train_helpers import enable_compile_cache
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 enable_compile_cache()
 
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]

@@ -15,6 +15,9 @@ from store_helpers import small_cfg
 from test_tiered_decode import write_model_store
 from train_helpers import enable_compile_cache
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 enable_compile_cache()
 
 SMALL_TRAIN = ['model.seq_len=16', 'train.batch_size=2', 'store.placement=hot,cold']

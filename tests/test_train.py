@@ -15,6 +15,9 @@ from litejax.config import load_config
 from litejax.metrics import read_metrics
 from train_helpers import TINY, TINY_YAML, enable_compile_cache, subprocess_env
 
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
+
 RUN = TINY + ['train.steps=30', 'train.eval_every=10', 'train.ckpt_every=10']
 METRIC_KEYS = {'step', 'loss', 'aux_loss', 'z_loss', 'drop_fraction', 'tokens_per_second',
                'expert_load_entropy'}

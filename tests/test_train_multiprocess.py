@@ -6,11 +6,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from litejax import train as train_lib
 from litejax.config import load_config
 from litejax.metrics import read_metrics
 from train_helpers import TINY, TINY_YAML, enable_compile_cache, subprocess_env
+
+# Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
+pytestmark = pytest.mark.slow
 
 # mesh.expert=8: expert parallelism spans both processes, so the all-to-all crosses the gloo link.
 RUN = TINY + ['train.steps=30', 'train.eval_every=10', 'train.ckpt_every=10', 'mesh.expert=8']
