@@ -35,7 +35,7 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
       if global_batch and global_batch % (sizes['data'] * sizes['expert']):
         raise ConfigError(f'batch {global_batch} is not divisible by data*expert = '
                           f'{sizes["data"] * sizes["expert"]}')
-      state = state_bytes_per_device(cfg, sizes, train)
+      state, state_sizes = state_bytes_per_device(cfg, sizes, train), sizes
     except ConfigError as e:
       tried.append({**row, 'verdict': 'mesh does not divide', 'reason': str(e)})
       log(f'{spec:16s} skipped: {e}')
@@ -57,6 +57,11 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
       break
   out = {'generation': generation, 'train': train, 'chip': chip.as_dict(), 'tried': tried,
          'answer': answer['target'] if answer else None, 'per_chip': answer}
+  if state is not None and train:
+    out['train_state'] = {k: state[k] for k in ('expert_update', 'expert_optimizer', 'params_total_all_chips',
+                                                 'optimizer_total_all_chips', 'state_total_all_chips')}
+    out['train_state_options'] = state_options(cfg, state_sizes, generation,
+                                               chosen=(state['expert_update'], state['expert_optimizer']))
   if answer is None and state is not None:
     total = state['state_total_all_chips']
     last = tried[-1]
@@ -69,7 +74,58 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
         'chips_needed_if_fully_sharded': math.ceil(total / chip.hbm_bytes),
         'pods_needed_if_fully_sharded': total / (chip.max_chips * chip.hbm_bytes),
     }
+    if generation in hardware.SERVE_HOST:
+      out['shortfall']['host_tier'] = host_tier(total, generation)
   return out
+
+
+# (train.expert_update, train.expert_optimizer) pairs a config can train with (factored is sparse-only).
+OPTIMIZER_CHOICES = (('dense', 'adamw'), ('sparse', 'adamw'), ('sparse', 'factored'))
+
+
+def state_options(cfg, sizes: dict[str, int], generation: str, chosen: tuple[str, str] = ('', '')) -> list[dict]:
+  """The training state's total bytes under each expert update / optimizer choice, beside a whole pod's
+  HBM: the whole train state (litejax.footprint) and the experts' share by arithmetic
+  (`sparse_optim.expert_state_bytes`: bf16-or-f32 parameters + f32 row state per expert; the dense
+  update's optax moments mirror the parameter dtype). `chosen` marks the config's own choice."""
+  import dataclasses
+
+  from litejax import bounds, hardware, sparse_optim
+  chip = hardware.chip(generation)
+  pod = chip.max_chips * chip.hbm_bytes
+  m, mc = cfg.moe, cfg.model
+  pbytes = 2 if mc.param_dtype == 'bfloat16' else 4
+  experts = mc.num_moe_layers * m.experts_total
+  out = []
+  for update, opt in OPTIMIZER_CHOICES:
+    c = cfg.replace(train=dataclasses.replace(cfg.train, expert_update=update, expert_optimizer=opt))
+    total = state_bytes_per_device(c, sizes, True)['state_total_all_chips']
+    if update == 'dense':
+      expert_state = 3 * pbytes * bounds.param_counts(cfg).expert_total
+    else:
+      expert_state = experts * sparse_optim.expert_state_bytes(mc.d_model, m.d_expert, opt, m.expert_kind == 'glu',
+                                                               param_bytes=pbytes)
+    out.append({'expert_update': update, 'expert_optimizer': opt, 'state_bytes_total': total,
+                'expert_state_bytes_total': expert_state, 'state_over_pod_hbm': total / pod,
+                'chips_needed_if_fully_sharded': math.ceil(total / chip.hbm_bytes),
+                'chosen': (update, opt) == tuple(chosen)})
+  return out
+
+
+def host_tier(state_total: float, generation: str) -> dict:
+  """The next tier when HBM is short: a whole pod's HBM holds what it can (perfectly sharded), host RAM
+  (hardware.SERVE_HOST, per chip, with its source) must hold the rest. Activations are not counted."""
+  from litejax import hardware
+  chip, host = hardware.chip(generation), hardware.SERVE_HOST[generation]
+  pod_hbm = chip.max_chips * chip.hbm_bytes
+  rest = max(0.0, state_total - pod_hbm)
+  per_chip_both = chip.hbm_bytes + host['host_ram_bytes']
+  return {'host_must_hold_bytes': rest, 'host_must_hold_bytes_per_chip': rest / chip.max_chips,
+          'host_ram_bytes_per_chip': host['host_ram_bytes'], 'host_ram_source': host['host_ram_source'],
+          'need_over_host_ram': rest / chip.max_chips / host['host_ram_bytes'],
+          'pod_hbm_plus_host_bytes': chip.max_chips * per_chip_both,
+          'state_over_pod_hbm_plus_host': state_total / (chip.max_chips * per_chip_both),
+          'chips_needed_hbm_plus_host': math.ceil(state_total / per_chip_both)}
 
 
 def serve_plan(cfg, generation: str, *, device_fraction: float = 0.01, host_fraction: float = 0.1,

@@ -86,3 +86,65 @@ def test_plan_serve_command_prints_the_slice(capsys):
   out = capsys.readouterr().out
   assert rc == 0 and 'is the smallest v5p slice that serves this config' in out
   assert 'host RAM per chip assumed 112 GB' in out
+
+
+def test_train_state_honours_expert_update_and_optimizer():
+  """tiny (flat router: only the expert tables are row tables), one device: the state's differences
+  between the three choices are the expert tables' row state, by hand."""
+  from litejax import sparse_optim
+  sizes = {'data': 1, 'expert': 1, 'tensor': 1}
+  state = {}
+  for update, opt in planning.OPTIMIZER_CHOICES:
+    cfg = load_config('configs/tiny.yaml', [f'train.expert_update={update}', f'train.expert_optimizer={opt}'])
+    state[update, opt] = footprint.state_bytes_per_device(cfg, sizes, train=True)
+    assert (state[update, opt]['expert_update'], state[update, opt]['expert_optimizer']) == (update, opt)
+  layers, experts, d, h = 4, 16, 128, 32   # configs/tiny.yaml: GLU experts, f32
+  # sparse AdamW = dense AdamW (f32 moments either way) + an int32 count per row of each of 3 tables
+  assert state['sparse', 'adamw']['state'] - state['dense', 'adamw']['state'] == layers * 3 * experts * 4
+  # factored replaces the two d x h moments of w_in, w_gate, w_out by (d + h) f32 statistics each
+  per_expert = (sparse_optim.expert_state_bytes(d, h, 'adamw', glu=True, param_bytes=4)
+                - sparse_optim.expert_state_bytes(d, h, 'factored', glu=True, param_bytes=4))
+  assert per_expert == 3 * (2 * d * h * 4 - (d + h) * 4)
+  assert state['sparse', 'adamw']['state'] - state['sparse', 'factored']['state'] == layers * experts * per_expert
+  assert all(s['params'] == state['dense', 'adamw']['params'] for s in state.values())
+
+
+def test_quadrillion_factored_plan_by_hand():
+  """The quadrillion experts' training state per choice, and the host tier beyond a whole pod's HBM."""
+  from litejax import bounds
+  cfg = load_config('configs/quadrillion.yaml', ['train.expert_optimizer=factored'])
+  out = planning.smallest_slice(cfg, 'v5p', train=True)
+  d, h, experts = 2048, 1953, 128 * 16 * 128 * 480          # bf16 MLP experts, 983,040 per layer
+  assert out['answer'] is None and out['train_state']['expert_optimizer'] == 'factored'
+  opts = {(o['expert_update'], o['expert_optimizer']): o for o in out['train_state_options']}
+  # per expert, w_in [d, h] and w_out [h, d]: bf16 params; adamw 2 f32 moments + count; factored (d + h) f32 + count
+  assert opts['sparse', 'factored']['expert_state_bytes_total'] == experts * 2 * (2 * d * h + 4 * (d + h) + 4)
+  assert opts['sparse', 'adamw']['expert_state_bytes_total'] == experts * 2 * (10 * d * h + 4)
+  assert opts['dense', 'adamw']['expert_state_bytes_total'] == 3 * 2 * bounds.param_counts(cfg).expert_total
+  assert opts['sparse', 'factored']['expert_state_bytes_total'] == pytest.approx(2.017e15, rel=1e-3)
+  assert opts['sparse', 'adamw']['expert_state_bytes_total'] == pytest.approx(10.07e15, rel=1e-3)
+  assert [o['chosen'] for o in out['train_state_options']] == [False, False, True]
+  total = out['train_state']['state_total_all_chips']
+  assert total == opts['sparse', 'factored']['state_bytes_total']
+  # the whole state: the experts' plus the rest (dense parameters, optax AdamW, router rows), a small part
+  assert 0 < total - opts['sparse', 'factored']['expert_state_bytes_total'] < 0.001 * total
+  hbm, chips, ram = 95 * 2 ** 30, 8960, 112e9
+  assert opts['sparse', 'factored']['chips_needed_if_fully_sharded'] == -(-total // hbm)
+  tier = out['shortfall']['host_tier']
+  assert tier['host_must_hold_bytes'] == pytest.approx(total - chips * hbm)
+  assert tier['need_over_host_ram'] == pytest.approx((total - chips * hbm) / chips / ram)
+  assert tier['state_over_pod_hbm_plus_host'] == pytest.approx(total / (chips * (hbm + ram)))
+  assert tier['chips_needed_hbm_plus_host'] == -(-total // (hbm + ram))
+  # a pod's HBM + host RAM hold 0.95x of it: short, and by how much is printed
+  assert 1.0 < tier['state_over_pod_hbm_plus_host'] < 1.1
+
+
+def test_plan_command_prints_the_training_state(capsys):
+  from litejax import cli
+  rc = cli.main(['plan', '--config', 'configs/quadrillion.yaml', '--generation', 'v5p',
+                 '--set', 'train.expert_optimizer=factored'])
+  out = capsys.readouterr().out
+  assert rc == 1
+  assert 'training state: expert update sparse, expert optimizer factored: 2.02 PB' in out
+  assert 'sparse factored state 2.02 PB' in out and 'sparse adamw    state 10.1 PB' in out
+  assert 'next tier, host memory (112 GB per chip' in out and '123 GB per chip' in out

@@ -47,8 +47,10 @@ def run(args: argparse.Namespace) -> int:
   if args.json:
     print(json.dumps(out, indent=2, default=float))
     return 0 if out['answer'] else 1
-  what = 'forward (parameters)' if args.forward else 'training step (parameters + AdamW state + activations)'
+  what = 'forward (parameters)' if args.forward else 'training step (parameters + optimizer state + activations)'
   chip = out['chip']
+  if 'train_state' in out:
+    _print_train_state(out, h)
   if out['answer']:
     print(f"plan: {out['answer']} is the smallest {args.generation} slice where the {what} fits "
           f"({h(chip['hbm_bytes'])}B HBM per chip)")
@@ -62,9 +64,29 @@ def run(args: argparse.Namespace) -> int:
     print(f"  state in all: {h(s['state_bytes_total'])}B vs {h(s['pod_hbm_bytes'])}B of HBM in a whole pod "
           f"({s['state_over_pod_hbm']:.3g}x): even sharded perfectly it needs {s['chips_needed_if_fully_sharded']:,} "
           f"chips ({s['pods_needed_if_fully_sharded']:.3g} pods)")
+    t = s.get('host_tier')
+    if t:
+      print(f"  next tier, host memory ({_bytes(t['host_ram_bytes_per_chip'])} per chip: {t['host_ram_source']}): with "
+            f"a whole pod's HBM full it must hold {_bytes(t['host_must_hold_bytes'])}, "
+            f"{_bytes(t['host_must_hold_bytes_per_chip'])} "
+            f"per chip ({t['need_over_host_ram']:.3g}x its host RAM); HBM + host RAM of a pod hold "
+            f"{1 / t['state_over_pod_hbm_plus_host']:.3g}x of the state ({t['chips_needed_hbm_plus_host']:,} chips "
+            f"needed); activations not counted")
     print('  to fit, most experts must live off-HBM: cold tiers in host memory or storage, fetched on '
           'demand (SPEC-006 I/O term), with only hot tiers resident')
   return 1
+
+
+def _print_train_state(out: dict, h) -> None:
+  """The training state the search used (the config's expert update and optimizer) and the alternatives."""
+  st = out['train_state']
+  print(f"training state: expert update {st['expert_update']}, expert optimizer {st['expert_optimizer']}: "
+        f"{_bytes(st['state_total_all_chips'])} = parameters {_bytes(st['params_total_all_chips'])} + optimizer "
+        f"{_bytes(st['optimizer_total_all_chips'])} (train.expert_update / train.expert_optimizer; --set to change)")
+  for o in out.get('train_state_options', []):
+    print(f"  {o['expert_update']:6s} {o['expert_optimizer']:8s} state {_bytes(o['state_bytes_total'])} (experts "
+          f"{_bytes(o['expert_state_bytes_total'])}), {o['state_over_pod_hbm']:.3g}x a pod's HBM, "
+          f"{o['chips_needed_if_fully_sharded']:,} chips if perfectly sharded" + ('   <- this config' if o['chosen'] else ''))
 
 
 BENCH = 'experiments/results/bench_tiers.json'
