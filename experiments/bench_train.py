@@ -4,6 +4,10 @@ be set before JAX starts).
 
     python experiments/bench_train.py --out out/bench            # tiny and small configs
     python experiments/bench_train.py --quick --out out/bench    # tiny only, fewer steps
+    python experiments/bench_train.py --series experts --out out/bench   # E = N·K/4 ... 32·N·K
+
+The experts series (experiments/bench_train_experts.py) writes OUT/bench_train_experts.json,
+_summary.json and .png: dense vs sparse expert updates beside the dense model, as E grows.
 
 Writes OUT/bench_train.json: rows with config, model ('moe' | 'dense'), devices, tokens_per_second,
 median_step_seconds, compiles (the train step must compile exactly once), and ratio_to_dense.
@@ -32,29 +36,37 @@ def dense_overrides(cfg) -> list[str]:
   return ['model.moe_every=0', f'model.d_ff={hidden}', f'model.ffn_kind={m.expert_kind}']
 
 
-def worker(args) -> dict:
-  """Runs in a fresh process whose XLA_FLAGS already emulate `args.devices` devices."""
+def build(cfg, devices: int) -> dict:
+  """A config's jitted train step, fresh state and one batch of random tokens on `devices` devices."""
   import jax
   import numpy as np
 
   from litejax import sharding
   from litejax import train_step as train_lib
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:devices])
+  tx = train_lib.make_optimizer(cfg.train)
+  graphdef, _, shardings = train_lib.state_layout(cfg, mesh, tx)
+  batch_sh = sharding.batch_sharding(mesh)
+  step = train_lib.make_train_step(cfg, graphdef, tx, shardings, batch_sh)
+  b, s = cfg.train.batch_size, cfg.model.seq_len
+  tok = np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=(b, s + 1)).astype(np.int32)
+  return {'cfg': cfg, 'mesh': mesh, 'step': step, 'state': train_lib.init_state(cfg, mesh, tx, shardings),
+          'inputs': jax.device_put(tok[:, :-1], batch_sh), 'targets': jax.device_put(tok[:, 1:], batch_sh)}
+
+
+def worker(args) -> dict:
+  """Runs in a fresh process whose XLA_FLAGS already emulate `args.devices` devices."""
+  import jax
+
   from litejax.config import load_config
   from litejax.timing import time_calls
   cfg = load_config(args.config, args.overrides)
   if args.model == 'dense':
     cfg = load_config(args.config, args.overrides + dense_overrides(cfg))
-  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:args.devices])
-  tx = train_lib.make_optimizer(cfg.train)
-  graphdef, _, shardings = train_lib.state_layout(cfg, mesh, tx)
-  batch_sh = sharding.batch_sharding(mesh)
-  step = train_lib.make_train_step(cfg, graphdef, tx, shardings, batch_sh)
-  state = train_lib.init_state(cfg, mesh, tx, shardings)
+  built = build(cfg, args.devices)
+  step, mesh, state = built['step'], built['mesh'], built['state']
+  inputs, targets = built['inputs'], built['targets']
   b, s = cfg.train.batch_size, cfg.model.seq_len
-  rng = np.random.default_rng(0)
-  tok = rng.integers(0, cfg.model.vocab_size, size=(b, s + 1)).astype(np.int32)
-  inputs = jax.device_put(tok[:, :-1], batch_sh)
-  targets = jax.device_put(tok[:, 1:], batch_sh)
   with jax.set_mesh(mesh):   # the MoE layers pick their dispatch from the mesh
     t0 = time.perf_counter()
     state, m = step(state, inputs, targets)
@@ -84,6 +96,8 @@ def main(argv=None) -> int:
   p.add_argument('--quick', action='store_true')
   p.add_argument('--steps', type=int, default=0)
   p.add_argument('--device', default='cpu', help='jax platform (cpu, gpu, tpu)')
+  p.add_argument('--series', choices=('main', 'experts'), default='main',
+                 help='main: tokens/s MoE vs dense (tiny, small); experts: step time and memory vs E')
   p.add_argument('--device-counts', default=None,
                  help='comma-separated device counts to run (default: 1,8 on cpu, emulated; 1 elsewhere)')
   # worker mode (internal)
@@ -93,12 +107,20 @@ def main(argv=None) -> int:
   p.add_argument('--model', default='moe')
   p.add_argument('--devices', type=int, default=1)
   p.add_argument('--set', dest='overrides', action='append', default=[])
+  p.add_argument('--experts', default='', help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.worker and args.series == 'experts':
+    import bench_train_experts as bx
+    tokens = bx.QUICK_TOKENS if args.quick else bx.TOKENS
+    print(json.dumps([r for e in args.experts.split(',') for r in bx.measure(int(e), tokens, args.steps)]))
+    return 0
   if args.worker:
     print(json.dumps(worker(args)))
     return 0
   if not args.out:
     p.error('--out is required')
+  if args.series == 'experts':
+    return experts_series(args)
   steps = args.steps or (5 if args.quick else 10)
   configs = [('tiny', [])] if args.quick else [('tiny', []), ('small', SMALL)]
   rows = []
@@ -134,6 +156,51 @@ def main(argv=None) -> int:
   bad = [r for r in rows if r.get('compiles') not in (None, 1)]
   if bad:
     print(f'train step recompiled: {bad}', file=sys.stderr)
+    return 1
+  return 0
+
+
+def experts_series(args) -> int:
+  """One process per E (all of quick's in one), each timing dense, sparse and the dense model side by side."""
+  import bench_train_experts as bx
+  tokens = bx.QUICK_TOKENS if args.quick else bx.TOKENS
+  grid = bx.experts_grid(tokens['batch'] * tokens['seq_len'] * bx.K, args.quick)
+  steps = args.steps or (3 if args.quick else 15)
+  env = dict(os.environ, JAX_PLATFORMS=args.device, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  rows = []
+  for group in ([grid] if args.quick else [[e] for e in grid]):
+    cmd = [sys.executable, __file__, '--worker', '--series', 'experts', '--steps', str(steps),
+           '--experts', ','.join(map(str, group))] + (['--quick'] if args.quick else [])
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if r.returncode != 0:
+      err = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else f'exit {r.returncode}'
+      rows += [{'series': 'experts', 'update': u, 'experts': e, 'step_seconds': None, 'error': err}
+               for e in group for u in bx.UPDATES]
+    else:
+      rows += json.loads(r.stdout.strip().splitlines()[-1])
+    for row in rows[-3 * len(group):]:
+      print(f"E={row['experts']:6d} {row['update']:11s} " +
+            (f"{row['step_seconds'] * 1e3:8.1f} ms  peak {row['peak_bytes'] / 1e6:7.1f} MB  optimizer "
+             f"{row['optimizer_bytes_per_step'] / 1e6:7.1f} MB/step  (compiles: {row['compiles']})"
+             if row.get('step_seconds') else f"FAILED {row.get('error')}"), flush=True)
+  machine = {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count(), 'platform': args.device}
+  for r in rows:
+    r['machine'] = machine
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'bench_train_experts.json').write_text(json.dumps(rows, indent=1))
+  ok = [r for r in rows if r.get('step_seconds')]
+  summ = bx.summary(ok) if ok else {}
+  (out / 'bench_train_experts_summary.json').write_text(json.dumps(summ, indent=1))
+  if ok:
+    bx.plot(ok, out / 'bench_train_experts.png')
+  print(json.dumps({k: summ.get(k) for k in ('sparse_step_max_over_min', 'sparse_over_dense_model_max',
+                                              'dense_step_max_over_min', 'sparse_optimizer_bytes_max_over_min',
+                                              'pass')}))
+  print(f'wrote {out / "bench_train_experts.json"}')
+  bad = [r for r in rows if r.get('compiles') != 1]
+  if bad:
+    print(f'a train step failed or recompiled: {[(r["experts"], r["update"]) for r in bad]}', file=sys.stderr)
     return 1
   return 0
 

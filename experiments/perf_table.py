@@ -1,6 +1,8 @@
-"""Renders README's Performance tables (markdown) from bench_moe.json and bench_train.json.
+"""Renders README's Performance tables (markdown) from bench_moe.json and bench_train.json, and the
+"Sparse expert updates" table from bench_train_experts.json (when present).
 
     python experiments/perf_table.py experiments/results
+    python experiments/perf_table.py experiments/results --experts     # only the experts series table
 """
 from __future__ import annotations
 
@@ -40,8 +42,32 @@ def train_table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def experts_table(rows: list[dict]) -> str:
+  """E x (dense update, sparse update, dense model) step time, peak memory and optimizer bytes per step."""
+  by = {(r['experts'], r['update']): r for r in rows if r.get('series') == 'experts'}
+  experts = sorted({e for e, _ in by})
+  nk = next(iter(by.values()))['nk'] if by else 0
+  lines = ['| E / layer | E / N·K | dense update | sparse update | dense model | sparse ÷ dense model | '
+           'peak MB dense / sparse | optimizer MB/step dense / sparse |', '|---' * 8 + '|']
+  ms = lambda r: f"{r['step_seconds'] * 1e3:.1f} ms" if r and r.get('step_seconds') else 'failed'  # noqa: E731
+  mb = lambda r, k: f"{r[k] / 1e6:.1f}" if r and r.get(k) is not None else '-'  # noqa: E731
+  for e in experts:
+    d, s, m = by.get((e, 'dense')), by.get((e, 'sparse')), by.get((e, 'dense_model'))
+    ratio = f"{s['step_seconds'] / m['step_seconds']:.2f}×" if s and m and s.get('step_seconds') and m.get('step_seconds') else ''
+    lines.append(f"| {e:,} | {e / nk:g} | {ms(d)} | {ms(s)} | {ms(m)} | {ratio} | {mb(d, 'peak_bytes')} / "
+                 f"{mb(s, 'peak_bytes')} | {mb(d, 'optimizer_bytes_per_step')} / {mb(s, 'optimizer_bytes_per_step')} |")
+  return '\n'.join(lines)
+
+
 def main(argv=None) -> int:
-  d = pathlib.Path((argv or sys.argv[1:] or ['experiments/results'])[0])
+  args = list(argv if argv is not None else sys.argv[1:])
+  only_experts = '--experts' in args
+  args = [a for a in args if a != '--experts']
+  d = pathlib.Path((args or ['experiments/results'])[0])
+  experts = d / 'bench_train_experts.json'
+  if only_experts:
+    print(experts_table(json.loads(experts.read_text())))
+    return 0
   moe_rows = json.loads((d / 'bench_moe.json').read_text())
   print(moe_table(moe_rows))
   if any(r.get('series') == 'tokens' for r in moe_rows):
@@ -49,6 +75,9 @@ def main(argv=None) -> int:
     print(moe_table(moe_rows, 'tokens'))
   print()
   print(train_table(json.loads((d / 'bench_train.json').read_text())))
+  if experts.exists():
+    print()
+    print(experts_table(json.loads(experts.read_text())))
   return 0
 
 

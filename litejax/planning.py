@@ -107,6 +107,7 @@ def state_options(cfg, sizes: dict[str, int], generation: str, chosen: tuple[str
                                                                param_bytes=pbytes)
     out.append({'expert_update': update, 'expert_optimizer': opt, 'state_bytes_total': total,
                 'expert_state_bytes_total': expert_state, 'state_over_pod_hbm': total / pod,
+                'bytes_per_chip_on_pod_if_fully_sharded': total / chip.max_chips,
                 'chips_needed_if_fully_sharded': math.ceil(total / chip.hbm_bytes),
                 'chosen': (update, opt) == tuple(chosen)})
   return out

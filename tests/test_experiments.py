@@ -48,6 +48,27 @@ def test_bench_train_quick(tmp_path):
   assert abs(moe1['params_active_per_token'] - dense1['params_active_per_token']) < 0.02 * dense1['params_active_per_token']
 
 
+def test_bench_train_experts_quick(tmp_path):
+  """--series experts --quick: one E (4·N·K), dense and sparse updates and the dense model, one process."""
+  subprocess.run([sys.executable, str(REPO / 'experiments' / 'bench_train.py'), '--series', 'experts', '--quick',
+                  '--steps', '1', '--out', str(tmp_path)], check=True, env=_env(), capture_output=True, timeout=600)
+  rows = json.loads((tmp_path / 'bench_train_experts.json').read_text())
+  assert {(r['update'], r['experts']) for r in rows} == {(u, 2048) for u in ('dense', 'sparse', 'dense_model')}
+  for r in rows:
+    assert r['series'] == 'experts' and r['tokens_per_step'] == 128 and r['compiles'] == 1
+    assert r['step_seconds'] > 0 and r['peak_bytes'] > 0 and r['optimizer_bytes_per_step'] > 0
+  by = {r['update']: r for r in rows}
+  assert by['sparse']['resolved_update'] == 'sparse' and by['dense']['resolved_update'] == 'dense'
+  # the dense update reads and writes every expert's parameters and moments; the sparse one u = N·K rows
+  assert by['dense']['optimizer_bytes_per_step'] > 2 * by['sparse']['optimizer_bytes_per_step']
+  summary = json.loads((tmp_path / 'bench_train_experts_summary.json').read_text())
+  assert summary['experts_at_or_above_nk'] == [2048] and set(summary['pass']) == set(summary['targets'])
+  assert (tmp_path / 'bench_train_experts.png').stat().st_size > 0
+  sys.path.insert(0, str(REPO / 'experiments'))
+  import perf_table
+  assert perf_table.experts_table(rows).count('\n') == 2   # header, rule, one row
+
+
 def test_profile_moe_runs(tmp_path):
   out = subprocess.run([sys.executable, str(REPO / 'experiments' / 'profile_moe.py'), '--experts', '16',
                         '--tokens', '64', '--repeats', '1', '--json'],

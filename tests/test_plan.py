@@ -130,6 +130,7 @@ def test_quadrillion_factored_plan_by_hand():
   assert 0 < total - opts['sparse', 'factored']['expert_state_bytes_total'] < 0.001 * total
   hbm, chips, ram = 95 * 2 ** 30, 8960, 112e9
   assert opts['sparse', 'factored']['chips_needed_if_fully_sharded'] == -(-total // hbm)
+  assert opts['sparse', 'factored']['bytes_per_chip_on_pod_if_fully_sharded'] == pytest.approx(total / chips)
   tier = out['shortfall']['host_tier']
   assert tier['host_must_hold_bytes'] == pytest.approx(total - chips * hbm)
   assert tier['need_over_host_ram'] == pytest.approx((total - chips * hbm) / chips / ram)
@@ -147,4 +148,5 @@ def test_plan_command_prints_the_training_state(capsys):
   assert rc == 1
   assert 'training state: expert update sparse, expert optimizer factored: 2.02 PB' in out
   assert 'sparse factored state 2.02 PB' in out and 'sparse adamw    state 10.1 PB' in out
+  assert '225 GB per chip on a whole pod = 2.21x HBM' in out
   assert 'next tier, host memory (112 GB per chip' in out and '123 GB per chip' in out

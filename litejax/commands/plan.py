@@ -85,7 +85,8 @@ def _print_train_state(out: dict, h) -> None:
         f"{_bytes(st['optimizer_total_all_chips'])} (train.expert_update / train.expert_optimizer; --set to change)")
   for o in out.get('train_state_options', []):
     print(f"  {o['expert_update']:6s} {o['expert_optimizer']:8s} state {_bytes(o['state_bytes_total'])} (experts "
-          f"{_bytes(o['expert_state_bytes_total'])}), {o['state_over_pod_hbm']:.3g}x a pod's HBM, "
+          f"{_bytes(o['expert_state_bytes_total'])}), {_bytes(o['bytes_per_chip_on_pod_if_fully_sharded'])} per chip "
+          f"on a whole pod = {o['state_over_pod_hbm']:.3g}x HBM, "
           f"{o['chips_needed_if_fully_sharded']:,} chips if perfectly sharded" + ('   <- this config' if o['chosen'] else ''))
 
 
