@@ -141,7 +141,8 @@ def main(argv=None) -> int:
           row = json.loads(r.stdout.strip().splitlines()[-1])
         rows.append(row)
         print(f"{name:6s} {model:6s} devices={devices}  " +
-              (f"{row['tokens_per_second']:10.0f} tokens/s  (compiles: {row['compiles']})" if row.get('tokens_per_second')
+              (f"{row['tokens_per_second']:10.0f} tokens/s  (compiles: {row['compiles']})"
+               if row.get('tokens_per_second')
                else f"FAILED {row.get('error')}"), flush=True)
   for r in rows:
     dense = next((d for d in rows if d['config'] == r['config'] and d['devices'] == r['devices']

@@ -143,8 +143,9 @@ def summary(rows: list[dict]) -> dict:
   big = sorted(e for e in sparse if e >= nk)
   ratio = lambda a, b: a / b if b else None  # noqa: E731
   spread = lambda xs: ratio(max(xs), min(xs)) if xs else None  # noqa: E731
-  over_model = {str(e): ratio(sparse[e]['step_seconds'], model[e]['step_seconds']) for e in sorted(sparse) if e in model}
-  dense_over_model = {str(e): ratio(dense[e]['step_seconds'], model[e]['step_seconds']) for e in sorted(dense) if e in model}
+  per_e = lambda a, b, es: {str(e): ratio(a[e]['step_seconds'], b[e]['step_seconds']) for e in es if e in b}  # noqa: E731
+  over_model = per_e(sparse, model, sorted(sparse))
+  dense_over_model = per_e(dense, model, sorted(dense))
   out = {
       'nk': nk, 'experts': sorted(sparse), 'experts_at_or_above_nk': big,
       'sparse_step_max_over_min': spread([sparse[e]['step_seconds'] for e in big]),
@@ -156,7 +157,7 @@ def summary(rows: list[dict]) -> dict:
                                                      for e in big if e in model), default=None),
       'dense_step_max_over_min': spread([dense[e]['step_seconds'] for e in big if e in dense]),
       'dense_over_dense_model': dense_over_model,
-      'dense_over_sparse': {str(e): ratio(dense[e]['step_seconds'], sparse[e]['step_seconds']) for e in big if e in dense},
+      'dense_over_sparse': per_e(dense, sparse, [e for e in big if e in dense]),
       'sparse_optimizer_bytes_max_over_min': spread([sparse[e]['optimizer_bytes_per_step'] for e in big]),
       'dense_optimizer_bytes_max_over_min': spread([dense[e]['optimizer_bytes_per_step'] for e in big if e in dense]),
       'sparse_peak_bytes_max_over_min': spread([sparse[e]['peak_bytes'] for e in big]),
@@ -171,7 +172,7 @@ def summary(rows: list[dict]) -> dict:
 
 
 def plot(rows: list[dict], path) -> None:
-  """Step time and peak memory vs E (log x), one line per update, N·K marked."""
+  """Step time and peak memory (and the updates' temporaries) vs E (log x), one line per update, N·K marked."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
@@ -180,8 +181,10 @@ def plot(rows: list[dict], path) -> None:
     got = sorted(_by(rows, update).items())
     xs = [e for e, _ in got]
     a.plot(xs, [r['step_seconds'] * 1e3 for _, r in got], style, label=update)
-    b.plot(xs, [r['peak_bytes'] / 1e6 for _, r in got], style, label=update)
-  for ax, ylabel in ((a, 'train step (ms, median)'), (b, 'peak memory (MB, memory_analysis)')):
+    line, = b.plot(xs, [r['peak_bytes'] / 1e6 for _, r in got], style, label=f'{update} peak')
+    if update != 'dense_model':
+      b.plot(xs, [r['temp_bytes'] / 1e6 for _, r in got], ':', color=line.get_color(), label=f'{update} temporaries')
+  for ax, ylabel in ((a, 'train step (ms, median)'), (b, 'MB per device (memory_analysis)')):
     ax.set_xscale('log', base=2)
     ax.set_yscale('log')
     ax.axvline(rows[0]['nk'], color='grey', lw=0.8, ls=':')

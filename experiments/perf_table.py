@@ -43,19 +43,23 @@ def train_table(rows: list[dict]) -> str:
 
 
 def experts_table(rows: list[dict]) -> str:
-  """E x (dense update, sparse update, dense model) step time, peak memory and optimizer bytes per step."""
+  """E x (dense update, sparse update, dense model): median step time, peak memory, temporaries and the
+  optimizer's bytes accessed per step."""
   by = {(r['experts'], r['update']): r for r in rows if r.get('series') == 'experts'}
   experts = sorted({e for e, _ in by})
   nk = next(iter(by.values()))['nk'] if by else 0
   lines = ['| E / layer | E / N·K | dense update | sparse update | dense model | sparse ÷ dense model | '
-           'peak MB dense / sparse | optimizer MB/step dense / sparse |', '|---' * 8 + '|']
+           'peak MB dense / sparse | temporaries MB dense / sparse | optimizer MB/step dense / sparse |',
+           '|---' * 9 + '|']
   ms = lambda r: f"{r['step_seconds'] * 1e3:.1f} ms" if r and r.get('step_seconds') else 'failed'  # noqa: E731
   mb = lambda r, k: f"{r[k] / 1e6:.1f}" if r and r.get(k) is not None else '-'  # noqa: E731
   for e in experts:
     d, s, m = by.get((e, 'dense')), by.get((e, 'sparse')), by.get((e, 'dense_model'))
-    ratio = f"{s['step_seconds'] / m['step_seconds']:.2f}×" if s and m and s.get('step_seconds') and m.get('step_seconds') else ''
-    lines.append(f"| {e:,} | {e / nk:g} | {ms(d)} | {ms(s)} | {ms(m)} | {ratio} | {mb(d, 'peak_bytes')} / "
-                 f"{mb(s, 'peak_bytes')} | {mb(d, 'optimizer_bytes_per_step')} / {mb(s, 'optimizer_bytes_per_step')} |")
+    both = s and m and s.get('step_seconds') and m.get('step_seconds')
+    ratio = f"{s['step_seconds'] / m['step_seconds']:.2f}×" if both else ''
+    pair = lambda k: f'{mb(d, k)} / {mb(s, k)}'  # noqa: E731
+    lines.append(f"| {e:,} | {e / nk:g} | {ms(d)} | {ms(s)} | {ms(m)} | {ratio} | {pair('peak_bytes')} | "
+                 f"{pair('temp_bytes')} | {pair('optimizer_bytes_per_step')} |")
   return '\n'.join(lines)
 
 

@@ -77,8 +77,8 @@ def _sharded_bytes(tree) -> tuple[float, float]:
     try:
       shard = sds.sharding.shard_shape(sds.shape)
     except ValueError as e:   # jax's IndivisibleError
-      raise ConfigError(f'{jax.tree_util.keystr(path)} {tuple(sds.shape)}: mesh {dict(sds.sharding.mesh.shape)} does not divide it '
-                        f'({sds.sharding.spec})') from e
+      raise ConfigError(f'{jax.tree_util.keystr(path)} {tuple(sds.shape)}: mesh {dict(sds.sharding.mesh.shape)} '
+                        f'does not divide it ({sds.sharding.spec})') from e
     per_device += math.prod(shard) * nbytes
     total += math.prod(sds.shape) * nbytes
   return per_device, total

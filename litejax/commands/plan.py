@@ -87,7 +87,8 @@ def _print_train_state(out: dict, h) -> None:
     print(f"  {o['expert_update']:6s} {o['expert_optimizer']:8s} state {_bytes(o['state_bytes_total'])} (experts "
           f"{_bytes(o['expert_state_bytes_total'])}), {_bytes(o['bytes_per_chip_on_pod_if_fully_sharded'])} per chip "
           f"on a whole pod = {o['state_over_pod_hbm']:.3g}x HBM, "
-          f"{o['chips_needed_if_fully_sharded']:,} chips if perfectly sharded" + ('   <- this config' if o['chosen'] else ''))
+          f"{o['chips_needed_if_fully_sharded']:,} chips if perfectly sharded"
+          + ('   <- this config' if o['chosen'] else ''))
 
 
 BENCH = 'experiments/results/bench_tiers.json'
