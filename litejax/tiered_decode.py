@@ -35,6 +35,7 @@ from litejax.config import Config
 from litejax.decode import Generation, decode_config, pad_prompts, prefill_config
 from litejax.layers import DTYPES
 from litejax.sampling import Sampling, sample
+from litejax.store import lookahead as lookahead_lib
 from litejax.store import slot_moe
 from litejax.store.tiers import Tiers
 
@@ -156,10 +157,11 @@ def moe_pre(gds, moe_cfg, states, router, bias, x_bsd, positions_bs, cache, tier
   return x_bsd, h_nd, r.expert_nk, r.weight_nk, r.group_nk, {'k': k, 'v': v}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def lookahead(norm_gd, moe_cfg, depth, ahead, x_bsd, tier_mask=None):
-  """[D, N, K]: the experts the routers of the next D MoE layers (each with its own ffn_norm scale) pick
-  for the residual stream entering the next layer (after this layer's attention and MoE). Measured on
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def lookahead(norm_gd, moe_cfg, depth, width, ahead, x_bsd, tier_mask=None):
+  """[D, N, W·K]: the experts to prefetch for the next D MoE layers: the routers of those layers (each
+  with its own ffn_norm scale) applied to the residual stream entering the next layer (after this
+  layer's attention and MoE), widened to W·K candidates (litejax.store.lookahead). Measured on
   configs/tiny_1k.yaml (experiments/lookahead_recall.py), this state predicts the next layer's experts
   better than the state before this layer's MoE output is added."""
   b, s, d = x_bsd.shape
@@ -167,7 +169,7 @@ def lookahead(norm_gd, moe_cfg, depth, ahead, x_bsd, tier_mask=None):
   for j in range(depth):
     norm_j, router_j, bias_j = jax.tree.map(lambda a: a[j], ahead)
     hj = nnx.merge(norm_gd, norm_j)(x_bsd).reshape(b * s, d)
-    out.append(routing.route(hj, router_j, moe_cfg, bias_j, tier_mask=tier_mask).expert_nk)
+    out.append(lookahead_lib.candidates(hj, router_j, moe_cfg, bias_j, tier_mask=tier_mask, width=width))
   return jnp.stack(out)
 
 
@@ -237,8 +239,8 @@ class TieredRuntime:
       x = finish(layer.graphdefs, layer.states, x, h_nd, y, w_nk)
       targets = self.next_moe[layer.index]
       if depth and targets:   # prefetch from the stream entering the next layer (module docstring)
-        ahead_host = jax.device_get(lookahead(layer.graphdefs[2], moe_cfg, depth, self.ahead[layer.index], x,
-                                              self.tier_mask))
+        ahead_host = jax.device_get(lookahead(layer.graphdefs[2], moe_cfg, depth, self.tiers.opts.lookahead_width,
+                                              self.ahead[layer.index], x, self.tier_mask))
         for d, target in enumerate(targets):
           self.tiers.prefetch(target, ahead_host[d].reshape(-1), d + 1)
     return self._head(x), cache

@@ -33,6 +33,8 @@ class TierOptions:
   policy: str = 'lru'
   lookahead: int = 0
   miss: str = 'stall'
+  lookahead_width: int = 1    # prefetch W·K candidates per token and layer (litejax.store.lookahead)
+  stage: bool = True          # lookahead also copies its depth-1 candidates into device slots (Tiers.prefetch)
 
   def validate(self) -> None:
     """ValueError naming the flag and the constraint."""
@@ -44,6 +46,8 @@ class TierOptions:
       raise ValueError(f'--policy: must be one of {list(POLICIES)}, got {self.policy!r}')
     if self.lookahead < 0:
       raise ValueError(f'--lookahead: must be >= 0, got {self.lookahead}')
+    if self.lookahead_width < 1:
+      raise ValueError(f'--lookahead-width: must be >= 1, got {self.lookahead_width}')
     if self.miss not in MISS_MODES:
       raise ValueError(f'--miss: must be one of {list(MISS_MODES)}, got {self.miss!r}')
 
@@ -67,6 +71,9 @@ class TierCounters:
   stall_s: float = 0.0        # wall time inside resolve (lookups, waits, reads, slot loads)
   recall_hit: list[int] = dataclasses.field(default_factory=list)    # per lookahead depth
   recall_total: list[int] = dataclasses.field(default_factory=list)
+  prefetch_wasted: int = 0    # prefetch disk reads of experts the predicted layer did not use then
+  staged: int = 0             # experts the lookahead copied host -> device slot ahead of their layer
+  staged_hits: int = 0        # device hits on a staged expert (its first use since it was staged)
 
 
 class Tiers:
@@ -90,6 +97,13 @@ class Tiers:
     self._inflight: dict[tuple[int, int], concurrent.futures.Future] = {}
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='prefetch')
     self._predicted: dict[tuple[int, int], set[int]] = {}    # (target layer, depth) -> experts
+    self._prefetch_read: dict[int, set[int]] = {}   # target layer -> experts its prefetches read from disk
+    # Staging (the prefetch thread writing device slots) and resolve exclude each other with _dev_lock; a
+    # layer is `closed` from its first resolve of a step to end_step, and staging skips closed layers, so
+    # a slot the running step's experts read is never overwritten.
+    self._dev_lock = threading.RLock()
+    self._closed: set[int] = set()
+    self._staged: dict[int, set[int]] = {l: set() for l in store.layers}
 
   def close(self) -> None:
     self._pool.shutdown(wait=True)
@@ -121,8 +135,10 @@ class Tiers:
     return arrays
 
   def prefetch(self, layer: int, experts: Sequence[int], depth: int) -> None:
-    """Lookahead: records the prediction for recall and reads the experts that are on disk only into the
-    host tier on the background thread."""
+    """Lookahead: records the prediction for recall; on the background thread reads the experts that are
+    on disk only into the host tier and then (opts.stage, depth 1) copies the first candidates, best
+    first, into device slots of `layer`: at most half its slots per step, evicting by the policy but never
+    a candidate, and never once `layer` has run in this step."""
     ids = [int(e) for e in dict.fromkeys(int(e) for e in experts)]
     self._predicted[(layer, depth)] = set(ids)
     todo = []
@@ -131,10 +147,36 @@ class Tiers:
         if self.caches[layer].slot_of[e] < 0 and self.host.get(layer, e) is None \
            and (layer, e) not in self._inflight:
           todo.append(e)
+    stage = ids[:max(1, self.num_slots // 2)] if self.opts.stage and depth == 1 else []
     if todo:
-      fut = self._pool.submit(self._read_into_host, layer, todo)
+      self._prefetch_read.setdefault(layer, set()).update(todo)
+    if todo or stage:
+      fut = self._pool.submit(self._prefetch_job, layer, todo, stage)
       for e in todo:
         self._inflight[(layer, e)] = fut
+
+  def _prefetch_job(self, layer: int, todo: list[int], stage: list[int]) -> None:
+    if todo:
+      self._read_into_host(layer, todo)
+    if stage:
+      self._stage(layer, stage)
+
+  def _stage(self, layer: int, experts: list[int]) -> None:
+    """Copies host-tier experts into device slots of `layer` (device_put and the slot write are
+    dispatched asynchronously: the copy overlaps whatever the device is running)."""
+    with self._dev_lock:
+      if layer in self._closed:
+        return
+      cache = self.caches[layer]
+      with self._lock:
+        values = {e: self.host.get(layer, e) for e in experts if cache.slot_of[e] < 0}
+      values = {e: v for e, v in values.items() if v is not None}
+      if not values:
+        return
+      cache.prefetch(list(values), protected=experts)
+      self._staged[layer].update(values)
+      self._load(layer, [(int(cache.slot_of[e]), v) for e, v in values.items()])
+      self.counters.staged += len(values)
 
   # -------------------------------------------------------------------------- device tier
 
@@ -146,11 +188,16 @@ class Tiers:
     unique = [int(e) for e in dict.fromkeys(int(e) for e in experts)]
     self._count_recall(layer, unique)
     cache = self.caches[layer]
+    with self._dev_lock:     # waits for a slot write in progress; no staging into this layer after this
+      self._closed.add(layer)
     if groups:
       cache.note_groups(groups)
     c.lookups += len(unique)
     resident = [e for e in unique if cache.slot_of[e] >= 0]
     c.device_hits += len(resident)
+    staged = self._staged[layer]
+    c.staged_hits += len(staged.intersection(resident))
+    staged.difference_update(unique)
     need = [e for e in unique if cache.slot_of[e] < 0]
     arrays, fallback = {}, []
     on_disk = []
@@ -205,9 +252,13 @@ class Tiers:
       chunk = items[start:start + dev.load_width]
       stacked = {name: np.stack([a[name] for _, a in chunk]) for name in self.store.shapes}
       dev.load([s for s, _ in chunk], stacked)
-      self.counters.device_loads += len(chunk)
+      with self._lock:
+        self.counters.device_loads += len(chunk)
 
   def _count_recall(self, layer: int, used: list[int]) -> None:
+    read = self._prefetch_read.pop(layer, None)
+    if read:
+      self.counters.prefetch_wasted += len(read.difference(used))
     for depth in range(1, self.opts.lookahead + 1):
       pred = self._predicted.pop((layer, depth), None)
       if pred is None:
@@ -225,10 +276,15 @@ class Tiers:
     if host:
       self._read_into_host(layer, host)
     self.counters = TierCounters(recall_hit=[0] * self.opts.lookahead, recall_total=[0] * self.opts.lookahead)
+    self._closed.discard(layer)
 
   def end_step(self) -> None:
-    """Drops predictions that were never checked (the first layers of a token have none)."""
+    """Drops predictions that were never checked (the first layers of a token have none) and reopens
+    every layer to staging."""
     self._predicted.clear()
+    self._prefetch_read.clear()
+    with self._dev_lock:
+      self._closed.clear()
 
   def report(self, tokens: int, stall_s: float | None = None) -> dict:
     """The `store` JSON: hit rates per tier, lookahead recall per depth, bytes read per token per tier.
@@ -249,9 +305,15 @@ class Tiers:
         'misses': {'device': c.lookups - c.device_hits, 'host': c.lookups - c.device_hits - c.host_hits},
         'disk_reads': c.disk_reads, 'device_loads': c.device_loads, 'lookups': c.lookups,
         'prefetch_reads': c.disk_reads - c.disk_demand, 'fallbacks': c.fallbacks,
+        # prefetch reads of experts the layer they were predicted for did not use (they may still hit later)
+        'prefetch_wasted_reads': c.prefetch_wasted,
+        'prefetch_wasted_bytes_per_token': c.prefetch_wasted * eb / tokens,
+        # device hits that lookahead staging made: a staged expert found in its slot when its layer ran
+        'staged': c.staged, 'staged_hits': c.staged_hits, 'stage': self.opts.stage,
         'stall_ms_per_token': 1e3 * stall_s / tokens,
         'slots_per_layer': self.num_slots, 'host_cache_experts': self.host.capacity,
         'policy': self.opts.policy, 'lookahead': self.opts.lookahead, 'miss': self.opts.miss,
+        'lookahead_width': self.opts.lookahead_width,
     }
 
 
