@@ -151,13 +151,19 @@ class Tiers:
     if todo:
       self._prefetch_read.setdefault(layer, set()).update(todo)
     if todo or stage:
-      fut = self._pool.submit(self._prefetch_job, layer, todo, stage)
+      read = concurrent.futures.Future()    # done once `todo` is in the host tier, before any staging
+      self._pool.submit(self._prefetch_job, layer, todo, stage, read)
       for e in todo:
-        self._inflight[(layer, e)] = fut
+        self._inflight[(layer, e)] = read
 
-  def _prefetch_job(self, layer: int, todo: list[int], stage: list[int]) -> None:
-    if todo:
-      self._read_into_host(layer, todo)
+  def _prefetch_job(self, layer: int, todo: list[int], stage: list[int], read: concurrent.futures.Future) -> None:
+    try:
+      if todo:
+        self._read_into_host(layer, todo)
+    except BaseException as e:     # the layer's resolve waits on `read` and re-raises this
+      read.set_exception(e)
+      return
+    read.set_result(None)
     if stage:
       self._stage(layer, stage)
 
