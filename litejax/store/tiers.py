@@ -14,7 +14,7 @@ import dataclasses
 import math
 import threading
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -93,8 +93,8 @@ class Tiers:
                           store.layers, e, opts.policy, store.experts_per_group)
     self.int8 = int8
     self.counters = TierCounters(recall_hit=[0] * opts.lookahead, recall_total=[0] * opts.lookahead)
-    self._lock = threading.Lock()
-    self._inflight: dict[tuple[int, int], concurrent.futures.Future] = {}
+    self._lock = threading.RLock()
+    self._inflight: dict[tuple[int, int], Any] = {}    # (layer, expert) -> disk.PendingRead
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='prefetch')
     self._predicted: dict[tuple[int, int], set[int]] = {}    # (target layer, depth) -> experts
     self._prefetch_read: dict[int, set[int]] = {}   # target layer -> experts its prefetches read from disk
@@ -134,6 +134,25 @@ class Tiers:
       self.counters.disk_reads += len(experts)
     return arrays
 
+  def _complete(self, layer: int, pending) -> None:
+    """Waits for an asynchronous read and puts its experts in the host tier, once per read (the prefetch
+    thread and a resolve that needs one of its experts may both get here)."""
+    arrays = pending.result()
+    with self._lock:     # re-entrant: the put happens before the other caller can look for the experts
+      if pending.counted:
+        return
+      pending.counted = True
+      self.counters.disk_reads += len(pending.ids)
+      self._host_put(layer, [int(e) for e in pending.ids], arrays, use=False)
+
+  def _read_async(self, layer: int, experts: list[int]):
+    """Issues the reads now (TensorStore reads every chunk concurrently on its own threads) and marks the
+    experts in flight; the prefetch thread puts them in the host tier when they arrive."""
+    pending = self.store.read_experts_async(layer, experts)
+    for e in experts:
+      self._inflight[(layer, e)] = pending
+    return pending
+
   def prefetch(self, layer: int, experts: Sequence[int], depth: int) -> None:
     """Lookahead: records the prediction for recall; on the background thread reads the experts that are
     on disk only into the host tier and then (opts.stage, depth 1) copies the first candidates, best
@@ -148,22 +167,16 @@ class Tiers:
            and (layer, e) not in self._inflight:
           todo.append(e)
     stage = ids[:max(1, self.num_slots // 2)] if self.opts.stage and depth == 1 else []
+    pending = None
     if todo:
       self._prefetch_read.setdefault(layer, set()).update(todo)
+      pending = self._read_async(layer, todo)
     if todo or stage:
-      read = concurrent.futures.Future()    # done once `todo` is in the host tier, before any staging
-      self._pool.submit(self._prefetch_job, layer, todo, stage, read)
-      for e in todo:
-        self._inflight[(layer, e)] = read
+      self._pool.submit(self._prefetch_job, layer, pending, stage)
 
-  def _prefetch_job(self, layer: int, todo: list[int], stage: list[int], read: concurrent.futures.Future) -> None:
-    try:
-      if todo:
-        self._read_into_host(layer, todo)
-    except BaseException as e:     # the layer's resolve waits on `read` and re-raises this
-      read.set_exception(e)
-      return
-    read.set_result(None)
+  def _prefetch_job(self, layer: int, pending, stage: list[int]) -> None:
+    if pending is not None:
+      self._complete(layer, pending)
     if stage:
       self._stage(layer, stage)
 
@@ -213,7 +226,7 @@ class Tiers:
         if self.opts.miss == 'fallback' and not self._inflight[(layer, e)].done():
           fallback.append(e)
           continue
-        self._inflight.pop((layer, e)).result()
+        self._complete(layer, self._inflight.pop((layer, e)))   # waits for that read only
         c.prefetch_waits += 1
         value = self._host_get(layer, e)
       if value is None:
@@ -225,9 +238,7 @@ class Tiers:
       fallback += on_disk
       c.fallbacks += len(fallback)
       if on_disk:
-        fut = self._pool.submit(self._read_into_host, layer, on_disk)
-        for e in on_disk:
-          self._inflight[(layer, e)] = fut
+        self._pool.submit(self._complete, layer, self._read_async(layer, on_disk))
     elif on_disk:
       got = self.store.read_experts(layer, on_disk)
       self._host_put(layer, on_disk, got, use=True)
@@ -242,7 +253,7 @@ class Tiers:
     self._load(layer, [(slot[e], arrays[e]) for e in need if e in arrays])
     self._fallback_ids = fallback
     slot.update({e: -1 - i for i, e in enumerate(fallback)})
-    for key in [k for k, f in self._inflight.items() if f.done()]:
+    for key in [k for k, f in self._inflight.items() if f.counted]:   # in the host tier by now
       del self._inflight[key]
     c.stall_s += time.perf_counter() - t0
     return slot
