@@ -96,19 +96,24 @@ def test_step_cost_prices_the_programs_run(setup):
   cfg, model, store, _ = setup
   tiers = Tiers(store, TierOptions(0.5, 0.5, 'lru', 1), load_width=8)
   try:
-    calls = step_cost.record_step(TieredRuntime(cfg, model, tiers), [[1, 2, 3]])
+    rec = step_cost.record_step(TieredRuntime(cfg, model, tiers), [[1, 2, 3]])
   finally:
     tiers.close()
+  calls = rec.calls
   layers = cfg.model.num_moe_layers
   assert [c.name for c in calls] == (['_embed'] + ['moe_pre', 'experts', 'finish', 'lookahead'] * (layers - 1)
                                      + ['moe_pre', 'experts', 'finish', '_head', '_sample'])
   chip = hardware.host_chip(1e11, 1e10)
-  got = step_cost.price(calls, chip, call_overhead_s=1e-4, sync_s=1e-3)
+  got = step_cost.price(rec, chip, call_overhead_s=1e-4)
   assert got['calls'] == len(calls) and got['syncs'] == 2 * layers
   one = calls[1]
   want = latency.estimate_compiled(one.fn.lower(*one.args, **one.kwargs).compile(), chip)['total_s']
-  assert got['per_program']['moe_pre'] == {'calls': layers, 'programs_ms': pytest.approx(1e3 * layers * want)}
-  assert got['compute_ms'] == pytest.approx(got['programs_ms'] + len(calls) * 0.1 + 2 * layers * 1.0)
+  assert got['per_program']['moe_pre'] == {'calls': layers, 'programs_ms': pytest.approx(1e3 * layers * want),
+                                          'dispatch_ms': pytest.approx(0.1 * layers)}
+  assert got['compute_ms'] == pytest.approx(got['programs_ms'] + len(calls) * 0.1 + 1e3 * rec.host_s)
+  assert rec.host_s > 0
+  probed = step_cost.price(rec, chip)     # no calibrated call overhead: a do-nothing probe per call
+  assert 0 < probed['dispatch_ms'] and probed['dispatch_source'] == 'dispatch_probe_s per call'
 
 
 @pytest.mark.slow

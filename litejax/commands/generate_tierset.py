@@ -5,20 +5,22 @@ from __future__ import annotations
 import dataclasses
 
 
-def _compute(cfg, model, store, opts, batch: int, cache_len: int) -> dict:
+def _compute(cfg, model, store, opts, batch: int, cache_len: int, hot_mask) -> dict:
   """The latency model's compute part of one step of the tiered runtime that will decode
-  (litejax.store.step_cost: its programs as run, per-call and round-trip costs), the same for every
-  TierSet (the tier mask is an argument of the same programs)."""
+  (litejax.store.step_cost: its programs as run, and the host time of a step), the same for every TierSet
+  (the tier mask is an argument of the same programs). Recorded with the hot TierSet and its experts
+  preloaded, so that the step does no I/O (the I/O term is priced apart)."""
   from litejax import decode_cost
   from litejax.store import step_cost
   from litejax.store.tiers import Tiers
   from litejax.tiered_decode import TieredRuntime
   tiers = Tiers(store, opts, load_width=cfg.moe.k_active * batch)
   try:
-    calls = step_cost.record_step(TieredRuntime(cfg, model, tiers), [[0] * max(cache_len - 2, 1)] * batch)
+    preload(cfg, tiers)
+    rec = step_cost.record_step(TieredRuntime(cfg, model, tiers, hot_mask), [[0] * max(cache_len - 7, 1)] * batch)
   finally:
     tiers.close()
-  return step_cost.price(calls, decode_cost.host_chip())
+  return step_cost.price(rec, decode_cost.host_chip())
 
 
 def choose(args, cfg, model, store, opts, batch: int, cache_len: int):
@@ -37,7 +39,7 @@ def choose(args, cfg, model, store, opts, batch: int, cache_len: int):
                **calibration.measure_expert_ops(store)}
   device, host = tiersets.placement_fractions(cfg)
   opts = dataclasses.replace(opts, device_slots=device, host_cache=host)
-  compute = _compute(cfg, model, store, opts, batch, cache_len)
+  compute = _compute(cfg, model, store, opts, batch, cache_len, sets[0].mask)
   rows = tiersets.predict(rows, compute['compute_ms'], tiersets.assignments_per_step(cfg, batch),
                           store.expert_bytes, bandwidth)
   best = tiersets.choose(rows, args.latency_budget_ms)

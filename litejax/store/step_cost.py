@@ -3,16 +3,18 @@
 The store decode does not run one fused step: per token it runs an embed, per layer one to four jitted
 programs (dense layer; or moe_pre, experts per wave, finish, lookahead), the head and the sampler, and it
 waits for the device once per MoE layer (the expert ids it routes on) and once more per lookahead and per
-token. So its compute time is priced as
+token. Those waits serialise host and device: while the host looks up tiers and dispatches, the device
+has nothing queued, and while the device runs, the host waits. So a step costs
 
-    sum over the programs run per token of latency.estimate_compiled(program).total_s
-    + calls x call_overhead_s      (host dispatch of one jitted call: hardware.Chip.call_overhead_s where
-                                    calibrate measured it, else `call_probe_s` here)
-    + syncs x sync_s               (one device -> host round trip that the host waits on: `sync_probe_s`)
+    sum over the programs run per token of latency.estimate_compiled(program).total_s    (device)
+    + sum over those calls of a host dispatch overhead: hardware.Chip.call_overhead_s where `litejax
+      calibrate` measured it, else `dispatch_probe_s` (a do-nothing program with the call's arguments)
+    + the host work outside the calls (tier lookups, the runtime's bookkeeping), measured on real
+      steps by `record_step`
 
 and the I/O term (litejax.tiersets.io_ms_per_step) is added by the caller. The programs are the ones a
-real step runs: `record_step` decodes two tokens with the runtime's programs wrapped and keeps the
-calls of the second forward (the first decode step), with their argument shapes.
+real step runs: `record_step` decodes a few tokens with the runtime's programs wrapped and keeps the
+calls of the last forward, with their argument shapes.
 """
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ class Call:
   fn: Callable
   args: tuple
   kwargs: dict
+  dispatch_s: float = 0.0     # host time inside the call (jitted calls return before the device is done)
+  t_start: float = 0.0
+  t_end: float = 0.0
 
 
 def _abstract(tree):
@@ -38,89 +43,107 @@ def _abstract(tree):
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype) if isinstance(a, jax.Array) else a, tree)
 
 
-def record_step(runtime, prompts: list[list[int]]) -> list[Call]:
+@dataclasses.dataclass
+class Recording:
+  calls: list[Call]     # the jitted calls of one decode step, in order
+  host_s: float         # the step's host work outside jitted calls: wall less calls, waits and recording
+
+
+def record_step(runtime, prompts: list[list[int]], steps: int = 5) -> Recording:
   """The jitted calls of one decode step of `runtime` (a TieredRuntime) after a prefill of `prompts` (one
-  per batch row), in order, with abstract arguments. Runs a real two-token decode (it reads and loads
-  experts)."""
+  per batch row), in order, with abstract arguments and the host time each call took, and the step's
+  host work outside the calls (the tier lookups and the runtime's bookkeeping: the wall time less the
+  calls, the waits for device results and the recording's own work; the median over `steps` steps). Runs a real decode of
+  steps + 2 tokens and keeps the last step's calls (the first step compiles). Pass a runtime whose step
+  does no I/O (e.g. hot tiers preloaded), or its I/O is counted as host time."""
+  import jax
+
   from litejax import tiered_decode
   calls: list[Call] = []
+  events: list[tuple[str, float, float]] = []   # (kind, start, seconds) of recording work and waits
   saved = {name: getattr(tiered_decode, name) for name in PROGRAMS}
+  device_get = jax.device_get
 
   def wrap(name, fn):
     def rec(*args, **kwargs):
-      calls.append(Call(name, fn, _abstract(args), _abstract(kwargs)))
-      return fn(*args, **kwargs)
+      t = time.perf_counter()
+      call = Call(name, fn, _abstract(args), _abstract(kwargs), t_start=t)
+      t0 = time.perf_counter()
+      events.append(('record', t, t0 - t))
+      out = fn(*args, **kwargs)
+      call.t_end = time.perf_counter()
+      call.dispatch_s = call.t_end - t0
+      calls.append(call)
+      return out
     rec._cache_size = getattr(fn, '_cache_size', None)   # read by TieredRuntime.generate
     return rec
 
+  def timed_get(x):
+    t0 = time.perf_counter()
+    out = device_get(x)
+    events.append(('wait', t0, time.perf_counter() - t0))
+    return out
+
   for name, fn in saved.items():
     setattr(tiered_decode, name, wrap(name, fn))
+  jax.device_get = timed_get
   try:
-    runtime.generate(prompts, 2)
+    runtime.generate(prompts, steps + 2)
   finally:
+    jax.device_get = device_get
     for name, fn in saved.items():
       setattr(tiered_decode, name, fn)
-  starts = [i for i, c in enumerate(calls) if c.name == '_embed']
-  return calls[starts[1]:] if len(starts) > 1 else calls
+  firsts = [i for i, c in enumerate(calls) if c.name == '_embed'][-steps:]
+  host = []
+  for a, b in zip(firsts, firsts[1:] + [len(calls)]):
+    start, end = calls[a].t_start, calls[b - 1].t_end
+    inside = sum(c.t_end - c.t_start for c in calls[a:b])    # recording work of the call included
+    waits = sum(d for kind, t, d in events if kind == 'wait' and start <= t < end)
+    host.append(max(end - start - inside - waits, 0.0))
+  return Recording(calls[firsts[-1]:], statistics.median(host))
 
 
-def _probe(fn, repeats: int) -> float:
-  fn()
-  times = []
+def dispatch_probe_s(call: Call, repeats: int = 20) -> float:
+  """Host time to dispatch a jitted call with `call`'s arguments (same pytrees, shapes, static values)
+  whose program does nothing: the per-call overhead of that call, without its execution (XLA:CPU may run
+  a small program inline in the dispatching thread, so the recorded call times include execution)."""
+  import jax
+  import jax.numpy as jnp
+  info = getattr(call.fn, '_jit_info', None)
+  static = tuple(info.static_argnums) if info is not None else ()
+  noop = jax.jit(lambda *a, **k: jnp.zeros((), jnp.int32), static_argnums=static)
+  concrete = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a,
+                          (call.args, call.kwargs))
+  jax.block_until_ready(noop(*concrete[0], **concrete[1]))
+  t0 = time.perf_counter()
   for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t0)
-  return statistics.median(times)
+    out = noop(*concrete[0], **concrete[1])
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / repeats
 
 
-def call_probe_s(repeats: int = 200) -> float:
-  """Median host time to dispatch one trivial jitted call (no wait for its result)."""
-  import jax
-  import jax.numpy as jnp
-  f = jax.jit(lambda x: x + 1)
-  x = jnp.zeros((8,), jnp.float32)
-  jax.block_until_ready(f(x))
-
-  def many():
-    y = x
-    for _ in range(16):
-      y = f(y)
-    jax.block_until_ready(y)
-  return _probe(many, max(repeats // 16, 3)) / 16
-
-
-def sync_probe_s(repeats: int = 100) -> float:
-  """Median extra time of a device -> host read of a small result over the call alone."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  f = jax.jit(lambda x: x + 1)
-  x = jnp.zeros((8,), jnp.int32)
-  return max(_probe(lambda: np.asarray(f(x)), repeats) - call_probe_s(repeats), 0.0)
-
-
-def price(calls: list[Call], chip, call_overhead_s: float | None = None, sync_s: float | None = None) -> dict:
+def price(rec: Recording, chip, call_overhead_s: float | None = None) -> dict:
   """The compute part of one decode step of the tiered runtime (module docstring), in ms, with its parts:
-  per program the calls and the summed estimate."""
+  per program the calls, the summed estimate and dispatch. Dispatch per call: `call_overhead_s` when
+  given, else the chip's `call_overhead_s` (litejax calibrate), else `dispatch_probe_s` of that call."""
   from litejax import latency
-  if call_overhead_s is None:
-    call_overhead_s = getattr(chip, 'call_overhead_s', 0.0) or call_probe_s()
-  sync_s = sync_probe_s() if sync_s is None else sync_s
-  cache: dict[Any, float] = {}
+  per_call = call_overhead_s if call_overhead_s is not None else getattr(chip, 'call_overhead_s', 0.0)
+  cache: dict[Any, tuple[float, float]] = {}
   per: dict[str, dict[str, float]] = {}
-  for c in calls:
+  for c in rec.calls:
     key = (c.name, repr(c.args), repr(c.kwargs))
     if key not in cache:
       compiled = c.fn.lower(*c.args, **c.kwargs).compile()
-      cache[key] = latency.estimate_compiled(compiled, chip)['total_s']
-    row = per.setdefault(c.name, {'calls': 0, 'programs_ms': 0.0})
+      cache[key] = (latency.estimate_compiled(compiled, chip)['total_s'], per_call or dispatch_probe_s(c))
+    row = per.setdefault(c.name, {'calls': 0, 'programs_ms': 0.0, 'dispatch_ms': 0.0})
     row['calls'] += 1
-    row['programs_ms'] += 1e3 * cache[key]
-  n_calls = len(calls)
-  n_syncs = sum(1 for c in calls if c.name in SYNCING)
+    row['programs_ms'] += 1e3 * cache[key][0]
+    row['dispatch_ms'] += 1e3 * cache[key][1]
   programs_ms = sum(r['programs_ms'] for r in per.values())
-  return {'programs_ms': programs_ms, 'calls': n_calls, 'call_overhead_ms': 1e3 * call_overhead_s,
-          'syncs': n_syncs, 'sync_ms': 1e3 * sync_s,
-          'compute_ms': programs_ms + n_calls * 1e3 * call_overhead_s + n_syncs * 1e3 * sync_s,
-          'per_program': per}
+  dispatch_ms = sum(r['dispatch_ms'] for r in per.values())
+  return {'programs_ms': programs_ms, 'dispatch_ms': dispatch_ms, 'host_ms': 1e3 * rec.host_s,
+          'calls': len(rec.calls), 'syncs': sum(1 for c in rec.calls if c.name in SYNCING),
+          'dispatch_source': 'given' if call_overhead_s is not None else
+          ('chip.call_overhead_s' if per_call else 'dispatch_probe_s per call'),
+          'recorded_call_ms': 1e3 * sum(c.dispatch_s for c in rec.calls),
+          'compute_ms': programs_ms + dispatch_ms + 1e3 * rec.host_s, 'per_program': per}
