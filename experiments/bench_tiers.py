@@ -219,7 +219,8 @@ def store_1b(location: pathlib.Path, quick: bool, new_tokens: int, rounds: int, 
                     'lookahead_width': opts.lookahead_width if opts.lookahead else None}
     print(f'store_1b round {r}: ' + ', '.join(f'{k} {v[-1]:.1f} ms' for k, v in ms.items()), flush=True)
   resident.close()
-  rows['resident'] = {}
+  rep = resident.report(rounds * new_tokens)
+  rows['resident'] = {'hit_rate': rep['hit_rate'], 'bytes_read_per_token': rep['bytes_read_per_token']}
   for name in rows:
     rows[name].update({'ms_per_token_p50': statistics.median(ms[name]), 'ms_per_token_rounds': ms[name]})
     if name != 'resident':

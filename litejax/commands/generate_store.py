@@ -10,7 +10,7 @@ import pathlib
 import statistics
 
 # Measured on trained configs/tiny_1k.yaml (experiments/lookahead_recall.py; README "Lookahead width").
-DEFAULT_LOOKAHEAD_WIDTH = 8
+DEFAULT_LOOKAHEAD_WIDTH = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
