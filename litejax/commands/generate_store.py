@@ -26,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--lookahead-width', type=int, default=DEFAULT_LOOKAHEAD_WIDTH, metavar='W',
                       help='with --lookahead: prefetch the top W*K candidates of the lookahead routing per token '
                            f'and layer (default {DEFAULT_LOOKAHEAD_WIDTH}; README "Lookahead width")')
+  parser.add_argument('--no-stage', action='store_true',
+                      help='with --lookahead: prefetch into the host tier only, do not stage predicted experts '
+                           'into device slots')
   parser.add_argument('--miss', default='stall', help='stall (exact) or fallback (int8 copy; default stall)')
   parser.add_argument('--plot', metavar='PNG', help='with --store: write the store metrics plot here')
   parser.add_argument('--latency-budget-ms', type=float, metavar='X',
@@ -71,7 +74,7 @@ def run_store(args, prompts: list[str], sampling, fail) -> int:
   from litejax.store.tiers import TierOptions, Tiers, int8_copies
   from litejax.tiered_decode import TieredRuntime
   opts = TierOptions(args.device_slots, args.host_cache, args.policy, args.lookahead, args.miss,
-                     args.lookahead_width)
+                     args.lookahead_width, stage=not args.no_stage)
   try:
     opts.validate()
     cfg, model, store, source = _session_model(args, args.store)
