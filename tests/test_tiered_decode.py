@@ -87,8 +87,34 @@ def test_stall_is_bit_identical_to_resident_decoding(setup, opts):
   rep = tiers.report(NEW * len(PROMPTS))
   assert rep['misses']['device'] > 0 and rep['hit_rate']['device'] < 1   # the slots really were too few
   assert len(rep['lookahead_recall']) == opts.lookahead
-  if opts.lookahead:     # staging really put predicted experts in slots, and some were used from there
-    assert rep['staged'] > 0 and 0 <= rep['staged_hits'] <= rep['lookups'] * rep['hit_rate']['device']
+  # how much staging gets done before a layer runs depends on thread timing; what it did is counted
+  assert 0 <= rep['staged_hits'] <= min(rep['staged'], rep['lookups'] * rep['hit_rate']['device'])
+
+
+def test_staging_fills_slots_only_before_the_layer_runs(setup):
+  store = setup[2]
+  layer = store.layers[1]
+  tiers = Tiers(store, TierOptions(0.25, 0.25, 'lru', 1), load_width=8)    # 4 slots: stages at most 2
+  try:
+    tiers.prefetch(layer, [3, 5, 6], depth=1)
+    tiers.drain()
+    cache, want = tiers.caches[layer], store.read_experts(layer, [3, 5])
+    assert cache.slot_of[6] < 0 and tiers.counters.staged == 2
+    for i, e in enumerate((3, 5)):
+      for name, buf in tiers.slots[layer].buffers.items():
+        assert np.array_equal(np.asarray(buf[cache.slot_of[e]]), want[name][i])
+    slot = tiers.resolve(layer, [3, 7])
+    c = tiers.counters
+    assert (c.device_hits, c.staged_hits, slot[3]) == (1, 1, cache.slot_of[3])
+    tiers.prefetch(layer, [9], depth=1)       # the layer has run in this step: no staging into it
+    tiers.drain()
+    assert cache.slot_of[9] < 0
+    tiers.end_step()
+    tiers.prefetch(layer, [9], depth=1)
+    tiers.drain()
+    assert cache.slot_of[9] >= 0 and 7 in cache.resident()    # 7 was used this step: not evicted
+  finally:
+    tiers.close()
 
 
 def test_bytes_read_are_misses_times_expert_bytes(setup):

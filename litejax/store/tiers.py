@@ -108,6 +108,10 @@ class Tiers:
   def close(self) -> None:
     self._pool.shutdown(wait=True)
 
+  def drain(self) -> None:
+    """Waits until every prefetch job submitted so far (reads into the host tier, staging) is done."""
+    self._pool.submit(lambda: None).result()    # one worker, jobs in order
+
   # -------------------------------------------------------------------------- host and disk tiers
 
   def _host_get(self, layer: int, expert: int):
