@@ -179,7 +179,7 @@ def fallback_cost(cfg, model, store, prompt, new_tokens, host_fraction) -> dict:
 
 def store_1b(location: pathlib.Path, quick: bool, new_tokens: int, rounds: int, width: int) -> dict:
   """Per-token latency of the disk-backed store_1b (1% slots, 10% host; lookahead 1 at `width` with and
-  without staging, and no lookahead) vs fully resident, measured in `rounds` interleaved rounds (each
+  without staging, at width 1, and no lookahead) vs fully resident, measured in `rounds` interleaved rounds (each
   tiered run with fresh tiers); ratios are paired within a round, then the median over rounds."""
   from litejax.bounds import param_counts
   from litejax.config import load_config
@@ -199,6 +199,8 @@ def store_1b(location: pathlib.Path, quick: bool, new_tokens: int, rounds: int, 
   variants = {'tiered': TierOptions(0.01, 0.1, 'lru', 1, 'stall', width),
               'tiered_no_stage': TierOptions(0.01, 0.1, 'lru', 1, 'stall', width, stage=False),
               'tiered_no_lookahead': TierOptions(0.01, 0.1, 'lru', 0, 'stall')}
+  if width != 1:      # the router's own picks only, for comparison
+    variants['tiered_width_1'] = TierOptions(0.01, 0.1, 'lru', 1, 'stall', 1)
   resident = Tiers(store, TierOptions(1.0, 1.0, 'lru', 0, 'stall'), load_width=cfg.moe.k_active)
   preload_all(resident)
   rt_res = TieredRuntime(cfg, model, resident)

@@ -109,7 +109,7 @@ def test_bench_tiers_quick(tmp_path):
   big = r['store_1b']
   assert big['tokens_identical'] and big['resident']['hit_rate']['device'] == 1.0
   assert big['resident']['bytes_read_per_token']['disk'] == 0
-  for name in ('tiered', 'tiered_no_stage', 'tiered_no_lookahead'):   # paired with resident in each round
+  for name in ('tiered', 'tiered_no_stage', 'tiered_no_lookahead', 'tiered_width_1'):   # paired per round
     assert big[name]['latency_ratio'] > 0 and len(big[name]['ms_per_token_rounds']) == big['rounds']
   assert big['tiered']['lookahead_width'] == 4 and big['tiered_no_lookahead']['lookahead_width'] is None
   assert set(r['targets']) == {'lookahead_recall_1_ahead', 'device_hit_rate_at_5pct_best_policy',
