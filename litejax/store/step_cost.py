@@ -53,14 +53,14 @@ def record_step(runtime, prompts: list[list[int]], steps: int = 5) -> Recording:
   """The jitted calls of one decode step of `runtime` (a TieredRuntime) after a prefill of `prompts` (one
   per batch row), in order, with abstract arguments and the host time each call took, and the step's
   host work outside the calls (the tier lookups and the runtime's bookkeeping: the wall time less the
-  calls, the waits for device results and the recording's own work; the median over `steps` steps). Runs a real decode of
-  steps + 2 tokens and keeps the last step's calls (the first step compiles). Pass a runtime whose step
-  does no I/O (e.g. hot tiers preloaded), or its I/O is counted as host time."""
+  calls, the waits for device results and the recording's own work; the median over `steps` steps).
+  Runs a real decode of steps + 2 tokens and keeps the last step's calls (the first step compiles). Pass
+  a runtime whose step does no I/O (e.g. hot tiers preloaded), or its I/O is counted as host time."""
   import jax
 
   from litejax import tiered_decode
   calls: list[Call] = []
-  events: list[tuple[str, float, float]] = []   # (kind, start, seconds) of recording work and waits
+  waits: list[tuple[float, float]] = []   # (start, seconds) of each wait for a device result
   saved = {name: getattr(tiered_decode, name) for name in PROGRAMS}
   device_get = jax.device_get
 
@@ -69,7 +69,6 @@ def record_step(runtime, prompts: list[list[int]], steps: int = 5) -> Recording:
       t = time.perf_counter()
       call = Call(name, fn, _abstract(args), _abstract(kwargs), t_start=t)
       t0 = time.perf_counter()
-      events.append(('record', t, t0 - t))
       out = fn(*args, **kwargs)
       call.t_end = time.perf_counter()
       call.dispatch_s = call.t_end - t0
@@ -81,12 +80,12 @@ def record_step(runtime, prompts: list[list[int]], steps: int = 5) -> Recording:
   def timed_get(x):
     t0 = time.perf_counter()
     out = device_get(x)
-    events.append(('wait', t0, time.perf_counter() - t0))
+    waits.append((t0, time.perf_counter() - t0))
     return out
 
   for name, fn in saved.items():
     setattr(tiered_decode, name, wrap(name, fn))
-  jax.device_get = timed_get
+  jax.device_get = timed_get     # for the recording only: the runtime reads device results through it
   try:
     runtime.generate(prompts, steps + 2)
   finally:
@@ -98,8 +97,8 @@ def record_step(runtime, prompts: list[list[int]], steps: int = 5) -> Recording:
   for a, b in zip(firsts, firsts[1:] + [len(calls)]):
     start, end = calls[a].t_start, calls[b - 1].t_end
     inside = sum(c.t_end - c.t_start for c in calls[a:b])    # recording work of the call included
-    waits = sum(d for kind, t, d in events if kind == 'wait' and start <= t < end)
-    host.append(max(end - start - inside - waits, 0.0))
+    waited = sum(d for t, d in waits if start <= t < end)
+    host.append(max(end - start - inside - waited, 0.0))
   return Recording(calls[firsts[-1]:], statistics.median(host))
 
 
