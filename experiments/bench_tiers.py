@@ -39,6 +39,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 FRACTIONS = (0.005, 0.01, 0.05, 0.1, 1.0)
 POLICIES = ('lru', 'lfu', 'group')
 PROMPT = 'And God said, Let there be light: and there was light. '
+sys.path.insert(0, str(REPO))
+from litejax.commands.generate_store import DEFAULT_LOOKAHEAD_WIDTH  # noqa: E402
 QUICK_SETS = ['model.num_layers=2', 'moe.groups_per_tier=4', 'train.batch_size=2', 'train.eval_every=2',
               'train.ckpt_every=2']
 QUICK_1B_SETS = ['moe.num_tiers=2', 'moe.groups_per_tier=4', 'moe.experts_per_group=16']
@@ -132,21 +134,25 @@ def sim_grid(trace, store, fractions, host_fraction: float) -> list[dict]:
   return rows
 
 
-def decode_grid(cfg, model, store, fractions, prompt, new_tokens, host_fraction, policies=POLICIES) -> list[dict]:
+def decode_grid(cfg, model, store, fractions, prompt, new_tokens, host_fraction, width: int,
+                policies=POLICIES) -> list[dict]:
   from litejax.sampling import Sampling
   from litejax.store.tiers import TierOptions
   rows = []
   for policy in policies:
     for lookahead in (0, 1):
       for f in fractions:
-        opts = TierOptions(f, host_fraction, policy, lookahead, 'stall')
+        opts = TierOptions(f, host_fraction, policy, lookahead, 'stall', width)
         gen, _, rep, _ = decode(cfg, model, store, opts, prompt, new_tokens, Sampling(temperature=1.0))
         steps = gen.step_s[1:] or gen.step_s      # the first decode step compiles
         rows.append({'policy': policy, 'lookahead': lookahead, 'device_fraction': f,
                      'tokens_per_second': 1 / statistics.median(steps), 'ms_per_token_p50':
                      1e3 * statistics.median(steps), 'hit_rate': rep['hit_rate'],
                      'lookahead_recall': rep['lookahead_recall'], 'stall_ms_per_token': rep['stall_ms_per_token'],
-                     'slots_per_layer': rep['slots_per_layer']})
+                     'slots_per_layer': rep['slots_per_layer'], 'lookahead_width': width if lookahead else None,
+                     'staged_hits': rep['staged_hits'], 'lookups': rep['lookups'],
+                     'prefetch_wasted_bytes_per_token': rep['prefetch_wasted_bytes_per_token'],
+                     'bytes_read_per_token': rep['bytes_read_per_token']})
         print(f"decode {policy} la={lookahead} f={f}: {rows[-1]['tokens_per_second']:.1f} tok/s "
               f"device hit {rep['hit_rate']['device']:.3f} recall {rep['lookahead_recall']}", flush=True)
   return rows
@@ -171,15 +177,17 @@ def fallback_cost(cfg, model, store, prompt, new_tokens, host_fraction) -> dict:
           'fallback_rate': rep['hit_rate']['fallback']}
 
 
-def store_1b(location: pathlib.Path, quick: bool, new_tokens: int) -> dict:
-  """Per-token latency of the disk-backed store_1b (1% slots, 10% host, lookahead 1) vs fully resident."""
+def store_1b(location: pathlib.Path, quick: bool, new_tokens: int, rounds: int, width: int) -> dict:
+  """Per-token latency of the disk-backed store_1b (1% slots, 10% host; lookahead 1 at `width` with and
+  without staging, at width 1, and no lookahead) vs fully resident, measured in `rounds` interleaved rounds (each
+  tiered run with fresh tiers); ratios are paired within a round, then the median over rounds."""
   from litejax.bounds import param_counts
   from litejax.config import load_config
   from litejax.sampling import Sampling
   from litejax.store.disk import ExpertStore
-  from litejax.store.tiers import TierOptions
+  from litejax.store.tiers import TierOptions, Tiers
   from litejax.store.writer import write_random
-  from litejax.tiered_decode import model_without_experts
+  from litejax.tiered_decode import TieredRuntime, model_without_experts
   cfg = load_config(REPO / 'configs' / 'store_1b.yaml', QUICK_1B_SETS if quick else ())
   if not (location / 'manifest.json').exists():
     t0 = time.perf_counter()
@@ -188,19 +196,41 @@ def store_1b(location: pathlib.Path, quick: bool, new_tokens: int) -> dict:
   store = ExpertStore.open(str(location), cfg)
   model = model_without_experts(cfg, 0)
   prompt = [int(b) for b in PROMPT.encode()]
-  rows = {}
-  for name, opts, preload in (('tiered', TierOptions(0.01, 0.1, 'lru', 1, 'stall'), False),
-                              ('resident', TierOptions(1.0, 1.0, 'lru', 0, 'stall'), True)):
-    gen, _, rep, _ = decode(cfg, model, store, opts, prompt, new_tokens, Sampling(), preload=preload)
-    steps = gen.step_s[1:] or gen.step_s
-    rows[name] = {'ms_per_token_p50': 1e3 * statistics.median(steps), 'hit_rate': rep['hit_rate'],
-                  'lookahead_recall': rep['lookahead_recall'], 'stall_ms_per_token': rep['stall_ms_per_token'],
-                  'bytes_read_per_token': rep['bytes_read_per_token'], 'tokens': gen.tokens[0]}
-  same = rows['tiered'].pop('tokens') == rows['resident'].pop('tokens')
-  return {'params': int(param_counts(cfg).total),
+  variants = {'tiered': TierOptions(0.01, 0.1, 'lru', 1, 'stall', width),
+              'tiered_no_stage': TierOptions(0.01, 0.1, 'lru', 1, 'stall', width, stage=False),
+              'tiered_no_lookahead': TierOptions(0.01, 0.1, 'lru', 0, 'stall')}
+  if width != 1:      # the router's own picks only, for comparison
+    variants['tiered_width_1'] = TierOptions(0.01, 0.1, 'lru', 1, 'stall', 1)
+  resident = Tiers(store, TierOptions(1.0, 1.0, 'lru', 0, 'stall'), load_width=cfg.moe.k_active)
+  preload_all(resident)
+  rt_res = TieredRuntime(cfg, model, resident)
+  ms: dict[str, list[float]] = {name: [] for name in ['resident', *variants]}
+  rows, tokens = {}, {}
+  for r in range(rounds):
+    gen, _ = rt_res.generate([prompt], new_tokens, Sampling())
+    ms['resident'].append(1e3 * statistics.median(gen.step_s[1:] or gen.step_s))
+    tokens['resident'] = gen.tokens[0]
+    for name, opts in variants.items():
+      gen, _, rep, _ = decode(cfg, model, store, opts, prompt, new_tokens, Sampling())
+      ms[name].append(1e3 * statistics.median(gen.step_s[1:] or gen.step_s))
+      tokens[name] = gen.tokens[0]
+      rows[name] = {'hit_rate': rep['hit_rate'], 'lookahead_recall': rep['lookahead_recall'],
+                    'stall_ms_per_token': rep['stall_ms_per_token'], 'bytes_read_per_token':
+                    rep['bytes_read_per_token'], 'prefetch_wasted_bytes_per_token':
+                    rep['prefetch_wasted_bytes_per_token'], 'staged': rep['staged'], 'staged_hits': rep['staged_hits'],
+                    'lookahead_width': opts.lookahead_width if opts.lookahead else None}
+    print(f'store_1b round {r}: ' + ', '.join(f'{k} {v[-1]:.1f} ms' for k, v in ms.items()), flush=True)
+  resident.close()
+  rep = resident.report(rounds * new_tokens)
+  rows['resident'] = {'hit_rate': rep['hit_rate'], 'bytes_read_per_token': rep['bytes_read_per_token']}
+  for name in rows:
+    rows[name].update({'ms_per_token_p50': statistics.median(ms[name]), 'ms_per_token_rounds': ms[name]})
+    if name != 'resident':
+      rows[name]['latency_ratio'] = statistics.median(a / b for a, b in zip(ms[name], ms['resident']))
+  return {'params': int(param_counts(cfg).total), 'rounds': rounds,
           'experts_per_layer': store.num_experts, 'expert_bytes': store.expert_bytes, 'store': str(location),
-          **rows, 'latency_ratio': rows['tiered']['ms_per_token_p50'] / rows['resident']['ms_per_token_p50'],
-          'tokens_identical': same}
+          **rows, 'latency_ratio': rows['tiered']['latency_ratio'],
+          'tokens_identical': all(t == tokens['resident'] for t in tokens.values())}
 
 
 def targets(sim_rows, dec_rows, big) -> dict:
@@ -245,6 +275,10 @@ def main(argv=None) -> int:
   p.add_argument('--store-1b', help='store of configs/store_1b.yaml (written if missing; default: runs/store_1b)')
   p.add_argument('--trace-tokens', type=int, default=None, help='decoded tokens in the routing trace')
   p.add_argument('--decode-tokens', type=int, default=None, help='tokens per timed decode')
+  p.add_argument('--lookahead-width', type=int, default=DEFAULT_LOOKAHEAD_WIDTH,
+                 help=f'W of the lookahead rows (default {DEFAULT_LOOKAHEAD_WIDTH}, as generate --store)')
+  p.add_argument('--rounds', type=int, default=3, help='interleaved rounds of the store_1b latency rows')
+  p.add_argument('--skip-grid', action='store_true', help='store_1b rows only (no tiny_1k decode grid)')
   args = p.parse_args(argv)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
@@ -253,6 +287,12 @@ def main(argv=None) -> int:
   trace_n = args.trace_tokens or (16 if args.quick else 512)
   dec_n = args.decode_tokens or (3 if args.quick else 32)
   fractions = (0.01,) if args.quick else FRACTIONS
+  if args.skip_grid:
+    big = store_1b(pathlib.Path(args.store_1b) if args.store_1b else work / 'store_1b', args.quick, dec_n,
+                   1 if args.quick else args.rounds, args.lookahead_width)
+    (out / 'bench_tiers_store_1b.json').write_text(json.dumps(big, indent=1, default=float))
+    print(json.dumps({k: v for k, v in big.items() if 'ratio' in k or k == 'tokens_identical'}, default=float))
+    return 0
   ckpt = pathlib.Path(args.ckpt_dir) if args.ckpt_dir else work / 'tiny_1k' / 'ckpt'
   how = ensure_checkpoint(ckpt, args.quick)
   cfg, model, store = load(ckpt, ckpt.parent / 'store')
@@ -263,9 +303,11 @@ def main(argv=None) -> int:
   decode(cfg, model, store, TierOptions(1.0, 0.1, 'lru', 0, 'stall'), prompt, trace_n, Sampling(temperature=1.0),
          record=trace)
   sim_rows = sim_grid(trace, store, FRACTIONS, 0.1)
-  dec_rows = decode_grid(cfg, model, store, fractions, prompt, dec_n, 0.1, ('lru',) if args.quick else POLICIES)
+  dec_rows = decode_grid(cfg, model, store, fractions, prompt, dec_n, 0.1, args.lookahead_width,
+                         ('lru',) if args.quick else POLICIES)
   fb = fallback_cost(cfg, model, store, prompt, dec_n, 0.1)
-  big = store_1b(pathlib.Path(args.store_1b) if args.store_1b else work / 'store_1b', args.quick, dec_n)
+  big = store_1b(pathlib.Path(args.store_1b) if args.store_1b else work / 'store_1b', args.quick, dec_n,
+                 1 if args.quick else args.rounds, args.lookahead_width)
   result = {'config': 'configs/tiny_1k.yaml' + (' (quick: ' + ', '.join(QUICK_SETS) + ')' if args.quick else ''),
             'checkpoint': how, 'experts_per_layer': store.num_experts, 'layers': list(store.layers),
             'host_cache_fraction': 0.1, 'trace_tokens': trace_n, 'decode_tokens': dec_n, 'quick': args.quick,

@@ -9,12 +9,16 @@ configs/tiny_1k.yaml: which hidden state should layer l+d's router (with its own
 The state the router really sees, layer l+d's own post-attention stream, gives recall 1 by definition
 (the reference); its cosine similarity to each proxy says how far the stream moves per layer.
 
+`width` rows: the runtime's prefetch set (litejax.store.lookahead: the router's K picks widened to the
+best W·K beam paths) from the after_moe proxy, against W: expert recall per depth and the candidates the
+predicted layer did not use (extra bytes per token for a cold cache).
+
 Recall at depth d = mean over decode tokens of |predicted ∩ used| / |used| (batch 1: per token), at the
 expert, group and tier level. The decode is the tiered runtime with every expert resident (no I/O), its
 per-layer programs wrapped to record the states.
 
     python experiments/lookahead_recall.py --ckpt-dir runs/tiny_1k/ckpt --store runs/tiny_1k/store \\
-        --tokens 256 --out experiments/results
+        --tokens 256 --widths 1,2,4,8,16,32 --out experiments/results
     python experiments/lookahead_recall.py --quick --out /tmp/lr     # shrunk model, untrained (the tests)
 """
 from __future__ import annotations
@@ -118,6 +122,49 @@ def recall_table(cfg, steps, moe_layers, max_depth: int) -> dict:
           'self_check_depth0': float(np.mean(self_check))}
 
 
+def _candidates_fn(cfg, norm_graphdef, width: int):
+  """A jitted (ffn_norm state, router, bias, x [N, d]) -> [N, W·K] lookahead candidates for one layer."""
+  import jax
+  from flax import nnx
+
+  from litejax.store import lookahead
+
+  @jax.jit
+  def f(norm_state, router, bias, x_nd):
+    return lookahead.candidates(nnx.merge(norm_graphdef, norm_state)(x_nd), router, cfg.moe, bias, width=width)
+  return f
+
+
+def width_table(cfg, steps, moe_layers, max_depth: int, widths, expert_bytes: int) -> list[dict]:
+  """Per width W (proxy after_moe, what the runtime uses): expert recall per depth, and the candidates
+  per token and layer that the layer then did not use (`wasted`: the extra reads of a cold cache, in
+  experts and bytes per token summed over the predicted layers; the runtime reads fewer, since candidates
+  already in a tier are not read again)."""
+  p_i = PROXIES.index('after_moe')
+  L = len(moe_layers)
+  rows = []
+  for w in widths:
+    recall, wasted = [], []
+    for d in range(1, max_depth + 1):
+      hits, per_token = [], np.zeros(len(steps))
+      for j in range(L - d):
+        tgt = moe_layers[j + d]
+        f = _candidates_fn(cfg, tgt.graphdefs[2], w)
+        cand = np.asarray(f(tgt.states[2], tgt.router, tgt.bias, np.stack([s[j][p_i] for s in steps])))
+        for n, s in enumerate(steps):
+          used, got = set(s[j + d][2].tolist()), set(cand[n].tolist())
+          hits.append(len(used & got) / len(used))
+          per_token[n] += len(got - used)
+      recall.append(float(np.mean(hits)) if hits else None)
+      wasted.append(float(per_token.mean()))
+    rows.append({'width': w, 'candidates_per_layer': w * cfg.moe.k_active, 'expert_recall': recall,
+                 'wasted_experts_per_token': wasted,
+                 'wasted_bytes_per_token': [x * expert_bytes for x in wasted]})
+    print(f"width {w}: recall {['%.3f' % r for r in recall if r is not None]} wasted experts/token "
+          f"{['%.1f' % x for x in wasted]}", flush=True)
+  return rows
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--out', required=True)
@@ -125,6 +172,7 @@ def main(argv=None) -> int:
   ap.add_argument('--store', default=None, help='store of the checkpoint\'s experts (default: CKPT/../store)')
   ap.add_argument('--tokens', type=int, default=256)
   ap.add_argument('--temperature', type=float, default=1.0)
+  ap.add_argument('--widths', default='1,2,4,8,16,32', help='lookahead widths W to measure (comma-separated)')
   ap.add_argument('--quick', action='store_true')
   args = ap.parse_args(argv)
   out = pathlib.Path(args.out)
@@ -139,7 +187,10 @@ def main(argv=None) -> int:
   rep = {'checkpoint': str(ckpt), 'checkpoint_source': source, 'decode_tokens': len(steps),
          'temperature': args.temperature, 'moe_layers': len(moe_layers), 'd_model': cfg.model.d_model,
          'experts_per_layer': cfg.moe.experts_total, 'k': cfg.moe.k_active,
-         **recall_table(cfg, steps, moe_layers, len(moe_layers) - 1), 'text': text}
+         **recall_table(cfg, steps, moe_layers, len(moe_layers) - 1),
+         'expert_bytes': store.expert_bytes,
+         'width': width_table(cfg, steps, moe_layers, len(moe_layers) - 1,
+                              [int(w) for w in args.widths.split(',')], store.expert_bytes), 'text': text}
   (out / 'lookahead_recall.json').write_text(json.dumps(rep, indent=2))
   print(json.dumps({k: v for k, v in rep.items() if k != 'text'}, indent=2))
   return 0

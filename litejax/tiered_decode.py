@@ -9,8 +9,9 @@ Per token, for each layer: a dense layer is one jitted program (attention + FFN)
      (litejax.store.slot_moe), repeated per wave when a step uses more distinct experts than slots;
   4. `finish`: the weighted combine, the shared experts and the residual add;
   5. with lookahead D: `lookahead` applies the routers of the next D MoE layers (each with its own
-     ffn_norm scale) to the residual stream `finish` returned, and the host starts reading the predicted
-     experts that are on disk only on the background thread, overlapping the next layer's attention.
+     ffn_norm scale) to the residual stream `finish` returned; once the next layer's first program is
+     dispatched, the host reads the predictions and starts reading the predicted experts that are on
+     disk only (and staging them into device slots) on the background thread, overlapping that layer.
 Every program has static shapes ([slots, d, h] buffers, [N, K] slot ids), so each compiles once per
 (batch, tokens); the same programs serve every layer (layer weights are arguments). The arithmetic is
 the resident decode step's (litejax.decode, one device, dropless), so with miss='stall' tokens and
@@ -35,6 +36,7 @@ from litejax.config import Config
 from litejax.decode import Generation, decode_config, pad_prompts, prefill_config
 from litejax.layers import DTYPES
 from litejax.sampling import Sampling, sample
+from litejax.store import lookahead as lookahead_lib
 from litejax.store import slot_moe
 from litejax.store.tiers import Tiers
 
@@ -156,10 +158,11 @@ def moe_pre(gds, moe_cfg, states, router, bias, x_bsd, positions_bs, cache, tier
   return x_bsd, h_nd, r.expert_nk, r.weight_nk, r.group_nk, {'k': k, 'v': v}
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def lookahead(norm_gd, moe_cfg, depth, ahead, x_bsd, tier_mask=None):
-  """[D, N, K]: the experts the routers of the next D MoE layers (each with its own ffn_norm scale) pick
-  for the residual stream entering the next layer (after this layer's attention and MoE). Measured on
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def lookahead(norm_gd, moe_cfg, depth, width, ahead, x_bsd, tier_mask=None):
+  """[D, N, W·K]: the experts to prefetch for the next D MoE layers: the routers of those layers (each
+  with its own ffn_norm scale) applied to the residual stream entering the next layer (after this
+  layer's attention and MoE), widened to W·K candidates (litejax.store.lookahead). Measured on
   configs/tiny_1k.yaml (experiments/lookahead_recall.py), this state predicts the next layer's experts
   better than the state before this layer's MoE output is added."""
   b, s, d = x_bsd.shape
@@ -167,7 +170,7 @@ def lookahead(norm_gd, moe_cfg, depth, ahead, x_bsd, tier_mask=None):
   for j in range(depth):
     norm_j, router_j, bias_j = jax.tree.map(lambda a: a[j], ahead)
     hj = nnx.merge(norm_gd, norm_j)(x_bsd).reshape(b * s, d)
-    out.append(routing.route(hj, router_j, moe_cfg, bias_j, tier_mask=tier_mask).expert_nk)
+    out.append(lookahead_lib.candidates(hj, router_j, moe_cfg, bias_j, tier_mask=tier_mask, width=width))
   return jnp.stack(out)
 
 
@@ -223,25 +226,38 @@ class TieredRuntime:
     x = _embed(self.embed, jnp.asarray(tokens_bs), self.dt)
     pos = None if positions_bs is None else jnp.asarray(positions_bs, jnp.int32)
     moe_cfg = self.cfg.moe
+    pending = None    # the last lookahead's (predictions, target layers), read after the next dispatch
     for layer in self.layers:
       c = cache[layer.index]
       if not layer.is_moe:
         x, cache[layer.index] = dense_layer(layer.graphdefs[:4], layer.states, x, pos, c)
+        pending = self._prefetch(pending)
         continue
       depth = self.tiers.opts.lookahead
       x, h_nd, e_nk, w_nk, g_nk, cache[layer.index] = moe_pre(
           layer.graphdefs[:3] + layer.graphdefs[3:], moe_cfg, layer.states, layer.router, layer.bias, x, pos, c,
           self.tier_mask)
+      pending = self._prefetch(pending)     # the device runs this layer's moe_pre meanwhile
       e_nk_host, g_host = jax.device_get((e_nk, g_nk))   # the round trip
       y = self._experts(layer.index, h_nd, np.asarray(e_nk_host), np.asarray(g_host))
       x = finish(layer.graphdefs, layer.states, x, h_nd, y, w_nk)
       targets = self.next_moe[layer.index]
       if depth and targets:   # prefetch from the stream entering the next layer (module docstring)
-        ahead_host = jax.device_get(lookahead(layer.graphdefs[2], moe_cfg, depth, self.ahead[layer.index], x,
-                                              self.tier_mask))
-        for d, target in enumerate(targets):
-          self.tiers.prefetch(target, ahead_host[d].reshape(-1), d + 1)
+        pending = (lookahead(layer.graphdefs[2], moe_cfg, depth, self.tiers.opts.lookahead_width,
+                             self.ahead[layer.index], x, self.tier_mask), targets)
+    self._prefetch(pending)
     return self._head(x), cache
+
+  def _prefetch(self, pending) -> None:
+    """Starts the prefetch of a lookahead's predictions (None: nothing pending). Called after the next
+    layer's first program is dispatched, so the host waits for the predictions while the device runs it
+    rather than leaving the device idle. Candidates go best first across the batch (rank-major), the
+    order staging takes them in."""
+    if pending is not None:
+      ahead_host = jax.device_get(pending[0])
+      for d, target in enumerate(pending[1]):
+        self.tiers.prefetch(target, ahead_host[d].T.reshape(-1), d + 1)
+    return None
 
   def _experts(self, layer: int, h_nd, e_nk: np.ndarray, g_nk: np.ndarray) -> jax.Array:
     """[N, K, d] expert outputs, in as many waves as the slots need."""

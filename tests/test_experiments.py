@@ -97,6 +97,20 @@ def test_bench_decode_quick(tmp_path):
   assert (tmp_path / 'bench_decode.png').stat().st_size > 0
 
 
+@pytest.mark.slow   # trains for 2 steps in a subprocess, then a few small compiles
+def test_tierset_latency_quick(tmp_path):
+  """experiments/tierset_latency.py --quick: predicted (step_cost + I/O) and measured ms per token for
+  every TierSet of the shrunk tiny_1k."""
+  subprocess.run([sys.executable, str(REPO / 'experiments' / 'tierset_latency.py'), '--quick', '--out',
+                  str(tmp_path)], check=True, env=_env(), capture_output=True, timeout=900)
+  r = json.loads((tmp_path / 'tierset_latency.json').read_text())
+  assert [t['name'] for t in r['tiersets']] == ['hot', 'hot+warm', 'all']
+  for t in r['tiersets']:
+    assert t['predicted_ms_per_token'] == pytest.approx(t['compute_ms'] + t['io_ms'])
+    assert t['measured_ms_per_token'] > 0 and t['predicted_over_measured'] > 0
+  assert r['tiersets'][0]['io_ms'] == 0 and r['compute']['programs_ms'] > 0
+
+
 @pytest.mark.slow   # trains for 2 steps in a subprocess, then ~20 small compiles
 def test_bench_tiers_quick(tmp_path):
   """Trains the shrunk tiny_1k for 2 steps, replays its decode trace, decodes from the store (stall and
@@ -116,6 +130,9 @@ def test_bench_tiers_quick(tmp_path):
   big = r['store_1b']
   assert big['tokens_identical'] and big['resident']['hit_rate']['device'] == 1.0
   assert big['resident']['bytes_read_per_token']['disk'] == 0
+  for name in ('tiered', 'tiered_no_stage', 'tiered_no_lookahead', 'tiered_width_1'):   # paired per round
+    assert big[name]['latency_ratio'] > 0 and len(big[name]['ms_per_token_rounds']) == big['rounds']
+  assert big['tiered']['lookahead_width'] == 4 and big['tiered_no_lookahead']['lookahead_width'] is None
   assert set(r['targets']) == {'lookahead_recall_1_ahead', 'device_hit_rate_at_5pct_best_policy',
                                'store_1b_latency_ratio_1pct_lookahead'}
   assert (tmp_path / 'bench_tiers.png').stat().st_size > 0

@@ -88,6 +88,34 @@ def test_decode_with_hot_tierset_reads_nothing(setup):
   assert rep['lookahead_recall'][0] is not None and len(gen.tokens[0]) == 4
 
 
+def test_step_cost_prices_the_programs_run(setup):
+  """store/step_cost: one decode step's calls as the runtime makes them, each program priced by
+  latency.estimate_compiled, plus per-call and per-round-trip costs."""
+  from litejax import hardware, latency
+  from litejax.store import step_cost
+  cfg, model, store, _ = setup
+  tiers = Tiers(store, TierOptions(0.5, 0.5, 'lru', 1), load_width=8)
+  try:
+    rec = step_cost.record_step(TieredRuntime(cfg, model, tiers), [[1, 2, 3]])
+  finally:
+    tiers.close()
+  calls = rec.calls
+  layers = cfg.model.num_moe_layers
+  assert [c.name for c in calls] == (['_embed'] + ['moe_pre', 'experts', 'finish', 'lookahead'] * (layers - 1)
+                                     + ['moe_pre', 'experts', 'finish', '_head', '_sample'])
+  chip = hardware.host_chip(1e11, 1e10)
+  got = step_cost.price(rec, chip, call_overhead_s=1e-4)
+  assert got['calls'] == len(calls) and got['syncs'] == 2 * layers
+  one = calls[1]
+  want = latency.estimate_compiled(one.fn.lower(*one.args, **one.kwargs).compile(), chip)['total_s']
+  assert got['per_program']['moe_pre'] == {'calls': layers, 'programs_ms': pytest.approx(1e3 * layers * want),
+                                          'dispatch_ms': pytest.approx(0.1 * layers)}
+  assert got['compute_ms'] == pytest.approx(got['programs_ms'] + len(calls) * 0.1 + 1e3 * rec.host_s)
+  assert rec.host_s > 0
+  probed = step_cost.price(rec, chip)     # no calibrated call overhead: a do-nothing probe per call
+  assert 0 < probed['dispatch_ms'] and probed['dispatch_source'] == 'dispatch_probe_s per call'
+
+
 @pytest.mark.slow
 def test_generate_latency_budget_cli(tmp_path, capsys, monkeypatch):
   """--latency-budget-ms on an --init store: the `tierset` JSON; a budget nothing fits is a clear error."""
@@ -121,3 +149,8 @@ def test_lookahead_recall_quick(tmp_path):
   assert rep['self_check_depth0'] == 1.0
   for proxy in ('after_attn', 'after_moe'):
     assert all(0 <= r <= 1 for r in rep['recall'][proxy]['expert'])
+  # width 1 is the router's own pick: the after_moe expert recall; wider never recalls less here
+  widths = {w['width']: w for w in rep['width']}
+  assert widths[1]['expert_recall'] == pytest.approx(rep['recall']['after_moe']['expert'])
+  assert all(a <= b for a, b in zip(widths[1]['expert_recall'], widths[32]['expert_recall']))
+  assert widths[32]['wasted_experts_per_token'][0] >= widths[1]['wasted_experts_per_token'][0]

@@ -9,6 +9,9 @@ import json
 import pathlib
 import statistics
 
+# Measured on trained configs/tiny_1k.yaml (experiments/lookahead_recall.py; README "Lookahead width").
+DEFAULT_LOOKAHEAD_WIDTH = 4
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--store', help='expert store (litejax export-experts): decode from device slots, host '
@@ -20,6 +23,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--policy', default='lru', help='eviction policy: lru, lfu, group (default lru)')
   parser.add_argument('--lookahead', type=int, default=0, metavar='D',
                       help='prefetch with the routers of the next D MoE layers (default 0)')
+  parser.add_argument('--lookahead-width', type=int, default=DEFAULT_LOOKAHEAD_WIDTH, metavar='W',
+                      help='with --lookahead: prefetch the top W*K candidates of the lookahead routing per token '
+                           f'and layer (default {DEFAULT_LOOKAHEAD_WIDTH}; README "Lookahead width")')
+  parser.add_argument('--no-stage', action='store_true',
+                      help='with --lookahead: prefetch into the host tier only, do not stage predicted experts '
+                           'into device slots')
   parser.add_argument('--miss', default='stall', help='stall (exact) or fallback (int8 copy; default stall)')
   parser.add_argument('--plot', metavar='PNG', help='with --store: write the store metrics plot here')
   parser.add_argument('--latency-budget-ms', type=float, metavar='X',
@@ -64,7 +73,8 @@ def run_store(args, prompts: list[str], sampling, fail) -> int:
   from litejax.store.layout import ExpertStoreError
   from litejax.store.tiers import TierOptions, Tiers, int8_copies
   from litejax.tiered_decode import TieredRuntime
-  opts = TierOptions(args.device_slots, args.host_cache, args.policy, args.lookahead, args.miss)
+  opts = TierOptions(args.device_slots, args.host_cache, args.policy, args.lookahead, args.miss,
+                     args.lookahead_width, stage=not args.no_stage)
   try:
     opts.validate()
     cfg, model, store, source = _session_model(args, args.store)

@@ -5,16 +5,22 @@ from __future__ import annotations
 import dataclasses
 
 
-def _compute_ms(cfg, batch: int, cache_len: int) -> float:
-  """The latency model's decode step on this host (litejax.decode_cost, the resident step's program)."""
-  import jax
-
+def _compute(cfg, model, store, opts, batch: int, cache_len: int, hot_mask) -> dict:
+  """The latency model's compute part of one step of the tiered runtime that will decode
+  (litejax.store.step_cost: its programs as run, and the host time of a step), the same for every TierSet
+  (the tier mask is an argument of the same programs). Recorded with the hot TierSet and its experts
+  preloaded, so that the step does no I/O (the I/O term is priced apart)."""
   from litejax import decode_cost
-  from litejax import sharding as shd
-  from litejax.config import MeshConfig
-  mesh = shd.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-  dp = decode_cost.compile_step(cfg, batch=batch, cache_len=cache_len, mesh=mesh)
-  return decode_cost.report(dp, decode_cost.host_chip())['latency']['predicted_ms_per_token']
+  from litejax.store import step_cost
+  from litejax.store.tiers import Tiers
+  from litejax.tiered_decode import TieredRuntime
+  tiers = Tiers(store, opts, load_width=cfg.moe.k_active * batch)
+  try:
+    preload(cfg, tiers)
+    rec = step_cost.record_step(TieredRuntime(cfg, model, tiers, hot_mask), [[0] * max(cache_len - 7, 1)] * batch)
+  finally:
+    tiers.close()
+  return step_cost.price(rec, decode_cost.host_chip())
 
 
 def choose(args, cfg, model, store, opts, batch: int, cache_len: int):
@@ -31,15 +37,16 @@ def choose(args, cfg, model, store, opts, batch: int, cache_len: int):
   rows = tiersets.evaluate(cfg, model, sets, batches)
   bandwidth = {**calibration.measure_tier_bandwidth(directory=_store_dir(args.store)),
                **calibration.measure_expert_ops(store)}
-  compute = _compute_ms(cfg, batch, cache_len)
-  rows = tiersets.predict(rows, compute, tiersets.assignments_per_step(cfg, batch), store.expert_bytes, bandwidth)
-  best = tiersets.choose(rows, args.latency_budget_ms)
-  mask = next(ts.mask for ts in sets if ts.name == best['name'])
   device, host = tiersets.placement_fractions(cfg)
   opts = dataclasses.replace(opts, device_slots=device, host_cache=host)
+  compute = _compute(cfg, model, store, opts, batch, cache_len, sets[0].mask)
+  rows = tiersets.predict(rows, compute['compute_ms'], tiersets.assignments_per_step(cfg, batch),
+                          store.expert_bytes, bandwidth)
+  best = tiersets.choose(rows, args.latency_budget_ms)
+  mask = next(ts.mask for ts in sets if ts.name == best['name'])
   return {'budget_ms': args.latency_budget_ms, 'chosen': best['name'], 'mask': mask,
           'predicted_ms_per_token': best['predicted_ms_per_token'], 'considered': rows,
-          'io_probes': bandwidth, 'device_slots': device, 'host_cache': host}, opts
+          'compute': compute, 'io_probes': bandwidth, 'device_slots': device, 'host_cache': host}, opts
 
 
 def _store_dir(location: str) -> str | None:

@@ -58,13 +58,21 @@ class PendingRead:
   def __init__(self, store: 'ExpertStore', layer: int, ids: np.ndarray, futures: dict[str, ts.Future],
                inverse: np.ndarray):
     self.store, self.layer, self.ids, self.futures, self.inverse = store, layer, ids, futures, inverse
+    self.counted = False     # set by the reader that accounts for this read (litejax.store.tiers)
+    self._value: dict[str, np.ndarray] | None = None
+
+  def done(self) -> bool:
+    return all(f.done() for f in self.futures.values())
 
   def result(self) -> dict[str, np.ndarray]:
-    try:
-      return {name: np.asarray(f.result())[self.inverse] for name, f in self.futures.items()}
-    except ValueError:
-      # One batched read failed: read the experts one by one to name the first bad one.
-      raise self.store.diagnose(self.layer, self.ids) from None
+    """Waits (once; later calls return the same arrays)."""
+    if self._value is None:
+      try:
+        self._value = {name: np.asarray(f.result())[self.inverse] for name, f in self.futures.items()}
+      except ValueError:
+        # One batched read failed: read the experts one by one to name the first bad one.
+        raise self.store.diagnose(self.layer, self.ids) from None
+    return self._value
 
 
 class ExpertStore:

@@ -2,8 +2,8 @@
 
 Experts arrive from the host tier as arrays in JAX's `pinned_host` memory (the staging copy a DMA
 reads from; on CPU in jax 0.10.2 it is listed but is not physically separate) and are written into
-their slots by one jitted `.at[slot].set` with the buffer donated, so the update is in place and the
-step compiles once per load width, whatever slots it fills.
+their slots by one jitted `.at[slot].set` of every expert array at once, with the buffers donated, so the
+update is in place, costs one dispatch per load, and compiles once per load width, whatever slots it fills.
 """
 from __future__ import annotations
 
@@ -19,14 +19,18 @@ def memory_sharding(kind: str, device: jax.Device | None = None) -> jax.sharding
   return jax.sharding.SingleDeviceSharding(device or jax.devices()[0], memory_kind=kind)
 
 
-def to_pinned_host(x: np.ndarray, device: jax.Device | None = None) -> jax.Array:
-  """A host copy of `x` in pinned_host memory, ready to be moved onto `device`."""
+def to_pinned_host(x, device: jax.Device | None = None):
+  """A host copy of `x` (an array or a pytree of arrays) in pinned_host memory, ready to be moved onto
+  `device`."""
   return jax.device_put(x, memory_sharding('pinned_host', device))
 
 
-def _set_slots(buf_snk, slots_n, value_nk, device_sharding):
-  # Out-of-range slots (padding up to the load width) are dropped, not clamped onto a real slot.
-  return buf_snk.at[slots_n].set(jax.device_put(value_nk, device_sharding).astype(buf_snk.dtype), mode='drop')
+def _set_slots(bufs, slots_n, values, device_sharding):
+  # Every array of the experts in one program (one dispatch per load, not one per array). Out-of-range
+  # slots (padding up to the load width) are dropped, not clamped onto a real slot.
+  return {name: buf_snk.at[slots_n].set(jax.device_put(values[name], device_sharding).astype(buf_snk.dtype),
+                                        mode='drop')
+          for name, buf_snk in bufs.items()}
 
 
 class DeviceSlots:
@@ -53,12 +57,13 @@ class DeviceSlots:
       raise ValueError(f'slots {list(slots)}: must be in [0, {self.num_slots})')
     idx = np.full(self.load_width, self.num_slots, np.int32)   # pad with an out-of-range slot: dropped
     idx[:n] = slots
-    for name, buf in self.buffers.items():
+    padded = {}
+    for name in self.buffers:
       x = np.asarray(experts[name])
-      padded = np.zeros((self.load_width, *x.shape[1:]), x.dtype)
-      padded[:n] = x
-      self.buffers[name] = self._set(buf, jnp.asarray(idx), to_pinned_host(padded, self.device),
-                                     self.device_sharding)
+      padded[name] = np.zeros((self.load_width, *x.shape[1:]), x.dtype)
+      padded[name][:n] = x
+    # one host -> pinned_host transfer of all arrays, one program writing them into their slots
+    self.buffers = self._set(self.buffers, idx, to_pinned_host(padded, self.device), self.device_sharding)
 
   def gather(self, slots_n: jax.Array) -> dict[str, jax.Array]:
     """{name: [n, ...]} the experts in slots `slots_n` (what a decode step feeds its expert matmuls)."""

@@ -14,7 +14,7 @@ import dataclasses
 import math
 import threading
 import time
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -33,6 +33,8 @@ class TierOptions:
   policy: str = 'lru'
   lookahead: int = 0
   miss: str = 'stall'
+  lookahead_width: int = 1    # prefetch W·K candidates per token and layer (litejax.store.lookahead)
+  stage: bool = True          # lookahead also copies its depth-1 candidates into device slots (Tiers.prefetch)
 
   def validate(self) -> None:
     """ValueError naming the flag and the constraint."""
@@ -44,6 +46,8 @@ class TierOptions:
       raise ValueError(f'--policy: must be one of {list(POLICIES)}, got {self.policy!r}')
     if self.lookahead < 0:
       raise ValueError(f'--lookahead: must be >= 0, got {self.lookahead}')
+    if self.lookahead_width < 1:
+      raise ValueError(f'--lookahead-width: must be >= 1, got {self.lookahead_width}')
     if self.miss not in MISS_MODES:
       raise ValueError(f'--miss: must be one of {list(MISS_MODES)}, got {self.miss!r}')
 
@@ -67,6 +71,9 @@ class TierCounters:
   stall_s: float = 0.0        # wall time inside resolve (lookups, waits, reads, slot loads)
   recall_hit: list[int] = dataclasses.field(default_factory=list)    # per lookahead depth
   recall_total: list[int] = dataclasses.field(default_factory=list)
+  prefetch_wasted: int = 0    # prefetch disk reads of experts the predicted layer did not use then
+  staged: int = 0             # experts the lookahead copied host -> device slot ahead of their layer
+  staged_hits: int = 0        # device hits on a staged expert (its first use since it was staged)
 
 
 class Tiers:
@@ -86,13 +93,24 @@ class Tiers:
                           store.layers, e, opts.policy, store.experts_per_group)
     self.int8 = int8
     self.counters = TierCounters(recall_hit=[0] * opts.lookahead, recall_total=[0] * opts.lookahead)
-    self._lock = threading.Lock()
-    self._inflight: dict[tuple[int, int], concurrent.futures.Future] = {}
+    self._lock = threading.RLock()
+    self._inflight: dict[tuple[int, int], Any] = {}    # (layer, expert) -> disk.PendingRead
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='prefetch')
     self._predicted: dict[tuple[int, int], set[int]] = {}    # (target layer, depth) -> experts
+    self._prefetch_read: dict[int, set[int]] = {}   # target layer -> experts its prefetches read from disk
+    # Staging (the prefetch thread writing device slots) and resolve exclude each other with _dev_lock; a
+    # layer is `closed` from its first resolve of a step to end_step, and staging skips closed layers, so
+    # a slot the running step's experts read is never overwritten.
+    self._dev_lock = threading.RLock()
+    self._closed: set[int] = set()
+    self._staged: dict[int, set[int]] = {l: set() for l in store.layers}
 
   def close(self) -> None:
     self._pool.shutdown(wait=True)
+
+  def drain(self) -> None:
+    """Waits until every prefetch job submitted so far (reads into the host tier, staging) is done."""
+    self._pool.submit(lambda: None).result()    # one worker, jobs in order
 
   # -------------------------------------------------------------------------- host and disk tiers
 
@@ -120,9 +138,30 @@ class Tiers:
       self.counters.disk_reads += len(experts)
     return arrays
 
+  def _complete(self, layer: int, pending) -> None:
+    """Waits for an asynchronous read and puts its experts in the host tier, once per read (the prefetch
+    thread and a resolve that needs one of its experts may both get here)."""
+    arrays = pending.result()
+    with self._lock:     # re-entrant: the put happens before the other caller can look for the experts
+      if pending.counted:
+        return
+      pending.counted = True
+      self.counters.disk_reads += len(pending.ids)
+      self._host_put(layer, [int(e) for e in pending.ids], arrays, use=False)
+
+  def _read_async(self, layer: int, experts: list[int]):
+    """Issues the reads now (TensorStore reads every chunk concurrently on its own threads) and marks the
+    experts in flight; the prefetch thread puts them in the host tier when they arrive."""
+    pending = self.store.read_experts_async(layer, experts)
+    for e in experts:
+      self._inflight[(layer, e)] = pending
+    return pending
+
   def prefetch(self, layer: int, experts: Sequence[int], depth: int) -> None:
-    """Lookahead: records the prediction for recall and reads the experts that are on disk only into the
-    host tier on the background thread."""
+    """Lookahead: records the prediction for recall; on the background thread reads the experts that are
+    on disk only into the host tier and then (opts.stage, depth 1) copies the first candidates, best
+    first, into device slots of `layer`: at most half its slots per step, evicting by the policy but never
+    a candidate, and never once `layer` has run in this step."""
     ids = [int(e) for e in dict.fromkeys(int(e) for e in experts)]
     self._predicted[(layer, depth)] = set(ids)
     todo = []
@@ -131,10 +170,36 @@ class Tiers:
         if self.caches[layer].slot_of[e] < 0 and self.host.get(layer, e) is None \
            and (layer, e) not in self._inflight:
           todo.append(e)
+    stage = ids[:max(1, self.num_slots // 2)] if self.opts.stage and depth == 1 else []
+    pending = None
     if todo:
-      fut = self._pool.submit(self._read_into_host, layer, todo)
-      for e in todo:
-        self._inflight[(layer, e)] = fut
+      self._prefetch_read.setdefault(layer, set()).update(todo)
+      pending = self._read_async(layer, todo)
+    if todo or stage:
+      self._pool.submit(self._prefetch_job, layer, pending, stage)
+
+  def _prefetch_job(self, layer: int, pending, stage: list[int]) -> None:
+    if pending is not None:
+      self._complete(layer, pending)
+    if stage:
+      self._stage(layer, stage)
+
+  def _stage(self, layer: int, experts: list[int]) -> None:
+    """Copies host-tier experts into device slots of `layer` (device_put and the slot write are
+    dispatched asynchronously: the copy overlaps whatever the device is running)."""
+    with self._dev_lock:
+      if layer in self._closed:
+        return
+      cache = self.caches[layer]
+      with self._lock:
+        values = {e: self.host.get(layer, e) for e in experts if cache.slot_of[e] < 0}
+      values = {e: v for e, v in values.items() if v is not None}
+      if not values:
+        return
+      cache.prefetch(list(values), protected=experts)
+      self._staged[layer].update(values)
+      self._load(layer, [(int(cache.slot_of[e]), v) for e, v in values.items()])
+      self.counters.staged += len(values)
 
   # -------------------------------------------------------------------------- device tier
 
@@ -146,11 +211,16 @@ class Tiers:
     unique = [int(e) for e in dict.fromkeys(int(e) for e in experts)]
     self._count_recall(layer, unique)
     cache = self.caches[layer]
+    with self._dev_lock:     # waits for a slot write in progress; no staging into this layer after this
+      self._closed.add(layer)
     if groups:
       cache.note_groups(groups)
     c.lookups += len(unique)
     resident = [e for e in unique if cache.slot_of[e] >= 0]
     c.device_hits += len(resident)
+    staged = self._staged[layer]
+    c.staged_hits += len(staged.intersection(resident))
+    staged.difference_update(unique)
     need = [e for e in unique if cache.slot_of[e] < 0]
     arrays, fallback = {}, []
     on_disk = []
@@ -160,7 +230,7 @@ class Tiers:
         if self.opts.miss == 'fallback' and not self._inflight[(layer, e)].done():
           fallback.append(e)
           continue
-        self._inflight.pop((layer, e)).result()
+        self._complete(layer, self._inflight.pop((layer, e)))   # waits for that read only
         c.prefetch_waits += 1
         value = self._host_get(layer, e)
       if value is None:
@@ -172,9 +242,7 @@ class Tiers:
       fallback += on_disk
       c.fallbacks += len(fallback)
       if on_disk:
-        fut = self._pool.submit(self._read_into_host, layer, on_disk)
-        for e in on_disk:
-          self._inflight[(layer, e)] = fut
+        self._pool.submit(self._complete, layer, self._read_async(layer, on_disk))
     elif on_disk:
       got = self.store.read_experts(layer, on_disk)
       self._host_put(layer, on_disk, got, use=True)
@@ -189,7 +257,7 @@ class Tiers:
     self._load(layer, [(slot[e], arrays[e]) for e in need if e in arrays])
     self._fallback_ids = fallback
     slot.update({e: -1 - i for i, e in enumerate(fallback)})
-    for key in [k for k, f in self._inflight.items() if f.done()]:
+    for key in [k for k, f in self._inflight.items() if f.counted]:   # in the host tier by now
       del self._inflight[key]
     c.stall_s += time.perf_counter() - t0
     return slot
@@ -205,9 +273,13 @@ class Tiers:
       chunk = items[start:start + dev.load_width]
       stacked = {name: np.stack([a[name] for _, a in chunk]) for name in self.store.shapes}
       dev.load([s for s, _ in chunk], stacked)
-      self.counters.device_loads += len(chunk)
+      with self._lock:
+        self.counters.device_loads += len(chunk)
 
   def _count_recall(self, layer: int, used: list[int]) -> None:
+    read = self._prefetch_read.pop(layer, None)
+    if read:
+      self.counters.prefetch_wasted += len(read.difference(used))
     for depth in range(1, self.opts.lookahead + 1):
       pred = self._predicted.pop((layer, depth), None)
       if pred is None:
@@ -225,10 +297,15 @@ class Tiers:
     if host:
       self._read_into_host(layer, host)
     self.counters = TierCounters(recall_hit=[0] * self.opts.lookahead, recall_total=[0] * self.opts.lookahead)
+    self._closed.discard(layer)
 
   def end_step(self) -> None:
-    """Drops predictions that were never checked (the first layers of a token have none)."""
+    """Drops predictions that were never checked (the first layers of a token have none) and reopens
+    every layer to staging."""
     self._predicted.clear()
+    self._prefetch_read.clear()
+    with self._dev_lock:
+      self._closed.clear()
 
   def report(self, tokens: int, stall_s: float | None = None) -> dict:
     """The `store` JSON: hit rates per tier, lookahead recall per depth, bytes read per token per tier.
@@ -249,9 +326,15 @@ class Tiers:
         'misses': {'device': c.lookups - c.device_hits, 'host': c.lookups - c.device_hits - c.host_hits},
         'disk_reads': c.disk_reads, 'device_loads': c.device_loads, 'lookups': c.lookups,
         'prefetch_reads': c.disk_reads - c.disk_demand, 'fallbacks': c.fallbacks,
+        # prefetch reads of experts the layer they were predicted for did not use (they may still hit later)
+        'prefetch_wasted_reads': c.prefetch_wasted,
+        'prefetch_wasted_bytes_per_token': c.prefetch_wasted * eb / tokens,
+        # device hits that lookahead staging made: a staged expert found in its slot when its layer ran
+        'staged': c.staged, 'staged_hits': c.staged_hits, 'stage': self.opts.stage,
         'stall_ms_per_token': 1e3 * stall_s / tokens,
         'slots_per_layer': self.num_slots, 'host_cache_experts': self.host.capacity,
         'policy': self.opts.policy, 'lookahead': self.opts.lookahead, 'miss': self.opts.miss,
+        'lookahead_width': self.opts.lookahead_width,
     }
 
 
