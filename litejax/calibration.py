@@ -6,6 +6,10 @@ The host chip is measured by probes, each a small jitted program whose work is k
   transpose bw       a [batch, seq, heads, head_dim] -> [batch, heads, head_dim, seq] rotation
   kernel overhead    two chains of small kernels (a dot, a softmax, a scan, a sort, a gather per step),
                      short and long: (extra time - the extra work priced by the model) / extra kernels
+  call overhead      the host calls of one decode-loop step (litejax.decode.generate) around a program
+                     with no work: a batch-sharded row put, a replicated scalar put, a jitted call with a
+                     model's worth of argument arrays and a donated state, the result fetched to the host;
+                     (time - the program's kernels as priced) / decode.HOST_CALLS_PER_STEP
 Then several configs/tiny.yaml variants are compiled (forward, one device, layers unrolled), their
 step time predicted by latency.estimate_compiled on the measured host chip, and timed.
 
@@ -56,8 +60,10 @@ class _Timed:
   calls_per_round: int = 1
 
 
-def _median_interleaved(timed: list[_Timed], rounds: int) -> dict[str, float]:
-  """Median seconds of each `call` over `rounds` rounds, each round timing every one in turn."""
+def _median_interleaved(timed: list[_Timed], rounds: int,
+                        between: Callable[[], object] | None = None) -> dict[str, float]:
+  """Median seconds of each `call` over `rounds` rounds, each round timing every one in turn, then
+  running `between()` (the caller's own measurement, taken under the same load)."""
   import jax
   for t in timed:                           # compile-time and first-touch costs stay out
     jax.block_until_ready(t.call())
@@ -65,6 +71,8 @@ def _median_interleaved(timed: list[_Timed], rounds: int) -> dict[str, float]:
   for _ in range(rounds):
     for t in timed:
       runs[t.name] += time_calls(t.call, t.calls_per_round, warmup=0)
+    if between is not None:
+      between()
   return {name: statistics.median(ts) for name, ts in runs.items()}
 
 
@@ -136,6 +144,51 @@ def _overhead_probes(chains: tuple[int, int] = (8, 40), rows: int = 8) -> list[t
   return out
 
 
+# Argument arrays of the call probe's jitted program: about as many as a small model's decode step
+# (tiny's: parameters, router state and a 4-layer KV cache). Dispatch flattens each one.
+_CALL_PROBE_LEAVES = 64
+
+
+def _call_probe(leaves: int = _CALL_PROBE_LEAVES, rows: int = 1) -> tuple[_Timed, object]:
+  """(one decode-loop step's host calls around a program with no work, that program compiled).
+  The calls are decode.generate's, one each (decode.HOST_CALLS_PER_STEP): put the int32 rows with the
+  batch sharding, put a NumPy scalar replicated, dispatch the jitted program (every argument kept, the
+  state donated, as the decode step's cache), fetch its output to the host."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  mesh = Mesh(np.array(jax.devices()[:1]), ('data',))
+  row_sh, rep = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+  params = [jax.device_put(jnp.full((4,), i, jnp.float32), rep) for i in range(leaves - 8)]
+  state = [jax.device_put(jnp.zeros((4,), jnp.float32), rep) for _ in range(8)]
+
+  def program(params, state, rows_b, index):
+    return rows_b + index, state
+
+  jitted = jax.jit(program, in_shardings=(rep, rep, row_sh, rep), out_shardings=(row_sh, rep),
+                   donate_argnums=(1,), keep_unused=True)
+  host_rows = np.zeros((rows,), np.int32)
+  compiled = jitted.lower(params, state, jax.device_put(host_rows, row_sh),
+                          jax.device_put(np.int32(0), rep)).compile()
+
+  box = {'state': state}   # the donated state of the previous call feeds the next
+
+  def run():
+    out, box['state'] = jitted(params, box['state'], jax.device_put(host_rows + 1, row_sh),
+                               jax.device_put(np.int32(1), rep))
+    return np.asarray(jax.device_get(out))
+
+  return _Timed('call', run, _SHORT_STEP_CALLS), compiled
+
+
+def call_overhead(compiled, seconds: float, chip: hardware.Chip) -> float:
+  """Host seconds per call from the call probe's seconds per run: less its program's kernels and
+  work as `chip` prices them, over the calls it makes (litejax.decode.HOST_CALLS_PER_STEP)."""
+  from litejax.decode import HOST_CALLS_PER_STEP
+  return max(seconds - latency.estimate_compiled(compiled, chip)['total_s'], 0.0) / HOST_CALLS_PER_STEP
+
+
 def kernel_overhead(points: list[tuple[object, float]], chip: hardware.Chip) -> float:
   """Seconds per kernel from two (compiled chain, measured seconds) points: the extra time of the
   longer chain less its extra work as `chip` prices it (without overhead), over its extra kernels.
@@ -176,21 +229,27 @@ def _host_probes(quick: bool):
   bw_t, bw_bytes = _bandwidth_probe(16 if quick else 256)
   tr_t, tr_bytes = _transpose_probe((8, 64, 4, 32) if quick else (32, 256, 4, 32))
   chains = _overhead_probes((2, 6) if quick else (8, 40))
+  call_t, call_prog = _call_probe()
 
   def host(seconds: dict[str, float]) -> hardware.Chip:
     peak, bw, t_bw = flops / seconds['peak'], bw_bytes / seconds['bandwidth'], tr_bytes / seconds['transpose']
     kernel_s = kernel_overhead([(c, seconds[t.name]) for t, c in chains],
                                hardware.host_chip(peak, bw, transpose_bytes_per_s=t_bw))
-    return hardware.host_chip(peak, bw, kernel_overhead_s=kernel_s, transpose_bytes_per_s=t_bw)
+    chip = hardware.host_chip(peak, bw, kernel_overhead_s=kernel_s, transpose_bytes_per_s=t_bw)
+    call_s = call_overhead(call_prog, seconds['call'], chip)
+    return dataclasses.replace(chip, call_overhead_s=call_s)
 
-  return [peak_t, bw_t, tr_t] + [t for t, _ in chains], host
+  return [peak_t, bw_t, tr_t, call_t] + [t for t, _ in chains], host
 
 
-def measure_host(repeats: int = 5, quick: bool = False) -> hardware.Chip:
-  """This CPU as a hardware.Chip (peak, bandwidths, per-kernel overhead), from the probes alone: what
-  a caller that predicts a step on this machine (a decode benchmark) passes to latency.estimate_compiled."""
+def measure_host(repeats: int = 5, quick: bool = False,
+                 between: Callable[[], object] | None = None) -> hardware.Chip:
+  """This CPU as a hardware.Chip (peak, bandwidths, per-kernel and per-call overheads), from the
+  probes alone: what a caller that predicts a step on this machine (a decode benchmark) passes to
+  latency.estimate_compiled. `between()`, when given, runs after each round of probes: a caller times
+  its own step there, so that on a shared machine host and step are measured under the same load."""
   probes, host = _host_probes(quick)
-  return host(_median_interleaved(probes, repeats))
+  return host(_median_interleaved(probes, repeats, between))
 
 
 def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None = None, batch: int = 8,
@@ -224,14 +283,15 @@ def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None =
   host = measured_host(best)
   rows = []
   for name, (compiled, b, overrides) in steps.items():
-    est = latency.estimate_compiled(compiled, host)
+    est = latency.estimate_compiled(compiled, host, host_calls=1)   # each timing: one jitted call
     rows.append({'name': name, 'overrides': overrides, 'batch': b, **est, 'measured_s': best[name],
                  'predicted_over_measured': est['total_s'] / best[name]})
   ratios = [r['predicted_over_measured'] for r in rows]
   lo, hi = latency.TRUST_BAND
   return {
       'host': {'peak_flops': host.peak_flops, 'mem_bytes_per_s': host.hbm_bytes_per_s,
-               'transpose_bytes_per_s': host.transpose_bytes_per_s, 'kernel_overhead_s': host.kernel_overhead_s},
+               'transpose_bytes_per_s': host.transpose_bytes_per_s, 'kernel_overhead_s': host.kernel_overhead_s,
+               'call_overhead_s': host.call_overhead_s},
       'batch': batch, 'repeats': repeats, 'rows': rows,
       'ranks_correctly': _ranks_agree([r['total_s'] for r in rows], [r['measured_s'] for r in rows]),
       'within_band': all(lo <= r <= hi for r in ratios), 'band': [lo, hi],
@@ -245,13 +305,14 @@ def format_calibration(rep: dict, h) -> list[str]:
   s, host = latency.seconds, rep['host']
   lines = [f"host: matmul peak {h(host['peak_flops'])}FLOP/s (f32), memory bandwidth "
            f"{h(host['mem_bytes_per_s'])}B/s ({h(host['transpose_bytes_per_s'])}B/s transposing), "
-           f"{s(host['kernel_overhead_s'])} per kernel   (forward, median of {rep['repeats']} interleaved rounds)",
+           f"{s(host['kernel_overhead_s'])} per kernel, {s(host['call_overhead_s'])} per host call   "
+           f"(forward, median of {rep['repeats']} interleaved rounds)",
            f"{'config':14s} {'batch':>5s} {'FLOPs':>8s} {'bytes':>8s} {'kernels':>7s} {'compute':>9s} "
-           f"{'memory':>9s} {'overhead':>9s} {'predicted':>10s} {'measured':>9s} {'pred/meas':>9s}  dominant"]
+           f"{'memory':>9s} {'overhead':>9s} {'host':>9s} {'predicted':>10s} {'measured':>9s} {'pred/meas':>9s}  dominant"]
   for r in rep['rows']:
     lines.append(f"{r['name']:14s} {r['batch']:5d} {h(r['flops']):>8s} {h(r['bytes_accessed']):>8s} "
                  f"{r['kernels']:7.0f} {s(r['compute_s']):>9s} {s(r['memory_s']):>9s} {s(r['overhead_s']):>9s} "
-                 f"{s(r['total_s']):>10s} {s(r['measured_s']):>9s} {r['predicted_over_measured']:9.2f}  "
+                 f"{s(r['host_s']):>9s} {s(r['total_s']):>10s} {s(r['measured_s']):>9s} {r['predicted_over_measured']:9.2f}  "
                  f"{r['dominant']}")
   lo, hi = rep['band']
   lines.append(f"ranks configs correctly: {'yes' if rep['ranks_correctly'] else 'NO'};  within [{lo}, {hi}] of "

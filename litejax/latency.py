@@ -1,17 +1,24 @@
 """SPEC-006's latency scaling laws as a model: step time = compute + communication + memory traffic
-+ per-kernel overhead.
++ per-kernel overhead + host calls.
 
 Per chip and per step:
   compute        FLOPs / peak FLOP/s
   communication  collective bytes / ICI bandwidth (bidirectional, all links of the chip)
-  memory         bytes accessed / HBM bandwidth; the bytes of kernels that permute dimensions
-                 (litejax.hlo.transposes) at the chip's transpose bandwidth when it has one
+  memory         bytes accessed / HBM bandwidth; the bytes of kernels that permute dimensions and
+                 move the minor (contiguous) one (`moves_minor_dim`) at the chip's transpose
+                 bandwidth when it has one: those read or write element by element, while a
+                 permutation that keeps the minor dimension copies contiguous rows at about the
+                 streaming bandwidth (experiments/decode_breakdown.py measures both kinds)
   overhead       kernels executed × the chip's per-kernel overhead (litejax.hlo.kernel_counts;
                  hardware.Chip.kernel_overhead_s: measured on a host, 0 = not modelled on TPUs)
+  host           calls the serving loop makes into the runtime per step (a jitted call's dispatch,
+                 device_puts of its inputs, the device_get of its output: the caller counts them,
+                 e.g. litejax.decode.HOST_CALLS_PER_STEP) × hardware.Chip.call_overhead_s
 The terms are added, not overlapped, so the estimate is what a step costs with nothing hidden behind
 anything else; each term is a lower bound for its own resource. The report names the dominant term:
 the spec expects arithmetic to stop being the limit at scale ("memory bandwidth and communication
-become the limiting factors"); in small steps (a decode step of a few tokens) overhead is a large share.
+become the limiting factors"); in small steps (a decode step of a few tokens) the two overheads are a
+large share: a CPU decode step at batch 1 spends as long in the loop's host calls as in its kernels.
 
 `estimate_compiled` gives the whole estimate of one compiled program (what `bound --decode` and
 `generate --json` report). litejax.calibration checks the model where it can be checked, on this
@@ -24,24 +31,27 @@ import dataclasses
 
 from litejax import hardware
 
-# The spec's three terms and the per-kernel overhead; `dominant` is named among all four.
-TERMS = ('compute', 'communication', 'memory', 'overhead')
+# The spec's three terms, the per-kernel overhead and the host calls; `dominant` is named among all five.
+TERMS = ('compute', 'communication', 'memory', 'overhead', 'host')
 # predicted/measured within this band on every calibrated config = the model is trusted here.
 TRUST_BAND = (0.67, 1.5)
 
 
 @dataclasses.dataclass(frozen=True)
 class Estimate:
-  """A step-time estimate, term by term (seconds), and the kernels the overhead term counts."""
+  """A step-time estimate, term by term (seconds), the kernels the overhead term counts and the host
+  calls the host term counts."""
   compute_s: float
   communication_s: float
   memory_s: float
   overhead_s: float = 0.0
   kernels: float = 0.0
+  host_s: float = 0.0
+  host_calls: float = 0.0
 
   @property
   def total_s(self) -> float:
-    return self.compute_s + self.communication_s + self.memory_s + self.overhead_s
+    return self.compute_s + self.communication_s + self.memory_s + self.overhead_s + self.host_s
 
   @property
   def dominant(self) -> str:
@@ -49,40 +59,58 @@ class Estimate:
 
   def as_dict(self) -> dict:
     return {'compute_s': self.compute_s, 'communication_s': self.communication_s, 'memory_s': self.memory_s,
-            'overhead_s': self.overhead_s, 'kernels': self.kernels, 'total_s': self.total_s,
-            'dominant': self.dominant}
+            'overhead_s': self.overhead_s, 'kernels': self.kernels, 'host_s': self.host_s,
+            'host_calls': self.host_calls, 'total_s': self.total_s, 'dominant': self.dominant}
 
 
 def estimate(flops: float, collective_bytes: float, bytes_accessed: float, chip: hardware.Chip,
-             kernels: float = 0.0, transpose_bytes: float = 0.0) -> Estimate:
+             kernels: float = 0.0, transpose_bytes: float = 0.0, host_calls: float = 0.0) -> Estimate:
   """Step time of one chip's share: FLOPs, collective bytes, HBM bytes and kernels executed of that
   chip for one step (kernels: litejax.hlo.kernel_count of its program). transpose_bytes: the part of
-  bytes_accessed that dimension-permuting kernels move, priced at chip.transpose_bytes_per_s."""
+  bytes_accessed that dimension-permuting kernels move, priced at chip.transpose_bytes_per_s.
+  host_calls: the calls into the runtime the caller's loop makes per step, at chip.call_overhead_s."""
   if kernels < 0:
     raise ValueError(f'kernels must be >= 0, got {kernels}')
+  if host_calls < 0:
+    raise ValueError(f'host_calls must be >= 0, got {host_calls}')
   if not 0 <= transpose_bytes <= bytes_accessed:
     raise ValueError(f'transpose_bytes must be in [0, bytes_accessed={bytes_accessed}], got {transpose_bytes}')
   t_bw = chip.transpose_bytes_per_s or chip.hbm_bytes_per_s
   return Estimate(compute_s=flops / chip.peak_flops,
                   communication_s=collective_bytes / chip.ici_bytes_per_s if collective_bytes else 0.0,
                   memory_s=(bytes_accessed - transpose_bytes) / chip.hbm_bytes_per_s + transpose_bytes / t_bw,
-                  overhead_s=kernels * chip.kernel_overhead_s, kernels=float(kernels))
+                  overhead_s=kernels * chip.kernel_overhead_s, kernels=float(kernels),
+                  host_s=host_calls * chip.call_overhead_s, host_calls=float(host_calls))
+
+
+def moves_minor_dim(module, ins) -> bool:
+  """Whether a top-level instruction is (or fuses) a transpose whose output's minor-most dimension
+  is not its operand's: it then strides through memory one element at a time. (XLA:CPU keeps the
+  default row-major layouts here, so the last dimension is the contiguous one.)"""
+  def moves(i) -> bool:
+    dims = i.dims_attr('dimensions')
+    return i.opcode == 'transpose' and bool(dims) and dims[-1] != len(dims) - 1
+  if ins.opcode != 'fusion':
+    return moves(ins)
+  return any(moves(i) for c in ins.called('calls') if c in module for i in module[c].instrs.values())
 
 
 def transpose_bytes(module) -> float:
-  """Bytes accessed by the kernels of one execution that permute dimensions (litejax.hlo.transposes),
-  counted as litejax.hlo_cost counts bytes accessed, × the runs of their computation."""
+  """Bytes accessed by the kernels of one execution that permute dimensions moving the minor one
+  (litejax.hlo.transposes and `moves_minor_dim`), counted as litejax.hlo_cost counts bytes
+  accessed, × the runs of their computation."""
   from litejax import hlo, hlo_cost
   total = 0.0
   for name, times in module.multiplicities(control_flow_only=True).items():
     comp = module[name]
     total += times * sum(hlo_cost.instr_bytes_accessed(module, comp, ins) for ins in comp.instrs.values()
-                         if hlo.launches_kernel(ins) and hlo.transposes(module, ins))
+                         if hlo.launches_kernel(ins) and hlo.transposes(module, ins)
+                         and moves_minor_dim(module, ins))
   return total
 
 
 def estimate_compiled(compiled, chip: hardware.Chip, *, flops: float | None = None,
-                      bytes_accessed: float | None = None) -> dict:
+                      bytes_accessed: float | None = None, host_calls: float = 0.0) -> dict:
   """The full estimate of one compiled program (a jax `Compiled`, or anything with `.as_text()` and
   `.cost_analysis()`) on `chip`: one device's FLOPs, bytes accessed, collective bytes and kernels.
 
@@ -90,8 +118,9 @@ def estimate_compiled(compiled, chip: hardware.Chip, *, flops: float | None = No
   own figures), else the HLO walker (litejax.hlo_cost; loops × trip count, which cost_analysis()
   counts once). A caller with better figures (e.g. targets.per_device_cost on TPU) passes them.
   Collective bytes: litejax.comm.collective_bytes; kernels: litejax.hlo.kernel_count; transpose
-  bytes: `transpose_bytes` (at most the bytes accessed). Returns those figures, 'method', and the
-  Estimate's terms, total and dominant term.
+  bytes: `transpose_bytes` (at most the bytes accessed); host_calls: as `estimate` (the caller's
+  loop, not the program, makes them). Returns those figures, 'method', and the Estimate's terms,
+  total and dominant term.
   """
   from litejax import comm, hlo, hlo_cost
   module = hlo.parse(compiled.as_text())
@@ -107,15 +136,16 @@ def estimate_compiled(compiled, chip: hardware.Chip, *, flops: float | None = No
   b = b if bytes_accessed is None else float(bytes_accessed)
   coll = float(comm.collective_bytes(module)['total'])
   tb = min(transpose_bytes(module), b)
-  est = estimate(f, coll, b, chip, hlo.kernel_count(module), tb)
+  est = estimate(f, coll, b, chip, hlo.kernel_count(module), tb, host_calls)
   return {'flops': f, 'bytes_accessed': b, 'transpose_bytes': tb, 'collective_bytes': coll, 'method': method,
           **est.as_dict()}
 
 
 def format_estimate(est: dict, h) -> str:
-  """One line: total, each term with its share (overhead only when the estimate has one), dominant."""
+  """One line: total, each term with its share (overhead and host only when the estimate has them),
+  dominant."""
   t = est['total_s']
-  names = [n for n in TERMS if n != 'overhead' or est.get('overhead_s')]
+  names = [n for n in TERMS if n not in ('overhead', 'host') or est.get(f'{n}_s')]
   parts = ', '.join(f"{name} {seconds(est[f'{name}_s'])} ({100 * est[f'{name}_s'] / t:.0f}%)" if t else name
                     for name in names)
   return f"step time   {seconds(t)} = {parts}; dominated by {est['dominant']}"
