@@ -41,8 +41,9 @@ def test_generate_json(ckpt, tmp_path, capsys):
   assert len(out['texts']) == 3 and all(len(t) == 6 for t in out['tokens'])
   assert out['compiles'] == 1 and out['ms_per_token_p50'] > 0 and out['tokens_per_second'] > 0
   split = out['latency_split']
-  assert split['dominant'] in ('compute', 'communication', 'memory', 'overhead') and split['flops'] > 0
+  assert split['dominant'] in ('compute', 'communication', 'memory', 'overhead', 'host') and split['flops'] > 0
   assert split['kernels'] > 0 and split['overhead_s'] > 0   # the per-kernel term of this host
+  assert split['host_calls'] == 4 and split['host_s'] > 0   # the loop's calls into the runtime
   # the model's prediction beside the measurement of the same step
   assert split['predicted_ms_per_token'] > 0 and split['measured_ms_per_token'] == out['ms_per_token_p50']
   assert split['predicted_over_measured'] == pytest.approx(split['predicted_ms_per_token'] / out['ms_per_token_p50'])

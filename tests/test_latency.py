@@ -67,7 +67,24 @@ def test_overhead_and_transpose_terms_by_hand():
   assert hardware.chip('v5p').kernel_overhead_s == 0.0
 
 
-@pytest.mark.parametrize('kwargs, match', [({'kernels': -1}, 'kernels'),
+def test_host_term_by_hand():
+  # the same step plus 4 host calls at 70 us: 0.28 ms more, a term of its own (not the kernels')
+  chip = dataclasses.replace(SLOW_KERNELS, call_overhead_s=70e-6)
+  est = latency.estimate(1e9, 0.0, 1e7, chip, kernels=500, transpose_bytes=4e6, host_calls=4)
+  assert est.host_s == pytest.approx(2.8e-4, rel=1e-12) and est.overhead_s == pytest.approx(1e-3, rel=1e-12)
+  assert est.total_s == pytest.approx(1.036e-3 + 2.8e-4, rel=1e-12) and est.host_calls == 4
+  d = est.as_dict()
+  assert d['host_s'] == pytest.approx(2.8e-4) and d['host_calls'] == 4
+  assert latency.format_estimate(d, bounds.human).endswith('overhead 1 ms (76%), host 280 us (21%); dominated by overhead')
+  # without the chip's figure (the TPUs) the calls cost nothing; the default is no calls
+  assert latency.estimate(1e9, 0.0, 1e7, SLOW_KERNELS, host_calls=4).host_s == 0.0
+  assert latency.estimate(1e9, 0.0, 1e7, chip).host_s == 0.0
+  assert hardware.chip('v5p').call_overhead_s == 0.0
+  # dominant among five: 40 calls at 70 us = 2.8 ms > 1 ms of kernels
+  assert latency.estimate(1e9, 0.0, 1e7, chip, kernels=500, host_calls=40).dominant == 'host'
+
+
+@pytest.mark.parametrize('kwargs, match', [({'kernels': -1}, 'kernels'), ({'host_calls': -1}, 'host_calls'),
                                            ({'transpose_bytes': 2e7}, 'transpose_bytes')])
 def test_estimate_rejects_bad_counts(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -113,6 +130,28 @@ def test_estimate_compiled_counts_loop_kernels_per_trip():
   assert e9['flops'] - e5['flops'] >= 4 * 2 * 4 * 16 * 16
 
 
+def test_only_transposes_of_the_minor_dimension_are_priced_apart():
+  # [b, s, h, d] -> [b, h, s, d] copies rows of d contiguous floats; -> [b, h, d, s] strides by element
+  import jax.numpy as jnp
+  x = jnp.ones((4, 16, 2, 8), jnp.float32)
+  keep = _compiled(lambda x: jnp.transpose(x * 2.0, (0, 2, 1, 3)), x)
+  move = _compiled(lambda x: jnp.transpose(x * 2.0, (0, 2, 3, 1)), x)
+  assert latency.estimate_compiled(keep, SLOW_KERNELS)['transpose_bytes'] == 0.0
+  e = latency.estimate_compiled(move, SLOW_KERNELS)
+  assert e['transpose_bytes'] == e['bytes_accessed'] == 2 * 4 * x.size   # read and written, f32
+
+
+def test_call_overhead_from_the_probe():
+  # synthetic: the probe's program as priced + 4 calls x 50 us comes back as 50 us per call
+  from litejax import calibration, decode
+  _, compiled = calibration._call_probe(leaves=12)
+  modelled = latency.estimate_compiled(compiled, SLOW_KERNELS)['total_s']
+  assert decode.HOST_CALLS_PER_STEP == 4
+  got = calibration.call_overhead(compiled, modelled + 4 * 50e-6, SLOW_KERNELS)
+  assert got == pytest.approx(50e-6, rel=1e-9)
+  assert calibration.call_overhead(compiled, 0.0, SLOW_KERNELS) == 0.0   # never negative
+
+
 def test_kernel_overhead_from_two_chains():
   # synthetic times: each chain's modelled work + 2 us per kernel + a fixed 30 us per call; the
   # fixed cost cancels, the work is not counted twice: 2 us per kernel comes back
@@ -134,7 +173,7 @@ def test_calibrate_runs():
   rep = calibration.calibrate(quick=True)
   host = rep['host']
   assert host['peak_flops'] > 0 and host['mem_bytes_per_s'] > 0 and host['transpose_bytes_per_s'] > 0
-  assert host['kernel_overhead_s'] >= 0
+  assert host['kernel_overhead_s'] >= 0 and host['call_overhead_s'] > 0
   assert [r['name'] for r in rep['rows']] == list(calibration.QUICK_CONFIGS) + ['token-b1']
   assert rep['rows'][-1]['batch'] == 1 and rep['band'] == list(latency.TRUST_BAND)
   for r in rep['rows']:
@@ -145,6 +184,7 @@ def test_calibrate_runs():
     assert r['memory_s'] == pytest.approx(streamed / host['mem_bytes_per_s'] +
                                           r['transpose_bytes'] / host['transpose_bytes_per_s'], rel=1e-12)
     assert r['overhead_s'] == pytest.approx(r['kernels'] * host['kernel_overhead_s'], rel=1e-12)
+    assert r['host_calls'] == 1 and r['host_s'] == pytest.approx(host['call_overhead_s'], rel=1e-12)
   assert len(calibration.format_calibration(rep, bounds.human)) == 2 + len(rep['rows']) + 1
 
 
@@ -152,4 +192,7 @@ def test_measure_host_is_a_calibrated_chip():
   from litejax import calibration
   host = calibration.measure_host(repeats=1, quick=True)
   assert host.generation == 'cpu' and host.peak_flops > 0 and host.hbm_bytes_per_s > 0
-  assert host.transpose_bytes_per_s > 0 and host.kernel_overhead_s >= 0
+  assert host.transpose_bytes_per_s > 0 and host.kernel_overhead_s >= 0 and host.call_overhead_s > 0
+  rounds = []
+  calibration.measure_host(repeats=2, quick=True, between=lambda: rounds.append(1))
+  assert rounds == [1, 1]   # the caller's own timing runs once after each round of probes
