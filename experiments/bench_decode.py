@@ -10,7 +10,9 @@ median of `--repeats`. Beside it, from the same step compiled from abstract shap
 (litejax.decode_cost): bytes accessed per token (the HLO walker), the bytes read from the expert
 tables, and the latency model's prediction (decode_cost.predict) on this host as
 litejax.calibration's probes measure it, the probes' rounds interleaved with the row's runs: the
-machine may be shared, and host and step are then measured under the same load. Writes OUT/bench_decode.json
+machine may be shared, and host and step are then measured under the same load. Each row also
+carries `cpu_share` (process CPU seconds / wall seconds over its runs; up to the 2 threads XLA:CPU
+uses here, well below 1 when other work takes the cores) and the load average. Writes OUT/bench_decode.json
 (rows), OUT/bench_decode_summary.json (the targets) and OUT/bench_decode.png. The decode step must
 compile once per (batch, max_len): asserted.
 """
@@ -23,6 +25,7 @@ import pathlib
 import platform
 import statistics
 import sys
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -62,9 +65,16 @@ def run_one(name: str, experts: int | None, batch: int, args) -> tuple[dict, obj
   prompts = [[(7 * i + 3 * j) % 256 for j in range(args.prompt_len)] for i in range(batch)]
   with jax.set_mesh(mesh):
     decode.generate(rt, params, extra, prompts, 2)                  # compile prefill + step
-    runs = []
-    chip = calibration.measure_host(repeats=args.repeats, quick=args.quick, between=lambda: runs.append(
-        decode.generate(rt, params, extra, prompts, args.new_tokens)))
+    runs, cpu = [], []
+
+    def timed_run():
+      # process CPU seconds / wall seconds of the run: below the threads the step can use when other
+      # work on the machine takes cores from it (a loaded machine, said beside the figures)
+      w0, c0 = time.perf_counter(), time.process_time()
+      runs.append(decode.generate(rt, params, extra, prompts, args.new_tokens))
+      cpu.append((time.process_time() - c0) / (time.perf_counter() - w0))
+
+    chip = calibration.measure_host(repeats=args.repeats, quick=args.quick, between=timed_run)
     gen = sorted(runs, key=lambda g: statistics.median(g.step_s))[len(runs) // 2]
   if gen.compiles != 1:
     raise AssertionError(f'{name} batch {batch}: the decode step compiled {gen.compiles} times')
@@ -73,6 +83,7 @@ def run_one(name: str, experts: int | None, batch: int, args) -> tuple[dict, obj
   pc = bounds.param_counts(cfg)
   return {'impl': name, 'experts': experts or 0, 'batch': batch, 'ms_per_token': ms,
           'tokens_per_second': batch / (ms / 1e3), 'steps_timed': len(gen.step_s),
+          'cpu_share': statistics.median(cpu), 'load_average': os.getloadavg()[0],
           'ms_per_token_p90': 1e3 * statistics.quantiles(gen.step_s, n=10)[-1] if len(gen.step_s) > 1 else ms,
           'bytes_accessed_per_token': rep['bytes_accessed_per_token'],
           'expert_weight_bytes_per_token': rep['expert_weight_bytes_per_token'],
@@ -88,7 +99,8 @@ def run_one(name: str, experts: int | None, batch: int, args) -> tuple[dict, obj
           'compiles': gen.compiles, 'violations': rep['violations'],
           'host': {'peak_flops': chip.peak_flops, 'mem_bytes_per_s': chip.hbm_bytes_per_s,
                    'transpose_bytes_per_s': chip.transpose_bytes_per_s,
-                   'kernel_overhead_s': chip.kernel_overhead_s, 'call_overhead_s': chip.call_overhead_s}}, chip
+                   'kernel_overhead_s': chip.kernel_overhead_s, 'call_overhead_s': chip.call_overhead_s,
+                   'gather_bytes_per_s': chip.gather_bytes_per_s, 'sort_comparison_s': chip.sort_comparison_s}}, chip
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -158,14 +170,16 @@ def main(argv=None) -> int:
       rows.append(r)
       print(f"{name:5s} E={r['experts']:6d} batch={batch:3d}  {r['ms_per_token']:7.3f} ms/token  "
             f"{r['tokens_per_second']:9.1f} tokens/s  bytes/token {r['bytes_accessed_per_token'] / 1e6:7.2f} MB  "
-            f"predicted {r['predicted_ms_per_token']:.3f} ms", flush=True)
+            f"predicted {r['predicted_ms_per_token']:.3f} ms ({r['predicted_over_measured']:.2f}), "
+            f"CPU share {r['cpu_share']:.2f}", flush=True)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / 'bench_decode.json').write_text(json.dumps(rows, indent=1))
   summary = summarize(rows)
   summary['host_last_row'] = {'peak_flops': chip.peak_flops, 'mem_bytes_per_s': chip.hbm_bytes_per_s,
                      'transpose_bytes_per_s': chip.transpose_bytes_per_s,
-                     'kernel_overhead_s': chip.kernel_overhead_s, 'call_overhead_s': chip.call_overhead_s}
+                     'kernel_overhead_s': chip.kernel_overhead_s, 'call_overhead_s': chip.call_overhead_s,
+                     'gather_bytes_per_s': chip.gather_bytes_per_s, 'sort_comparison_s': chip.sort_comparison_s}
   (out / 'bench_decode_summary.json').write_text(json.dumps(summary, indent=1))
   plot(rows, out / 'bench_decode.png')
   print(json.dumps(summary['pass']))

@@ -6,6 +6,9 @@ The host chip is measured by probes, each a small jitted program whose work is k
   transpose bw       a [batch, seq, heads, head_dim] -> [batch, heads, head_dim, seq] rotation
   kernel overhead    two chains of small kernels (a dot, a softmax, a scan, a sort, a gather per step),
                      short and long: (extra time - the extra work priced by the model) / extra kernels
+  gather bw          each of 16 rows gathers 4 [128, 32] rows of a [256, 128, 32] table, laid out
+                     [rows, 128, 4, 32]: a decode step's per-token gather of its K experts' weights
+  sort comparison    a sort of [16, 1024] rows (the sampler sorts the vocabulary): seconds / n·log2(n)
   call overhead      the host calls of one decode-loop step (litejax.decode.generate) around a program
                      with no work: a batch-sharded row put, a replicated scalar put, a jitted call with a
                      model's worth of argument arrays and a donated state, the result fetched to the host;
@@ -144,6 +147,29 @@ def _overhead_probes(chains: tuple[int, int] = (8, 40), rows: int = 8) -> list[t
   return out
 
 
+def _gather_probe(rows: int = 16, k: int = 4, table: tuple[int, int, int] = (256, 128, 32)) -> tuple[_Timed, float]:
+  """(the decode step's expert-row gather, its bytes read + written)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  w_edh = jnp.ones(table, jnp.float32)
+  idx_nk = jnp.asarray(np.random.default_rng(0).integers(0, table[0], (rows, k)), jnp.int32)
+  f = jax.jit(lambda w, i: jnp.transpose(w[i], (0, 2, 1, 3)))   # [n, k, d, h] -> [n, d, k, h]
+  return _Timed('gather', lambda: f(w_edh, idx_nk), _SHORT_STEP_CALLS), 2.0 * rows * k * table[1] * table[2] * 4
+
+
+def _sort_probe(shape: tuple[int, int] = (16, 1024)) -> tuple[_Timed, float]:
+  """(a sort of `shape`'s rows, its comparisons as latency.sort_comparisons counts them)."""
+  import math
+
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
+  f = jax.jit(lambda x: jnp.sort(x, axis=-1))
+  return _Timed('sort', lambda: f(x), _SHORT_STEP_CALLS), shape[0] * shape[1] * math.log2(shape[1])
+
+
 # Argument arrays of the call probe's jitted program: about as many as a small model's decode step
 # (tiny's: parameters, router state and a 4-layer KV cache). Dispatch flattens each one.
 _CALL_PROBE_LEAVES = 64
@@ -230,16 +256,21 @@ def _host_probes(quick: bool):
   tr_t, tr_bytes = _transpose_probe((8, 64, 4, 32) if quick else (32, 256, 4, 32))
   chains = _overhead_probes((2, 6) if quick else (8, 40))
   call_t, call_prog = _call_probe()
+  gather_t, gather_b = _gather_probe()
+  sort_t, sort_n = _sort_probe()
 
   def host(seconds: dict[str, float]) -> hardware.Chip:
     peak, bw, t_bw = flops / seconds['peak'], bw_bytes / seconds['bandwidth'], tr_bytes / seconds['transpose']
+    g_bw, sort_s = gather_b / seconds['gather'], seconds['sort'] / sort_n
     kernel_s = kernel_overhead([(c, seconds[t.name]) for t, c in chains],
-                               hardware.host_chip(peak, bw, transpose_bytes_per_s=t_bw))
-    chip = hardware.host_chip(peak, bw, kernel_overhead_s=kernel_s, transpose_bytes_per_s=t_bw)
+                               hardware.host_chip(peak, bw, transpose_bytes_per_s=t_bw, gather_bytes_per_s=g_bw,
+                                                  sort_comparison_s=sort_s))
+    chip = hardware.host_chip(peak, bw, kernel_overhead_s=kernel_s, transpose_bytes_per_s=t_bw,
+                              gather_bytes_per_s=g_bw, sort_comparison_s=sort_s)
     call_s = call_overhead(call_prog, seconds['call'], chip)
     return dataclasses.replace(chip, call_overhead_s=call_s)
 
-  return [peak_t, bw_t, tr_t, call_t] + [t for t, _ in chains], host
+  return [peak_t, bw_t, tr_t, call_t, gather_t, sort_t] + [t for t, _ in chains], host
 
 
 def measure_host(repeats: int = 5, quick: bool = False,
@@ -291,7 +322,8 @@ def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None =
   return {
       'host': {'peak_flops': host.peak_flops, 'mem_bytes_per_s': host.hbm_bytes_per_s,
                'transpose_bytes_per_s': host.transpose_bytes_per_s, 'kernel_overhead_s': host.kernel_overhead_s,
-               'call_overhead_s': host.call_overhead_s},
+               'call_overhead_s': host.call_overhead_s, 'gather_bytes_per_s': host.gather_bytes_per_s,
+               'sort_comparison_s': host.sort_comparison_s},
       'batch': batch, 'repeats': repeats, 'rows': rows,
       'ranks_correctly': _ranks_agree([r['total_s'] for r in rows], [r['measured_s'] for r in rows]),
       'within_band': all(lo <= r <= hi for r in ratios), 'band': [lo, hi],

@@ -141,6 +141,32 @@ def test_only_transposes_of_the_minor_dimension_are_priced_apart():
   assert e['transpose_bytes'] == e['bytes_accessed'] == 2 * 4 * x.size   # read and written, f32
 
 
+def test_gather_and_sort_classes_by_hand():
+  # 1e7 B: 2e6 gathered at 100 GB/s (20 us) + 8e6 streamed at 1 TB/s (8 us); 1e9 FLOPs (10 us) +
+  # 1000 comparisons at 10 ns (10 us)
+  chip = dataclasses.replace(CHIP, gather_bytes_per_s=100e9, sort_comparison_s=1e-8)
+  est = latency.estimate(1e9, 0.0, 1e7, chip, gather_bytes=2e6, sort_comparisons=1000)
+  assert (est.compute_s, est.memory_s) == pytest.approx((2e-5, 2.8e-5), rel=1e-12)
+  # the TPU chips: gathers at HBM bandwidth, sorts not priced apart
+  plain = latency.estimate(1e9, 0.0, 1e7, CHIP, gather_bytes=2e6, sort_comparisons=1000)
+  assert (plain.compute_s, plain.memory_s) == pytest.approx((1e-5, 1e-5), rel=1e-12)
+  with pytest.raises(ValueError, match='gather_bytes'):
+    latency.estimate(1e9, 0.0, 1e7, chip, gather_bytes=6e6, transpose_bytes=5e6)
+  with pytest.raises(ValueError, match='sort_comparisons'):
+    latency.estimate(1e9, 0.0, 1e7, chip, sort_comparisons=-1)
+
+
+def test_compiled_gathers_and_sorts_are_found():
+  import jax.numpy as jnp
+  w, i = jnp.ones((64, 8, 4), jnp.float32), jnp.zeros((3, 2), jnp.int32)
+  g = latency.estimate_compiled(_compiled(lambda w, i: jnp.transpose(w[i], (0, 2, 1, 3)), w, i), SLOW_KERNELS)
+  # the 3·2 gathered [8, 4] rows read and written, f32, and the 3·2 int32 indices (XLA's cost_analysis
+  # counts the whole table in bytes_accessed); a gather is not also a transpose
+  assert g['gather_bytes'] == 2 * 3 * 2 * 8 * 4 * 4 + 3 * 2 * 4 and g['transpose_bytes'] == 0.0
+  srt = latency.estimate_compiled(_compiled(lambda x: jnp.sort(x, axis=-1), jnp.ones((4, 16))), SLOW_KERNELS)
+  assert srt['sort_comparisons'] == 4 * 16 * 4 and srt['gather_bytes'] == 0.0   # rows x n log2 n
+
+
 def test_call_overhead_from_the_probe():
   # synthetic: the probe's program as priced + 4 calls x 50 us comes back as 50 us per call
   from litejax import calibration, decode
@@ -193,6 +219,7 @@ def test_measure_host_is_a_calibrated_chip():
   host = calibration.measure_host(repeats=1, quick=True)
   assert host.generation == 'cpu' and host.peak_flops > 0 and host.hbm_bytes_per_s > 0
   assert host.transpose_bytes_per_s > 0 and host.kernel_overhead_s >= 0 and host.call_overhead_s > 0
+  assert host.gather_bytes_per_s > 0 and host.sort_comparison_s > 0
   rounds = []
   calibration.measure_host(repeats=2, quick=True, between=lambda: rounds.append(1))
   assert rounds == [1, 1]   # the caller's own timing runs once after each round of probes
