@@ -205,10 +205,12 @@ def test_calibrate_runs():
   for r in rep['rows']:
     assert r['measured_s'] > 0 and r['compute_s'] > 0 and r['communication_s'] == 0.0 and r['kernels'] > 0
     # the prediction is the model applied to the row's own figures and the measured host
-    assert r['compute_s'] == pytest.approx(r['flops'] / host['peak_flops'], rel=1e-12)
-    streamed = r['bytes_accessed'] - r['transpose_bytes']
+    assert r['compute_s'] == pytest.approx(r['flops'] / host['peak_flops'] +
+                                           r['sort_comparisons'] * host['sort_comparison_s'], rel=1e-12)
+    streamed = r['bytes_accessed'] - r['transpose_bytes'] - r['gather_bytes']
     assert r['memory_s'] == pytest.approx(streamed / host['mem_bytes_per_s'] +
-                                          r['transpose_bytes'] / host['transpose_bytes_per_s'], rel=1e-12)
+                                          r['transpose_bytes'] / host['transpose_bytes_per_s'] +
+                                          r['gather_bytes'] / host['gather_bytes_per_s'], rel=1e-12)
     assert r['overhead_s'] == pytest.approx(r['kernels'] * host['kernel_overhead_s'], rel=1e-12)
     assert r['host_calls'] == 1 and r['host_s'] == pytest.approx(host['call_overhead_s'], rel=1e-12)
   assert len(calibration.format_calibration(rep, bounds.human)) == 2 + len(rep['rows']) + 1
