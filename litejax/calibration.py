@@ -1,18 +1,7 @@
 """`litejax calibrate`: the latency model (litejax.latency) checked against timed steps on this CPU.
 
-The host chip is measured by probes, each a small jitted program whose work is known:
-  peak FLOP/s        a chain of [n, n] @ [n, n] products (n = 512: operands in cache, as the models' dots)
-  memory bandwidth   x*a+b in place over a large f32 array (donated: no page faults timed)
-  transpose bw       a [batch, seq, heads, head_dim] -> [batch, heads, head_dim, seq] rotation
-  kernel overhead    two chains of small kernels (a dot, a softmax, a scan, a sort, a gather per step),
-                     short and long: (extra time - the extra work priced by the model) / extra kernels
-  gather bw          each of 16 rows gathers 4 [128, 32] rows of a [256, 128, 32] table, laid out
-                     [rows, 128, 4, 32]: a decode step's per-token gather of its K experts' weights
-  sort comparison    a sort of [16, 1024] rows (the sampler sorts the vocabulary): seconds / n·log2(n)
-  call overhead      the host calls of one decode-loop step (litejax.decode.generate) around a program
-                     with no work: a batch-sharded row put, a replicated scalar put, a jitted call with a
-                     model's worth of argument arrays and a donated state, the result fetched to the host;
-                     (time - the program's kernels as priced) / decode.HOST_CALLS_PER_STEP
+The host chip is measured by the probes of litejax.host_probes (peak FLOP/s, streaming, transpose
+and gather bandwidths, seconds per sort comparison, per-kernel and per-host-call overheads).
 Then several configs/tiny.yaml variants are compiled (forward, one device, layers unrolled), their
 step time predicted by latency.estimate_compiled on the measured host chip, and timed.
 
@@ -29,7 +18,8 @@ import statistics
 from typing import Callable
 
 from litejax import hardware, latency
-from litejax.timing import time_calls
+from litejax import host_probes as hp
+from litejax.host_probes import call_overhead, kernel_overhead  # noqa: F401 (the derivations, re-exported)
 
 # The configs timed by `calibrate`: configs/tiny.yaml with these overrides (batch from --batch),
 # chosen to span compute-bound (wide) to memory- and layout-heavy (long sequences) forward passes.
@@ -51,182 +41,6 @@ DECODE_PROXIES = {
     'token-b1': (['model.seq_len=1'], 1),
     'token-b16': (['model.seq_len=1'], 16),
 }
-# Short steps are timed this many times per round (their fastest run needs more tries).
-_SHORT_STEP_CALLS = 4
-
-
-@dataclasses.dataclass
-class _Timed:
-  """One thing timed each round: `call()` runs it once (the result is waited for)."""
-  name: str
-  call: Callable[[], object]
-  calls_per_round: int = 1
-
-
-def _median_interleaved(timed: list[_Timed], rounds: int,
-                        between: Callable[[], object] | None = None) -> dict[str, float]:
-  """Median seconds of each `call` over `rounds` rounds, each round timing every one in turn, then
-  running `between()` (the caller's own measurement, taken under the same load)."""
-  import jax
-  for t in timed:                           # compile-time and first-touch costs stay out
-    jax.block_until_ready(t.call())
-  runs: dict[str, list[float]] = {t.name: [] for t in timed}
-  for _ in range(rounds):
-    for t in timed:
-      runs[t.name] += time_calls(t.call, t.calls_per_round, warmup=0)
-    if between is not None:
-      between()
-  return {name: statistics.median(ts) for name, ts in runs.items()}
-
-
-def _peak_probe(n: int, steps: int = 8) -> tuple[_Timed, float]:
-  """(the matmul chain, its FLOPs)."""
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((n, n), jnp.float32) / n
-
-  @jax.jit
-  def chain(x):
-    for _ in range(steps):   # several products per call, so dispatch overhead is amortised
-      x = x @ a
-    return x
-
-  return _Timed('peak', lambda: chain(a), _SHORT_STEP_CALLS), steps * 2.0 * n ** 3
-
-
-def _bandwidth_probe(mbytes: int, calls: int = 4) -> tuple[_Timed, float]:
-  """(in-place x*a+b over `mbytes` MiB, `calls` times per timing; its bytes read + written)."""
-  import jax
-  import jax.numpy as jnp
-  n = mbytes * 2 ** 20 // 4
-  f = jax.jit(lambda x: x * 1.0001 + 1e-3, donate_argnums=0)
-  x = jnp.ones((n,), jnp.float32)
-
-  def run():
-    nonlocal x
-    for _ in range(calls):   # several calls per timing, so dispatch overhead is amortised
-      x = f(x)
-    return x
-
-  return _Timed('bandwidth', run), 2.0 * n * 4 * calls
-
-
-def _transpose_probe(shape: tuple[int, ...]) -> tuple[_Timed, float]:
-  """(one head rotation fused with a scale, as XLA fuses it; its bytes read + written). One kernel
-  per call: XLA composes a chain of transposes into one."""
-  import jax
-  import jax.numpy as jnp
-  x = jnp.ones(shape, jnp.float32)
-  f = jax.jit(lambda x: jnp.transpose(x * 1.0001, (0, 2, 3, 1)))
-  return _Timed('transpose', lambda: f(x), _SHORT_STEP_CALLS), 2.0 * x.size * 4
-
-
-def _overhead_block(x_rd, w_dd):
-  """One step of the overhead chains: kernels of the kinds a model step runs, on a few rows."""
-  import jax
-  import jax.numpy as jnp
-  x_rd = jax.nn.softmax(jnp.tanh(x_rd @ w_dd), axis=-1)
-  x_rd = jnp.cumsum(x_rd, axis=-1)
-  idx_rk = jnp.argsort(x_rd[:, :8], axis=-1)
-  return x_rd + jnp.take_along_axis(x_rd, idx_rk, axis=-1).sum(-1, keepdims=True) * 1e-3
-
-
-def _overhead_probes(chains: tuple[int, int] = (8, 40), rows: int = 8) -> list[tuple[_Timed, object]]:
-  """[(timed chain, its compiled program)] for a short and a long chain of `_overhead_block`s."""
-  import jax
-  import jax.numpy as jnp
-  x, w = jnp.ones((rows, 64), jnp.float32), jnp.eye(64, dtype=jnp.float32)
-  out = []
-  for n in chains:
-    def chain(x_rd, w_dd, n=n):
-      for _ in range(n):
-        x_rd = _overhead_block(x_rd, w_dd)
-      return x_rd
-    compiled = jax.jit(chain).lower(x, w).compile()
-    out.append((_Timed(f'overhead-{n}', lambda c=compiled: c(x, w), _SHORT_STEP_CALLS), compiled))
-  return out
-
-
-def _gather_probe(rows: int = 16, k: int = 4, table: tuple[int, int, int] = (256, 128, 32)) -> tuple[_Timed, float]:
-  """(the decode step's expert-row gather, its bytes read + written)."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  w_edh = jnp.ones(table, jnp.float32)
-  idx_nk = jnp.asarray(np.random.default_rng(0).integers(0, table[0], (rows, k)), jnp.int32)
-  f = jax.jit(lambda w, i: jnp.transpose(w[i], (0, 2, 1, 3)))   # [n, k, d, h] -> [n, d, k, h]
-  return _Timed('gather', lambda: f(w_edh, idx_nk), _SHORT_STEP_CALLS), 2.0 * rows * k * table[1] * table[2] * 4
-
-
-def _sort_probe(shape: tuple[int, int] = (16, 1024)) -> tuple[_Timed, float]:
-  """(a sort of `shape`'s rows, its comparisons as latency.sort_comparisons counts them)."""
-  import math
-
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  x = jnp.asarray(np.random.default_rng(0).standard_normal(shape), jnp.float32)
-  f = jax.jit(lambda x: jnp.sort(x, axis=-1))
-  return _Timed('sort', lambda: f(x), _SHORT_STEP_CALLS), shape[0] * shape[1] * math.log2(shape[1])
-
-
-# Argument arrays of the call probe's jitted program: about as many as a small model's decode step
-# (tiny's: parameters, router state and a 4-layer KV cache). Dispatch flattens each one.
-_CALL_PROBE_LEAVES = 64
-
-
-def _call_probe(leaves: int = _CALL_PROBE_LEAVES, rows: int = 1) -> tuple[_Timed, object]:
-  """(one decode-loop step's host calls around a program with no work, that program compiled).
-  The calls are decode.generate's, one each (decode.HOST_CALLS_PER_STEP): put the int32 rows with the
-  batch sharding, put a NumPy scalar replicated, dispatch the jitted program (every argument kept, the
-  state donated, as the decode step's cache), fetch its output to the host."""
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  mesh = Mesh(np.array(jax.devices()[:1]), ('data',))
-  row_sh, rep = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
-  params = [jax.device_put(jnp.full((4,), i, jnp.float32), rep) for i in range(leaves - 8)]
-  state = [jax.device_put(jnp.zeros((4,), jnp.float32), rep) for _ in range(8)]
-
-  def program(params, state, rows_b, index):
-    return rows_b + index, state
-
-  jitted = jax.jit(program, in_shardings=(rep, rep, row_sh, rep), out_shardings=(row_sh, rep),
-                   donate_argnums=(1,), keep_unused=True)
-  host_rows = np.zeros((rows,), np.int32)
-  compiled = jitted.lower(params, state, jax.device_put(host_rows, row_sh),
-                          jax.device_put(np.int32(0), rep)).compile()
-
-  box = {'state': state}   # the donated state of the previous call feeds the next
-
-  def run():
-    out, box['state'] = jitted(params, box['state'], jax.device_put(host_rows + 1, row_sh),
-                               jax.device_put(np.int32(1), rep))
-    return np.asarray(jax.device_get(out))
-
-  return _Timed('call', run, _SHORT_STEP_CALLS), compiled
-
-
-def call_overhead(compiled, seconds: float, chip: hardware.Chip) -> float:
-  """Host seconds per call from the call probe's seconds per run: less its program's kernels and
-  work as `chip` prices them, over the calls it makes (litejax.decode.HOST_CALLS_PER_STEP)."""
-  from litejax.decode import HOST_CALLS_PER_STEP
-  return max(seconds - latency.estimate_compiled(compiled, chip)['total_s'], 0.0) / HOST_CALLS_PER_STEP
-
-
-def kernel_overhead(points: list[tuple[object, float]], chip: hardware.Chip) -> float:
-  """Seconds per kernel from two (compiled chain, measured seconds) points: the extra time of the
-  longer chain less its extra work as `chip` prices it (without overhead), over its extra kernels.
-  The fixed cost of a call cancels; the work the kernels do is not counted twice."""
-  (c1, t1), (c2, t2) = points
-  e1, e2 = latency.estimate_compiled(c1, chip), latency.estimate_compiled(c2, chip)
-  work1, work2 = e1['total_s'] - e1['overhead_s'], e2['total_s'] - e2['overhead_s']
-  if e2['kernels'] <= e1['kernels']:
-    raise ValueError(f"the long overhead chain runs {e2['kernels']} kernels, the short one {e1['kernels']}")
-  return max((t2 - work2) - (t1 - work1), 0.0) / (e2['kernels'] - e1['kernels'])
-
-
 def _config_step(cfg, batch: int):
   """(compiled forward, a call of it) of one config on one CPU device."""
   import jax
@@ -251,13 +65,13 @@ def _ranks_agree(pred: list[float], meas: list[float]) -> bool:
 
 def _host_probes(quick: bool):
   """(the probes to time, a function of their median seconds -> the host Chip)."""
-  peak_t, flops = _peak_probe(256 if quick else 512)
-  bw_t, bw_bytes = _bandwidth_probe(16 if quick else 256)
-  tr_t, tr_bytes = _transpose_probe((8, 64, 4, 32) if quick else (32, 256, 4, 32))
-  chains = _overhead_probes((2, 6) if quick else (8, 40))
-  call_t, call_prog = _call_probe()
-  gather_t, gather_b = _gather_probe()
-  sort_t, sort_n = _sort_probe()
+  peak_t, flops = hp.peak_probe(256 if quick else 512)
+  bw_t, bw_bytes = hp.bandwidth_probe(16 if quick else 256)
+  tr_t, tr_bytes = hp.transpose_probe((8, 64, 4, 32) if quick else (32, 256, 4, 32))
+  chains = hp.overhead_probes((2, 6) if quick else (8, 40))
+  call_t, call_prog = hp.call_probe()
+  gather_t, gather_b = hp.gather_probe()
+  sort_t, sort_n = hp.sort_probe()
 
   def host(seconds: dict[str, float]) -> hardware.Chip:
     peak, bw, t_bw = flops / seconds['peak'], bw_bytes / seconds['bandwidth'], tr_bytes / seconds['transpose']
@@ -280,7 +94,7 @@ def measure_host(repeats: int = 5, quick: bool = False,
   latency.estimate_compiled. `between()`, when given, runs after each round of probes: a caller times
   its own step there, so that on a shared machine host and step are measured under the same load."""
   probes, host = _host_probes(quick)
-  return host(_median_interleaved(probes, repeats, between))
+  return host(hp.median_interleaved(probes, repeats, between))
 
 
 def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None = None, batch: int = 8,
@@ -302,15 +116,15 @@ def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None =
   if quick:
     repeats, batch = min(repeats, 2), min(batch, 2)
   plan = [(n, o, batch, 1) for n, o in configs.items()]
-  plan += [(n, o, b, _SHORT_STEP_CALLS) for n, (o, b) in decode.items()]
+  plan += [(n, o, b, hp.SHORT_STEP_CALLS) for n, (o, b) in decode.items()]
   steps, timed = {}, []
   for name, overrides, b, calls in plan:
     cfg = load_config(base, list(overrides) + ['model.scan_layers=false', 'mesh.data=1'])
     compiled, call = _config_step(cfg, b)
     steps[name] = (compiled, b, list(overrides))
-    timed.append(_Timed(name, call, calls))
+    timed.append(hp.Timed(name, call, calls))
   probes, measured_host = _host_probes(quick)
-  best = _median_interleaved(probes + timed, repeats)
+  best = hp.median_interleaved(probes + timed, repeats)
   host = measured_host(best)
   rows = []
   for name, (compiled, b, overrides) in steps.items():

@@ -169,8 +169,8 @@ def test_compiled_gathers_and_sorts_are_found():
 
 def test_call_overhead_from_the_probe():
   # synthetic: the probe's program as priced + 4 calls x 50 us comes back as 50 us per call
-  from litejax import calibration, decode
-  _, compiled = calibration._call_probe(leaves=12)
+  from litejax import calibration, decode, host_probes
+  _, compiled = host_probes.call_probe(leaves=12)
   modelled = latency.estimate_compiled(compiled, SLOW_KERNELS)['total_s']
   assert decode.HOST_CALLS_PER_STEP == 4
   got = calibration.call_overhead(compiled, modelled + 4 * 50e-6, SLOW_KERNELS)
