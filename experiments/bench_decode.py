@@ -5,9 +5,14 @@ beside the dense model with the same active parameters, at batch 1 and 16 (one C
     python experiments/bench_decode.py --quick --out /tmp/bench              # tests: E = 16 only, untimed
 
 Each model decodes greedily through litejax.decode (KV cache, dropless routing) from random weights;
-ms_per_token is the median decode step (every row gets one token per step). Beside it, from the same
-step compiled from abstract shapes (litejax.decode_cost): bytes accessed per token (the HLO walker),
-the bytes read from the expert tables, and the latency model's prediction. Writes OUT/bench_decode.json
+ms_per_token is the median decode step (every row gets one token per step) of the run with the median
+median of `--repeats`. Beside it, from the same step compiled from abstract shapes
+(litejax.decode_cost): bytes accessed per token (the HLO walker), the bytes read from the expert
+tables, and the latency model's prediction (decode_cost.predict) on this host as
+litejax.calibration's probes measure it, the probes' rounds interleaved with the row's runs: the
+machine may be shared, and host and step are then measured under the same load. Each row also
+carries `cpu_share` (process CPU seconds / wall seconds over its runs; up to the 2 threads XLA:CPU
+uses here, well below 1 when other work takes the cores) and the load average. Writes OUT/bench_decode.json
 (rows), OUT/bench_decode_summary.json (the targets) and OUT/bench_decode.png. The decode step must
 compile once per (batch, max_len): asserted.
 """
@@ -20,6 +25,7 @@ import pathlib
 import platform
 import statistics
 import sys
+import time
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -43,11 +49,12 @@ def overrides(experts: int | None) -> list[str]:
   return base + ROUTING[experts] + ['moe.k_tier=1', 'moe.k_expert=4']
 
 
-def run_one(name: str, experts: int | None, batch: int, args, chip) -> dict:
+def run_one(name: str, experts: int | None, batch: int, args) -> tuple[dict, object]:
+  """(the row, the host chip measured interleaved with its runs)."""
   import jax
   from flax import nnx
 
-  from litejax import bounds, decode, decode_cost, sharding
+  from litejax import bounds, calibration, decode, decode_cost, sharding
   from litejax.config import load_config
   from litejax.model import init_model
   cfg = load_config(REPO / 'configs' / 'tiny.yaml', overrides(experts))
@@ -58,9 +65,17 @@ def run_one(name: str, experts: int | None, batch: int, args, chip) -> dict:
   prompts = [[(7 * i + 3 * j) % 256 for j in range(args.prompt_len)] for i in range(batch)]
   with jax.set_mesh(mesh):
     decode.generate(rt, params, extra, prompts, 2)                  # compile prefill + step
-    # the best of `repeats` runs' median steps: the machine may be shared
-    gen = min((decode.generate(rt, params, extra, prompts, args.new_tokens) for _ in range(args.repeats)),
-              key=lambda g: statistics.median(g.step_s))
+    runs, cpu = [], []
+
+    def timed_run():
+      # process CPU seconds / wall seconds of the run: below the threads the step can use when other
+      # work on the machine takes cores from it (a loaded machine, said beside the figures)
+      w0, c0 = time.perf_counter(), time.process_time()
+      runs.append(decode.generate(rt, params, extra, prompts, args.new_tokens))
+      cpu.append((time.process_time() - c0) / (time.perf_counter() - w0))
+
+    chip = calibration.measure_host(repeats=args.repeats, quick=args.quick, between=timed_run)
+    gen = sorted(runs, key=lambda g: statistics.median(g.step_s))[len(runs) // 2]
   if gen.compiles != 1:
     raise AssertionError(f'{name} batch {batch}: the decode step compiled {gen.compiles} times')
   rep = decode_cost.report(decode_cost.compile_step(cfg, batch=batch, cache_len=max_len, mesh=mesh), chip)
@@ -68,6 +83,7 @@ def run_one(name: str, experts: int | None, batch: int, args, chip) -> dict:
   pc = bounds.param_counts(cfg)
   return {'impl': name, 'experts': experts or 0, 'batch': batch, 'ms_per_token': ms,
           'tokens_per_second': batch / (ms / 1e3), 'steps_timed': len(gen.step_s),
+          'cpu_share': statistics.median(cpu), 'load_average': os.getloadavg()[0],
           'ms_per_token_p90': 1e3 * statistics.quantiles(gen.step_s, n=10)[-1] if len(gen.step_s) > 1 else ms,
           'bytes_accessed_per_token': rep['bytes_accessed_per_token'],
           'expert_weight_bytes_per_token': rep['expert_weight_bytes_per_token'],
@@ -78,8 +94,13 @@ def run_one(name: str, experts: int | None, batch: int, args, chip) -> dict:
           'predicted_dominant': rep['latency']['dominant'],
           'predicted_kernels': rep['latency']['kernels'],
           'predicted_overhead_ms': 1e3 * rep['latency']['overhead_s'],
+          'predicted_host_ms': 1e3 * rep['latency']['host_s'],
           'params_total': pc.total, 'params_active_per_token': pc.active_per_token,
-          'compiles': gen.compiles, 'violations': rep['violations']}
+          'compiles': gen.compiles, 'violations': rep['violations'],
+          'host': {'peak_flops': chip.peak_flops, 'mem_bytes_per_s': chip.hbm_bytes_per_s,
+                   'transpose_bytes_per_s': chip.transpose_bytes_per_s,
+                   'kernel_overhead_s': chip.kernel_overhead_s, 'call_overhead_s': chip.call_overhead_s,
+                   'gather_bytes_per_s': chip.gather_bytes_per_s, 'sort_comparison_s': chip.sort_comparison_s}}, chip
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -133,31 +154,32 @@ def main(argv=None) -> int:
   p.add_argument('--quick', action='store_true', help='E = 16 only, few tokens (tests; untimed)')
   p.add_argument('--new-tokens', type=int, default=0)
   p.add_argument('--prompt-len', type=int, default=16)
-  p.add_argument('--repeats', type=int, default=0, help='timed runs per row, best median kept (default 3; quick 1)')
+  p.add_argument('--repeats', type=int, default=0,
+                 help='timed runs per row, each after a round of host probes; the median run kept (default 3; quick 1)')
   args = p.parse_args(argv)
   args.new_tokens = args.new_tokens or (3 if args.quick else 48)
   args.repeats = args.repeats or (1 if args.quick else 3)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  from litejax import decode_cost
-  chip = decode_cost.host_chip(quick=args.quick)
   experts = [16] if args.quick else list(ROUTING)
   rows = []
   for batch in (1, 16):
     for e in [None] + experts:
       name = 'dense' if e is None else 'moe'
-      r = run_one(name, e, batch, args, chip)
+      r, chip = run_one(name, e, batch, args)
       r['machine'] = {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count()}
       rows.append(r)
       print(f"{name:5s} E={r['experts']:6d} batch={batch:3d}  {r['ms_per_token']:7.3f} ms/token  "
             f"{r['tokens_per_second']:9.1f} tokens/s  bytes/token {r['bytes_accessed_per_token'] / 1e6:7.2f} MB  "
-            f"predicted {r['predicted_ms_per_token']:.3f} ms", flush=True)
+            f"predicted {r['predicted_ms_per_token']:.3f} ms ({r['predicted_over_measured']:.2f}), "
+            f"CPU share {r['cpu_share']:.2f}", flush=True)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   (out / 'bench_decode.json').write_text(json.dumps(rows, indent=1))
   summary = summarize(rows)
-  summary['host'] = {'peak_flops': chip.peak_flops, 'mem_bytes_per_s': chip.hbm_bytes_per_s,
+  summary['host_last_row'] = {'peak_flops': chip.peak_flops, 'mem_bytes_per_s': chip.hbm_bytes_per_s,
                      'transpose_bytes_per_s': chip.transpose_bytes_per_s,
-                     'kernel_overhead_s': chip.kernel_overhead_s}
+                     'kernel_overhead_s': chip.kernel_overhead_s, 'call_overhead_s': chip.call_overhead_s,
+                     'gather_bytes_per_s': chip.gather_bytes_per_s, 'sort_comparison_s': chip.sort_comparison_s}
   (out / 'bench_decode_summary.json').write_text(json.dumps(summary, indent=1))
   plot(rows, out / 'bench_decode.png')
   print(json.dumps(summary['pass']))

@@ -1,11 +1,7 @@
 """`litejax calibrate`: the latency model (litejax.latency) checked against timed steps on this CPU.
 
-The host chip is measured by probes, each a small jitted program whose work is known:
-  peak FLOP/s        a chain of [n, n] @ [n, n] products (n = 512: operands in cache, as the models' dots)
-  memory bandwidth   x*a+b in place over a large f32 array (donated: no page faults timed)
-  transpose bw       a [batch, seq, heads, head_dim] -> [batch, heads, head_dim, seq] rotation
-  kernel overhead    two chains of small kernels (a dot, a softmax, a scan, a sort, a gather per step),
-                     short and long: (extra time - the extra work priced by the model) / extra kernels
+The host chip is measured by the probes of litejax.host_probes (peak FLOP/s, streaming, transpose
+and gather bandwidths, seconds per sort comparison, per-kernel and per-host-call overheads).
 Then several configs/tiny.yaml variants are compiled (forward, one device, layers unrolled), their
 step time predicted by latency.estimate_compiled on the measured host chip, and timed.
 
@@ -22,7 +18,8 @@ import statistics
 from typing import Callable
 
 from litejax import hardware, latency
-from litejax.timing import time_calls
+from litejax import host_probes as hp
+from litejax.host_probes import call_overhead, kernel_overhead  # noqa: F401 (the derivations, re-exported)
 
 # The configs timed by `calibrate`: configs/tiny.yaml with these overrides (batch from --batch),
 # chosen to span compute-bound (wide) to memory- and layout-heavy (long sequences) forward passes.
@@ -44,110 +41,6 @@ DECODE_PROXIES = {
     'token-b1': (['model.seq_len=1'], 1),
     'token-b16': (['model.seq_len=1'], 16),
 }
-# Short steps are timed this many times per round (their fastest run needs more tries).
-_SHORT_STEP_CALLS = 4
-
-
-@dataclasses.dataclass
-class _Timed:
-  """One thing timed each round: `call()` runs it once (the result is waited for)."""
-  name: str
-  call: Callable[[], object]
-  calls_per_round: int = 1
-
-
-def _median_interleaved(timed: list[_Timed], rounds: int) -> dict[str, float]:
-  """Median seconds of each `call` over `rounds` rounds, each round timing every one in turn."""
-  import jax
-  for t in timed:                           # compile-time and first-touch costs stay out
-    jax.block_until_ready(t.call())
-  runs: dict[str, list[float]] = {t.name: [] for t in timed}
-  for _ in range(rounds):
-    for t in timed:
-      runs[t.name] += time_calls(t.call, t.calls_per_round, warmup=0)
-  return {name: statistics.median(ts) for name, ts in runs.items()}
-
-
-def _peak_probe(n: int, steps: int = 8) -> tuple[_Timed, float]:
-  """(the matmul chain, its FLOPs)."""
-  import jax
-  import jax.numpy as jnp
-  a = jnp.ones((n, n), jnp.float32) / n
-
-  @jax.jit
-  def chain(x):
-    for _ in range(steps):   # several products per call, so dispatch overhead is amortised
-      x = x @ a
-    return x
-
-  return _Timed('peak', lambda: chain(a), _SHORT_STEP_CALLS), steps * 2.0 * n ** 3
-
-
-def _bandwidth_probe(mbytes: int, calls: int = 4) -> tuple[_Timed, float]:
-  """(in-place x*a+b over `mbytes` MiB, `calls` times per timing; its bytes read + written)."""
-  import jax
-  import jax.numpy as jnp
-  n = mbytes * 2 ** 20 // 4
-  f = jax.jit(lambda x: x * 1.0001 + 1e-3, donate_argnums=0)
-  x = jnp.ones((n,), jnp.float32)
-
-  def run():
-    nonlocal x
-    for _ in range(calls):   # several calls per timing, so dispatch overhead is amortised
-      x = f(x)
-    return x
-
-  return _Timed('bandwidth', run), 2.0 * n * 4 * calls
-
-
-def _transpose_probe(shape: tuple[int, ...]) -> tuple[_Timed, float]:
-  """(one head rotation fused with a scale, as XLA fuses it; its bytes read + written). One kernel
-  per call: XLA composes a chain of transposes into one."""
-  import jax
-  import jax.numpy as jnp
-  x = jnp.ones(shape, jnp.float32)
-  f = jax.jit(lambda x: jnp.transpose(x * 1.0001, (0, 2, 3, 1)))
-  return _Timed('transpose', lambda: f(x), _SHORT_STEP_CALLS), 2.0 * x.size * 4
-
-
-def _overhead_block(x_rd, w_dd):
-  """One step of the overhead chains: kernels of the kinds a model step runs, on a few rows."""
-  import jax
-  import jax.numpy as jnp
-  x_rd = jax.nn.softmax(jnp.tanh(x_rd @ w_dd), axis=-1)
-  x_rd = jnp.cumsum(x_rd, axis=-1)
-  idx_rk = jnp.argsort(x_rd[:, :8], axis=-1)
-  return x_rd + jnp.take_along_axis(x_rd, idx_rk, axis=-1).sum(-1, keepdims=True) * 1e-3
-
-
-def _overhead_probes(chains: tuple[int, int] = (8, 40), rows: int = 8) -> list[tuple[_Timed, object]]:
-  """[(timed chain, its compiled program)] for a short and a long chain of `_overhead_block`s."""
-  import jax
-  import jax.numpy as jnp
-  x, w = jnp.ones((rows, 64), jnp.float32), jnp.eye(64, dtype=jnp.float32)
-  out = []
-  for n in chains:
-    def chain(x_rd, w_dd, n=n):
-      for _ in range(n):
-        x_rd = _overhead_block(x_rd, w_dd)
-      return x_rd
-    compiled = jax.jit(chain).lower(x, w).compile()
-    out.append((_Timed(f'overhead-{n}', lambda c=compiled: c(x, w), _SHORT_STEP_CALLS), compiled))
-  return out
-
-
-def kernel_overhead(points: list[tuple[object, float]], chip: hardware.Chip) -> float:
-  """Seconds per kernel from two (compiled chain, measured seconds) points: the extra time of the
-  longer chain less its extra work as `chip` prices it (without overhead), over its extra kernels.
-  The fixed cost of a call cancels; the work the kernels do is not counted twice."""
-  (c1, t1), (c2, t2) = points
-  e1, e2 = latency.estimate_compiled(c1, chip), latency.estimate_compiled(c2, chip)
-  work1, work2 = e1['total_s'] - e1['overhead_s'], e2['total_s'] - e2['overhead_s']
-  if e2['kernels'] <= e1['kernels']:
-    raise ValueError(f"the long overhead chain runs {e2['kernels']} kernels, the short one {e1['kernels']}")
-  return max((t2 - work2) - (t1 - work1), 0.0) / (e2['kernels'] - e1['kernels'])
-
-
 def _config_step(cfg, batch: int):
   """(compiled forward, a call of it) of one config on one CPU device."""
   import jax
@@ -172,25 +65,36 @@ def _ranks_agree(pred: list[float], meas: list[float]) -> bool:
 
 def _host_probes(quick: bool):
   """(the probes to time, a function of their median seconds -> the host Chip)."""
-  peak_t, flops = _peak_probe(256 if quick else 512)
-  bw_t, bw_bytes = _bandwidth_probe(16 if quick else 256)
-  tr_t, tr_bytes = _transpose_probe((8, 64, 4, 32) if quick else (32, 256, 4, 32))
-  chains = _overhead_probes((2, 6) if quick else (8, 40))
+  peak_t, flops = hp.peak_probe(256 if quick else 512)
+  bw_t, bw_bytes = hp.bandwidth_probe(16 if quick else 256)
+  tr_t, tr_bytes = hp.transpose_probe((8, 64, 4, 32) if quick else (32, 256, 4, 32))
+  chains = hp.overhead_probes((2, 6) if quick else (8, 40))
+  call_t, call_prog = hp.call_probe()
+  gather_t, gather_b = hp.gather_probe()
+  sort_t, sort_n = hp.sort_probe()
 
   def host(seconds: dict[str, float]) -> hardware.Chip:
     peak, bw, t_bw = flops / seconds['peak'], bw_bytes / seconds['bandwidth'], tr_bytes / seconds['transpose']
+    g_bw, sort_s = gather_b / seconds['gather'], seconds['sort'] / sort_n
     kernel_s = kernel_overhead([(c, seconds[t.name]) for t, c in chains],
-                               hardware.host_chip(peak, bw, transpose_bytes_per_s=t_bw))
-    return hardware.host_chip(peak, bw, kernel_overhead_s=kernel_s, transpose_bytes_per_s=t_bw)
+                               hardware.host_chip(peak, bw, transpose_bytes_per_s=t_bw, gather_bytes_per_s=g_bw,
+                                                  sort_comparison_s=sort_s))
+    chip = hardware.host_chip(peak, bw, kernel_overhead_s=kernel_s, transpose_bytes_per_s=t_bw,
+                              gather_bytes_per_s=g_bw, sort_comparison_s=sort_s)
+    call_s = call_overhead(call_prog, seconds['call'], chip)
+    return dataclasses.replace(chip, call_overhead_s=call_s)
 
-  return [peak_t, bw_t, tr_t] + [t for t, _ in chains], host
+  return [peak_t, bw_t, tr_t, call_t, gather_t, sort_t] + [t for t, _ in chains], host
 
 
-def measure_host(repeats: int = 5, quick: bool = False) -> hardware.Chip:
-  """This CPU as a hardware.Chip (peak, bandwidths, per-kernel overhead), from the probes alone: what
-  a caller that predicts a step on this machine (a decode benchmark) passes to latency.estimate_compiled."""
+def measure_host(repeats: int = 5, quick: bool = False,
+                 between: Callable[[], object] | None = None) -> hardware.Chip:
+  """This CPU as a hardware.Chip (peak, bandwidths, per-kernel and per-call overheads), from the
+  probes alone: what a caller that predicts a step on this machine (a decode benchmark) passes to
+  latency.estimate_compiled. `between()`, when given, runs after each round of probes: a caller times
+  its own step there, so that on a shared machine host and step are measured under the same load."""
   probes, host = _host_probes(quick)
-  return host(_median_interleaved(probes, repeats))
+  return host(hp.median_interleaved(probes, repeats, between))
 
 
 def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None = None, batch: int = 8,
@@ -212,26 +116,28 @@ def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None =
   if quick:
     repeats, batch = min(repeats, 2), min(batch, 2)
   plan = [(n, o, batch, 1) for n, o in configs.items()]
-  plan += [(n, o, b, _SHORT_STEP_CALLS) for n, (o, b) in decode.items()]
+  plan += [(n, o, b, hp.SHORT_STEP_CALLS) for n, (o, b) in decode.items()]
   steps, timed = {}, []
   for name, overrides, b, calls in plan:
     cfg = load_config(base, list(overrides) + ['model.scan_layers=false', 'mesh.data=1'])
     compiled, call = _config_step(cfg, b)
     steps[name] = (compiled, b, list(overrides))
-    timed.append(_Timed(name, call, calls))
+    timed.append(hp.Timed(name, call, calls))
   probes, measured_host = _host_probes(quick)
-  best = _median_interleaved(probes + timed, repeats)
+  best = hp.median_interleaved(probes + timed, repeats)
   host = measured_host(best)
   rows = []
   for name, (compiled, b, overrides) in steps.items():
-    est = latency.estimate_compiled(compiled, host)
+    est = latency.estimate_compiled(compiled, host, host_calls=1)   # each timing: one jitted call
     rows.append({'name': name, 'overrides': overrides, 'batch': b, **est, 'measured_s': best[name],
                  'predicted_over_measured': est['total_s'] / best[name]})
   ratios = [r['predicted_over_measured'] for r in rows]
   lo, hi = latency.TRUST_BAND
   return {
       'host': {'peak_flops': host.peak_flops, 'mem_bytes_per_s': host.hbm_bytes_per_s,
-               'transpose_bytes_per_s': host.transpose_bytes_per_s, 'kernel_overhead_s': host.kernel_overhead_s},
+               'transpose_bytes_per_s': host.transpose_bytes_per_s, 'kernel_overhead_s': host.kernel_overhead_s,
+               'call_overhead_s': host.call_overhead_s, 'gather_bytes_per_s': host.gather_bytes_per_s,
+               'sort_comparison_s': host.sort_comparison_s},
       'batch': batch, 'repeats': repeats, 'rows': rows,
       'ranks_correctly': _ranks_agree([r['total_s'] for r in rows], [r['measured_s'] for r in rows]),
       'within_band': all(lo <= r <= hi for r in ratios), 'band': [lo, hi],
@@ -245,13 +151,14 @@ def format_calibration(rep: dict, h) -> list[str]:
   s, host = latency.seconds, rep['host']
   lines = [f"host: matmul peak {h(host['peak_flops'])}FLOP/s (f32), memory bandwidth "
            f"{h(host['mem_bytes_per_s'])}B/s ({h(host['transpose_bytes_per_s'])}B/s transposing), "
-           f"{s(host['kernel_overhead_s'])} per kernel   (forward, median of {rep['repeats']} interleaved rounds)",
+           f"{s(host['kernel_overhead_s'])} per kernel, {s(host['call_overhead_s'])} per host call   "
+           f"(forward, median of {rep['repeats']} interleaved rounds)",
            f"{'config':14s} {'batch':>5s} {'FLOPs':>8s} {'bytes':>8s} {'kernels':>7s} {'compute':>9s} "
-           f"{'memory':>9s} {'overhead':>9s} {'predicted':>10s} {'measured':>9s} {'pred/meas':>9s}  dominant"]
+           f"{'memory':>9s} {'overhead':>9s} {'host':>9s} {'predicted':>10s} {'measured':>9s} {'pred/meas':>9s}  dominant"]
   for r in rep['rows']:
     lines.append(f"{r['name']:14s} {r['batch']:5d} {h(r['flops']):>8s} {h(r['bytes_accessed']):>8s} "
                  f"{r['kernels']:7.0f} {s(r['compute_s']):>9s} {s(r['memory_s']):>9s} {s(r['overhead_s']):>9s} "
-                 f"{s(r['total_s']):>10s} {s(r['measured_s']):>9s} {r['predicted_over_measured']:9.2f}  "
+                 f"{s(r['host_s']):>9s} {s(r['total_s']):>10s} {s(r['measured_s']):>9s} {r['predicted_over_measured']:9.2f}  "
                  f"{r['dominant']}")
   lo, hi = rep['band']
   lines.append(f"ranks configs correctly: {'yes' if rep['ranks_correctly'] else 'NO'};  within [{lo}, {hi}] of "

@@ -36,6 +36,10 @@ from litejax.sampling import Sampling, sample
 
 # The one statement of the KV cache layout (logical axes; a leading 'layers' axis when scanned).
 CACHE_AXES = ('batch', 'sequence', 'kv_heads', 'head_dim')
+# Calls into the runtime `generate` makes per decode step, each costing host time beyond the step's
+# kernels (hardware.Chip.call_overhead_s; the latency model's host term): the positions' device_put,
+# the step index's device_put, the jitted step's dispatch, the next tokens' device_get.
+HOST_CALLS_PER_STEP = 4
 
 
 def decode_config(cfg: Config) -> Config:
@@ -318,9 +322,9 @@ def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_token
         on_step(out)
       if j == max_new_tokens - 1:
         break
-      t0 = time.perf_counter()
+      t0 = time.perf_counter()   # the HOST_CALLS_PER_STEP calls; a NumPy index is one put, not two
       next_b, _, cache, *ids = rt.step(params, extra, cache, next_b, rt.rows(lengths + j), key,
-                                       rt.replicated(jnp.int32(j + 1)), samp)
+                                       rt.replicated(np.int32(j + 1)), samp)
       host = np.asarray(jax.device_get(next_b))
       step_s.append(time.perf_counter() - t0)
       if ids:

@@ -75,21 +75,25 @@ def predict(chip: hardware.Chip, *, compiled=None, flops: float | None = None,
   """The latency model's step time for one chip's share of a decode step: the one place the decode
   prediction is made (`bound --decode`, `generate --json`, bench_decode). Terms in seconds, the
   dominant term, kernels, and predicted_ms_per_token (a decode step gives every row one token).
+  The host term is the decode loop's calls per step (decode.HOST_CALLS_PER_STEP) × the chip's
+  call_overhead_s (measured on a CPU host; 0 on the TPU chips, not modelled).
 
   With `compiled` (the step's program on one device): latency.estimate_compiled, i.e. kernels
   executed (scan bodies × trip count) × chip.kernel_overhead_s and the transpose-bandwidth memory
   term included; flops / bytes_accessed, when given, replace its own figures. Without (a TPU slice
   whose figures are extrapolated or analytic): latency.estimate on the three figures."""
   if compiled is not None:
-    est = latency.estimate_compiled(compiled, chip, flops=flops, bytes_accessed=bytes_accessed)
+    est = latency.estimate_compiled(compiled, chip, flops=flops, bytes_accessed=bytes_accessed,
+                                    host_calls=decode.HOST_CALLS_PER_STEP)
   else:
-    est = latency.estimate(flops or 0.0, collective_bytes or 0.0, bytes_accessed or 0.0, chip).as_dict()
+    est = latency.estimate(flops or 0.0, collective_bytes or 0.0, bytes_accessed or 0.0, chip,
+                           host_calls=decode.HOST_CALLS_PER_STEP).as_dict()
   return {**est, 'predicted_ms_per_token': 1e3 * est['total_s']}
 
 
 @functools.lru_cache(maxsize=None)
 def host_chip(quick: bool = False) -> hardware.Chip:
-  """This CPU as a latency-model chip (peak, bandwidths, per-kernel overhead), from
+  """This CPU as a latency-model chip (peak, bandwidths, per-kernel and per-call overheads), from
   litejax.calibration's probes: measured once per process and cached. CPU only: a TPU target keeps
   its datasheet chip (targets.resolve)."""
   from litejax import calibration

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
+import warnings
 from typing import Any
 
 import jax
@@ -51,22 +52,52 @@ def load(ckpt_dir: str | pathlib.Path, overrides: list[str] = (), devices=None) 
   """Reads the config stored with the newest checkpoint (plus `overrides`, e.g. mesh.*) and restores
   its parameters onto that config's mesh over `devices` (default all). FileNotFoundError when ckpt_dir holds no checkpoint."""
   from litejax import train as train_lib
-  from litejax.checkpoint import Checkpointer
   stored = train_lib.restore_config(ckpt_dir)
   if stored is None:
     raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: run `litejax train` first (or pass --ckpt-dir)')
   cfg = from_dict(parse_overrides(overrides), base=stored) if overrides else stored
   mesh = shd.make_mesh(cfg.mesh, devices)
-  # The whole train state is restored (optimizer included): Orbax restores against the complete
-  # abstract tree here, and the tiny models this serves make the extra read cheap.
-  tx = train_lib.make_optimizer(cfg.train)
-  _, abstract, _ = train_lib.state_layout(cfg, mesh, tx)
-  ckpt = Checkpointer(ckpt_dir)
-  try:
-    restored = ckpt.restore(abstract)
-  finally:
-    ckpt.close()
+  _, abstract, _ = train_lib.state_layout(cfg, mesh)
+  restored = restore_params(ckpt_dir, {'params': abstract['params'], 'extra': abstract['extra']})
   if restored is None:
     raise FileNotFoundError(f'no readable checkpoint in {ckpt_dir}: run `litejax train` first')
-  state = restored.state
-  return Session(cfg, mesh, state['params'], state['extra'], restored.step)
+  step, state = restored
+  return Session(cfg, mesh, state['params'], state['extra'], step)
+
+
+def restore_params(ckpt_dir, abstract: dict) -> tuple[int, dict] | None:
+  """(step, {'params', 'extra'}) of the newest intact checkpoint, restored into `abstract`'s
+  shardings by an Orbax partial restore: the optimizer state (dense AdamW moments or the sparse
+  update's rows) is never read. The checks of Checkpointer.restore, on these leaves: each candidate's
+  digest, then its stored shapes against `abstract` (CheckpointMismatchError naming the leaf); an
+  unreadable checkpoint is skipped with a warning for the previous one. None: no checkpoint."""
+  import orbax.checkpoint as ocp
+
+  from litejax.checkpoint import (Checkpointer, CheckpointCorruptError, CheckpointMismatchError, leaf_specs)
+  ckpt = Checkpointer(ckpt_dir)
+  skipped = []
+  try:
+    ckpt.manager.reload()
+    for s in reversed(ckpt.all_steps()):
+      where = f'checkpoint {ckpt_dir}/{s}'
+      try:
+        ckpt.verify(s)
+        saved = ckpt.read_meta(s).get('leaves', {})
+        for name, spec in leaf_specs(abstract).items():
+          if list(saved.get(name, {}).get('shape', [None])) != list(spec['shape']):
+            raise CheckpointMismatchError(f'{where}: {name} {tuple(spec["shape"])} of the config is '
+                                          f'{saved.get(name, {}).get("shape", "missing")} in the checkpoint')
+        args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
+        return s, ckpt.manager.restore(s, args=ocp.args.Composite(state=args))['state']
+      except CheckpointMismatchError:
+        raise
+      except Exception as e:  # noqa: BLE001 (any read failure means: not a usable checkpoint)
+        warnings.warn(f'{where}: unreadable ({type(e).__name__}: {e}); trying the previous one', RuntimeWarning,
+                      stacklevel=2)
+        skipped.append(where)
+  finally:
+    ckpt.close()
+  if skipped:
+    raise CheckpointCorruptError(f'no intact checkpoint in {ckpt_dir}: ' + '; '.join(skipped))
+  return None

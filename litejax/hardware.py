@@ -16,6 +16,16 @@ partitioned loops). For the TPU chips it is 0, i.e. NOT modelled: a TPU step run
 program with no per-kernel host launch, and Google publishes no per-fusion figure to cite.
 `transpose_bytes_per_s` is the bandwidth of kernels that permute dimensions (litejax.hlo.transposes);
 0 means "as hbm_bytes_per_s" (the TPU chips: not modelled apart).
+`call_overhead_s` is the host time of one call a serving loop makes into the runtime per step (a
+jitted call's dispatch of its arguments, a device_put, a device_get) beyond the kernels it runs: a
+decode loop pays it a fixed number of times per token (litejax.decode.HOST_CALLS_PER_STEP), which at
+batch 1 is a large share of a step on a CPU. Measured by `litejax calibrate` (a loop of such calls
+around a program with no work); 0 for the TPU chips (not modelled: no published figure to cite).
+`gather_bytes_per_s` prices the bytes of kernels that gather rows (a decode step's per-token gather
+of its K experts' weights, fused with a layout change): row by row from a table, below streaming
+bandwidth on a CPU. `sort_comparison_s` prices a sort kernel's n·log2(n) comparisons per row (the
+sampler sorts the vocabulary): XLA:CPU calls a compiled comparator for each one. Both are measured by
+`litejax calibrate`; 0 on the TPU chips (as hbm_bytes_per_s / not modelled).
 """
 from __future__ import annotations
 
@@ -44,6 +54,9 @@ class Chip:
   devices_per_chip: int = 1
   kernel_overhead_s: float = 0.0  # seconds per executed kernel (see the module docstring)
   transpose_bytes_per_s: float = 0.0  # bandwidth of dimension-permuting kernels; 0 = hbm_bytes_per_s
+  call_overhead_s: float = 0.0  # host seconds per call into the runtime (see the module docstring)
+  gather_bytes_per_s: float = 0.0  # bandwidth of kernels that gather rows; 0 = hbm_bytes_per_s
+  sort_comparison_s: float = 0.0  # seconds per comparison of a sort kernel; 0 = not modelled
   sources: dict[str, str] = dataclasses.field(default_factory=dict)
 
   def as_dict(self) -> dict:
@@ -148,15 +161,22 @@ def chip(generation: str) -> Chip:
 
 
 def host_chip(peak_flops: float, mem_bytes_per_s: float, mem_bytes: float = 0.0,
-              kernel_overhead_s: float = 0.0, transpose_bytes_per_s: float = 0.0) -> Chip:
-  """A Chip for this CPU from measured peak, bandwidths and per-kernel overhead (litejax.calibration)."""
+              kernel_overhead_s: float = 0.0, transpose_bytes_per_s: float = 0.0,
+              call_overhead_s: float = 0.0, gather_bytes_per_s: float = 0.0,
+              sort_comparison_s: float = 0.0) -> Chip:
+  """A Chip for this CPU from measured peak, bandwidths, per-kernel and per-call overheads
+  (litejax.calibration)."""
   return Chip('cpu', 'cpu', hbm_bytes=mem_bytes, hbm_bytes_per_s=mem_bytes_per_s, peak_flops=peak_flops,
               ici_bytes_per_s=mem_bytes_per_s, max_chips=1, torus_dims=0, kernel_overhead_s=kernel_overhead_s,
-              transpose_bytes_per_s=transpose_bytes_per_s,
+              transpose_bytes_per_s=transpose_bytes_per_s, call_overhead_s=call_overhead_s,
+              gather_bytes_per_s=gather_bytes_per_s, sort_comparison_s=sort_comparison_s,
               sources={'peak_flops': 'measured (litejax calibrate)', 'hbm_bytes_per_s': 'measured',
                        'ici_bytes_per_s': 'emulated devices share host memory: measured bandwidth',
                        'kernel_overhead_s': 'measured (litejax calibrate: a chain of small kernels)',
-                       'transpose_bytes_per_s': 'measured (litejax calibrate: a chain of head transposes)'})
+                       'transpose_bytes_per_s': 'measured (litejax calibrate: a chain of head transposes)',
+                       'call_overhead_s': 'measured (litejax calibrate: a loop of host calls around no work)',
+                       'gather_bytes_per_s': 'measured (litejax calibrate: per-row gathers of K expert rows)',
+                       'sort_comparison_s': 'measured (litejax calibrate: a sort of vocabulary-sized rows)'})
 
 
 # Serving from the tiered expert store (`litejax plan --serve`): what one chip's host offers beside HBM.

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from litejax import bounds, cli, decode_cost, latency
+from litejax import bounds, cli, decode, decode_cost, latency
 from litejax.config import load_config
 from train_helpers import TINY_YAML
 
@@ -46,6 +46,10 @@ def test_bound_decode_json_one_token_per_device(capsys):
   assert lat['dominant'] in latency.TERMS and lat['predicted_ms_per_token'] > 0
   # the per-kernel overhead term: kernels executed (loops x trip count) x the host's measured overhead
   assert lat['kernels'] > 0 and lat['overhead_s'] == pytest.approx(lat['kernels'] * rep['chip']['kernel_overhead_s'])
+  # the host term: the decode loop's calls per step x the host's measured per-call overhead
+  assert lat['host_calls'] == decode.HOST_CALLS_PER_STEP
+  assert lat['host_s'] == pytest.approx(lat['host_calls'] * rep['chip']['call_overhead_s'])
+  assert lat['total_s'] == pytest.approx(sum(lat[f'{t}_s'] for t in latency.TERMS))
 
 
 def test_scanned_layers_read_only_the_active_rows():

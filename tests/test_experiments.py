@@ -89,6 +89,9 @@ def test_bench_decode_quick(tmp_path):
     for key in ('ms_per_token', 'tokens_per_second', 'bytes_accessed_per_token', 'predicted_ms_per_token'):
       assert r[key] > 0, key
     assert r['compiles'] == 1 and r['violations'] == []
+    # the host measured with the row (interleaved): its per-call overhead prices the loop's host calls
+    assert r['host']['call_overhead_s'] > 0
+    assert r['predicted_host_ms'] == pytest.approx(4e3 * r['host']['call_overhead_s'])
   dense = next(r for r in rows if r['impl'] == 'dense' and r['batch'] == 1)
   moe = next(r for r in rows if r['impl'] == 'moe' and r['batch'] == 1)
   assert abs(moe['params_active_per_token'] - dense['params_active_per_token']) < 0.05 * dense['params_active_per_token']

@@ -67,7 +67,24 @@ def test_overhead_and_transpose_terms_by_hand():
   assert hardware.chip('v5p').kernel_overhead_s == 0.0
 
 
-@pytest.mark.parametrize('kwargs, match', [({'kernels': -1}, 'kernels'),
+def test_host_term_by_hand():
+  # the same step plus 4 host calls at 70 us: 0.28 ms more, a term of its own (not the kernels')
+  chip = dataclasses.replace(SLOW_KERNELS, call_overhead_s=70e-6)
+  est = latency.estimate(1e9, 0.0, 1e7, chip, kernels=500, transpose_bytes=4e6, host_calls=4)
+  assert est.host_s == pytest.approx(2.8e-4, rel=1e-12) and est.overhead_s == pytest.approx(1e-3, rel=1e-12)
+  assert est.total_s == pytest.approx(1.036e-3 + 2.8e-4, rel=1e-12) and est.host_calls == 4
+  d = est.as_dict()
+  assert d['host_s'] == pytest.approx(2.8e-4) and d['host_calls'] == 4
+  assert latency.format_estimate(d, bounds.human).endswith('overhead 1 ms (76%), host 280 us (21%); dominated by overhead')
+  # without the chip's figure (the TPUs) the calls cost nothing; the default is no calls
+  assert latency.estimate(1e9, 0.0, 1e7, SLOW_KERNELS, host_calls=4).host_s == 0.0
+  assert latency.estimate(1e9, 0.0, 1e7, chip).host_s == 0.0
+  assert hardware.chip('v5p').call_overhead_s == 0.0
+  # dominant among five: 40 calls at 70 us = 2.8 ms > 1 ms of kernels
+  assert latency.estimate(1e9, 0.0, 1e7, chip, kernels=500, host_calls=40).dominant == 'host'
+
+
+@pytest.mark.parametrize('kwargs, match', [({'kernels': -1}, 'kernels'), ({'host_calls': -1}, 'host_calls'),
                                            ({'transpose_bytes': 2e7}, 'transpose_bytes')])
 def test_estimate_rejects_bad_counts(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -113,6 +130,54 @@ def test_estimate_compiled_counts_loop_kernels_per_trip():
   assert e9['flops'] - e5['flops'] >= 4 * 2 * 4 * 16 * 16
 
 
+def test_only_transposes_of_the_minor_dimension_are_priced_apart():
+  # [b, s, h, d] -> [b, h, s, d] copies rows of d contiguous floats; -> [b, h, d, s] strides by element
+  import jax.numpy as jnp
+  x = jnp.ones((4, 16, 2, 8), jnp.float32)
+  keep = _compiled(lambda x: jnp.transpose(x * 2.0, (0, 2, 1, 3)), x)
+  move = _compiled(lambda x: jnp.transpose(x * 2.0, (0, 2, 3, 1)), x)
+  assert latency.estimate_compiled(keep, SLOW_KERNELS)['transpose_bytes'] == 0.0
+  e = latency.estimate_compiled(move, SLOW_KERNELS)
+  assert e['transpose_bytes'] == e['bytes_accessed'] == 2 * 4 * x.size   # read and written, f32
+
+
+def test_gather_and_sort_classes_by_hand():
+  # 1e7 B: 2e6 gathered at 100 GB/s (20 us) + 8e6 streamed at 1 TB/s (8 us); 1e9 FLOPs (10 us) +
+  # 1000 comparisons at 10 ns (10 us)
+  chip = dataclasses.replace(CHIP, gather_bytes_per_s=100e9, sort_comparison_s=1e-8)
+  est = latency.estimate(1e9, 0.0, 1e7, chip, gather_bytes=2e6, sort_comparisons=1000)
+  assert (est.compute_s, est.memory_s) == pytest.approx((2e-5, 2.8e-5), rel=1e-12)
+  # the TPU chips: gathers at HBM bandwidth, sorts not priced apart
+  plain = latency.estimate(1e9, 0.0, 1e7, CHIP, gather_bytes=2e6, sort_comparisons=1000)
+  assert (plain.compute_s, plain.memory_s) == pytest.approx((1e-5, 1e-5), rel=1e-12)
+  with pytest.raises(ValueError, match='gather_bytes'):
+    latency.estimate(1e9, 0.0, 1e7, chip, gather_bytes=6e6, transpose_bytes=5e6)
+  with pytest.raises(ValueError, match='sort_comparisons'):
+    latency.estimate(1e9, 0.0, 1e7, chip, sort_comparisons=-1)
+
+
+def test_compiled_gathers_and_sorts_are_found():
+  import jax.numpy as jnp
+  w, i = jnp.ones((64, 8, 4), jnp.float32), jnp.zeros((3, 2), jnp.int32)
+  g = latency.estimate_compiled(_compiled(lambda w, i: jnp.transpose(w[i], (0, 2, 1, 3)), w, i), SLOW_KERNELS)
+  # the 3·2 gathered [8, 4] rows read and written, f32, and the 3·2 int32 indices (XLA's cost_analysis
+  # counts the whole table in bytes_accessed); a gather is not also a transpose
+  assert g['gather_bytes'] == 2 * 3 * 2 * 8 * 4 * 4 + 3 * 2 * 4 and g['transpose_bytes'] == 0.0
+  srt = latency.estimate_compiled(_compiled(lambda x: jnp.sort(x, axis=-1), jnp.ones((4, 16))), SLOW_KERNELS)
+  assert srt['sort_comparisons'] == 4 * 16 * 4 and srt['gather_bytes'] == 0.0   # rows x n log2 n
+
+
+def test_call_overhead_from_the_probe():
+  # synthetic: the probe's program as priced + 4 calls x 50 us comes back as 50 us per call
+  from litejax import calibration, decode, host_probes
+  _, compiled = host_probes.call_probe(leaves=12)
+  modelled = latency.estimate_compiled(compiled, SLOW_KERNELS)['total_s']
+  assert decode.HOST_CALLS_PER_STEP == 4
+  got = calibration.call_overhead(compiled, modelled + 4 * 50e-6, SLOW_KERNELS)
+  assert got == pytest.approx(50e-6, rel=1e-9)
+  assert calibration.call_overhead(compiled, 0.0, SLOW_KERNELS) == 0.0   # never negative
+
+
 def test_kernel_overhead_from_two_chains():
   # synthetic times: each chain's modelled work + 2 us per kernel + a fixed 30 us per call; the
   # fixed cost cancels, the work is not counted twice: 2 us per kernel comes back
@@ -134,17 +199,20 @@ def test_calibrate_runs():
   rep = calibration.calibrate(quick=True)
   host = rep['host']
   assert host['peak_flops'] > 0 and host['mem_bytes_per_s'] > 0 and host['transpose_bytes_per_s'] > 0
-  assert host['kernel_overhead_s'] >= 0
+  assert host['kernel_overhead_s'] >= 0 and host['call_overhead_s'] > 0
   assert [r['name'] for r in rep['rows']] == list(calibration.QUICK_CONFIGS) + ['token-b1']
   assert rep['rows'][-1]['batch'] == 1 and rep['band'] == list(latency.TRUST_BAND)
   for r in rep['rows']:
     assert r['measured_s'] > 0 and r['compute_s'] > 0 and r['communication_s'] == 0.0 and r['kernels'] > 0
     # the prediction is the model applied to the row's own figures and the measured host
-    assert r['compute_s'] == pytest.approx(r['flops'] / host['peak_flops'], rel=1e-12)
-    streamed = r['bytes_accessed'] - r['transpose_bytes']
+    assert r['compute_s'] == pytest.approx(r['flops'] / host['peak_flops'] +
+                                           r['sort_comparisons'] * host['sort_comparison_s'], rel=1e-12)
+    streamed = r['bytes_accessed'] - r['transpose_bytes'] - r['gather_bytes']
     assert r['memory_s'] == pytest.approx(streamed / host['mem_bytes_per_s'] +
-                                          r['transpose_bytes'] / host['transpose_bytes_per_s'], rel=1e-12)
+                                          r['transpose_bytes'] / host['transpose_bytes_per_s'] +
+                                          r['gather_bytes'] / host['gather_bytes_per_s'], rel=1e-12)
     assert r['overhead_s'] == pytest.approx(r['kernels'] * host['kernel_overhead_s'], rel=1e-12)
+    assert r['host_calls'] == 1 and r['host_s'] == pytest.approx(host['call_overhead_s'], rel=1e-12)
   assert len(calibration.format_calibration(rep, bounds.human)) == 2 + len(rep['rows']) + 1
 
 
@@ -152,4 +220,8 @@ def test_measure_host_is_a_calibrated_chip():
   from litejax import calibration
   host = calibration.measure_host(repeats=1, quick=True)
   assert host.generation == 'cpu' and host.peak_flops > 0 and host.hbm_bytes_per_s > 0
-  assert host.transpose_bytes_per_s > 0 and host.kernel_overhead_s >= 0
+  assert host.transpose_bytes_per_s > 0 and host.kernel_overhead_s >= 0 and host.call_overhead_s > 0
+  assert host.gather_bytes_per_s > 0 and host.sort_comparison_s > 0
+  rounds = []
+  calibration.measure_host(repeats=2, quick=True, between=lambda: rounds.append(1))
+  assert rounds == [1, 1]   # the caller's own timing runs once after each round of probes

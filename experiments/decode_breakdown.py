@@ -1,0 +1,143 @@
+"""Where a decode step's time goes, for a few bench_decode rows (issue 12's latency model at decode):
+
+  (a) loop      the generation loop's measured seconds per step (litejax.decode.generate's step_s)
+  (b) step      the jitted decode step alone, called in a tight loop with prepared arguments and
+                block_until_ready (through jax.jit's dispatch of every argument leaf)
+  empty         a jitted call with the same argument leaves and no work: dispatch alone
+  host pieces   the loop's other calls into the runtime per step: the batch-sharded positions
+                (device_put), the step index (a NumPy scalar, replicated device_put), the next
+                tokens back to the host (device_get)
+  (c) model     the latency model's prediction (decode_cost.report: compute, memory, per-kernel
+                overhead and the host term = decode.HOST_CALLS_PER_STEP x call_overhead_s)
+
+Each round times every piece of a row once, after one round of litejax.calibration's host probes
+(calibration.measure_host(between=...)): on a shared machine the host chip and the row are measured
+under the same load; medians over the rounds. `cpu_share` is process CPU seconds / wall seconds over
+the rounds' loop runs (below 1 when other work takes the cores).
+
+    python experiments/decode_breakdown.py --out /tmp/breakdown [--rows 0,1,5]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'experiments'))
+
+# (impl, experts per layer, batch): batch 1 and 16, small and large E, MoE and dense
+ROWS = [('dense', None, 1), ('moe', 16, 1), ('moe', 4096, 1), ('moe', 16384, 1), ('dense', None, 16),
+        ('moe', 16, 16), ('moe', 16384, 16)]
+
+
+def _median_s(f, n: int) -> float:
+  ts = []
+  for _ in range(n):
+    t0 = time.perf_counter()
+    f()
+    ts.append(time.perf_counter() - t0)
+  return statistics.median(ts)
+
+
+def _pieces(rt, params, extra, args):
+  """{name: a call to time} for the row's runtime: (a) the loop, (b) the step, dispatch, host calls."""
+  import jax
+  import numpy as np
+
+  from litejax import decode
+  batch = rt.batch
+  prompts = [[(7 * i + 3 * j) % 256 for j in range(args.prompt_len)] for i in range(batch)]
+  key, samp = rt.replicated((jax.random.key(0), decode.Sampling().as_arrays()))
+  tok, pos = rt.rows(np.zeros(batch)), rt.rows(np.full(batch, args.prompt_len))
+  idx = rt.replicated(np.int32(1))
+  state = {'cache': decode.init_cache(rt.cfg, rt.mesh, batch, rt.max_len)}
+  other_cache = decode.init_cache(rt.cfg, rt.mesh, batch, rt.max_len)
+  noop = jax.jit(lambda p, e, c, t, q, k, i, s: t)
+  lengths = np.full(batch, args.prompt_len, np.int32)
+
+  def step():
+    nb, _, state['cache'] = rt.step(params, extra, state['cache'], tok, pos, key, idx, samp)
+    jax.block_until_ready(nb)
+
+  return prompts, {
+      'step': step,
+      'empty': lambda: jax.block_until_ready(noop(params, extra, other_cache, tok, pos, key, idx, samp)),
+      'rows_put': lambda: jax.block_until_ready(rt.rows(lengths + 3)),
+      'index_put': lambda: jax.block_until_ready(rt.replicated(np.int32(3))),
+      'device_get': lambda: np.asarray(jax.device_get(tok)),
+  }
+
+
+def measure_row(name, experts, batch, args) -> dict:
+  import jax
+  from flax import nnx
+
+  import bench_decode
+  from litejax import calibration, decode, decode_cost, sharding
+  from litejax.config import load_config
+  from litejax.model import init_model
+  cfg = load_config(REPO / 'configs' / 'tiny.yaml', bench_decode.overrides(experts))
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  rt = decode.make_runtime(cfg, mesh, batch, args.prompt_len + args.new_tokens)
+  _, params, extra = nnx.split(init_model(cfg, seed=0), nnx.Param, ...)
+  with jax.set_mesh(mesh):
+    params, extra = rt.place(params, extra)
+    prompts, pieces = _pieces(rt, params, extra, args)
+    decode.generate(rt, params, extra, prompts, 2)
+    for f in pieces.values():
+      f()
+    runs = {k: [] for k in ['loop', 'cpu_share', *pieces]}
+
+    def one_round():
+      w0, c0 = time.perf_counter(), time.process_time()
+      runs['loop'].append(statistics.median(decode.generate(rt, params, extra, prompts, args.new_tokens).step_s))
+      runs['cpu_share'].append((time.process_time() - c0) / (time.perf_counter() - w0))
+      for k, f in pieces.items():
+        runs[k].append(_median_s(f, args.calls))
+
+    chip = calibration.measure_host(repeats=args.rounds, between=one_round)
+  med = {k: statistics.median(v) for k, v in runs.items()}
+  lat = decode_cost.report(decode_cost.compile_step(cfg, batch=batch, cache_len=rt.max_len, mesh=mesh), chip)['latency']
+  out = {'impl': name, 'experts': experts or 0, 'batch': batch, 'cpu_share': med.pop('cpu_share')}
+  out.update({f'{k}_ms': 1e3 * v for k, v in med.items()})
+  out['loop_minus_step_ms'] = out['loop_ms'] - out['step_ms']
+  out['host_calls_ms'] = out['rows_put_ms'] + out['index_put_ms'] + out['device_get_ms'] + out['empty_ms']
+  out['model_ms'] = {k[:-2]: 1e3 * lat[k] for k in ('compute_s', 'memory_s', 'overhead_s', 'host_s', 'total_s')}
+  out['model_kernels'] = lat['kernels']
+  out['model_device_ms'] = out['model_ms']['total'] - out['model_ms']['host']
+  out['predicted_over_loop'] = lat['predicted_ms_per_token'] / out['loop_ms']
+  out['model_device_over_step'] = out['model_device_ms'] / (out['step_ms'] - out['empty_ms'])
+  out['host'] = {k: getattr(chip, k) for k in ('peak_flops', 'hbm_bytes_per_s', 'transpose_bytes_per_s',
+                                               'kernel_overhead_s', 'call_overhead_s')}
+  return out
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument('--out', required=True)
+  p.add_argument('--rows', default='', help='comma-separated indices into ROWS (default all)')
+  p.add_argument('--rounds', type=int, default=5)
+  p.add_argument('--calls', type=int, default=20, help='timed calls per piece per round (median kept)')
+  p.add_argument('--new-tokens', type=int, default=24)
+  p.add_argument('--prompt-len', type=int, default=16)
+  args = p.parse_args(argv)
+  os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+  rows = [ROWS[int(i)] for i in args.rows.split(',')] if args.rows else ROWS
+  res = []
+  for name, e, b in rows:
+    res.append(measure_row(name, e, b, args))
+    print(json.dumps(res[-1]), flush=True)
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'decode_breakdown.json').write_text(json.dumps({'rows': res, 'load_average': os.getloadavg()}, indent=1))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
