@@ -90,3 +90,15 @@ def analytic_all_to_all_bytes_per_rank(cfg, global_tokens: int, mesh_shape, dtyp
     raise ValueError(f'{global_tokens} tokens do not split over data*expert = {ranks} ranks')
   p = plan(cfg.moe, global_tokens // ranks, expert)
   return all_to_all_bytes(p, cfg.model.d_model, dtype_bytes, cfg.moe.k_expert)
+
+
+def router_slots_per_rank(cfg: MoEConfig, n_local: int, num_ranks: int) -> int:
+  """Rows one source rank sends each expert rank to score the expert level on the group's owner
+  (`litejax.router_parallel`): its N_loc·k_tier·k_group (token, kept group) visits spread over the
+  R_EP owners, so ceil(capacity_factor · N_loc·kept / R_EP), never more than N_loc·kept (then nothing
+  can drop); N_loc·kept when dispatch resolves to dropless (decode: nothing drops)."""
+  kept = cfg.k_tier * cfg.k_group
+  visits = n_local * kept
+  if resolve_dispatch(cfg, n_local, cfg.experts_total) == 'dropless':
+    return visits
+  return min(visits, max(math.ceil(cfg.capacity_factor * visits / num_ranks - 1e-9), 1))
