@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from litejax import expert_parallel, routing
+from litejax import expert_parallel, routing, sparse_grad
 from litejax.config import Config, MoEConfig
 from litejax.layers import DTYPES, FFN, param
 
@@ -77,6 +77,7 @@ class MoEBlock(nnx.Module):
     m, d = cfg.moe, cfg.model.d_model
     pd = DTYPES[cfg.model.param_dtype]
     self.moe_cfg = m
+    self.table_dtype = pd   # sparse training may hand the expert tables in as uint16 bits (sparse_grad.as_bits)
     T, G, Eg, E, h = m.num_tiers, m.groups_per_tier, m.experts_per_group, m.experts_total, m.d_expert
     if T > 1:
       self.router_tier = param(rngs, (d, T), ('embed', None), d)
@@ -113,7 +114,9 @@ class MoEBlock(nnx.Module):
       axes = table.get_metadata()['logical_axes']
       split = key == 'experts' or (key == 'router_expert' and split_router)
       axes = (('batch',) + axes[1:]) if split else (None,) * 3
-      value = jnp.zeros(lead + (rows[key],) + table.shape[table.ndim - 2:], jnp.float32)
+      # In the table's dtype: the forward adds it to rows of that dtype, so an f32 delta's gradient would
+      # hold the same values in twice the bytes.
+      value = jnp.zeros(lead + (rows[key],) + table.shape[table.ndim - 2:], table.dtype)
       setattr(self, 'delta_' + name, RowDelta(value, logical_axes=('layers',) * len(lead) + axes))
 
   def _row_deltas(self) -> dict[str, jax.Array]:
@@ -137,7 +140,7 @@ class MoEBlock(nnx.Module):
     out = {'w_in': self.w_in[...], 'w_out': self.w_out[...]}
     if hasattr(self, 'w_gate'):
       out['w_gate'] = self.w_gate[...]
-    return out
+    return {k: sparse_grad.from_bits(v, self.table_dtype) for k, v in out.items()}
 
   def __call__(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
     """Routes and runs the experts; local or expert-parallel as the ambient mesh says (`jax.set_mesh`).

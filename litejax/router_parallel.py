@@ -66,6 +66,15 @@ def rows_per_rank(cfg: MoEConfig, n_local: int, num_ranks: int) -> int:
   return sparse_grad.touched_bound(groups_local, num_ranks * router_slots_per_rank(cfg, n_local, num_ranks))
 
 
+@jax.checkpoint
+def gathered_logits(x_md: jax.Array, w_rdb: jax.Array, row_m: jax.Array) -> jax.Array:
+  """x_md · w_rdb[row_m] per row: [M, B] logits, each row scored against its own gathered [d, B] matrix.
+
+  Rematerialised: the backward gathers the [M, d, B] matrices again instead of the layer scan saving
+  them (M·d·B per layer, larger than the table rows they come from)."""
+  return jnp.einsum('md,mdb->mb', x_md, sparse_grad.slot_rows(w_rdb, row_m).astype(x_md.dtype))
+
+
 def _owner_logits(x_nd, group_np, w_loc, delta_loc, cfg: MoEConfig, num_ranks: int):
   """The per-rank body: (logits [N_loc, kept, E_g] f32, keep [N_loc, kept], touched global ids or None)."""
   n, kept = group_np.shape
@@ -85,15 +94,13 @@ def _owner_logits(x_nd, group_np, w_loc, delta_loc, cfg: MoEConfig, num_ranks: i
   gid = a2a(gid)
   ids = jnp.where(gid > 0, gid - 1, g_loc)
   if delta_loc is None:
-    w_mdb = w_loc.at[ids].get(mode='clip')                                  # an empty slot's x is zero
-    touched = None
+    rows, slot_m, touched = w_loc, ids, None                                # an empty slot's x is zero
   else:
     ids_u, slot_m = sparse_grad.unique_ids(ids, delta_loc.shape[0], g_loc)
     rows = sparse_grad.touched_rows(w_loc, ids_u, delta_loc)
-    w_mdb = sparse_grad.slot_rows(rows, slot_m)
     base = jax.lax.axis_index('expert') * g_loc
     touched = jnp.where(ids_u < g_loc, ids_u + base, g_loc * num_ranks)
-  logits_mb = jnp.einsum('md,mdb->mb', x_recv, w_mdb.astype(x_recv.dtype))
+  logits_mb = gathered_logits(x_recv, rows, slot_m)
   logits_npb = unpack_rows(a2a(logits_mb), slot)                            # dropped visits: zeros
   return logits_npb, keep, touched
 

@@ -124,8 +124,9 @@ def _child_logits(x_nd: jax.Array, w_pdb: jax.Array, parent_np: jax.Array) -> ja
   if parent_np.shape[1] == num_parents:
     logits_npb = jnp.einsum('nd,pdb->npb', x_nd, w_pdb.astype(x_nd.dtype))
     return jnp.take_along_axis(logits_npb, parent_np[:, :, None], axis=1)
-  w_npdb = w_pdb[parent_np].astype(x_nd.dtype)   # gather only the kept parents' router weights
-  return jnp.einsum('nd,npdb->npb', x_nd, w_npdb)
+  # Only the kept parents' router weights, gathered per (token, parent) and rematerialised in the backward
+  # rather than saved ([N, P_kept, d, B] per layer).
+  return jax.checkpoint(lambda x, w, p: jnp.einsum('nd,npdb->npb', x, w[p].astype(x.dtype)))(x_nd, w_pdb, parent_np)
 
 
 def _touched_child_logits(x_nd, w_pdb, parent_np, delta_udb, touched, name):

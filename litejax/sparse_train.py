@@ -279,7 +279,9 @@ def make_sparse_train_step(cfg: Config, graphdef, shardings: Any, batch_sharding
     def loss_fn(dense, deltas, extra, tables):
       # Fresh Variables at this trace level (nnx.scan refuses ones from the outer trace); the tables
       # are constants here: only the deltas carry their gradient.
-      tables = jax.tree.map(jax.lax.stop_gradient, tables)
+      # bf16 tables enter as their uint16 bits (the blocks read them back): XLA:CPU emulates bf16 and would
+      # keep an f32 copy of every stacked table in the layer scan's state for the per-layer slice.
+      tables = jax.tree.map(lambda t: sparse_grad.as_bits(jax.lax.stop_gradient(t)), tables)
       ce, stats = _forward(sgraph, nnx.merge_state(dense, tables, deltas), extra, inputs_bs, targets_bs)
       total, aux = loss_terms(ce, stats)
       return total, (ce, aux, stats)

@@ -169,11 +169,7 @@ def test_checkpoint_resumes_bit_exact_and_restores_onto_expert_mesh(many_experts
   assert on_ep['opt']['rows']['blocks.1.ffn.router_expert'].count.sharding.spec == jax.sharding.PartitionSpec('expert')
 
 
-@pytest.fixture(scope='module')
-def router_split_reference():
-  """T·G = 8 groups of Eg = 6 experts (router_expert gathered): 3 sparse steps on one device, scanned."""
-  cfg = small_config(groups=8, experts_per_group=6, scan=True)
-  return cfg, run(cfg, _mesh((1, 1, 1)), 3)
+ROUTER_SPLIT = small_config(groups=8, experts_per_group=6, scan=True)   # T·G = 8 groups of E_g = 6
 
 
 def _all_reduce_shapes(hlo_text: str) -> list[str]:
@@ -181,11 +177,15 @@ def _all_reduce_shapes(hlo_text: str) -> list[str]:
 
 
 @pytest.mark.parametrize('shape', [(1, 8, 1), (2, 4, 1)], ids=['ep8', 'dp2-ep4'])
-def test_router_split_by_group_equals_one_device(router_split_reference, shape):
+def test_router_split_by_group_equals_replicated(shape):
   """router_expert split by group over the expert ranks (scored on the owner, litejax.router_parallel):
-  the sparse step equals the one-device step, and no all-reduce carries router_expert rows."""
-  cfg, (want_losses, want_states, _) = router_split_reference
-  mesh = _mesh(shape)
+  3 sparse steps, scanned, equal the same mesh's steps with the table replicated, and no all-reduce
+  carries router_expert rows."""
+  cfg, mesh = ROUTER_SPLIT, _mesh(shape)
+  with pytest.MonkeyPatch.context() as mp:   # the replicated table: routed from the whole table, as before
+    mp.setattr(sharding, 'groups_shard', lambda groups, ranks: False)
+    assert not sparse_train.router_split(cfg, sharding.mesh_sizes(mesh))
+    want_losses, want_states, _ = run(cfg, mesh, 3)
   assert sparse_train.router_split(cfg, sharding.mesh_sizes(mesh))
   keep = {}
   losses, states, _ = run(cfg, mesh, 3, keep=keep)
@@ -194,9 +194,9 @@ def test_router_split_by_group_equals_one_device(router_split_reference, shape):
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(states[-1][key]), jax.tree.leaves(want_states[-1][key]),
                             strict=True):
       np.testing.assert_allclose(a, b, atol=1e-6, rtol=0, err_msg=key + jax.tree_util.keystr(path))
-  table_sh = keep['shardings']['params']['blocks'][1]['ffn']['router_expert']
-  table_sh = table_sh.get_value() if hasattr(table_sh, 'get_value') else table_sh
-  assert table_sh.spec == jax.sharding.PartitionSpec(None, 'expert', None, None)
+  specs = [s.spec for path, s in jax.tree_util.tree_leaves_with_path(keep['shardings']['params'])
+           if 'router_expert' in jax.tree_util.keystr(path)]
+  assert specs == [jax.sharding.PartitionSpec(None, 'expert', None, None)]   # [layers, T·G, d, Eg]
   if shape == (1, 8, 1):   # a router row is [d, Eg] = [16, 6]; only dense gradients are all-reduced
     tx = train_step.make_optimizer(cfg.train)
     abstract = train_step.state_layout(cfg, mesh, tx)[1]
