@@ -49,7 +49,8 @@ def _run_ep(cfg, mesh_shape, x, params, w):
                                                        ('gather', (1, 4, 1))])
 def test_capacity_is_per_source_rank(dispatch_path, mesh_shape):
   """With drops, each (data, expert) rank keeps exactly what local dispatch on its own tokens keeps."""
-  cfg = tiny_config(capacity_factor=0.5, dispatch=dispatch_path)
+  # k_group = G: every group kept, so router_expert is not split by group (its visits would drop too).
+  cfg = tiny_config(capacity_factor=0.5, dispatch=dispatch_path, k_group=4)
   x, params, w = _moe_inputs(cfg, 128)
   y, drop = _run_ep(cfg, mesh_shape, x, params, w)
   ranks = mesh_shape[0] * mesh_shape[1]
