@@ -191,7 +191,7 @@ def _collectives(prog: CompiledProgram, cost: HloCost) -> dict:
   by_kind = dict(cost.collective_bytes)
   upcast = float(cost.collective_upcast_bytes.get('all_to_all', 0.0))
   a2a = by_kind.get('all_to_all', 0.0) - upcast
-  analytic = {'dispatch': 0.0, 'combine': 0.0, 'metadata': 0.0, 'total': 0.0}
+  analytic = {'dispatch': 0.0, 'combine': 0.0, 'metadata': 0.0, 'router': 0.0, 'total': 0.0}
   s = sharding.mesh_sizes(prog.mesh)
   if prog.expert_parallel and s['expert'] > 1 and prog.cfg.model.num_moe_layers:
     dt = 2 if prog.cfg.model.dtype == 'bfloat16' else 4
