@@ -1,5 +1,7 @@
 """router_expert split by group over the expert ranks (litejax.router_parallel): the expert level scored on
 the groups' owners equals the replicated table's routing, its logits and its gradient, with no all-gather."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,7 +70,7 @@ def test_owner_logits_equal_gathered_rows_and_drops_past_capacity():
   np.testing.assert_allclose(logits, want, rtol=1e-5, atol=1e-5)
   # All of a rank's visits to one owner with room for half of them: the first half (slot-major order,
   # as dispatch) is scored, the rest dropped with zero logits.
-  tight = MoEConfig(**{**CFG.__dict__, 'capacity_factor': 4.0})
+  tight = dataclasses.replace(CFG, capacity_factor=4.0)
   c = ep_plan.router_slots_per_rank(tight, N // 8, 8)
   assert c == N // 8                                             # 8 tokens x 2 visits: room for 8
   same = jnp.zeros((N, 2), jnp.int32).at[:, 1].set(1)            # groups 0 and 1: both on rank 0
