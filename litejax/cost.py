@@ -151,7 +151,8 @@ def analytic_per_token(cfg, tokens_per_group: int, *, train: bool = False,
 
   Single-device dispatch pads as litejax.bounds says. Expert-parallel dispatch (litejax.ep_plan.plan)
   runs `einsum` as `capacity`, and its gather path computes the slots packed per destination rank
-  (≈ capacity_factor·K rows per token, not K).
+  (≈ capacity_factor·K rows per token, not K); a router_expert split by group likewise scores
+  ≈ capacity_factor·k_tier·k_group visit slots per token on the groups' owners.
   """
   from litejax import bounds
   from litejax.config import resolve_dispatch
@@ -160,10 +161,16 @@ def analytic_per_token(cfg, tokens_per_group: int, *, train: bool = False,
     path = 'capacity'
   out = bounds.forward_flops_per_token(cfg, tokens_per_group, dispatch=path)
   if expert_parallel and cfg.model.num_moe_layers:
-    from litejax import ep_plan
+    from litejax import ep_plan, sharding
     p = ep_plan.plan(cfg.moe, tokens_per_group, expert_ranks)
     rows = p.total_slots * (cfg.moe.k_expert if p.aligned else 1) / tokens_per_group
     out['experts'] = cfg.model.num_moe_layers * rows * bounds.expert_flops(cfg)
+    m = cfg.moe
+    groups = m.num_tiers * m.groups_per_tier
+    if m.k_tier * m.k_group < groups and sharding.groups_shard(groups, expert_ranks):
+      # router_expert split by group: the owners score the visits' slots (litejax.router_parallel).
+      visits = expert_ranks * ep_plan.router_slots_per_rank(m, tokens_per_group, expert_ranks)
+      out['router_expert'] = cfg.model.num_moe_layers * 2 * cfg.model.d_model * visits * m.experts_per_group / tokens_per_group
   if train:
     out = {k: bounds.BWD_MULTIPLIER * v for k, v in out.items()}
   return out
@@ -184,7 +191,7 @@ def _collectives(prog: CompiledProgram, cost: HloCost) -> dict:
   by_kind = dict(cost.collective_bytes)
   upcast = float(cost.collective_upcast_bytes.get('all_to_all', 0.0))
   a2a = by_kind.get('all_to_all', 0.0) - upcast
-  analytic = {'dispatch': 0.0, 'combine': 0.0, 'metadata': 0.0, 'total': 0.0}
+  analytic = {'dispatch': 0.0, 'combine': 0.0, 'metadata': 0.0, 'router': 0.0, 'total': 0.0}
   s = sharding.mesh_sizes(prog.mesh)
   if prog.expert_parallel and s['expert'] > 1 and prog.cfg.model.num_moe_layers:
     dt = 2 if prog.cfg.model.dtype == 'bfloat16' else 4

@@ -77,7 +77,8 @@ def analytic_all_to_all_bytes_per_rank(cfg, global_tokens: int, mesh_shape, dtyp
                  exactly E · C · d · bytes with C = capacity(N_loc)), i.e. capacity_factor·N·K·d·bytes/R_EP
                  when data = 1; with rank-aligned groups K becomes k_tier·k_group;
     'combine'  — the results returned (same size), 'metadata' — int32 expert ids / f32 weights that
-                 the gather path and rank-aligned groups send with the tokens, and 'total'.
+                 the gather path and rank-aligned groups send with the tokens, 'router' — the expert
+                 level of the router scored on the groups' owners (`router_all_to_all_bytes`), and 'total'.
   A training step's backward pass moves the same again (the transpose of an all-to-all is one).
   R_EP = 1 sends nothing. Buffers include the 1/R_EP block a rank keeps for itself.
   """
@@ -89,4 +90,32 @@ def analytic_all_to_all_bytes_per_rank(cfg, global_tokens: int, mesh_shape, dtyp
   if global_tokens % ranks:
     raise ValueError(f'{global_tokens} tokens do not split over data*expert = {ranks} ranks')
   p = plan(cfg.moe, global_tokens // ranks, expert)
-  return all_to_all_bytes(p, cfg.model.d_model, dtype_bytes, cfg.moe.k_expert)
+  out = all_to_all_bytes(p, cfg.model.d_model, dtype_bytes, cfg.moe.k_expert)
+  out['router'] = router_all_to_all_bytes(cfg.moe, global_tokens // ranks, expert, cfg.model.d_model)
+  out['total'] += out['router']
+  return out
+
+
+def router_slots_per_rank(cfg: MoEConfig, n_local: int, num_ranks: int) -> int:
+  """Rows one source rank sends each expert rank to score the expert level on the group's owner
+  (`litejax.router_parallel`): its N_loc·k_tier·k_group (token, kept group) visits spread over the
+  R_EP owners, so ceil(capacity_factor · N_loc·kept / R_EP), never more than N_loc·kept (then nothing
+  can drop); N_loc·kept when dispatch resolves to dropless (decode: nothing drops)."""
+  kept = cfg.k_tier * cfg.k_group
+  visits = n_local * kept
+  if resolve_dispatch(cfg, n_local, cfg.experts_total) == 'dropless':
+    return visits
+  # A factor below 1 would drop visits of perfectly balanced routing: floored at 1.
+  return min(visits, max(math.ceil(max(cfg.capacity_factor, 1.0) * visits / num_ranks - 1e-9), 1))
+
+
+def router_all_to_all_bytes(cfg: MoEConfig, n_local: int, num_ranks: int, d: int) -> int:
+  """Bytes one rank puts into the router's all-to-alls of one MoE forward call (litejax.router_parallel),
+  0 where router_expert is not split by group: R_EP·C rows of f32 activations and an int32 group id out,
+  R_EP·C rows of E_g f32 logits back. A backward moves the activations and logits again (not the ids)."""
+  from litejax.sharding import groups_shard
+  groups = cfg.num_tiers * cfg.groups_per_tier
+  if cfg.k_tier * cfg.k_group >= groups or not groups_shard(groups, num_ranks):
+    return 0
+  rows = num_ranks * router_slots_per_rank(cfg, n_local, num_ranks)
+  return rows * (d * 4 + 4 + cfg.experts_per_group * 4)

@@ -3,7 +3,7 @@
 Parameters (logical axes in brackets):
   router_tier   [d, T]          ('embed', None)                 only when T > 1
   router_group  [T, d, G]       (None, 'embed', None)           only when G > 1
-  router_expert [T·G, d, E_g]   ('expert_group', 'embed', None)
+  router_expert [T·G, d, E_g]   ('expert_group', 'embed', None)  (None first when every group is kept)
   w_in/w_gate   [E, d, h]       ('expert', 'embed', 'expert_mlp')
   w_out         [E, h, d]       ('expert', 'expert_mlp', 'embed')
 Selection biases (sigmoid scoring, loss-free balancing) are `RouterBias` variables, not Params: the
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from litejax import expert_parallel, routing
+from litejax import expert_parallel, routing, sparse_grad
 from litejax.config import Config, MoEConfig
 from litejax.layers import DTYPES, FFN, param
 
@@ -77,13 +77,15 @@ class MoEBlock(nnx.Module):
     m, d = cfg.moe, cfg.model.d_model
     pd = DTYPES[cfg.model.param_dtype]
     self.moe_cfg = m
+    self.table_dtype = pd   # sparse training may hand the expert tables in as uint16 bits (sparse_grad.as_bits)
     T, G, Eg, E, h = m.num_tiers, m.groups_per_tier, m.experts_per_group, m.experts_total, m.d_expert
     if T > 1:
       self.router_tier = param(rngs, (d, T), ('embed', None), d)
     if G > 1:
       self.router_group = param(rngs, (T, d, G), (None, 'embed', None), d, kind=_row_kind(m.k_tier < T))
-    self.router_expert = param(rngs, (T * G, d, Eg), ('expert_group', 'embed', None), d,
-                               kind=_row_kind(m.k_tier * m.k_group < T * G))
+    gathered = m.k_tier * m.k_group < T * G   # split by group over expert ranks only then (router_parallel)
+    self.router_expert = param(rngs, (T * G, d, Eg), ('expert_group' if gathered else None, 'embed', None), d,
+                               kind=_row_kind(gathered))
     self.w_in = param(rngs, (E, d, h), ('expert', 'embed', 'expert_mlp'), d, pd, kind=RowParam)
     if m.expert_kind == 'glu':
       self.w_gate = param(rngs, (E, d, h), ('expert', 'embed', 'expert_mlp'), d, pd, kind=RowParam)
@@ -95,12 +97,13 @@ class MoEBlock(nnx.Module):
       self.bias_group = RouterBias(jnp.zeros((T * G,), jnp.float32), logical_axes=(None,))
       self.bias_expert = RouterBias(jnp.zeros((E,), jnp.float32), logical_axes=('expert',))
 
-  def attach_row_deltas(self, rows: dict[str, int]) -> None:
+  def attach_row_deltas(self, rows: dict[str, int], split_router: bool = False) -> None:
     """Sparse training: zero RowDelta perturbations for this block's RowParams.
 
     rows: {'experts': rows of the expert deltas (u, or R_b·u on a mesh), 'router_group' / 'router_expert':
-    u of that table}. Each delta is [*layers, rows, *row shape] (a scanned block keeps its leading axis);
-    expert deltas are split over the batch axes like the tokens whose rows they are.
+    u of that table (R_b·u when split_router)}. Each delta is [*layers, rows, *row shape] (a scanned block
+    keeps its leading axis); expert deltas, and router_expert's when split_router (the table split by group
+    over expert ranks, litejax.router_parallel), are split over the batch axes like the tokens whose rows they are.
     """
     for name in EXPERT_TABLES + ('router_group', 'router_expert'):
       table = getattr(self, name, None)
@@ -109,8 +112,11 @@ class MoEBlock(nnx.Module):
       key = 'experts' if name in EXPERT_TABLES else name
       lead = table.shape[:table.ndim - 3]
       axes = table.get_metadata()['logical_axes']
-      axes = (('batch',) + axes[1:]) if key == 'experts' else (None,) * 3
-      value = jnp.zeros(lead + (rows[key],) + table.shape[table.ndim - 2:], jnp.float32)
+      split = key == 'experts' or (key == 'router_expert' and split_router)
+      axes = (('batch',) + axes[1:]) if split else (None,) * 3
+      # In the table's dtype: the forward adds it to rows of that dtype, so an f32 delta's gradient would
+      # hold the same values in twice the bytes.
+      value = jnp.zeros(lead + (rows[key],) + table.shape[table.ndim - 2:], table.dtype)
       setattr(self, 'delta_' + name, RowDelta(value, logical_axes=('layers',) * len(lead) + axes))
 
   def _row_deltas(self) -> dict[str, jax.Array]:
@@ -134,7 +140,7 @@ class MoEBlock(nnx.Module):
     out = {'w_in': self.w_in[...], 'w_out': self.w_out[...]}
     if hasattr(self, 'w_gate'):
       out['w_gate'] = self.w_gate[...]
-    return out
+    return {k: sparse_grad.from_bits(v, self.table_dtype) for k, v in out.items()}
 
   def __call__(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
     """Routes and runs the experts; local or expert-parallel as the ambient mesh says (`jax.set_mesh`).

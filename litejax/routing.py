@@ -124,8 +124,9 @@ def _child_logits(x_nd: jax.Array, w_pdb: jax.Array, parent_np: jax.Array) -> ja
   if parent_np.shape[1] == num_parents:
     logits_npb = jnp.einsum('nd,pdb->npb', x_nd, w_pdb.astype(x_nd.dtype))
     return jnp.take_along_axis(logits_npb, parent_np[:, :, None], axis=1)
-  w_npdb = w_pdb[parent_np].astype(x_nd.dtype)   # gather only the kept parents' router weights
-  return jnp.einsum('nd,npdb->npb', x_nd, w_npdb)
+  # Only the kept parents' router weights, gathered per (token, parent) and rematerialised in the backward
+  # rather than saved ([N, P_kept, d, B] per layer).
+  return jax.checkpoint(lambda x, w, p: jnp.einsum('nd,npdb->npb', x, w[p].astype(x.dtype)))(x_nd, w_pdb, parent_np)
 
 
 def _touched_child_logits(x_nd, w_pdb, parent_np, delta_udb, touched, name):
@@ -137,6 +138,24 @@ def _touched_child_logits(x_nd, w_pdb, parent_np, delta_udb, touched, name):
   touched[name] = ids_u
   rows_udb = sparse_grad.touched_rows(w_pdb, ids_u, delta_udb)
   return _child_logits(x_nd, rows_udb, slot.reshape(parent_np.shape))
+
+
+def _expert_logits(x32, w_pdb, group_np, delta_udb, touched, cfg: MoEConfig):
+  """Level-3 logits [N, kept, E_g] and the keep mask of the visits (None: nothing can drop).
+
+  A gathered router_expert split by group over the expert ranks of the ambient mesh is scored on the
+  groups' owners (litejax.router_parallel); otherwise locally from the whole table.
+  """
+  from litejax import router_parallel   # imports dispatch, which imports this module's Routing
+  mesh = None
+  if group_np.shape[1] < w_pdb.shape[0]:   # the level gathers kept groups (a RowParam table)
+    mesh = router_parallel.sharded_mesh(w_pdb.shape[0], x32.shape[0])
+  if mesh is None:
+    return _touched_child_logits(x32, w_pdb, group_np, delta_udb, touched, 'router_expert'), None
+  logits, keep, ids = router_parallel.expert_logits(x32, w_pdb, group_np, cfg, mesh, delta_udb)
+  if ids is not None:
+    touched['router_expert'] = ids
+  return logits, keep
 
 
 def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
@@ -200,11 +219,12 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
 
   # Level 3: experts inside kept groups.
   with jax.named_scope('router_expert'):
-    logits_nge = _touched_child_logits(x32, params['expert'], group_nk, row_deltas.get('expert'), touched,
-                                       'router_expert')
+    logits_nge, keep_ng = _expert_logits(x32, params['expert'], group_nk, row_deltas.get('expert'), touched, cfg)
   scored = group_nk[:, :, None] * Eg + jnp.arange(Eg)
   b = bias.get('expert')
   local_e, gate_e, scores_e = _level(logits_nge, None if b is None else b[scored], cfg.k_expert, cfg.score)
+  if keep_ng is not None:   # a visit its group's owner had no slot for: dropped (weight 0)
+    gate_e = jnp.where(keep_ng[:, :, None], gate_e, 0.0)
   expert_nk = (group_nk[:, :, None] * Eg + local_e).reshape(n, -1)
   weight_nk = (gate_tg[:, :, None] * gate_e).reshape(n, -1)
   z_terms.append(_z(logits_nge))

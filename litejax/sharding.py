@@ -34,7 +34,9 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     'mlp': 'tensor',
     'expert': 'expert',           # expert e lives on expert rank e // (E / R_EP): groups stay contiguous
     'expert_mlp': 'tensor',       # expert hidden h split over tensor; partial outputs psum'd
-    'expert_group': None,         # router weights are small (1/h of the experts): replicated, so routing is local
+    # A group's router_expert row lives on the expert rank of its experts (litejax.router_parallel scores
+    # there); replicated instead where the expert ranks do not divide the groups (`groups_shard`).
+    'expert_group': 'expert',
     'layers': None,               # the stacked axis of scanned layers
 }
 
@@ -141,6 +143,13 @@ def validate_moe_mesh(e: MoEConfig, s: dict[str, int]) -> None:
       raise ConfigError(message)
 
 
+def groups_shard(num_groups: int, expert_ranks: int) -> bool:
+  """Whether a table split by routing group ('expert_group') is split over the expert ranks: when there
+  are several and they divide the T·G groups (experts are contiguous, so group g's experts then live on
+  rank g // (T·G / R_EP)); otherwise it is replicated."""
+  return expert_ranks > 1 and num_groups % expert_ranks == 0
+
+
 def _is_var(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
@@ -150,7 +159,12 @@ def _var_sharding(var: nnx.Variable, mesh: Mesh) -> NamedSharding:
   ndim = len(var.shape)
   if axes is None:
     return NamedSharding(mesh, P())
-  return NamedSharding(mesh, logical_to_spec(axes, ndim))
+  spec = logical_to_spec(axes, ndim)
+  if 'expert_group' in axes:   # replicated where the expert ranks do not divide the groups
+    dim = ndim - len(axes) + list(axes).index('expert_group')
+    if not groups_shard(var.shape[dim], int(mesh.shape['expert'])):
+      spec = P(*[None if i == dim else a for i, a in enumerate(spec)])
+  return NamedSharding(mesh, spec)
 
 
 def state_shardings(state: nnx.State, mesh: Mesh) -> nnx.State:
@@ -200,5 +214,5 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 
 
 __all__ = ['AXES', 'BATCH_AXES', 'LOGICAL_RULES', 'make_mesh', 'mesh_sizes', 'logical_to_spec',
-           'logical_sharding', 'validate_mesh', 'validate_moe_mesh', 'state_shardings',
+           'logical_sharding', 'groups_shard', 'validate_mesh', 'validate_moe_mesh', 'state_shardings',
            'tree_shardings_like', 'batch_sharding']

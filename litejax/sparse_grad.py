@@ -64,9 +64,36 @@ def dedup_rows(ids_n: jax.Array, grads_n: jax.Array, u: int, num_rows: int) -> t
   return ids_u, sum_rows(grads_n, slot_n, u)
 
 
+def as_bits(x: jax.Array) -> jax.Array:
+  """A 16-bit float array viewed as uint16 (other dtypes unchanged); `from_bits` undoes it."""
+  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype in (jnp.bfloat16, jnp.float16) else x
+
+
+def from_bits(x: jax.Array, dtype) -> jax.Array:
+  """The `dtype` array whose bits a uint16 array holds (`as_bits`); any other array unchanged."""
+  return jax.lax.bitcast_convert_type(x, dtype) if x.dtype == jnp.uint16 else x
+
+
+def take_rows(table: jax.Array, ids: jax.Array, mode: str = 'clip') -> jax.Array:
+  """table[ids] (`mode` as `.at[].get`; 'fill' reads zeros). A bf16/f16 table is gathered as its uint16
+  bits: XLA:CPU emulates bf16, and it hoists the f32 convert of a gathered bf16 operand over the whole
+  table (an f32 copy of the table per step, in the scan's loop state); bits are gathered as they are.
+  Bit-identical, and free where bf16 is native (a bitcast). Not differentiable: for held tables."""
+  rows = as_bits(table).at[ids].get(mode=mode, fill_value=0 if mode == 'fill' else None)
+  return jax.lax.bitcast_convert_type(rows, table.dtype) if rows.dtype != table.dtype else rows
+
+
+def put_rows(table: jax.Array, ids: jax.Array, rows: jax.Array) -> jax.Array:
+  """table.at[ids].set(rows, mode='drop'), a bf16/f16 table as its uint16 bits (see `take_rows`: XLA:CPU
+  would otherwise convert the whole table to f32 around the scatter, twice)."""
+  rows = rows.astype(table.dtype)
+  out = as_bits(table).at[ids].set(as_bits(rows), mode='drop')
+  return jax.lax.bitcast_convert_type(out, table.dtype) if out.dtype != table.dtype else out
+
+
 def gather_rows(table: jax.Array, ids_u: jax.Array) -> jax.Array:
   """table[ids_u] with zeros for padding ids (>= table.shape[0])."""
-  return table.at[ids_u].get(mode='fill', fill_value=0)
+  return table.at[ids_u].get(mode='fill', fill_value=0)   # differentiable: not through the bits view
 
 
 def touched_rows(table: jax.Array, ids_u: jax.Array, delta_u: jax.Array) -> jax.Array:
@@ -82,7 +109,7 @@ def touched_rows(table: jax.Array, ids_u: jax.Array, delta_u: jax.Array) -> jax.
   # A padding id reads a clamped real row, not zeros: no row of the result with a padding id is used
   # by any assignment (and its delta's gradient is zero), so the fill mask - a select over every
   # gathered element - would buy nothing.
-  return jax.lax.stop_gradient(table).at[ids_u].get(mode='clip') + delta_u.astype(table.dtype)
+  return take_rows(jax.lax.stop_gradient(table), ids_u) + delta_u.astype(table.dtype)
 
 
 def slot_rows(rows_u: jax.Array, slot_m: jax.Array) -> jax.Array:

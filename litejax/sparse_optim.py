@@ -41,6 +41,8 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from litejax import sparse_grad
+
 
 OPTIMIZERS = ('adamw', 'factored')
 
@@ -92,14 +94,14 @@ def clip_by_norm(tree: Any, g_norm: jax.Array, max_norm: float) -> Any:
 
 
 def _set_rows(table: jax.Array, ids_u: jax.Array, rows_u: jax.Array) -> jax.Array:
-  # mode='drop': padding ids (E) write nothing.
-  return table.at[ids_u].set(rows_u.astype(table.dtype), mode='drop')
+  # mode='drop': padding ids (E) write nothing. A bf16 table scatters its bits (sparse_grad.put_rows).
+  return sparse_grad.put_rows(table, ids_u, rows_u)
 
 
 def _get_rows(table: jax.Array, ids_u: jax.Array) -> jax.Array:
   # A padding id (E) reads a clamped row: whatever the update computes for it is dropped by `_set_rows`,
   # so no per-element fill mask is needed (sparse_grad.gather_rows' zeros cost a select per element).
-  return table.at[ids_u].get(mode='clip')
+  return sparse_grad.take_rows(table, ids_u)
 
 
 

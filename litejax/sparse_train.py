@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from litejax import sharding as shd
-from litejax import sparse_grad, sparse_optim
+from litejax import router_parallel, sparse_grad, sparse_optim
 from litejax.config import Config, ConfigError, TrainConfig, resolve_expert_update
 from litejax.expert_parallel import touched_rows_per_rank
 from litejax.model import Transformer
@@ -55,7 +55,8 @@ def row_bounds(cfg: Config, global_tokens: int, sizes: dict[str, int]) -> dict[s
 
   'experts': u = min(E, N·K) on one device; on a mesh R_b·u, u per (data, expert) rank
   (`expert_parallel.touched_rows_per_rank`). 'router_group' / 'router_expert': the kept parents of all
-  tokens, min(T, N·k_tier) / min(T·G, N·k_tier·k_group) (routing is global).
+  tokens, min(T, N·k_tier) / min(T·G, N·k_tier·k_group) (routing is global), except a router_expert
+  split by group (`router_split`): R_b·u, u per rank (`router_parallel.rows_per_rank`).
   """
   m = cfg.moe
   batch_ranks = sizes['data'] * sizes['expert']
@@ -63,10 +64,21 @@ def row_bounds(cfg: Config, global_tokens: int, sizes: dict[str, int]) -> dict[s
     experts = touched_rows_per_rank(m, global_tokens, 0)
   else:
     experts = batch_ranks * touched_rows_per_rank(m, global_tokens // batch_ranks, sizes['expert'])
+  if router_split(cfg, sizes):
+    groups = batch_ranks * router_parallel.rows_per_rank(m, global_tokens // batch_ranks, sizes['expert'])
+  else:
+    groups = sparse_grad.touched_bound(m.num_tiers * m.groups_per_tier, global_tokens * m.k_tier * m.k_group)
   return {'experts': experts,
           'router_group': sparse_grad.touched_bound(m.num_tiers, global_tokens * m.k_tier),
-          'router_expert': sparse_grad.touched_bound(m.num_tiers * m.groups_per_tier,
-                                                     global_tokens * m.k_tier * m.k_group)}
+          'router_expert': groups}
+
+
+def router_split(cfg: Config, sizes: dict[str, int]) -> bool:
+  """Whether router_expert is a RowParam split by group over the expert ranks (litejax.router_parallel):
+  its rows then come per (data, expert) rank like the experts'."""
+  m = cfg.moe
+  groups = m.num_tiers * m.groups_per_tier
+  return m.k_tier * m.k_group < groups and shd.groups_shard(groups, sizes['expert'])
 
 
 def describe(cfg: Config, mesh: Mesh) -> str:
@@ -137,12 +149,13 @@ def opt_shardings(abstract_opt: dict[str, Any], params_sh: nnx.State) -> dict[st
 
 def delta_graph(cfg: Config, global_tokens: int, mesh: Mesh):
   """(graphdef of the model with RowDeltas attached, their abstract State, their shardings)."""
-  rows = row_bounds(cfg, global_tokens, shd.mesh_sizes(mesh))
+  sizes = shd.mesh_sizes(mesh)
+  rows = row_bounds(cfg, global_tokens, sizes)
 
   def build():
     model = Transformer(cfg, nnx.Rngs(params=0))
     for block in model.moe_blocks():
-      block.attach_row_deltas(rows)
+      block.attach_row_deltas(rows, split_router=router_split(cfg, sizes))
     return model
 
   graphdef, deltas, _ = nnx.split(nnx.eval_shape(build), RowDelta, ...)
@@ -189,12 +202,17 @@ def _by_expert_rank(ids: jax.Array, grads: jax.Array, spec: P, num_rows: int, me
                        out_specs=(P(*none, 'expert'), P(*none, 'expert', *row_spec)), check_vma=False)(ids, grads)
 
 
+def _split_rows(cfg: Config, name: str, mesh: Mesh) -> bool:
+  """Whether a table's rows (and its row gradients) are split over the expert ranks of `mesh`."""
+  return name in EXPERT_TABLES or (name == 'router_expert' and router_split(cfg, shd.mesh_sizes(mesh)))
+
+
 def touched_grads(cfg: Config, tables: nnx.State, g_deltas: nnx.State, touched: dict[str, jax.Array],
                   mesh: Mesh) -> dict[str, tuple[jax.Array, jax.Array]]:
   """{table key: (ids [..., u], grads [..., u, ...])}: each touched row once, its gradients summed.
 
-  Expert tables on a mesh come back split over the expert ranks with local ids (`_by_expert_rank`);
-  the rest (one device, router tables) with global ids, replicated.
+  Expert tables on a mesh, and router_expert split by group, come back split over the expert ranks with
+  local ids (`_by_expert_rank`); the rest (one device, replicated router tables) with global ids, replicated.
   """
   g_flat = {path: v.get_value() for path, v in _variables(g_deltas)}
   on_mesh = math.prod(shd.mesh_sizes(mesh).values()) > 1
@@ -204,7 +222,7 @@ def touched_grads(cfg: Config, tables: nnx.State, g_deltas: nnx.State, touched: 
     kind = 'experts' if name in EXPERT_TABLES else name
     ids = touched[kind][_moe_index(cfg, prefix)]
     grads = g_flat[prefix + ('delta_' + name,)]
-    if kind == 'experts' and on_mesh:
+    if on_mesh and _split_rows(cfg, name, mesh):
       ids, grads = _by_expert_rank(ids, grads, _table_spec(var), var.shape[-3], mesh)
     out['.'.join(path)] = (ids, grads)
   return out
@@ -230,7 +248,7 @@ def apply_rows(cfg: Config, tables: nnx.State, row_state: dict[str, Any],
     ids, grads = rows[k]
     table = var.get_value()
     fn = _vmapped(opt.update, table.ndim - 3, (0, 0, 0, 0, None, None))
-    if on_mesh and path[-1].key in EXPERT_TABLES:
+    if on_mesh and _split_rows(cfg, path[-1].key, mesh):
       spec = _table_spec(var)
       state_spec = jax.tree.map(lambda s: s.spec, sparse_optim.state_shardings(NamedSharding(mesh, spec), row_state[k]))
       lead = table.ndim - 3
@@ -261,7 +279,9 @@ def make_sparse_train_step(cfg: Config, graphdef, shardings: Any, batch_sharding
     def loss_fn(dense, deltas, extra, tables):
       # Fresh Variables at this trace level (nnx.scan refuses ones from the outer trace); the tables
       # are constants here: only the deltas carry their gradient.
-      tables = jax.tree.map(jax.lax.stop_gradient, tables)
+      # bf16 tables enter as their uint16 bits (the blocks read them back): XLA:CPU emulates bf16 and would
+      # keep an f32 copy of every stacked table in the layer scan's state for the per-layer slice.
+      tables = jax.tree.map(lambda t: sparse_grad.as_bits(jax.lax.stop_gradient(t)), tables)
       ce, stats = _forward(sgraph, nnx.merge_state(dense, tables, deltas), extra, inputs_bs, targets_bs)
       total, aux = loss_terms(ce, stats)
       return total, (ce, aux, stats)

@@ -49,7 +49,8 @@ def _run_ep(cfg, mesh_shape, x, params, w):
                                                        ('gather', (1, 4, 1))])
 def test_capacity_is_per_source_rank(dispatch_path, mesh_shape):
   """With drops, each (data, expert) rank keeps exactly what local dispatch on its own tokens keeps."""
-  cfg = tiny_config(capacity_factor=0.5, dispatch=dispatch_path)
+  # k_group = G: every group kept, so router_expert is not split by group (its visits would drop too).
+  cfg = tiny_config(capacity_factor=0.5, dispatch=dispatch_path, k_group=4)
   x, params, w = _moe_inputs(cfg, 128)
   y, drop = _run_ep(cfg, mesh_shape, x, params, w)
   ranks = mesh_shape[0] * mesh_shape[1]
@@ -110,7 +111,12 @@ def test_all_to_all_bytes_match_analytic_and_fall_as_one_over_r():
     assert m['unknown_trip_count'] == []
     assert abs(m['all_to_all'] - _analytic(cfg, r)) <= 0.02 * max(_analytic(cfg, r), 1), (r, m)
   assert measured[1]['all_to_all'] == 0                    # one expert rank: nothing to exchange
-  per_r = {r: measured[r]['all_to_all'] * r for r in (2, 4, 8)}
+  # The experts' all-to-alls; the router's (router_expert split by its 4 groups at R_EP = 2, 4, not 8) apart.
+  n = GLOBAL_BATCH * cfg.model.seq_len
+  router = {r: ep_plan.analytic_all_to_all_bytes_per_rank(cfg, n, (1, r, 1), 4)['router'] * cfg.model.num_moe_layers
+            for r in (2, 4, 8)}
+  assert router[2] > 0 and router[4] > 0 and router[8] == 0
+  per_r = {r: (measured[r]['all_to_all'] - router[r]) * r for r in (2, 4, 8)}
   assert max(per_r.values()) <= 1.02 * min(per_r.values()), per_r
   # and the per-rank volume is capacity_factor*N*K*d*bytes/R_EP per all-to-all
   n, k, d = GLOBAL_BATCH * cfg.model.seq_len, cfg.moe.k_active, cfg.model.d_model

@@ -1,0 +1,75 @@
+"""What the sparse train step's temporaries are: the largest buffers of XLA's buffer assignment.
+
+Compiles the train step of configs/quadrillion.yaml shrunk (fewer layers, smaller d and h; the same
+tiers, groups, experts, K, tokens and 8-way expert parallelism) on 8 emulated CPU devices with
+`--xla_dump_to`, reads XLA's memory-usage report and prints JSON: `memory_analysis()` temp bytes, the
+touched experts' parameter bytes per device for comparison (u rows of each expert table per layer, in
+the parameter dtype) and the largest allocations with the shapes of the values they hold.
+
+    python experiments/temp_breakdown.py [--set model.num_layers=4 ...] [--top 12] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import tempfile
+
+SHRUNK = ['model.d_model=256', 'model.num_layers=2', 'model.num_heads=2', 'model.num_kv_heads=2',
+          'model.vocab_size=512', 'moe.d_expert=64']
+
+
+def parse_report(text: str, top: int) -> list[dict]:
+  """The first `top` rows of XLA's memory-usage report: size in bytes and the values' shapes."""
+  rows = []
+  for line in text.splitlines():
+    m = re.match(r'\s*[\d.]+[KMG]?i?B\(\s*\d+%\);\s*([\d.]+)([KMG]?i?B);\s*\d+;\s*(\d+);\s*(.*)$', line)
+    if not m:
+      continue
+    scale = {'B': 1, 'KiB': 2 ** 10, 'MiB': 2 ** 20, 'GiB': 2 ** 30}[m.group(2)]
+    rows.append({'bytes': int(float(m.group(1)) * scale), 'values': int(m.group(3)), 'shapes': m.group(4)})
+    if len(rows) == top:
+      break
+  return rows
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap.add_argument('--set', nargs='*', default=[], help='config overrides on top of the shrunk quadrillion')
+  ap.add_argument('--top', type=int, default=12)
+  ap.add_argument('--out', default=None, help='write the JSON here too')
+  args = ap.parse_args(argv)
+  dump = tempfile.mkdtemp(prefix='temp_breakdown_')
+  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
+                             f' --xla_dump_to={dump} --xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_pass_re=NONE')
+  from litejax import cost, sparse_train
+  from litejax.config import load_config
+  from litejax.layers import DTYPES
+  import numpy as np
+
+  cfg = load_config('configs/quadrillion.yaml', SHRUNK + args.set)
+  prog = cost.compile_program(cfg, train=True, num_devices=8, global_batch=cfg.train.batch_size)
+  mem = prog.compiled.memory_analysis()
+  sizes = {'data': int(prog.mesh.shape['data']), 'expert': int(prog.mesh.shape['expert']), 'tensor': 1}
+  rows = sparse_train.row_bounds(cfg, prog.tokens, sizes)['experts'] // (sizes['data'] * sizes['expert'])
+  m = cfg.moe
+  tables = 3 if m.expert_kind == 'glu' else 2
+  touched = (cfg.model.num_moe_layers * rows * tables * cfg.model.d_model * m.d_expert
+             * np.dtype(DTYPES[cfg.model.param_dtype]).itemsize)
+  report = [f for f in os.listdir(dump) if f.endswith('memory-usage-report.txt')]
+  out = {'overrides': SHRUNK + args.set, 'temp_bytes': int(mem.temp_size_in_bytes),
+         'touched_expert_param_bytes': int(touched), 'touched_rows_per_layer': rows,
+         'temp_over_touched': mem.temp_size_in_bytes / touched,
+         'largest': parse_report(open(os.path.join(dump, sorted(report)[0])).read(), args.top) if report else []}
+  text = json.dumps(out, indent=1)
+  print(text)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(text + '\n')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
