@@ -125,13 +125,16 @@ def forward_flops_per_token(cfg: Config, tokens_per_group: int | None = None,
   return {k: float(v) for k, v in out.items()}
 
 
-def decode_flops_per_token(cfg: Config, cache_len: int, expert_rows: float | None = None) -> dict[str, float]:
+def decode_flops_per_token(cfg: Config, cache_len: int, expert_rows: float | None = None,
+                           router_visits: float | None = None) -> dict[str, float]:
   """Forward FLOPs of one decode step per generated token, by component (summed over layers).
 
   One new token per row attends over the whole cache (the step multiplies by a mask, not a shorter
   product): attention scores 4·cache_len·H·hd per layer. Decode routing is dropless, so expert work is
   K experts' rows (`expert_rows` overrides K: the padded rows per token of the path that runs, e.g.
-  R_EP·K for expert-parallel dispatch). Projections, router, shared experts, dense FFN, combine and
+  R_EP·K for expert-parallel dispatch; `router_visits` likewise overrides the k_tier·k_group (token,
+  kept group) visits scored at the expert level, e.g. R_EP·k_tier·k_group where the groups' owners score
+  them, litejax.router_parallel). Projections, router, shared experts, dense FFN, combine and
   unembedding are as in `forward_flops_per_token`; nothing here depends on the number of experts
   except the router's kept branches.
   """
@@ -140,6 +143,9 @@ def decode_flops_per_token(cfg: Config, cache_len: int, expert_rows: float | Non
   out = forward_flops_per_token(cfg, None, seq_len=cache_len)
   if expert_rows is not None:
     out['experts'] = float(cfg.model.num_moe_layers * expert_rows * expert_flops(cfg))
+  if router_visits is not None:
+    m = cfg.moe
+    out['router_expert'] = float(cfg.model.num_moe_layers * 2 * cfg.model.d_model * router_visits * m.experts_per_group)
   return out
 
 

@@ -70,6 +70,21 @@ def expert_rows_per_token(cfg, mesh, batch: int) -> float:
   return p.total_slots * (m.k_expert if p.aligned else 1) / n_local
 
 
+def router_visits_per_token(cfg, mesh, batch: int) -> float | None:
+  """(token, kept group) visits scored at the expert level per token where router_expert is split by
+  group over the expert ranks (litejax.router_parallel): at decode nothing may drop, so every rank sends
+  each of the R_EP owners room for all its N_loc·k_tier·k_group visits, R_EP·k_tier·k_group per token,
+  the router's analogue of the experts' R_EP·K rows. None where the table is not split."""
+  from litejax import ep_plan, sharding
+  m = cfg.moe
+  s = sharding.mesh_sizes(mesh)
+  groups = m.num_tiers * m.groups_per_tier
+  if s['expert'] == 1 or m.k_tier * m.k_group >= groups or not sharding.groups_shard(groups, s['expert']):
+    return None
+  n_local = batch // (s['data'] * s['expert'])
+  return s['expert'] * ep_plan.router_slots_per_rank(decode.decode_config(cfg).moe, n_local, s['expert']) / n_local
+
+
 def predict(chip: hardware.Chip, *, compiled=None, flops: float | None = None,
             collective_bytes: float | None = None, bytes_accessed: float | None = None) -> dict:
   """The latency model's step time for one chip's share of a decode step: the one place the decode
@@ -197,7 +212,8 @@ def report(dp: DecodeProgram, chip: hardware.Chip | None = None, tol: float = 0.
   walked = hlo_cost.walk(prog.hlo_text, bounds.COMPONENTS, prog.signatures, prog.num_devices)
   per_tok = prog.num_devices / prog.tokens
   rows = expert_rows_per_token(cfg, prog.mesh, dp.batch)
-  analytic = bounds.decode_flops_per_token(cfg, dp.cache_len, rows)
+  analytic = bounds.decode_flops_per_token(cfg, dp.cache_len, rows,
+                                           router_visits_per_token(cfg, prog.mesh, dp.batch))
   by = {}
   for c in bounds.COMPONENTS:
     a, k = analytic[c], walked.flops.get(c, 0.0) * per_tok
@@ -315,7 +331,7 @@ def target_report(cfg, target, *, batch: int | None, cache_len: int) -> dict:
       dev = analytic_step_per_device(cfg, mesh, b, cache_len)
       out['flops_method'] = 'analytic (litejax.bounds; the TPU compiler refused even one layer)'
   rows = expert_rows_per_token(cfg, mesh, b)
-  analytic = bounds.decode_flops_per_token(cfg, cache_len, rows)
+  analytic = bounds.decode_flops_per_token(cfg, cache_len, rows, router_visits_per_token(cfg, mesh, b))
   per_tok = len(target.devices) / b
   dpc = target.devices_per_chip
   out.update({
@@ -349,7 +365,8 @@ def analytic_step_per_device(cfg, mesh, batch: int, cache_len: int) -> dict[str,
   pbytes = 2 if mc.param_dtype == 'bfloat16' else 4
   abytes = 2 if mc.dtype == 'bfloat16' else 4
   rows = expert_rows_per_token(cfg, mesh, batch)
-  flops = sum(bounds.decode_flops_per_token(cfg, cache_len, rows).values()) * batch / devices
+  flops = sum(bounds.decode_flops_per_token(cfg, cache_len, rows, router_visits_per_token(cfg, mesh, batch)
+                                            ).values()) * batch / devices
   pc = bounds.param_counts(cfg)
   dense = (pc.active_per_token - pc.expert_active_per_token) * pbytes / s['tensor']
   experts = n_moe * rows * bounds.expert_params(cfg) * pbytes * batch / devices

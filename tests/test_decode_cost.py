@@ -6,7 +6,7 @@ import pytest
 
 from litejax import bounds, cli, decode, decode_cost, latency
 from litejax.config import load_config
-from train_helpers import TINY_YAML
+from train_helpers import REPO, TINY_YAML
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
 pytestmark = pytest.mark.slow
@@ -110,3 +110,18 @@ ENTRY %e (a: f32[4,16,8]) -> f32[4,16,8] {
 def test_cache_len_needs_decode(capsys):
   assert cli.main(['bound', '--config', str(TINY_YAML), '--cache-len', '8']) == 2
   assert '--decode' in capsys.readouterr().err
+
+
+def test_router_split_by_group_scores_padded_visits_at_decode():
+  # router_expert split over 4 expert ranks (8 groups, 2 kept): at decode nothing may drop, so each rank
+  # sends every owner room for all its visits -- R_EP·k_tier·k_group visits per token, in the analytic
+  # bound like the experts' R_EP·K rows, and exactly what the compiled step computes.
+  cfg = load_config(REPO / 'configs' / 'tiny_hier.yaml',
+                    ['moe.groups_per_tier=4', 'moe.k_group=1', 'mesh.expert=4', 'mesh.data=2'])
+  rep = decode_cost.bound_decode(cfg, batch=8, cache_len=16, num_devices=8)
+  assert rep['violations'] == [], rep['violations']
+  row = rep['by_component']['router_expert']
+  m = cfg.moe
+  per_token_visits = 4 * m.k_tier * m.k_group
+  assert row['analytic'] == cfg.model.num_moe_layers * 2 * cfg.model.d_model * per_token_visits * m.experts_per_group
+  assert row['compiled'] == pytest.approx(row['analytic'], rel=1e-6)
