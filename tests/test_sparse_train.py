@@ -71,11 +71,13 @@ def test_config_choice_and_validation():
     from_dict({'train': {'expert_update': 'dense', 'expert_optimizer': 'factored'}})
 
 
-CASES = [((1, 1, 1), False), ((1, 1, 1), True), ((1, 8, 1), False), ((1, 8, 1), True)]
+# Unscanned on one device and scanned on the (1, 8, 1) expert-parallel mesh: both layouts and both
+# placements of the row update, at half the compiles of the full cross product.
+CASES = [((1, 1, 1), False), ((1, 8, 1), True)]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('shape,scan', CASES, ids=['1dev', '1dev-scan', 'ep8', 'ep8-scan'])
+@pytest.mark.parametrize('shape,scan', CASES, ids=['1dev', 'ep8-scan'])
 def test_every_expert_touched_equals_dense_adamw(shape, scan):
   mesh = _mesh(shape)
   dense_losses, dense_states, loads = run(small_config(scan=scan, update='dense'), mesh, 5)
