@@ -67,7 +67,7 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
     total = state['state_total_all_chips']
     # the largest slice whose mesh divides the config (a larger one that does not divide is no option)
     counted = [r for r in tried if 'need_over_hbm' in r]
-    last, least = counted[-1], min(counted, key=lambda r: r['need_over_hbm'])
+    last, least = counted[-1], min(reversed(counted), key=lambda r: r['need_over_hbm'])   # ties: the larger
     out['shortfall'] = {
         'largest_slice': last['target'],
         'need_over_hbm_on_largest_slice': last['need_over_hbm'],

@@ -65,9 +65,8 @@ def temp_report(prog, memory: dict) -> dict | None:
     return None
   tables = expert_tables_per_device(prog.cfg, prog.mesh)
   sizes = sharding.mesh_sizes(prog.mesh)
-  copied = hlo_artefacts.table_copies(hlo.parse(prog.hlo_text),
-                                      [math.prod(t['shape']) for t in tables if t['dtype'] in ('bfloat16', 'float16')])
   narrow = [t for t in tables if t['dtype'] in ('bfloat16', 'float16')]
+  copied = hlo_artefacts.table_copies(hlo.parse(prog.hlo_text), [math.prod(t['shape']) for t in narrow])
   artefact = float(sum(t['bytes'] for t, c in zip(narrow, copied) if c))
   touched = touched_state_bytes(prog.cfg, sizes, prog.tokens, tables)
   rest = memory.get('temp', 0) - artefact

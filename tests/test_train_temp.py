@@ -2,7 +2,6 @@
 against the touched experts' training state (litejax.train_temp), on a shrunk quadrillion."""
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from litejax import cost, hlo, hlo_artefacts, sparse_grad, targets, train_temp
@@ -49,6 +48,7 @@ def shrunk_cpu():
   return cost.report(cost.compile_program(cfg, train=True, num_devices=8, global_batch=cfg.train.batch_size))
 
 
+@pytest.mark.slow
 def test_shrunk_quadrillion_temp_on_cpu(shrunk_cpu):
   rep = shrunk_cpu
   mem, check = rep['memory_bytes_per_device'], rep['temp_check']
@@ -82,8 +82,7 @@ def test_shrunk_quadrillion_temp_on_tpu():
   prog = cost.compile_program(c, train=True, mesh=mesh, global_batch=cfg.train.batch_size)
   mem = targets.memory_per_device(prog.compiled)
   temp = train_temp.temp_report(prog, mem)
+  # fails with the uint16 view on TPU too: the compiler then copies the tables through the bitcasts
   assert temp['temp_cpu_bf16_table_copy'] == 0
-  assert temp['check']['ok'], temp
-  table = 2 * (16 * 128 * 15 // 8) * 128 * 32 * 2
-  assert mem['temp'] < 2 * table
-  assert np.isfinite(temp['check']['ratio'])
+  assert temp['check']['ok'] and temp['check']['temp_minus_artefact'] == mem['temp'], temp
+  assert 0 < temp['check']['ratio'] < train_temp.TEMP_FACTOR
