@@ -9,7 +9,9 @@ On TPU, with the tables scattered as bf16 (litejax.sparse_grad.bits_view off), t
   touched state  per device: MoE layers × rows one device updates (u per (data, expert) rank, summed over
                  the data ranks of its expert rank, at most E_local) × for each expert table's row: its
                  parameters, its f32 gradient and its row optimizer state (`sparse_optim.row_state_bytes`).
-  check          temp − artefact ≤ TEMP_FACTOR × touched state.
+  check          temp − artefact ≤ TEMP_FACTOR × touched state: reported (`temp_check`), not a `litejax
+                 bound` violation, since the step's activations are not modelled and dominate the
+                 temporaries of small configs (tests/test_bound_whole_program.py's shrunk quadrillion).
 """
 from __future__ import annotations
 
@@ -73,17 +75,4 @@ def temp_report(prog, memory: dict) -> dict | None:
   return {'temp_cpu_bf16_table_copy': artefact,
           'check': {'temp_minus_artefact': rest, 'touched_expert_state': touched,
                     'ratio': rest / touched if touched else math.inf, 'factor': TEMP_FACTOR,
-                    'ok': rest <= TEMP_FACTOR * touched,
-                    'smallest_expert_table': float(min(t['bytes'] for t in tables)) if tables else 0.0}}
-
-
-def violation(check: dict | None) -> str | None:
-  """A line for `cost.violations` when the temporaries beyond the artefact exceed the factor by at
-  least one expert table's bytes (a table-sized buffer that the step should not need); None otherwise.
-  Below that, small configs' activations dominate and the figure is reported, not failed."""
-  if not check or check['ok'] or check['temp_minus_artefact'] - TEMP_FACTOR * check['touched_expert_state'] \
-      < check['smallest_expert_table']:
-    return None
-  return (f"temp: {check['temp_minus_artefact']:.4g} B per device beyond the CPU bf16 table copy is "
-          f"{check['ratio']:.3g}x the touched experts' training state {check['touched_expert_state']:.4g} B "
-          f"(> {TEMP_FACTOR:g}x, by at least one expert table)")
+                    'ok': rest <= TEMP_FACTOR * touched}}
