@@ -7,6 +7,11 @@ touched experts' parameter bytes per device for comparison (u rows of each exper
 the parameter dtype) and the largest allocations with the shapes of the values they hold.
 
     python experiments/temp_breakdown.py [--set model.num_layers=4 ...] [--top 12] [--out FILE]
+    python experiments/temp_breakdown.py --target v5p:2x2x2      # the same step compiled for a TPU slice
+
+`--target` compiles for a TPU slice with libtpu (no TPU needed, litejax.targets); XLA's report is then not
+available, only memory_analysis() and litejax.train_temp's check. A program the TPU compiler refuses
+(temporaries over HBM) is reported with the compiler's figure.
 """
 from __future__ import annotations
 
@@ -40,7 +45,10 @@ def main(argv=None) -> int:
   ap.add_argument('--set', nargs='*', default=[], help='config overrides on top of the shrunk quadrillion')
   ap.add_argument('--top', type=int, default=12)
   ap.add_argument('--out', default=None, help='write the JSON here too')
+  ap.add_argument('--target', default=None, help='a TPU slice, e.g. v5p:2x2x2 (default: 8 CPU devices)')
   args = ap.parse_args(argv)
+  if args.target:
+    return _tpu(args)
   dump = tempfile.mkdtemp(prefix='temp_breakdown_')
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
                              f' --xla_dump_to={dump} --xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_pass_re=NONE')
@@ -63,6 +71,31 @@ def main(argv=None) -> int:
          'touched_expert_param_bytes': int(touched), 'touched_rows_per_layer': rows,
          'temp_over_touched': mem.temp_size_in_bytes / touched,
          'largest': parse_report(open(os.path.join(dump, sorted(report)[0])).read(), args.top) if report else []}
+  text = json.dumps(out, indent=1)
+  print(text)
+  if args.out:
+    with open(args.out, 'w') as f:
+      f.write(text + '\n')
+  return 0
+
+
+def _tpu(args) -> int:
+  from litejax import cost, targets, train_temp
+  from litejax.config import load_config
+
+  cfg = load_config('configs/quadrillion.yaml', SHRUNK + args.set)
+  c, mesh = targets.target_mesh(cfg, targets.resolve(args.target))
+  out = {'overrides': SHRUNK + args.set, 'target': args.target}
+  try:
+    prog = cost.compile_program(c, train=True, mesh=mesh, global_batch=cfg.train.batch_size)
+  except Exception as e:   # the TPU compiler's out-of-memory refusal names the temporaries it needed
+    oom = targets.parse_out_of_memory(str(e))
+    if oom is None:
+      raise
+    out['refused'] = oom
+  else:
+    mem = targets.memory_per_device(prog.compiled)
+    out.update(temp_bytes=mem['temp'], memory=mem, **train_temp.temp_report(prog, mem))
   text = json.dumps(out, indent=1)
   print(text)
   if args.out:

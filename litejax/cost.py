@@ -284,6 +284,11 @@ def report(prog: CompiledProgram, tol: float = 0.03) -> dict:
   }
   if prog.train:
     out['optimizer'] = _optimizer(prog, cost, sizes)
+    from litejax import train_temp
+    temp = train_temp.temp_report(prog, out['memory_bytes_per_device'])
+    if temp:   # the sparse step: XLA:CPU's bf16 table copy set apart, the rest against the touched rows
+      out['memory_bytes_per_device']['temp_cpu_bf16_table_copy'] = temp['temp_cpu_bf16_table_copy']
+      out['temp_check'] = temp['check']
   out['violations'] = violations(out, tol)
   return out
 
@@ -356,6 +361,7 @@ def violations(rep: dict, tol: float) -> list[str]:
   optimizer   the update's FLOPs above OPTIMIZER_FACTOR × OPTIMIZER_FLOPS_PER_PARAM × the
               parameters a bounded step touches (`params_touched_per_step`): a dense update of
               expert tables most of whose rows got no token fails it.
+  (A sparse step's temporaries are checked beside these, `temp_check`, not as a violation: train_temp.)
   """
   out = []
   fa, fk = rep['flops_per_token_analytic'], rep['flops_per_token_compiled']

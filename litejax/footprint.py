@@ -4,6 +4,7 @@ and the per-device bytes of parameters and optimizer state under the mesh rules.
 from __future__ import annotations
 
 import math
+import re
 
 from litejax.config import ConfigError
 
@@ -36,39 +37,61 @@ def state_bytes_per_device(cfg, sizes: dict[str, int], train: bool) -> dict:
   from litejax import sharding
   mesh = AbstractMesh(tuple(sizes[a] for a in sharding.AXES), sharding.AXES)
   if not train:
-    params, total = _sharded_bytes(_param_structs(cfg, mesh))
+    by_table = _new_by_table()
+    params, total = _sharded_bytes(_param_structs(cfg, mesh), by_table)
     return {'params': params, 'optimizer': 0.0, 'state': params, 'state_total_all_chips': total,
-            'params_total_all_chips': total}
+            'params_total_all_chips': total, 'state_by_table': by_table}
   from litejax import sparse_train
   from litejax import train_step as ts
   _, abstract, _ = ts.state_layout(cfg, mesh)
-  params, params_total = _sharded_bytes(abstract['params'])
-  opt, opt_total = _sharded_bytes(abstract['opt'])
+  by_table = _new_by_table()
+  params, params_total = _sharded_bytes(abstract['params'], by_table)
+  opt, opt_total = _sharded_bytes(abstract['opt'], by_table)
   return {'params': params, 'optimizer': opt, 'state': params + opt, 'state_total_all_chips': params_total + opt_total,
-          'params_total_all_chips': params_total, 'optimizer_total_all_chips': opt_total,
+          'params_total_all_chips': params_total, 'optimizer_total_all_chips': opt_total, 'state_by_table': by_table,
           'expert_update': sparse_train.update_mode(cfg, mesh), 'expert_optimizer': cfg.train.expert_optimizer}
 
 
+# What `state_by_table` splits one device's bytes into (parameters and their optimizer state together).
+TABLE_KINDS = ('experts', 'router_expert', 'other')
+
+
+def _new_by_table() -> dict[str, float]:
+  return {k: 0.0 for k in TABLE_KINDS}
+
+
+def table_kind(path: str) -> str:
+  """'experts' (a MoE block's w_in / w_gate / w_out, not the shared expert's), 'router_expert', or 'other'
+  for a state leaf's key path (`jax.tree_util.keystr`, or a row state's dotted table key)."""
+  dotted = '.' + re.sub(r"[\[\]'\s]+", '.', path).strip('.') + '.'
+  if '.router_expert.' in dotted:
+    return 'router_expert'
+  if any(f'.ffn.{name}.' in dotted for name in ('w_in', 'w_gate', 'w_out')):
+    return 'experts'
+  return 'other'
+
+
 def _param_structs(cfg, mesh) -> dict:
-  """The abstract model's parameters as ShapeDtypeStructs sharded by their logical axes on `mesh`."""
+  """The abstract model's parameters as ShapeDtypeStructs sharded as training and serving lay them out
+  (`sharding.state_shardings`: logical axes, and 'expert_group' replicated where the expert ranks do not
+  divide the groups)."""
   import jax
   from flax import nnx
-  from jax.sharding import NamedSharding, PartitionSpec
 
   from litejax import sharding
   from litejax.model import abstract_model
-  out = {}
   state = nnx.state(abstract_model(cfg), nnx.Param)
-  for path, var in jax.tree_util.tree_leaves_with_path(state, is_leaf=lambda x: isinstance(x, nnx.Variable)):
-    sds = var.get_value()
-    axes = var.get_metadata().get('logical_axes')
-    spec = sharding.logical_to_spec(axes, len(sds.shape)) if axes is not None else PartitionSpec()
-    out[jax.tree_util.keystr(path)] = jax.ShapeDtypeStruct(sds.shape, sds.dtype, sharding=NamedSharding(mesh, spec))
-  return out
+  shardings = sharding.state_shardings(state, mesh)
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  return {jax.tree_util.keystr(path): jax.ShapeDtypeStruct(var.get_value().shape, var.get_value().dtype,
+                                                           sharding=sh.get_value())
+          for (path, var), sh in zip(jax.tree_util.tree_leaves_with_path(state, is_leaf=is_var),
+                                     jax.tree.leaves(shardings, is_leaf=is_var))}
 
 
-def _sharded_bytes(tree) -> tuple[float, float]:
-  """(bytes of one device's shards, bytes of the whole arrays) of a tree of sharded ShapeDtypeStructs."""
+def _sharded_bytes(tree, by_table: dict | None = None) -> tuple[float, float]:
+  """(bytes of one device's shards, bytes of the whole arrays) of a tree of sharded ShapeDtypeStructs;
+  one device's bytes are also added to `by_table[table_kind(path)]`."""
   import jax
   import numpy as np
   per_device = total = 0.0
@@ -80,5 +103,7 @@ def _sharded_bytes(tree) -> tuple[float, float]:
       raise ConfigError(f'{jax.tree_util.keystr(path)} {tuple(sds.shape)}: mesh {dict(sds.sharding.mesh.shape)} '
                         f'does not divide it ({sds.sharding.spec})') from e
     per_device += math.prod(shard) * nbytes
+    if by_table is not None:
+      by_table[table_kind(jax.tree_util.keystr(path))] += math.prod(shard) * nbytes
     total += math.prod(sds.shape) * nbytes
   return per_device, total

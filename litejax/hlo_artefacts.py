@@ -203,3 +203,25 @@ def lowered_dot(module: Module, comp: Computation, name: str, depth: int = 0) ->
     called = module[ins.called('calls')[0]]
     return lowered_dot(module, called, called.root, depth + 1)
   return ins if ins.opcode == 'multiply' and is_lowered_dot(ins) else None
+
+
+_COPIES = ('copy', 'convert', 'bitcast-convert')
+
+
+def table_copies(module: Module, table_elements: list[int]) -> list[int]:
+  """Which 16-bit tables the program copies whole: for each table (its per-device element count, in
+  order), whether a copy / convert / bitcast-convert anywhere in the module produces a 16-bit array of
+  that many elements (1 or 0). XLA:CPU emulates bf16 and does not scatter it in place, so the row
+  update's scatter into a bf16 table (as its uint16 bits, litejax.sparse_grad) works on a table-sized
+  copy. Tables of equal size are matched one copy each, as far as such instructions go."""
+  found: dict[int, int] = {}
+  for comp in module.computations.values():
+    for ins in comp.instrs.values():
+      if ins.opcode in _COPIES and len(ins.shapes) == 1 and ins.shapes[0][0] in ('u16', 's16', 'bf16', 'f16'):
+        found[ins.elements] = found.get(ins.elements, 0) + 1
+  out = []
+  for n in table_elements:
+    out.append(1 if found.get(n, 0) > 0 else 0)
+    if out[-1]:
+      found[n] -= 1
+  return out

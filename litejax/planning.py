@@ -41,7 +41,8 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
       log(f'{spec:16s} skipped: {e}')
       continue
     need = state['state'] * chip.devices_per_chip
-    row.update(mesh=sizes, state_bytes_per_chip=need)
+    row.update(mesh=sizes, state_bytes_per_chip=need,
+               state_by_table_per_chip={k: v * chip.devices_per_chip for k, v in state['state_by_table'].items()})
     if need > chip.hbm_bytes:
       tried.append({**row, **targets.verdict(need, chip.hbm_bytes), 'by': 'parameters+optimizer state alone'})
       log(f'{spec:16s} does not fit: state alone {need / chip.hbm_bytes:.3g}x HBM')
@@ -64,10 +65,18 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
                                                chosen=(state['expert_update'], state['expert_optimizer']))
   if answer is None and state is not None:
     total = state['state_total_all_chips']
-    last = tried[-1]
+    # the largest slice whose mesh divides the config (a larger one that does not divide is no option)
+    counted = [r for r in tried if 'need_over_hbm' in r]
+    last, least = counted[-1], min(reversed(counted), key=lambda r: r['need_over_hbm'])   # ties: the larger
     out['shortfall'] = {
         'largest_slice': last['target'],
-        'need_over_hbm_on_largest_slice': last.get('need_over_hbm'),
+        'need_over_hbm_on_largest_slice': last['need_over_hbm'],
+        'state_bytes_per_chip_on_largest_slice': last['state_bytes_per_chip'],
+        'state_by_table_per_chip_on_largest_slice': last['state_by_table_per_chip'],
+        'least_short_slice': least['target'],
+        'need_over_hbm_on_least_short_slice': least['need_over_hbm'],
+        'state_by_table_per_chip_on_least_short_slice': least['state_by_table_per_chip'],
+        'slices_whose_mesh_does_not_divide': [r['target'] for r in tried if r['verdict'] == 'mesh does not divide'],
         'state_bytes_total': total,
         'pod_hbm_bytes': chip.max_chips * chip.hbm_bytes,
         'state_over_pod_hbm': total / (chip.max_chips * chip.hbm_bytes),

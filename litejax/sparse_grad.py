@@ -20,6 +20,9 @@ Cost: `unique_ids` sorts the n assignment ids (O(n log n)); nothing here is O(E)
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
@@ -64,9 +67,34 @@ def dedup_rows(ids_n: jax.Array, grads_n: jax.Array, u: int, num_rows: int) -> t
   return ids_u, sum_rows(grads_n, slot_n, u)
 
 
+# Whether held 16-bit float tables are read and written as their uint16 bits (`as_bits`). On for XLA:CPU,
+# which emulates bf16 (it converts whole tables to f32 around a gather or scatter of bf16 values); off
+# where bf16 is native: the TPU compiler lays uint16 out unlike bf16 and copies every table through the
+# bitcasts (README "Sparse expert updates" has the shrunk quadrillion step on v5p).
+_BITS_VIEW = contextvars.ContextVar('litejax_bits_view', default=True)
+
+
+@contextlib.contextmanager
+def bits_view(on: bool):
+  """Within the block (while tracing), `as_bits` views 16-bit float tables as uint16 (`on`) or not."""
+  token = _BITS_VIEW.set(bool(on))
+  try:
+    yield
+  finally:
+    _BITS_VIEW.reset(token)
+
+
+def bits_view_for(platform: str) -> bool:
+  """Whether a program compiled for `platform` ('cpu', 'tpu', 'gpu') should use the uint16 bits view."""
+  return platform == 'cpu'
+
+
 def as_bits(x: jax.Array) -> jax.Array:
-  """A 16-bit float array viewed as uint16 (other dtypes unchanged); `from_bits` undoes it."""
-  return jax.lax.bitcast_convert_type(x, jnp.uint16) if x.dtype in (jnp.bfloat16, jnp.float16) else x
+  """A 16-bit float array viewed as uint16 (other dtypes, or with `bits_view` off, unchanged);
+  `from_bits` undoes it."""
+  if _BITS_VIEW.get() and x.dtype in (jnp.bfloat16, jnp.float16):
+    return jax.lax.bitcast_convert_type(x, jnp.uint16)
+  return x
 
 
 def from_bits(x: jax.Array, dtype) -> jax.Array:

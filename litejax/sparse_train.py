@@ -273,14 +273,20 @@ def make_sparse_train_step(cfg: Config, graphdef, shardings: Any, batch_sharding
   dense_tx = dense_optimizer(cfg.train)
   schedule = lr_schedule(cfg.train)
 
+  bits = sparse_grad.bits_view_for(mesh.devices.flat[0].platform)
+
   def train_step(state, inputs_bs, targets_bs):
+    with sparse_grad.bits_view(bits):   # traced here: the tables' uint16 view on CPU only
+      return _step(state, inputs_bs, targets_bs)
+
+  def _step(state, inputs_bs, targets_bs):
     sgraph, deltas_abs, deltas_sh = delta_graph(cfg, math.prod(inputs_bs.shape), mesh)
 
     def loss_fn(dense, deltas, extra, tables):
       # Fresh Variables at this trace level (nnx.scan refuses ones from the outer trace); the tables
       # are constants here: only the deltas carry their gradient.
-      # bf16 tables enter as their uint16 bits (the blocks read them back): XLA:CPU emulates bf16 and would
-      # keep an f32 copy of every stacked table in the layer scan's state for the per-layer slice.
+      # On CPU bf16 tables enter as their uint16 bits (the blocks read them back): XLA:CPU emulates bf16 and
+      # would keep an f32 copy of every stacked table in the layer scan's state for the per-layer slice.
       tables = jax.tree.map(lambda t: sparse_grad.as_bits(jax.lax.stop_gradient(t)), tables)
       ce, stats = _forward(sgraph, nnx.merge_state(dense, tables, deltas), extra, inputs_bs, targets_bs)
       total, aux = loss_terms(ce, stats)

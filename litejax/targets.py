@@ -280,6 +280,11 @@ def per_chip_report(prog, target: Target, chip: hardware.Chip | None = None) -> 
       'unknown_trip_counts': len(coll.get('unknown_trip_count', ())),
       **analytic_comparison(prog, flops_chip * target.chips / prog.tokens),
   }
+  from litejax import train_temp
+  temp = train_temp.temp_report(prog, mem)
+  if temp:   # the sparse step's temporaries against its touched rows (per device), as `litejax bound --train`
+    out['temp_cpu_bf16_table_copy_per_device'] = temp['temp_cpu_bf16_table_copy']
+    out['temp_check'] = temp['check']
   if chip is not None:
     out['chip'] = chip.as_dict()
     if chip.hbm_bytes:
@@ -337,6 +342,12 @@ def format_per_chip(rep: dict, h) -> list[str]:
            f"{f['need_over_hbm']:.3g}x the chip's HBM, {hb(-f['headroom_bytes'])} over")
     mem_line += f" of {hb(f['hbm_bytes'])}: {f['verdict'].upper()} ({how})"
   lines.append(mem_line)
+  tc = rep.get('temp_check')
+  if tc:
+    lines.append(f"  temporaries  {hb(tc['temp_minus_artefact'])} per device beyond the CPU bf16 table copy "
+                 f"({hb(rep['temp_cpu_bf16_table_copy_per_device'])}) = {tc['ratio']:.3g}x the touched experts' "
+                 f"training state {hb(tc['touched_expert_state'])} ({'within' if tc['ok'] else 'above'} "
+                 f"{tc['factor']:g}x)")
   cb = rep['collective_bytes_per_chip']
   kinds = ', '.join(f'{k} {hb(v)}' for k, v in cb.items() if k != 'total' and v)
   lines.append(f"  collectives  {hb(cb['total'])} per chip per step" + (f" ({kinds})" if kinds else ''))

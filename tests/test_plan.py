@@ -150,3 +150,41 @@ def test_plan_command_prints_the_training_state(capsys):
   assert 'sparse factored state 2.02 PB' in out and 'sparse adamw    state 10.1 PB' in out
   assert '225 GB per chip on a whole pod = 2.21x HBM' in out
   assert 'next tier, host memory (112 GB per chip' in out and '123 GB per chip' in out
+
+
+QUAD_EXPERT_ONLY = ['mesh.data=1', 'mesh.expert=-1', 'train.expert_optimizer=factored']
+ROUTER_EXPERT_F32 = 128 * 2048 * 2048 * 480 * 4   # quadrillion router_expert [L, T·G, d, E_g], kept in f32
+
+
+@pytest.mark.parametrize('expert_ranks', [2048, 4096])
+def test_footprint_shards_router_expert_as_training_does(expert_ranks):
+  """router_expert splits over the expert ranks when they divide the T·G = 2,048 groups and is replicated
+  otherwise (sharding.groups_shard), forward and training alike: no mesh raises that training accepts."""
+  cfg = load_config('configs/quadrillion.yaml', QUAD_EXPERT_ONLY)
+  sizes = {'data': 1, 'expert': expert_ranks, 'tensor': 1}
+  fwd = footprint.state_bytes_per_device(cfg, sizes, train=False)
+  train = footprint.state_bytes_per_device(cfg, sizes, train=True)
+  share = ROUTER_EXPERT_F32 / expert_ranks if expert_ranks == 2048 else ROUTER_EXPERT_F32
+  assert fwd['state_by_table']['router_expert'] == share
+  # factored row state of a [d, E_g] row: (d + E_g) f32 statistics + an int32 count, sharded like the table
+  rows = 128 * 2048 * ((2048 + 480) * 4 + 4)
+  assert train['state_by_table']['router_expert'] == share + rows * share / ROUTER_EXPERT_F32
+  assert fwd['params'] == train['params'] == sum(fwd['state_by_table'].values())
+
+
+def test_plan_command_on_an_expert_only_mesh(capsys):
+  """The shortfall names the largest slice whose mesh divides the config (16x20x28's 8,960 chips do not
+  divide 983,040 experts) and the least short one, where router_expert shards with its groups."""
+  from litejax import cli
+  rc = cli.main(['plan', '--config', 'configs/quadrillion.yaml', '--generation', 'v5p']
+                + [a for o in QUAD_EXPERT_ONLY for a in ('--set', o)])
+  out = capsys.readouterr().out
+  assert rc == 1
+  assert "largest slice whose mesh divides the config, v5p:16x16x24: needs 13.5x a chip's HBM" in out
+  assert 'router_expert 1.03 TB' in out and '(not dividing: v5p:16x20x28)' in out
+  assert "least short: v5p:8x16x16, 9.79x a chip's HBM" in out and 'router_expert 505 MB' in out
+  cfg = load_config('configs/quadrillion.yaml', QUAD_EXPERT_ONLY)
+  s = planning.smallest_slice(cfg, 'v5p', train=True)['shortfall']
+  assert s['state_by_table_per_chip_on_largest_slice']['router_expert'] > ROUTER_EXPERT_F32   # replicated
+  assert ROUTER_EXPERT_F32 / 2048 < s['state_by_table_per_chip_on_least_short_slice']['router_expert'] \
+      < 1.01 * ROUTER_EXPERT_F32 / 2048

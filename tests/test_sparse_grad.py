@@ -105,3 +105,17 @@ def test_compiled_backward_writes_nothing_of_the_table_size():
   # The check can fail: the dense gradient's backward scatters into a table-sized buffer.
   dense = jax.jit(jax.grad(_toy_loss_dense)).lower(w, ids_n, x, c).compile()
   assert _table_sized_results(dense.as_text()) != []
+
+
+def test_local_capacity_keeps_an_assignment_of_every_routed_expert():
+  """The local sparse step reports as touched every expert an assignment names (sparse_grad.unique_ids of
+  routing.expert_nk), dropped ones included. That adds no expert without a kept assignment: capacity is at
+  least 1 (moe.min_capacity > 0 is validated) and an expert's first assignment in priority order has
+  position 0, so an expert whose every assignment is dropped does not exist on this path."""
+  from litejax import dispatch
+  rng = np.random.default_rng(0)
+  expert_nk = jnp.asarray(rng.choice(6, size=(64, 2), p=[0.6, 0.2, 0.1, 0.05, 0.04, 0.01]), jnp.int32)
+  _, keep_nk = dispatch.assignment_positions(expert_nk, 1)   # capacity 1: most assignments dropped
+  e, keep = np.asarray(expert_nk).ravel(), np.asarray(keep_nk).ravel()
+  assert not keep.all()
+  assert set(e[keep]) == set(e)

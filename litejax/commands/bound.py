@@ -130,4 +130,9 @@ def _print_table(path: str, rep: dict, h) -> None:
   for note in rep['collective_notes']:
     print(f'  note: {note}')
   print('memory/device: ' + ', '.join(f'{k} {h(v)}B' for k, v in rep['memory_bytes_per_device'].items()))
+  tc = rep.get('temp_check')
+  if tc:
+    print(f"  temp beyond the CPU bf16 table copy (XLA:CPU scatters bf16 tables through a uint16 copy; TPU "
+          f"does not): {h(tc['temp_minus_artefact'])}B = {tc['ratio']:.3g}x the touched experts' training state "
+          f"{h(tc['touched_expert_state'])}B ({'within' if tc['ok'] else 'above'} {tc['factor']:g}x)")
   print('BOUND OK' if not rep['violations'] else 'BOUND EXCEEDED')

@@ -58,9 +58,23 @@ def run(args: argparse.Namespace) -> int:
     return 0
   s = out.get('shortfall')
   print(f'plan: the {what} fits on no {args.generation} slice')
+  if not s:
+    print(f"  no {args.generation} slice's mesh divides this config (see the reasons above)")
   if s:
-    print(f"  largest slice {s['largest_slice']}: needs {s['need_over_hbm_on_largest_slice']:.3g}x a chip's HBM "
-          f"with this config's mesh rules")
+    t = s['state_by_table_per_chip_on_largest_slice']
+    print(f"  largest slice whose mesh divides the config, {s['largest_slice']}: needs "
+          f"{s['need_over_hbm_on_largest_slice']:.3g}x a chip's HBM with this config's mesh rules; state per chip "
+          f"{_bytes(s['state_bytes_per_chip_on_largest_slice'])} = expert tables {_bytes(t['experts'])} + "
+          f"router_expert {_bytes(t['router_expert'])} + the rest {_bytes(t['other'])}"
+          + (f" (not dividing: {', '.join(s['slices_whose_mesh_does_not_divide'])})"
+             if s['slices_whose_mesh_does_not_divide'] else ''))
+    if s['least_short_slice'] != s['largest_slice']:
+      t = s['state_by_table_per_chip_on_least_short_slice']
+      replicated = t['router_expert'] < s['state_by_table_per_chip_on_largest_slice']['router_expert']
+      print(f"  least short: {s['least_short_slice']}, {s['need_over_hbm_on_least_short_slice']:.3g}x a chip's HBM "
+            f"(expert tables {_bytes(t['experts'])} + router_expert {_bytes(t['router_expert'])} + the rest "
+            f"{_bytes(t['other'])})" + (': a larger slice whose expert ranks do not divide the T·G routing groups '
+                                        'replicates router_expert (sharding.groups_shard)' if replicated else ''))
     print(f"  state in all: {h(s['state_bytes_total'])}B vs {h(s['pod_hbm_bytes'])}B of HBM in a whole pod "
           f"({s['state_over_pod_hbm']:.3g}x): even sharded perfectly it needs {s['chips_needed_if_fully_sharded']:,} "
           f"chips ({s['pods_needed_if_fully_sharded']:.3g} pods)")
