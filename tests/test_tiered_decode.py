@@ -160,7 +160,7 @@ def test_generate_store_cli_json_and_png(tmp_path, capsys):
   from litejax.store.writer import write_random
   write_random(str(tmp_path / 'store'), small_cfg(), 0)
   png = tmp_path / 'store.png'
-  assert main(['generate', '--store', str(tmp_path / 'store'), '--ckpt-dir', str(tmp_path / 'none'),
+  assert main(['generate', '--store', str(tmp_path / 'store'),
                '--prompt', 'In the', '--max-new-tokens', '3', '--device-slots', '0.25', '--lookahead', '1',
                '--lookahead-width', '2', '--policy', 'group', '--json', '--plot', str(png)]) == 0
   out = json.loads(capsys.readouterr().out)
@@ -174,3 +174,35 @@ def test_generate_store_cli_json_and_png(tmp_path, capsys):
   assert png.stat().st_size > 0
   assert main(['generate', '--store', str(tmp_path / 'store'), '--prompt', 'x', '--policy', 'fifo']) == 2
   assert '--policy' in capsys.readouterr().err
+
+
+def test_store_from_a_checkpoint_decodes_with_that_checkpoint(tmp_path, capsys):
+  """A store exported from a checkpoint holds only experts: `generate --store` takes the other weights from
+  the checkpoint its manifest names (never a fresh init), equal to decoding the checkpoint resident; a
+  checkpoint of another step, or a missing one, is an error before anything is decoded."""
+  import json
+  import shutil
+
+  from litejax.cli import main
+  from litejax.train import train
+  from train_helpers import TINY, TINY_YAML
+  from litejax.config import load_config
+  ckpt = tmp_path / 'ckpt'
+  train(load_config(TINY_YAML, TINY + ['train.steps=2', 'train.ckpt_every=1']), ckpt_dir=ckpt, quiet=True)
+  assert main(['export-experts', '--ckpt-dir', str(ckpt), '--out', str(tmp_path / 'store')]) == 0
+  capsys.readouterr()
+  gen = ['generate', '--prompt', 'In the', '--max-new-tokens', '4', '--json']
+  assert main(gen + ['--ckpt-dir', str(ckpt)]) == 0
+  resident = json.loads(capsys.readouterr().out)['tokens']
+  assert main(gen + ['--store', str(tmp_path / 'store'), '--device-slots', '0.25']) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out['tokens'] == resident and out['store']['weights'] == f'checkpoint {ckpt}'
+  # step 1 of the same run: the store's experts are step 2's
+  older = tmp_path / 'older'
+  shutil.copytree(ckpt, older)
+  shutil.rmtree(older / '2')
+  assert main(gen + ['--store', str(tmp_path / 'store'), '--ckpt-dir', str(older)]) == 2
+  assert 'step 2' in capsys.readouterr().err
+  shutil.rmtree(ckpt)
+  assert main(gen + ['--store', str(tmp_path / 'store')]) == 2
+  assert 'pass --ckpt-dir' in capsys.readouterr().err

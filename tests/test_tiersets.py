@@ -124,7 +124,7 @@ def test_generate_latency_budget_cli(tmp_path, capsys, monkeypatch):
   from litejax.store.writer import write_random
   monkeypatch.setattr(decode_cost, 'host_chip', lambda quick=False: calibration.measure_host(1, quick=True))
   write_random(str(tmp_path / 'store'), small_cfg(), 0)
-  base = ['generate', '--store', str(tmp_path / 'store'), '--ckpt-dir', str(tmp_path / 'none'), '--prompt', 'In',
+  base = ['generate', '--store', str(tmp_path / 'store'), '--prompt', 'In',
           '--max-new-tokens', '3', '--val-batches', '1', '--json'] + [a for s in SMALL_TRAIN for a in ('--set', s)]
   assert main(base + ['--latency-budget-ms', '1e6']) == 0
   t = json.loads(capsys.readouterr().out)['tierset']

@@ -48,13 +48,27 @@ def _session_model(args, store_location: str):
   from litejax.config import from_dict, parse_overrides
   from litejax.store.disk import ExpertStore
   from litejax.tiered_decode import model_without_experts
+  source = ExpertStore.read_source(store_location)
   ckpt = pathlib.Path(args.ckpt_dir) if args.ckpt_dir else None
+  if ckpt is None and source.get('kind') == 'checkpoint':
+    # A store exported from a checkpoint holds only its experts: the other weights must come from the
+    # same checkpoint, never from a fresh initialisation (that would decode garbage, silently).
+    ckpt = pathlib.Path(source['ckpt_dir'])
+    if not ckpt.is_dir():
+      raise FileNotFoundError(f"--store {store_location}: its experts come from checkpoint {ckpt} (step "
+                              f"{source.get('step')}), which is not there: pass --ckpt-dir with that checkpoint")
   if ckpt is not None and ckpt.is_dir():
     session = generation.load(ckpt, args.overrides, jax.devices()[:1])
+    if source.get('kind') == 'checkpoint' and 'step' in source and int(source['step']) != session.step:
+      raise ValueError(f"--store {store_location} holds the experts of step {source['step']} but --ckpt-dir "
+                       f"{ckpt} restored step {session.step}: re-export with `litejax export-experts --ckpt-dir "
+                       f"{ckpt} --out STORE`, or pass the checkpoint the store came from")
     store = ExpertStore.open(store_location, session.cfg)
     graphdef = nnx.split(_abstract(session.cfg), nnx.Param, ...)[0]
     params, extra = jax.device_get((session.params, session.extra))
     return session.cfg, nnx.merge(graphdef, params, extra), store, f'checkpoint {ckpt}'
+  if ckpt is not None:
+    raise FileNotFoundError(f'--ckpt-dir {ckpt}: no such checkpoint folder')
   store = ExpertStore.open(store_location)
   cfg = from_dict(store.manifest['config'])
   if args.overrides:

@@ -87,6 +87,13 @@ class ExpertStore:
     self.dtype = _dtype(manifest['dtype'])
     self.shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in manifest['arrays'].items()}
 
+  @staticmethod
+  def read_source(location: str) -> dict[str, Any]:
+    """The manifest's `source` (where the experts came from: a checkpoint or an initialisation), or {}
+    when LOCATION holds no manifest (then `open` raises the error that says so)."""
+    manifest = read_manifest(str(location), ts.Context())
+    return dict((manifest or {}).get('source', {}))
+
   @classmethod
   def open(cls, location: str, cfg: Config | None = None, context: ts.Context | None = None) -> 'ExpertStore':
     """Opens LOCATION and checks it against its manifest and, when given, `cfg` (same model and moe

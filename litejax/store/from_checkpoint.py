@@ -81,4 +81,5 @@ def write_from_checkpoint(location: str, ckpt_dir: str, step: int | None = None,
         writer.write(layer, 0, {name: value if index is None else value[index]})
   finally:
     ckpt.close()
-  return writer.finish({'kind': 'checkpoint', 'ckpt_dir': str(ckpt_dir), 'step': int(step)})
+  # Absolute, so `generate --store` finds the same checkpoint's other weights from any working directory.
+  return writer.finish({'kind': 'checkpoint', 'ckpt_dir': str(pathlib.Path(ckpt_dir).resolve()), 'step': int(step)})
