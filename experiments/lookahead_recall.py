@@ -168,7 +168,8 @@ def width_table(cfg, steps, moe_layers, max_depth: int, widths, expert_bytes: in
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--out', required=True)
-  ap.add_argument('--ckpt-dir', default='runs/tiny_1k/ckpt')
+  ap.add_argument('--ckpt-dir', default=None,
+                  help='tiny_1k checkpoint (default: runs/tiny_1k/ckpt; --quick: OUT/ckpt), trained if missing')
   ap.add_argument('--store', default=None, help='store of the checkpoint\'s experts (default: CKPT/../store)')
   ap.add_argument('--tokens', type=int, default=256)
   ap.add_argument('--temperature', type=float, default=1.0)
@@ -177,9 +178,9 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  ckpt = pathlib.Path(args.ckpt_dir)
+  ckpt = pathlib.Path(args.ckpt_dir or (out / 'ckpt' if args.quick else 'runs/tiny_1k/ckpt'))
   if args.quick:
-    ckpt, args.tokens = out / 'ckpt', 8
+    args.tokens = 8
   source = bench_tiers.ensure_checkpoint(ckpt, args.quick)
   store_dir = pathlib.Path(args.store) if args.store else ckpt.parent / 'store'
   cfg, model, store = bench_tiers.load(ckpt, store_dir)
