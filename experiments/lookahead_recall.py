@@ -173,7 +173,8 @@ def main(argv=None) -> int:
   ap.add_argument('--store', default=None, help='store of the checkpoint\'s experts (default: CKPT/../store)')
   ap.add_argument('--tokens', type=int, default=256)
   ap.add_argument('--temperature', type=float, default=1.0)
-  ap.add_argument('--widths', default='1,2,4,8,16,32', help='lookahead widths W to measure (comma-separated)')
+  ap.add_argument('--widths', default=None,
+                  help='lookahead widths W to measure (comma-separated; default 1,2,4,8,16,32; --quick: 1,32)')
   ap.add_argument('--quick', action='store_true')
   args = ap.parse_args(argv)
   out = pathlib.Path(args.out)
@@ -181,6 +182,8 @@ def main(argv=None) -> int:
   ckpt = pathlib.Path(args.ckpt_dir or (out / 'ckpt' if args.quick else 'runs/tiny_1k/ckpt'))
   if args.quick:
     args.tokens = 8
+  # each width compiles its own candidates program: quick keeps the narrowest and the widest
+  args.widths = args.widths or ('1,32' if args.quick else '1,2,4,8,16,32')
   source = bench_tiers.ensure_checkpoint(ckpt, args.quick)
   store_dir = pathlib.Path(args.store) if args.store else ckpt.parent / 'store'
   cfg, model, store = bench_tiers.load(ckpt, store_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import statistics
@@ -55,6 +56,9 @@ def main(argv=None) -> int:
   ckpt = pathlib.Path(args.ckpt_dir or (out / 'ckpt' if args.quick else 'runs/tiny_1k/ckpt'))
   if args.quick:
     args.tokens = 4
+    # the host chip from the quick probes (fewer programs to compile): the figures are untimed here
+    from litejax import decode_cost
+    decode_cost.host_chip = functools.partial(decode_cost.host_chip, quick=True)
   source = bench_tiers.ensure_checkpoint(ckpt, args.quick)
   cfg, model, store = bench_tiers.load(ckpt, ckpt.parent / 'store')
   from litejax.commands import generate_tierset
