@@ -168,18 +168,22 @@ def width_table(cfg, steps, moe_layers, max_depth: int, widths, expert_bytes: in
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--out', required=True)
-  ap.add_argument('--ckpt-dir', default='runs/tiny_1k/ckpt')
+  ap.add_argument('--ckpt-dir', default=None,
+                  help='tiny_1k checkpoint (default: runs/tiny_1k/ckpt; --quick: OUT/ckpt), trained if missing')
   ap.add_argument('--store', default=None, help='store of the checkpoint\'s experts (default: CKPT/../store)')
   ap.add_argument('--tokens', type=int, default=256)
   ap.add_argument('--temperature', type=float, default=1.0)
-  ap.add_argument('--widths', default='1,2,4,8,16,32', help='lookahead widths W to measure (comma-separated)')
+  ap.add_argument('--widths', default=None,
+                  help='lookahead widths W to measure (comma-separated; default 1,2,4,8,16,32; --quick: 1,32)')
   ap.add_argument('--quick', action='store_true')
   args = ap.parse_args(argv)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  ckpt = pathlib.Path(args.ckpt_dir)
+  ckpt = pathlib.Path(args.ckpt_dir or (out / 'ckpt' if args.quick else 'runs/tiny_1k/ckpt'))
   if args.quick:
-    ckpt, args.tokens = out / 'ckpt', 8
+    args.tokens = 8
+  # each width compiles its own candidates program: quick keeps the narrowest and the widest
+  args.widths = args.widths or ('1,32' if args.quick else '1,2,4,8,16,32')
   source = bench_tiers.ensure_checkpoint(ckpt, args.quick)
   store_dir = pathlib.Path(args.store) if args.store else ckpt.parent / 'store'
   cfg, model, store = bench_tiers.load(ckpt, store_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import pathlib
 import statistics
@@ -45,15 +46,19 @@ def measure(cfg, model, store, opts, mask, prompt: list[int], new_tokens: int) -
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--out', required=True)
-  ap.add_argument('--ckpt-dir', default='runs/tiny_1k/ckpt')
+  ap.add_argument('--ckpt-dir', default=None,
+                  help='tiny_1k checkpoint (default: runs/tiny_1k/ckpt; --quick: OUT/ckpt), trained if missing')
   ap.add_argument('--tokens', type=int, default=32)
   ap.add_argument('--quick', action='store_true')
   args = ap.parse_args(argv)
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
-  ckpt = pathlib.Path(args.ckpt_dir)
+  ckpt = pathlib.Path(args.ckpt_dir or (out / 'ckpt' if args.quick else 'runs/tiny_1k/ckpt'))
   if args.quick:
-    ckpt, args.tokens = out / 'ckpt', 4
+    args.tokens = 4
+    # the host chip from the quick probes (fewer programs to compile): the figures are untimed here
+    from litejax import decode_cost
+    decode_cost.host_chip = functools.partial(decode_cost.host_chip, quick=True)
   source = bench_tiers.ensure_checkpoint(ckpt, args.quick)
   cfg, model, store = bench_tiers.load(ckpt, ckpt.parent / 'store')
   from litejax.commands import generate_tierset

@@ -1,22 +1,24 @@
 """The benchmark scripts' --quick modes run end to end and write their JSON (not timed: tests never
 assert speed)."""
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
+import tiers_quick
 from conftest import REPO
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
 pytestmark = pytest.mark.slow
 
 
-def _env():
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['JAX_PLATFORMS'] = 'cpu'
-  return env
+_env = tiers_quick.env
+
+
+@pytest.fixture(scope='module')
+def tiny_1k_ckpt(tmp_path_factory):
+  return tiers_quick.checkpoint(tmp_path_factory)
 
 
 def test_bench_moe_quick(tmp_path):
@@ -84,7 +86,7 @@ def test_bench_decode_quick(tmp_path):
                  check=True, env=_env(), capture_output=True, timeout=600)
   rows = json.loads((tmp_path / 'bench_decode.json').read_text())
   assert {(r['impl'], r['experts'], r['batch']) for r in rows} == {
-      (i, e, b) for b in (1, 16) for i, e in (('dense', 0), ('moe', 16))}
+      (i, e, 1) for i, e in (('dense', 0), ('moe', 16))}   # quick: batch 1 only
   for r in rows:
     for key in ('ms_per_token', 'tokens_per_second', 'bytes_accessed_per_token', 'predicted_ms_per_token'):
       assert r[key] > 0, key
@@ -100,12 +102,13 @@ def test_bench_decode_quick(tmp_path):
   assert (tmp_path / 'bench_decode.png').stat().st_size > 0
 
 
-@pytest.mark.slow   # trains for 2 steps in a subprocess, then a few small compiles
-def test_tierset_latency_quick(tmp_path):
+@pytest.mark.slow   # the shared shrunk tiny_1k (tiers_quick), then a few small compiles
+def test_tierset_latency_quick(tmp_path, tiny_1k_ckpt):
   """experiments/tierset_latency.py --quick: predicted (step_cost + I/O) and measured ms per token for
   every TierSet of the shrunk tiny_1k."""
   subprocess.run([sys.executable, str(REPO / 'experiments' / 'tierset_latency.py'), '--quick', '--out',
-                  str(tmp_path)], check=True, env=_env(), capture_output=True, timeout=900)
+                  str(tmp_path), '--ckpt-dir', str(tiny_1k_ckpt)],
+                 check=True, env=_env(), capture_output=True, timeout=900)
   r = json.loads((tmp_path / 'tierset_latency.json').read_text())
   assert [t['name'] for t in r['tiersets']] == ['hot', 'hot+warm', 'all']
   for t in r['tiersets']:
@@ -114,12 +117,12 @@ def test_tierset_latency_quick(tmp_path):
   assert r['tiersets'][0]['io_ms'] == 0 and r['compute']['programs_ms'] > 0
 
 
-@pytest.mark.slow   # trains for 2 steps in a subprocess, then ~20 small compiles
-def test_bench_tiers_quick(tmp_path):
-  """Trains the shrunk tiny_1k for 2 steps, replays its decode trace, decodes from the store (stall and
+@pytest.mark.slow   # the shared shrunk tiny_1k (tiers_quick), then ~20 small compiles
+def test_bench_tiers_quick(tmp_path, tiny_1k_ckpt):
+  """On the shared shrunk tiny_1k (trained 2 steps): replays its decode trace, decodes from the store (stall and
   fallback) and the shrunk store_1b tiered vs preloaded; checks the JSON's shape and exact invariants."""
-  subprocess.run([sys.executable, str(REPO / 'experiments' / 'bench_tiers.py'), '--quick', '--out', str(tmp_path)],
-                 check=True, env=_env(), capture_output=True, timeout=900)
+  subprocess.run([sys.executable, str(REPO / 'experiments' / 'bench_tiers.py'), '--quick', '--out', str(tmp_path),
+                  '--ckpt-dir', str(tiny_1k_ckpt)], check=True, env=_env(), capture_output=True, timeout=900)
   r = json.loads((tmp_path / 'bench_tiers.json').read_text())
   assert {(s['policy'], s['device_fraction']) for s in r['sim']} == {
       (p, f) for p in ('lru', 'lfu', 'group') for f in (0.005, 0.01, 0.05, 0.1, 1.0)}

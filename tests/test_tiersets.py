@@ -139,12 +139,16 @@ def test_generate_latency_budget_cli(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_lookahead_recall_quick(tmp_path):
+def test_lookahead_recall_quick(tmp_path, tmp_path_factory):
   """experiments/lookahead_recall.py --quick: recall per depth for both proxies; the recorded routing is
   reproduced exactly by the layer's own router on its recorded input (depth 0)."""
   import subprocess
   import sys
-  subprocess.run([sys.executable, 'experiments/lookahead_recall.py', '--quick', '--out', str(tmp_path)], check=True)
+
+  import tiers_quick
+  ckpt = tiers_quick.checkpoint(tmp_path_factory)   # the shrunk tiny_1k the other tiers --quick runs share
+  subprocess.run([sys.executable, 'experiments/lookahead_recall.py', '--quick', '--out', str(tmp_path), '--ckpt-dir',
+                  str(ckpt)], check=True, env=tiers_quick.env())
   rep = json.loads((tmp_path / 'lookahead_recall.json').read_text())
   assert rep['self_check_depth0'] == 1.0
   for proxy in ('after_attn', 'after_moe'):
