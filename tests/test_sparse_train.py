@@ -178,7 +178,9 @@ def _all_reduce_shapes(hlo_text: str) -> list[str]:
   return [line.split('=')[1].split('all-reduce(')[0] for line in hlo_text.splitlines() if ' all-reduce(' in line]
 
 
-@pytest.mark.parametrize('shape', [(1, 8, 1), (2, 4, 1)], ids=['ep8', 'dp2-ep4'])
+# (1, 8, 1) only: the (2, 4, 1) mesh's routing and router-table gradients (summed over data replicas) are
+# checked against the replicated table in tests/test_router_parallel.py, without a whole train step.
+@pytest.mark.parametrize('shape', [(1, 8, 1)], ids=['ep8'])
 def test_router_split_by_group_equals_replicated(shape):
   """router_expert split by group over the expert ranks (scored on the owner, litejax.router_parallel):
   3 sparse steps, scanned, equal the same mesh's steps with the table replicated, and no all-reduce
