@@ -166,8 +166,7 @@ def analytic_per_token(cfg, tokens_per_group: int, *, train: bool = False,
     rows = p.total_slots * (cfg.moe.k_expert if p.aligned else 1) / tokens_per_group
     out['experts'] = cfg.model.num_moe_layers * rows * bounds.expert_flops(cfg)
     m = cfg.moe
-    groups = m.num_tiers * m.groups_per_tier
-    if m.k_tier * m.k_group < groups and sharding.groups_shard(groups, expert_ranks):
+    if sharding.router_expert_split(m, expert_ranks):
       # router_expert split by group: the owners score the visits' slots (litejax.router_parallel).
       visits = expert_ranks * ep_plan.router_slots_per_rank(m, tokens_per_group, expert_ranks)
       out['router_expert'] = cfg.model.num_moe_layers * 2 * cfg.model.d_model * visits * m.experts_per_group / tokens_per_group

@@ -76,10 +76,8 @@ def router_visits_per_token(cfg, mesh, batch: int) -> float | None:
   each of the R_EP owners room for all its N_loc·k_tier·k_group visits, R_EP·k_tier·k_group per token,
   the router's analogue of the experts' R_EP·K rows. None where the table is not split."""
   from litejax import ep_plan, sharding
-  m = cfg.moe
   s = sharding.mesh_sizes(mesh)
-  groups = m.num_tiers * m.groups_per_tier
-  if s['expert'] == 1 or m.k_tier * m.k_group >= groups or not sharding.groups_shard(groups, s['expert']):
+  if not sharding.router_expert_split(cfg.moe, s['expert']):
     return None
   n_local = batch // (s['data'] * s['expert'])
   return s['expert'] * ep_plan.router_slots_per_rank(decode.decode_config(cfg).moe, n_local, s['expert']) / n_local

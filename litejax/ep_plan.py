@@ -113,9 +113,8 @@ def router_all_to_all_bytes(cfg: MoEConfig, n_local: int, num_ranks: int, d: int
   """Bytes one rank puts into the router's all-to-alls of one MoE forward call (litejax.router_parallel),
   0 where router_expert is not split by group: R_EP·C rows of f32 activations and an int32 group id out,
   R_EP·C rows of E_g f32 logits back. A backward moves the activations and logits again (not the ids)."""
-  from litejax.sharding import groups_shard
-  groups = cfg.num_tiers * cfg.groups_per_tier
-  if cfg.k_tier * cfg.k_group >= groups or not groups_shard(groups, num_ranks):
+  from litejax.sharding import router_expert_split
+  if not router_expert_split(cfg, num_ranks):
     return 0
   rows = num_ranks * router_slots_per_rank(cfg, n_local, num_ranks)
   return rows * (d * 4 + 4 + cfg.experts_per_group * 4)

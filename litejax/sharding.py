@@ -150,6 +150,14 @@ def groups_shard(num_groups: int, expert_ranks: int) -> bool:
   return expert_ranks > 1 and num_groups % expert_ranks == 0
 
 
+def router_expert_split(m: MoEConfig, expert_ranks: int) -> bool:
+  """Whether router_expert is split by group over the expert ranks and its level scored on the groups'
+  owners (litejax.router_parallel): its level gathers kept groups (k_tier·k_group < T·G) and the ranks
+  divide the groups (`groups_shard`)."""
+  groups = m.num_tiers * m.groups_per_tier
+  return m.k_tier * m.k_group < groups and groups_shard(groups, expert_ranks)
+
+
 def _is_var(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 

@@ -76,9 +76,7 @@ def row_bounds(cfg: Config, global_tokens: int, sizes: dict[str, int]) -> dict[s
 def router_split(cfg: Config, sizes: dict[str, int]) -> bool:
   """Whether router_expert is a RowParam split by group over the expert ranks (litejax.router_parallel):
   its rows then come per (data, expert) rank like the experts'."""
-  m = cfg.moe
-  groups = m.num_tiers * m.groups_per_tier
-  return m.k_tier * m.k_group < groups and shd.groups_shard(groups, sizes['expert'])
+  return shd.router_expert_split(cfg.moe, sizes['expert'])
 
 
 def describe(cfg: Config, mesh: Mesh) -> str:
