@@ -49,22 +49,23 @@ def _beam(x_nd, params, cfg: MoEConfig, bias, tier_mask, beam: int) -> jax.Array
   else:
     score_nt, tier_nt = jnp.zeros((n, 1)), jnp.zeros((n, 1), jnp.int32)
   if G > 1:
-    w_ntdg = params['group'].astype(jnp.float32)[tier_nt]
-    b = bias.get('group')
-    gid_ntg = tier_nt[:, :, None] * G + jnp.arange(G)
-    lg = _log_select(jnp.einsum('nd,ntdg->ntg', x32, w_ntdg), None if b is None else b[gid_ntg], cfg.score)
-    path = (score_nt[:, :, None] + lg).reshape(n, -1)
-    score_ng, pick = routing.top_k(path, min(beam, path.shape[1]))
-    group_ng = jnp.take_along_axis(gid_ntg.reshape(n, -1), pick, axis=1)
+    score_ng, group_ng = _extend(x32, params['group'], tier_nt, score_nt, bias.get('group'), G, beam, cfg.score)
   else:
     score_ng, group_ng = score_nt, tier_nt
-  w_ngde = params['expert'].astype(jnp.float32)[group_ng]
-  b = bias.get('expert')
-  eid_nge = group_ng[:, :, None] * Eg + jnp.arange(Eg)
-  le = _log_select(jnp.einsum('nd,ngde->nge', x32, w_ngde), None if b is None else b[eid_nge], cfg.score)
-  path = (score_ng[:, :, None] + le).reshape(n, -1)
-  _, pick = routing.top_k(path, min(beam, path.shape[1]))
-  return jnp.take_along_axis(eid_nge.reshape(n, -1), pick, axis=1)
+  return _extend(x32, params['expert'], group_ng, score_ng, bias.get('expert'), Eg, beam, cfg.score)[1]
+
+
+def _extend(x32, table, parent_np, score_np, bias, children: int, beam: int, kind: str):
+  """One level of the beam: each kept parent's `children` branches scored with its router rows
+  (table[parent]: [d, children]), added to the parent's path score; the best `beam` paths as
+  (scores [N, B'], child ids [N, B'], id = parent·children + branch)."""
+  n = x32.shape[0]
+  w_npdc = table.astype(jnp.float32)[parent_np]
+  id_npc = parent_np[:, :, None] * children + jnp.arange(children)
+  lc = _log_select(jnp.einsum('nd,npdc->npc', x32, w_npdc), None if bias is None else bias[id_npc], kind)
+  path = (score_np[:, :, None] + lc).reshape(n, -1)
+  score_nb, pick = routing.top_k(path, min(beam, path.shape[1]))
+  return score_nb, jnp.take_along_axis(id_npc.reshape(n, -1), pick, axis=1)
 
 
 def candidates(x_nd: jax.Array, params, cfg: MoEConfig, bias=None, *, tier_mask=None, width: int = 1) -> jax.Array:
