@@ -71,10 +71,15 @@ def main(argv=None) -> int:
          'touched_expert_param_bytes': int(touched), 'touched_rows_per_layer': rows,
          'temp_over_touched': mem.temp_size_in_bytes / touched,
          'largest': parse_report(open(os.path.join(dump, sorted(report)[0])).read(), args.top) if report else []}
+  return _emit(out, args.out)
+
+
+def _emit(out: dict, path: str | None) -> int:
+  """Prints the report as JSON and writes it to `path` when given."""
   text = json.dumps(out, indent=1)
   print(text)
-  if args.out:
-    with open(args.out, 'w') as f:
+  if path:
+    with open(path, 'w') as f:
       f.write(text + '\n')
   return 0
 
@@ -96,12 +101,7 @@ def _tpu(args) -> int:
   else:
     mem = targets.memory_per_device(prog.compiled)
     out.update(temp_bytes=mem['temp'], memory=mem, **train_temp.temp_report(prog, mem))
-  text = json.dumps(out, indent=1)
-  print(text)
-  if args.out:
-    with open(args.out, 'w') as f:
-      f.write(text + '\n')
-  return 0
+  return _emit(out, args.out)
 
 
 if __name__ == '__main__':
