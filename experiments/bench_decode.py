@@ -4,12 +4,12 @@ beside the dense model with the same active parameters, at batch 1 and 16 (one C
     python experiments/bench_decode.py --out experiments/results            # the README table
     python experiments/bench_decode.py --quick --out /tmp/bench              # tests: E = 16, batch 1, untimed
 
-Each model decodes greedily through litejax.decode (KV cache, dropless routing) from random weights;
+Each model decodes greedily through litejax.inference.decode (KV cache, dropless routing) from random weights;
 ms_per_token is the median decode step (every row gets one token per step) of the run with the median
 median of `--repeats`. Beside it, from the same step compiled from abstract shapes
-(litejax.decode_cost): bytes accessed per token (the HLO walker), the bytes read from the expert
+(litejax.analysis.decode_bound): bytes accessed per token (the HLO walker), the bytes read from the expert
 tables, and the latency model's prediction (decode_cost.predict) on this host as
-litejax.calibration's probes measure it, the probes' rounds interleaved with the row's runs: the
+litejax.perf.host's probes measure it, the probes' rounds interleaved with the row's runs: the
 machine may be shared, and host and step are then measured under the same load. Each row also
 carries `cpu_share` (process CPU seconds / wall seconds over its runs; up to the 2 threads XLA:CPU
 uses here, well below 1 when other work takes the cores) and the load average. Writes OUT/bench_decode.json
@@ -54,9 +54,13 @@ def run_one(name: str, experts: int | None, batch: int, args) -> tuple[dict, obj
   import jax
   from flax import nnx
 
-  from litejax import bounds, calibration, decode, decode_cost, sharding
+  from litejax.model import bounds
+  from litejax.perf.host import measure_host
+  from litejax.inference import decode
+  from litejax.analysis import decode_bound
+  from litejax import sharding
   from litejax.config import load_config
-  from litejax.model import init_model
+  from litejax.model.transformer import init_model
   cfg = load_config(REPO / 'configs' / 'tiny.yaml', overrides(experts))
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   max_len = args.prompt_len + args.new_tokens
@@ -74,11 +78,11 @@ def run_one(name: str, experts: int | None, batch: int, args) -> tuple[dict, obj
       runs.append(decode.generate(rt, params, extra, prompts, args.new_tokens))
       cpu.append((time.process_time() - c0) / (time.perf_counter() - w0))
 
-    chip = calibration.measure_host(repeats=args.repeats, quick=args.quick, between=timed_run)
+    chip = measure_host(repeats=args.repeats, quick=args.quick, between=timed_run)
     gen = sorted(runs, key=lambda g: statistics.median(g.step_s))[len(runs) // 2]
   if gen.compiles != 1:
     raise AssertionError(f'{name} batch {batch}: the decode step compiled {gen.compiles} times')
-  rep = decode_cost.report(decode_cost.compile_step(cfg, batch=batch, cache_len=max_len, mesh=mesh), chip)
+  rep = decode_bound.report(decode_bound.compile_step(cfg, batch=batch, cache_len=max_len, mesh=mesh), chip)
   ms = 1e3 * statistics.median(gen.step_s)
   pc = bounds.param_counts(cfg)
   return {'impl': name, 'experts': experts or 0, 'batch': batch, 'ms_per_token': ms,

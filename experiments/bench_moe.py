@@ -31,10 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from litejax.config import from_dict, resolve_dispatch
-from litejax.dispatch import expert_ffn, moe_ffn
-from litejax.routing import route
-from litejax.timing import time_calls
+from litejax.config import from_dict
+from litejax.model.moe.capacity import resolve_dispatch
+from litejax.model.moe.dispatch import moe_ffn
+from litejax.model.moe.rows import expert_ffn
+from litejax.model.moe.routing import route
+from litejax.perf.timing import time_calls
 
 
 def compiled_stats(compiled) -> tuple[float, int]:

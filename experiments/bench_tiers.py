@@ -8,11 +8,11 @@ against the same model fully resident in host memory.
     python experiments/bench_tiers.py --quick --out /tmp/bt               # shrunk, untimed (the tests)
 
 Where each figure comes from:
-  * `sim`: device/host hit rates replayed by litejax.store.simulate on the routing trace of real decoded
+  * `sim`: device/host hit rates replayed by litejax.inference.store.simulate on the routing trace of real decoded
     text (batch 1, sampled at temperature 1 from the trained model, decode steps only: the prompt's
     prefill is not part of the trace). Lookahead does not move experts into device slots (it prefetches
     disk -> host), so the device hit rate is the same with and without it.
-  * `decode`: real tiered decoding (litejax.tiered_decode, miss=stall) of the same prompt: tokens/s
+  * `decode`: real tiered decoding (litejax.inference.store_decode, miss=stall) of the same prompt: tokens/s
     (median step), the store report (per-tier hit rates over all lookups, prefill included; lookahead
     recall per depth; stall ms per token).
   * `fallback`: miss=fallback against miss=stall at 1% device slots with lookahead 1, same seed: token
@@ -62,7 +62,7 @@ def ensure_checkpoint(ckpt_dir: pathlib.Path, quick: bool) -> str:
 def load(ckpt_dir: pathlib.Path, store_dir: pathlib.Path):
   """(cfg, model without experts, ExpertStore) of a checkpoint, exporting its experts once."""
   from litejax.commands.generate_store import _session_model
-  from litejax.store.from_checkpoint import write_from_checkpoint
+  from litejax.inference.store.from_checkpoint import write_from_checkpoint
   if not (store_dir / 'manifest.json').exists():
     write_from_checkpoint(str(store_dir), str(ckpt_dir), overwrite=True)
   cfg, model, store, _ = _session_model(argparse.Namespace(ckpt_dir=str(ckpt_dir), overrides=[]), str(store_dir))
@@ -72,8 +72,8 @@ def load(ckpt_dir: pathlib.Path, store_dir: pathlib.Path):
 def decode(cfg, model, store, opts, prompt, new_tokens, sampling, seed=0, keep_logits=False, preload=False,
            record=None):
   """One tiered decode; returns (Generation, logits, store report, runtime)."""
-  from litejax.store.tiers import Tiers, int8_copies
-  from litejax.tiered_decode import TieredRuntime
+  from litejax.inference.store.levels import Tiers, int8_copies
+  from litejax.inference.store_decode import TieredRuntime
   tiers = Tiers(store, opts, load_width=cfg.moe.k_active,
                 int8=int8_copies(store) if opts.miss == 'fallback' else None)
   try:
@@ -115,8 +115,8 @@ def _record(tiers, trace: list) -> None:
 
 
 def sim_grid(trace, store, fractions, host_fraction: float) -> list[dict]:
-  from litejax.store.simulate import Step, simulate
-  from litejax.store.tiers import TierOptions
+  from litejax.inference.store.simulate import Step, simulate
+  from litejax.inference.store.levels import TierOptions
   steps = [Step(l, e) for l, e in trace]
   tokens = len(trace) // max(len(store.layers), 1)
   rows = []
@@ -136,8 +136,8 @@ def sim_grid(trace, store, fractions, host_fraction: float) -> list[dict]:
 
 def decode_grid(cfg, model, store, fractions, prompt, new_tokens, host_fraction, width: int,
                 policies=POLICIES) -> list[dict]:
-  from litejax.sampling import Sampling
-  from litejax.store.tiers import TierOptions
+  from litejax.inference.sampling import Sampling
+  from litejax.inference.store.levels import TierOptions
   rows = []
   for policy in policies:
     for lookahead in (0, 1):
@@ -159,8 +159,8 @@ def decode_grid(cfg, model, store, fractions, prompt, new_tokens, host_fraction,
 
 
 def fallback_cost(cfg, model, store, prompt, new_tokens, host_fraction) -> dict:
-  from litejax.sampling import Sampling
-  from litejax.store.tiers import TierOptions
+  from litejax.inference.sampling import Sampling
+  from litejax.inference.store.levels import TierOptions
   out = {}
   for miss in ('stall', 'fallback'):
     opts = TierOptions(0.01, host_fraction, 'lru', 1, miss)
@@ -181,13 +181,13 @@ def store_1b(location: pathlib.Path, quick: bool, new_tokens: int, rounds: int, 
   """Per-token latency of the disk-backed store_1b (1% slots, 10% host; lookahead 1 at `width` with and
   without staging, at width 1, and no lookahead) vs fully resident, measured in `rounds` interleaved rounds (each
   tiered run with fresh tiers); ratios are paired within a round, then the median over rounds."""
-  from litejax.bounds import param_counts
+  from litejax.model.bounds import param_counts
   from litejax.config import load_config
-  from litejax.sampling import Sampling
-  from litejax.store.disk import ExpertStore
-  from litejax.store.tiers import TierOptions, Tiers
-  from litejax.store.writer import write_random
-  from litejax.tiered_decode import TieredRuntime, model_without_experts
+  from litejax.inference.sampling import Sampling
+  from litejax.inference.store.disk import ExpertStore
+  from litejax.inference.store.levels import TierOptions, Tiers
+  from litejax.inference.store.writer import write_random
+  from litejax.inference.store_decode import TieredRuntime, model_without_experts
   cfg = load_config(REPO / 'configs' / 'store_1b.yaml', QUICK_1B_SETS if quick else ())
   if not (location / 'manifest.json').exists():
     t0 = time.perf_counter()
@@ -296,8 +296,8 @@ def main(argv=None) -> int:
   ckpt = pathlib.Path(args.ckpt_dir) if args.ckpt_dir else work / 'tiny_1k' / 'ckpt'
   how = ensure_checkpoint(ckpt, args.quick)
   cfg, model, store = load(ckpt, ckpt.parent / 'store')
-  from litejax.sampling import Sampling
-  from litejax.store.tiers import TierOptions
+  from litejax.inference.sampling import Sampling
+  from litejax.inference.store.levels import TierOptions
   prompt = [int(b) for b in PROMPT.encode()]
   trace: list = []
   decode(cfg, model, store, TierOptions(1.0, 0.1, 'lru', 0, 'stall'), prompt, trace_n, Sampling(temperature=1.0),

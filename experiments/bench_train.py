@@ -43,15 +43,16 @@ def build(cfg, devices: int) -> dict:
   import numpy as np
 
   from litejax import sharding
-  from litejax import train_step as train_lib
+  from litejax.train import step as train_step
+  from litejax.train.optimizer import make_optimizer
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:devices])
-  tx = train_lib.make_optimizer(cfg.train)
-  graphdef, _, shardings = train_lib.state_layout(cfg, mesh, tx)
+  tx = make_optimizer(cfg.train)
+  graphdef, _, shardings = train_step.state_layout(cfg, mesh, tx)
   batch_sh = sharding.batch_sharding(mesh)
-  step = train_lib.make_train_step(cfg, graphdef, tx, shardings, batch_sh)
+  step = train_step.make_train_step(cfg, graphdef, tx, shardings, batch_sh)
   b, s = cfg.train.batch_size, cfg.model.seq_len
   tok = np.random.default_rng(0).integers(0, cfg.model.vocab_size, size=(b, s + 1)).astype(np.int32)
-  return {'cfg': cfg, 'mesh': mesh, 'step': step, 'state': train_lib.init_state(cfg, mesh, tx, shardings),
+  return {'cfg': cfg, 'mesh': mesh, 'step': step, 'state': train_step.init_state(cfg, mesh, tx, shardings),
           'inputs': jax.device_put(tok[:, :-1], batch_sh), 'targets': jax.device_put(tok[:, 1:], batch_sh)}
 
 
@@ -60,7 +61,7 @@ def worker(args) -> dict:
   import jax
 
   from litejax.config import load_config
-  from litejax.timing import time_calls
+  from litejax.perf.timing import time_calls
   cfg = load_config(args.config, args.overrides)
   if args.model == 'dense':
     cfg = load_config(args.config, args.overrides + dense_overrides(cfg))
@@ -83,7 +84,7 @@ def worker(args) -> dict:
       return metrics['loss']
 
     med = statistics.median(time_calls(one_step, args.steps, warmup=2))
-  from litejax import bounds
+  from litejax.model import bounds
   return {'config': args.name, 'model': args.model, 'devices': args.devices, 'batch': b, 'seq_len': s,
           'median_step_seconds': med, 'tokens_per_second': b * s / med, 'first_step_seconds': compile_s,
           'compiles': step._cache_size(), 'timed_steps': args.steps,

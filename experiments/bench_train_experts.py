@@ -15,11 +15,11 @@ sparse update and the dense model (`bench_train.dense_overrides`: one FFN of hid
 them in interleaved rounds (one step of each per round), so the machine's load falls on all three
 alike; `step_seconds` is the median over the timed rounds after warm-up (`step_seconds_min` the fastest).
 
-`peak_bytes`: the compiled step's memory_analysis (litejax.targets.memory_per_device: arguments +
+`peak_bytes`: the compiled step's memory_analysis (litejax.analysis.targets.memory_per_device: arguments +
 outputs - aliased donated state + temporaries), the executable the timing ran (its AOT compile is a
 cache hit after the first call). `optimizer_bytes_per_step`: bytes accessed by the instructions under
 the train step's `optimizer` scope in that executable's HLO, as `litejax bound --train` reports
-`optimizer.bytes_accessed_per_step` (litejax.cost.report).
+`optimizer.bytes_accessed_per_step` (litejax.analysis.bound.report).
 """
 from __future__ import annotations
 
@@ -80,15 +80,16 @@ def interleaved_times(calls: dict, steps: int, warmup: int) -> dict[str, list[fl
 
 def _analyse(cfg, mesh, step, state, inputs, targets) -> dict:
   """peak bytes and optimizer bytes of the executable that ran (AOT compile: a cache hit)."""
-  from litejax import bounds, cost
-  from litejax.hlo_scopes import dot_signatures
-  from litejax.targets import memory_per_device
+  from litejax.model import bounds
+  from litejax.analysis import bound as bound_report
+  from litejax.hlo.scopes import dot_signatures
+  from litejax.analysis.targets import memory_per_device
   t0 = time.perf_counter()
   traced = step.trace(state, inputs, targets)
   compiled = traced.lower().compile()
-  prog = cost.CompiledProgram(compiled, compiled.as_text(), cfg, mesh, True, inputs.shape[0], inputs.shape[1],
+  prog = bound_report.CompiledProgram(compiled, compiled.as_text(), cfg, mesh, True, inputs.shape[0], inputs.shape[1],
                               time.perf_counter() - t0, False, dot_signatures(traced.jaxpr, bounds.COMPONENTS))
-  rep = cost.report(prog)
+  rep = bound_report.report(prog)
   mem = memory_per_device(compiled)
   return {'peak_bytes': mem['total'], 'memory_bytes': mem, 'temp_bytes': mem['temp'],
           'bytes_accessed_per_step': rep['bytes_accessed_per_token'] * prog.tokens,
@@ -101,8 +102,8 @@ def measure(experts: int, tokens: dict, steps: int, warmup: int = 2) -> list[dic
   import jax
 
   from bench_train import build
-  from litejax import bounds
-  from litejax.sparse_train import update_mode
+  from litejax.model import bounds
+  from litejax.train.sparse_step import update_mode
   built = {name: build(cfg, 1) for name, cfg in _configs(experts, tokens).items()}
   calls, rows = {}, []
   for name, b in built.items():

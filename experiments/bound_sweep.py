@@ -4,7 +4,7 @@
   python experiments/bound_sweep.py --axis all --out runs/bound_sweep
 
 Every point is compiled (forward pass, one CPU device, abstract inputs: nothing is allocated, so a
-million experts per layer compile in seconds) and read by `litejax.cost.report`, i.e. the numbers are
+million experts per layer compile in seconds) and read by `litejax.analysis.bound.report`, i.e. the numbers are
 the optimized HLO's, attributed to components, not the analytic model's.
 
 Axes (a small model: d = 32, one layer, S = 32, V = 64, h = 16, K = 2, so each compile takes ~1-3 s):
@@ -103,7 +103,7 @@ def points(axis: str, quick: bool) -> list[tuple[str, int, list[str]]]:
 
 def _program_key(cfg, tokens_per_group: int):
   """Configs that compile to the same program: `auto` is resolved to its path before tracing."""
-  from litejax.config import resolve_dispatch
+  from litejax.model.moe.capacity import resolve_dispatch
   moe = dataclasses.replace(cfg.moe, dispatch=resolve_dispatch(cfg.moe, tokens_per_group))
   return cfg.replace(moe=moe)
 
@@ -111,7 +111,8 @@ def _program_key(cfg, tokens_per_group: int):
 def measure(series: str, axis: str, value: int, overrides: list[str], cache: dict | None = None,
             tol: float = 0.03) -> dict:
   """Compiles one point (forward, one device) and returns its row."""
-  from litejax import bounds, cost
+  from litejax.model import bounds
+  from litejax.analysis import bound as bound_report
   from litejax.config import load_config
   cfg = load_config(REPO / 'configs' / 'tiny.yaml', BASE + overrides)
   n = cfg.model.seq_len                                   # one sequence on one device: N = S
@@ -119,9 +120,9 @@ def measure(series: str, axis: str, value: int, overrides: list[str], cache: dic
   cache = {} if cache is None else cache
   reused = key in cache
   if not reused:
-    cache[key] = cost.compile_program(cfg, num_devices=1)
+    cache[key] = bound_report.compile_program(cfg, num_devices=1)
   prog = dataclasses.replace(cache[key], cfg=cfg)
-  rep = cost.report(prog, tol)
+  rep = bound_report.report(prog, tol)
   by = {c: {'analytic': r['analytic'], 'compiled': r['compiled']} for c, r in rep['by_component'].items()}
   matmul = [c for c in by if c != 'elementwise']
   router_a = sum(by[c]['analytic'] for c in ROUTER)

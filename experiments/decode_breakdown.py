@@ -1,6 +1,6 @@
 """Where a decode step's time goes, for a few bench_decode rows (issue 12's latency model at decode):
 
-  (a) loop      the generation loop's measured seconds per step (litejax.decode.generate's step_s)
+  (a) loop      the generation loop's measured seconds per step (litejax.inference.decode.generate's step_s)
   (b) step      the jitted decode step alone, called in a tight loop with prepared arguments and
                 block_until_ready (through jax.jit's dispatch of every argument leaf)
   empty         a jitted call with the same argument leaves and no work: dispatch alone
@@ -10,8 +10,8 @@
   (c) model     the latency model's prediction (decode_cost.report: compute, memory, per-kernel
                 overhead and the host term = decode.HOST_CALLS_PER_STEP x call_overhead_s)
 
-Each round times every piece of a row once, after one round of litejax.calibration's host probes
-(calibration.measure_host(between=...)): on a shared machine the host chip and the row are measured
+Each round times every piece of a row once, after one round of litejax.perf.host's probes
+(measure_host(between=...)): on a shared machine the host chip and the row are measured
 under the same load; medians over the rounds. `cpu_share` is process CPU seconds / wall seconds over
 the rounds' loop runs (below 1 when other work takes the cores).
 
@@ -50,7 +50,7 @@ def _pieces(rt, params, extra, args):
   import jax
   import numpy as np
 
-  from litejax import decode
+  from litejax.inference import decode
   batch = rt.batch
   prompts = [[(7 * i + 3 * j) % 256 for j in range(args.prompt_len)] for i in range(batch)]
   key, samp = rt.replicated((jax.random.key(0), decode.Sampling().as_arrays()))
@@ -79,9 +79,12 @@ def measure_row(name, experts, batch, args) -> dict:
   from flax import nnx
 
   import bench_decode
-  from litejax import calibration, decode, decode_cost, sharding
+  from litejax.perf.host import measure_host
+  from litejax.inference import decode
+  from litejax.analysis import decode_bound
+  from litejax import sharding
   from litejax.config import load_config
-  from litejax.model import init_model
+  from litejax.model.transformer import init_model
   cfg = load_config(REPO / 'configs' / 'tiny.yaml', bench_decode.overrides(experts))
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   rt = decode.make_runtime(cfg, mesh, batch, args.prompt_len + args.new_tokens)
@@ -101,9 +104,9 @@ def measure_row(name, experts, batch, args) -> dict:
       for k, f in pieces.items():
         runs[k].append(_median_s(f, args.calls))
 
-    chip = calibration.measure_host(repeats=args.rounds, between=one_round)
+    chip = measure_host(repeats=args.rounds, between=one_round)
   med = {k: statistics.median(v) for k, v in runs.items()}
-  lat = decode_cost.report(decode_cost.compile_step(cfg, batch=batch, cache_len=rt.max_len, mesh=mesh), chip)['latency']
+  lat = decode_bound.report(decode_bound.compile_step(cfg, batch=batch, cache_len=rt.max_len, mesh=mesh), chip)['latency']
   out = {'impl': name, 'experts': experts or 0, 'batch': batch, 'cpu_share': med.pop('cpu_share')}
   out.update({f'{k}_ms': 1e3 * v for k, v in med.items()})
   out['loop_minus_step_ms'] = out['loop_ms'] - out['step_ms']

@@ -23,13 +23,14 @@ fi
 JAX_PLATFORMS=$backend "$py" - "$out" <<'PY'
 import json, pathlib, sys
 import jax
-from litejax import bounds, hardware
+from litejax.model import bounds
+from litejax.perf import chips
 from litejax.config import load_config
 sys.path.insert(0, 'experiments')
 from bench_train import dense_overrides
 out = pathlib.Path(sys.argv[1])
 kind = jax.devices()[0].device_kind
-peak = hardware.peak_flops_for_device_kind(kind)
+peak = chips.peak_flops_for_device_kind(kind)
 moe_cfg = load_config('configs/tiny.yaml')
 cfgs = {'moe': moe_cfg, 'dense': load_config('configs/tiny.yaml', dense_overrides(moe_cfg))}
 for r in json.loads((out / 'bench_moe.json').read_text()):

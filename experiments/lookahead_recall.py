@@ -2,14 +2,14 @@
 configs/tiny_1k.yaml: which hidden state should layer l+d's router (with its own ffn_norm) be applied to?
 
   after_attn   layer l's residual stream after its attention, before its MoE output is added: what
-               litejax.tiered_decode.moe_pre uses (available before layer l's experts run, so the
+               litejax.inference.store_decode.moe_pre uses (available before layer l's experts run, so the
                prefetch overlaps them)
   after_moe    the residual stream entering layer l+1 (after layer l's attention AND its MoE): the closest
                state available before layer l+1 runs (the prefetch then overlaps layer l+1's attention only)
 The state the router really sees, layer l+d's own post-attention stream, gives recall 1 by definition
 (the reference); its cosine similarity to each proxy says how far the stream moves per layer.
 
-`width` rows: the runtime's prefetch set (litejax.store.lookahead: the router's K picks widened to the
+`width` rows: the runtime's prefetch set (litejax.inference.store.lookahead: the router's K picks widened to the
 best W·K beam paths) from the after_moe proxy, against W: expert recall per depth and the candidates the
 predicted layer did not use (extra bytes per token for a cold cache).
 
@@ -38,9 +38,10 @@ PROXIES = ('after_attn', 'after_moe')
 
 def record_decode(cfg, model, store, prompt: str, new_tokens: int, temperature: float, seed: int):
   """(per decode step: [(after_attn [1,d], after_moe [1,d], experts [K], groups [K])] per MoE layer, layers)."""
-  from litejax import data, tiered_decode
-  from litejax.sampling import Sampling
-  from litejax.store.tiers import TierOptions
+  from litejax.train import data
+  from litejax.inference import store_decode as tiered_decode
+  from litejax.inference.sampling import Sampling
+  from litejax.inference.store.levels import TierOptions
   steps, cur = [], []
   pre, fin = tiered_decode.moe_pre, tiered_decode.finish
 
@@ -75,7 +76,7 @@ def _router_fn(cfg, norm_graphdef):
   import jax
   from flax import nnx
 
-  from litejax import routing
+  from litejax.model.moe import routing
 
   @jax.jit
   def f(norm_state, router, bias, x_nd):
@@ -127,7 +128,7 @@ def _candidates_fn(cfg, norm_graphdef, width: int):
   import jax
   from flax import nnx
 
-  from litejax.store import lookahead
+  from litejax.inference.store import lookahead
 
   @jax.jit
   def f(norm_state, router, bias, x_nd):

@@ -20,10 +20,12 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from litejax.config import capacity, from_dict
-from litejax.dispatch import expert_matmul, moe_ffn
-from litejax.routing import route, top_k
-from litejax.timing import time_calls
+from litejax.model.moe.capacity import capacity
+from litejax.config import from_dict
+from litejax.model.moe.dispatch import moe_ffn
+from litejax.model.moe.rows import expert_matmul
+from litejax.model.moe.routing import route, top_k
+from litejax.perf.timing import time_calls
 
 
 def median_ms(fn, *args, repeats: int) -> float:

@@ -9,8 +9,8 @@ the parameter dtype) and the largest allocations with the shapes of the values t
     python experiments/temp_breakdown.py [--set model.num_layers=4 ...] [--top 12] [--out FILE]
     python experiments/temp_breakdown.py --target v5p:2x2x2      # the same step compiled for a TPU slice
 
-`--target` compiles for a TPU slice with libtpu (no TPU needed, litejax.targets); XLA's report is then not
-available, only memory_analysis() and litejax.train_temp's check. A program the TPU compiler refuses
+`--target` compiles for a TPU slice with libtpu (no TPU needed, litejax.analysis.targets); XLA's report is then not
+available, only memory_analysis() and litejax.analysis.train_temp's check. A program the TPU compiler refuses
 (temporaries over HBM) is reported with the compiler's figure.
 """
 from __future__ import annotations
@@ -52,16 +52,17 @@ def main(argv=None) -> int:
   dump = tempfile.mkdtemp(prefix='temp_breakdown_')
   os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
                              f' --xla_dump_to={dump} --xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_pass_re=NONE')
-  from litejax import cost, sparse_train
+  from litejax.analysis import bound as bound_report
+  from litejax.train import sparse_step
   from litejax.config import load_config
-  from litejax.layers import DTYPES
+  from litejax.model.layers import DTYPES
   import numpy as np
 
   cfg = load_config('configs/quadrillion.yaml', SHRUNK + args.set)
-  prog = cost.compile_program(cfg, train=True, num_devices=8, global_batch=cfg.train.batch_size)
+  prog = bound_report.compile_program(cfg, train=True, num_devices=8, global_batch=cfg.train.batch_size)
   mem = prog.compiled.memory_analysis()
   sizes = {'data': int(prog.mesh.shape['data']), 'expert': int(prog.mesh.shape['expert']), 'tensor': 1}
-  rows = sparse_train.row_bounds(cfg, prog.tokens, sizes)['experts'] // (sizes['data'] * sizes['expert'])
+  rows = sparse_step.row_bounds(cfg, prog.tokens, sizes)['experts'] // (sizes['data'] * sizes['expert'])
   m = cfg.moe
   tables = 3 if m.expert_kind == 'glu' else 2
   touched = (cfg.model.num_moe_layers * rows * tables * cfg.model.d_model * m.d_expert
@@ -85,14 +86,14 @@ def _emit(out: dict, path: str | None) -> int:
 
 
 def _tpu(args) -> int:
-  from litejax import cost, targets, train_temp
+  from litejax.analysis import bound as bound_report, targets, train_temp
   from litejax.config import load_config
 
   cfg = load_config('configs/quadrillion.yaml', SHRUNK + args.set)
   c, mesh = targets.target_mesh(cfg, targets.resolve(args.target))
   out = {'overrides': SHRUNK + args.set, 'target': args.target}
   try:
-    prog = cost.compile_program(c, train=True, mesh=mesh, global_batch=cfg.train.batch_size)
+    prog = bound_report.compile_program(c, train=True, mesh=mesh, global_batch=cfg.train.batch_size)
   except Exception as e:   # the TPU compiler's out-of-memory refusal names the temporaries it needed
     oom = targets.parse_out_of_memory(str(e))
     if oom is None:

@@ -1,4 +1,4 @@
-"""TierSet latency: predicted (litejax.store.step_cost + the I/O term, what `generate --latency-budget-ms`
+"""TierSet latency: predicted (litejax.inference.step_latency + the I/O term, what `generate --latency-budget-ms`
 uses) against measured per-token latency, for every TierSet of the trained configs/tiny_1k.yaml with
 `store.placement=hot,warm,cold,cold` (issue 13 item 3; the target band is latency.TRUST_BAND).
 
@@ -28,8 +28,8 @@ PLACEMENT = 'hot,warm,cold,cold'
 def measure(cfg, model, store, opts, mask, prompt: list[int], new_tokens: int) -> dict:
   """Median ms per decode step of one TierSet, decoded as generate --latency-budget-ms decodes it."""
   from litejax.commands import generate_tierset
-  from litejax.store.tiers import Tiers
-  from litejax.tiered_decode import TieredRuntime
+  from litejax.inference.store.levels import Tiers
+  from litejax.inference.store_decode import TieredRuntime
   tiers = Tiers(store, opts, load_width=cfg.moe.k_active)
   try:
     generate_tierset.preload(cfg, tiers)
@@ -57,20 +57,20 @@ def main(argv=None) -> int:
   if args.quick:
     args.tokens = 4
     # the host chip from the quick probes (fewer programs to compile): the figures are untimed here
-    from litejax import decode_cost
-    decode_cost.host_chip = functools.partial(decode_cost.host_chip, quick=True)
+    from litejax.perf import host
+    host.host_chip = functools.partial(host.host_chip, quick=True)
   source = bench_tiers.ensure_checkpoint(ckpt, args.quick)
   cfg, model, store = bench_tiers.load(ckpt, ckpt.parent / 'store')
   from litejax.commands import generate_tierset
   from litejax.config import from_dict
-  from litejax.store.tiers import TierOptions
+  from litejax.inference.store.levels import TierOptions
   placement = PLACEMENT    # tiny_1k (and its --quick shrink) has 4 routing tiers
   cfg = from_dict({'store': {'placement': placement}}, base=cfg)
   prompt = [int(b) for b in bench_tiers.PROMPT.encode()]
   ns = argparse.Namespace(val_batches=1 if args.quick else 2, latency_budget_ms=1e9, store=str(ckpt.parent / 'store'))
   chosen, opts = generate_tierset.choose(ns, cfg, model, store, TierOptions(miss='stall'), 1,
                                          len(prompt) + args.tokens)
-  from litejax import tiersets
+  from litejax.inference import tiersets
   masks = {ts.name: ts.mask for ts in tiersets.candidates(cfg)}
   rows = []
   for row in chosen['considered']:

@@ -9,13 +9,11 @@ status 2 and one line on stderr naming the field or path and the constraint.
 from __future__ import annotations
 
 import argparse
-import glob
 import importlib
-import os
-import pathlib
 import sys
 
 from litejax.config import ConfigError, InputError
+from litejax.env import quiet_libtpu
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -27,10 +25,6 @@ COMMANDS = {
     'generate': ('litejax.commands.generate', 'continue prompts from a checkpoint (KV cache, dropless MoE)'),
     'export-experts': ('litejax.commands.export_experts', 'write an expert store from a checkpoint or random init'),
 }
-_GOOGLE_PCI_VENDOR = '0x1ae0'
-# PCI device ids of TPU chips (v3 ... 7x), as jax._src.hardware_utils lists them; Google's vendor id
-# alone also matches the gVNIC network card of any GCE VM.
-_TPU_PCI_DEVICES = {'0x0027', '0x0056', '0x005e', '0x0062', '0x0063', '0x006f', '0x0076'}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,44 +32,6 @@ class _Parser(argparse.ArgumentParser):
 
   def error(self, message: str):
     self.exit(2, f'{self.prog}: {message}\n')
-
-
-def positive_int(text: str) -> int:
-  """argparse type: an integer >= 1 (argparse names the flag in its one-line error)."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'must be an integer >= 1, got {text!r}') from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'must be >= 1, got {value}')
-  return value
-
-
-def add_config_arguments(parser: argparse.ArgumentParser, required: bool = True) -> None:
-  """--config PATH and repeatable --set section.key=value, shared by every command."""
-  parser.add_argument('--config', required=required,
-                      help='YAML config file, or the name of a shipped one (tiny, tiny_dense, tiny_hier, '
-                      'quadrillion)')
-  parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='SECTION.KEY=VALUE',
-                      help='override one config field; repeatable')
-
-
-def quiet_libtpu() -> None:
-  """On a machine with no TPU attached, keeps an installed libtpu from probing the GCE metadata server
-  and printing its initialisation errors (the same settings as litejax.targets' compile-only use).
-  Set before jax loads; on a TPU VM nothing changes. Reads PCI ids rather than importing jax, so the
-  commands can still set XLA_FLAGS first."""
-  for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
-    try:
-      if (pathlib.Path(vendor).read_text().strip() == _GOOGLE_PCI_VENDOR and
-          pathlib.Path(vendor).with_name('device').read_text().strip() in _TPU_PCI_DEVICES):
-        return    # a TPU chip: leave libtpu to find it
-    except OSError:
-      continue
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
-  os.environ.setdefault('TPU_ACCELERATOR_TYPE', 'v5p-8')
-  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
 
 
 def _one_line(error: Exception) -> str:

@@ -80,7 +80,7 @@ class MoEConfig:
   d_expert: int = 128               # h
   capacity_factor: float = 1.25
   # Capacity factor of prefill (evaluation without gradients); null: prefill is dropless, as decode
-  # always is (litejax.decode), so a prompt's logits do not depend on what else is in the batch.
+  # always is (litejax.inference.decode), so a prompt's logits do not depend on what else is in the batch.
   eval_capacity_factor: float | None = None
   min_capacity: int = 1
   expert_kind: Literal['mlp', 'glu'] = 'mlp'
@@ -139,7 +139,7 @@ class TrainConfig:
   log_every: int = 10
   val_fraction: float = 0.05
   # How expert (and gathered router) tables are updated: `dense` differentiates and AdamW-updates every
-  # row; `sparse` only the rows a step touches (litejax.sparse_train); `auto` is dense while every expert
+  # row; `sparse` only the rows a step touches (litejax.train.sparse_step); `auto` is dense while every expert
   # is touched anyway (E <= N·K), sparse beyond (`resolve_expert_update`).
   expert_update: Literal['auto', 'dense', 'sparse'] = 'auto'
   # The row optimizer of the sparse path: lazy AdamW, or Adafactor-style factored (O(d + h) per expert).
@@ -391,62 +391,3 @@ def validate(cfg: Config) -> None:
   _require(t.expert_optimizer == 'adamw' or t.expert_update != 'dense',
            'train.expert_optimizer: factored runs on the sparse path only; needs train.expert_update '
            f'sparse or auto, got {t.expert_update}')
-
-
-def capacity(cfg: MoEConfig, num_tokens: int, num_experts: int | None = None) -> int:
-  """Slots per expert: C = max(ceil(capacity_factor * N * K / E), min_capacity).
-
-  N is the number of tokens routed together: all tokens one device (or one expert-parallel source
-  rank) feeds to one MoE layer call, i.e. local_batch * seq_len.
-  """
-  e = num_experts or cfg.experts_total
-  return max(math.ceil(cfg.capacity_factor * num_tokens * cfg.k_active / e - 1e-9), cfg.min_capacity)
-
-
-def resolve_dispatch(cfg: MoEConfig, num_tokens: int, num_experts: int | None = None) -> str:
-  """The dispatch path that runs: `auto` becomes `capacity` or `gather` by regime.
-
-  Per MoE call the capacity path reads every expert's weights once (E·d·h per matrix) and does E·C
-  rows of work; gather copies one weight slice per assignment (N·K·d·h) and does N·K rows. Gather
-  wins only when most experts are idle: E >= auto_gather_ratio · N·K. Below that the buffer's rows
-  stay bounded per token, E·C < capacity_factor·N·K + E < (capacity_factor + auto_gather_ratio)·N·K,
-  so the per-token work is O(K) whatever E is on either path.
-  """
-  if cfg.dispatch != 'auto':
-    return cfg.dispatch
-  e = num_experts or cfg.experts_total
-  return 'gather' if e >= cfg.auto_gather_ratio * num_tokens * cfg.k_active else 'capacity'
-
-
-def resolve_expert_update(cfg: Config, tokens_per_rank: int) -> str:
-  """'dense' or 'sparse': how the expert tables are updated (train.expert_update, `auto` resolved).
-
-  tokens_per_rank is N, the tokens of one MoE call on one rank (local_batch · seq_len). A step touches at
-  most N·K experts per rank, so while E <= N·K every expert is (nearly) touched anyway and the dense
-  update costs no more than the sparse one; beyond, the sparse update follows the touched experts.
-  A model without MoE layers is always dense; `factored` exists only on the sparse path, so it makes
-  `auto` sparse.
-  """
-  t, m = cfg.train, cfg.moe
-  if cfg.model.num_moe_layers == 0:
-    return 'dense'
-  if t.expert_update != 'auto':
-    return t.expert_update
-  if t.expert_optimizer == 'factored':
-    return 'sparse'
-  return 'sparse' if m.experts_total > tokens_per_rank * m.k_active else 'dense'
-
-
-def dropless_tiles(num_assignments: int, num_experts: int) -> tuple[int, int]:
-  """(rows per tile t, static tile count) of the CPU dropless dispatch (litejax.dropless).
-
-  Each expert's assignments fill ceil(c_e / t) tiles of t rows, so the tiles needed are at most
-  (A + min(E, A)·(t - 1)) / t for A = N·K assignments: at most min(E, A)·(t - 1) padding rows. t is the
-  largest power of two keeping that padding within 1/8 of A (capped at 128 rows): t = 1 (no padding)
-  at a few tokens per step, larger tiles (fewer weight gathers) when many tokens share each expert.
-  """
-  a, busy = num_assignments, min(num_experts, num_assignments)
-  t = 1
-  while t < 128 and 2 * t - 1 <= a / (8 * busy):
-    t *= 2
-  return t, (a + busy * (t - 1)) // t

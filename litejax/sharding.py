@@ -34,7 +34,7 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     'mlp': 'tensor',
     'expert': 'expert',           # expert e lives on expert rank e // (E / R_EP): groups stay contiguous
     'expert_mlp': 'tensor',       # expert hidden h split over tensor; partial outputs psum'd
-    # A group's router_expert row lives on the expert rank of its experts (litejax.router_parallel scores
+    # A group's router_expert row lives on the expert rank of its experts (litejax.model.moe.router_parallel scores
     # there); replicated instead where the expert ranks do not divide the groups (`groups_shard`).
     'expert_group': 'expert',
     'layers': None,               # the stacked axis of scanned layers
@@ -152,7 +152,7 @@ def groups_shard(num_groups: int, expert_ranks: int) -> bool:
 
 def router_expert_split(m: MoEConfig, expert_ranks: int) -> bool:
   """Whether router_expert is split by group over the expert ranks and its level scored on the groups'
-  owners (litejax.router_parallel): its level gathers kept groups (k_tier·k_group < T·G) and the ranks
+  owners (litejax.model.moe.router_parallel): its level gathers kept groups (k_tier·k_group < T·G) and the ranks
   divide the groups (`groups_shard`)."""
   groups = m.num_tiers * m.groups_per_tier
   return m.k_tier * m.k_group < groups and groups_shard(groups, expert_ranks)

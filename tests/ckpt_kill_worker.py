@@ -26,7 +26,7 @@ def state(step: int) -> dict:
 
 
 def child(run_dir: pathlib.Path) -> None:
-  from litejax.checkpoint import Checkpointer
+  from litejax.train.checkpoint import Checkpointer
   ck = Checkpointer(run_dir / 'ckpt', keep=2)
   log = (run_dir / 'committed').open('a')
   for step in range(1, 10_000):

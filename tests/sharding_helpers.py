@@ -1,5 +1,5 @@
 """A tiny sharded MoE LM for the sharding tests, trained with the real trainer's pieces
-(`litejax.train_step`: optimizer, state layout, init, jitted train step), run under the mesh."""
+(`litejax.train.step`: optimizer, state layout, init, jitted train step), run under the mesh."""
 from __future__ import annotations
 
 
@@ -22,16 +22,18 @@ def batch(cfg, global_batch: int, step: int):
 
 
 def train_losses(cfg, mesh, global_batch: int = 8, steps: int = 3):
-  """Cross-entropy before and after each of `steps` updates of `litejax.train.make_train_step`, and
+  """Cross-entropy before and after each of `steps` updates of `litejax.train.loop.make_train_step`, and
   (single process) the first batch's logits and gradients of that loss as host numpy."""
   import jax
   import numpy as np
   import optax
   from flax import nnx
-  from litejax import sharding, train_step
+  from litejax import sharding
+  from litejax.train import step as train_step
+  from litejax.train.optimizer import make_optimizer
 
   sharding.validate_mesh(cfg, mesh, global_batch)
-  tx = train_step.make_optimizer(cfg.train)
+  tx = make_optimizer(cfg.train)
   graphdef, _, shardings = train_step.state_layout(cfg, mesh, tx)
   state = train_step.init_state(cfg, mesh, tx, shardings)
   batch_sh = sharding.batch_sharding(mesh)

@@ -6,10 +6,13 @@ import numpy as np
 import pytest
 
 import reference as ref
-from litejax import routing, sharding, train_step
-from litejax import train as train_lib
+from litejax.model.moe import routing
+from litejax import sharding
+from litejax.train import step as train_step
+from litejax.train.optimizer import make_optimizer
+from litejax.train import loop as train_lib
 from litejax.config import MeshConfig, load_config
-from litejax.metrics import read_metrics
+from litejax.train.metrics import read_metrics
 from train_helpers import TINY, TINY_YAML, enable_compile_cache
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
@@ -33,7 +36,7 @@ def _train(cfg):
   skewed). lr ~0: only the selection biases move. Returns the metrics averaged over the last 4 steps
   (sign steps oscillate around even load)."""
   mesh = sharding.make_mesh(MeshConfig(1, 1, 1), devices=jax.devices()[:1])
-  tx = train_step.make_optimizer(cfg.train)
+  tx = make_optimizer(cfg.train)
   graphdef, _, shardings = train_step.state_layout(cfg, mesh, tx)
   state = train_step.init_state(cfg, mesh, tx, shardings)
   step = train_step.make_train_step(cfg, graphdef, tx, shardings, sharding.batch_sharding(mesh))

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from litejax import cli, cost
+from litejax import cli
+from litejax.analysis import bound as cost
 
 KEYS = ('flops_per_token_analytic', 'flops_per_token_compiled', 'ratio', 'by_component', 'params_total',
         'params_active_per_token', 'params_expert_active_per_token', 'collective_bytes_per_rank',

@@ -1,12 +1,13 @@
 """`litejax bound` judges the whole program: matmul undercounts, weight-gradient outer products,
-the elementwise row and the optimizer update (litejax.cost.violations), and the scatter bytes
-convention of litejax.hlo_cost."""
+the elementwise row and the optimizer update (litejax.analysis.bound.violations), and the scatter bytes
+convention of litejax.hlo.flops."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from litejax import cost, hlo_cost
+from litejax.analysis import bound as cost
+from litejax.hlo import flops as hlo_cost
 from litejax.config import load_config
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.

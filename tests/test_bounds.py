@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from litejax import bounds
+from litejax.model import bounds
 from litejax.config import from_dict, load_config
 
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from litejax import sharding as shd
-from litejax import train as train_lib
-from litejax.checkpoint import Checkpointer, CheckpointMismatchError
+from litejax.train import loop as train_lib
+from litejax.train import step as train_step
+from litejax.train.checkpoint import Checkpointer, CheckpointMismatchError
 from litejax.config import load_config
 from train_helpers import TINY, TINY_YAML, enable_compile_cache
 
@@ -31,7 +32,7 @@ def sub_mesh(cfg, n):
 
 def restore(cfg, ckpt_dir, mesh=None, step=None):
   mesh = mesh or shd.make_mesh(cfg.mesh)
-  _, abstract, _ = train_lib.state_layout(cfg, mesh, train_lib.make_optimizer(cfg.train))
+  _, abstract, _ = train_step.state_layout(cfg, mesh)
   ckpt = Checkpointer(ckpt_dir)
   try:
     return ckpt.restore(abstract, step=step)

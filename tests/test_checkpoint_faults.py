@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint._src.handlers.json_checkpoint_handler as json_handler
 import pytest
 
-from litejax.checkpoint import (DIGEST_FILE, CheckpointCorruptError, Checkpointer, CheckpointWriteError)
+from litejax.train.checkpoint import (DIGEST_FILE, CheckpointCorruptError, Checkpointer, CheckpointWriteError)
 from train_helpers import subprocess_env
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))

@@ -10,7 +10,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from litejax import cli
+from litejax import cli, env
 
 TINY = ['--set', 'model.num_layers=1', '--set', 'model.d_model=32', '--set', 'model.num_heads=2',
         '--set', 'model.num_kv_heads=2', '--set', 'model.seq_len=32', '--set', 'moe.d_expert=32',
@@ -38,7 +38,7 @@ def _files(tmp):
 
 def _other_config_checkpoint(path):
   """A real (Orbax) checkpoint whose state another config built."""
-  from litejax.checkpoint import Checkpointer
+  from litejax.train.checkpoint import Checkpointer
   ck = Checkpointer(path, async_save=False)
   ck.save(3, {'params': {'w': np.zeros((3, 5), np.float32)}, 'step': np.int32(3)}, {'config': {}})
   ck.close()
@@ -153,7 +153,7 @@ def test_libtpu_quiet_settings_only_without_a_tpu(monkeypatch):
   for k in ('TPU_SKIP_MDS_QUERY', 'TPU_ACCELERATOR_TYPE', 'TPU_WORKER_HOSTNAMES', 'ALLOW_MULTIPLE_LIBTPU_LOAD'):
     monkeypatch.delenv(k, raising=False)
   monkeypatch.setattr(cli.glob, 'glob', lambda pattern: [])        # no PCI devices: a CPU machine
-  cli.quiet_libtpu()
+  env.quiet_libtpu()
   assert os.environ['TPU_SKIP_MDS_QUERY'] == '1' and os.environ['TPU_WORKER_HOSTNAMES'] == 'localhost'
 
 

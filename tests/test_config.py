@@ -4,7 +4,10 @@ import dataclasses
 import pytest
 
 from conftest import CONFIG_DIR, all_config_files
-from litejax.config import Config, ConfigError, capacity, from_dict, load_config, parse_overrides, resolve_dispatch
+from litejax.config import Config, ConfigError
+from litejax.model.moe.capacity import capacity
+from litejax.config import from_dict, load_config, parse_overrides
+from litejax.model.moe.capacity import resolve_dispatch
 
 
 @pytest.mark.parametrize('path', all_config_files(), ids=lambda p: p.name)
@@ -115,8 +118,8 @@ SHRINK_EXPERTS = {'quadrillion': ['moe.num_tiers=2', 'moe.groups_per_tier=4', 'm
 @pytest.mark.parametrize('path', all_config_files(), ids=lambda p: p.name)
 def test_shipped_config_model_matches_closed_form_counts(path):
   """The abstract model of every shipped config (full size: shapes only) has bounds' parameter count."""
-  from litejax import bounds
-  from litejax.footprint import count_model_params
+  from litejax.model import bounds
+  from litejax.analysis.footprint import count_model_params
   cfg = load_config(path)
   assert count_model_params(cfg) == bounds.param_counts(cfg).total
 

@@ -1,4 +1,4 @@
-"""Compiled FLOPs (litejax.cost) against the analytic bound, and the backend artefacts it must catch.
+"""Compiled FLOPs (litejax.analysis.bound) against the analytic bound, and the backend artefacts it must catch.
 
 Compiles are the cost here (~2-10 s each on 2 cores), so each program is compiled once per module
 (`reports`) and checked by every test that needs it.
@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from litejax import bounds, cost
+from litejax.model import bounds
+from litejax.analysis import bound as cost
 from litejax.config import load_config
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.

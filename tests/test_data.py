@@ -1,11 +1,11 @@
-"""Tests for litejax.data: tokenizer, sources, splits, deterministic and per-process batches."""
+"""Tests for litejax.train.data: tokenizer, sources, splits, deterministic and per-process batches."""
 import importlib.resources
 
 import numpy as np
 import pytest
 
-from litejax import data
-from litejax.data import TokenDataset, decode, encode, load_default_corpus, load_tokens
+from litejax.train import data
+from litejax.train.data import TokenDataset, decode, encode, load_default_corpus, load_tokens
 
 
 def _ramp(n, vocab=256, dtype=np.uint16):

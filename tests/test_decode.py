@@ -1,4 +1,4 @@
-"""Decoding (litejax.decode): prefill + cached steps equal a full forward, on one device and on meshes."""
+"""Decoding (litejax.inference.decode): prefill + cached steps equal a full forward, on one device and on meshes."""
 import functools
 
 import jax
@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from litejax import decode
+from litejax.inference import decode
 from litejax import sharding as shd
 from litejax.config import MeshConfig, load_config
-from litejax.model import init_model
-from litejax.sampling import Sampling
+from litejax.model.transformer import init_model
+from litejax.inference.sampling import Sampling
 from train_helpers import REPO, TINY, enable_compile_cache
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
@@ -197,7 +197,7 @@ def test_cache_layout_follows_the_logical_rules():
 def test_routing_ids_match_the_router():
   # make_runtime(with_routing=True): each token's experts per MoE layer, equal to the router's choice
   # on that layer's input in a full forward (the default runtime returns no ids).
-  from litejax import routing
+  from litejax.model.moe import routing
   cfg = config('tiny', ['model.scan_layers=false'])
   mesh = mesh_of((1, 1, 1))
   rt = decode.make_runtime(cfg, mesh, 8, 16, with_routing=True)

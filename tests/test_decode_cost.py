@@ -1,10 +1,14 @@
-"""`litejax bound --decode` (litejax.decode_cost): the decode step compiled from abstract shapes,
+"""`litejax bound --decode` (litejax.analysis.decode_bound): the decode step compiled from abstract shapes,
 compiled FLOPs against bounds.decode_flops_per_token, expert weights read = the active rows' slices."""
 import json
 
 import pytest
 
-from litejax import bounds, cli, decode, decode_cost, latency
+from litejax.model import bounds
+from litejax import cli
+from litejax.inference import decode
+from litejax.analysis import decode_bound as decode_cost
+from litejax.perf import latency
 from litejax.config import load_config
 from train_helpers import REPO, TINY_YAML
 
@@ -78,7 +82,7 @@ def test_scanned_bf16_upcast_is_a_named_cpu_artefact():
 
 
 def test_slice_reads_follows_chains_and_fails_on_a_whole_read():
-  from litejax import hlo, hlo_cost
+  from litejax.hlo import parse as hlo, flops as hlo_cost
   text = """HloModule m
 %f (p: f32[4,16,8], i: s32[], j: s32[2]) -> f32[2,8] {
   %p = f32[4,16,8]{2,1,0} parameter(0)

@@ -5,7 +5,7 @@ import jax
 import pytest
 
 from litejax import cli
-from litejax import train as train_lib
+from litejax.train import loop as train_lib, step as train_step
 from litejax.config import load_config
 from litejax.sharding import make_mesh
 from train_helpers import TINY, TINY_YAML, enable_compile_cache
@@ -75,8 +75,8 @@ def test_bad_flags_are_named(ckpt, capsys):
 
 
 def _full_restore(ckpt_dir, cfg, mesh):
-  from litejax.checkpoint import Checkpointer
-  _, abstract, _ = train_lib.state_layout(cfg, mesh)
+  from litejax.train.checkpoint import Checkpointer
+  _, abstract, _ = train_step.state_layout(cfg, mesh)
   c = Checkpointer(ckpt_dir)
   try:
     return c.restore(abstract).state
@@ -91,7 +91,7 @@ def test_generate_restores_only_params(ckpt, tmp_path, update):
   # sparse expert update's optimizer state (row tables) does not get in the way.
   import numpy as np
 
-  from litejax import decode, generation
+  from litejax.inference import decode, session as generation
   cfg = load_config(TINY_YAML, RUN + ([] if update == 'module checkpoint' else [f'train.expert_update={update}']))
   mesh = make_mesh(cfg.mesh, jax.devices()[:1])
   if update != 'module checkpoint':
@@ -103,7 +103,7 @@ def test_generate_restores_only_params(ckpt, tmp_path, update):
   for part in ('params', 'extra'):
     got, want = jax.tree.leaves(getattr(session, part)), jax.tree.leaves(full[part])
     assert len(got) == len(want) and all(np.array_equal(a, b) for a, b in zip(got, want)), part
-  gen, _ = session.generate([[5, 6, 7]], 4, latency_split=False)
+  gen = session.generate([[5, 6, 7]], 4)
   rt = decode.make_runtime(session.cfg, session.mesh, 1, 7)
   with jax.set_mesh(session.mesh):
     ref = decode.generate(rt, full['params'], full['extra'], [[5, 6, 7]], 4)

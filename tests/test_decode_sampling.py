@@ -1,9 +1,9 @@
-"""Sampling filters (litejax.sampling) against hand-worked cases and a NumPy reference."""
+"""Sampling filters (litejax.inference.sampling) against hand-worked cases and a NumPy reference."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from litejax.sampling import Sampling, filter_logits, sample
+from litejax.inference.sampling import Sampling, filter_logits, sample
 
 
 def np_filter(logits, k, p):

@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 
 import reference as ref
-from litejax.config import from_dict, resolve_dispatch
-from litejax.dispatch import assignment_positions, drop_fractions, moe_ffn
-from litejax.routing import Routing, route
+from litejax.config import from_dict
+from litejax.model.moe.capacity import resolve_dispatch
+from litejax.model.moe.dispatch import moe_ffn
+from litejax.model.moe.rows import assignment_positions, drop_fractions
+from litejax.model.moe.routing import Routing, route
 
 
 def moe_cfg(**kw):
@@ -153,7 +155,7 @@ def test_gradients_reach_router_and_experts(path):
 
 @pytest.mark.parametrize('experts,rows', [(128, 3), (128, 200), (8, 3)])  # CPU: loop only for the first
 def test_expert_matmul_gradients_match_einsum(experts, rows):
-  from litejax.dispatch import expert_matmul
+  from litejax.model.moe.rows import expert_matmul
   rng = np.random.default_rng(rows)
   x = jnp.asarray(rng.normal(size=(experts, rows, 6)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(experts, 6, 7)), jnp.float32)

@@ -1,4 +1,4 @@
-"""Dropless dispatch (litejax.dropless) against the dense NumPy reference with nothing dropped."""
+"""Dropless dispatch (litejax.model.moe.dropless) against the dense NumPy reference with nothing dropped."""
 import functools
 
 import jax
@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 import reference as ref
-from litejax import bounds
-from litejax.config import dropless_tiles, from_dict
-from litejax.dispatch import moe_ffn
-from litejax.dropless import dropless_moe, sort_by_expert, tile_rows
-from litejax.routing import route
+from litejax.model import bounds
+from litejax.model.moe.capacity import dropless_tiles
+from litejax.config import from_dict
+from litejax.model.moe.dispatch import moe_ffn
+from litejax.model.moe.dropless import dropless_moe, sort_by_expert, tile_rows
+from litejax.model.moe.routing import route
 from test_dispatch import moe_cfg, router_params, weights
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
@@ -96,8 +97,8 @@ def test_gradients_match_gather_path(impl):
 def test_decode_sized_call_runs_no_sort_on_cpu():
   # At t = 1 (a few tokens per step) the CPU form gathers each assignment's slices: no argsort, no
   # searchsorted, no scatter back; with more tokens per expert it keeps the bounded tiles (one sort).
-  from litejax import hlo
-  from litejax.dropless import cpu_impl
+  from litejax.hlo import parse as hlo
+  from litejax.model.moe.dropless import cpu_impl
   cfg = moe_cfg(expert_kind='glu')
   d = 12
   w = {k: jnp.asarray(v) for k, v in weights(cfg, d).items()}
@@ -121,7 +122,7 @@ def test_analytic_bound_counts_the_tiles():
 
 
 def test_expert_parallel_plan_has_room_for_every_assignment():
-  from litejax import ep_plan
+  from litejax.model.moe import buffer_plan as ep_plan
   cfg = moe_cfg(dispatch='dropless')
   for n, ranks in ((1, 2), (3, 4), (16, 1)):
     p = ep_plan.plan(cfg, n, ranks)

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from litejax import comm, dispatch, ep_plan, expert_parallel, routing, sharding, train_step
+from litejax.hlo import collectives as comm
+from litejax.model.moe import dispatch, buffer_plan as ep_plan, expert_parallel, routing
+from litejax import sharding
+from litejax.train import step as train_step
 from litejax.config import ConfigError, MeshConfig
 from sharding_helpers import tiny_config
 

@@ -6,11 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from litejax.checkpoint import Checkpointer
+from litejax.train.checkpoint import Checkpointer
 from litejax.cli import main
 from litejax.config import load_config
-from litejax.store import layout
-from litejax.store.disk import ExpertStore
+from litejax.inference.store import layout
+from litejax.inference.store.disk import ExpertStore
 from store_helpers import SMALL, STORE_1B, small_cfg
 
 
@@ -19,7 +19,7 @@ def save_checkpoint(cfg, ckpt_dir):
   from the abstract model so nothing is compiled."""
   from flax import nnx
 
-  from litejax.model import abstract_model
+  from litejax.model.transformer import abstract_model
   rng = np.random.default_rng(0)
   params = nnx.state(abstract_model(cfg), nnx.Param)
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(s.dtype), params)
@@ -97,7 +97,7 @@ def layout_root():
 
 
 def test_store_1b_config_is_a_billion_parameters_in_hierarchical_experts():
-  from litejax import bounds
+  from litejax.model import bounds
   cfg = load_config(layout_root() / STORE_1B)
   m = cfg.moe
   assert (m.num_tiers, m.groups_per_tier, m.experts_per_group) == (16, 16, 64) and m.experts_total == 16384

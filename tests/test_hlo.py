@@ -1,7 +1,7 @@
-"""litejax.hlo: one parser, one dtype table and one trip-count rule for every HLO reader."""
+"""litejax.hlo.parse: one parser, one dtype table and one trip-count rule for every HLO reader."""
 import pytest
 
-from litejax import comm, hlo, hlo_cost
+from litejax.hlo import collectives as comm, parse as hlo, flops as hlo_cost
 
 HLO = """HloModule m
 

@@ -3,7 +3,8 @@ import dataclasses
 
 import pytest
 
-from litejax import bounds, hardware, latency
+from litejax.model import bounds
+from litejax.perf import chips as hardware, latency
 
 # A made-up chip with round numbers, so every term below is checked against arithmetic done by hand:
 # 100 TFLOP/s, 1 TB/s of HBM bandwidth, 250 GB/s of ICI.
@@ -28,7 +29,7 @@ def test_estimate_by_hand(flops, coll, hbm, expected, dominant):
 
 
 def test_v5p_step_from_its_datasheet():
-  # v5p: 459 TFLOP/s bf16, 2765 GB/s HBM, 1200 GB/s ICI (litejax.hardware, cited). One step of
+  # v5p: 459 TFLOP/s bf16, 2765 GB/s HBM, 1200 GB/s ICI (litejax.perf.chips, cited). One step of
   # 4.59e14 FLOPs, 6e11 collective bytes and 5.53e12 HBM bytes: 1 s + 0.5 s + 2 s.
   d = latency.estimate(4.59e14, 6e11, 5.53e12, hardware.chip('v5p')).as_dict()
   assert [d[k] for k in ('compute_s', 'communication_s', 'memory_s', 'total_s')] == \
@@ -113,7 +114,7 @@ def test_estimate_compiled_by_hand():
 def test_estimate_compiled_counts_loop_kernels_per_trip():
   import jax
   import jax.numpy as jnp
-  from litejax import hlo
+  from litejax.hlo import parse as hlo
   w = jnp.ones((16, 16), jnp.float32)
 
   def looped(trips):
@@ -169,19 +170,20 @@ def test_compiled_gathers_and_sorts_are_found():
 
 def test_call_overhead_from_the_probe():
   # synthetic: the probe's program as priced + 4 calls x 50 us comes back as 50 us per call
-  from litejax import calibration, decode, host_probes
+  from litejax.inference import decode
+  from litejax.perf import probes as host_probes
   _, compiled = host_probes.call_probe(leaves=12)
   modelled = latency.estimate_compiled(compiled, SLOW_KERNELS)['total_s']
-  assert decode.HOST_CALLS_PER_STEP == 4
-  got = calibration.call_overhead(compiled, modelled + 4 * 50e-6, SLOW_KERNELS)
+  assert decode.HOST_CALLS_PER_STEP == host_probes.CALL_PROBE_CALLS == 4   # the probe makes the loop's calls
+  got = host_probes.call_overhead(compiled, modelled + 4 * 50e-6, SLOW_KERNELS)
   assert got == pytest.approx(50e-6, rel=1e-9)
-  assert calibration.call_overhead(compiled, 0.0, SLOW_KERNELS) == 0.0   # never negative
+  assert host_probes.call_overhead(compiled, 0.0, SLOW_KERNELS) == 0.0   # never negative
 
 
 def test_kernel_overhead_from_two_chains():
   # synthetic times: each chain's modelled work + 2 us per kernel + a fixed 30 us per call; the
   # fixed cost cancels, the work is not counted twice: 2 us per kernel comes back
-  from litejax import calibration
+  from litejax.perf import probes as host_probes
   import jax.numpy as jnp
   w = jnp.ones((16, 16), jnp.float32)
   chains = [_compiled(lambda x, n=n: [x := jnp.cumsum(jnp.tanh(x @ w), -1) for _ in range(n)][-1], jnp.ones((4, 16)))
@@ -190,12 +192,12 @@ def test_kernel_overhead_from_two_chains():
   for c in chains:
     e = latency.estimate_compiled(c, CHIP)
     points.append((c, e['total_s'] + e['kernels'] * 2e-6 + 30e-6))
-  assert calibration.kernel_overhead(points, CHIP) == pytest.approx(2e-6, rel=1e-9)
+  assert host_probes.kernel_overhead(points, CHIP) == pytest.approx(2e-6, rel=1e-9)
 
 
 @pytest.mark.slow
 def test_calibrate_runs():
-  from litejax import calibration
+  from litejax.calibrate import calibration
   rep = calibration.calibrate(quick=True)
   host = rep['host']
   assert host['peak_flops'] > 0 and host['mem_bytes_per_s'] > 0 and host['transpose_bytes_per_s'] > 0
@@ -217,11 +219,11 @@ def test_calibrate_runs():
 
 
 def test_measure_host_is_a_calibrated_chip():
-  from litejax import calibration
-  host = calibration.measure_host(repeats=1, quick=True)
+  from litejax.perf.host import measure_host
+  host = measure_host(repeats=1, quick=True)
   assert host.generation == 'cpu' and host.peak_flops > 0 and host.hbm_bytes_per_s > 0
   assert host.transpose_bytes_per_s > 0 and host.kernel_overhead_s >= 0 and host.call_overhead_s > 0
   assert host.gather_bytes_per_s > 0 and host.sort_comparison_s > 0
   rounds = []
-  calibration.measure_host(repeats=2, quick=True, between=lambda: rounds.append(1))
+  measure_host(repeats=2, quick=True, between=lambda: rounds.append(1))
   assert rounds == [1, 1]   # the caller's own timing runs once after each round of probes

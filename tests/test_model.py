@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from litejax import bounds
+from litejax.model import bounds
 from litejax.config import from_dict
-from litejax.model import abstract_model, init_model, layer_mean
+from litejax.model.transformer import abstract_model, init_model, layer_mean
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
 pytestmark = pytest.mark.slow

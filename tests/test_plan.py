@@ -1,8 +1,9 @@
 """`litejax plan`: the smallest slice where a config fits, checked against a hand computation."""
 import pytest
 
-from litejax import hardware, targets
-from litejax import footprint, planning
+from litejax.perf import chips as hardware
+from litejax.analysis import targets
+from litejax.analysis import footprint, planning
 from litejax.config import load_config
 from test_targets import HUGE, SMALL
 
@@ -46,7 +47,7 @@ def test_plan_reports_shortfall_without_compiling():
 
 def test_serve_plan_by_hand():
   """plan --serve on the quadrillion config: every byte figure and the chosen slice by hand."""
-  from litejax import bounds
+  from litejax.model import bounds
   cfg = load_config('configs/quadrillion.yaml')
   p = bounds.param_counts(cfg)
   experts, rest = 2 * p.expert_total, 2 * (p.total - p.expert_total)
@@ -91,7 +92,7 @@ def test_plan_serve_command_prints_the_slice(capsys):
 def test_train_state_honours_expert_update_and_optimizer():
   """tiny (flat router: only the expert tables are row tables), one device: the state's differences
   between the three choices are the expert tables' row state, by hand."""
-  from litejax import sparse_optim
+  from litejax.train import row_optim as sparse_optim
   sizes = {'data': 1, 'expert': 1, 'tensor': 1}
   state = {}
   for update, opt in planning.OPTIMIZER_CHOICES:
@@ -111,7 +112,7 @@ def test_train_state_honours_expert_update_and_optimizer():
 
 def test_quadrillion_factored_plan_by_hand():
   """The quadrillion experts' training state per choice, and the host tier beyond a whole pod's HBM."""
-  from litejax import bounds
+  from litejax.model import bounds
   cfg = load_config('configs/quadrillion.yaml', ['train.expert_optimizer=factored'])
   out = planning.smallest_slice(cfg, 'v5p', train=True)
   d, h, experts = 2048, 1953, 128 * 16 * 128 * 480          # bf16 MLP experts, 983,040 per layer

@@ -1,4 +1,4 @@
-"""router_expert split by group over the expert ranks (litejax.router_parallel): the expert level scored on
+"""router_expert split by group over the expert ranks (litejax.model.moe.router_parallel): the expert level scored on
 the groups' owners equals the replicated table's routing, its logits and its gradient, with no all-gather."""
 import dataclasses
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from litejax import ep_plan, router_parallel, routing, sharding
+from litejax.model.moe import buffer_plan as ep_plan, router_parallel, routing
+from litejax import sharding
 from litejax.config import MeshConfig, MoEConfig
 
 D, N = 16, 64

@@ -6,7 +6,7 @@ import pytest
 
 import reference as ref
 from litejax.config import from_dict
-from litejax.routing import route as route_eager, update_selection_bias
+from litejax.model.moe.routing import route as route_eager, update_selection_bias
 
 # One compile per (config, shapes) instead of eager op-by-op dispatch.
 route = jax.jit(route_eager, static_argnums=(2,))
@@ -143,7 +143,7 @@ def test_selection_bias_changes_choice_not_gate():
 
 @pytest.mark.parametrize('k', [1, 3, 16, 17, 40])   # <= 16: argmax rounds; above: the sort fallback
 def test_top_k_matches_numpy_with_ties(k):
-  from litejax.routing import top_k
+  from litejax.model.moe.routing import top_k
   rng = np.random.default_rng(k)
   x = np.round(rng.normal(size=(2, 7, 48)) * 2) / 2          # many exact ties
   vals, idx = jax.jit(top_k, static_argnums=1)(jnp.asarray(x, jnp.float32), k)

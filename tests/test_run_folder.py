@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from litejax import cli, run_folder
+from litejax import cli
+from litejax.train import run_folder
 from litejax.config import InputError
 from train_helpers import TINY, TINY_YAML, enable_compile_cache
 
@@ -17,7 +18,7 @@ from train_helpers import TINY, TINY_YAML, enable_compile_cache
 pytestmark = pytest.mark.slow
 
 enable_compile_cache()
-HOLD = ('import sys, time; from litejax import run_folder as r; '
+HOLD = ('import sys, time; from litejax.train import run_folder as r; '
         'r.RunLock(r.make_paths(sys.argv[1], None)).acquire(); print("locked", flush=True); time.sleep(60)')
 
 

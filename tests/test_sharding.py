@@ -3,7 +3,9 @@ import jax
 import numpy as np
 import pytest
 
-from litejax import sharding, train_step
+from litejax.train.optimizer import make_optimizer
+from litejax import sharding
+from litejax.train import step as train_step
 from litejax.config import Config, ConfigError, MeshConfig, ModelConfig
 from sharding_helpers import tiny_config, train_losses
 
@@ -40,7 +42,7 @@ def test_expert_weights_are_sharded_over_expert_axis():
   cfg = tiny_config()
   mesh = sharding.make_mesh(MeshConfig(2, 4, 1))
   _, _, shardings = train_step.state_layout(cfg, mesh)
-  state = train_step.init_state(cfg, mesh, train_step.make_optimizer(cfg.train), shardings)['params']
+  state = train_step.init_state(cfg, mesh, make_optimizer(cfg.train), shardings)['params']
   e, r = cfg.moe.experts_total, 4
   moe = state['blocks'][1]['ffn']          # layer 2 is the MoE layer
   for name in ('w_in', 'w_out'):
@@ -113,7 +115,7 @@ def test_device_count_mismatch_is_config_error():
 
 def test_plain_single_device_call_unchanged():
   cfg = Config(model=ModelConfig(d_model=32, num_layers=1, num_heads=4, num_kv_heads=4, seq_len=8, vocab_size=32))
-  from litejax.model import init_model
+  from litejax.model.transformer import init_model
   m = init_model(cfg)
   logits, _ = m(jax.numpy.zeros((2, 8), jax.numpy.int32))
   assert logits.shape == (2, 8, 32)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from litejax import sparse_grad as sg
+from litejax.model.moe import row_grad as sg
 
 E, D, H, N = 64, 8, 16, 12   # table [E, d, h]; N assignments (duplicates and dropped ones included)
 
@@ -112,10 +112,10 @@ def test_local_capacity_keeps_an_assignment_of_every_routed_expert():
   routing.expert_nk), dropped ones included. That adds no expert without a kept assignment: capacity is at
   least 1 (moe.min_capacity > 0 is validated) and an expert's first assignment in priority order has
   position 0, so an expert whose every assignment is dropped does not exist on this path."""
-  from litejax import dispatch
+  from litejax.model.moe import rows
   rng = np.random.default_rng(0)
   expert_nk = jnp.asarray(rng.choice(6, size=(64, 2), p=[0.6, 0.2, 0.1, 0.05, 0.04, 0.01]), jnp.int32)
-  _, keep_nk = dispatch.assignment_positions(expert_nk, 1)   # capacity 1: most assignments dropped
+  _, keep_nk = rows.assignment_positions(expert_nk, 1)   # capacity 1: most assignments dropped
   e, keep = np.asarray(expert_nk).ravel(), np.asarray(keep_nk).ravel()
   assert not keep.all()
   assert set(e[keep]) == set(e)

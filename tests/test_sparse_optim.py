@@ -6,9 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from litejax import sparse_optim as so
+from litejax.train import row_optim as so
 from litejax.config import from_dict
-from litejax.train import lr_schedule
+from litejax.train.optimizer import lr_schedule
 
 E, D, H = 6, 3, 4
 TC = from_dict({'train': dict(lr=0.05, warmup_steps=2, steps=5, weight_decay=0.1, beta1=0.9, beta2=0.95,

@@ -1,4 +1,4 @@
-"""The sparse expert update (litejax.sparse_train) against the dense one: equal to optax AdamW when every expert
+"""The sparse expert update (litejax.train.sparse_step) against the dense one: equal to optax AdamW when every expert
 is touched, untouched rows bit-identical, temporaries that follow the touched rows, training with E ≫ N·K."""
 import dataclasses
 
@@ -6,8 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from litejax import sharding, sparse_train, train_step
-from litejax.checkpoint import Checkpointer
+from litejax import sharding
+from litejax.train import sparse_step as sparse_train, step as train_step
+from litejax.train.optimizer import make_optimizer
+from litejax.train.checkpoint import Checkpointer
 from litejax.config import Config, ConfigError, MeshConfig, ModelConfig, MoEConfig, TrainConfig, from_dict
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
@@ -34,7 +36,7 @@ def _batch(cfg, step, fixed=False):
 def run(cfg, mesh, steps, fixed=False, keep=None):
   """(losses, states after each step as host numpy, tokens_per_expert per step) of `steps` updates;
   keep (a dict) receives the step function and the state shardings."""
-  tx = train_step.make_optimizer(cfg.train)
+  tx = make_optimizer(cfg.train)
   graphdef, _, shardings = train_step.state_layout(cfg, mesh, tx)
   state = train_step.init_state(cfg, mesh, tx, shardings)
   bsh = sharding.batch_sharding(mesh)
@@ -131,7 +133,7 @@ def test_temporaries_follow_touched_rows_not_experts():
   temps = {}
   for update in ('sparse', 'dense'):
     cfg = small_config(groups=64, experts_per_group=16, batch=2, update=update)   # E = 1024
-    tx = train_step.make_optimizer(cfg.train)
+    tx = make_optimizer(cfg.train)
     graphdef, abstract, shardings = train_step.state_layout(cfg, mesh, tx)
     step = train_step.make_train_step(cfg, graphdef, tx, shardings, sharding.batch_sharding(mesh))
     tok = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.seq_len), np.int32)
@@ -182,7 +184,7 @@ def _all_reduce_shapes(hlo_text: str) -> list[str]:
 # checked against the replicated table in tests/test_router_parallel.py, without a whole train step.
 @pytest.mark.parametrize('shape', [(1, 8, 1)], ids=['ep8'])
 def test_router_split_by_group_equals_replicated(shape):
-  """router_expert split by group over the expert ranks (scored on the owner, litejax.router_parallel):
+  """router_expert split by group over the expert ranks (scored on the owner, litejax.model.moe.router_parallel):
   3 sparse steps, scanned, equal the same mesh's steps with the table replicated, and no all-reduce
   carries router_expert rows."""
   cfg, mesh = ROUTER_SPLIT, _mesh(shape)
@@ -202,7 +204,7 @@ def test_router_split_by_group_equals_replicated(shape):
            if 'router_expert' in jax.tree_util.keystr(path)]
   assert specs == [jax.sharding.PartitionSpec(None, 'expert', None, None)]   # [layers, T·G, d, Eg]
   if shape == (1, 8, 1):   # a router row is [d, Eg] = [16, 6]; only dense gradients are all-reduced
-    tx = train_step.make_optimizer(cfg.train)
+    tx = make_optimizer(cfg.train)
     abstract = train_step.state_layout(cfg, mesh, tx)[1]
     tok = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.seq_len), np.int32)
     with jax.set_mesh(mesh):
@@ -218,7 +220,7 @@ def test_bf16_tables_are_not_copied_as_f32():
   cfg = small_config(groups=64, experts_per_group=16, batch=2, scan=True)   # E = 1024
   cfg = cfg.replace(model=dataclasses.replace(cfg.model, dtype='bfloat16', param_dtype='bfloat16'))
   mesh = _mesh((1, 1, 1))
-  tx = train_step.make_optimizer(cfg.train)
+  tx = make_optimizer(cfg.train)
   graphdef, abstract, shardings = train_step.state_layout(cfg, mesh, tx)
   step = train_step.make_train_step(cfg, graphdef, tx, shardings, sharding.batch_sharding(mesh))
   tok = jax.ShapeDtypeStruct((cfg.train.batch_size, cfg.model.seq_len), np.int32)

@@ -5,10 +5,10 @@ import collections
 import numpy as np
 import pytest
 
-from litejax.store import layout
-from litejax.store.cache import POLICIES, SlotCache
-from litejax.store.simulate import Step, simulate, trace_from_routing
-from litejax.store.writer import write_random
+from litejax.inference.store import layout
+from litejax.inference.store.cache import POLICIES, SlotCache
+from litejax.inference.store.simulate import Step, simulate, trace_from_routing
+from litejax.inference.store.writer import write_random
 from store_helpers import bytes_read, small_cfg
 
 

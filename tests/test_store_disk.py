@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import tensorstore as ts
 
-from litejax.store import layout
-from litejax.store.disk import ExpertStore
-from litejax.store.layout import ExpertStoreError
-from litejax.store.writer import StoreWriter, check_destination, write_random
+from litejax.inference.store import layout
+from litejax.inference.store.disk import ExpertStore
+from litejax.inference.store.layout import ExpertStoreError
+from litejax.inference.store.writer import StoreWriter, check_destination, write_random
 from store_helpers import bytes_read, small_cfg
 
 CFG = small_cfg()

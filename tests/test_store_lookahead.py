@@ -1,12 +1,12 @@
-"""Lookahead candidates (litejax.store.lookahead) against a plain NumPy beam over the hierarchical router:
+"""Lookahead candidates (litejax.inference.store.lookahead) against a plain NumPy beam over the hierarchical router:
 width 1 is the router's own choice, wider adds the best beam paths it lacks."""
 import dataclasses
 
 import numpy as np
 import pytest
 
-from litejax import routing
-from litejax.store.lookahead import candidates_jit
+from litejax.model.moe import routing
+from litejax.inference.store.lookahead import candidates_jit
 from store_helpers import small_cfg
 
 T, G, EG, D, N = 3, 4, 5, 8, 6

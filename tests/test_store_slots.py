@@ -4,8 +4,8 @@ import jax
 import numpy as np
 import pytest
 
-from litejax.store import quant
-from litejax.store.slots import DeviceSlots, to_pinned_host
+from litejax.inference.store import quant
+from litejax.inference.store.slots import DeviceSlots, to_pinned_host
 
 SHAPES = {'w_in': (4, 3), 'w_out': (3, 4)}
 

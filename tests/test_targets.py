@@ -4,7 +4,8 @@ Tests that compile for a TPU topology need libtpu (`pip install 'litejax[tpu]'`)
 """
 import pytest
 
-from litejax import hardware, targets
+from litejax.perf import chips as hardware
+from litejax.analysis import targets
 from litejax.config import load_config
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
@@ -56,7 +57,7 @@ def test_cpu_target_uses_emulated_devices():
 @needs_libtpu
 @pytest.mark.parametrize('spec', ['v5e:2x2', 'v5p:2x2x2'])
 def test_tpu_flops_match_cpu_mesh(spec):
-  from litejax import cost
+  from litejax.analysis import bound as cost
   cfg = load_config('configs/tiny.yaml', SMALL)
   tpu = targets.resolve(spec)
   c, mesh = targets.target_mesh(cfg, tpu)
@@ -82,7 +83,7 @@ def test_tpu_report_compares_with_the_analytic_bound():
   """--target JSON carries ratio and flops_per_token_analytic, as the CPU report does; the compiled
   figure is the chip's cost_analysis (elementwise included, so a little above 1)."""
   rep = targets.compile_report(load_config('configs/tiny.yaml', SMALL), targets.resolve('v5p:2x2x1'))
-  from litejax import bounds
+  from litejax.model import bounds
   cfg = load_config('configs/tiny.yaml', SMALL)
   n = rep['tokens_per_group']
   analytic = sum(bounds.forward_flops_per_token(cfg, n).values())
@@ -94,5 +95,5 @@ def test_tpu_report_compares_with_the_analytic_bound():
 
 
 def cost_elementwise_share_bound(elem_share: float) -> float:
-  from litejax import cost
+  from litejax.analysis import bound as cost
   return cost.ELEMENTWISE_FACTOR * elem_share

@@ -1,4 +1,4 @@
-"""Decoding from the tiered expert store (litejax.tiered_decode): with miss='stall' tokens and logits are
+"""Decoding from the tiered expert store (litejax.inference.store_decode): with miss='stall' tokens and logits are
 bit-identical to the resident decode step for every policy and lookahead; bytes read from disk are
 exactly the expert reads x expert bytes (TensorStore's own counter); the int8 fallback stays close."""
 import jax
@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from litejax import decode
+from litejax.inference import decode
 from litejax import sharding as shd
 from litejax.config import MeshConfig
-from litejax.model import init_model
-from litejax.sampling import Sampling
-from litejax.store import layout
-from litejax.store.tiers import TierOptions, Tiers, int8_copies
-from litejax.store.writer import StoreWriter
-from litejax.tiered_decode import TieredRuntime
+from litejax.model.transformer import init_model
+from litejax.inference.sampling import Sampling
+from litejax.inference.store import layout
+from litejax.inference.store.levels import TierOptions, Tiers, int8_copies
+from litejax.inference.store.writer import StoreWriter
+from litejax.inference.store_decode import TieredRuntime
 from store_helpers import bytes_read, small_cfg
 from train_helpers import enable_compile_cache
 
@@ -37,7 +37,7 @@ def write_model_store(cfg, model, location):
 
 
 def resident(cfg, model):
-  """Tokens [B, NEW] and logits per step [NEW][B, V] of the resident decode step (litejax.decode)."""
+  """Tokens [B, NEW] and logits per step [NEW][B, V] of the resident decode step (litejax.inference.decode)."""
   _, params, extra = nnx.split(model, nnx.Param, ...)
   mesh = shd.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
   rt = decode.make_runtime(cfg, mesh, len(PROMPTS), 5 + NEW)
@@ -157,7 +157,7 @@ def test_generate_store_cli_json_and_png(tmp_path, capsys):
   import json
 
   from litejax.cli import main
-  from litejax.store.writer import write_random
+  from litejax.inference.store.writer import write_random
   write_random(str(tmp_path / 'store'), small_cfg(), 0)
   png = tmp_path / 'store.png'
   assert main(['generate', '--store', str(tmp_path / 'store'),
@@ -184,7 +184,7 @@ def test_store_from_a_checkpoint_decodes_with_that_checkpoint(tmp_path, capsys):
   import shutil
 
   from litejax.cli import main
-  from litejax.train import train
+  from litejax.train.loop import train
   from train_helpers import TINY, TINY_YAML
   from litejax.config import load_config
   ckpt = tmp_path / 'ckpt'

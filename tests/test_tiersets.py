@@ -1,4 +1,4 @@
-"""TierSets (litejax.tiersets, `generate --latency-budget-ms`): candidates from store.placement, the tier mask
+"""TierSets (litejax.inference.tiersets, `generate --latency-budget-ms`): candidates from store.placement, the tier mask
 threaded through the MoE block (val loss and tier selections per TierSet), the I/O term, the choice and its
 error, and a tiny store decoded with the chosen mask (hot tiers preloaded: no I/O at all)."""
 import json
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from litejax import tiersets
-from litejax.model import init_model
-from litejax.store.tiers import TierOptions, Tiers
-from litejax.tiered_decode import TieredRuntime
+from litejax.inference import tiersets
+from litejax.model.transformer import init_model
+from litejax.inference.store.levels import TierOptions, Tiers
+from litejax.inference.store_decode import TieredRuntime
 from store_helpers import small_cfg
 from test_tiered_decode import write_model_store
 from train_helpers import enable_compile_cache
@@ -45,14 +45,14 @@ def test_candidates_follow_placement():
 def test_mask_reaches_every_moe_layer(setup):
   """hot only: no selection in the cold tier; all tiers: the unmasked model's loss (same arithmetic)."""
   import jax
-  from litejax.train_step import _forward
+  from litejax.train.objective import forward_loss
   cfg, model, _, rows = setup
   hot, every = rows
   assert hot['selection_fractions'] == {'hot': 1.0, 'warm': 0.0, 'cold': 0.0}
   assert 0 < every['selection_fractions']['cold'] < 1
   x, y = tiersets.val_batches(cfg, 1, 2)[0]
   graphdef, params, extra = nnx.split(model, nnx.Param, ...)
-  ce, _ = jax.jit(lambda p, e: _forward(graphdef, p, e, x, y))(params, extra)
+  ce, _ = jax.jit(lambda p, e: forward_loss(graphdef, p, e, x, y))(params, extra)
   assert every['val_loss'] == pytest.approx(float(ce), rel=1e-6)
   assert hot['val_loss'] != pytest.approx(every['val_loss'], rel=1e-6)
 
@@ -91,8 +91,8 @@ def test_decode_with_hot_tierset_reads_nothing(setup):
 def test_step_cost_prices_the_programs_run(setup):
   """store/step_cost: one decode step's calls as the runtime makes them, each program priced by
   latency.estimate_compiled, plus per-call and per-round-trip costs."""
-  from litejax import hardware, latency
-  from litejax.store import step_cost
+  from litejax.perf import chips as hardware, latency
+  from litejax.inference import step_latency as step_cost
   cfg, model, store, _ = setup
   tiers = Tiers(store, TierOptions(0.5, 0.5, 'lru', 1), load_width=8)
   try:
@@ -119,10 +119,10 @@ def test_step_cost_prices_the_programs_run(setup):
 @pytest.mark.slow
 def test_generate_latency_budget_cli(tmp_path, capsys, monkeypatch):
   """--latency-budget-ms on an --init store: the `tierset` JSON; a budget nothing fits is a clear error."""
-  from litejax import calibration, decode_cost
+  from litejax.perf import host
   from litejax.cli import main
-  from litejax.store.writer import write_random
-  monkeypatch.setattr(decode_cost, 'host_chip', lambda quick=False: calibration.measure_host(1, quick=True))
+  from litejax.inference.store.writer import write_random
+  monkeypatch.setattr(host, 'host_chip', lambda quick=False: host.measure_host(1, quick=True))
   write_random(str(tmp_path / 'store'), small_cfg(), 0)
   base = ['generate', '--store', str(tmp_path / 'store'), '--prompt', 'In',
           '--max-new-tokens', '3', '--val-batches', '1', '--json'] + [a for s in SMALL_TRAIN for a in ('--set', s)]

@@ -10,9 +10,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from litejax import train as train_lib
+from litejax.train.optimizer import lr_schedule
+from litejax.train import loop as train_lib
 from litejax.config import load_config
-from litejax.metrics import read_metrics
+from litejax.train.metrics import read_metrics
 from train_helpers import TINY, TINY_YAML, enable_compile_cache, subprocess_env
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
@@ -38,7 +39,7 @@ def full30(tmp_path_factory):
 
 def test_schedule_warms_up_then_decays():
   tc = tiny_cfg('train.steps=100', 'train.warmup_steps=10', 'train.lr=0.001', 'train.min_lr_ratio=0.1').train
-  sched = train_lib.lr_schedule(tc)
+  sched = lr_schedule(tc)
   assert float(sched(0)) == 0.0
   assert float(sched(10)) == pytest.approx(1e-3)
   assert float(sched(100)) == pytest.approx(1e-4)
@@ -71,7 +72,7 @@ def test_30_steps_loss_falls_and_metrics_jsonl(full30):
 
 KILL_SCRIPT = textwrap.dedent('''
     import os, pathlib, signal, sys, time
-    from litejax import train as train_lib
+    from litejax.train import loop as train_lib
     from litejax.config import load_config
     cfg = load_config(sys.argv[1], sys.argv[4:])
     ckpt = pathlib.Path(sys.argv[2])

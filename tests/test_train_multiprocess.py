@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-from litejax import train as train_lib
+from litejax.train import loop as train_lib
 from litejax.config import load_config
-from litejax.metrics import read_metrics
+from litejax.train.metrics import read_metrics
 from train_helpers import TINY, TINY_YAML, enable_compile_cache, subprocess_env
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.

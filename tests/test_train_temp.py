@@ -1,10 +1,13 @@
 """The sparse train step's temporaries: XLA:CPU's bf16 table copy read from the HLO and set apart, the rest
-against the touched experts' training state (litejax.train_temp), on a shrunk quadrillion."""
+against the touched experts' training state (litejax.analysis.train_temp), on a shrunk quadrillion."""
 import jax
 import jax.numpy as jnp
 import pytest
 
-from litejax import cost, hlo, hlo_artefacts, sparse_grad, targets, train_temp
+from litejax.analysis import bound as cost
+from litejax.hlo import parse as hlo, artefacts as hlo_artefacts
+from litejax.model.moe import row_grad as sparse_grad
+from litejax.analysis import targets, train_temp
 from litejax.config import load_config
 
 needs_libtpu = pytest.mark.skipif(targets.libtpu_version() is None,

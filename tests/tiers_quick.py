@@ -32,7 +32,7 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not (work / 'store' / 'manifest.json').exists():
       code = ('import pathlib, sys; sys.path.insert(0, "experiments"); import bench_tiers; '
-              'from litejax.store.from_checkpoint import write_from_checkpoint; '
+              'from litejax.inference.store.from_checkpoint import write_from_checkpoint; '
               f'p = pathlib.Path({str(ckpt)!r}); bench_tiers.ensure_checkpoint(p, True); '
               'write_from_checkpoint(str(p.parent / "store"), str(p), overwrite=True)')
       subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO, env=env(), timeout=900)

@@ -1,4 +1,5 @@
-"""`litejax bound`: compile a config from abstract shapes and check compiled FLOPs against the bound.
+"""`litejax bound`: compile a config from abstract shapes and check compiled FLOPs against the bound
+(a forward, a whole train step with --train, one decode step with --decode; for a TPU slice with --target).
 
 JAX is imported only inside `run`, after `--devices N` has set XLA_FLAGS (an emulated N-device CPU
 mesh), so this module must not import jax at import time.
@@ -9,8 +10,8 @@ import argparse
 import json
 import sys
 
-from litejax.cli import add_config_arguments, positive_int
-from litejax.devices import set_cpu_device_count
+from litejax.commands.args import add_config_arguments, positive_int
+from litejax.env import set_cpu_device_count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,15 +35,15 @@ def run(args: argparse.Namespace) -> int:
   from litejax.config import load_config
   cfg = load_config(args.config, args.overrides)
   if args.decode or args.cache_len:
-    from litejax.commands import bound_decode
-    return bound_decode.run(args, cfg)
+    return _run_decode(args, cfg)
   target = target_devices(args)
   if target is None:
     return 2
   if target == 'tpu':
     return _run_target(args, cfg)
   set_cpu_device_count(target, cpu_only=True)   # no-op when called in-process after jax (tests)
-  from litejax import bounds, cost
+  from litejax.model import bounds
+  from litejax.analysis import bound as cost
   rep = cost.bound(cfg, train=args.train, num_devices=target, global_batch=args.batch, tol=args.tol)
   return emit(args, rep, lambda r: _print_table(args.config, r, bounds.human))
 
@@ -52,7 +53,7 @@ def target_devices(args: argparse.Namespace) -> int | str | None:
   after printing one line for a malformed --target. Imports no jax (safe before XLA_FLAGS is set)."""
   if not args.target:
     return args.devices
-  from litejax.targets import TargetError, parse_target
+  from litejax.analysis.targets import TargetError, parse_target
   try:
     kind, dims = parse_target(args.target)
   except TargetError as e:
@@ -73,9 +74,10 @@ def emit(args: argparse.Namespace, rep: dict, print_table) -> int:
 
 
 def _run_target(args: argparse.Namespace, cfg) -> int:
-  """--target TPU: the per-chip report (litejax.targets) of the step compiled for that slice."""
+  """--target TPU: the per-chip report (litejax.analysis.targets) of the step compiled for that slice."""
   set_cpu_device_count(1, cpu_only=True)
-  from litejax import bounds, targets
+  from litejax.model import bounds
+  from litejax.analysis import targets
   try:
     rep = targets.compile_report(cfg, targets.resolve(args.target), train=args.train, global_batch=args.batch)
   except targets.TargetError as e:
@@ -136,3 +138,68 @@ def _print_table(path: str, rep: dict, h) -> None:
           f"does not): {h(tc['temp_minus_artefact'])}B = {tc['ratio']:.3g}x the touched experts' training state "
           f"{h(tc['touched_expert_state'])}B ({'within' if tc['ok'] else 'above'} {tc['factor']:g}x)")
   print('BOUND OK' if not rep['violations'] else 'BOUND EXCEEDED')
+
+
+def _run_decode(args: argparse.Namespace, cfg) -> int:
+  """--decode: the decode step's cost per generated token (litejax.analysis.decode_bound)."""
+  if args.cache_len and not args.decode:
+    print('litejax bound: --cache-len needs --decode', file=sys.stderr)
+    return 2
+  if args.train:
+    print('litejax bound: --decode and --train are exclusive (a decode step is a forward)', file=sys.stderr)
+    return 2
+  cache_len = args.cache_len or cfg.model.seq_len
+  target = target_devices(args)
+  if target is None:
+    return 2
+  if target == 'tpu':
+    return _run_decode_target(args, cfg, cache_len)
+  set_cpu_device_count(target, cpu_only=True)
+  from litejax.model import bounds
+  from litejax.analysis import decode_bound as decode_cost
+  from litejax.perf.host import host_chip
+  try:
+    rep = decode_cost.bound_decode(cfg, batch=args.batch, cache_len=cache_len, num_devices=target,
+                                   chip=host_chip(), tol=args.tol)
+  except ValueError as e:
+    print(f'litejax bound: {e}', file=sys.stderr)
+    return 2
+  return emit(args, rep, lambda r: _print_decode(args.config, r, bounds.human))
+
+
+def _run_decode_target(args, cfg, cache_len: int) -> int:
+  set_cpu_device_count(1, cpu_only=True)
+  from litejax.model import bounds
+  from litejax.analysis import decode_bound as decode_cost, targets
+  try:
+    rep = decode_cost.target_report(cfg, targets.resolve(args.target), batch=args.batch, cache_len=cache_len)
+  except targets.TargetError as e:
+    print(f'litejax bound: {e}', file=sys.stderr)
+    return 2
+  return emit(args, rep, lambda r: _print_decode(args.config, r, bounds.human))
+
+
+def _print_decode(path: str, rep: dict, h) -> None:
+  from litejax.analysis.targets import human_bytes as hb
+  where = rep.get('target') or f"{rep['devices']} devices {rep['mesh']}"
+  print(f"config: {path}   (decode step, {where}, batch {rep['batch']}, cache {rep['cache_len']})")
+  if 'compiler_refused' in rep:
+    print(f"  the TPU compiler refused the full-depth step: {rep['compiler_refused']}")
+  if 'by_component' in rep:
+    print(f"{'component':18s} {'analytic':>10s} {'compiled':>10s} {'ratio':>7s}   (FLOPs/token)")
+    for name, row in rep['by_component'].items():
+      if row['analytic'] or row['compiled']:
+        print(f"{name:18s} {h(row['analytic']):>10s} {h(row['compiled']):>10s} {row['ratio']:7.4f}")
+  print(f"{'TOTAL':18s} {h(rep['flops_per_token_analytic']):>10s} {h(rep['flops_per_token_compiled']):>10s} "
+        f"{rep['ratio']:7.4f}")
+  print(f"bytes accessed/token {hb(rep['bytes_accessed_per_token'])}; expert weights read "
+        + (f"{hb(rep['expert_weight_bytes_per_token'])}/token (active rows' slices "
+           f"{hb(rep['expert_weight_bytes_per_token_analytic'])}, every expert "
+           f"{hb(rep['expert_weight_bytes_all_experts'])})" if 'expert_weight_bytes_per_token' in rep else
+           f"(analytic, active rows' slices) {hb(rep['expert_weight_bytes_per_token_analytic'])}/token"))
+  print(f"collective bytes/rank per step {hb(rep['collective_bytes_per_rank'])}")
+  if 'latency' in rep:
+    from litejax.perf import latency
+    print('per token: ' + latency.format_estimate(rep['latency'], h))
+  if 'violations' in rep and 'by_component' in rep:
+    print('BOUND OK' if not rep['violations'] else 'BOUND EXCEEDED')

@@ -4,7 +4,7 @@ Prints the machine's matmul FLOP/s, memory bandwidth and per-kernel overhead, th
 configs (full forwards, and single-token forwards as decode proxies) the model's predicted step time
 (compute + memory + overhead terms; one device, so no communication) beside the measured one, and
 whether the model ranks them correctly and lands within [0.67, 1.5] (latency.TRUST_BAND). Timings
-are medians of --repeats interleaved rounds over the probes and the steps (litejax.calibration says why).
+are medians of --repeats interleaved rounds over the probes and the steps (litejax.calibrate.calibration says why).
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import argparse
 import json
 import os
 
-from litejax.cli import positive_int
+from litejax.commands.args import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -24,7 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  from litejax import bounds, calibration
+  from litejax.model import bounds
+  from litejax.calibrate import calibration
   rep = calibration.calibrate(batch=args.batch, repeats=args.repeats, quick=args.quick)
   if args.json:
     print(json.dumps(rep, indent=2))

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from litejax.cli import add_config_arguments
+from litejax.commands.args import add_config_arguments
 from litejax.config import ConfigError, load_config
 
 
@@ -42,17 +42,17 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from litejax.store.layout import ExpertStoreError
+  from litejax.inference.store.layout import ExpertStoreError
   _check(args)
   t0 = time.time()
   try:
     if args.init:
-      from litejax.store.writer import write_random
+      from litejax.inference.store.writer import write_random
       cfg = load_config(args.config, args.overrides)
       store = write_random(args.out, cfg, args.seed, overwrite=args.overwrite,
                            block_bytes=int(args.block_mib * (1 << 20)))
     else:
-      from litejax.store.from_checkpoint import write_from_checkpoint
+      from litejax.inference.store.from_checkpoint import write_from_checkpoint
       store = write_from_checkpoint(args.out, args.ckpt_dir, args.step, overwrite=args.overwrite)
   except ExpertStoreError as e:
     print(f'litejax export-experts: {e}', file=sys.stderr)

@@ -44,7 +44,7 @@ def _prompts(args) -> list[str] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from litejax.devices import set_cpu_device_count
+  from litejax.env import set_cpu_device_count
   if args.devices < 1:
     return _fail('--devices must be >= 1')
   if args.max_new_tokens < 1:
@@ -60,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
   set_cpu_device_count(args.devices)   # no-op when jax is already imported (in-process tests)
 
   import jax
-  from litejax import data
-  from litejax.sampling import Sampling
+  from litejax.train import data
+  from litejax.inference.sampling import Sampling
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
   try:
     sampling.validate()
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
   if args.store:
     from litejax.commands.generate_store import run_store
     return run_store(args, prompts, sampling, _fail)
-  from litejax import generation
+  from litejax.inference import session as generation
   try:
     cpu = jax.devices()[0].platform == 'cpu'
     session = generation.load(ckpt_dir, args.overrides, jax.devices()[:args.devices] if cpu else None)
@@ -79,8 +79,13 @@ def run(args: argparse.Namespace) -> int:
   if session.cfg.model.vocab_size < 256:
     return _fail(f'the checkpoint has vocab_size {session.cfg.model.vocab_size}; byte prompts need 256')
   tokens = [data.encode(p).astype(int).tolist() for p in prompts]
-  # The latency split compiles the step once more from abstract shapes: only when it is printed.
-  gen, split = session.generate(tokens, args.max_new_tokens, sampling, args.seed, latency_split=args.json)
+  gen = session.generate(tokens, args.max_new_tokens, sampling, args.seed)
+  split = None
+  if args.json:   # compiles the step once more from abstract shapes: only when it is printed
+    from litejax.analysis.decode_bound import runtime_latency_split
+    from litejax.perf.host import host_chip
+    with jax.set_mesh(session.mesh):
+      split = runtime_latency_split(session.runtime, host_chip())
   texts = [data.decode(t) for t in gen.tokens]
   if args.json:
     steps_ms = [1e3 * s for s in gen.step_s]

@@ -1,5 +1,5 @@
 """`litejax generate --store STORE ...`: decoding with the routed experts in the tiered store
-(litejax.tiered_decode). The other weights come from --ckpt-dir when it holds a checkpoint, else (a store
+(litejax.inference.store_decode). The other weights come from --ckpt-dir when it holds a checkpoint, else (a store
 written by `export-experts --init`) they are initialised from the store's config and seed.
 """
 from __future__ import annotations
@@ -44,10 +44,10 @@ def _session_model(args, store_location: str):
   import jax
   from flax import nnx
 
-  from litejax import generation
+  from litejax.inference import session as generation
   from litejax.config import from_dict, parse_overrides
-  from litejax.store.disk import ExpertStore
-  from litejax.tiered_decode import model_without_experts
+  from litejax.inference.store.disk import ExpertStore
+  from litejax.inference.store_decode import model_without_experts
   source = ExpertStore.read_source(store_location)
   ckpt = pathlib.Path(args.ckpt_dir) if args.ckpt_dir else None
   if ckpt is None and source.get('kind') == 'checkpoint':
@@ -78,15 +78,15 @@ def _session_model(args, store_location: str):
 
 
 def _abstract(cfg):
-  from litejax.model import abstract_model
+  from litejax.model.transformer import abstract_model
   return abstract_model(cfg)
 
 
 def run_store(args, prompts: list[str], sampling, fail) -> int:
-  from litejax import data
-  from litejax.store.layout import ExpertStoreError
-  from litejax.store.tiers import TierOptions, Tiers, int8_copies
-  from litejax.tiered_decode import TieredRuntime
+  from litejax.train import data
+  from litejax.inference.store.layout import ExpertStoreError
+  from litejax.inference.store.levels import TierOptions, Tiers, int8_copies
+  from litejax.inference.store_decode import TieredRuntime
   opts = TierOptions(args.device_slots, args.host_cache, args.policy, args.lookahead, args.miss,
                      args.lookahead_width, stage=not args.no_stage)
   try:
@@ -117,7 +117,7 @@ def run_store(args, prompts: list[str], sampling, fail) -> int:
   rep['weights'] = source
   texts = [data.decode(t) for t in gen.tokens]
   if args.plot:
-    from litejax.store.plot import plot_store
+    from litejax.inference.store.plot import plot_store
     plot_store(rep, gen.step_s, rt.step_stall_s, args.plot)
   if args.json:
     steps_ms = [1e3 * s for s in gen.step_s]

@@ -1,4 +1,4 @@
-"""`litejax generate --store S --latency-budget-ms X`: choose the TierSet (litejax.tiersets) before decoding,
+"""`litejax generate --store S --latency-budget-ms X`: choose the TierSet (litejax.inference.tiersets) before decoding,
 size and fill the tiers by `store.placement`, and report predicted against measured latency."""
 from __future__ import annotations
 
@@ -7,26 +7,27 @@ import dataclasses
 
 def _compute(cfg, model, store, opts, batch: int, cache_len: int, hot_mask) -> dict:
   """The latency model's compute part of one step of the tiered runtime that will decode
-  (litejax.store.step_cost: its programs as run, and the host time of a step), the same for every TierSet
+  (litejax.inference.step_latency: its programs as run, and the host time of a step), the same for every TierSet
   (the tier mask is an argument of the same programs). Recorded with the hot TierSet and its experts
   preloaded, so that the step does no I/O (the I/O term is priced apart)."""
-  from litejax import decode_cost
-  from litejax.store import step_cost
-  from litejax.store.tiers import Tiers
-  from litejax.tiered_decode import TieredRuntime
+  from litejax.inference import step_latency as step_cost
+  from litejax.inference.store.levels import Tiers
+  from litejax.inference.store_decode import TieredRuntime
   tiers = Tiers(store, opts, load_width=cfg.moe.k_active * batch)
   try:
     preload(cfg, tiers)
     rec = step_cost.record_step(TieredRuntime(cfg, model, tiers, hot_mask), [[0] * max(cache_len - 7, 1)] * batch)
   finally:
     tiers.close()
-  return step_cost.price(rec, decode_cost.host_chip())
+  from litejax.perf.host import host_chip
+  return step_cost.price(rec, host_chip())
 
 
 def choose(args, cfg, model, store, opts, batch: int, cache_len: int):
   """(the chosen TierSet's row with every considered row, the TierOptions sized by placement).
   ValueError for a bad flag or when no TierSet fits."""
-  from litejax import calibration, tiersets
+  from litejax.calibrate import calibration
+  from litejax.inference import tiersets
   if args.val_batches < 1:
     raise ValueError(f'--val-batches: must be >= 1, got {args.val_batches}')
   if not args.latency_budget_ms > 0:
@@ -58,7 +59,7 @@ def _store_dir(location: str) -> str | None:
 
 def preload(cfg, tiers) -> None:
   """Hot tiers' experts into device slots, warm ones into the host cache, for every MoE layer."""
-  from litejax import tiersets
+  from litejax.inference import tiersets
   hot, warm = tiersets.tier_experts(cfg, 'hot'), tiersets.tier_experts(cfg, 'warm')
   for layer in tiers.store.layers:
     tiers.preload(layer, hot, warm)

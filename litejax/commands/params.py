@@ -1,15 +1,15 @@
 """`litejax params`: parameter counts and the analytic per-token FLOPs of a config.
 
 Counts come from `jax.eval_shape` of the real model (nothing is allocated), cross-checked against
-the closed-form counts in litejax.bounds, so configs/quadrillion.yaml answers in seconds.
+the closed-form counts in litejax.model.bounds, so configs/quadrillion.yaml answers in seconds.
 """
 from __future__ import annotations
 
 import argparse
 import json
 
-from litejax import bounds
-from litejax.cli import add_config_arguments, positive_int
+from litejax.model import bounds
+from litejax.commands.args import add_config_arguments, positive_int
 from litejax.config import load_config
 
 
@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
   cfg = load_config(args.config, args.overrides)
   n = args.tokens_per_group or cfg.train.batch_size * cfg.model.seq_len
   out = bounds.summary(cfg, n)
-  from litejax.footprint import count_model_params
+  from litejax.analysis.footprint import count_model_params
   out['params_total_from_model'] = count_model_params(cfg)
   if out['params_total_from_model'] != out['params_total']:
     raise AssertionError(f"bounds.param_counts ({out['params_total']}) disagrees with the model "

@@ -1,6 +1,6 @@
 """`litejax plan`: the smallest slice of a TPU generation on which a config's training step fits.
 
-The search is litejax.planning.smallest_slice; this module parses arguments and prints its answer.
+The search is litejax.analysis.planning.smallest_slice; this module parses arguments and prints its answer.
 """
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 import json
 import sys
 
-from litejax.cli import add_config_arguments, positive_int
+from litejax.commands.args import add_config_arguments, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from litejax import hardware, planning, targets
+  from litejax.perf import chips as hardware
+  from litejax.analysis import planning, targets
   from litejax.config import load_config
   cfg = load_config(args.config, args.overrides)
   try:
@@ -34,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
   except ValueError as e:
     print(f'litejax plan: {e}', file=sys.stderr)
     return 2
-  from litejax import bounds
+  from litejax.model import bounds
   h = bounds.human
   if args.serve:
     return _serve(cfg, args, h)
@@ -129,7 +130,7 @@ def _bytes(n: float) -> str:
 
 
 def _serve(cfg, args, h) -> int:
-  from litejax import planning
+  from litejax.analysis import planning
   try:
     out = planning.serve_plan(cfg, args.generation, batch=args.batch or 1, hit_rates=measured_hit_rates())
   except ValueError as e:

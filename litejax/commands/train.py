@@ -14,7 +14,7 @@ DEFAULT_CONFIG = 'tiny'    # the shipped configs/tiny.yaml (litejax.config.shipp
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  from litejax.cli import add_config_arguments, positive_int
+  from litejax.commands.args import add_config_arguments, positive_int
   add_config_arguments(parser, required=False)
   parser.set_defaults(config=None)
   parser.add_argument('--steps', type=positive_int, help='train.steps: the schedule length (default from config)')
@@ -48,7 +48,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _set_device_count(n: int) -> None:
-  from litejax.devices import set_cpu_device_count
+  from litejax.env import set_cpu_device_count
   if not set_cpu_device_count(n):
     import jax
     if jax.config.jax_platforms in (None, '', 'cpu') and len(jax.devices('cpu')) != n:
@@ -79,12 +79,12 @@ def _mode(args: argparse.Namespace) -> str:
 def _load_config(args: argparse.Namespace):
   """(config, where it came from): --config, else the config stored in a checkpoint being resumed,
   else the default."""
-  from litejax import run_folder
+  from litejax.train import run_folder
   from litejax.config import from_dict, load_config, parse_overrides
   overrides = list(args.overrides) + ([f'train.steps={args.steps}'] if args.steps is not None else [])
   if args.config is None and args.ckpt_dir and _mode(args).startswith('resume') and \
       run_folder.checkpoint_steps(run_folder.make_paths(args.ckpt_dir, None).local_ckpt):
-    from litejax import train as train_lib
+    from litejax.train import loop as train_lib
     stored = train_lib.restore_config(args.ckpt_dir)   # `--resume --ckpt-dir D` alone reuses D's config
     if stored is not None:
       return from_dict(parse_overrides(overrides), base=stored), f'{args.ckpt_dir} (stored config)'
@@ -94,10 +94,10 @@ def _load_config(args: argparse.Namespace):
 
 def _preflight(args, cfg, paths, mode: str) -> None:
   """Every check that can fail on the user's input, before anything is written or deleted."""
-  from litejax import run_folder
+  from litejax.train import run_folder
   from litejax import sharding as shd
   from litejax.config import InputError
-  from litejax.data import TokenDataset
+  from litejax.train.data import TokenDataset
   run_folder.check_paths(paths)
   steps = run_folder.check_mode(paths, mode)
   mesh = shd.make_mesh(cfg.mesh)
@@ -115,9 +115,9 @@ def _check_checkpoint(cfg, mesh, ckpt_dir, steps) -> None:
   """The newest checkpoint with a readable sidecar must fit the state this config builds."""
   import json
 
-  from litejax import train as train_lib
-  from litejax.checkpoint import check_compatible, leaf_specs
-  _, abstract, _ = train_lib.state_layout(cfg, mesh, train_lib.make_optimizer(cfg.train))
+  from litejax.train import step as train_step
+  from litejax.train.checkpoint import check_compatible, leaf_specs
+  _, abstract, _ = train_step.state_layout(cfg, mesh)
   for s in reversed(steps):
     try:
       meta = json.loads((ckpt_dir / str(s) / 'meta' / 'metadata').read_text())
@@ -139,9 +139,9 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {k: v for k, v in (('coordinator_address', args.coordinator), ('num_processes', args.num_processes),
                                 ('process_id', args.process_id)) if v is not None}
     jax.distributed.initialize(**kwargs)
-  from litejax import run_folder
-  from litejax import train as train_lib
-  from litejax.checkpoint import CheckpointCorruptError, CheckpointWriteError
+  from litejax.train import run_folder
+  from litejax.train import loop as train_lib
+  from litejax.train.checkpoint import CheckpointCorruptError, CheckpointWriteError
 
   cfg, config_path = _load_config(args)
   mode = _mode(args)

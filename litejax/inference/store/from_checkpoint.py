@@ -1,0 +1,85 @@
+"""Export a training checkpoint's routed experts into an expert store.
+
+Only the expert arrays are read (Orbax partial restore of one leaf at a time, as NumPy), never the
+optimizer state or the rest of the model. A scanned model's leaf holds every period's experts
+([P, E, d, h]), so one such leaf is in memory at a time.
+"""
+from __future__ import annotations
+
+import pathlib
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+from litejax.config import Config, from_dict
+from litejax.inference.store import layout
+from litejax.inference.store.disk import ExpertStore
+from litejax.inference.store.layout import ExpertStoreError
+from litejax.inference.store.writer import StoreWriter
+
+
+def open_checkpoint(ckpt_dir: str, step: int | None):
+  """(Checkpointer, step, meta, config) of a checkpoint; raises before anything is created on disk."""
+  from litejax.train.checkpoint import Checkpointer
+  if '://' not in ckpt_dir and not pathlib.Path(ckpt_dir).expanduser().is_dir():
+    raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: no such directory')
+  ckpt = Checkpointer(ckpt_dir)
+  steps = ckpt.all_steps()
+  if not steps or (step is not None and step not in steps):
+    ckpt.close()
+    want = 'any checkpoint' if step is None else f'step {step} (it has {steps})'
+    raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: holds no {want}')
+  step = steps[-1] if step is None else step
+  meta = ckpt.read_meta(step)
+  return ckpt, step, meta, from_dict(meta['config'])
+
+
+def check_leaves(cfg: Config, leaves: dict[str, Any], where: str) -> None:
+  """Every expert leaf the config implies exists in the checkpoint with the expected shape and dtype."""
+  e, periods = cfg.moe.experts_total, cfg.model.num_layers // max(cfg.model.moe_every, 1)
+  dtype = str(layout.param_dtype(cfg))
+  for layer, name, leaf, index in layout.expert_leaves(cfg):
+    want = [e, *layout.expert_shapes(cfg)[name]]
+    want = want if index is None else [periods, *want]
+    got = leaves.get(leaf)
+    if got is None:
+      raise ExpertStoreError(f'{where}: no leaf {leaf} (layer {layer} {name}) in the checkpoint')
+    if list(got['shape']) != want or got['dtype'] != dtype:
+      raise ExpertStoreError(f'{where}: {leaf} (layer {layer} {name}) is {got["dtype"]} {tuple(got["shape"])}, '
+                             f'expected {dtype} {tuple(want)}')
+
+
+def read_leaf(ckpt, step: int, name: str, spec: dict[str, Any]) -> np.ndarray:
+  """One array of a checkpoint's state, as NumPy, without restoring anything else."""
+  import jax
+  import orbax.checkpoint as ocp
+  item: Any = jax.ShapeDtypeStruct(tuple(spec['shape']), np.dtype(spec['dtype']))
+  for part in reversed(name.split('/') + ['value']):   # nnx Variables are stored as <path>/value
+    item = {part: item}
+  args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item))
+  tree = ckpt.manager.restore(step, args=ocp.args.Composite(state=args))['state']
+  for part in name.split('/') + ['value']:
+    tree = tree[part]
+  return np.asarray(tree)
+
+
+def write_from_checkpoint(location: str, ckpt_dir: str, step: int | None = None, *, overwrite: bool = False,
+                          context: ts.Context | None = None) -> ExpertStore:
+  """Writes the routed experts of checkpoint `step` (default: the newest) of `ckpt_dir` to LOCATION."""
+  ckpt, step, meta, cfg = open_checkpoint(str(ckpt_dir), step)
+  try:
+    check_leaves(cfg, meta.get('leaves', {}), f'checkpoint {ckpt_dir}/{step}')
+    writer = StoreWriter(location, cfg, overwrite=overwrite, context=context)
+    by_leaf: dict[str, list[tuple[int, str, int | None]]] = {}
+    for layer, name, leaf, index in layout.expert_leaves(cfg):
+      by_leaf.setdefault(leaf, []).append((layer, name, index))
+    for leaf, targets in by_leaf.items():
+      value = read_leaf(ckpt, step, leaf, meta['leaves'][leaf])
+      for layer, name, index in targets:
+        writer.write(layer, 0, {name: value if index is None else value[index]})
+  finally:
+    ckpt.close()
+  # Absolute, so `generate --store` finds the same checkpoint's other weights from any working directory.
+  return writer.finish({'kind': 'checkpoint', 'ckpt_dir': str(pathlib.Path(ckpt_dir).resolve()), 'step': int(step)})

@@ -1,0 +1,355 @@
+"""The three tiers at decode time (host side): per MoE layer a SlotCache + DeviceSlots (device tier), one
+HostCache of expert arrays (host tier), the ExpertStore (disk tier), a prefetch thread fed by router
+lookahead, and the counters the `store` JSON reports.
+
+`resolve(layer, experts)` is called once per wave of a layer, after routing and before the experts run:
+every expert it returns a slot for is in that slot when it returns (stall), except that with
+miss='fallback' an expert that is on disk only is given a fallback index instead (its int8 copy is
+used) and is read into the host tier in the background for later tokens.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import math
+import threading
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from litejax.inference.store.cache import POLICIES, HostCache, SlotCache
+from litejax.inference.store.disk import ExpertStore
+from litejax.inference.store.slots import DeviceSlots
+
+MISS_MODES = ('stall', 'fallback')
+
+
+@dataclasses.dataclass(frozen=True)
+class TierOptions:
+  """What `litejax generate --store` was asked for. Fractions are of each MoE layer's experts."""
+  device_slots: float = 0.05
+  host_cache: float = 0.1
+  policy: str = 'lru'
+  lookahead: int = 0
+  miss: str = 'stall'
+  lookahead_width: int = 1    # prefetch W·K candidates per token and layer (litejax.inference.store.lookahead)
+  stage: bool = True          # lookahead also copies its depth-1 candidates into device slots (Tiers.prefetch)
+
+  def validate(self) -> None:
+    """ValueError naming the flag and the constraint."""
+    if not 0 < self.device_slots <= 1:
+      raise ValueError(f'--device-slots: must be a fraction in (0, 1], got {self.device_slots}')
+    if not 0 < self.host_cache <= 1:
+      raise ValueError(f'--host-cache: must be a fraction in (0, 1], got {self.host_cache}')
+    if self.policy not in POLICIES:
+      raise ValueError(f'--policy: must be one of {list(POLICIES)}, got {self.policy!r}')
+    if self.lookahead < 0:
+      raise ValueError(f'--lookahead: must be >= 0, got {self.lookahead}')
+    if self.lookahead_width < 1:
+      raise ValueError(f'--lookahead-width: must be >= 1, got {self.lookahead_width}')
+    if self.miss not in MISS_MODES:
+      raise ValueError(f'--miss: must be one of {list(MISS_MODES)}, got {self.miss!r}')
+
+  def num_slots(self, experts_per_layer: int) -> int:
+    return max(1, min(experts_per_layer, math.ceil(self.device_slots * experts_per_layer)))
+
+  def host_experts(self, experts_per_layer: int, layers: int) -> int:
+    return max(1, min(experts_per_layer, math.ceil(self.host_cache * experts_per_layer))) * layers
+
+
+@dataclasses.dataclass
+class TierCounters:
+  lookups: int = 0            # (layer, expert) lookups, one per distinct expert per wave
+  device_hits: int = 0
+  host_hits: int = 0          # found in the host cache (or its prefetch had finished)
+  prefetch_waits: int = 0     # lookahead read still in flight: waited for it
+  disk_demand: int = 0        # read from disk on demand (stall)
+  fallbacks: int = 0          # ran on the int8 copy (miss='fallback')
+  disk_reads: int = 0         # experts read from disk: demand + prefetch (each exactly expert_bytes)
+  device_loads: int = 0       # experts copied host -> device slot
+  stall_s: float = 0.0        # wall time inside resolve (lookups, waits, reads, slot loads)
+  recall_hit: list[int] = dataclasses.field(default_factory=list)    # per lookahead depth
+  recall_total: list[int] = dataclasses.field(default_factory=list)
+  prefetch_wasted: int = 0    # prefetch disk reads of experts the predicted layer did not use then
+  staged: int = 0             # experts the lookahead copied host -> device slot ahead of their layer
+  staged_hits: int = 0        # device hits on a staged expert (its first use since it was staged)
+
+
+class Tiers:
+  """Device slots, host cache and disk for every MoE layer of one store."""
+
+  def __init__(self, store: ExpertStore, opts: TierOptions, load_width: int, int8=None):
+    opts.validate()
+    if opts.miss == 'fallback' and int8 is None:
+      raise ValueError('--miss fallback needs the int8 copies (Tiers(int8=...))')
+    self.store, self.opts = store, opts
+    e = store.num_experts
+    self.num_slots = opts.num_slots(e)
+    self.caches = {l: SlotCache(self.num_slots, e, opts.policy, store.experts_per_group) for l in store.layers}
+    self.slots = {l: DeviceSlots(self.num_slots, store.shapes, store.dtype, min(load_width, self.num_slots))
+                  for l in store.layers}
+    self.host = HostCache(opts.host_experts(e, len(store.layers)) * store.expert_bytes, store.expert_bytes,
+                          store.layers, e, opts.policy, store.experts_per_group)
+    self.int8 = int8
+    self.counters = TierCounters(recall_hit=[0] * opts.lookahead, recall_total=[0] * opts.lookahead)
+    self._lock = threading.RLock()
+    self._inflight: dict[tuple[int, int], Any] = {}    # (layer, expert) -> disk.PendingRead
+    self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='prefetch')
+    self._predicted: dict[tuple[int, int], set[int]] = {}    # (target layer, depth) -> experts
+    self._prefetch_read: dict[int, set[int]] = {}   # target layer -> experts its prefetches read from disk
+    # Staging (the prefetch thread writing device slots) and resolve exclude each other with _dev_lock; a
+    # layer is `closed` from its first resolve of a step to end_step, and staging skips closed layers, so
+    # a slot the running step's experts read is never overwritten.
+    self._dev_lock = threading.RLock()
+    self._closed: set[int] = set()
+    self._staged: dict[int, set[int]] = {l: set() for l in store.layers}
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True)
+
+  def drain(self) -> None:
+    """Waits until every prefetch job submitted so far (reads into the host tier, staging) is done."""
+    self._pool.submit(lambda: None).result()    # one worker, jobs in order
+
+  # -------------------------------------------------------------------------- host and disk tiers
+
+  def _host_get(self, layer: int, expert: int):
+    with self._lock:
+      value = self.host.get(layer, expert)
+      if value is not None:
+        self.host.access(layer, [expert])   # a use, for the host tier's policy
+      return value
+
+  def _host_put(self, layer: int, experts: Sequence[int], arrays: dict[str, np.ndarray], use: bool) -> None:
+    with self._lock:
+      for i, e in enumerate(experts):
+        key = self.host.key(layer, e)
+        if use:
+          self.host.slots.access([key])
+        elif self.host.slots.slot_of[key] < 0:
+          self.host.slots.prefetch([key])
+        self.host.put(layer, e, {name: a[i] for name, a in arrays.items()})
+
+  def _read_into_host(self, layer: int, experts: list[int]) -> dict[str, np.ndarray]:
+    arrays = self.store.read_experts(layer, experts)
+    self._host_put(layer, experts, arrays, use=False)
+    with self._lock:
+      self.counters.disk_reads += len(experts)
+    return arrays
+
+  def _complete(self, layer: int, pending) -> None:
+    """Waits for an asynchronous read and puts its experts in the host tier, once per read (the prefetch
+    thread and a resolve that needs one of its experts may both get here)."""
+    arrays = pending.result()
+    with self._lock:     # re-entrant: the put happens before the other caller can look for the experts
+      if pending.counted:
+        return
+      pending.counted = True
+      self.counters.disk_reads += len(pending.ids)
+      self._host_put(layer, [int(e) for e in pending.ids], arrays, use=False)
+
+  def _read_async(self, layer: int, experts: list[int]):
+    """Issues the reads now (TensorStore reads every chunk concurrently on its own threads) and marks the
+    experts in flight; the prefetch thread puts them in the host tier when they arrive."""
+    pending = self.store.read_experts_async(layer, experts)
+    for e in experts:
+      self._inflight[(layer, e)] = pending
+    return pending
+
+  def prefetch(self, layer: int, experts: Sequence[int], depth: int) -> None:
+    """Lookahead: records the prediction for recall; on the background thread reads the experts that are
+    on disk only into the host tier and then (opts.stage, depth 1) copies the first candidates, best
+    first, into device slots of `layer`: at most half its slots per step, evicting by the policy but never
+    a candidate, and never once `layer` has run in this step."""
+    ids = [int(e) for e in dict.fromkeys(int(e) for e in experts)]
+    self._predicted[(layer, depth)] = set(ids)
+    todo = []
+    with self._lock:
+      for e in ids:
+        if self.caches[layer].slot_of[e] < 0 and self.host.get(layer, e) is None \
+           and (layer, e) not in self._inflight:
+          todo.append(e)
+    stage = ids[:max(1, self.num_slots // 2)] if self.opts.stage and depth == 1 else []
+    pending = None
+    if todo:
+      self._prefetch_read.setdefault(layer, set()).update(todo)
+      pending = self._read_async(layer, todo)
+    if todo or stage:
+      self._pool.submit(self._prefetch_job, layer, pending, stage)
+
+  def _prefetch_job(self, layer: int, pending, stage: list[int]) -> None:
+    if pending is not None:
+      self._complete(layer, pending)
+    if stage:
+      self._stage(layer, stage)
+
+  def _stage(self, layer: int, experts: list[int]) -> None:
+    """Copies host-tier experts into device slots of `layer` (device_put and the slot write are
+    dispatched asynchronously: the copy overlaps whatever the device is running)."""
+    with self._dev_lock:
+      if layer in self._closed:
+        return
+      cache = self.caches[layer]
+      with self._lock:
+        values = {e: self.host.get(layer, e) for e in experts if cache.slot_of[e] < 0}
+      values = {e: v for e, v in values.items() if v is not None}
+      if not values:
+        return
+      cache.prefetch(list(values), protected=experts)
+      self._staged[layer].update(values)
+      self._load(layer, [(int(cache.slot_of[e]), v) for e, v in values.items()])
+      self.counters.staged += len(values)
+
+  # -------------------------------------------------------------------------- device tier
+
+  def resolve(self, layer: int, experts: Sequence[int], groups: Sequence[int] = ()) -> dict[int, int]:
+    """{expert: slot} for the distinct experts of one wave (at most num_slots); with miss='fallback' an
+    expert that is on disk only maps to -1 - i, i its index in `fallback_ids` (see `fallback_ids`)."""
+    t0 = time.perf_counter()
+    c = self.counters
+    unique = [int(e) for e in dict.fromkeys(int(e) for e in experts)]
+    self._count_recall(layer, unique)
+    cache = self.caches[layer]
+    with self._dev_lock:     # waits for a slot write in progress; no staging into this layer after this
+      self._closed.add(layer)
+    if groups:
+      cache.note_groups(groups)
+    c.lookups += len(unique)
+    resident = [e for e in unique if cache.slot_of[e] >= 0]
+    c.device_hits += len(resident)
+    staged = self._staged[layer]
+    c.staged_hits += len(staged.intersection(resident))
+    staged.difference_update(unique)
+    need = [e for e in unique if cache.slot_of[e] < 0]
+    arrays, fallback = {}, []
+    on_disk = []
+    for e in need:
+      value = self._host_get(layer, e)
+      if value is None and (layer, e) in self._inflight:
+        if self.opts.miss == 'fallback' and not self._inflight[(layer, e)].done():
+          fallback.append(e)
+          continue
+        self._complete(layer, self._inflight.pop((layer, e)))   # waits for that read only
+        c.prefetch_waits += 1
+        value = self._host_get(layer, e)
+      if value is None:
+        on_disk.append(e)
+      else:
+        c.host_hits += 1
+        arrays[e] = value
+    if self.opts.miss == 'fallback':
+      fallback += on_disk
+      c.fallbacks += len(fallback)
+      if on_disk:
+        self._pool.submit(self._complete, layer, self._read_async(layer, on_disk))
+    elif on_disk:
+      got = self.store.read_experts(layer, on_disk)
+      self._host_put(layer, on_disk, got, use=True)
+      c.disk_demand += len(on_disk)
+      with self._lock:
+        c.disk_reads += len(on_disk)
+      for i, e in enumerate(on_disk):
+        arrays[e] = {name: a[i] for name, a in got.items()}
+    loaded = [e for e in unique if e not in fallback]
+    access = cache.access(loaded) if loaded else None
+    slot = {e: int(s) for e, s in zip(loaded, access.slots)} if access else {}
+    self._load(layer, [(slot[e], arrays[e]) for e in need if e in arrays])
+    self._fallback_ids = fallback
+    slot.update({e: -1 - i for i, e in enumerate(fallback)})
+    for key in [k for k, f in self._inflight.items() if f.counted]:   # in the host tier by now
+      del self._inflight[key]
+    c.stall_s += time.perf_counter() - t0
+    return slot
+
+  @property
+  def fallback_ids(self) -> list[int]:
+    """The experts of the last `resolve` that run on their int8 copy, in fallback-index order."""
+    return self._fallback_ids
+
+  def _load(self, layer: int, items: list[tuple[int, dict[str, np.ndarray]]]) -> None:
+    dev = self.slots[layer]
+    for start in range(0, len(items), dev.load_width):
+      chunk = items[start:start + dev.load_width]
+      stacked = {name: np.stack([a[name] for _, a in chunk]) for name in self.store.shapes}
+      dev.load([s for s, _ in chunk], stacked)
+      with self._lock:
+        self.counters.device_loads += len(chunk)
+
+  def _count_recall(self, layer: int, used: list[int]) -> None:
+    read = self._prefetch_read.pop(layer, None)
+    if read:
+      self.counters.prefetch_wasted += len(read.difference(used))
+    for depth in range(1, self.opts.lookahead + 1):
+      pred = self._predicted.pop((layer, depth), None)
+      if pred is None:
+        continue
+      self.counters.recall_hit[depth - 1] += len(pred.intersection(used))
+      self.counters.recall_total[depth - 1] += len(used)
+
+  def preload(self, layer: int, device: Sequence[int], host: Sequence[int] = ()) -> None:
+    """Places experts before decoding (TierSets: the hot tiers in device slots, the warm ones in the host
+    cache), then zeroes the counters, so that the run's figures count decoding only."""
+    device = [int(e) for e in device]
+    for start in range(0, len(device), self.num_slots):
+      self.resolve(layer, device[start:start + self.num_slots])
+    host = [int(e) for e in host]
+    if host:
+      self._read_into_host(layer, host)
+    self.counters = TierCounters(recall_hit=[0] * self.opts.lookahead, recall_total=[0] * self.opts.lookahead)
+    self._closed.discard(layer)
+
+  def end_step(self) -> None:
+    """Drops predictions that were never checked (the first layers of a token have none) and reopens
+    every layer to staging."""
+    self._predicted.clear()
+    self._prefetch_read.clear()
+    with self._dev_lock:
+      self._closed.clear()
+
+  def report(self, tokens: int, stall_s: float | None = None) -> dict:
+    """The `store` JSON: hit rates per tier, lookahead recall per depth, bytes read per token per tier.
+    stall_s: the stall time to divide by `tokens` (default: all of it, prefill included)."""
+    c, eb = self.counters, self.store.expert_bytes
+    stall_s = c.stall_s if stall_s is None else stall_s
+    n = max(c.lookups, 1)
+    tokens = max(tokens, 1)
+    disk_lookups = c.disk_demand + c.prefetch_waits
+    return {
+        'hit_rate': {'device': c.device_hits / n, 'host': c.host_hits / n, 'disk': disk_lookups / n,
+                     'fallback': c.fallbacks / n},
+        'lookahead_recall': [h / t if t else None for h, t in zip(c.recall_hit, c.recall_total)],
+        'bytes_read_per_token': {'disk': c.disk_reads * eb / tokens, 'host': c.device_loads * eb / tokens},
+        'bytes_read': {'disk': c.disk_reads * eb, 'host': c.device_loads * eb},
+        'expert_bytes': eb,
+        # device misses: lookups not in a slot; host misses: of those, the ones not in host memory
+        'misses': {'device': c.lookups - c.device_hits, 'host': c.lookups - c.device_hits - c.host_hits},
+        'disk_reads': c.disk_reads, 'device_loads': c.device_loads, 'lookups': c.lookups,
+        'prefetch_reads': c.disk_reads - c.disk_demand, 'fallbacks': c.fallbacks,
+        # prefetch reads of experts the layer they were predicted for did not use (they may still hit later)
+        'prefetch_wasted_reads': c.prefetch_wasted,
+        'prefetch_wasted_bytes_per_token': c.prefetch_wasted * eb / tokens,
+        # device hits that lookahead staging made: a staged expert found in its slot when its layer ran
+        'staged': c.staged, 'staged_hits': c.staged_hits, 'stage': self.opts.stage,
+        'stall_ms_per_token': 1e3 * stall_s / tokens,
+        'slots_per_layer': self.num_slots, 'host_cache_experts': self.host.capacity,
+        'policy': self.opts.policy, 'lookahead': self.opts.lookahead, 'miss': self.opts.miss,
+        'lookahead_width': self.opts.lookahead_width,
+    }
+
+
+def int8_copies(store: ExpertStore, block: int = 1024) -> dict[int, dict[str, tuple]]:
+  """The resident int8 copy of every expert (miss='fallback'): per layer {name: (q int8 [E, ...] , scale
+  f32 [E, rows, 1])} on the default device, quantised per row as litejax.inference.store.quant does."""
+  import jax
+  from litejax.inference.store.quant import quantize_int8
+  out = {}
+  for layer in store.layers:
+    parts: dict[str, list] = {name: [] for name in store.shapes}
+    for start in range(0, store.num_experts, block):
+      got = store.read_experts(layer, range(start, min(start + block, store.num_experts)))
+      for name, w in got.items():
+        parts[name].append(quantize_int8(w))
+    out[layer] = {name: tuple(jax.device_put(np.concatenate([p[i] for p in ps])) for i in range(2))
+                  for name, ps in parts.items()}
+  return out
