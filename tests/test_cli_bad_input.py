@@ -152,7 +152,7 @@ def test_case_count_matches_readme(repo_root):
 def test_libtpu_quiet_settings_only_without_a_tpu(monkeypatch):
   for k in ('TPU_SKIP_MDS_QUERY', 'TPU_ACCELERATOR_TYPE', 'TPU_WORKER_HOSTNAMES', 'ALLOW_MULTIPLE_LIBTPU_LOAD'):
     monkeypatch.delenv(k, raising=False)
-  monkeypatch.setattr(cli.glob, 'glob', lambda pattern: [])        # no PCI devices: a CPU machine
+  monkeypatch.setattr(env.glob, 'glob', lambda pattern: [])        # no PCI devices: a CPU machine
   env.quiet_libtpu()
   assert os.environ['TPU_SKIP_MDS_QUERY'] == '1' and os.environ['TPU_WORKER_HOSTNAMES'] == 'localhost'
 
