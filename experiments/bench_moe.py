@@ -277,9 +277,7 @@ def plot(rows, path):
 def main(argv=None) -> int:
   p = harness.parser(__doc__, quick='E in {8, 64}, 256 tokens, no --scale-tokens rows', repeats=10)
   p.add_argument('--tokens', type=int, default=0)
-  p.add_argument('--d-model', type=int, default=128)
-  p.add_argument('--d-expert', type=int, default=256)
-  p.add_argument('--k', type=int, default=2)
+  harness.add_layer_shape(p)
   p.add_argument('--kind', default='mlp', choices=['mlp', 'glu'])
   p.add_argument('--capacity-factor', type=float, default=1.25)
   p.add_argument('--routing', default='flat', choices=['flat', 'hier'],

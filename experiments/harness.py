@@ -50,6 +50,13 @@ def parser(doc: str, *, out: str = 'required', quick: str | None = None, repeats
   return p
 
 
+def add_layer_shape(p: argparse.ArgumentParser) -> None:
+  """--d-model, --d-expert and --k of the one-MoE-layer benchmarks (bench_moe, profile_moe)."""
+  p.add_argument('--d-model', type=int, default=128)
+  p.add_argument('--d-expert', type=int, default=256)
+  p.add_argument('--k', type=int, default=2, help='experts per token')
+
+
 # ------------------------------------------------------------------------------------------ results
 
 def out_dir(path) -> pathlib.Path:
