@@ -1,7 +1,10 @@
 """What the scripts of experiments/ share, so that no script imports another (tests/test_layering.py):
 
-  command line   `parser`: the description, --out (the results folder), --quick, --repeats
+  command line   `parser`: the description, --out (the results folder), --quick, --repeats;
+                 `add_layer_shape` (one MoE layer's d, h, K)
   results        `out_dir`, `write_json`, `machine` (the facts a figure is read against), `cpu_share`
+  timing         `time_compiled` (compile ahead, then litejax.perf.timing), `compiles` (a jitted
+                 function's compile count)
   figures        `figure`, `style`, `save`: the headless backend, log axes, labels, one PNG
   child process  `child_env` (JAX platform, emulated CPU devices), `run_json` (a worker's JSON line)
   fixtures       the tiers benchmarks' trained checkpoint, store, prompt and tiered decode
@@ -113,7 +116,7 @@ def compiles(jitted) -> int:
 # ------------------------------------------------------------------------------------------ figures
 
 def figure(ncols: int = 1, figsize=(7, 4.5), headless: bool = True):
-  """(figure, axes: one, or a tuple of `ncols`) in one row. headless: the Agg backend (a script writing
+  """(figure, axes: one, or an array of `ncols`) in one row. headless: the Agg backend (a script writing
   PNGs); a notebook passes False and draws inline."""
   import matplotlib
   if headless:
