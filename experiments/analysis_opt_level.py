@@ -7,15 +7,12 @@ whether each program's HLO and memory figures match, and both compile times.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from litejax.env import set_cpu_device_count  # noqa: E402
+import harness
+from litejax.env import set_cpu_device_count
 
 PROGRAMS = {'forward': ([], False), 'train_scanned': (['model.scan_layers=true'], True)}
 
@@ -41,16 +38,15 @@ def compare(cfg, train: bool) -> dict:
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap = harness.parser(__doc__, out='none')
   ap.add_argument('--devices', type=int, default=8)
   ap.add_argument('--json', action='store_true')
   args = ap.parse_args(argv)
   set_cpu_device_count(args.devices, cpu_only=True)
   from litejax.config import load_config
-  root = pathlib.Path(__file__).resolve().parents[1]
   out = {}
   for name, (overrides, train) in PROGRAMS.items():
-    out[name] = compare(load_config(str(root / 'configs' / 'tiny.yaml'), overrides), train)
+    out[name] = compare(load_config(str(harness.REPO / 'configs' / 'tiny.yaml'), overrides), train)
     if not args.json:
       r = out[name]
       print(f"{name:14s} same HLO {r['same_hlo']}, same memory {r['same_memory']}, compile "

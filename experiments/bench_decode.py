@@ -18,73 +18,49 @@ compile once per (batch, max_len): asserted.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import pathlib
-import platform
 import statistics
 import sys
-import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import harness
 
-# Every model has configs/tiny.yaml's dims with layers unrolled (a layer scan slices each layer's whole
-# expert table before the gather: `litejax bound --decode` reports it) and K = 4 routed experts.
-# experts per layer -> routing (tiers x groups x experts per group, k at each level); K = 4 always.
-ROUTING = {
-    16: ['moe.num_tiers=1', 'moe.groups_per_tier=1', 'moe.experts_per_group=16', 'moe.k_group=1'],
-    256: ['moe.num_tiers=1', 'moe.groups_per_tier=16', 'moe.experts_per_group=16', 'moe.k_group=1'],
-    4096: ['moe.num_tiers=16', 'moe.groups_per_tier=16', 'moe.experts_per_group=16', 'moe.k_group=1'],
-    16384: ['moe.num_tiers=16', 'moe.groups_per_tier=16', 'moe.experts_per_group=64', 'moe.k_group=1'],
-}
 TARGETS = {'moe_over_dense_max': 1.5, 'max_over_min_over_experts': 1.3, 'bytes_max_over_min': 1.1}
 
 
-def overrides(experts: int | None) -> list[str]:
-  base = ['model.scan_layers=false', 'mesh.data=1']
-  if experts is None:   # dense: every layer a GLU FFN of K·h + shared hidden units (bench_train's rule)
-    return base + ['model.moe_every=0', 'model.d_ff=256', 'model.ffn_kind=glu']
-  return base + ROUTING[experts] + ['moe.k_tier=1', 'moe.k_expert=4']
+def host_facts(chip) -> dict:
+  """The host chip's measured figures as the rows and the summary carry them."""
+  return {'peak_flops': chip.peak_flops, 'mem_bytes_per_s': chip.hbm_bytes_per_s,
+          'transpose_bytes_per_s': chip.transpose_bytes_per_s,
+          'kernel_overhead_s': chip.kernel_overhead_s, 'call_overhead_s': chip.call_overhead_s,
+          'gather_bytes_per_s': chip.gather_bytes_per_s, 'sort_comparison_s': chip.sort_comparison_s}
 
 
 def run_one(name: str, experts: int | None, batch: int, args) -> tuple[dict, object]:
   """(the row, the host chip measured interleaved with its runs)."""
   import jax
-  from flax import nnx
 
+  from litejax.inference import decode
   from litejax.model import bounds
   from litejax.perf.host import measure_host
-  from litejax.inference import decode
-  from litejax.analysis import decode_bound
-  from litejax import sharding
-  from litejax.config import load_config
-  from litejax.model.transformer import init_model
-  cfg = load_config(REPO / 'configs' / 'tiny.yaml', overrides(experts))
-  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-  max_len = args.prompt_len + args.new_tokens
-  rt = decode.make_runtime(cfg, mesh, batch, max_len)
-  _, params, extra = nnx.split(init_model(cfg, seed=0), nnx.Param, ...)
-  prompts = [[(7 * i + 3 * j) % 256 for j in range(args.prompt_len)] for i in range(batch)]
-  with jax.set_mesh(mesh):
+  row = harness.decode_row(experts, batch, args.prompt_len, args.new_tokens)
+  rt, params, extra, prompts = row.runtime, row.params, row.extra, row.prompts
+  with jax.set_mesh(row.mesh):
     decode.generate(rt, params, extra, prompts, 2)                  # compile prefill + step
     runs, cpu = [], []
 
     def timed_run():
-      # process CPU seconds / wall seconds of the run: below the threads the step can use when other
-      # work on the machine takes cores from it (a loaded machine, said beside the figures)
-      w0, c0 = time.perf_counter(), time.process_time()
-      runs.append(decode.generate(rt, params, extra, prompts, args.new_tokens))
-      cpu.append((time.process_time() - c0) / (time.perf_counter() - w0))
+      gen, share = harness.cpu_share(lambda: decode.generate(rt, params, extra, prompts, args.new_tokens))
+      runs.append(gen)
+      cpu.append(share)
 
     chip = measure_host(repeats=args.repeats, quick=args.quick, between=timed_run)
     gen = sorted(runs, key=lambda g: statistics.median(g.step_s))[len(runs) // 2]
   if gen.compiles != 1:
     raise AssertionError(f'{name} batch {batch}: the decode step compiled {gen.compiles} times')
-  rep = decode_bound.report(decode_bound.compile_step(cfg, batch=batch, cache_len=max_len, mesh=mesh), chip)
+  rep = row.bound_report(chip)
   ms = 1e3 * statistics.median(gen.step_s)
-  pc = bounds.param_counts(cfg)
+  pc = bounds.param_counts(row.cfg)
   return {'impl': name, 'experts': experts or 0, 'batch': batch, 'ms_per_token': ms,
           'tokens_per_second': batch / (ms / 1e3), 'steps_timed': len(gen.step_s),
           'cpu_share': statistics.median(cpu), 'load_average': os.getloadavg()[0],
@@ -100,11 +76,7 @@ def run_one(name: str, experts: int | None, batch: int, args) -> tuple[dict, obj
           'predicted_overhead_ms': 1e3 * rep['latency']['overhead_s'],
           'predicted_host_ms': 1e3 * rep['latency']['host_s'],
           'params_total': pc.total, 'params_active_per_token': pc.active_per_token,
-          'compiles': gen.compiles, 'violations': rep['violations'],
-          'host': {'peak_flops': chip.peak_flops, 'mem_bytes_per_s': chip.hbm_bytes_per_s,
-                   'transpose_bytes_per_s': chip.transpose_bytes_per_s,
-                   'kernel_overhead_s': chip.kernel_overhead_s, 'call_overhead_s': chip.call_overhead_s,
-                   'gather_bytes_per_s': chip.gather_bytes_per_s, 'sort_comparison_s': chip.sort_comparison_s}}, chip
+          'compiles': gen.compiles, 'violations': rep['violations'], 'host': host_facts(chip)}, chip
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -128,11 +100,8 @@ def summarize(rows: list[dict]) -> dict:
   return out
 
 
-def plot(rows: list[dict], path: pathlib.Path) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 4))
+def plot(rows: list[dict], path) -> None:
+  fig, (ax, bx) = harness.figure(2, figsize=(10, 4))
   for b, color in zip(sorted({r['batch'] for r in rows}), ('C0', 'C1', 'C2')):
     moe = sorted((r for r in rows if r['impl'] == 'moe' and r['batch'] == b), key=lambda r: r['experts'])
     dense = next(r for r in rows if r['impl'] == 'dense' and r['batch'] == b)
@@ -141,51 +110,41 @@ def plot(rows: list[dict], path: pathlib.Path) -> None:
     ax.plot(e, [r['predicted_ms_per_token'] for r in moe], 'x:', color=color, label=f'predicted, batch {b}')
     ax.axhline(dense['ms_per_token'], color=color, ls='--', label=f'dense, batch {b}')
     bx.plot(e, [r['bytes_accessed_per_token'] / 1e6 for r in moe], 'o-', color=color, label=f'batch {b}')
-  for a in (ax, bx):
-    a.set_xscale('log', base=2)
-    a.set_xlabel('experts per layer (same active parameters)')
-    a.legend(fontsize=7)
-  ax.set_ylabel('ms per decode step (one token per row)')
-  bx.set_ylabel('bytes accessed per token (MB, compiled HLO)')
+  xlabel = 'experts per layer (same active parameters)'
+  harness.style(ax, xlabel, 'ms per decode step (one token per row)', xlog=2)
+  harness.style(bx, xlabel, 'bytes accessed per token (MB, compiled HLO)', xlog=2)
   bx.set_ylim(bottom=0)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  harness.save(fig, path)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--out', required=True)
-  p.add_argument('--quick', action='store_true', help='E = 16 and batch 1 only, few tokens (tests; untimed)')
+  p = harness.parser(__doc__, quick='E = 16 and batch 1 only, few tokens (tests; untimed)', repeats=0,
+                     repeats_help='timed runs per row, each after a round of host probes; the median run kept '
+                                  '(default 3; quick 1)')
   p.add_argument('--new-tokens', type=int, default=0)
   p.add_argument('--prompt-len', type=int, default=16)
-  p.add_argument('--repeats', type=int, default=0,
-                 help='timed runs per row, each after a round of host probes; the median run kept (default 3; quick 1)')
   args = p.parse_args(argv)
   args.new_tokens = args.new_tokens or (3 if args.quick else 48)
   args.repeats = args.repeats or (1 if args.quick else 3)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  experts = [16] if args.quick else list(ROUTING)
+  experts = [16] if args.quick else list(harness.DECODE_ROUTING)
   rows = []
   # quick: batch 1 only (the targets' batch); batch 16 runs the same code, twice the compiles
   for batch in ((1,) if args.quick else (1, 16)):
     for e in [None] + experts:
       name = 'dense' if e is None else 'moe'
       r, chip = run_one(name, e, batch, args)
-      r['machine'] = {'cpu': platform.processor() or platform.machine(), 'cores': os.cpu_count()}
+      r['machine'] = harness.machine()
       rows.append(r)
       print(f"{name:5s} E={r['experts']:6d} batch={batch:3d}  {r['ms_per_token']:7.3f} ms/token  "
             f"{r['tokens_per_second']:9.1f} tokens/s  bytes/token {r['bytes_accessed_per_token'] / 1e6:7.2f} MB  "
             f"predicted {r['predicted_ms_per_token']:.3f} ms ({r['predicted_over_measured']:.2f}), "
             f"CPU share {r['cpu_share']:.2f}", flush=True)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'bench_decode.json').write_text(json.dumps(rows, indent=1))
+  out = harness.out_dir(args.out)
+  harness.write_json(out, 'bench_decode.json', rows)
   summary = summarize(rows)
-  summary['host_last_row'] = {'peak_flops': chip.peak_flops, 'mem_bytes_per_s': chip.hbm_bytes_per_s,
-                     'transpose_bytes_per_s': chip.transpose_bytes_per_s,
-                     'kernel_overhead_s': chip.kernel_overhead_s, 'call_overhead_s': chip.call_overhead_s,
-                     'gather_bytes_per_s': chip.gather_bytes_per_s, 'sort_comparison_s': chip.sort_comparison_s}
-  (out / 'bench_decode_summary.json').write_text(json.dumps(summary, indent=1))
+  summary['host_last_row'] = host_facts(chip)
+  harness.write_json(out, 'bench_decode_summary.json', summary)
   plot(rows, out / 'bench_decode.png')
   print(json.dumps(summary['pass']))
   return 0

@@ -18,40 +18,28 @@ the `tokens` series, dense and auto again at --scale-tokens tokens per step.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import pathlib
-import platform
 import statistics
 import sys
 import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+import harness
 from litejax.config import from_dict
 from litejax.model.moe.capacity import resolve_dispatch
 from litejax.model.moe.dispatch import moe_ffn
 from litejax.model.moe.rows import expert_ffn
 from litejax.model.moe.routing import route
-from litejax.perf.timing import time_calls
 
 
 def compiled_stats(compiled) -> tuple[float, int]:
   ca = compiled.cost_analysis()
   mem = compiled.memory_analysis()
   return float(ca.get('flops', 0.0)), int(getattr(mem, 'temp_size_in_bytes', 0) or 0)
-
-
-def time_fn(fn, args, repeats: int, budget_s: float, warmup: int = 1) -> tuple[float, int, object]:
-  """Median wall time of a jitted fn after warm-up: `repeats` runs, or fewer (at least 3) when the
-  runs exhaust `budget_s` (the all-experts rows at E = 1024 take seconds each on 2 cores).
-  Returns (median seconds, runs timed, compiled)."""
-  compiled = jax.jit(fn).lower(*args).compile()
-  times = time_calls(lambda: compiled(*args), repeats, warmup=warmup, budget_s=budget_s)
-  return statistics.median(times), len(times), compiled
 
 
 def init_weights(key, E, d, h, kind):
@@ -161,9 +149,12 @@ def run(args) -> list[dict]:
            'series': 'main' if n == tokens else 'tokens', 'tokens_per_expert': n * K / E}
     row.update(extra or {})
     try:
-      sec, runs, compiled = time_fn(fn, fargs, repeats, args.budget)
+      # --repeats runs, or fewer (at least 3) once they take --budget seconds (the all-experts rows at
+      # E = 1024 take seconds each on 2 cores)
+      times, compiled = harness.time_compiled(fn, fargs, repeats, budget_s=args.budget)
       flops, temp = compiled_stats(compiled)
-      row.update(median_seconds=sec, timed_runs=runs, flops_compiled=flops, temp_bytes=temp, error=None)
+      row.update(median_seconds=statistics.median(times), timed_runs=len(times), flops_compiled=flops,
+                 temp_bytes=temp, error=None)
     except Exception as e:  # a failing or OOM implementation gets a row saying so
       row.update(median_seconds=None, flops_compiled=None, temp_bytes=None,
                  error=f'{type(e).__name__}: {str(e).splitlines()[0][:300]}')
@@ -271,34 +262,22 @@ def summarize(rows: list[dict]) -> dict:
 
 
 def plot(rows, path):
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(7, 4.5))
+  fig, ax = harness.figure(figsize=(7, 4.5))
   for impl in dict.fromkeys(r['impl'] for r in rows):
     pts = sorted((r['experts'], r['ratio_to_dense']) for r in rows
                  if r['impl'] == impl and r.get('series', 'main') == 'main' and r.get('ratio_to_dense'))
     if pts:
       ax.plot(*zip(*pts), marker='o', label=impl)
-  ax.set_xscale('log', base=2)
-  ax.set_yscale('log')
   ax.axhline(1.5, color='grey', ls=':', lw=1)
-  ax.set_xlabel('experts E (K fixed)')
-  ax.set_ylabel('time / dense FFN with equal active params')
-  ax.set_title('MoE layer fwd+bwd, one machine, one run')
-  ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  harness.style(ax, 'experts E (K fixed)', 'time / dense FFN with equal active params', xlog=2, ylog=True,
+                title='MoE layer fwd+bwd, one machine, one run', legend=8)
+  harness.save(fig, path)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--out', required=True)
-  p.add_argument('--quick', action='store_true')
+  p = harness.parser(__doc__, quick='E in {8, 64}, 256 tokens, no --scale-tokens rows', repeats=10)
   p.add_argument('--tokens', type=int, default=0)
-  p.add_argument('--d-model', type=int, default=128)
-  p.add_argument('--d-expert', type=int, default=256)
-  p.add_argument('--k', type=int, default=2)
+  harness.add_layer_shape(p)
   p.add_argument('--kind', default='mlp', choices=['mlp', 'glu'])
   p.add_argument('--capacity-factor', type=float, default=1.25)
   p.add_argument('--routing', default='flat', choices=['flat', 'hier'],
@@ -306,7 +285,6 @@ def main(argv=None) -> int:
                       "~sqrt(E); from E = 64 the other one gets a row too")
   p.add_argument('--scale-tokens', type=int, nargs='*', default=None,
                  help='extra token counts for dense and auto rows at every E (default: 8192; --quick: none)')
-  p.add_argument('--repeats', type=int, default=10)
   p.add_argument('--budget', type=float, default=15.0, help='seconds of timed runs per row before stopping early (>= 3 runs)')
   p.add_argument('--device', default=None, help='jax platform to run on (cpu, gpu, tpu); default: JAX picks')
   p.add_argument('--peer-max-experts', type=int, default=256,
@@ -318,21 +296,18 @@ def main(argv=None) -> int:
     args.scale_tokens = [] if args.quick else [8192]
   if args.device:
     jax.config.update('jax_platforms', args.device)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = harness.out_dir(args.out)
   if args.from_json:   # re-derive ratios, summary and plot from an earlier run's rows
     rows = json.loads(pathlib.Path(args.from_json).read_text())
     add_ratios(rows)
   else:
     rows = run(args)
-    machine = {'device': str(jax.devices()[0].device_kind), 'platform': jax.devices()[0].platform,
-               'cpu': platform.processor() or platform.machine(), 'jax': jax.__version__,
-               'python': sys.version.split()[0]}
+    machine = harness.machine()
     for r in rows:
       r['machine'] = machine
   summary = summarize(rows)
-  (out / 'bench_moe.json').write_text(json.dumps(rows, indent=1))
-  (out / 'bench_moe_summary.json').write_text(json.dumps(summary, indent=1))
+  harness.write_json(out, 'bench_moe.json', rows)
+  harness.write_json(out, 'bench_moe_summary.json', summary)
   plot(rows, out / 'bench_moe.png')
   print(json.dumps(summary, indent=1))
   print(f'wrote {out / "bench_moe.json"} and {out / "bench_moe.png"}')

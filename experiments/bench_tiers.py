@@ -24,94 +24,21 @@ experiments/notebooks/tiers.ipynb).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
 import numpy as np
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import harness
+from litejax.commands.generate_store import DEFAULT_LOOKAHEAD_WIDTH
+
 FRACTIONS = (0.005, 0.01, 0.05, 0.1, 1.0)
 POLICIES = ('lru', 'lfu', 'group')
-PROMPT = 'And God said, Let there be light: and there was light. '
-sys.path.insert(0, str(REPO))
-from litejax.commands.generate_store import DEFAULT_LOOKAHEAD_WIDTH  # noqa: E402
-QUICK_SETS = ['model.num_layers=2', 'moe.groups_per_tier=4', 'train.batch_size=2', 'train.eval_every=2',
-              'train.ckpt_every=2']
 QUICK_1B_SETS = ['moe.num_tiers=2', 'moe.groups_per_tier=4', 'moe.experts_per_group=16']
-
-
-def ensure_checkpoint(ckpt_dir: pathlib.Path, quick: bool) -> str:
-  """Trains configs/tiny_1k.yaml into ckpt_dir unless it already holds a checkpoint."""
-  if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
-    return 'read'
-  cmd = [sys.executable, '-m', 'litejax.cli', 'train', '--config', str(REPO / 'configs' / 'tiny_1k.yaml'),
-         '--devices', '1', '--ckpt-dir', str(ckpt_dir), '--metrics', str(ckpt_dir.parent / 'metrics.jsonl'),
-         '--quiet']
-  if quick:
-    cmd += ['--steps', '2'] + [a for s in QUICK_SETS for a in ('--set', s)]
-  subprocess.run(cmd, check=True, cwd=REPO)
-  return 'trained'
-
-
-def load(ckpt_dir: pathlib.Path, store_dir: pathlib.Path):
-  """(cfg, model without experts, ExpertStore) of a checkpoint, exporting its experts once."""
-  from litejax.commands.generate_store import _session_model
-  from litejax.inference.store.from_checkpoint import write_from_checkpoint
-  if not (store_dir / 'manifest.json').exists():
-    write_from_checkpoint(str(store_dir), str(ckpt_dir), overwrite=True)
-  cfg, model, store, _ = _session_model(argparse.Namespace(ckpt_dir=str(ckpt_dir), overrides=[]), str(store_dir))
-  return cfg, model, store
-
-
-def decode(cfg, model, store, opts, prompt, new_tokens, sampling, seed=0, keep_logits=False, preload=False,
-           record=None):
-  """One tiered decode; returns (Generation, logits, store report, runtime)."""
-  from litejax.inference.store.levels import Tiers, int8_copies
-  from litejax.inference.store_decode import TieredRuntime
-  tiers = Tiers(store, opts, load_width=cfg.moe.k_active,
-                int8=int8_copies(store) if opts.miss == 'fallback' else None)
-  try:
-    if preload:
-      preload_all(tiers)
-    if record is not None:
-      _record(tiers, record)
-    rt = TieredRuntime(cfg, model, tiers)
-    gen, logits = rt.generate([prompt], new_tokens, sampling, seed, keep_logits=keep_logits)
-  finally:
-    tiers.close()
-  return gen, logits, tiers.report(len(gen.step_s), rt.decode_stall_s), rt
-
-
-def preload_all(tiers) -> None:
-  """Every expert of every layer into a device slot (needs device_slots = 1.0): fully resident."""
-  store = tiers.store
-  for layer in store.layers:
-    for start in range(0, store.num_experts, 512):
-      ids = list(range(start, min(start + 512, store.num_experts)))
-      slots = tiers.caches[layer].access(ids).slots
-      arrays = store.read_experts(layer, ids)
-      tiers._load(layer, [(int(s), {k: v[i] for k, v in arrays.items()}) for i, s in enumerate(slots)])
-
-
-def _record(tiers, trace: list) -> None:
-  """Appends (layer, experts) of every decode-step lookup to `trace` (the prefill's are dropped)."""
-  resolve, end_step, state = tiers.resolve, tiers.end_step, {'decoding': False}
-
-  def rec_resolve(layer, experts, groups=()):
-    if state['decoding']:
-      trace.append((int(layer), [int(e) for e in experts]))
-    return resolve(layer, experts, groups)
-
-  def rec_end():
-    state['decoding'] = True
-    end_step()
-  tiers.resolve, tiers.end_step = rec_resolve, rec_end
 
 
 def sim_grid(trace, store, fractions, host_fraction: float) -> list[dict]:
@@ -143,7 +70,8 @@ def decode_grid(cfg, model, store, fractions, prompt, new_tokens, host_fraction,
     for lookahead in (0, 1):
       for f in fractions:
         opts = TierOptions(f, host_fraction, policy, lookahead, 'stall', width)
-        gen, _, rep, _ = decode(cfg, model, store, opts, prompt, new_tokens, Sampling(temperature=1.0))
+        gen, _, rep, _ = harness.tiered_decode(cfg, model, store, opts, prompt, new_tokens,
+                                               Sampling(temperature=1.0))
         steps = gen.step_s[1:] or gen.step_s      # the first decode step compiles
         rows.append({'policy': policy, 'lookahead': lookahead, 'device_fraction': f,
                      'tokens_per_second': 1 / statistics.median(steps), 'ms_per_token_p50':
@@ -164,7 +92,8 @@ def fallback_cost(cfg, model, store, prompt, new_tokens, host_fraction) -> dict:
   out = {}
   for miss in ('stall', 'fallback'):
     opts = TierOptions(0.01, host_fraction, 'lru', 1, miss)
-    gen, logits, rep, _ = decode(cfg, model, store, opts, prompt, new_tokens, Sampling(), keep_logits=True)
+    gen, logits, rep, _ = harness.tiered_decode(cfg, model, store, opts, prompt, new_tokens, Sampling(),
+                                                keep_logits=True)
     out[miss] = (gen.tokens[0], logits, rep)
   (ts, ls, _), (tf, lf, rep) = out['stall'], out['fallback']
   agree = [a == b for a, b in zip(ts, tf)]
@@ -188,21 +117,21 @@ def store_1b(location: pathlib.Path, quick: bool, new_tokens: int, rounds: int, 
   from litejax.inference.store.levels import TierOptions, Tiers
   from litejax.inference.store.writer import write_random
   from litejax.inference.store_decode import TieredRuntime, model_without_experts
-  cfg = load_config(REPO / 'configs' / 'store_1b.yaml', QUICK_1B_SETS if quick else ())
+  cfg = load_config(harness.REPO / 'configs' / 'store_1b.yaml', QUICK_1B_SETS if quick else ())
   if not (location / 'manifest.json').exists():
     t0 = time.perf_counter()
     write_random(str(location), cfg, 0, overwrite=True)
     print(f'wrote {location} in {time.perf_counter() - t0:.0f} s', flush=True)
   store = ExpertStore.open(str(location), cfg)
   model = model_without_experts(cfg, 0)
-  prompt = [int(b) for b in PROMPT.encode()]
+  prompt = harness.prompt_tokens()
   variants = {'tiered': TierOptions(0.01, 0.1, 'lru', 1, 'stall', width),
               'tiered_no_stage': TierOptions(0.01, 0.1, 'lru', 1, 'stall', width, stage=False),
               'tiered_no_lookahead': TierOptions(0.01, 0.1, 'lru', 0, 'stall')}
   if width != 1:      # the router's own picks only, for comparison
     variants['tiered_width_1'] = TierOptions(0.01, 0.1, 'lru', 1, 'stall', 1)
   resident = Tiers(store, TierOptions(1.0, 1.0, 'lru', 0, 'stall'), load_width=cfg.moe.k_active)
-  preload_all(resident)
+  harness.preload_all(resident)
   rt_res = TieredRuntime(cfg, model, resident)
   ms: dict[str, list[float]] = {name: [] for name in ['resident', *variants]}
   rows, tokens = {}, {}
@@ -211,7 +140,7 @@ def store_1b(location: pathlib.Path, quick: bool, new_tokens: int, rounds: int, 
     ms['resident'].append(1e3 * statistics.median(gen.step_s[1:] or gen.step_s))
     tokens['resident'] = gen.tokens[0]
     for name, opts in variants.items():
-      gen, _, rep, _ = decode(cfg, model, store, opts, prompt, new_tokens, Sampling())
+      gen, _, rep, _ = harness.tiered_decode(cfg, model, store, opts, prompt, new_tokens, Sampling())
       ms[name].append(1e3 * statistics.median(gen.step_s[1:] or gen.step_s))
       tokens[name] = gen.tokens[0]
       rows[name] = {'hit_rate': rep['hit_rate'], 'lookahead_recall': rep['lookahead_recall'],
@@ -245,10 +174,7 @@ def targets(sim_rows, dec_rows, big) -> dict:
 
 
 def plot(sim_rows, dec_rows, path: pathlib.Path) -> None:
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+  fig, (a, b) = harness.figure(2, figsize=(10, 4))
   for policy in POLICIES:
     rs = [r for r in sim_rows if r['policy'] == policy]
     a.plot([100 * r['device_fraction'] for r in rs], [r['device_hit_rate'] for r in rs], 'o-', label=policy)
@@ -256,21 +182,14 @@ def plot(sim_rows, dec_rows, path: pathlib.Path) -> None:
       rs = [r for r in dec_rows if r['policy'] == policy and r['lookahead'] == la]
       b.plot([100 * r['device_fraction'] for r in rs], [r['tokens_per_second'] for r in rs], style,
              label=f'{policy} lookahead {la}')
-  for ax, title, ylabel in ((a, 'device hit rate (trace replay)', 'hit rate'),
-                            (b, 'tiered decode, batch 1', 'tokens/s')):
-    ax.set_xscale('log')
-    ax.set_xlabel('experts in device slots (% per layer)')
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  xlabel = 'experts in device slots (% per layer)'
+  harness.style(a, xlabel, 'hit rate', title='device hit rate (trace replay)', xlog=10)
+  harness.style(b, xlabel, 'tokens/s', title='tiered decode, batch 1', xlog=10)
+  harness.save(fig, path)
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--out', required=True)
-  p.add_argument('--quick', action='store_true', help='shrunk configs, few tokens (untimed; the tests)')
+  p = harness.parser(__doc__, quick='shrunk configs, few tokens (untimed; the tests)')
   p.add_argument('--ckpt-dir', help='trained tiny_1k checkpoint (default: runs/tiny_1k/ckpt, trained if missing)')
   p.add_argument('--store-1b', help='store of configs/store_1b.yaml (written if missing; default: runs/store_1b)')
   p.add_argument('--trace-tokens', type=int, default=None, help='decoded tokens in the routing trace')
@@ -280,43 +199,43 @@ def main(argv=None) -> int:
   p.add_argument('--rounds', type=int, default=3, help='interleaved rounds of the store_1b latency rows')
   p.add_argument('--skip-grid', action='store_true', help='store_1b rows only (no tiny_1k decode grid)')
   args = p.parse_args(argv)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = harness.out_dir(args.out)
   # checkpoints and stores never go under OUT (results only): a temporary folder for --quick, else runs/
-  work = pathlib.Path(tempfile.mkdtemp(prefix='bench_tiers_')) if args.quick else REPO / 'runs'
+  work = pathlib.Path(tempfile.mkdtemp(prefix='bench_tiers_')) if args.quick else harness.REPO / 'runs'
   trace_n = args.trace_tokens or (16 if args.quick else 512)
   dec_n = args.decode_tokens or (3 if args.quick else 32)
   fractions = (0.01,) if args.quick else FRACTIONS
   if args.skip_grid:
     big = store_1b(pathlib.Path(args.store_1b) if args.store_1b else work / 'store_1b', args.quick, dec_n,
                    1 if args.quick else args.rounds, args.lookahead_width)
-    (out / 'bench_tiers_store_1b.json').write_text(json.dumps(big, indent=1, default=float))
+    harness.write_json(out, 'bench_tiers_store_1b.json', big)
     print(json.dumps({k: v for k, v in big.items() if 'ratio' in k or k == 'tokens_identical'}, default=float))
     return 0
   ckpt = pathlib.Path(args.ckpt_dir) if args.ckpt_dir else work / 'tiny_1k' / 'ckpt'
-  how = ensure_checkpoint(ckpt, args.quick)
-  cfg, model, store = load(ckpt, ckpt.parent / 'store')
+  how = harness.ensure_checkpoint(ckpt, args.quick)
+  cfg, model, store = harness.load_store_model(ckpt, ckpt.parent / 'store')
   from litejax.inference.sampling import Sampling
   from litejax.inference.store.levels import TierOptions
-  prompt = [int(b) for b in PROMPT.encode()]
+  prompt = harness.prompt_tokens()
   trace: list = []
-  decode(cfg, model, store, TierOptions(1.0, 0.1, 'lru', 0, 'stall'), prompt, trace_n, Sampling(temperature=1.0),
-         record=trace)
+  harness.tiered_decode(cfg, model, store, TierOptions(1.0, 0.1, 'lru', 0, 'stall'), prompt, trace_n,
+                        Sampling(temperature=1.0), record=trace)
   sim_rows = sim_grid(trace, store, FRACTIONS, 0.1)
   dec_rows = decode_grid(cfg, model, store, fractions, prompt, dec_n, 0.1, args.lookahead_width,
                          ('lru',) if args.quick else POLICIES)
   fb = fallback_cost(cfg, model, store, prompt, dec_n, 0.1)
   big = store_1b(pathlib.Path(args.store_1b) if args.store_1b else work / 'store_1b', args.quick, dec_n,
                  1 if args.quick else args.rounds, args.lookahead_width)
-  result = {'config': 'configs/tiny_1k.yaml' + (' (quick: ' + ', '.join(QUICK_SETS) + ')' if args.quick else ''),
+  quick_sets = ' (quick: ' + ', '.join(harness.QUICK_SETS) + ')' if args.quick else ''
+  result = {'config': 'configs/tiny_1k.yaml' + quick_sets,
             'checkpoint': how, 'experts_per_layer': store.num_experts, 'layers': list(store.layers),
             'host_cache_fraction': 0.1, 'trace_tokens': trace_n, 'decode_tokens': dec_n, 'quick': args.quick,
             'sim': sim_rows, 'decode': dec_rows, 'fallback': fb, 'store_1b': big,
             'targets': targets(sim_rows, dec_rows, big)}
-  (out / 'bench_tiers.json').write_text(json.dumps(result, indent=1, default=float))
-  (out / 'bench_tiers_trace.json').write_text(json.dumps(
-      {'experts_per_layer': store.num_experts, 'experts_per_group': store.experts_per_group,
-       'layers': list(store.layers), 'expert_bytes': store.expert_bytes, 'trace': trace}))
+  harness.write_json(out, 'bench_tiers.json', result)
+  harness.write_json(out, 'bench_tiers_trace.json',
+                     {'experts_per_layer': store.num_experts, 'experts_per_group': store.experts_per_group,
+                      'layers': list(store.layers), 'expert_bytes': store.expert_bytes, 'trace': trace}, indent=None)
   plot(sim_rows, dec_rows, out / 'bench_tiers.png')
   print(json.dumps(result['targets'], indent=1, default=float))
   return 0

@@ -1,9 +1,10 @@
-"""The experts series of bench_train.py (`--series experts`): a whole train step at fixed tokens per
-step while the experts per layer grow from N·K/4 to 32·N·K, dense vs sparse expert updates, beside the
-dense model with the same active parameters.
+"""The experts series of bench_train.py (`--series experts` runs this script): a whole train step at fixed
+tokens per step while the experts per layer grow from N·K/4 to 32·N·K, dense vs sparse expert updates,
+beside the dense model with the same active parameters.
 
     python experiments/bench_train.py --series experts --out experiments/results           # ~12 min
     python experiments/bench_train.py --series experts --quick --out /tmp/bench            # < 60 s
+    python experiments/bench_train_experts.py --quick --out /tmp/bench                     # the same
 
 Model: one MoE layer, d = 32, small MLP experts (h = 8), K = 4, 4 sequences of 128 tokens (N = 512,
 N·K = 2,048, so E runs 512 ... 65,536). Routing is three-level (T tiers × G groups × E_g = 8 experts,
@@ -11,7 +12,7 @@ k_tier = k_group = 1, k_expert = 4, T·G = E/8 split evenly): the router's own p
 as T + G + E_g ~ sqrt(E), not E, so the series measures the update, not a flat router over 65,536 rows.
 
 Each E runs in its own process (a fresh heap), which builds three train steps — the dense update, the
-sparse update and the dense model (`bench_train.dense_overrides`: one FFN of hidden K·h) — and times
+sparse update and the dense model (`harness.dense_overrides`: one FFN of hidden K·h) — and times
 them in interleaved rounds (one step of each per round), so the machine's load falls on all three
 alike; `step_seconds` is the median over the timed rounds after warm-up (`step_seconds_min` the fastest).
 
@@ -20,12 +21,20 @@ outputs - aliased donated state + temporaries), the executable the timing ran (i
 cache hit after the first call). `optimizer_bytes_per_step`: bytes accessed by the instructions under
 the train step's `optimizer` scope in that executable's HLO, as `litejax bound --train` reports
 `optimizer.bytes_accessed_per_step` (litejax.analysis.bound.report).
+
+Writes OUT/bench_train_experts.json (rows), OUT/bench_train_experts_summary.json (the targets) and
+OUT/bench_train_experts.png; exit 1 when a train step failed or compiled more than once.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import math
 import statistics
+import sys
 import time
+
+import harness
 
 TOKENS = {'batch': 4, 'seq_len': 128}          # N = 512 tokens per step
 QUICK_TOKENS = {'batch': 1, 'seq_len': 128}    # N = 128
@@ -55,14 +64,12 @@ def overrides(experts: int, tokens: dict) -> list[str]:
 
 
 def _configs(experts: int, tokens: dict) -> dict:
-  from bench_train import dense_overrides
-
   from litejax.config import load_config
   moe = overrides(experts, tokens)
   cfg = load_config('tiny', moe)
   return {'dense': load_config('tiny', moe + ['train.expert_update=dense']),
           'sparse': load_config('tiny', moe + ['train.expert_update=sparse']),
-          'dense_model': load_config('tiny', moe + dense_overrides(cfg))}
+          'dense_model': load_config('tiny', moe + harness.dense_overrides(cfg))}
 
 
 def interleaved_times(calls: dict, steps: int, warmup: int) -> dict[str, list[float]]:
@@ -101,10 +108,9 @@ def measure(experts: int, tokens: dict, steps: int, warmup: int = 2) -> list[dic
   """Rows of the three programs at `experts` per layer, timed side by side in this process."""
   import jax
 
-  from bench_train import build
   from litejax.model import bounds
   from litejax.train.sparse_step import update_mode
-  built = {name: build(cfg, 1) for name, cfg in _configs(experts, tokens).items()}
+  built = {name: harness.build_train_step(cfg, 1) for name, cfg in _configs(experts, tokens).items()}
   calls, rows = {}, []
   for name, b in built.items():
     def one(b=b):
@@ -124,7 +130,7 @@ def measure(experts: int, tokens: dict, steps: int, warmup: int = 2) -> list[dic
                    'nk': n * K, 'resolved_update': update_mode(cfg, b['mesh']) if name != 'dense_model' else 'dense',
                    'step_seconds': statistics.median(times[name]), 'step_seconds_min': min(times[name]),
                    'timed_steps': steps, 'first_step_seconds': b['first_step_seconds'],
-                   'compiles': b['step']._cache_size(), 'loss_last': float(calls[name]()),
+                   'compiles': harness.compiles(b['step']), 'loss_last': float(calls[name]()),
                    'params_total': bounds.param_counts(cfg).total,
                    'params_active_per_token': bounds.param_counts(cfg).active_per_token,
                    'peak_bytes_source': 'memory_analysis: arguments + outputs - aliased + temporaries',
@@ -174,10 +180,7 @@ def summary(rows: list[dict]) -> dict:
 
 def plot(rows: list[dict], path) -> None:
   """Step time and peak memory (and the updates' temporaries) vs E (log x), one line per update, N·K marked."""
-  import matplotlib
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+  fig, (a, b) = harness.figure(2, figsize=(11, 4.2))
   for update, style in zip(UPDATES, ('o-', 's-', '^--')):
     got = sorted(_by(rows, update).items())
     xs = [e for e, _ in got]
@@ -186,12 +189,70 @@ def plot(rows: list[dict], path) -> None:
     if update != 'dense_model':
       b.plot(xs, [r['temp_bytes'] / 1e6 for _, r in got], ':', color=line.get_color(), label=f'{update} temporaries')
   for ax, ylabel in ((a, 'train step (ms, median)'), (b, 'MB per device (memory_analysis)')):
-    ax.set_xscale('log', base=2)
-    ax.set_yscale('log')
     ax.axvline(rows[0]['nk'], color='grey', lw=0.8, ls=':')
-    ax.set_xlabel('experts per layer (N·K dotted)')
-    ax.set_ylabel(ylabel)
-    ax.legend()
+    harness.style(ax, 'experts per layer (N·K dotted)', ylabel, xlog=2, ylog=True, legend=10)
   fig.suptitle(f"one train step, {rows[0]['tokens_per_step']} tokens: dense vs sparse expert update")
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
+  harness.save(fig, path)
+
+
+def _print_row(row: dict) -> None:
+  print(f"E={row['experts']:6d} {row['update']:11s} " +
+        (f"{row['step_seconds'] * 1e3:8.1f} ms  peak {row['peak_bytes'] / 1e6:7.1f} MB  optimizer "
+         f"{row['optimizer_bytes_per_step'] / 1e6:7.1f} MB/step  (compiles: {row['compiles']})"
+         if row.get('step_seconds') else f"FAILED {row.get('error')}"), flush=True)
+
+
+def series(args) -> int:
+  """One process per E (all of quick's in one), each timing dense, sparse and the dense model side by side."""
+  tokens = QUICK_TOKENS if args.quick else TOKENS
+  grid = experts_grid(tokens['batch'] * tokens['seq_len'] * K, args.quick)
+  steps = args.steps or (3 if args.quick else 15)
+  env = harness.child_env(args.device, 1)
+  rows = []
+  for group in ([grid] if args.quick else [[e] for e in grid]):
+    cmd = [sys.executable, __file__, '--worker', '--steps', str(steps),
+           '--experts', ','.join(map(str, group))] + (['--quick'] if args.quick else [])
+    got, err = harness.run_json(cmd, env)
+    rows += got if err is None else [{'series': 'experts', 'update': u, 'experts': e, 'step_seconds': None,
+                                      'error': err} for e in group for u in UPDATES]
+    for row in rows[-3 * len(group):]:
+      _print_row(row)
+  facts = harness.machine(args.device)
+  for r in rows:
+    r['machine'] = facts
+  out = harness.out_dir(args.out)
+  path = harness.write_json(out, 'bench_train_experts.json', rows)
+  ok = [r for r in rows if r.get('step_seconds')]
+  summ = summary(ok) if ok else {}
+  harness.write_json(out, 'bench_train_experts_summary.json', summ)
+  if ok:
+    plot(ok, out / 'bench_train_experts.png')
+  print(json.dumps({k: summ.get(k) for k in ('sparse_step_max_over_min', 'sparse_over_dense_model_max',
+                                              'dense_step_max_over_min', 'sparse_optimizer_bytes_max_over_min',
+                                              'pass')}))
+  print(f'wrote {path}')
+  bad = [r for r in rows if r.get('compiles') != 1]
+  if bad:
+    print(f'a train step failed or recompiled: {[(r["experts"], r["update"]) for r in bad]}', file=sys.stderr)
+    return 1
+  return 0
+
+
+def main(argv=None) -> int:
+  p = harness.parser(__doc__, out='optional', quick='one E (4·N·K), 128 tokens per step, all in one process')
+  p.add_argument('--steps', type=int, default=0, help='timed rounds per E (default 15; quick 3)')
+  p.add_argument('--device', default='cpu', help='jax platform (cpu, gpu, tpu)')
+  p.add_argument('--worker', action='store_true', help=argparse.SUPPRESS)
+  p.add_argument('--experts', default='', help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.worker:    # a fresh process per group of E: the rows as one JSON line
+    tokens = QUICK_TOKENS if args.quick else TOKENS
+    print(json.dumps([r for e in args.experts.split(',') for r in measure(int(e), tokens, args.steps)]))
+    return 0
+  if not args.out:
+    p.error('--out is required')
+  return series(args)
+
+
+if __name__ == '__main__':
+  sys.exit(main())

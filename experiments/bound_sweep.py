@@ -29,16 +29,14 @@ program is the same; its row says so (`reused_compile`).
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
 import os
-import pathlib
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import harness
+
 AXES = ('experts', 'd_model', 'd_expert', 'layers', 'k', 'tiers')
 BASE = ['model.d_model=32', 'model.num_layers=1', 'model.num_heads=2', 'model.num_kv_heads=2',
         'model.seq_len=32', 'model.vocab_size=64', 'model.ffn_kind=mlp', 'moe.d_expert=16',
@@ -48,6 +46,8 @@ ROUTER = ('router_tier', 'router_group', 'router_expert')
 FLAT_ROUTER_MAX = 2 ** 14      # a flat router over more experts compiles slowly and proves nothing new
 EINSUM_MAX = 1024              # one-hot [N, E, C] tensors
 CAPACITY_MAX = 4096
+# axes whose expert FLOPs are linear in the swept size: (summary key, the row's size field, its symbol)
+LINEAR_IN = {'d_expert': ('experts_per_h', 'value', 'h'), 'k': ('experts_per_k', 'k_active', 'K')}
 
 
 def hierarchy(experts: int) -> tuple[int, int, int]:
@@ -60,7 +60,8 @@ def hierarchy(experts: int) -> tuple[int, int, int]:
   return 2 ** (b - eg - g), 2 ** g, 2 ** eg
 
 
-def _moe_shape(t: int, g: int, eg: int) -> list[str]:
+def moe_shape(t: int, g: int, eg: int) -> list[str]:
+  """The overrides of T tiers x G groups per tier x E_g experts per group."""
   return [f'moe.num_tiers={t}', f'moe.groups_per_tier={g}', f'moe.experts_per_group={eg}']
 
 
@@ -77,7 +78,7 @@ def points(axis: str, quick: bool) -> list[tuple[str, int, list[str]]]:
         if cap and e > cap:
           continue
         shape = (1, 1, e) if series == 'flat_router' else hierarchy(e)
-        out.append((series, e, _moe_shape(*shape) + [f'moe.dispatch={dispatch}']))
+        out.append((series, e, moe_shape(*shape) + [f'moe.dispatch={dispatch}']))
     out.sort(key=lambda p: (p[0], p[1]))
   elif axis == 'd_model':
     for d in ([32, 64, 128] if quick else [32, 64, 128, 256]):
@@ -92,10 +93,10 @@ def points(axis: str, quick: bool) -> list[tuple[str, int, list[str]]]:
       out.append(('unrolled', n, [f'model.num_layers={n}']))
   elif axis == 'k':
     for k in ([1, 2, 4] if quick else [1, 2, 4, 8]):
-      out.append(('gather', k, _moe_shape(2, 2, 8) + [f'moe.k_expert={k}']))
+      out.append(('gather', k, moe_shape(2, 2, 8) + [f'moe.k_expert={k}']))
   elif axis == 'tiers':
     for t in ([1, 4, 16] if quick else [1, 2, 4, 8, 16, 64]):
-      out.append(('gather', t, _moe_shape(t, 2, 4)))
+      out.append(('gather', t, moe_shape(t, 2, 4)))
   else:
     raise ValueError(f'unknown axis {axis!r} (known: {AXES})')
   return out
@@ -114,7 +115,7 @@ def measure(series: str, axis: str, value: int, overrides: list[str], cache: dic
   from litejax.model import bounds
   from litejax.analysis import bound as bound_report
   from litejax.config import load_config
-  cfg = load_config(REPO / 'configs' / 'tiny.yaml', BASE + overrides)
+  cfg = load_config(harness.REPO / 'configs' / 'tiny.yaml', BASE + overrides)
   n = cfg.model.seq_len                                   # one sequence on one device: N = S
   key = _program_key(cfg, n)
   cache = {} if cache is None else cache
@@ -239,12 +240,13 @@ def summarize(rows: list[dict], tol: float = 0.03) -> dict:
           abs(x / 4 - 1) < 0.01 for x in s['attention_proj_factor_per_doubling'])
       out['checks']['d_model: experts x2 per doubling'] = all(
           abs(x / 2 - 1) < 0.01 for x in s['experts_factor_per_doubling'])
-    elif axis == 'd_expert':
+    elif axis in LINEAR_IN:     # expert FLOPs per unit of the swept size: flat
+      per, size, symbol = LINEAR_IN[axis]
       g = _series(rows, axis, 'gather')
-      s['experts_per_h'] = [_comp(r, 'experts') / r['value'] for r in g]
-      s['experts_per_h_spread'] = _spread(s['experts_per_h'])
+      s[per] = [_comp(r, 'experts') / r[size] for r in g]
+      s[f'{per}_spread'] = _spread(s[per])
       s['max_ratio'] = max(r['ratio'] for r in g)
-      out['checks']['d_expert: experts linear in h'] = s['experts_per_h_spread'] < 0.01
+      out['checks'][f'{axis}: experts linear in {symbol}'] = s[f'{per}_spread'] < 0.01
     elif axis == 'layers':
       sc, un = _series(rows, axis, 'scanned'), _series(rows, axis, 'unrolled')
       per_layer = [(r['flops_per_token_compiled'] - _comp(r, 'unembed')) / r['value'] for r in sc]
@@ -257,12 +259,6 @@ def summarize(rows: list[dict], tol: float = 0.03) -> dict:
       s['max_ratio'] = max(r['ratio'] for r in sc + un)
       out['checks']['layers: linear in L'] = s['per_layer_spread'] < 0.01
       out['checks']['layers: scan == unrolled'] = s['scan_vs_unrolled_max_relative_difference'] < 1e-6
-    elif axis == 'k':
-      g = _series(rows, axis, 'gather')
-      s['experts_per_k'] = [_comp(r, 'experts') / r['k_active'] for r in g]
-      s['experts_per_k_spread'] = _spread(s['experts_per_k'])
-      s['max_ratio'] = max(r['ratio'] for r in g)
-      out['checks']['k: experts linear in K'] = s['experts_per_k_spread'] < 0.01
     elif axis == 'tiers':
       g = _series(rows, axis, 'gather')
       s['outside_router_max_relative_spread'] = _spread(r['outside_router_compiled'] for r in g)
@@ -283,16 +279,12 @@ def summarize(rows: list[dict], tol: float = 0.03) -> dict:
 
 # ------------------------------------------------------------------------------------------ plots
 
-def plot_axis(rows: list[dict], axis: str, path=None, fig=None):
-  """One figure per axis: compiled (markers) vs analytic (dashed) FLOPs per token."""
-  import matplotlib
-  if path is not None:
-    matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
+def plot_axis(rows: list[dict], axis: str, path=None):
+  """One figure per axis: compiled (markers) vs analytic (dashed) FLOPs per token; written to `path`
+  (and closed) when given, else returned to draw inline (the notebook)."""
   rs = [r for r in rows if r['axis'] == axis]
   if axis == 'experts':
-    fig = fig or plt.figure(figsize=(12, 4.5))
-    ax1, ax2 = fig.subplots(1, 2)
+    fig, (ax1, ax2) = harness.figure(2, figsize=(12, 4.5), headless=path is not None)
     for series in ('einsum', 'capacity', 'flat_router', 'auto', 'gather'):
       sr = _series(rs, axis, series)
       if sr:
@@ -300,9 +292,8 @@ def plot_axis(rows: list[dict], axis: str, path=None, fig=None):
                          label=f'{series} (compiled)', ms=4)
         ax1.plot([r['value'] for r in sr], [r['flops_per_token_analytic'] for r in sr], '--',
                  color=line.get_color(), alpha=0.5)
-    ax1.set(xscale='log', yscale='log', xlabel='experts per layer', ylabel='matmul FLOPs / token',
-            title='total (dashed: analytic bound with padding)')
-    ax1.legend(fontsize=8)
+    harness.style(ax1, 'experts per layer', 'matmul FLOPs / token', xlog=10, ylog=True, legend=8,
+                  title='total (dashed: analytic bound with padding)')
     g = _series(rs, axis, 'gather')
     if g:
       xs = [r['value'] for r in g]
@@ -313,12 +304,10 @@ def plot_axis(rows: list[dict], axis: str, path=None, fig=None):
       f = _series(rs, axis, 'flat_router')
       if f:
         ax2.plot([r['value'] for r in f], [r['router_compiled'] for r in f], '^-', label='flat router (compiled)')
-      ax2.set(xscale='log', yscale='log', xlabel='experts per layer', ylabel='FLOPs / token',
-              title='gather path: hierarchical growth, K fixed')
-      ax2.legend(fontsize=8)
+      harness.style(ax2, 'experts per layer', 'FLOPs / token', xlog=10, ylog=True, legend=8,
+                    title='gather path: hierarchical growth, K fixed')
   else:
-    fig = fig or plt.figure(figsize=(6.5, 4.5))
-    ax = fig.subplots()
+    fig, ax = harness.figure(1, figsize=(6.5, 4.5), headless=path is not None)
     comps = sorted({c for r in rs for c, v in r['by_component'].items()
                     if c != 'elementwise' and (v['compiled'] or v['analytic'])})
     for series in sorted({r['series'] for r in rs}):
@@ -331,27 +320,23 @@ def plot_axis(rows: list[dict], axis: str, path=None, fig=None):
     for c in comps:
       line, = ax.plot(xs, [_comp(r, c) for r in base], '.-', label=c, alpha=0.8)
       ax.plot(xs, [_comp(r, c, 'analytic') for r in base], ':', color=line.get_color(), alpha=0.5)
-    ax.set(xscale='log', yscale='log', xlabel=axis, ylabel='matmul FLOPs / token',
-           title=f'{axis}: compiled (solid) vs analytic (dashed/dotted)')
-    ax.legend(fontsize=7)
-  fig.tight_layout()
-  if path is not None:
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    harness.style(ax, axis, 'matmul FLOPs / token', xlog=10, ylog=True,
+                  title=f'{axis}: compiled (solid) vs analytic (dashed/dotted)')
+  if path is None:
+    fig.tight_layout()
+  else:
+    harness.save(fig, path)
   return fig
 
 
 # ------------------------------------------------------------------------------------------ main
 
 def main(argv: list[str] | None = None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  p = harness.parser(__doc__, quick='fewer points (< 2 minutes on 2 cores)')
   p.add_argument('--axis', choices=AXES + ('all',), default='experts')
-  p.add_argument('--quick', action='store_true', help='fewer points (< 2 minutes on 2 cores)')
-  p.add_argument('--out', required=True, help='output directory')
   args = p.parse_args(argv)
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
+  out = harness.out_dir(args.out)
   axes = AXES if args.axis == 'all' else (args.axis,)
   t0 = time.perf_counter()
   rows, cache = [], {}
@@ -361,8 +346,8 @@ def main(argv: list[str] | None = None) -> int:
   summary = summarize(rows)
   summary['seconds'] = time.perf_counter() - t0
   summary['command'] = 'python experiments/bound_sweep.py ' + ' '.join(sys.argv[1:] if argv is None else argv)
-  (out / 'bound_sweep.json').write_text(json.dumps(rows, indent=1, default=float))
-  (out / 'bound_sweep_summary.json').write_text(json.dumps(summary, indent=1, default=float))
+  harness.write_json(out, 'bound_sweep.json', rows)
+  harness.write_json(out, 'bound_sweep_summary.json', summary)
   for name, ok in summary['checks'].items():
     print(f'{"PASS" if ok else "FAIL"}  {name}')
   print(f'{len(rows)} points, {summary["compiles"]} compiles in {summary["seconds"]:.0f}s -> {out}')

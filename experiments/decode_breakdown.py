@@ -19,40 +19,25 @@ the rounds' loop runs (below 1 when other work takes the cores).
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import pathlib
 import statistics
 import sys
-import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / 'experiments'))
+import harness
 
 # (impl, experts per layer, batch): batch 1 and 16, small and large E, MoE and dense
 ROWS = [('dense', None, 1), ('moe', 16, 1), ('moe', 4096, 1), ('moe', 16384, 1), ('dense', None, 16),
         ('moe', 16, 16), ('moe', 16384, 16)]
 
 
-def _median_s(f, n: int) -> float:
-  ts = []
-  for _ in range(n):
-    t0 = time.perf_counter()
-    f()
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
-
-
 def _pieces(rt, params, extra, args):
-  """{name: a call to time} for the row's runtime: (a) the loop, (b) the step, dispatch, host calls."""
+  """{name: a call to time} for the row's runtime: the step, dispatch, host calls."""
   import jax
   import numpy as np
 
   from litejax.inference import decode
   batch = rt.batch
-  prompts = [[(7 * i + 3 * j) % 256 for j in range(args.prompt_len)] for i in range(batch)]
   key, samp = rt.replicated((jax.random.key(0), decode.Sampling().as_arrays()))
   tok, pos = rt.rows(np.zeros(batch)), rt.rows(np.full(batch, args.prompt_len))
   idx = rt.replicated(np.int32(1))
@@ -65,7 +50,7 @@ def _pieces(rt, params, extra, args):
     nb, _, state['cache'] = rt.step(params, extra, state['cache'], tok, pos, key, idx, samp)
     jax.block_until_ready(nb)
 
-  return prompts, {
+  return {
       'step': step,
       'empty': lambda: jax.block_until_ready(noop(params, extra, other_cache, tok, pos, key, idx, samp)),
       'rows_put': lambda: jax.block_until_ready(rt.rows(lengths + 3)),
@@ -76,37 +61,30 @@ def _pieces(rt, params, extra, args):
 
 def measure_row(name, experts, batch, args) -> dict:
   import jax
-  from flax import nnx
 
-  import bench_decode
-  from litejax.perf.host import measure_host
   from litejax.inference import decode
-  from litejax.analysis import decode_bound
-  from litejax import sharding
-  from litejax.config import load_config
-  from litejax.model.transformer import init_model
-  cfg = load_config(REPO / 'configs' / 'tiny.yaml', bench_decode.overrides(experts))
-  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
-  rt = decode.make_runtime(cfg, mesh, batch, args.prompt_len + args.new_tokens)
-  _, params, extra = nnx.split(init_model(cfg, seed=0), nnx.Param, ...)
-  with jax.set_mesh(mesh):
-    params, extra = rt.place(params, extra)
-    prompts, pieces = _pieces(rt, params, extra, args)
+  from litejax.perf.host import measure_host
+  from litejax.perf.timing import time_calls
+  row = harness.decode_row(experts, batch, args.prompt_len, args.new_tokens)
+  rt, prompts = row.runtime, row.prompts
+  with jax.set_mesh(row.mesh):
+    params, extra = rt.place(row.params, row.extra)
+    pieces = _pieces(rt, params, extra, args)
     decode.generate(rt, params, extra, prompts, 2)
     for f in pieces.values():
       f()
     runs = {k: [] for k in ['loop', 'cpu_share', *pieces]}
 
     def one_round():
-      w0, c0 = time.perf_counter(), time.process_time()
-      runs['loop'].append(statistics.median(decode.generate(rt, params, extra, prompts, args.new_tokens).step_s))
-      runs['cpu_share'].append((time.process_time() - c0) / (time.perf_counter() - w0))
+      gen, share = harness.cpu_share(lambda: decode.generate(rt, params, extra, prompts, args.new_tokens))
+      runs['loop'].append(statistics.median(gen.step_s))
+      runs['cpu_share'].append(share)
       for k, f in pieces.items():
-        runs[k].append(_median_s(f, args.calls))
+        runs[k].append(statistics.median(time_calls(f, args.calls, warmup=0)))
 
     chip = measure_host(repeats=args.rounds, between=one_round)
   med = {k: statistics.median(v) for k, v in runs.items()}
-  lat = decode_bound.report(decode_bound.compile_step(cfg, batch=batch, cache_len=rt.max_len, mesh=mesh), chip)['latency']
+  lat = row.bound_report(chip)['latency']
   out = {'impl': name, 'experts': experts or 0, 'batch': batch, 'cpu_share': med.pop('cpu_share')}
   out.update({f'{k}_ms': 1e3 * v for k, v in med.items()})
   out['loop_minus_step_ms'] = out['loop_ms'] - out['step_ms']
@@ -122,8 +100,7 @@ def measure_row(name, experts, batch, args) -> dict:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument('--out', required=True)
+  p = harness.parser(__doc__)
   p.add_argument('--rows', default='', help='comma-separated indices into ROWS (default all)')
   p.add_argument('--rounds', type=int, default=5)
   p.add_argument('--calls', type=int, default=20, help='timed calls per piece per round (median kept)')
@@ -136,9 +113,8 @@ def main(argv=None) -> int:
   for name, e, b in rows:
     res.append(measure_row(name, e, b, args))
     print(json.dumps(res[-1]), flush=True)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / 'decode_breakdown.json').write_text(json.dumps({'rows': res, 'load_average': os.getloadavg()}, indent=1))
+  harness.write_json(harness.out_dir(args.out), 'decode_breakdown.json',
+                     {'rows': res, 'load_average': os.getloadavg()})
   return 0
 
 

@@ -27,7 +27,7 @@ from litejax.model import bounds
 from litejax.perf import chips
 from litejax.config import load_config
 sys.path.insert(0, 'experiments')
-from bench_train import dense_overrides
+from harness import dense_overrides
 out = pathlib.Path(sys.argv[1])
 kind = jax.devices()[0].device_kind
 peak = chips.peak_flops_for_device_kind(kind)

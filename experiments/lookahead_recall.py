@@ -23,15 +23,13 @@ per-layer programs wrapped to record the states.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 
 import numpy as np
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import bench_tiers  # noqa: E402  (the checkpoint, store and decode helpers)
+import harness
 
 PROXIES = ('after_attn', 'after_moe')
 
@@ -64,8 +62,8 @@ def record_decode(cfg, model, store, prompt: str, new_tokens: int, temperature: 
   tiered_decode.moe_pre, tiered_decode.finish = rec_pre, rec_fin
   try:
     opts = TierOptions(1.0, 1.0, 'lru', 0, 'stall')
-    gen, _, _, rt = bench_tiers.decode(cfg, model, store, opts, data.encode(prompt).astype(int).tolist(),
-                                       new_tokens, Sampling(temperature), seed, preload=True)
+    gen, _, _, rt = harness.tiered_decode(cfg, model, store, opts, data.encode(prompt).astype(int).tolist(),
+                                          new_tokens, Sampling(temperature), seed, preload=True)
   finally:
     tiered_decode.moe_pre, tiered_decode.finish = pre, fin
   return steps, rt.moe, data.decode(gen.tokens[0])
@@ -167,28 +165,24 @@ def width_table(cfg, steps, moe_layers, max_depth: int, widths, expert_bytes: in
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--out', required=True)
-  ap.add_argument('--ckpt-dir', default=None,
-                  help='tiny_1k checkpoint (default: runs/tiny_1k/ckpt; --quick: OUT/ckpt), trained if missing')
+  ap = harness.parser(__doc__, quick='the shrunk tiny_1k (when it trains one), 8 tokens, widths 1,32 (the tests)')
+  harness.add_ckpt_dir(ap)
   ap.add_argument('--store', default=None, help='store of the checkpoint\'s experts (default: CKPT/../store)')
   ap.add_argument('--tokens', type=int, default=256)
   ap.add_argument('--temperature', type=float, default=1.0)
   ap.add_argument('--widths', default=None,
                   help='lookahead widths W to measure (comma-separated; default 1,2,4,8,16,32; --quick: 1,32)')
-  ap.add_argument('--quick', action='store_true')
   args = ap.parse_args(argv)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  ckpt = pathlib.Path(args.ckpt_dir or (out / 'ckpt' if args.quick else 'runs/tiny_1k/ckpt'))
+  out = harness.out_dir(args.out)
+  ckpt = harness.ckpt_dir(args, out)
   if args.quick:
     args.tokens = 8
   # each width compiles its own candidates program: quick keeps the narrowest and the widest
   args.widths = args.widths or ('1,32' if args.quick else '1,2,4,8,16,32')
-  source = bench_tiers.ensure_checkpoint(ckpt, args.quick)
+  source = harness.ensure_checkpoint(ckpt, args.quick)
   store_dir = pathlib.Path(args.store) if args.store else ckpt.parent / 'store'
-  cfg, model, store = bench_tiers.load(ckpt, store_dir)
-  steps, moe_layers, text = record_decode(cfg, model, store, bench_tiers.PROMPT, args.tokens, args.temperature, 0)
+  cfg, model, store = harness.load_store_model(ckpt, store_dir)
+  steps, moe_layers, text = record_decode(cfg, model, store, harness.PROMPT, args.tokens, args.temperature, 0)
   rep = {'checkpoint': str(ckpt), 'checkpoint_source': source, 'decode_tokens': len(steps),
          'temperature': args.temperature, 'moe_layers': len(moe_layers), 'd_model': cfg.model.d_model,
          'experts_per_layer': cfg.moe.experts_total, 'k': cfg.moe.k_active,
@@ -196,7 +190,7 @@ def main(argv=None) -> int:
          'expert_bytes': store.expert_bytes,
          'width': width_table(cfg, steps, moe_layers, len(moe_layers) - 1,
                               [int(w) for w in args.widths.split(',')], store.expert_bytes), 'text': text}
-  (out / 'lookahead_recall.json').write_text(json.dumps(rep, indent=2))
+  harness.write_json(out, 'lookahead_recall.json', rep, indent=2)
   print(json.dumps({k: v for k, v in rep.items() if k != 'text'}, indent=2))
   return 0
 

@@ -12,7 +12,6 @@ Rows (median ms of --repeats runs after a warm-up):
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -20,17 +19,16 @@ import sys
 import jax
 import jax.numpy as jnp
 
+import harness
 from litejax.model.moe.capacity import capacity
 from litejax.config import from_dict
 from litejax.model.moe.dispatch import moe_ffn
 from litejax.model.moe.rows import expert_matmul
 from litejax.model.moe.routing import route, top_k
-from litejax.perf.timing import time_calls
 
 
 def median_ms(fn, *args, repeats: int) -> float:
-  compiled = jax.jit(fn).lower(*args).compile()
-  return statistics.median(time_calls(lambda: compiled(*args), repeats)) * 1e3
+  return statistics.median(harness.time_compiled(fn, args, repeats)[0]) * 1e3
 
 
 def sort_top_k(x, k):
@@ -68,13 +66,10 @@ def profile(E: int, N: int, d: int, h: int, K: int, repeats: int) -> dict[str, f
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = harness.parser(__doc__, out='none', repeats=7)
   p.add_argument('--experts', type=int, default=1024)
   p.add_argument('--tokens', type=int, default=1024)
-  p.add_argument('--d-model', type=int, default=128)
-  p.add_argument('--d-expert', type=int, default=256)
-  p.add_argument('--k', type=int, default=2)
-  p.add_argument('--repeats', type=int, default=7)
+  harness.add_layer_shape(p)
   p.add_argument('--json', action='store_true')
   args = p.parse_args(argv)
   out = profile(args.experts, args.tokens, args.d_model, args.d_expert, args.k, args.repeats)

@@ -15,12 +15,14 @@ available, only memory_analysis() and litejax.analysis.train_temp's check. A pro
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import sys
 import tempfile
+
+import harness
+from litejax.env import set_cpu_device_count
 
 SHRUNK = ['model.d_model=256', 'model.num_layers=2', 'model.num_heads=2', 'model.num_kv_heads=2',
           'model.vocab_size=512', 'moe.d_expert=64']
@@ -41,7 +43,7 @@ def parse_report(text: str, top: int) -> list[dict]:
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  ap = harness.parser(__doc__, out='none')
   ap.add_argument('--set', nargs='*', default=[], help='config overrides on top of the shrunk quadrillion')
   ap.add_argument('--top', type=int, default=12)
   ap.add_argument('--out', default=None, help='write the JSON here too')
@@ -50,8 +52,9 @@ def main(argv=None) -> int:
   if args.target:
     return _tpu(args)
   dump = tempfile.mkdtemp(prefix='temp_breakdown_')
-  os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8'
-                             f' --xla_dump_to={dump} --xla_dump_hlo_module_re=.*train_step.* --xla_dump_hlo_pass_re=NONE')
+  set_cpu_device_count(8)
+  os.environ['XLA_FLAGS'] += (f' --xla_dump_to={dump} --xla_dump_hlo_module_re=.*train_step.*'
+                              ' --xla_dump_hlo_pass_re=NONE')
   from litejax.analysis import bound as bound_report
   from litejax.train import sparse_step
   from litejax.config import load_config

@@ -14,13 +14,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
-import pathlib
 import statistics
 import sys
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-import bench_tiers  # noqa: E402  (the checkpoint, store and prompt)
+import harness
 
 PLACEMENT = 'hot,warm,cold,cold'
 
@@ -44,29 +41,25 @@ def measure(cfg, model, store, opts, mask, prompt: list[int], new_tokens: int) -
 
 
 def main(argv=None) -> int:
-  ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  ap.add_argument('--out', required=True)
-  ap.add_argument('--ckpt-dir', default=None,
-                  help='tiny_1k checkpoint (default: runs/tiny_1k/ckpt; --quick: OUT/ckpt), trained if missing')
+  ap = harness.parser(__doc__, quick='4 tokens, one validation batch, the quick host probes (untimed; the tests)')
+  harness.add_ckpt_dir(ap)
   ap.add_argument('--tokens', type=int, default=32)
-  ap.add_argument('--quick', action='store_true')
   args = ap.parse_args(argv)
-  out = pathlib.Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  ckpt = pathlib.Path(args.ckpt_dir or (out / 'ckpt' if args.quick else 'runs/tiny_1k/ckpt'))
+  out = harness.out_dir(args.out)
+  ckpt = harness.ckpt_dir(args, out)
   if args.quick:
     args.tokens = 4
     # the host chip from the quick probes (fewer programs to compile): the figures are untimed here
     from litejax.perf import host
     host.host_chip = functools.partial(host.host_chip, quick=True)
-  source = bench_tiers.ensure_checkpoint(ckpt, args.quick)
-  cfg, model, store = bench_tiers.load(ckpt, ckpt.parent / 'store')
+  source = harness.ensure_checkpoint(ckpt, args.quick)
+  cfg, model, store = harness.load_store_model(ckpt, ckpt.parent / 'store')
   from litejax.commands import generate_tierset
   from litejax.config import from_dict
   from litejax.inference.store.levels import TierOptions
   placement = PLACEMENT    # tiny_1k (and its --quick shrink) has 4 routing tiers
   cfg = from_dict({'store': {'placement': placement}}, base=cfg)
-  prompt = [int(b) for b in bench_tiers.PROMPT.encode()]
+  prompt = harness.prompt_tokens()
   ns = argparse.Namespace(val_batches=1 if args.quick else 2, latency_budget_ms=1e9, store=str(ckpt.parent / 'store'))
   chosen, opts = generate_tierset.choose(ns, cfg, model, store, TierOptions(miss='stall'), 1,
                                          len(prompt) + args.tokens)
@@ -83,7 +76,7 @@ def main(argv=None) -> int:
           f"{rows[-1]['predicted_over_measured']:.2f}", flush=True)
   rep = {'checkpoint': str(ckpt), 'checkpoint_source': source, 'placement': placement, 'tokens': args.tokens,
          'compute': chosen['compute'], 'io_probes': chosen['io_probes'], 'tiersets': rows}
-  (out / 'tierset_latency.json').write_text(json.dumps(rep, indent=1, default=float))
+  harness.write_json(out, 'tierset_latency.json', rep)
   return 0
 
 

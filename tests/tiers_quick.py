@@ -21,8 +21,8 @@ def env() -> dict[str, str]:
 
 
 def checkpoint(tmp_path_factory) -> pathlib.Path:
-  """CKPT (CKPT/../store holds its experts): bench_tiers.ensure_checkpoint's --quick training, then the
-  store export of bench_tiers.load, so the scripts only read both."""
+  """CKPT (CKPT/../store holds its experts): experiments/harness.ensure_checkpoint's --quick training, then
+  the store export of harness.load_store_model, so the scripts only read both."""
   root = tmp_path_factory.getbasetemp()
   if root.name.startswith('popen-gw'):    # xdist worker: its basetemp's parent is shared by the run
     root = root.parent
@@ -31,9 +31,9 @@ def checkpoint(tmp_path_factory) -> pathlib.Path:
   with open(root / 'tiny_1k_quick.lock', 'w') as lock:
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not (work / 'store' / 'manifest.json').exists():
-      code = ('import pathlib, sys; sys.path.insert(0, "experiments"); import bench_tiers; '
+      code = ('import pathlib, sys; sys.path.insert(0, "experiments"); import harness; '
               'from litejax.inference.store.from_checkpoint import write_from_checkpoint; '
-              f'p = pathlib.Path({str(ckpt)!r}); bench_tiers.ensure_checkpoint(p, True); '
+              f'p = pathlib.Path({str(ckpt)!r}); harness.ensure_checkpoint(p, True); '
               'write_from_checkpoint(str(p.parent / "store"), str(p), overwrite=True)')
       subprocess.run([sys.executable, '-c', code], check=True, cwd=REPO, env=env(), timeout=900)
   return ckpt
