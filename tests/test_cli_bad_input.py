@@ -2,7 +2,7 @@
 the field or path and the constraint, no traceback, nothing written (issue 14).
 
 Cases run in-process through `litejax.cli.main` (a subprocess costs seconds of JAX import each), in a
-fresh working folder whose tree is compared before and after. README *Training* quotes the count.
+fresh working folder whose tree is compared before and after. docs/training.md quotes the count.
 """
 import os
 import pathlib
@@ -144,8 +144,8 @@ class _nothing:
 
 
 def test_case_count_matches_readme(repo_root):
-  """README *Training* states how many cases are tried; keep it in step with this table."""
-  text = (repo_root / 'README.md').read_text()
+  """docs/training.md states how many cases are tried; keep it in step with this table."""
+  text = (repo_root / 'docs' / 'training.md').read_text()
   assert f'{len(CASES)} bad-input cases' in text, len(CASES)
 
 
