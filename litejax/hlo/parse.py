@@ -62,7 +62,8 @@ class Instr:
     return sum(math.prod(d) * dtype_bytes(t) for t, d in self.shapes)
 
   def attr(self, key: str) -> str | None:
-    m = re.search(rf'\b{key}=(\{{[^}}]*\}}|%?[\w.\-]+)', self.attrs)
+    # '>' for dim_labels=b01f_01io->b01f (a convolution's)
+    m = re.search(rf'\b{key}=(\{{[^}}]*\}}|%?[\w.\->]+)', self.attrs)
     return m.group(1) if m else None
 
   def dims_attr(self, key: str) -> tuple[int, ...]:
