@@ -91,7 +91,7 @@ def test_tpu_report_compares_with_the_analytic_bound():
   assert rep['ratio'] == pytest.approx(rep['flops_per_token'] / analytic, rel=1e-9)
   elem = rep['flops_per_token_elementwise_estimate'] / analytic
   assert 0.97 <= rep['ratio'] <= 1.03 + cost_elementwise_share_bound(elem), rep['ratio']
-  assert 'vs bound' in '\n'.join(targets.format_per_chip(rep, bounds.human))
+  assert 'vs bound' in '\n'.join(targets.format_per_chip(rep))
 
 
 def cost_elementwise_share_bound(elem_share: float) -> float:

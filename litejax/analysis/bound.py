@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from litejax import units
 from litejax.model.bounds import COMPONENTS
 from litejax.hlo.parse import parse_hlo  # noqa: F401  (re-exported)
 from litejax.hlo.flops import HloCost, walk  # noqa: F401  (re-exported)
@@ -196,7 +197,7 @@ def _collectives(prog: CompiledProgram, cost: HloCost) -> dict:
   analytic = {'dispatch': 0.0, 'combine': 0.0, 'metadata': 0.0, 'router': 0.0, 'total': 0.0}
   s = sharding.mesh_sizes(prog.mesh)
   if prog.expert_parallel and s['expert'] > 1 and prog.cfg.model.num_moe_layers:
-    dt = 2 if prog.cfg.model.dtype == 'bfloat16' else 4
+    dt = units.dtype_bytes(prog.cfg.model.dtype)
     per_layer = buffer_plan.analytic_all_to_all_bytes_per_rank(prog.cfg, prog.tokens, s, dt)
     times = prog.cfg.model.num_moe_layers * (2 if prog.train else 1)
     analytic = {k: float(per_layer[k] * times) for k in analytic}

@@ -23,6 +23,7 @@ import dataclasses
 import time
 from typing import Any
 
+from litejax import units
 from litejax.model import bounds
 from litejax.analysis import bound as cost
 from litejax.inference import decode
@@ -144,9 +145,9 @@ def expert_weight_reads(hlo_text: str) -> dict[str, float]:
   for name, times in module.multiplicities(control_flow_only=True).items():
     comp = module[name]
     for ins in comp.instrs.values():
-      if ins.opcode in hlo_flops._NO_BYTES or not ins.operands:
+      if ins.opcode in hlo_flops.NO_BYTES or not ins.operands:
         continue
-      if ins.opcode in hlo_flops._SLICING:
+      if ins.opcode in hlo_flops.SLICING:
         if table_path(comp, ins.operands[0]):
           total += times * ins.nbytes
           upcast += times * ins.nbytes / 2 if _is_upcast_read(comp, ins.operands[0], upcasts) else 0.0
@@ -217,7 +218,7 @@ def report(dp: DecodeProgram, chip: chips.Chip | None = None, tol: float = 0.03)
   params = bounds.param_counts(cfg)
   ca = prog.compiled.cost_analysis()
   coll = cost._collectives(prog, walked)
-  pbytes = 2 if cfg.model.param_dtype == 'bfloat16' else 4
+  pbytes = units.dtype_bytes(cfg.model.param_dtype)
   expert_bytes = bounds.expert_params(cfg) * pbytes
   n_moe = cfg.model.num_moe_layers
   reads = expert_weight_reads(prog.hlo_text)
@@ -320,8 +321,8 @@ def target_report(cfg, target, *, batch: int | None, cache_len: int) -> dict:
     oom = targets.parse_out_of_memory(str(e))
     if 'RESOURCE_EXHAUSTED' not in str(e) or oom is None:
       raise
-    out['compiler_refused'] = (f"{oom['what']} need {targets.human_bytes(oom['required_bytes'])} per device, "
-                               f"HBM {targets.human_bytes(oom['available_bytes'])}")
+    out['compiler_refused'] = (f"{oom['what']} need {units.si(oom['required_bytes'], 'B')} per device, "
+                               f"HBM {units.si(oom['available_bytes'], 'B')}")
     if 'flops_method' not in out:
       dev = analytic_step_per_device(cfg, mesh, b, cache_len)
       out['flops_method'] = 'analytic (litejax.model.bounds; the TPU compiler refused even one layer)'
@@ -336,7 +337,7 @@ def target_report(cfg, target, *, batch: int | None, cache_len: int) -> dict:
       'analytic_by_component': analytic,
       'bytes_accessed_per_token': dev['bytes'] * per_tok,
       'expert_weight_bytes_per_token_analytic': cfg.model.num_moe_layers * rows * bounds.expert_params(cfg) *
-                                                (2 if cfg.model.param_dtype == 'bfloat16' else 4),
+                                                units.dtype_bytes(cfg.model.param_dtype),
       'collective_bytes_per_rank': dev['collectives'],
       'params_total': bounds.param_counts(cfg).total,
       'params_active_per_token': bounds.param_counts(cfg).active_per_token,
@@ -358,8 +359,8 @@ def analytic_step_per_device(cfg, mesh, batch: int, cache_len: int) -> dict[str,
   s = sharding.mesh_sizes(mesh)
   devices = mesh.size
   mc, n_moe = cfg.model, cfg.model.num_moe_layers
-  pbytes = 2 if mc.param_dtype == 'bfloat16' else 4
-  abytes = 2 if mc.dtype == 'bfloat16' else 4
+  pbytes = units.dtype_bytes(mc.param_dtype)
+  abytes = units.dtype_bytes(mc.dtype)
   rows = expert_rows_per_token(cfg, mesh, batch)
   flops = sum(bounds.decode_flops_per_token(cfg, cache_len, rows, router_visits_per_token(cfg, mesh, batch)
                                             ).values()) * batch / devices

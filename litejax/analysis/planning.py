@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from litejax import units
 from litejax.config import ConfigError
 from litejax.analysis.footprint import state_bytes_per_device
 
@@ -108,7 +109,7 @@ def state_options(cfg, sizes: dict[str, int], generation: str, chosen: tuple[str
   chip = hardware.chip(generation)
   pod = chip.max_chips * chip.hbm_bytes
   m, mc = cfg.moe, cfg.model
-  pbytes = 2 if mc.param_dtype == 'bfloat16' else 4
+  pbytes = units.dtype_bytes(mc.param_dtype)
   experts = mc.num_moe_layers * m.experts_total
   out = []
   for update, opt in OPTIMIZER_CHOICES:
@@ -160,7 +161,7 @@ def serve_plan(cfg, generation: str, *, device_fraction: float = 0.01, host_frac
     raise ValueError(f'--generation: serving needs host RAM per chip, known for {sorted(hardware.SERVE_HOST)}')
   host = hardware.SERVE_HOST[generation]
   m, mm = cfg.model, cfg.moe
-  wbytes = 2 if m.param_dtype == 'bfloat16' else 4
+  wbytes = units.dtype_bytes(m.param_dtype)
   p = bounds.param_counts(cfg)
   expert_bytes = p.expert_total * wbytes
   non_expert = (p.total - p.expert_total) * wbytes

@@ -14,6 +14,7 @@ import math
 import os
 import re
 
+from litejax import units
 from litejax.perf import chips as hardware
 from litejax.config import ConfigError
 
@@ -317,17 +318,10 @@ def analytic_comparison(prog, flops_per_token: float) -> dict:
           'flops_per_token_elementwise_estimate': elem, 'tokens_per_group': prog.tokens_per_group}
 
 
-def human_bytes(n: float) -> str:
-  """Decimal bytes: 95.7 GB, 2.0 PB."""
-  for unit, scale in (('EB', 1e18), ('PB', 1e15), ('TB', 1e12), ('GB', 1e9), ('MB', 1e6), ('kB', 1e3)):
-    if abs(n) >= scale:
-      return f'{n / scale:.3g} {unit}'
-  return f'{n:.0f} B'
-
-
-def format_per_chip(rep: dict, h) -> list[str]:
-  """Human-readable lines of a per_chip_report (h: a number humaniser such as bounds.human)."""
-  hb = human_bytes
+def format_per_chip(rep: dict) -> list[str]:
+  """Human-readable lines of a per_chip_report."""
+  h = units.si
+  hb = lambda n: units.si(n, 'B')  # noqa: E731
   kind = 'train step' if rep['train'] else 'forward'
   lines = [f"per chip on {rep['target']} ({rep['chips']} chips, {rep['devices']} devices; {kind}, "
            f"batch {rep['global_batch']}x{rep['seq_len']})"
@@ -357,7 +351,7 @@ def format_per_chip(rep: dict, h) -> list[str]:
   lines.append(f"  collectives  {hb(cb['total'])} per chip per step" + (f" ({kinds})" if kinds else ''))
   if 'latency' in rep:
     from litejax.perf import latency
-    lines.append('  ' + latency.format_estimate(rep['latency'], h))
+    lines.append('  ' + latency.format_estimate(rep['latency']))
   return lines
 
 
@@ -415,14 +409,14 @@ def _refused_report(cfg, target: Target, mesh, train: bool, global_batch: int | 
   flops_chip = flops_token * tokens / target.chips
   a2a = 0.0
   if sizes['expert'] > 1 and cfg.model.num_moe_layers:
-    dt = 2 if cfg.model.dtype == 'bfloat16' else 4
+    dt = units.dtype_bytes(cfg.model.dtype)
     per_layer = buffer_plan.analytic_all_to_all_bytes_per_rank(cfg, tokens, sizes, dt)['total']
     a2a = float(per_layer * cfg.model.num_moe_layers * (2 if train else 1)) * dpc
   args = state['state'] * dpc
   # HBM traffic lower bound: dense weights once, plus one expert's weights per routed assignment
   # that lands here (capacity_factor·N·K per MoE layer), never more than the experts held.
   pc = bounds.param_counts(cfg)
-  pbytes = 2 if cfg.model.param_dtype == 'bfloat16' else 4
+  pbytes = units.dtype_bytes(cfg.model.param_dtype)
   held = state['params'] * dpc
   assignments = cfg.moe.capacity_factor * n_group * cfg.moe.k_active * cfg.model.num_moe_layers * dpc
   touched = min(held, (pc.total - pc.expert_total) * pbytes + assignments * bounds.expert_params(cfg) * pbytes)
@@ -433,8 +427,8 @@ def _refused_report(cfg, target: Target, mesh, train: bool, global_batch: int | 
       'devices': len(target.devices), 'devices_per_chip': dpc, 'global_batch': b,
       'seq_len': cfg.model.seq_len, 'train': train,
       'compiled': False,
-      'compiler_refused': f"{oom['what']} need {human_bytes(oom['required_bytes'])} per device, "
-                          f"HBM {human_bytes(oom['available_bytes'])}",
+      'compiler_refused': f"{oom['what']} need {units.si(oom['required_bytes'], 'B')} per device, "
+                          f"HBM {units.si(oom['available_bytes'], 'B')}",
       'flops_per_step_per_chip': flops_chip, 'flops_per_token': flops_token,
       'flops_per_token_analytic': flops_token, 'ratio': None,      # nothing compiled to compare
       'flops_method': 'analytic (litejax.model.bounds; the compiler refused the program)',

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import statistics
 
+from litejax import units
 from litejax.perf import latency
 from litejax.perf import probes as hp
 from litejax.perf.host import host_probes
@@ -110,9 +111,9 @@ def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None =
   }
 
 
-def format_calibration(rep: dict, h) -> list[str]:
+def format_calibration(rep: dict) -> list[str]:
   """The calibration report as lines of text: the host, one line per row, the verdicts."""
-  s, host = latency.seconds, rep['host']
+  h, s, host = units.si, units.seconds, rep['host']
   lines = [f"host: matmul peak {h(host['peak_flops'])}FLOP/s (f32), memory bandwidth "
            f"{h(host['mem_bytes_per_s'])}B/s ({h(host['transpose_bytes_per_s'])}B/s transposing), "
            f"{s(host['kernel_overhead_s'])} per kernel, {s(host['call_overhead_s'])} per host call   "

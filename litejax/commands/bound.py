@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from litejax import units
 from litejax.commands.args import add_config_arguments, positive_int
 from litejax.env import set_cpu_device_count
 
@@ -42,10 +43,9 @@ def run(args: argparse.Namespace) -> int:
   if target == 'tpu':
     return _run_target(args, cfg)
   set_cpu_device_count(target, cpu_only=True)   # no-op when called in-process after jax (tests)
-  from litejax.model import bounds
   from litejax.analysis import bound as cost
   rep = cost.bound(cfg, train=args.train, num_devices=target, global_batch=args.batch, tol=args.tol)
-  return emit(args, rep, lambda r: _print_table(args.config, r, bounds.human))
+  return emit(args, rep, lambda r: _print_table(args.config, r))
 
 
 def target_devices(args: argparse.Namespace) -> int | str | None:
@@ -76,7 +76,6 @@ def emit(args: argparse.Namespace, rep: dict, print_table) -> int:
 def _run_target(args: argparse.Namespace, cfg) -> int:
   """--target TPU: the per-chip report (litejax.analysis.targets) of the step compiled for that slice."""
   set_cpu_device_count(1, cpu_only=True)
-  from litejax.model import bounds
   from litejax.analysis import targets
   try:
     rep = targets.compile_report(cfg, targets.resolve(args.target), train=args.train, global_batch=args.batch)
@@ -86,11 +85,12 @@ def _run_target(args: argparse.Namespace, cfg) -> int:
 
   def table(r):
     print(f'config: {args.config}')
-    print('\n'.join(targets.format_per_chip(r, bounds.human)))
+    print('\n'.join(targets.format_per_chip(r)))
   return emit(args, rep, table)
 
 
-def _print_table(path: str, rep: dict, h) -> None:
+def _print_table(path: str, rep: dict) -> None:
+  h = units.si
   sf = rep['spec_formula']
   kind = 'train step' if rep['train'] else 'forward'
   print(f"config: {path}   ({kind}, {rep['devices']} devices {rep['mesh']}, batch {rep['global_batch']}x"
@@ -155,7 +155,6 @@ def _run_decode(args: argparse.Namespace, cfg) -> int:
   if target == 'tpu':
     return _run_decode_target(args, cfg, cache_len)
   set_cpu_device_count(target, cpu_only=True)
-  from litejax.model import bounds
   from litejax.analysis import decode_bound as decode_cost
   from litejax.perf.host import host_chip
   try:
@@ -164,23 +163,22 @@ def _run_decode(args: argparse.Namespace, cfg) -> int:
   except ValueError as e:
     print(f'litejax bound: {e}', file=sys.stderr)
     return 2
-  return emit(args, rep, lambda r: _print_decode(args.config, r, bounds.human))
+  return emit(args, rep, lambda r: _print_decode(args.config, r))
 
 
 def _run_decode_target(args, cfg, cache_len: int) -> int:
   set_cpu_device_count(1, cpu_only=True)
-  from litejax.model import bounds
   from litejax.analysis import decode_bound as decode_cost, targets
   try:
     rep = decode_cost.target_report(cfg, targets.resolve(args.target), batch=args.batch, cache_len=cache_len)
   except targets.TargetError as e:
     print(f'litejax bound: {e}', file=sys.stderr)
     return 2
-  return emit(args, rep, lambda r: _print_decode(args.config, r, bounds.human))
+  return emit(args, rep, lambda r: _print_decode(args.config, r))
 
 
-def _print_decode(path: str, rep: dict, h) -> None:
-  from litejax.analysis.targets import human_bytes as hb
+def _print_decode(path: str, rep: dict) -> None:
+  h = units.si
   where = rep.get('target') or f"{rep['devices']} devices {rep['mesh']}"
   print(f"config: {path}   (decode step, {where}, batch {rep['batch']}, cache {rep['cache_len']})")
   if 'compiler_refused' in rep:
@@ -192,14 +190,14 @@ def _print_decode(path: str, rep: dict, h) -> None:
         print(f"{name:18s} {h(row['analytic']):>10s} {h(row['compiled']):>10s} {row['ratio']:7.4f}")
   print(f"{'TOTAL':18s} {h(rep['flops_per_token_analytic']):>10s} {h(rep['flops_per_token_compiled']):>10s} "
         f"{rep['ratio']:7.4f}")
-  print(f"bytes accessed/token {hb(rep['bytes_accessed_per_token'])}; expert weights read "
-        + (f"{hb(rep['expert_weight_bytes_per_token'])}/token (active rows' slices "
-           f"{hb(rep['expert_weight_bytes_per_token_analytic'])}, every expert "
-           f"{hb(rep['expert_weight_bytes_all_experts'])})" if 'expert_weight_bytes_per_token' in rep else
-           f"(analytic, active rows' slices) {hb(rep['expert_weight_bytes_per_token_analytic'])}/token"))
-  print(f"collective bytes/rank per step {hb(rep['collective_bytes_per_rank'])}")
+  print(f"bytes accessed/token {h(rep['bytes_accessed_per_token'], 'B')}; expert weights read "
+        + (f"{h(rep['expert_weight_bytes_per_token'], 'B')}/token (active rows' slices "
+           f"{h(rep['expert_weight_bytes_per_token_analytic'], 'B')}, every expert "
+           f"{h(rep['expert_weight_bytes_all_experts'], 'B')})" if 'expert_weight_bytes_per_token' in rep else
+           f"(analytic, active rows' slices) {h(rep['expert_weight_bytes_per_token_analytic'], 'B')}/token"))
+  print(f"collective bytes/rank per step {h(rep['collective_bytes_per_rank'], 'B')}")
   if 'latency' in rep:
     from litejax.perf import latency
-    print('per token: ' + latency.format_estimate(rep['latency'], h))
+    print('per token: ' + latency.format_estimate(rep['latency']))
   if 'violations' in rep and 'by_component' in rep:
     print('BOUND OK' if not rep['violations'] else 'BOUND EXCEEDED')
