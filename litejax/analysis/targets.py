@@ -4,26 +4,21 @@ A TPU target needs no TPU: with libtpu installed (`pip install 'litejax[tpu]'`),
 `jax.experimental.topologies.get_topology_desc` returns compile-only devices of the named slice, a
 mesh over them takes the config's rules as any other, and `jit(...).lower(...).compile()` gives that
 chip's `cost_analysis()` and `memory_analysis()`. This module parses the spec, quiets libtpu's
-cloud-VM probes, and turns one compiled program into the per-chip report of `litejax bound --target`
+cloud-VM probes (litejax.env), and turns one compiled program into the per-chip report of `litejax bound --target`
 and `litejax plan`.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import re
 
-from litejax import units
+from litejax import env, jaxcompat, units
 from litejax.perf import chips as hardware
 from litejax.config import ConfigError
 
 _SPEC_RE = re.compile(r'^(cpu|v4|v5p|v5e|v6e):(\d+(?:x\d+)*)$')
 _DIMS = {'v4': 3, 'v5p': 3, 'v5e': 2, 'v6e': 2}
-# libtpu's name for a slice of each generation (TPU_ACCELERATOR_TYPE); its value only quiets the
-# cloud-VM probe: the topology compiled for is the one named in the spec.
-_ACCELERATOR_TYPE = {'v4': 'v4-8', 'v5p': 'v5p-8', 'v5e': 'v5litepod-4', 'v6e': 'v6e-4'}
-
 
 class TargetError(ValueError):
   """A --target spec is malformed, unknown, or needs something that is not installed."""
@@ -87,34 +82,11 @@ def _missing_libtpu(spec: str) -> TargetError:
       f"jax[tpu] pins; no TPU is needed). Or use --target cpu:N for an emulated CPU mesh.")
 
 
-def _quiet_libtpu(generation: str) -> None:
-  """Environment that keeps libtpu from probing for a Cloud TPU VM, set before it loads.
-
-  With no TPU attached libtpu asks the GCE metadata server for the accelerator type and worker
-  hostnames and prints a warning for each; naming them (and skipping the metadata query) makes
-  compile-only use silent. ALLOW_MULTIPLE_LIBTPU_LOAD lets several processes (pytest-xdist workers,
-  two users) load it at once: compile-only use takes no device, so the exclusive lockfile
-  (/tmp/libtpu_lockfile) is not needed. On a real TPU VM nothing is changed.
-  """
-  from jax._src import hardware_utils
-  if hardware_utils.num_available_tpu_chips_and_device_id()[0]:
-    return
-  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  os.environ.setdefault('TPU_SKIP_MDS_QUERY', '1')
-  os.environ.setdefault('TPU_ACCELERATOR_TYPE', _ACCELERATOR_TYPE[generation])
-  os.environ.setdefault('TPU_WORKER_HOSTNAMES', 'localhost')
-  # Keep JAX's default backend on CPU: otherwise the first jax.devices() would try (and fail) to
-  # open a TPU, printing libtpu's probe warnings once more.
-  import jax
-  from jax._src import xla_bridge
-  if jax.config.jax_platforms is None and not xla_bridge.backends_are_initialized():
-    jax.config.update('jax_platforms', 'cpu')
-
-
 def _tpu_devices(spec: str, generation: str, dims: tuple[int, ...]) -> list:
   if libtpu_version() is None:
     raise _missing_libtpu(spec)
-  _quiet_libtpu(generation)
+  env.quiet_libtpu(generation)   # before libtpu loads
+  jaxcompat.prefer_cpu_backend()
   from jax.experimental import topologies
   name = f'{generation}:{"x".join(map(str, dims))}'
   try:
