@@ -23,7 +23,7 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
   from litejax.analysis import bound as bound_report
   from litejax.perf import chips as hardware
   from litejax import sharding
-  from litejax.analysis import targets
+  from litejax.analysis import per_chip, targets
   chip = hardware.chip(generation)
   tried = []
   answer = None
@@ -34,8 +34,8 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
     devices = chips * chip.devices_per_chip
     row = {'target': spec, 'chips': chips}
     try:
-      sizes = dict(zip(sharding.AXES, sharding._resolve_sizes(cfg.mesh, devices)))
-      sharding._validate_model(cfg, sizes)
+      sizes = dict(zip(sharding.AXES, sharding.resolve_sizes(cfg.mesh, devices)))
+      sharding.validate_model(cfg, sizes)
       if global_batch and global_batch % (sizes['data'] * sizes['expert']):
         raise ConfigError(f'batch {global_batch} is not divisible by data*expert = '
                           f'{sizes["data"] * sizes["expert"]}')
@@ -48,13 +48,13 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
     row.update(mesh=sizes, state_bytes_per_chip=need,
                state_by_table_per_chip={k: v * chip.devices_per_chip for k, v in state['state_by_table'].items()})
     if need > chip.hbm_bytes:
-      tried.append({**row, **targets.verdict(need, chip.hbm_bytes), 'by': 'parameters+optimizer state alone'})
+      tried.append({**row, **per_chip.fit_verdict(need, chip.hbm_bytes), 'by': 'parameters+optimizer state alone'})
       log(f'{spec:16s} does not fit: state alone {need / chip.hbm_bytes:.3g}x HBM')
       continue
     target = targets.resolve(spec)
     c, mesh = targets.target_mesh(cfg, target)
     prog = bound_report.compile_program(c, train=train, mesh=mesh, global_batch=global_batch)
-    rep = targets.per_chip_report(prog, target)
+    rep = per_chip.per_chip_report(prog, target)
     tried.append({**row, **rep['fit'], 'by': 'memory_analysis'})
     log(f"{spec:16s} {rep['fit']['verdict']}: {rep['fit']['need_over_hbm']:.3g}x HBM (compiled)")
     if rep['fit']['fits']:

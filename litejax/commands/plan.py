@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   from litejax.perf import chips as hardware
-  from litejax.analysis import planning, targets
+  from litejax.analysis import per_chip, planning, targets
   from litejax.config import load_config
   cfg = load_config(args.config, args.overrides)
   try:
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
   if out['answer']:
     print(f"plan: {out['answer']} is the smallest {args.generation} slice where the {what} fits "
           f"({h(chip['hbm_bytes'])}B HBM per chip)")
-    print('\n'.join(targets.format_per_chip(out['per_chip'])))
+    print('\n'.join(per_chip.format_per_chip(out['per_chip'])))
     return 0
   s = out.get('shortfall')
   print(f'plan: the {what} fits on no {args.generation} slice')

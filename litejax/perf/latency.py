@@ -161,7 +161,7 @@ def estimate_compiled(compiled, chip: hardware.Chip, *, flops: float | None = No
 
   FLOPs and bytes: `cost_analysis()` when the program has no loop that runs more than once (XLA's
   own figures), else the HLO walker (litejax.hlo.flops; loops × trip count, which cost_analysis()
-  counts once). A caller with better figures (e.g. targets.per_device_cost on TPU) passes them.
+  counts once). A caller with better figures (e.g. litejax.analysis.per_chip.per_device_cost on TPU) passes them.
   Collective bytes: litejax.hlo.collectives.collective_bytes; kernels: litejax.hlo.parse.kernel_count; transpose
   bytes: `transpose_bytes` (at most the bytes accessed); host_calls: as `estimate` (the caller's
   loop, not the program, makes them). Returns those figures, 'method', and the Estimate's terms,
