@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import pathlib
 import statistics
@@ -56,9 +55,6 @@ def main(argv=None) -> int:
   ckpt = pathlib.Path(args.ckpt_dir or (out / 'ckpt' if args.quick else 'runs/tiny_1k/ckpt'))
   if args.quick:
     args.tokens = 4
-    # the host chip from the quick probes (fewer programs to compile): the figures are untimed here
-    from litejax.perf import host
-    host.host_chip = functools.partial(host.host_chip, quick=True)
   source = bench_tiers.ensure_checkpoint(ckpt, args.quick)
   cfg, model, store = bench_tiers.load(ckpt, ckpt.parent / 'store')
   from litejax.commands import generate_tierset
@@ -68,8 +64,11 @@ def main(argv=None) -> int:
   cfg = from_dict({'store': {'placement': placement}}, base=cfg)
   prompt = [int(b) for b in bench_tiers.PROMPT.encode()]
   ns = argparse.Namespace(val_batches=1 if args.quick else 2, latency_budget_ms=1e9, store=str(ckpt.parent / 'store'))
+  from litejax.perf.host import measure_host
+  # --quick: the host chip from the quick probes (fewer programs to compile): the figures are untimed here
+  chip = measure_host(repeats=2, quick=True) if args.quick else measure_host(repeats=3)
   chosen, opts = generate_tierset.choose(ns, cfg, model, store, TierOptions(miss='stall'), 1,
-                                         len(prompt) + args.tokens)
+                                         len(prompt) + args.tokens, chip)
   from litejax.inference import tiersets
   masks = {ts.name: ts.mask for ts in tiersets.candidates(cfg)}
   rows = []

@@ -205,16 +205,41 @@ def test_calibrate_runs():
   assert rep['rows'][-1]['batch'] == 1 and rep['band'] == list(latency.TRUST_BAND)
   for r in rep['rows']:
     assert r['measured_s'] > 0 and r['compute_s'] > 0 and r['communication_s'] == 0.0 and r['kernels'] > 0
-    # the prediction is the model applied to the row's own figures and the measured host
-    assert r['compute_s'] == pytest.approx(r['flops'] / host['peak_flops'] +
-                                           r['sort_comparisons'] * host['sort_comparison_s'], rel=1e-12)
-    streamed = r['bytes_accessed'] - r['transpose_bytes'] - r['gather_bytes']
-    assert r['memory_s'] == pytest.approx(streamed / host['mem_bytes_per_s'] +
-                                          r['transpose_bytes'] / host['transpose_bytes_per_s'] +
-                                          r['gather_bytes'] / host['gather_bytes_per_s'], rel=1e-12)
-    assert r['overhead_s'] == pytest.approx(r['kernels'] * host['kernel_overhead_s'], rel=1e-12)
-    assert r['host_calls'] == 1 and r['host_s'] == pytest.approx(host['call_overhead_s'], rel=1e-12)
+    assert r['host_calls'] == 1 and r['predicted_over_measured'] == pytest.approx(r['total_s'] / r['measured_s'])
   assert len(calibration.format_calibration(rep)) == 2 + len(rep['rows']) + 1
+
+
+class _Program:
+  """A compiled program as latency.estimate_compiled reads it: one kernel, and XLA's cost figures."""
+
+  def __init__(self, flops: float, bytes_accessed: float):
+    self.figures = {'flops': flops, 'bytes accessed': bytes_accessed}
+
+  def as_text(self) -> str:
+    return ('HloModule m\nENTRY %e (a: f32[4]) -> f32[4] {\n  %a = f32[4]{0} parameter(0)\n'
+            '  ROOT %n = f32[4]{0} negate(%a)\n}\n')
+
+  def cost_analysis(self) -> dict:
+    return self.figures
+
+
+def test_calibration_compares_hand_computed_predictions():
+  # host: 100 GFLOP/s, 10 GB/s, 100 us per kernel, 1 ms per host call. One kernel and one call per step:
+  #   'small' 2e9 FLOPs, 1e8 B: 20 ms + 10 ms + 0.1 ms + 1 ms = 31.1 ms, measured 31.1 ms -> 1.0
+  #   'large' 8e9 FLOPs, 1e8 B: 80 ms + 10 ms + 0.1 ms + 1 ms = 91.1 ms, measured 45.55 ms -> 2.0
+  from litejax.calibrate import calibration
+  host = hardware.cpu_chip(1e11, 1e10, kernel_overhead_s=1e-4, call_overhead_s=1e-3)
+  steps = {'small': (_Program(2e9, 1e8), 1, []), 'large': (_Program(8e9, 1e8), 1, ['model.d_model=512'])}
+  rep = calibration.compare(steps, host, {'small': 31.1e-3, 'large': 45.55e-3})
+  small, large = rep['rows']
+  assert (small['compute_s'], small['memory_s'], small['overhead_s'], small['host_s']) == pytest.approx(
+      (20e-3, 10e-3, 1e-4, 1e-3), rel=1e-12)
+  assert small['total_s'] == pytest.approx(31.1e-3) and large['total_s'] == pytest.approx(91.1e-3)
+  assert small['predicted_over_measured'] == pytest.approx(1.0) and large['predicted_over_measured'] == pytest.approx(2.0)
+  assert small['dominant'] == large['dominant'] == 'compute' and large['overrides'] == ['model.d_model=512']
+  assert rep['ranks_correctly'] and rep['within_2x'] and not rep['within_band']   # 2.0 is outside [0.67, 1.5]
+  assert rep['geomean_ratio'] == pytest.approx(2 ** 0.5)
+  assert not calibration.compare(steps, host, {'small': 1.0, 'large': 0.1})['ranks_correctly']
 
 
 def test_measure_host_is_a_calibrated_chip():

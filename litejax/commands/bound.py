@@ -159,10 +159,10 @@ def _run_decode(args: argparse.Namespace, cfg) -> int:
     return _run_decode_target(args, cfg, cache_len)
   set_cpu_device_count(target, cpu_only=True)
   from litejax.analysis import decode_bound as decode_cost
-  from litejax.perf.host import host_chip
+  from litejax.perf.host import measure_host
   try:
     rep = decode_cost.bound_decode(cfg, batch=args.batch, cache_len=cache_len, num_devices=target,
-                                   chip=host_chip(), tol=args.tol)
+                                   chip=measure_host(repeats=3), tol=args.tol)
   except ValueError as e:
     print(f'litejax bound: {e}', file=sys.stderr)
     return 2
