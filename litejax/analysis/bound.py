@@ -3,18 +3,19 @@
 `compile_program` lowers and compiles a forward pass or a whole training step without allocating
 anything; `report` reads the optimized HLO with litejax.hlo.flops (FLOPs by component, bytes,
 collectives; loops counted by litejax.hlo.parse's trip-count rule) and sets it beside litejax.model.bounds'
-analytic figures (the `litejax bound --json` object), and `violations` says whether the whole
-program is within the bound: matmul total and each component within tol of the analytic figure,
-either way; the elementwise row within ELEMENTWISE_FACTOR of its estimate; a train step's
-optimizer update within OPTIMIZER_FACTOR of its cost for the parameters a bounded step touches.
+analytic figures (the `litejax bound --json` object), and litejax.analysis.core.violations says
+whether the whole program is within the bound: matmul total and each component within tol of the
+analytic figure, either way; the elementwise row within core.ELEMENTWISE_FACTOR of its estimate; a
+train step's optimizer update within core.OPTIMIZER_FACTOR of its cost for the parameters a bounded
+step touches.
 Weight-gradient outer products (the gradient of gathered expert or router slices, lowered by XLA as
 multiply + scatter-add into the whole table) are matmul work of the component whose weights they
 are, at 2·rows·d·h like any weight-gradient matmul (litejax.hlo.flops, "lowered dot"); they are
 listed apart under `lowered_dots_per_token`. So an E-sized dense gradient shows up where it costs:
 the whole-table writes and conversions in the elementwise row, the update of every row in the
 optimizer row, the table's gradient all-reduce in `all_reduce_bytes_per_rank`, its buffers in
-`memory_bytes_per_device.temp`. The shared keys, the verdict and the factors it judges by are
-litejax.analysis.core's.
+`memory_bytes_per_device.temp`. This module is the forward/train layer on litejax.analysis.core (the
+shared keys, the verdict) and the compile every report reads (`compile_traced`, `compile_program`).
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from litejax import units
 from litejax.model import bounds
-from litejax.analysis import bound as cost, core
+from litejax.analysis import bound, core
 from litejax.inference import decode
 from litejax.perf import chips, latency
 
@@ -36,7 +36,7 @@ from litejax.perf import chips, latency
 @dataclasses.dataclass
 class DecodeProgram:
   """One compiled decode step and what is needed to read it per token."""
-  prog: cost.CompiledProgram      # seq_len 1, global_batch = batch, cfg = the decode (dropless) config
+  prog: bound.CompiledProgram      # seq_len 1, global_batch = batch, cfg = the decode (dropless) config
   cache_len: int
   params_cfg: object              # the config as given (param counts)
 
@@ -48,8 +48,8 @@ class DecodeProgram:
 def compile_step(cfg, *, batch: int, cache_len: int, mesh) -> DecodeProgram:
   """Lowers and compiles the decode step from abstract arguments on `mesh` (any devices, TPU too)."""
   rt = decode.make_runtime(cfg, mesh, batch, cache_len)
-  compiled, signatures, seconds = cost.compile_traced(rt.step, rt.abstract_step_args(), mesh)
-  prog = cost.CompiledProgram(compiled, compiled.as_text(), decode.decode_config(cfg), mesh, False, batch, 1,
+  compiled, signatures, seconds = bound.compile_traced(rt.step, rt.abstract_step_args(), mesh)
+  prog = bound.CompiledProgram(compiled, compiled.as_text(), decode.decode_config(cfg), mesh, False, batch, 1,
                               seconds, mesh.size > 1, signatures)
   return DecodeProgram(prog, cache_len, cfg)
 
@@ -153,7 +153,7 @@ def bound_decode(cfg, *, batch: int | None, cache_len: int, num_devices: int | N
                  chip: chips.Chip | None = None, tol: float = 0.03) -> dict:
   """`litejax bound --decode` on an emulated CPU mesh: compile the step, report per token."""
   from litejax import sharding
-  cfg, mesh = cost.make_mesh_for(cfg, num_devices)
+  cfg, mesh = bound.make_mesh_for(cfg, num_devices)
   s = sharding.mesh_sizes(mesh)
   return report(compile_step(cfg, batch=batch or s['data'] * s['expert'], cache_len=cache_len, mesh=mesh),
                 chip, tol)

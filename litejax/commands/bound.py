@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
   if target == 'tpu':
     return _run_target(args, cfg)
   set_cpu_device_count(target, cpu_only=True)   # no-op when called in-process after jax (tests)
-  from litejax.analysis import bound as cost
-  rep = cost.bound(cfg, train=args.train, num_devices=target, global_batch=args.batch, tol=args.tol)
+  from litejax.analysis import bound as bound_report
+  rep = bound_report.bound(cfg, train=args.train, num_devices=target, global_batch=args.batch, tol=args.tol)
   return emit(args, rep, lambda r: _print_table(args.config, r))
 
 
@@ -158,11 +158,11 @@ def _run_decode(args: argparse.Namespace, cfg) -> int:
   if target == 'tpu':
     return _run_decode_target(args, cfg, cache_len)
   set_cpu_device_count(target, cpu_only=True)
-  from litejax.analysis import decode_bound as decode_cost
+  from litejax.analysis import decode_bound
   from litejax.perf.host import measure_host
   try:
-    rep = decode_cost.bound_decode(cfg, batch=args.batch, cache_len=cache_len, num_devices=target,
-                                   chip=measure_host(repeats=3), tol=args.tol)
+    rep = decode_bound.bound_decode(cfg, batch=args.batch, cache_len=cache_len, num_devices=target,
+                                    chip=measure_host(repeats=3), tol=args.tol)
   except ValueError as e:
     print(f'litejax bound: {e}', file=sys.stderr)
     return 2
@@ -171,10 +171,10 @@ def _run_decode(args: argparse.Namespace, cfg) -> int:
 
 def _run_decode_target(args, cfg, cache_len: int) -> int:
   set_cpu_device_count(1, cpu_only=True)
-  from litejax.analysis import decode_bound as decode_cost, targets
+  from litejax.analysis import decode_bound, targets
   try:
-    rep = decode_cost.target_report(cfg, targets.resolve(args.target), batch=args.batch, cache_len=cache_len,
-                                    tol=args.tol)
+    rep = decode_bound.target_report(cfg, targets.resolve(args.target), batch=args.batch, cache_len=cache_len,
+                                     tol=args.tol)
   except targets.TargetError as e:
     print(f'litejax bound: {e}', file=sys.stderr)
     return 2
