@@ -114,6 +114,13 @@ def analytic_per_token(cfg, mesh, batch: int, cache_len: int) -> dict[str, float
                                        router_visits_per_token(cfg, mesh, batch))
 
 
+def expert_slice_bytes_per_token(cfg, mesh, batch: int) -> float:
+  """Bytes of the expert rows one token's step reads (the rows of the path that runs, every MoE layer,
+  in the parameter dtype): what the decode step asks of the expert tables."""
+  return (cfg.model.num_moe_layers * expert_rows_per_token(cfg, mesh, batch) * bounds.expert_params(cfg) *
+          units.dtype_bytes(cfg.model.param_dtype))
+
+
 def report(dp: DecodeProgram, chip: chips.Chip | None = None, tol: float = 0.03) -> dict:
   """Per generated token, compiled vs analytic (the `litejax bound --decode --json` object): the keys
   of litejax.analysis.core's report plus decode, batch, cache_len, the expert-table bytes and the
@@ -133,7 +140,7 @@ def report(dp: DecodeProgram, chip: chips.Chip | None = None, tol: float = 0.03)
   out = {'decode': True, 'batch': dp.batch, 'cache_len': dp.cache_len, **shared,
          'expert_weight_bytes_per_token': reads['total'] * per_tok,
          'expert_weight_bytes_per_token_cpu_bf16_upcast': reads['cpu_bf16_upcast'] * per_tok,
-         'expert_weight_bytes_per_token_analytic': n_moe * rows * expert_bytes,   # the rows' slices
+         'expert_weight_bytes_per_token_analytic': expert_slice_bytes_per_token(cfg, prog.mesh, dp.batch),
          'expert_weight_bytes_all_experts': float(n_moe * cfg.moe.experts_total * expert_bytes),
          'expert_rows_per_token': rows}
   out['expert_weight_bytes_per_token_without_artefacts'] = (out['expert_weight_bytes_per_token'] -
@@ -209,8 +216,7 @@ def target_report(cfg, target, *, batch: int | None, cache_len: int, tol: float 
       'ratio': dev['flops'] * per_tok / sum(analytic.values()),
       'analytic_by_component': analytic,
       'bytes_accessed_per_token': dev['bytes'] * per_tok,
-      'expert_weight_bytes_per_token_analytic': cfg.model.num_moe_layers * expert_rows_per_token(cfg, mesh, b) *
-                                                bounds.expert_params(cfg) * units.dtype_bytes(cfg.model.param_dtype),
+      'expert_weight_bytes_per_token_analytic': expert_slice_bytes_per_token(cfg, mesh, b),
       'collective_bytes_per_rank': dev['collectives'],
       'params_total': pc.total,
       'params_active_per_token': pc.active_per_token,
@@ -238,11 +244,10 @@ def analytic_step_per_device(cfg, mesh, batch: int, cache_len: int) -> dict[str,
   mc, n_moe = cfg.model, cfg.model.num_moe_layers
   pbytes = units.dtype_bytes(mc.param_dtype)
   abytes = units.dtype_bytes(mc.dtype)
-  rows = expert_rows_per_token(cfg, mesh, batch)
   flops = sum(analytic_per_token(cfg, mesh, batch, cache_len).values()) * batch / devices
   pc = bounds.param_counts(cfg)
   dense = (pc.active_per_token - pc.expert_active_per_token) * pbytes / s['tensor']
-  experts = n_moe * rows * bounds.expert_params(cfg) * pbytes * batch / devices
+  experts = expert_slice_bytes_per_token(cfg, mesh, batch) * batch / devices
   kv = mc.num_layers * 2 * cache_len * mc.num_kv_heads * mc.resolved_head_dim * abytes * batch / devices
   coll = 0.0
   if s['expert'] > 1 and n_moe:
