@@ -107,3 +107,15 @@ def test_tpu_report_compares_with_the_analytic_bound():
 def cost_elementwise_share_bound(elem_share: float) -> float:
   from litejax.analysis import core
   return core.ELEMENTWISE_FACTOR * elem_share
+
+
+@needs_libtpu
+def test_refused_program_reports_analytic_figures_and_prints():
+  """configs/quadrillion.yaml on v5p:2x2x2: the TPU compiler refuses the forward (temporaries over HBM); the
+  report is analytic, has nothing compiled to judge, and prints (a ratio of None was once formatted)."""
+  rep = per_chip.compile_report(load_config('configs/quadrillion.yaml'), targets.resolve('v5p:2x2x2'))
+  assert rep['compiled'] is False and rep['ratio'] is None and rep['violations'] == []
+  assert rep['fit']['verdict'] == 'does not fit'
+  lines = per_chip.format_per_chip(rep)
+  assert 'the TPU compiler refused it: HLO temporaries need' in lines[0]
+  assert not [line for line in lines if 'vs bound' in line or 'matmul' in line]
