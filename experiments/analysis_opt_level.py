@@ -1,4 +1,4 @@
-"""Why `litejax bound` compiles with xla_backend_optimization_level=0 (litejax.analysis.bound._ANALYSIS_COMPILER_OPTIONS):
+"""Why `litejax bound` compiles with xla_backend_optimization_level=0 (litejax.analysis.bound.ANALYSIS_COMPILER_OPTIONS):
 the optimized HLO text and memory_analysis() are the same at LLVM level 0 and the default, and the
 compile is faster. Compiles configs/tiny.yaml (forward and scanned train step) both ways and prints
 whether each program's HLO and memory figures match, and both compile times.
@@ -18,20 +18,15 @@ PROGRAMS = {'forward': ([], False), 'train_scanned': (['model.scan_layers=true']
 
 
 def compare(cfg, train: bool) -> dict:
-  from litejax.analysis import bound as bound_report
+  from litejax.analysis import bound as bound_report, core
   row = {}
   # Default first: the first compile of a process also pays jax's start-up, which then counts
   # against the default, not against level 0.
-  for name, options in (('default', {}), ('level0', bound_report._ANALYSIS_COMPILER_OPTIONS)):
-    orig = bound_report._ANALYSIS_COMPILER_OPTIONS
-    bound_report._ANALYSIS_COMPILER_OPTIONS = options
-    try:
-      t0 = time.perf_counter()
-      prog = bound_report.compile_program(cfg, train=train)
-      row[name] = {'seconds': time.perf_counter() - t0, 'hlo': prog.hlo_text,
-                   'memory': bound_report._memory(prog.compiled.memory_analysis())}
-    finally:
-      bound_report._ANALYSIS_COMPILER_OPTIONS = orig
+  for name, options in (('default', {}), ('level0', bound_report.ANALYSIS_COMPILER_OPTIONS)):
+    t0 = time.perf_counter()
+    prog = bound_report.compile_program(cfg, train=train, compiler_options=options)
+    row[name] = {'seconds': time.perf_counter() - t0, 'hlo': prog.hlo_text,
+                 'memory': core.memory_per_device(prog.compiled)}
   return {'same_hlo': row['level0']['hlo'] == row['default']['hlo'],
           'same_memory': row['level0']['memory'] == row['default']['memory'],
           'compile_seconds_level0': row['level0']['seconds'], 'compile_seconds_default': row['default']['seconds']}

@@ -16,7 +16,7 @@ sparse update and the dense model (`harness.dense_overrides`: one FFN of hidden 
 them in interleaved rounds (one step of each per round), so the machine's load falls on all three
 alike; `step_seconds` is the median over the timed rounds after warm-up (`step_seconds_min` the fastest).
 
-`peak_bytes`: the compiled step's memory_analysis (litejax.analysis.targets.memory_per_device: arguments +
+`peak_bytes`: the compiled step's memory_analysis (litejax.analysis.core.memory_per_device: arguments +
 outputs - aliased donated state + temporaries), the executable the timing ran (its AOT compile is a
 cache hit after the first call). `optimizer_bytes_per_step`: bytes accessed by the instructions under
 the train step's `optimizer` scope in that executable's HLO, as `litejax bound --train` reports
@@ -90,7 +90,7 @@ def _analyse(cfg, mesh, step, state, inputs, targets) -> dict:
   from litejax.model import bounds
   from litejax.analysis import bound as bound_report
   from litejax.hlo.scopes import dot_signatures
-  from litejax.analysis.targets import memory_per_device
+  from litejax.analysis.core import memory_per_device
   t0 = time.perf_counter()
   traced = step.trace(state, inputs, targets)
   compiled = traced.lower().compile()

@@ -89,7 +89,7 @@ def _emit(out: dict, path: str | None) -> int:
 
 
 def _tpu(args) -> int:
-  from litejax.analysis import bound as bound_report, targets, train_temp
+  from litejax.analysis import bound as bound_report, core, targets, train_temp
   from litejax.config import load_config
 
   cfg = load_config('configs/quadrillion.yaml', SHRUNK + args.set)
@@ -98,12 +98,12 @@ def _tpu(args) -> int:
   try:
     prog = bound_report.compile_program(c, train=True, mesh=mesh, global_batch=cfg.train.batch_size)
   except Exception as e:   # the TPU compiler's out-of-memory refusal names the temporaries it needed
-    oom = targets.parse_out_of_memory(str(e))
+    oom = core.parse_out_of_memory(str(e))
     if oom is None:
       raise
     out['refused'] = oom
   else:
-    mem = targets.memory_per_device(prog.compiled)
+    mem = core.memory_per_device(prog.compiled)
     out.update(temp_bytes=mem['temp'], memory=mem, **train_temp.temp_report(prog, mem))
   return _emit(out, args.out)
 

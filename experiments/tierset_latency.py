@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import statistics
 import sys
 
@@ -49,9 +48,6 @@ def main(argv=None) -> int:
   ckpt = harness.ckpt_dir(args, out)
   if args.quick:
     args.tokens = 4
-    # the host chip from the quick probes (fewer programs to compile): the figures are untimed here
-    from litejax.perf import host
-    host.host_chip = functools.partial(host.host_chip, quick=True)
   source = harness.ensure_checkpoint(ckpt, args.quick)
   cfg, model, store = harness.load_store_model(ckpt, ckpt.parent / 'store')
   from litejax.commands import generate_tierset
@@ -61,8 +57,11 @@ def main(argv=None) -> int:
   cfg = from_dict({'store': {'placement': placement}}, base=cfg)
   prompt = harness.prompt_tokens()
   ns = argparse.Namespace(val_batches=1 if args.quick else 2, latency_budget_ms=1e9, store=str(ckpt.parent / 'store'))
+  from litejax.perf.host import measure_host
+  # --quick: the host chip from the quick probes (fewer programs to compile): the figures are untimed here
+  chip = measure_host(repeats=2, quick=True) if args.quick else measure_host(repeats=3)
   chosen, opts = generate_tierset.choose(ns, cfg, model, store, TierOptions(miss='stall'), 1,
-                                         len(prompt) + args.tokens)
+                                         len(prompt) + args.tokens, chip)
   from litejax.inference import tiersets
   masks = {ts.name: ts.mask for ts in tiersets.candidates(cfg)}
   rows = []

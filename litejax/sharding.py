@@ -41,7 +41,9 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
 }
 
 
-def _resolve_sizes(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+def resolve_sizes(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  """(data, expert, tensor) sizes of `mesh_cfg` over `num_devices`: the one -1 axis takes what the fixed
+  axes leave. ConfigError when the fixed axes do not divide the devices or their product is not theirs."""
   sizes = [mesh_cfg.data, mesh_cfg.expert, mesh_cfg.tensor]
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
@@ -63,7 +65,7 @@ def make_mesh(mesh_cfg: MeshConfig, devices=None) -> Mesh:
   would demand out_sharding annotations on every gather in the model.)
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = _resolve_sizes(mesh_cfg, len(devices))
+  sizes = resolve_sizes(mesh_cfg, len(devices))
   auto = (jax.sharding.AxisType.Auto,) * 3
   return jax.make_mesh(sizes, AXES, axis_types=auto, devices=devices)
 
@@ -101,10 +103,12 @@ def validate_mesh(cfg: Config, mesh: Mesh, global_batch: int) -> None:
   if global_batch % batch_ranks:
     raise ConfigError(f'batch size {global_batch} is not divisible by mesh data*expert = '
                       f'{s["data"]}*{s["expert"]} = {batch_ranks}')
-  _validate_model(cfg, s)
+  validate_model(cfg, s)
 
 
-def _validate_model(cfg: Config, s: dict[str, int]) -> None:
+def validate_model(cfg: Config, s: dict[str, int]) -> None:
+  """Raises ConfigError (naming the field and the axis) when mesh sizes {'data', 'expert', 'tensor'} do not
+  divide the model's heads, FFN width or MoE layer."""
   m = cfg.model
   checks = [
       (m.num_heads % s['tensor'] == 0,

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from litejax.model import bounds
-from litejax.analysis import bound as cost
+from litejax.analysis import bound as cost, core
 from litejax.config import load_config
+from litejax.hlo import flops as hlo_flops
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
 pytestmark = pytest.mark.slow
@@ -133,7 +134,7 @@ def test_scatter_add_is_charged_as_xla_does():
                                     jax.ShapeDtypeStruct((64,), jnp.int32),
                                     jax.ShapeDtypeStruct((32, 16), jnp.float32)).compile()
   assert ' while(' not in c.as_text()
-  w = cost.walk(c.as_text(), ())
+  w = hlo_flops.walk(c.as_text(), ())
   assert w.total_flops == pytest.approx(c.cost_analysis()['flops'], rel=0.01)
   assert w.total_flops > w.dot_flops + 64 * 32       # the scatter's adds are in
 
@@ -143,7 +144,7 @@ def test_ragged_dot_dense_lowering_is_an_artefact():
   c = jax.jit(jax.lax.ragged_dot).lower(jax.ShapeDtypeStruct((m, k), jnp.float32),
                                         jax.ShapeDtypeStruct((g, k, n), jnp.float32),
                                         jax.ShapeDtypeStruct((g,), jnp.int32)).compile()
-  w = cost.walk(c.as_text(), ())
+  w = hlo_flops.walk(c.as_text(), ())
   useful = 2 * m * k * n
   assert w.dot_flops == pytest.approx(g * useful, rel=0.01)       # dense: g × the useful work
   assert w.artefacts['masked_dense_dot'] == pytest.approx((g - 1) * useful, rel=0.01)
@@ -155,7 +156,7 @@ def test_bf16_gather_convert_is_an_artefact(rows):
     return table.astype(jnp.float32)[idx].sum()
   c = jax.jit(f).lower(jax.ShapeDtypeStruct((rows, 64), jnp.bfloat16),
                        jax.ShapeDtypeStruct((128,), jnp.int32)).compile()
-  w = cost.walk(c.as_text(), ())
+  w = hlo_flops.walk(c.as_text(), ())
   assert w.artefacts.get('gather_table_convert', 0) >= rows * 64     # charged over the whole table
   assert w.useful_flops < 4 * 128 * 64                              # useful work follows the indices
 
@@ -173,7 +174,7 @@ def test_stacked_table_convert_across_scan_is_an_artefact():
   c = jax.jit(f).lower(jax.ShapeDtypeStruct((layers, rows, d), jnp.bfloat16),
                        jax.ShapeDtypeStruct((layers, n), jnp.int32),
                        jax.ShapeDtypeStruct((n, d), jnp.float32)).compile()
-  w = cost.walk(c.as_text(), ())
+  w = hlo_flops.walk(c.as_text(), ())
   assert w.artefacts.get('gather_table_convert', 0) >= layers * rows * d
   assert w.useful_flops < 8 * layers * n * d
 
@@ -183,7 +184,7 @@ def test_bf16_round_trip_is_an_artefact():
     return jnp.tanh((x * y + x).astype(jnp.bfloat16).astype(jnp.float32)) * y
   c = jax.jit(f).lower(jax.ShapeDtypeStruct((256, 256), jnp.float32),
                        jax.ShapeDtypeStruct((256, 256), jnp.float32)).compile()
-  w = cost.walk(c.as_text(), ())
+  w = hlo_flops.walk(c.as_text(), ())
   assert w.artefacts.get('bf16_round_trip', 0) == 2 * 256 * 256
 
 
@@ -195,7 +196,7 @@ def test_all_to_all_bf16_widening_is_reported_apart():
                          in_specs=jax.P('x'), out_specs=jax.P('x'))(a)
   sh = jax.sharding.NamedSharding(mesh, jax.P('x'))
   c = jax.jit(f).lower(jax.ShapeDtypeStruct((8 * 64, 32), jnp.bfloat16, sharding=sh)).compile()
-  w = cost.walk(c.as_text(), ())
+  w = hlo_flops.walk(c.as_text(), ())
   moved = w.collective_bytes['all_to_all']
   program = 64 * 32 * 2                                    # one rank's bf16 buffer
   assert moved - w.collective_upcast_bytes.get('all_to_all', 0.0) == program
@@ -215,7 +216,7 @@ def test_gshard_einsum_dispatch_is_caught():
       cfg.replace(moe=cfg.moe.__class__(**{**cfg.moe.__dict__, 'dispatch': 'capacity'})),
       prog.tokens_per_group)['dispatch']
   rep['flops_per_token_analytic'] = sum(r['analytic'] for r in by.values() if r is not by['elementwise'])
-  v = cost.violations(rep, 0.03)
+  v = core.violations(rep, 0.03)
   assert v and 'dispatch' in v[0]
 
 

@@ -1,5 +1,6 @@
 """`litejax bound --decode` (litejax.analysis.decode_bound): the decode step compiled from abstract shapes,
 compiled FLOPs against bounds.decode_flops_per_token, expert weights read = the active rows' slices."""
+import importlib.util
 import json
 
 import pytest
@@ -129,3 +130,35 @@ def test_router_split_by_group_scores_padded_visits_at_decode():
   per_token_visits = 4 * m.k_tier * m.k_group
   assert row['analytic'] == cfg.model.num_moe_layers * 2 * cfg.model.d_model * per_token_visits * m.experts_per_group
   assert row['compiled'] == pytest.approx(row['analytic'], rel=1e-6)
+
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                                  reason="libtpu not installed (pip install 'litejax[tpu]')")
+
+
+@needs_libtpu
+def test_tpu_decode_target_matmul_is_the_bound_and_the_rest_is_named(capsys):
+  """`bound --decode --target v5p:2x2x1` on tiny: the TPU compiler's cost_analysis is 1.13x the matmul bound,
+  all of it non-matmul work (the sampler's sort and random bits, the KV-cache write as a select over the
+  cache, the dispatch's index work): the step's dots, as the walker reads the TPU HLO (one-row dots as
+  multiply + reduce, the attention's as lhs-dilated convolutions), are the bound component by component.
+  The verdict judges them, and fails past --tol."""
+  from litejax.analysis import core
+  rc = cli.main(['bound', '--config', str(TINY_YAML), '--decode', '--target', 'v5p:2x2x1', '--json', '--tol', '-0.5'])
+  out = capsys.readouterr()
+  rep = json.loads(out.out)
+  m = rep['matmul']
+  for name, row in m['by_component'].items():
+    assert row['compiled'] == pytest.approx(row['analytic'], rel=1e-9), name
+  assert m['flops_per_token_analytic'] == rep['flops_per_token_analytic']
+  assert m['flops_per_token_non_matmul'] == pytest.approx(rep['flops_per_token_compiled'] - m['flops_per_token_compiled'])
+  assert rep['ratio'] == pytest.approx(1 + m['flops_per_token_non_matmul'] / m['flops_per_token_analytic'])
+  assert 1.05 < rep['ratio'] < 1.25, rep['ratio']       # 1.133 with jax 0.10.2's libtpu
+  # -0.5: no program is within it; the verdict fails and says why
+  assert rc == 1 and rep['violations'][0].startswith('matmul:') and 'BOUND EXCEEDED' in out.err
+  assert core.violations(m, 0.03) == []
+  # a component over its bound (twice the expert rows) fails at the default tolerance
+  m['by_component']['experts']['compiled'] *= 2
+  m['flops_per_token_compiled'] += m['by_component']['experts']['analytic']
+  v = core.violations(m, 0.03)
+  assert v and v[0].startswith('matmul:') and 'experts' in v[0]

@@ -123,3 +123,67 @@ def test_kernel_count_which_opcodes_launch():
   assert hlo.kernel_counts(m) == {'fusion': 2, 'copy': 1, 'custom-call': 1, 'all-gather-start': 1, 'transpose': 1}
   main = m['main'].instrs
   assert [n for n in main if hlo.transposes(m, main[n])] == ['f', 'tr']   # %g's permutation is the identity
+
+
+# The TPU compiler's forms of a decode step's dots (one token per device; excerpts of the optimized HLO
+# of `litejax bound --decode --target v5p:2x2x1` on configs/tiny.yaml): a one-row projection as
+# multiply + reduce, only the reduce naming the dot; the attention's grouped QK^T as a convolution whose
+# lhs dilation makes half its window taps holes.
+TPU_DOTS = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%proj (p0: f32[128,4,32], p1: f32[128]) -> f32[4,32] {
+  %p1 = f32[128]{0:T(128)S(1)} parameter(1)
+  %b = f32[128,4,32]{0,2,1:T(8,128)} broadcast(%p1), dimensions={0}, metadata={op_name="jit(step)/attention_proj/bsd,dhk->bshk/dot_general"}
+  %p0 = f32[128,4,32]{0,2,1:T(8,128)S(1)} parameter(0)
+  %m = f32[128,4,32]{0,2,1:T(8,128)} multiply(%b, %p0)
+  %z = f32[]{:T(128)} constant(0)
+  ROOT %r = f32[4,32]{1,0:T(4,128)S(1)} reduce(%m, %z), dimensions={0}, to_apply=%add, metadata={op_name="jit(step)/attention_proj/bsd,dhk->bshk/dot_general"}
+}
+
+%scores (k: f32[128,2,32], q: bf16[2,2,32]) -> f32[2,128,2] {
+  %k = f32[128,2,32]{0,2,1:T(8,128)} parameter(0)
+  %q = bf16[2,2,32]{2,1,0:T(2,128)(2,1)} parameter(1)
+  ROOT %c = f32[2,128,2]{1,2,0:T(2,128)} convolution(%k, %q), window={size=2 lhs_dilate=2}, dim_labels=b0f_0oi->0bf, metadata={op_name="jit(step)/attention_scores/bsngk,btnk->bngst/dot_general"}
+}
+
+ENTRY %main (w: f32[128,4,32], x: f32[128], k: f32[128,2,32], q: bf16[2,2,32]) -> (f32[4,32], f32[2,128,2]) {
+  %w = f32[128,4,32]{0,2,1} parameter(0)
+  %x = f32[128]{0} parameter(1)
+  %k = f32[128,2,32]{0,2,1} parameter(2)
+  %q = bf16[2,2,32]{2,1,0} parameter(3)
+  %f = f32[4,32]{1,0} fusion(%w, %x), kind=kLoop, calls=%proj, metadata={op_name="jit(step)/attention_proj/bsd,dhk->bshk/dot_general"}
+  %g = f32[2,128,2]{1,2,0} fusion(%k, %q), kind=kOutput, calls=%scores, metadata={op_name="jit(step)/attention_scores/bsngk,btnk->bngst/dot_general"}
+  ROOT %t = (f32[4,32]{1,0}, f32[2,128,2]{1,2,0}) tuple(%f, %g)
+}
+"""
+
+
+def test_tpu_lowered_dots_are_matmul_work_at_the_dots_flops():
+  m = hlo.parse(TPU_DOTS)
+  conv = m['scores'].instrs['c']
+  assert conv.attr('dim_labels') == 'b0f_0oi->0bf'
+  # [S=128] x [KV=2 groups] x [2 heads] x [hd=32]: 2·128·2·2·32, the taps on dilation holes not counted
+  assert hlo_cost.conv_flops(conv, m['scores']) == 2 * 128 * 2 * 2 * 32
+  w = hlo_cost.walk(m, ('attention_proj', 'attention_scores'))
+  assert w.flops == {'attention_proj': 2 * 128 * 4 * 32, 'attention_scores': 2 * 128 * 2 * 2 * 32}
+  assert w.elementwise_flops == 0
+
+
+def test_conv_flops_counts_padding_and_strides_out():
+  # a 1-D convolution of 8 positions by a 3-tap kernel, pad 1 each side, stride 2: outputs 0..3 read
+  # taps at -1..1, 1..3, 3..5, 5..7: 11 of the 12 pairs land on the input (position -1 is padding)
+  text = """HloModule m
+ENTRY %e (x: f32[1,8,4], w: f32[3,4,6]) -> f32[1,4,6] {
+  %x = f32[1,8,4]{2,1,0} parameter(0)
+  %w = f32[3,4,6]{2,1,0} parameter(1)
+  ROOT %c = f32[1,4,6]{2,1,0} convolution(%x, %w), window={size=3 stride=2 pad=1_1}, dim_labels=b0f_0io->b0f
+}
+"""
+  m = hlo.parse(text)
+  assert hlo_cost.conv_flops(m[m.entry].instrs['c'], m[m.entry]) == 2 * 4 * 6 * 1 * 11

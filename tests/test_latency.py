@@ -3,7 +3,6 @@ import dataclasses
 
 import pytest
 
-from litejax.model import bounds
 from litejax.perf import chips as hardware, latency
 
 # A made-up chip with round numbers, so every term below is checked against arithmetic done by hand:
@@ -25,7 +24,7 @@ def test_estimate_by_hand(flops, coll, hbm, expected, dominant):
   assert (est.compute_s, est.communication_s, est.memory_s) == pytest.approx(expected, rel=1e-12)
   assert est.total_s == pytest.approx(sum(expected), rel=1e-12)
   assert est.dominant == dominant
-  assert latency.format_estimate(est.as_dict(), bounds.human).endswith(f'dominated by {dominant}')
+  assert latency.format_estimate(est.as_dict()).endswith(f'dominated by {dominant}')
 
 
 def test_v5p_step_from_its_datasheet():
@@ -39,7 +38,7 @@ def test_v5p_step_from_its_datasheet():
 
 def test_format_estimate_shares():
   # 0.3 + 0.2 + 0.1 = 0.6 s: 50%, 33%, 17%
-  line = latency.format_estimate(latency.estimate(3e13, 5e10, 1e11, CHIP).as_dict(), bounds.human)
+  line = latency.format_estimate(latency.estimate(3e13, 5e10, 1e11, CHIP).as_dict())
   assert line == ('step time   600 ms = compute 300 ms (50%), communication 200 ms (33%), '
                   'memory 100 ms (17%); dominated by compute')
 
@@ -59,7 +58,7 @@ def test_overhead_and_transpose_terms_by_hand():
   assert {'compute_s', 'communication_s', 'memory_s', 'total_s', 'dominant'} <= set(d)   # the old keys stay
   assert d['overhead_s'] == pytest.approx(1e-3) and d['kernels'] == 500
   # 10 us + 26 us + 1 ms = 1.036 ms: 1%, 0%, 3%, 97%
-  assert latency.format_estimate(d, bounds.human) == (
+  assert latency.format_estimate(d) == (
       'step time   1.04 ms = compute 10 us (1%), communication 0 us (0%), memory 26 us (3%), '
       'overhead 1 ms (97%); dominated by overhead')
   # a chip without the figures (the TPUs): no overhead, transposes at the HBM bandwidth
@@ -76,7 +75,7 @@ def test_host_term_by_hand():
   assert est.total_s == pytest.approx(1.036e-3 + 2.8e-4, rel=1e-12) and est.host_calls == 4
   d = est.as_dict()
   assert d['host_s'] == pytest.approx(2.8e-4) and d['host_calls'] == 4
-  assert latency.format_estimate(d, bounds.human).endswith('overhead 1 ms (76%), host 280 us (21%); dominated by overhead')
+  assert latency.format_estimate(d).endswith('overhead 1 ms (76%), host 280 us (21%); dominated by overhead')
   # without the chip's figure (the TPUs) the calls cost nothing; the default is no calls
   assert latency.estimate(1e9, 0.0, 1e7, SLOW_KERNELS, host_calls=4).host_s == 0.0
   assert latency.estimate(1e9, 0.0, 1e7, chip).host_s == 0.0
@@ -206,16 +205,41 @@ def test_calibrate_runs():
   assert rep['rows'][-1]['batch'] == 1 and rep['band'] == list(latency.TRUST_BAND)
   for r in rep['rows']:
     assert r['measured_s'] > 0 and r['compute_s'] > 0 and r['communication_s'] == 0.0 and r['kernels'] > 0
-    # the prediction is the model applied to the row's own figures and the measured host
-    assert r['compute_s'] == pytest.approx(r['flops'] / host['peak_flops'] +
-                                           r['sort_comparisons'] * host['sort_comparison_s'], rel=1e-12)
-    streamed = r['bytes_accessed'] - r['transpose_bytes'] - r['gather_bytes']
-    assert r['memory_s'] == pytest.approx(streamed / host['mem_bytes_per_s'] +
-                                          r['transpose_bytes'] / host['transpose_bytes_per_s'] +
-                                          r['gather_bytes'] / host['gather_bytes_per_s'], rel=1e-12)
-    assert r['overhead_s'] == pytest.approx(r['kernels'] * host['kernel_overhead_s'], rel=1e-12)
-    assert r['host_calls'] == 1 and r['host_s'] == pytest.approx(host['call_overhead_s'], rel=1e-12)
-  assert len(calibration.format_calibration(rep, bounds.human)) == 2 + len(rep['rows']) + 1
+    assert r['host_calls'] == 1 and r['predicted_over_measured'] == pytest.approx(r['total_s'] / r['measured_s'])
+  assert len(calibration.format_calibration(rep)) == 2 + len(rep['rows']) + 1
+
+
+class _Program:
+  """A compiled program as latency.estimate_compiled reads it: one kernel, and XLA's cost figures."""
+
+  def __init__(self, flops: float, bytes_accessed: float):
+    self.figures = {'flops': flops, 'bytes accessed': bytes_accessed}
+
+  def as_text(self) -> str:
+    return ('HloModule m\nENTRY %e (a: f32[4]) -> f32[4] {\n  %a = f32[4]{0} parameter(0)\n'
+            '  ROOT %n = f32[4]{0} negate(%a)\n}\n')
+
+  def cost_analysis(self) -> dict:
+    return self.figures
+
+
+def test_calibration_compares_hand_computed_predictions():
+  # host: 100 GFLOP/s, 10 GB/s, 100 us per kernel, 1 ms per host call. One kernel and one call per step:
+  #   'small' 2e9 FLOPs, 1e8 B: 20 ms + 10 ms + 0.1 ms + 1 ms = 31.1 ms, measured 31.1 ms -> 1.0
+  #   'large' 8e9 FLOPs, 1e8 B: 80 ms + 10 ms + 0.1 ms + 1 ms = 91.1 ms, measured 45.55 ms -> 2.0
+  from litejax.calibrate import calibration
+  host = hardware.cpu_chip(1e11, 1e10, kernel_overhead_s=1e-4, call_overhead_s=1e-3)
+  steps = {'small': (_Program(2e9, 1e8), 1, []), 'large': (_Program(8e9, 1e8), 1, ['model.d_model=512'])}
+  rep = calibration.compare(steps, host, {'small': 31.1e-3, 'large': 45.55e-3})
+  small, large = rep['rows']
+  assert (small['compute_s'], small['memory_s'], small['overhead_s'], small['host_s']) == pytest.approx(
+      (20e-3, 10e-3, 1e-4, 1e-3), rel=1e-12)
+  assert small['total_s'] == pytest.approx(31.1e-3) and large['total_s'] == pytest.approx(91.1e-3)
+  assert small['predicted_over_measured'] == pytest.approx(1.0) and large['predicted_over_measured'] == pytest.approx(2.0)
+  assert small['dominant'] == large['dominant'] == 'compute' and large['overrides'] == ['model.d_model=512']
+  assert rep['ranks_correctly'] and rep['within_2x'] and not rep['within_band']   # 2.0 is outside [0.67, 1.5]
+  assert rep['geomean_ratio'] == pytest.approx(2 ** 0.5)
+  assert not calibration.compare(steps, host, {'small': 1.0, 'large': 0.1})['ranks_correctly']
 
 
 def test_measure_host_is_a_calibrated_chip():

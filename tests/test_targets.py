@@ -5,7 +5,7 @@ Tests that compile for a TPU topology need libtpu (`pip install 'litejax[tpu]'`)
 import pytest
 
 from litejax.perf import chips as hardware
-from litejax.analysis import targets
+from litejax.analysis import per_chip, targets
 from litejax.config import load_config
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
@@ -61,19 +61,19 @@ def test_tpu_flops_match_cpu_mesh(spec):
   cfg = load_config('configs/tiny.yaml', SMALL)
   tpu = targets.resolve(spec)
   c, mesh = targets.target_mesh(cfg, tpu)
-  tpu_flops = targets.per_device_cost(cost.compile_program(c, mesh=mesh))['flops']
+  tpu_flops = per_chip.per_device_cost(cost.compile_program(c, mesh=mesh))['flops']
   cpu = targets.resolve(f'cpu:{len(tpu.devices)}')
   c, mesh = targets.target_mesh(cfg, cpu)
-  cpu_flops = targets.per_device_cost(cost.compile_program(c, mesh=mesh))['flops']
+  cpu_flops = per_chip.per_device_cost(cost.compile_program(c, mesh=mesh))['flops']
   assert tpu_flops == pytest.approx(cpu_flops, rel=0.01)
 
 
 @needs_libtpu
 def test_fit_verdicts():
-  tiny = targets.compile_report(load_config('configs/tiny.yaml', SMALL), targets.resolve('v5e:2x2'))
+  tiny = per_chip.compile_report(load_config('configs/tiny.yaml', SMALL), targets.resolve('v5e:2x2'))
   assert tiny['fit']['verdict'] == 'fits'
   assert tiny['latency']['total_s'] > 0
-  huge = targets.compile_report(load_config('configs/tiny.yaml', HUGE), targets.resolve('v5e:2x2'))
+  huge = per_chip.compile_report(load_config('configs/tiny.yaml', HUGE), targets.resolve('v5e:2x2'))
   assert huge['fit']['verdict'] == 'does not fit'
   assert huge['memory_per_chip']['total'] > 20.1e9 > hardware.CHIPS['v5e'].hbm_bytes
 
@@ -82,7 +82,7 @@ def test_fit_verdicts():
 def test_tpu_report_compares_with_the_analytic_bound():
   """--target JSON carries ratio and flops_per_token_analytic, as the CPU report does; the compiled
   figure is the chip's cost_analysis (elementwise included, so a little above 1)."""
-  rep = targets.compile_report(load_config('configs/tiny.yaml', SMALL), targets.resolve('v5p:2x2x1'))
+  rep = per_chip.compile_report(load_config('configs/tiny.yaml', SMALL), targets.resolve('v5p:2x2x1'))
   from litejax.model import bounds
   cfg = load_config('configs/tiny.yaml', SMALL)
   n = rep['tokens_per_group']
@@ -91,9 +91,31 @@ def test_tpu_report_compares_with_the_analytic_bound():
   assert rep['ratio'] == pytest.approx(rep['flops_per_token'] / analytic, rel=1e-9)
   elem = rep['flops_per_token_elementwise_estimate'] / analytic
   assert 0.97 <= rep['ratio'] <= 1.03 + cost_elementwise_share_bound(elem), rep['ratio']
-  assert 'vs bound' in '\n'.join(targets.format_per_chip(rep, bounds.human))
+  assert 'vs bound' in '\n'.join(per_chip.format_per_chip(rep))
+  # The verdict judges the program's dots (the walker on the TPU HLO), which are the bound; the rest of
+  # the compiled figure is named non-matmul work.
+  from litejax.analysis import core
+  m = rep['matmul']
+  assert m['flops_per_token_analytic'] == pytest.approx(analytic, rel=1e-9)
+  assert m['ratio'] == pytest.approx(1.0, rel=1e-9) and rep['violations'] == [] and rep['tol'] == 0.03
+  assert m['flops_per_token_non_matmul'] == pytest.approx(rep['flops_per_token'] - m['flops_per_token_compiled'])
+  m['by_component']['attention_proj']['compiled'] *= 1.5          # a component over its bound fails it
+  m['flops_per_token_compiled'] += m['by_component']['attention_proj']['analytic'] / 2
+  assert core.violations(m, 0.03)[0].startswith('matmul:')
 
 
 def cost_elementwise_share_bound(elem_share: float) -> float:
-  from litejax.analysis import bound as cost
-  return cost.ELEMENTWISE_FACTOR * elem_share
+  from litejax.analysis import core
+  return core.ELEMENTWISE_FACTOR * elem_share
+
+
+@needs_libtpu
+def test_refused_program_reports_analytic_figures_and_prints():
+  """configs/quadrillion.yaml on v5p:2x2x2: the TPU compiler refuses the forward (temporaries over HBM); the
+  report is analytic, has nothing compiled to judge, and prints (a ratio of None was once formatted)."""
+  rep = per_chip.compile_report(load_config('configs/quadrillion.yaml'), targets.resolve('v5p:2x2x2'))
+  assert rep['compiled'] is False and rep['ratio'] is None and rep['violations'] == []
+  assert rep['fit']['verdict'] == 'does not fit'
+  lines = per_chip.format_per_chip(rep)
+  assert 'the TPU compiler refused it: HLO temporaries need' in lines[0]
+  assert not [line for line in lines if 'vs bound' in line or 'matmul' in line]

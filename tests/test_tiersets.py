@@ -103,7 +103,7 @@ def test_step_cost_prices_the_programs_run(setup):
   layers = cfg.model.num_moe_layers
   assert [c.name for c in calls] == (['_embed'] + ['moe_pre', 'experts', 'finish', 'lookahead'] * (layers - 1)
                                      + ['moe_pre', 'experts', 'finish', '_head', '_sample'])
-  chip = hardware.host_chip(1e11, 1e10)
+  chip = hardware.cpu_chip(1e11, 1e10)
   got = step_cost.price(rec, chip, call_overhead_s=1e-4)
   assert got['calls'] == len(calls) and got['syncs'] == 2 * layers
   one = calls[1]
@@ -117,12 +117,10 @@ def test_step_cost_prices_the_programs_run(setup):
 
 
 @pytest.mark.slow
-def test_generate_latency_budget_cli(tmp_path, capsys, monkeypatch):
+def test_generate_latency_budget_cli(tmp_path, capsys):
   """--latency-budget-ms on an --init store: the `tierset` JSON; a budget nothing fits is a clear error."""
-  from litejax.perf import host
   from litejax.cli import main
   from litejax.inference.store.writer import write_random
-  monkeypatch.setattr(host, 'host_chip', lambda quick=False: host.measure_host(1, quick=True))
   write_random(str(tmp_path / 'store'), small_cfg(), 0)
   base = ['generate', '--store', str(tmp_path / 'store'), '--prompt', 'In',
           '--max-new-tokens', '3', '--val-batches', '1', '--json'] + [a for s in SMALL_TRAIN for a in ('--set', s)]

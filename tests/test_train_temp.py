@@ -7,7 +7,7 @@ import pytest
 from litejax.analysis import bound as cost
 from litejax.hlo import parse as hlo, artefacts as hlo_artefacts
 from litejax.model.moe import row_grad as sparse_grad
-from litejax.analysis import targets, train_temp
+from litejax.analysis import core, targets, train_temp
 from litejax.config import load_config
 
 needs_libtpu = pytest.mark.skipif(targets.libtpu_version() is None,
@@ -74,7 +74,7 @@ def test_shrunk_quadrillion_temp_on_tpu():
   cfg = load_config('configs/quadrillion.yaml', SHRUNK)
   c, mesh = targets.target_mesh(cfg, targets.resolve('v5p:2x2x2'))
   prog = cost.compile_program(c, train=True, mesh=mesh, global_batch=cfg.train.batch_size)
-  mem = targets.memory_per_device(prog.compiled)
+  mem = core.memory_per_device(prog.compiled)
   temp = train_temp.temp_report(prog, mem)
   # fails with the uint16 view on TPU too: the compiler then copies the tables through the bitcasts
   assert temp['temp_cpu_bf16_table_copy'] == 0

@@ -4,10 +4,11 @@ Each train() call jits fresh closures and several tests run the same programs in
 a 2-core CI machine most of their time would be XLA recompiling identical HLO; the on-disk cache
 (keyed by the HLO, flags and jax version) makes every program compile once per checkout.
 """
-import os
 import pathlib
 
 import jax
+
+from litejax import env
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_YAML = REPO / 'configs' / 'tiny.yaml'
@@ -26,9 +27,5 @@ def enable_compile_cache() -> None:
 
 def subprocess_env(devices: int | None) -> dict[str, str]:
   """Environment for a child JAX process with `devices` CPU devices and the same compile cache."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu', JAX_COMPILATION_CACHE_DIR=str(COMPILE_CACHE),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2')
-  env.pop('XLA_FLAGS', None)
-  if devices is not None:
-    env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  return env
+  return env.child_env(devices, JAX_COMPILATION_CACHE_DIR=str(COMPILE_CACHE),
+                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2')

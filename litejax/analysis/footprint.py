@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import re
 
+from litejax import units
 from litejax.config import ConfigError
 
 
@@ -31,7 +32,6 @@ def state_bytes_per_device(cfg, sizes: dict[str, int], train: bool) -> dict:
   `NamedSharding(AbstractMesh(sizes), spec).shard_shape(shape)`, as jit lays it out. ConfigError when a
   mesh axis does not divide an array's dimension.
   """
-  import jax
   from jax.sharding import AbstractMesh
 
   from litejax import sharding
@@ -93,10 +93,9 @@ def _sharded_bytes(tree, by_table: dict | None = None) -> tuple[float, float]:
   """(bytes of one device's shards, bytes of the whole arrays) of a tree of sharded ShapeDtypeStructs;
   one device's bytes are also added to `by_table[table_kind(path)]`."""
   import jax
-  import numpy as np
   per_device = total = 0.0
   for path, sds in jax.tree_util.tree_leaves_with_path(tree):
-    nbytes = np.dtype(sds.dtype).itemsize
+    nbytes = units.dtype_bytes(str(sds.dtype))
     try:
       shard = sds.sharding.shard_shape(sds.shape)
     except ValueError as e:   # jax's IndivisibleError

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+from litejax import units
 from litejax.config import ConfigError
 from litejax.analysis.footprint import state_bytes_per_device
 
@@ -22,7 +23,7 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
   from litejax.analysis import bound as bound_report
   from litejax.perf import chips as hardware
   from litejax import sharding
-  from litejax.analysis import targets
+  from litejax.analysis import per_chip, targets
   chip = hardware.chip(generation)
   tried = []
   answer = None
@@ -33,8 +34,8 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
     devices = chips * chip.devices_per_chip
     row = {'target': spec, 'chips': chips}
     try:
-      sizes = dict(zip(sharding.AXES, sharding._resolve_sizes(cfg.mesh, devices)))
-      sharding._validate_model(cfg, sizes)
+      sizes = dict(zip(sharding.AXES, sharding.resolve_sizes(cfg.mesh, devices)))
+      sharding.validate_model(cfg, sizes)
       if global_batch and global_batch % (sizes['data'] * sizes['expert']):
         raise ConfigError(f'batch {global_batch} is not divisible by data*expert = '
                           f'{sizes["data"] * sizes["expert"]}')
@@ -47,13 +48,13 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
     row.update(mesh=sizes, state_bytes_per_chip=need,
                state_by_table_per_chip={k: v * chip.devices_per_chip for k, v in state['state_by_table'].items()})
     if need > chip.hbm_bytes:
-      tried.append({**row, **targets.verdict(need, chip.hbm_bytes), 'by': 'parameters+optimizer state alone'})
+      tried.append({**row, **per_chip.fit_verdict(need, chip.hbm_bytes), 'by': 'parameters+optimizer state alone'})
       log(f'{spec:16s} does not fit: state alone {need / chip.hbm_bytes:.3g}x HBM')
       continue
     target = targets.resolve(spec)
     c, mesh = targets.target_mesh(cfg, target)
     prog = bound_report.compile_program(c, train=train, mesh=mesh, global_batch=global_batch)
-    rep = targets.per_chip_report(prog, target)
+    rep = per_chip.per_chip_report(prog, target)
     tried.append({**row, **rep['fit'], 'by': 'memory_analysis'})
     log(f"{spec:16s} {rep['fit']['verdict']}: {rep['fit']['need_over_hbm']:.3g}x HBM (compiled)")
     if rep['fit']['fits']:
@@ -108,7 +109,7 @@ def state_options(cfg, sizes: dict[str, int], generation: str, chosen: tuple[str
   chip = hardware.chip(generation)
   pod = chip.max_chips * chip.hbm_bytes
   m, mc = cfg.moe, cfg.model
-  pbytes = 2 if mc.param_dtype == 'bfloat16' else 4
+  pbytes = units.dtype_bytes(mc.param_dtype)
   experts = mc.num_moe_layers * m.experts_total
   out = []
   for update, opt in OPTIMIZER_CHOICES:
@@ -160,7 +161,7 @@ def serve_plan(cfg, generation: str, *, device_fraction: float = 0.01, host_frac
     raise ValueError(f'--generation: serving needs host RAM per chip, known for {sorted(hardware.SERVE_HOST)}')
   host = hardware.SERVE_HOST[generation]
   m, mm = cfg.model, cfg.moe
-  wbytes = 2 if m.param_dtype == 'bfloat16' else 4
+  wbytes = units.dtype_bytes(m.param_dtype)
   p = bounds.param_counts(cfg)
   expert_bytes = p.expert_total * wbytes
   non_expert = (p.total - p.expert_total) * wbytes

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import math
 
+from litejax import units
+
 # Temporaries per device beyond the CPU table copy, in units of the touched experts' training state:
 # the rows gathered in f32 for the update, their gradients before and after the regroup, the dispatch
 # buffers and activations of the step. The shrunk quadrillion (experiments/temp_breakdown.py) and the
@@ -27,7 +29,6 @@ TEMP_FACTOR = 4.0
 def expert_tables_per_device(cfg, mesh) -> list[dict]:
   """Every MoE expert table of the train state: its per-device shape and dtype (abstract, nothing allocated)."""
   import jax
-  import numpy as np
 
   from litejax.analysis import footprint
   from litejax.train import step as train_step
@@ -37,21 +38,18 @@ def expert_tables_per_device(cfg, mesh) -> list[dict]:
     if footprint.table_kind(jax.tree_util.keystr(path)) == 'experts':
       shard = sds.sharding.shard_shape(sds.shape)
       out.append({'path': jax.tree_util.keystr(path), 'shape': tuple(shard), 'dtype': str(sds.dtype),
-                  'bytes': math.prod(shard) * np.dtype(sds.dtype).itemsize})
+                  'bytes': math.prod(shard) * units.dtype_bytes(str(sds.dtype))})
   return out
 
 
 def touched_state_bytes(cfg, sizes: dict[str, int], tokens: int, tables: list[dict]) -> float:
   """Training state of the expert rows one device updates in a step (see the module docstring)."""
-  import numpy as np
-
   from litejax.train import row_optim, sparse_step as sparse_train
-  from litejax.model.layers import DTYPES
   m = cfg.moe
   ranks = sizes['data'] * sizes['expert']
   per_rank = sparse_train.row_bounds(cfg, tokens, sizes)['experts'] // ranks
   rows = min(m.experts_total // sizes['expert'], sizes['data'] * per_rank)
-  pbytes = np.dtype(DTYPES[cfg.model.param_dtype]).itemsize
+  pbytes = units.dtype_bytes(cfg.model.param_dtype)
   total = 0
   for t in tables:   # [*layers, E_local, d, h]: a scanned table stacks its layers, an unscanned one is one layer
     row = t['shape'][-2:]   # [d, h] or [h, d], as split over the tensor ranks

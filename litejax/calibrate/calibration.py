@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import statistics
 
+from litejax import units
 from litejax.perf import latency
-from litejax.perf import probes as hp
+from litejax.perf import probes as hp, timing
 from litejax.perf.host import host_probes
 
 # The configs timed by `calibrate`: configs/tiny.yaml with these overrides (batch from --batch),
@@ -86,15 +87,22 @@ def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None =
     cfg = load_config(base, list(overrides) + ['model.scan_layers=false', 'mesh.data=1'])
     compiled, call = _config_step(cfg, b)
     steps[name] = (compiled, b, list(overrides))
-    timed.append(hp.Timed(name, call, calls))
+    timed.append(timing.Timed(name, call, calls))
   probes, measured_host = host_probes(quick)
-  best = hp.median_interleaved(probes + timed, repeats)
-  host = measured_host(best)
+  best = timing.median_interleaved(probes + timed, repeats)
+  return {**compare(steps, measured_host(best), best), 'batch': batch, 'repeats': repeats}
+
+
+def compare(steps: dict[str, tuple], host, measured_s: dict[str, float]) -> dict:
+  """The calibration verdict: each step (name -> (compiled, batch, overrides)) predicted on `host` (a
+  hardware.Chip) by latency.estimate_compiled, one jitted call per timing, beside its measured seconds;
+  whether the predictions rank the steps as the measurements do, lie within latency.TRUST_BAND (and
+  2x) of them, and their geometric-mean ratio; the host's figures."""
   rows = []
   for name, (compiled, b, overrides) in steps.items():
     est = latency.estimate_compiled(compiled, host, host_calls=1)   # each timing: one jitted call
-    rows.append({'name': name, 'overrides': overrides, 'batch': b, **est, 'measured_s': best[name],
-                 'predicted_over_measured': est['total_s'] / best[name]})
+    rows.append({'name': name, 'overrides': overrides, 'batch': b, **est, 'measured_s': measured_s[name],
+                 'predicted_over_measured': est['total_s'] / measured_s[name]})
   ratios = [r['predicted_over_measured'] for r in rows]
   lo, hi = latency.TRUST_BAND
   return {
@@ -102,7 +110,7 @@ def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None =
                'transpose_bytes_per_s': host.transpose_bytes_per_s, 'kernel_overhead_s': host.kernel_overhead_s,
                'call_overhead_s': host.call_overhead_s, 'gather_bytes_per_s': host.gather_bytes_per_s,
                'sort_comparison_s': host.sort_comparison_s},
-      'batch': batch, 'repeats': repeats, 'rows': rows,
+      'rows': rows,
       'ranks_correctly': _ranks_agree([r['total_s'] for r in rows], [r['measured_s'] for r in rows]),
       'within_band': all(lo <= r <= hi for r in ratios), 'band': [lo, hi],
       'within_2x': all(0.5 <= r <= 2.0 for r in ratios),
@@ -110,9 +118,9 @@ def calibrate(configs: dict[str, list[str]] | None = None, *, base: str | None =
   }
 
 
-def format_calibration(rep: dict, h) -> list[str]:
+def format_calibration(rep: dict) -> list[str]:
   """The calibration report as lines of text: the host, one line per row, the verdicts."""
-  s, host = latency.seconds, rep['host']
+  h, s, host = units.si, units.seconds, rep['host']
   lines = [f"host: matmul peak {h(host['peak_flops'])}FLOP/s (f32), memory bandwidth "
            f"{h(host['mem_bytes_per_s'])}B/s ({h(host['transpose_bytes_per_s'])}B/s transposing), "
            f"{s(host['kernel_overhead_s'])} per kernel, {s(host['call_overhead_s'])} per host call   "
@@ -136,18 +144,11 @@ def format_calibration(rep: dict, h) -> list[str]:
 def _host_copy_bytes_per_s(mbytes: int, repeats: int) -> float:
   """Host-memory copy bandwidth (bytes copied per second, median of `repeats`): what moving an expert
   from the host cache into a device slot costs on a CPU backend, where both are host memory."""
-  import time
-
   import numpy as np
   src = np.ones(mbytes * 2 ** 20, np.uint8)
   dst = np.empty_like(src)
-  np.copyto(dst, src)   # first touch of dst's pages stays out
-  runs = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    np.copyto(dst, src)
-    runs.append(time.perf_counter() - t0)
-  return src.nbytes / statistics.median(runs)
+  # the warm-up copy keeps the first touch of dst's pages out
+  return src.nbytes / statistics.median(timing.time_calls(lambda: np.copyto(dst, src), repeats))
 
 
 def _read_uncached(path: str, nbytes: int) -> tuple[float, str]:
@@ -222,26 +223,25 @@ def measure_expert_ops(store, samples: int = 8) -> dict:
   expert copied host -> device slot (litejax.inference.store.slots). At small expert sizes these are set by
   per-call latency, not bandwidth, which `measure_tier_bandwidth` alone would miss. The disk figure may
   come from the page cache when the store's files are cached."""
-  import time
-
-  import jax
   import numpy as np
 
   from litejax.inference.store.slots import DeviceSlots
   rng = np.random.default_rng(0)
   layer = store.layers[-1]
-  ids = rng.choice(store.num_experts, size=min(samples, store.num_experts), replace=False)
-  reads, got = [], None
-  for e in ids:
-    t0 = time.perf_counter()
-    got = store.read_experts(layer, [int(e)])
-    reads.append(time.perf_counter() - t0)
+  n = min(samples, store.num_experts)
+  ids = iter(rng.choice(store.num_experts, size=n, replace=False))
+  read = {}
+
+  def read_next():   # a different expert each run
+    read['got'] = store.read_experts(layer, [int(next(ids))])
+    return read['got']
+
+  reads = timing.time_calls(read_next, n, warmup=0)
   slots = DeviceSlots(1, store.shapes, store.dtype, 1)
-  slots.load([0], got)   # compiles the slot update once
-  loads = []
-  for _ in range(samples):
-    t0 = time.perf_counter()
-    slots.load([0], got)
-    jax.block_until_ready(slots.buffers)
-    loads.append(time.perf_counter() - t0)
+
+  def load():
+    slots.load([0], read['got'])
+    return slots.buffers
+
+  loads = timing.time_calls(load, samples)   # the warm-up run compiles the slot update
   return {'disk_read_s': statistics.median(reads), 'slot_load_s': statistics.median(loads)}

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from litejax import units
 from litejax.commands.args import add_config_arguments, positive_int
 from litejax.env import set_cpu_device_count
 
@@ -42,10 +43,9 @@ def run(args: argparse.Namespace) -> int:
   if target == 'tpu':
     return _run_target(args, cfg)
   set_cpu_device_count(target, cpu_only=True)   # no-op when called in-process after jax (tests)
-  from litejax.model import bounds
-  from litejax.analysis import bound as cost
-  rep = cost.bound(cfg, train=args.train, num_devices=target, global_batch=args.batch, tol=args.tol)
-  return emit(args, rep, lambda r: _print_table(args.config, r, bounds.human))
+  from litejax.analysis import bound as bound_report
+  rep = bound_report.bound(cfg, train=args.train, num_devices=target, global_batch=args.batch, tol=args.tol)
+  return emit(args, rep, lambda r: _print_table(args.config, r))
 
 
 def target_devices(args: argparse.Namespace) -> int | str | None:
@@ -74,23 +74,26 @@ def emit(args: argparse.Namespace, rep: dict, print_table) -> int:
 
 
 def _run_target(args: argparse.Namespace, cfg) -> int:
-  """--target TPU: the per-chip report (litejax.analysis.targets) of the step compiled for that slice."""
+  """--target TPU: the per-chip report (litejax.analysis.per_chip) of the step compiled for that slice."""
   set_cpu_device_count(1, cpu_only=True)
-  from litejax.model import bounds
-  from litejax.analysis import targets
+  from litejax.analysis import per_chip, targets
   try:
-    rep = targets.compile_report(cfg, targets.resolve(args.target), train=args.train, global_batch=args.batch)
+    rep = per_chip.compile_report(cfg, targets.resolve(args.target), train=args.train, global_batch=args.batch,
+                                  tol=args.tol)
   except targets.TargetError as e:
     print(f'litejax bound: {e}', file=sys.stderr)
     return 2
 
   def table(r):
     print(f'config: {args.config}')
-    print('\n'.join(targets.format_per_chip(r, bounds.human)))
+    print('\n'.join(per_chip.format_per_chip(r)))
+    if 'matmul' in r:
+      print('BOUND OK' if not r['violations'] else 'BOUND EXCEEDED')
   return emit(args, rep, table)
 
 
-def _print_table(path: str, rep: dict, h) -> None:
+def _print_table(path: str, rep: dict) -> None:
+  h = units.si
   sf = rep['spec_formula']
   kind = 'train step' if rep['train'] else 'forward'
   print(f"config: {path}   ({kind}, {rep['devices']} devices {rep['mesh']}, batch {rep['global_batch']}x"
@@ -155,32 +158,31 @@ def _run_decode(args: argparse.Namespace, cfg) -> int:
   if target == 'tpu':
     return _run_decode_target(args, cfg, cache_len)
   set_cpu_device_count(target, cpu_only=True)
-  from litejax.model import bounds
-  from litejax.analysis import decode_bound as decode_cost
-  from litejax.perf.host import host_chip
+  from litejax.analysis import decode_bound
+  from litejax.perf.host import measure_host
   try:
-    rep = decode_cost.bound_decode(cfg, batch=args.batch, cache_len=cache_len, num_devices=target,
-                                   chip=host_chip(), tol=args.tol)
+    rep = decode_bound.bound_decode(cfg, batch=args.batch, cache_len=cache_len, num_devices=target,
+                                    chip=measure_host(repeats=3), tol=args.tol)
   except ValueError as e:
     print(f'litejax bound: {e}', file=sys.stderr)
     return 2
-  return emit(args, rep, lambda r: _print_decode(args.config, r, bounds.human))
+  return emit(args, rep, lambda r: _print_decode(args.config, r))
 
 
 def _run_decode_target(args, cfg, cache_len: int) -> int:
   set_cpu_device_count(1, cpu_only=True)
-  from litejax.model import bounds
-  from litejax.analysis import decode_bound as decode_cost, targets
+  from litejax.analysis import decode_bound, targets
   try:
-    rep = decode_cost.target_report(cfg, targets.resolve(args.target), batch=args.batch, cache_len=cache_len)
+    rep = decode_bound.target_report(cfg, targets.resolve(args.target), batch=args.batch, cache_len=cache_len,
+                                     tol=args.tol)
   except targets.TargetError as e:
     print(f'litejax bound: {e}', file=sys.stderr)
     return 2
-  return emit(args, rep, lambda r: _print_decode(args.config, r, bounds.human))
+  return emit(args, rep, lambda r: _print_decode(args.config, r))
 
 
-def _print_decode(path: str, rep: dict, h) -> None:
-  from litejax.analysis.targets import human_bytes as hb
+def _print_decode(path: str, rep: dict) -> None:
+  h = units.si
   where = rep.get('target') or f"{rep['devices']} devices {rep['mesh']}"
   print(f"config: {path}   (decode step, {where}, batch {rep['batch']}, cache {rep['cache_len']})")
   if 'compiler_refused' in rep:
@@ -192,14 +194,17 @@ def _print_decode(path: str, rep: dict, h) -> None:
         print(f"{name:18s} {h(row['analytic']):>10s} {h(row['compiled']):>10s} {row['ratio']:7.4f}")
   print(f"{'TOTAL':18s} {h(rep['flops_per_token_analytic']):>10s} {h(rep['flops_per_token_compiled']):>10s} "
         f"{rep['ratio']:7.4f}")
-  print(f"bytes accessed/token {hb(rep['bytes_accessed_per_token'])}; expert weights read "
-        + (f"{hb(rep['expert_weight_bytes_per_token'])}/token (active rows' slices "
-           f"{hb(rep['expert_weight_bytes_per_token_analytic'])}, every expert "
-           f"{hb(rep['expert_weight_bytes_all_experts'])})" if 'expert_weight_bytes_per_token' in rep else
-           f"(analytic, active rows' slices) {hb(rep['expert_weight_bytes_per_token_analytic'])}/token"))
-  print(f"collective bytes/rank per step {hb(rep['collective_bytes_per_rank'])}")
+  if 'matmul' in rep:   # a TPU target: the compiled TOTAL is cost_analysis, elementwise work included
+    from litejax.analysis.per_chip import matmul_line
+    print(matmul_line(rep['matmul'], rep['tol'], 'matmul: '))
+  print(f"bytes accessed/token {h(rep['bytes_accessed_per_token'], 'B')}; expert weights read "
+        + (f"{h(rep['expert_weight_bytes_per_token'], 'B')}/token (active rows' slices "
+           f"{h(rep['expert_weight_bytes_per_token_analytic'], 'B')}, every expert "
+           f"{h(rep['expert_weight_bytes_all_experts'], 'B')})" if 'expert_weight_bytes_per_token' in rep else
+           f"(analytic, active rows' slices) {h(rep['expert_weight_bytes_per_token_analytic'], 'B')}/token"))
+  print(f"collective bytes/rank per step {h(rep['collective_bytes_per_rank'], 'B')}")
   if 'latency' in rep:
     from litejax.perf import latency
-    print('per token: ' + latency.format_estimate(rep['latency'], h))
-  if 'violations' in rep and 'by_component' in rep:
+    print('per token: ' + latency.format_estimate(rep['latency']))
+  if 'by_component' in rep or 'matmul' in rep:
     print('BOUND OK' if not rep['violations'] else 'BOUND EXCEEDED')

@@ -24,11 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   os.environ.setdefault('JAX_PLATFORMS', 'cpu')
-  from litejax.model import bounds
   from litejax.calibrate import calibration
   rep = calibration.calibrate(batch=args.batch, repeats=args.repeats, quick=args.quick)
   if args.json:
     print(json.dumps(rep, indent=2))
   else:
-    print('\n'.join(calibration.format_calibration(rep, bounds.human)))
+    print('\n'.join(calibration.format_calibration(rep)))
   return 0 if (rep['ranks_correctly'] and rep['within_band']) or args.quick else 1

@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
   split = None
   if args.json:   # compiles the step once more from abstract shapes: only when it is printed
     from litejax.analysis.decode_bound import runtime_latency_split
-    from litejax.perf.host import host_chip
+    from litejax.perf.host import measure_host
     with jax.set_mesh(session.mesh):
-      split = runtime_latency_split(session.runtime, host_chip())
+      split = runtime_latency_split(session.runtime, measure_host(repeats=3))
   texts = [data.decode(t) for t in gen.tokens]
   if args.json:
     steps_ms = [1e3 * s for s in gen.step_s]

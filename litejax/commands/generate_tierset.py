@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 
-def _compute(cfg, model, store, opts, batch: int, cache_len: int, hot_mask) -> dict:
+def _compute(cfg, model, store, opts, batch: int, cache_len: int, hot_mask, chip) -> dict:
   """The latency model's compute part of one step of the tiered runtime that will decode
   (litejax.inference.step_latency: its programs as run, and the host time of a step), the same for every TierSet
   (the tier mask is an argument of the same programs). Recorded with the hot TierSet and its experts
-  preloaded, so that the step does no I/O (the I/O term is priced apart)."""
+  preloaded, so that the step does no I/O (the I/O term is priced apart); priced on `chip`."""
   from litejax.inference import step_latency as step_cost
   from litejax.inference.store.levels import Tiers
   from litejax.inference.store_decode import TieredRuntime
@@ -19,12 +19,12 @@ def _compute(cfg, model, store, opts, batch: int, cache_len: int, hot_mask) -> d
     rec = step_cost.record_step(TieredRuntime(cfg, model, tiers, hot_mask), [[0] * max(cache_len - 7, 1)] * batch)
   finally:
     tiers.close()
-  from litejax.perf.host import host_chip
-  return step_cost.price(rec, host_chip())
+  return step_cost.price(rec, chip)
 
 
-def choose(args, cfg, model, store, opts, batch: int, cache_len: int):
-  """(the chosen TierSet's row with every considered row, the TierOptions sized by placement).
+def choose(args, cfg, model, store, opts, batch: int, cache_len: int, chip=None):
+  """(the chosen TierSet's row with every considered row, the TierOptions sized by placement), the
+  compute part priced on `chip` (default: this host, measured now: litejax.perf.host.measure_host).
   ValueError for a bad flag or when no TierSet fits."""
   from litejax.calibrate import calibration
   from litejax.inference import tiersets
@@ -40,7 +40,10 @@ def choose(args, cfg, model, store, opts, batch: int, cache_len: int):
                **calibration.measure_expert_ops(store)}
   device, host = tiersets.placement_fractions(cfg)
   opts = dataclasses.replace(opts, device_slots=device, host_cache=host)
-  compute = _compute(cfg, model, store, opts, batch, cache_len, sets[0].mask)
+  if chip is None:
+    from litejax.perf.host import measure_host
+    chip = measure_host(repeats=3)
+  compute = _compute(cfg, model, store, opts, batch, cache_len, sets[0].mask, chip)
   rows = tiersets.predict(rows, compute['compute_ms'], tiersets.assignments_per_step(cfg, batch),
                           store.expert_bytes, bandwidth)
   best = tiersets.choose(rows, args.latency_budget_ms)

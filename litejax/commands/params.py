@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from litejax import units
 from litejax.model import bounds
 from litejax.commands.args import add_config_arguments, positive_int
 from litejax.config import load_config
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
   if args.json:
     print(json.dumps(out, indent=2))
     return 0
-  h = bounds.human
+  h = units.si
   sf = out['spec_formula']
   print(f'config: {args.config}')
   print(f"parameters         total {h(out['params_total'])} ({out['params_total']:,})")

@@ -8,6 +8,7 @@ import argparse
 import json
 import sys
 
+from litejax import units
 from litejax.commands.args import add_config_arguments, positive_int
 
 
@@ -27,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
   from litejax.perf import chips as hardware
-  from litejax.analysis import planning, targets
+  from litejax.analysis import per_chip, planning, targets
   from litejax.config import load_config
   cfg = load_config(args.config, args.overrides)
   try:
@@ -35,8 +36,7 @@ def run(args: argparse.Namespace) -> int:
   except ValueError as e:
     print(f'litejax plan: {e}', file=sys.stderr)
     return 2
-  from litejax.model import bounds
-  h = bounds.human
+  h = units.si
   if args.serve:
     return _serve(cfg, args, h)
   try:
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
   if out['answer']:
     print(f"plan: {out['answer']} is the smallest {args.generation} slice where the {what} fits "
           f"({h(chip['hbm_bytes'])}B HBM per chip)")
-    print('\n'.join(targets.format_per_chip(out['per_chip'], h)))
+    print('\n'.join(per_chip.format_per_chip(out['per_chip'])))
     return 0
   s = out.get('shortfall')
   print(f'plan: the {what} fits on no {args.generation} slice')
@@ -65,25 +65,25 @@ def run(args: argparse.Namespace) -> int:
     t = s['state_by_table_per_chip_on_largest_slice']
     print(f"  largest slice whose mesh divides the config, {s['largest_slice']}: needs "
           f"{s['need_over_hbm_on_largest_slice']:.3g}x a chip's HBM with this config's mesh rules; state per chip "
-          f"{_bytes(s['state_bytes_per_chip_on_largest_slice'])} = expert tables {_bytes(t['experts'])} + "
-          f"router_expert {_bytes(t['router_expert'])} + the rest {_bytes(t['other'])}"
+          f"{units.si(s['state_bytes_per_chip_on_largest_slice'], 'B')} = expert tables {units.si(t['experts'], 'B')} + "
+          f"router_expert {units.si(t['router_expert'], 'B')} + the rest {units.si(t['other'], 'B')}"
           + (f" (not dividing: {', '.join(s['slices_whose_mesh_does_not_divide'])})"
              if s['slices_whose_mesh_does_not_divide'] else ''))
     if s['least_short_slice'] != s['largest_slice']:
       t = s['state_by_table_per_chip_on_least_short_slice']
       replicated = t['router_expert'] < s['state_by_table_per_chip_on_largest_slice']['router_expert']
       print(f"  least short: {s['least_short_slice']}, {s['need_over_hbm_on_least_short_slice']:.3g}x a chip's HBM "
-            f"(expert tables {_bytes(t['experts'])} + router_expert {_bytes(t['router_expert'])} + the rest "
-            f"{_bytes(t['other'])})" + (': a larger slice whose expert ranks do not divide the T·G routing groups '
+            f"(expert tables {units.si(t['experts'], 'B')} + router_expert {units.si(t['router_expert'], 'B')} + the rest "
+            f"{units.si(t['other'], 'B')})" + (': a larger slice whose expert ranks do not divide the T·G routing groups '
                                         'replicates router_expert (sharding.groups_shard)' if replicated else ''))
     print(f"  state in all: {h(s['state_bytes_total'])}B vs {h(s['pod_hbm_bytes'])}B of HBM in a whole pod "
           f"({s['state_over_pod_hbm']:.3g}x): even sharded perfectly it needs {s['chips_needed_if_fully_sharded']:,} "
           f"chips ({s['pods_needed_if_fully_sharded']:.3g} pods)")
     t = s.get('host_tier')
     if t:
-      print(f"  next tier, host memory ({_bytes(t['host_ram_bytes_per_chip'])} per chip: {t['host_ram_source']}): with "
-            f"a whole pod's HBM full it must hold {_bytes(t['host_must_hold_bytes'])}, "
-            f"{_bytes(t['host_must_hold_bytes_per_chip'])} "
+      print(f"  next tier, host memory ({units.si(t['host_ram_bytes_per_chip'], 'B')} per chip: {t['host_ram_source']}): with "
+            f"a whole pod's HBM full it must hold {units.si(t['host_must_hold_bytes'], 'B')}, "
+            f"{units.si(t['host_must_hold_bytes_per_chip'], 'B')} "
             f"per chip ({t['need_over_host_ram']:.3g}x its host RAM); HBM + host RAM of a pod hold "
             f"{1 / t['state_over_pod_hbm_plus_host']:.3g}x of the state ({t['chips_needed_hbm_plus_host']:,} chips "
             f"needed); activations not counted")
@@ -96,11 +96,11 @@ def _print_train_state(out: dict, h) -> None:
   """The training state the search used (the config's expert update and optimizer) and the alternatives."""
   st = out['train_state']
   print(f"training state: expert update {st['expert_update']}, expert optimizer {st['expert_optimizer']}: "
-        f"{_bytes(st['state_total_all_chips'])} = parameters {_bytes(st['params_total_all_chips'])} + optimizer "
-        f"{_bytes(st['optimizer_total_all_chips'])} (train.expert_update / train.expert_optimizer; --set to change)")
+        f"{units.si(st['state_total_all_chips'], 'B')} = parameters {units.si(st['params_total_all_chips'], 'B')} + optimizer "
+        f"{units.si(st['optimizer_total_all_chips'], 'B')} (train.expert_update / train.expert_optimizer; --set to change)")
   for o in out.get('train_state_options', []):
-    print(f"  {o['expert_update']:6s} {o['expert_optimizer']:8s} state {_bytes(o['state_bytes_total'])} (experts "
-          f"{_bytes(o['expert_state_bytes_total'])}), {_bytes(o['bytes_per_chip_on_pod_if_fully_sharded'])} per chip "
+    print(f"  {o['expert_update']:6s} {o['expert_optimizer']:8s} state {units.si(o['state_bytes_total'], 'B')} (experts "
+          f"{units.si(o['expert_state_bytes_total'], 'B')}), {units.si(o['bytes_per_chip_on_pod_if_fully_sharded'], 'B')} per chip "
           f"on a whole pod = {o['state_over_pod_hbm']:.3g}x HBM, "
           f"{o['chips_needed_if_fully_sharded']:,} chips if perfectly sharded"
           + ('   <- this config' if o['chosen'] else ''))
@@ -122,13 +122,6 @@ def measured_hit_rates(path: str = BENCH) -> dict | None:
           'source': f'{path} (lru, 1% device slots, 10% host cache, trained tiny_1k decode trace)'}
 
 
-def _bytes(n: float) -> str:
-  for unit, scale in (('PB', 1e15), ('TB', 1e12), ('GB', 1e9), ('MB', 1e6)):
-    if n >= scale:
-      return f'{n / scale:.3g} {unit}'
-  return f'{n:.0f} B'
-
-
 def _serve(cfg, args, h) -> int:
   from litejax.analysis import planning
   try:
@@ -140,9 +133,9 @@ def _serve(cfg, args, h) -> int:
     print(json.dumps(out, indent=2, default=float))
     return 0 if out['answer'] else 1
   b, host = out['bytes'], out['host']
-  print(f"serve: experts {_bytes(b['experts'])} on disk; HBM: non-expert {_bytes(b['non_expert'])} + 1% device slots + "
-        f"KV cache {_bytes(b['kv_cache'])} = {_bytes(b['device_total'])}; host cache (10%) {_bytes(b['host_total'])}")
-  print(f"  host RAM per chip assumed {_bytes(host['host_ram_bytes'])} ({host['host_ram_source']})")
+  print(f"serve: experts {units.si(b['experts'], 'B')} on disk; HBM: non-expert {units.si(b['non_expert'], 'B')} + 1% device slots + "
+        f"KV cache {units.si(b['kv_cache'], 'B')} = {units.si(b['device_total'], 'B')}; host cache (10%) {units.si(b['host_total'], 'B')}")
+  print(f"  host RAM per chip assumed {units.si(host['host_ram_bytes'], 'B')} ({host['host_ram_source']})")
   for r in out['tried']:
     print(f"  {r['target']:16s} HBM {r['hbm_bytes_per_chip'] / out['chip_hbm_bytes']:.3g}x  "
           f"host {r['host_bytes_per_chip'] / host['host_ram_bytes']:.3g}x")

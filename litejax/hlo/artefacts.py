@@ -16,8 +16,9 @@
 Not an artefact but recognised here too: a dot lowered as elementwise work (`lowered_dot`). XLA rewrites
 a dot_general with contraction size 1 (an outer product: the weight gradient of gathered slices,
 one [d, h] product per assignment) as multiply(broadcast, broadcast), and small dots as
-multiply + reduce; the ops keep the dot's op_name (`.../dot_general`). litejax.hlo.flops charges
-them as matmul work of their component.
+multiply + reduce; the ops keep the dot's op_name (`.../dot_general`), but for the TPU compiler's
+multiply + reduce of a one-row dot only the reduce does (`untagged_dot_multiply`). litejax.hlo.flops
+charges them as matmul work of their component.
 """
 from __future__ import annotations
 
@@ -188,6 +189,19 @@ def is_lowered_dot(ins: Instr) -> bool:
   """A multiply or reduce that XLA made out of a dot_general (its op_name says so; a convert of a
   dot's output carries the dot's op_name too, and is no part of it)."""
   return ins.opcode in ('multiply', 'reduce') and ins.op_name.rsplit('/', 1)[-1] == 'dot_general'
+
+
+def untagged_dot_multiply(comp: Computation, ins: Instr) -> Instr | None:
+  """The lowered-dot reduce that a multiply not named as the dot's feeds (its only users), else None.
+  The TPU compiler rewrites a dot of one row (a decode step's one token per device) as a
+  `multiply_reduce_fusion` whose reduce keeps the dot's op_name while the multiply has none, or a
+  name of its own (`.../multiply.24`): the multiply is that dot's."""
+  if ins.opcode != 'multiply' or is_lowered_dot(ins):
+    return None
+  users = [comp.instrs[u] for u in comp.users.get(ins.name, ()) if u in comp.instrs]
+  if users and all(u.opcode == 'reduce' and is_lowered_dot(u) for u in users):
+    return users[0]
+  return None
 
 
 def lowered_dot(module: Module, comp: Computation, name: str, depth: int = 0) -> Instr | None:

@@ -19,6 +19,7 @@ import math
 import re
 from typing import Any
 
+from litejax import units
 from litejax.hlo import parse as hlo
 
 KINDS = ('all_to_all', 'all_gather', 'reduce_scatter', 'all_reduce', 'collective_permute')
@@ -48,7 +49,7 @@ def _group_size(attrs: str) -> int | None:
 
 def _moved_bytes(ins: hlo.Instr) -> float:
   """Bytes one rank's buffer of a collective instruction holds (see the module docstring)."""
-  parts = [math.prod(d) * hlo.dtype_bytes(t) for t, d in ins.shapes]
+  parts = [math.prod(d) * units.dtype_bytes(t, default=4) for t, d in ins.shapes]
   if ins.opcode == 'all-gather-start':
     parts = parts[len(parts) // 2:]
   elif ins.opcode == 'collective-permute-start':
@@ -104,6 +105,6 @@ def upcast_bytes(compiled_or_hlo: Any) -> dict[str, float]:
         narrow = widened_from(module, comp, o) if o in comp.instrs else None
         if narrow:
           src = comp.instrs[o]
-          total += times * (src.nbytes - src.elements * hlo.dtype_bytes(narrow))
+          total += times * (src.nbytes - src.elements * units.dtype_bytes(narrow))
   return {'all_to_all': total} if total else {}
 

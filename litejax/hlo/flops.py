@@ -5,7 +5,7 @@ dense lowerings, and charges converts fused into gathers over the whole table. T
 the figures from the instructions themselves (parsed by litejax.hlo.parse, loops counted by its one
 trip-count rule) so each can be attributed and corrected:
 
-  dot          2 · |out| · |contracting|                 (convolution: 2 · |out| · |kernel| / out_features)
+  dot          2 · |out| · |contracting|   (a convolution: 2 · its multiply-adds, litejax.hlo.dots)
   elementwise  |out| per arithmetic op, |in| per reduce, |updates| per combiner op of a scatter (a
                scatter-add is the weight gradient of a gather): XLA's HloCostAnalysis convention, so that on
                a program without while loops `total_flops` equals `cost_analysis()['flops']`
@@ -13,7 +13,8 @@ trip-count rule) so each can be attributed and corrected:
                (exp, tanh, ...) are not FLOPs in that convention (XLA counts them apart) and are
                not counted here either.
   lowered dot  a dot that XLA rewrote as elementwise work (hlo_artefacts.lowered_dot) is matmul work of
-               its component, at the same FLOPs: the multiply and reduce of a small dot, and the
+               its component, at the same FLOPs: the multiply and reduce of a small dot (on TPU only
+               the reduce names the dot: hlo_artefacts.untagged_dot_multiply), and the
                weight gradient of gathered slices (expert weights, router rows), lowered as an outer
                product per row (multiply of broadcasts, |out|) plus a scatter-add into the table
                (|updates|, the dot's contraction over the rows of one expert): 2·rows·d·h, what
@@ -40,10 +41,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import math
-import re
 
 from litejax.hlo import artefacts as art
+from litejax.hlo.dots import conv_flops, dot_flops
 from litejax.hlo.parse import Computation, Instr, Module, parse
 from litejax.hlo.scopes import by_signature, component_of, near_scope
 from litejax.hlo.weights import WeightOrigins
@@ -52,9 +52,11 @@ ELEMENTWISE = frozenset(
     'add subtract multiply divide maximum minimum compare select negate abs convert and or xor not '
     'remainder clamp sign floor ceil round-nearest-afz round-nearest-even shift-left shift-right-logical '
     'shift-right-arithmetic is-finite popcnt real imag stochastic-convert'.split())
-_NO_BYTES = frozenset('parameter constant tuple get-tuple-element bitcast while call conditional after-all '
+# Instructions that move no bytes of their own (their callees', if any, are counted), and the ones that read
+# only the slices of their first operand: shared with litejax.hlo.expert_reads.
+NO_BYTES = frozenset('parameter constant tuple get-tuple-element bitcast while call conditional after-all '
                       'partition-id replica-id iota'.split())
-_SLICING = ('dynamic-slice', 'gather', 'slice')
+SLICING = ('dynamic-slice', 'gather', 'slice')
 
 
 @dataclasses.dataclass
@@ -96,27 +98,6 @@ class HloCost:
   @property
   def useful_flops(self) -> float:
     return self.total_flops - sum(self.artefacts.values())
-
-
-def dot_flops(ins: Instr, comp: Computation) -> float:
-  """2 · |out| · |contracting| of a dot instruction."""
-  lhs = comp.instrs.get(ins.operands[0])
-  if lhs is None:
-    return 0.0
-  contracting = math.prod(lhs.shapes[0][1][i] for i in ins.dims_attr('lhs_contracting_dims'))
-  return 2.0 * ins.elements * contracting
-
-
-def conv_flops(ins: Instr, comp: Computation) -> float:
-  """2 · |out| · |kernel| / out_features of a convolution instruction."""
-  rhs = comp.instrs.get(ins.operands[1])
-  labels = ins.attr('dim_labels') or ''
-  m = re.match(r'[\w]+_([\w]+)->', labels)
-  if rhs is None or not m:
-    return 0.0
-  kernel = rhs.shapes[0][1]
-  out_features = kernel[m.group(1).index('o')]
-  return 2.0 * ins.elements * math.prod(kernel) / max(out_features, 1)
 
 
 def scatter_flops(module: Module, comp: Computation, ins: Instr, ops=ELEMENTWISE) -> float:
@@ -164,7 +145,7 @@ def instr_bytes_accessed(module: Module, comp: Computation, ins: Instr) -> float
     b = _fused_scatter_bytes(module, comp, ins)
     if b is not None:
       return b
-  if ins.opcode in _SLICING:
+  if ins.opcode in SLICING:
     return 2.0 * ins.nbytes
   if ins.opcode == 'dynamic-update-slice':
     upd = comp.instrs.get(ins.operands[1]) if len(ins.operands) > 1 else None
@@ -203,7 +184,7 @@ def slice_reads(called: Computation, name: str) -> float | None:
       if inner is None:
         return None
       inner *= (called.instrs[name].nbytes / max(called.instrs[name].elements, 1)) / (u.nbytes / u.elements)
-    elif u.opcode in _SLICING and u.operands[0] == name and name not in u.operands[1:]:
+    elif u.opcode in SLICING and u.operands[0] == name and name not in u.operands[1:]:
       inner = slice_reads(called, u.name)
       inner = u.nbytes if inner is None else min(inner, u.nbytes)
     else:
@@ -219,7 +200,7 @@ def bytes_accessed(module: Module, scopes: tuple[str, ...] = ()) -> tuple[float,
   for name, times in module.multiplicities(control_flow_only=True).items():
     comp = module[name]
     for ins in comp.instrs.values():
-      if ins.opcode in _NO_BYTES:
+      if ins.opcode in NO_BYTES:
         continue
       b = times * instr_bytes_accessed(module, comp, ins)
       total += b
@@ -250,7 +231,8 @@ class FlopWalker:
     comp = self.module[comp_name]
     tables = art.gather_tables(comp)
     for ins in comp.instrs.values():
-      own = component_of(ins.op_name, self.components)
+      dot_reduce = art.untagged_dot_multiply(comp, ins)
+      own = component_of((dot_reduce or ins).op_name, self.components)
       scope = own or ctx
       op = ins.opcode
       if op == 'fusion':
@@ -268,17 +250,18 @@ class FlopWalker:
       elif op in ('dot', 'convolution'):
         self._dot(comp, ins, mult, own, ctx, params, out_scope, param_factors)
       elif op in ELEMENTWISE or op in ('reduce', 'reduce-window'):
-        self._elementwise(comp, ins, mult, scope or 'other', ins.name in tables)
+        self._elementwise(comp, ins, mult, scope or 'other', ins.name in tables, dot_reduce is not None)
       elif op == 'scatter':
         self._scatter(comp, ins, mult, scope or 'other', param_products)
 
-  def _elementwise(self, comp: Computation, ins: Instr, mult: float, scope: str, table: bool) -> None:
+  def _elementwise(self, comp: Computation, ins: Instr, mult: float, scope: str, table: bool,
+                  dot_multiply: bool = False) -> None:
     if ins.opcode in ELEMENTWISE:
       f = mult * ins.elements
     else:   # a reduce: one op per input element
       src = comp.instrs.get(ins.operands[0]) if ins.operands else None
       f = mult * (src.elements if src is not None else ins.elements)
-    if art.is_lowered_dot(ins):
+    if dot_multiply or art.is_lowered_dot(ins):
       self.flops[scope] += f
       self.lowered_dots[scope] += f
       return

@@ -11,9 +11,8 @@ and counts loops by ONE rule, `Module.trip_count`:
   3. failing that, once, and the loop is listed by `Module.unknown_loops`.
 
 A computation reached from a while (body or condition) runs trip-count times its caller; the entry
-runs once; both branches of a conditional are counted (an upper bound). Sizes use one dtype table,
-`DTYPE_BYTES`: 4-bit integers are half a byte (packed, as TPUs store them); a dtype it does not
-know counts 4 bytes.
+runs once; both branches of a conditional are counted (an upper bound). Sizes use litejax's one
+dtype table (litejax.units.DTYPE_BYTES); a dtype it does not know counts 4 bytes.
 """
 from __future__ import annotations
 
@@ -23,9 +22,8 @@ import functools
 import math
 import re
 
-DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4,
-               'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16, 'token': 0,
-               'f8e4m3fn': 1, 'f8e5m2': 1, 's4': 0.5, 'u4': 0.5}
+from litejax import units
+
 _SHAPE_RE = re.compile(r'([a-z][a-z0-9]*)\[([0-9,]*)\]')
 _HEADER_RE = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$')
 _OPNAME_RE = re.compile(r'op_name="([^"]*)"')
@@ -35,10 +33,6 @@ _LOOP_KEYS = ('body', 'condition')
 _CALL_KEYS = ('to_apply', 'calls', 'true_computation', 'false_computation', 'branch_computations')
 # Opcodes whose callees run as unfused instructions (a fusion's or a reduce's callee does not).
 _CONTROL_FLOW = ('while', 'call', 'async-start', 'conditional')
-
-
-def dtype_bytes(dtype: str) -> float:
-  return DTYPE_BYTES.get(dtype, 4)
 
 
 @dataclasses.dataclass
@@ -59,10 +53,11 @@ class Instr:
 
   @property
   def nbytes(self) -> float:
-    return sum(math.prod(d) * dtype_bytes(t) for t, d in self.shapes)
+    return sum(math.prod(d) * units.dtype_bytes(t, default=4) for t, d in self.shapes)
 
   def attr(self, key: str) -> str | None:
-    m = re.search(rf'\b{key}=(\{{[^}}]*\}}|%?[\w.\-]+)', self.attrs)
+    # '>' for dim_labels=b01f_01io->b01f (a convolution's)
+    m = re.search(rf'\b{key}=(\{{[^}}]*\}}|%?[\w.\->]+)', self.attrs)
     return m.group(1) if m else None
 
   def dims_attr(self, key: str) -> tuple[int, ...]:

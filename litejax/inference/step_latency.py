@@ -23,6 +23,8 @@ import statistics
 import time
 from typing import Any, Callable
 
+from litejax.perf import timing
+
 PROGRAMS = ('_embed', 'dense_layer', 'moe_pre', 'experts', 'finish', 'lookahead', '_head', '_sample')
 SYNCING = ('moe_pre', 'lookahead', '_sample')   # outputs the host reads before it can go on
 
@@ -113,12 +115,7 @@ def dispatch_probe_s(call: Call, repeats: int = 20) -> float:
   noop = jax.jit(lambda *a, **k: jnp.zeros((), jnp.int32), static_argnums=static)
   concrete = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a,
                           (call.args, call.kwargs))
-  jax.block_until_ready(noop(*concrete[0], **concrete[1]))
-  t0 = time.perf_counter()
-  for _ in range(repeats):
-    out = noop(*concrete[0], **concrete[1])
-  jax.block_until_ready(out)
-  return (time.perf_counter() - t0) / repeats
+  return timing.per_call_s(lambda: noop(*concrete[0], **concrete[1]), repeats)
 
 
 def price(rec: Recording, chip, call_overhead_s: float | None = None) -> dict:

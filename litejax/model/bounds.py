@@ -226,10 +226,3 @@ def summary(cfg: Config, tokens_per_group: int | None = None) -> dict[str, objec
       'spec_formula': spec_formula(cfg),
   }
 
-
-def human(n: float) -> str:
-  """1234567 -> '1.23M'."""
-  for unit, scale in (('P', 1e15), ('T', 1e12), ('B', 1e9), ('M', 1e6), ('K', 1e3)):
-    if abs(n) >= scale:
-      return f'{n / scale:.3g}{unit}'
-  return f'{n:.3g}' if not float(n).is_integer() else str(int(n))

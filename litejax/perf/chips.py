@@ -160,12 +160,12 @@ def chip(generation: str) -> Chip:
     raise ValueError(f'unknown TPU generation {generation!r} (known: {sorted(CHIPS)})') from None
 
 
-def host_chip(peak_flops: float, mem_bytes_per_s: float, mem_bytes: float = 0.0,
+def cpu_chip(peak_flops: float, mem_bytes_per_s: float, mem_bytes: float = 0.0,
               kernel_overhead_s: float = 0.0, transpose_bytes_per_s: float = 0.0,
               call_overhead_s: float = 0.0, gather_bytes_per_s: float = 0.0,
               sort_comparison_s: float = 0.0) -> Chip:
-  """A Chip for this CPU from measured peak, bandwidths, per-kernel and per-call overheads
-  (litejax.calibrate.calibration)."""
+  """The Chip of a CPU with these measured figures: peak, bandwidths, per-kernel and per-call overheads
+  (litejax.perf.host.measure_host measures them; `chip` gives a TPU generation's datasheet Chip)."""
   return Chip('cpu', 'cpu', hbm_bytes=mem_bytes, hbm_bytes_per_s=mem_bytes_per_s, peak_flops=peak_flops,
               ici_bytes_per_s=mem_bytes_per_s, max_chips=1, torus_dims=0, kernel_overhead_s=kernel_overhead_s,
               transpose_bytes_per_s=transpose_bytes_per_s, call_overhead_s=call_overhead_s,

@@ -4,11 +4,10 @@ sort comparison, per-kernel and per-host-call overheads)."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Callable
 
 from litejax.perf import chips as hardware
-from litejax.perf import probes as hp
+from litejax.perf import probes as hp, timing
 from litejax.perf.probes import call_overhead, kernel_overhead
 
 
@@ -26,9 +25,9 @@ def host_probes(quick: bool):
     peak, bw, t_bw = flops / seconds['peak'], bw_bytes / seconds['bandwidth'], tr_bytes / seconds['transpose']
     g_bw, sort_s = gather_b / seconds['gather'], seconds['sort'] / sort_n
     kernel_s = kernel_overhead([(c, seconds[t.name]) for t, c in chains],
-                               hardware.host_chip(peak, bw, transpose_bytes_per_s=t_bw, gather_bytes_per_s=g_bw,
+                               hardware.cpu_chip(peak, bw, transpose_bytes_per_s=t_bw, gather_bytes_per_s=g_bw,
                                                   sort_comparison_s=sort_s))
-    chip = hardware.host_chip(peak, bw, kernel_overhead_s=kernel_s, transpose_bytes_per_s=t_bw,
+    chip = hardware.cpu_chip(peak, bw, kernel_overhead_s=kernel_s, transpose_bytes_per_s=t_bw,
                               gather_bytes_per_s=g_bw, sort_comparison_s=sort_s)
     call_s = call_overhead(call_prog, seconds['call'], chip)
     return dataclasses.replace(chip, call_overhead_s=call_s)
@@ -39,15 +38,10 @@ def host_probes(quick: bool):
 def measure_host(repeats: int = 5, quick: bool = False,
                  between: Callable[[], object] | None = None) -> hardware.Chip:
   """This CPU as a hardware.Chip (peak, bandwidths, per-kernel and per-call overheads), from the
-  probes alone: what a caller that predicts a step on this machine (a decode benchmark) passes to
-  latency.estimate_compiled. `between()`, when given, runs after each round of probes: a caller times
-  its own step there, so that on a shared machine host and step are measured under the same load."""
+  probes alone: what a caller that predicts a step on this machine (`bound --decode`, `generate --json`,
+  a decode benchmark) measures and passes on, a few seconds (quick: smaller probes, under two); nothing
+  is cached. CPU only: a TPU target keeps its datasheet chip (litejax.analysis.targets.resolve).
+  `between()`, when given, runs after each round of probes: a caller times its own step there, so
+  that on a shared machine host and step are measured under the same load."""
   probes, host = host_probes(quick)
-  return host(hp.median_interleaved(probes, repeats, between))
-
-
-@functools.lru_cache(maxsize=None)
-def host_chip(quick: bool = False) -> hardware.Chip:
-  """This CPU as a latency-model chip (`measure_host`), measured once per process and cached. CPU
-  only: a TPU target keeps its datasheet chip (litejax.analysis.targets.resolve)."""
-  return measure_host(repeats=2 if quick else 3, quick=quick)
+  return host(timing.median_interleaved(probes, repeats, between))

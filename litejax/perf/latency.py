@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from litejax import units
 from litejax.perf import chips as hardware
 
 # The spec's three terms, the per-kernel overhead and the host calls; `dominant` is named among all five.
@@ -160,7 +161,7 @@ def estimate_compiled(compiled, chip: hardware.Chip, *, flops: float | None = No
 
   FLOPs and bytes: `cost_analysis()` when the program has no loop that runs more than once (XLA's
   own figures), else the HLO walker (litejax.hlo.flops; loops × trip count, which cost_analysis()
-  counts once). A caller with better figures (e.g. targets.per_device_cost on TPU) passes them.
+  counts once). A caller with better figures (e.g. litejax.analysis.per_chip.per_device_cost on TPU) passes them.
   Collective bytes: litejax.hlo.collectives.collective_bytes; kernels: litejax.hlo.parse.kernel_count; transpose
   bytes: `transpose_bytes` (at most the bytes accessed); host_calls: as `estimate` (the caller's
   loop, not the program, makes them). Returns those figures, 'method', and the Estimate's terms,
@@ -187,20 +188,11 @@ def estimate_compiled(compiled, chip: hardware.Chip, *, flops: float | None = No
           'collective_bytes': coll, 'method': method, **est.as_dict()}
 
 
-def format_estimate(est: dict, h) -> str:
+def format_estimate(est: dict) -> str:
   """One line: total, each term with its share (overhead and host only when the estimate has them),
   dominant."""
   t = est['total_s']
   names = [n for n in TERMS if n not in ('overhead', 'host') or est.get(f'{n}_s')]
-  parts = ', '.join(f"{name} {seconds(est[f'{name}_s'])} ({100 * est[f'{name}_s'] / t:.0f}%)" if t else name
+  parts = ', '.join(f"{name} {units.seconds(est[f'{name}_s'])} ({100 * est[f'{name}_s'] / t:.0f}%)" if t else name
                     for name in names)
-  return f"step time   {seconds(t)} = {parts}; dominated by {est['dominant']}"
-
-
-def seconds(s: float) -> str:
-  """A duration with a unit that keeps three significant digits readable: 1.2 s, 3.4 ms, 56 us."""
-  if s >= 1:
-    return f'{s:.3g} s'
-  if s >= 1e-3:
-    return f'{s * 1e3:.3g} ms'
-  return f'{s * 1e6:.3g} us'
+  return f"step time   {units.seconds(t)} = {parts}; dominated by {est['dominant']}"

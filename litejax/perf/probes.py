@@ -1,5 +1,6 @@
 """The host probes of `litejax calibrate` (litejax.calibrate.calibration): small jitted programs whose work is
-known, timed interleaved, from which this CPU's latency-model chip is derived (hardware.host_chip).
+known, timed interleaved (litejax.perf.timing.median_interleaved), from which this CPU's latency-model chip
+is derived (litejax.perf.host).
 
   peak FLOP/s        a chain of [n, n] @ [n, n] products (n = 512: operands in cache, as the models' dots)
   memory bandwidth   x*a+b in place over a large f32 array (donated: no page faults timed)
@@ -14,39 +15,11 @@ known, timed interleaved, from which this CPU's latency-model chip is derived (h
 """
 from __future__ import annotations
 
-import dataclasses
-import statistics
-from typing import Callable
-
 from litejax.perf import chips as hardware, latency
-from litejax.perf.timing import time_calls
+from litejax.perf.timing import Timed
 
 # Short steps are timed this many times per round (their fastest run needs more tries).
 SHORT_STEP_CALLS = 4
-
-
-@dataclasses.dataclass
-class Timed:
-  """One thing timed each round: `call()` runs it once (the result is waited for)."""
-  name: str
-  call: Callable[[], object]
-  calls_per_round: int = 1
-
-
-def median_interleaved(timed: list[Timed], rounds: int,
-                        between: Callable[[], object] | None = None) -> dict[str, float]:
-  """Median seconds of each `call` over `rounds` rounds, each round timing every one in turn, then
-  running `between()` (the caller's own measurement, taken under the same load)."""
-  import jax
-  for t in timed:                           # compile-time and first-touch costs stay out
-    jax.block_until_ready(t.call())
-  runs: dict[str, list[float]] = {t.name: [] for t in timed}
-  for _ in range(rounds):
-    for t in timed:
-      runs[t.name] += time_calls(t.call, t.calls_per_round, warmup=0)
-    if between is not None:
-      between()
-  return {name: statistics.median(ts) for name, ts in runs.items()}
 
 
 def peak_probe(n: int, steps: int = 8) -> tuple[Timed, float]:

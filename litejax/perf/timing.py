@@ -1,10 +1,15 @@
-"""Wall-clock timing of jitted work, shared by `litejax calibrate` (litejax.perf.latency) and experiments/.
+"""Wall-clock timing, litejax's one set of timing primitives: `litejax calibrate` (its host probes and
+steps), the tiered runtime's latency model (litejax.inference.step_latency) and experiments/ time with them.
 
 On a shared machine other work only ever adds time, so callers keep the fastest run (a machine's
 capability) or the median (a typical step); warm-up calls absorb compilation and first-touch costs.
+Each call's result is waited for (jax.block_until_ready, which passes NumPy and None through), so a
+jitted call is timed to its end, not to its dispatch.
 """
 from __future__ import annotations
 
+import dataclasses
+import statistics
 import time
 from typing import Callable
 
@@ -28,6 +33,41 @@ def time_calls(call: Callable[[], object], repeats: int, *, warmup: int = 1,
   return times
 
 
-def best_time(fn, *args, repeats: int, warmup: int = 1) -> float:
-  """Fastest of `repeats` timed calls of fn(*args) after warm-up."""
-  return min(time_calls(lambda: fn(*args), repeats, warmup=warmup))
+def per_call_s(call: Callable[[], object], repeats: int, *, warmup: int = 1) -> float:
+  """Seconds per call of `repeats` back-to-back runs of `call()` waited for once at the end: what
+  dispatching costs the host when nothing waits between calls (time_calls waits after each)."""
+  import jax
+  if repeats < 1:
+    raise ValueError(f'repeats must be >= 1, got {repeats}')
+  for _ in range(warmup):
+    jax.block_until_ready(call())
+  t0 = time.perf_counter()
+  for _ in range(repeats):
+    out = call()
+  jax.block_until_ready(out)
+  return (time.perf_counter() - t0) / repeats
+
+
+@dataclasses.dataclass
+class Timed:
+  """One thing timed each round of `median_interleaved`: `call()` runs it once (the result is waited for)."""
+  name: str
+  call: Callable[[], object]
+  calls_per_round: int = 1
+
+
+def median_interleaved(timed: list[Timed], rounds: int,
+                       between: Callable[[], object] | None = None) -> dict[str, float]:
+  """Median seconds of each `call` over `rounds` rounds, each round timing every one in turn
+  (`calls_per_round` runs each), then running `between()` (the caller's own measurement, taken under
+  the same load). A first untimed run of each keeps compile-time and first-touch costs out."""
+  import jax
+  for t in timed:
+    jax.block_until_ready(t.call())
+  runs: dict[str, list[float]] = {t.name: [] for t in timed}
+  for _ in range(rounds):
+    for t in timed:
+      runs[t.name] += time_calls(t.call, t.calls_per_round, warmup=0)
+    if between is not None:
+      between()
+  return {name: statistics.median(ts) for name, ts in runs.items()}

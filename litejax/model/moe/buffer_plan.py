@@ -1,6 +1,7 @@
 """Expert-parallel buffer plan: the static shapes of one expert-parallel MoE call, and the
 all-to-all bytes they imply (pure Python; shared by `litejax.model.moe.expert_parallel`, which dispatches with
-them, and the analytic volume in `litejax.analysis.bound` / `litejax.model.bounds`).
+them, and the analytic volume in `litejax.analysis.core` / `litejax.analysis.bound`). `BufferPlan`, not `Plan`:
+it is no `litejax plan`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from litejax.model.moe.capacity import capacity, resolve_dispatch
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
+class BufferPlan:
   """Static shape plan of one expert-parallel MoE call on one source rank."""
   path: str                # 'capacity' or 'gather'
   aligned: bool            # rank-aligned groups: one visit per chosen group
@@ -27,7 +28,7 @@ class Plan:
     return self.num_ranks * self.slots_per_rank
 
 
-def plan(cfg: MoEConfig, n_local: int, num_ranks: int) -> Plan:
+def plan(cfg: MoEConfig, n_local: int, num_ranks: int) -> BufferPlan:
   """Buffer sizes for N_loc tokens on one source rank with R_EP expert ranks (see litejax.model.moe.expert_parallel)."""
   E = cfg.experts_total
   path = resolve_dispatch(cfg, n_local, E)
@@ -40,16 +41,16 @@ def plan(cfg: MoEConfig, n_local: int, num_ranks: int) -> Plan:
     cap = capacity(cfg, n_local, E)
   per_rank_buckets = buckets // num_ranks
   if path == 'dropless':   # decode: every item fits (capacity and slots per rank = N_loc·items)
-    return Plan('gather', cfg.rank_aligned_groups, buckets, items, n_local * items, n_local * items, num_ranks)
+    return BufferPlan('gather', cfg.rank_aligned_groups, buckets, items, n_local * items, n_local * items, num_ranks)
   if path == 'capacity':
     spr = per_rank_buckets * cap
   else:
     spr = min(per_rank_buckets * cap, n_local * items,
               max(math.ceil(cfg.capacity_factor * n_local * items / num_ranks - 1e-9), 1))
-  return Plan(path, cfg.rank_aligned_groups, buckets, items, cap, spr, num_ranks)
+  return BufferPlan(path, cfg.rank_aligned_groups, buckets, items, cap, spr, num_ranks)
 
 
-def all_to_all_bytes(p: Plan, d: int, act_bytes: int, k_expert: int) -> dict[str, int]:
+def all_to_all_bytes(p: BufferPlan, d: int, act_bytes: int, k_expert: int) -> dict[str, int]:
   """Bytes one rank puts into the all-to-alls of one MoE forward call, by buffer.
 
   'dispatch' and 'combine' are the activation buffers (each R_EP·slots·d); 'metadata' the int32

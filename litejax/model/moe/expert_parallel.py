@@ -44,11 +44,11 @@ from litejax import sharding
 from litejax.model.moe import row_grad as sparse_grad
 from litejax.config import MoEConfig
 from litejax.model.moe.rows import assignment_positions, combine, drop_fractions, expert_ffn, pack_rows, unpack_rows
-from litejax.model.moe.buffer_plan import Plan, plan
+from litejax.model.moe.buffer_plan import BufferPlan, plan
 from litejax.model.moe.routing import Routing
 
 
-def _slots(bucket_ni: jax.Array, p: Plan):
+def _slots(bucket_ni: jax.Array, p: BufferPlan):
   """Slot of each item in the send buffer (dummy = total_slots when dropped) and its keep mask."""
   pos, keep = assignment_positions(bucket_ni, p.bucket_capacity)
   if p.path == 'capacity':
@@ -79,7 +79,7 @@ def _touched(eid_plus: jax.Array, e_loc: int, w: dict[str, jax.Array], deltas: d
   return rows, slot.reshape(eid_plus.shape), ids_u
 
 
-def _received_experts(bucket_ni: jax.Array, keep_ni: jax.Array, p: Plan, e_loc: int, a2a) -> jax.Array:
+def _received_experts(bucket_ni: jax.Array, keep_ni: jax.Array, p: BufferPlan, e_loc: int, a2a) -> jax.Array:
   """Capacity path, sparse training: ids [E_loc] of the local experts that receive any assignment
   (the rest padded with E_loc). Each source sends one int per expert: O(E), which this path's
   regime (E < auto_gather_ratio·N·K) bounds by O(N·K)."""
@@ -89,7 +89,7 @@ def _received_experts(bucket_ni: jax.Array, keep_ni: jax.Array, p: Plan, e_loc: 
 
 
 def ep_dispatch(x_nd: jax.Array, expert_nk: jax.Array, weight_nk: jax.Array, w: dict[str, jax.Array],
-                cfg: MoEConfig, p: Plan, expert_axis: str, tensor_axis: str | None,
+                cfg: MoEConfig, p: BufferPlan, expert_axis: str, tensor_axis: str | None,
                 deltas: dict[str, jax.Array] | None = None):
   """The per-rank body (inside shard_map). Returns (y [N_loc, d], keep [N_loc, K]).
 
