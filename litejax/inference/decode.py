@@ -1,4 +1,5 @@
-"""Decoding runtime: a preallocated, sharded KV cache, one prefill call, one jitted decode step.
+"""Decoding runtime: a preallocated, sharded KV cache, one prefill call, one jitted decode step; prefill and
+the step run the model's own forward (`Transformer.__call__(..., cache=)`).
 
 KV cache. Per attention layer a key and a value array [B, max_len, KV, hd] in the compute dtype with
 the logical axes `CACHE_AXES` (scanned layers: stacked on a leading 'layers' axis per layer of the
@@ -28,7 +29,6 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from litejax.model.moe import routing
 from litejax import sharding as shd
 from litejax.config import Config
 from litejax.model.layers import DTYPES
@@ -82,69 +82,6 @@ def init_cache(cfg: Config, mesh: Mesh, batch: int, max_len: int) -> Any:
   shapes = cache_shapes(cfg, batch, max_len)
   return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
                  out_shardings=cache_shardings(cfg, mesh, batch, max_len))()
-
-
-# ---------------------------------------------------------------------------- the model with a cache
-
-def _block(block, x_bsd, positions_bs, cache: dict[str, jax.Array], with_routing: bool = False):
-  """model.Block with cached attention; returns (x, updated layer cache, expert ids [B, S, K] of an
-  MoE block, else None)."""
-  h, k, v = block.attn.cached(block.attn_norm(x_bsd), positions_bs, cache['k'], cache['v'])
-  x_bsd = x_bsd + h
-  h = block.ffn_norm(x_bsd)
-  ids = None
-  if block.is_moe:
-    y = block.ffn(h)[0]
-  if block.is_moe and with_routing:
-    # The router's choice again, for inspection only (make_runtime(with_routing=True)); the step
-    # that serves tokens never computes it.
-    b, s, d = h.shape
-    ids = routing.route(h.reshape(b * s, d), block.ffn.router_params(), block.ffn.moe_cfg,
-                        block.ffn.router_bias()).expert_nk.reshape(b, s, -1)
-  if not block.is_moe:
-    with jax.named_scope('dense_ffn'):   # scope names the FLOPs for litejax.analysis.bound
-      y = block.ffn(h)
-  return x_bsd + y, {'k': k, 'v': v}, ids
-
-
-def forward_cached(model, tokens_bs: jax.Array, positions_bs: jax.Array, cache: Any,
-                   with_routing: bool = False):
-  """The Transformer's forward over S new tokens per row at `positions_bs`, reading and writing the
-  cache. Returns (logits [B, S, V] f32, cache), and with_routing: also the routed expert ids
-  int32 [MoE layers, B, S, K] in layer order."""
-  mc = model.cfg.model
-  dt = DTYPES[mc.dtype]
-  x = model.embed[...][tokens_bs].astype(dt)
-  ids: list = []
-  if mc.scan_layers:
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0))
-    def step(x_c, period, cache_p):
-      new, got = [], []
-      for layer, c in zip(period.layers, cache_p):
-        x_c, c, e = _block(layer, x_c, positions_bs, c, with_routing)
-        new.append(c)
-        got.append(e)
-      return x_c, new, [e for e in got if e is not None]
-
-    x, cache, per_period = step(x, model.periods, cache)
-    if per_period:   # [periods, B, S, K] per MoE layer of a period -> layer order
-      ids = list(jnp.stack(per_period, axis=1).reshape((-1,) + per_period[0].shape[1:]))
-  else:
-    new = []
-    for block, c in zip(model.blocks, cache):
-      x, c, e = _block(block, x, positions_bs, c, with_routing)
-      new.append(c)
-      if e is not None:
-        ids.append(e)
-    cache = new
-  x = model.final_norm(x)
-  w_out = model.embed[...].T if mc.tie_embeddings else model.unembed[...]
-  with jax.named_scope('unembed'):
-    logits = jnp.einsum('bsd,dv->bsv', x, w_out.astype(dt)).astype(jnp.float32)
-  if with_routing:
-    b, s = tokens_bs.shape
-    return logits, cache, (jnp.stack(ids) if ids else jnp.zeros((0, b, s, model.cfg.moe.k_active), jnp.int32))
-  return logits, cache
 
 
 # ---------------------------------------------------------------------------- jitted programs
@@ -228,18 +165,25 @@ def make_runtime(cfg: Config, mesh: Mesh, batch: int, max_len: int, with_routing
   rows = shd.logical_sharding(mesh, ('batch',))
   rep = NamedSharding(mesh, P())
 
-  def prefill(params, extra, cache, tokens_bp, lengths_b, key, sampling):
-    positions = jnp.broadcast_to(jnp.arange(tokens_bp.shape[1], dtype=jnp.int32), tokens_bp.shape)
+  def forward(graphdef, params, extra, tokens_bs, positions_bs, cache):
+    """(logits, cache, and with_routing the expert ids int32 [MoE layers, B, S, K] in layer order)."""
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):   # MoE dispatch follows the mesh
-      out = forward_cached(nnx.merge(graph_prefill, params, extra), tokens_bp, positions, cache, with_routing)
+      logits, stats, cache = nnx.merge(graphdef, params, extra)(tokens_bs, positions_bs=positions_bs, cache=cache)
+    if not with_routing:
+      return logits, cache
+    b, s = tokens_bs.shape
+    ids = stats.expert_ids
+    ids = jnp.zeros((0, b, s, cfg.moe.k_active), jnp.int32) if ids is None else ids.reshape(ids.shape[0], b, s, -1)
+    return logits, cache, ids
+
+  def prefill(params, extra, cache, tokens_bp, lengths_b, key, sampling):
+    out = forward(graph_prefill, params, extra, tokens_bp, None, cache)   # positions 0..P-1
     logits_bpv, cache = out[:2]
     last_bv = jnp.take_along_axis(logits_bpv, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
     return (sample(last_bv, key, sampling), logits_bpv, cache) + out[2:]
 
   def step(params, extra, cache, tokens_b, positions_b, key, step_index, sampling):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      out = forward_cached(nnx.merge(graph_step, params, extra), tokens_b[:, None], positions_b[:, None],
-                           cache, with_routing)
+    out = forward(graph_step, params, extra, tokens_b[:, None], positions_b[:, None], cache)
     logits_bv, cache = out[0][:, 0], out[1]
     ids = (out[2][:, :, 0],) if with_routing else ()
     return (sample(logits_bv, jax.random.fold_in(key, step_index), sampling), logits_bv, cache) + ids
