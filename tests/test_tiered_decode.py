@@ -10,6 +10,7 @@ from flax import nnx
 from litejax.inference import decode
 from litejax import sharding as shd
 from litejax.config import MeshConfig
+from litejax.model import kv_cache
 from litejax.model.transformer import init_model
 from litejax.inference.sampling import Sampling
 from litejax.inference.store import layout
@@ -45,7 +46,7 @@ def resident(cfg, model):
     params, extra = rt.place(params, extra)
     tokens, lengths = decode.pad_prompts(PROMPTS, len(PROMPTS))
     key, samp = rt.replicated((jax.random.key(0), Sampling().as_arrays()))
-    cache = decode.init_cache(cfg, mesh, len(PROMPTS), 5 + NEW)
+    cache = kv_cache.init_cache(cfg, mesh, len(PROMPTS), 5 + NEW)
     nb, lp, cache = rt.prefill(params, extra, cache, tokens, rt.rows(lengths), key, samp)
     logits, toks = [np.asarray(lp)[np.arange(len(PROMPTS)), lengths - 1]], [np.asarray(nb)]
     for j in range(NEW - 1):

@@ -1,11 +1,7 @@
 """Decoding runtime: a preallocated, sharded KV cache, one prefill call, one jitted decode step; prefill and
 the step run the model's own forward (`Transformer.__call__(..., cache=)`).
 
-KV cache. Per attention layer a key and a value array [B, max_len, KV, hd] in the compute dtype with
-the logical axes `CACHE_AXES` (scanned layers: stacked on a leading 'layers' axis per layer of the
-period), so batch rows split like the activations and kv heads like the attention weights; the mesh
-axes come from litejax.sharding.LOGICAL_RULES. Entry t of row b holds the key/value of that row's
-token at position t.
+The cache layout is litejax.model.kv_cache's.
 
 Batches of prompts of different lengths are right-padded to a common length P. Prefill runs all P
 positions at once and fills cache entries 0..P-1; the first new token of row b comes from position
@@ -31,11 +27,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from litejax import sharding as shd
 from litejax.config import Config
-from litejax.model.layers import DTYPES
+from litejax.model import kv_cache
 from litejax.inference.sampling import Sampling, sample
 
-# The one statement of the KV cache layout (logical axes; a leading 'layers' axis when scanned).
-CACHE_AXES = ('batch', 'sequence', 'kv_heads', 'head_dim')
 # Calls into the runtime `generate` makes per decode step, each costing host time beyond the step's
 # kernels (hardware.Chip.call_overhead_s; the latency model's host term): the positions' device_put,
 # the step index's device_put, the jitted step's dispatch, the next tokens' device_get.
@@ -53,35 +47,6 @@ def prefill_config(cfg: Config) -> Config:
   if m.eval_capacity_factor is None:
     return decode_config(cfg)
   return cfg.replace(moe=dataclasses.replace(m, capacity_factor=m.eval_capacity_factor))
-
-
-# ---------------------------------------------------------------------------- the cache
-
-def cache_shapes(cfg: Config, batch: int, max_len: int) -> Any:
-  """The cache pytree as ShapeDtypeStructs: a list over layers (scanned: over the layers of one period,
-  each stacked over periods) of {'k', 'v'}."""
-  mc = cfg.model
-  shape = (batch, max_len, mc.num_kv_heads, mc.resolved_head_dim)
-  dt = DTYPES[mc.dtype]
-  if mc.scan_layers:
-    period = max(mc.moe_every, 1)
-    shape, layers = (mc.num_layers // period,) + shape, period
-  else:
-    layers = mc.num_layers
-  return [{'k': jax.ShapeDtypeStruct(shape, dt), 'v': jax.ShapeDtypeStruct(shape, dt)} for _ in range(layers)]
-
-
-def cache_shardings(cfg: Config, mesh: Mesh, batch: int, max_len: int) -> Any:
-  """NamedShardings of the cache pytree, from CACHE_AXES."""
-  return jax.tree.map(lambda s: shd.logical_sharding(mesh, CACHE_AXES, len(s.shape)),
-                      cache_shapes(cfg, batch, max_len))
-
-
-def init_cache(cfg: Config, mesh: Mesh, batch: int, max_len: int) -> Any:
-  """A zeroed cache, each array created directly in its sharding."""
-  shapes = cache_shapes(cfg, batch, max_len)
-  return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                 out_shardings=cache_shardings(cfg, mesh, batch, max_len))()
 
 
 # ---------------------------------------------------------------------------- jitted programs
@@ -138,7 +103,7 @@ class Runtime:
     rep = NamedSharding(self.mesh, P())
     ints = jax.ShapeDtypeStruct((self.batch,), jnp.int32, sharding=rows)
     return (attach(params, self.params_shardings), attach(extra, self.extra_shardings),
-            attach(cache_shapes(self.cfg, self.batch, self.max_len), self.cache_shardings), ints, ints,
+            attach(kv_cache.cache_shapes(self.cfg, self.batch, self.max_len), self.cache_shardings), ints, ints,
             jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
             jax.eval_shape(lambda: Sampling().as_arrays()))
 
@@ -161,7 +126,7 @@ def make_runtime(cfg: Config, mesh: Mesh, batch: int, max_len: int, with_routing
   graph_prefill = nnx.split(_abstract(prefill_config(cfg)), nnx.Param, ...)[0]
   _, params, extra = nnx.split(_abstract(cfg), nnx.Param, ...)
   params_sh, extra_sh = shd.state_shardings(params, mesh), shd.state_shardings(extra, mesh)
-  cache_sh = cache_shardings(cfg, mesh, batch, max_len)
+  cache_sh = kv_cache.cache_shardings(cfg, mesh, batch, max_len)
   rows = shd.logical_sharding(mesh, ('batch',))
   rep = NamedSharding(mesh, P())
 
@@ -252,7 +217,7 @@ def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_token
   interrupted, ttft = False, 0.0
   experts: list = []
   try:
-    cache = init_cache(rt.cfg, rt.mesh, rt.batch, rt.max_len)
+    cache = kv_cache.init_cache(rt.cfg, rt.mesh, rt.batch, rt.max_len)
     t0 = time.perf_counter()
     next_b, _, cache, *ids = rt.prefill(params, extra, cache, tokens, rt.rows(lengths), key, samp)
     host = np.asarray(jax.device_get(next_b))

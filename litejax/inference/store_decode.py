@@ -34,6 +34,7 @@ from flax import nnx
 from litejax.model.moe import routing
 from litejax.config import Config
 from litejax.inference.decode import Generation, decode_config, pad_prompts, prefill_config
+from litejax.model import kv_cache
 from litejax.model.layers import DTYPES
 from litejax.inference.sampling import Sampling, sample
 from litejax.inference.store import lookahead as lookahead_lib
@@ -222,7 +223,7 @@ class TieredRuntime:
 
   def forward(self, tokens_bs: np.ndarray, positions_bs: np.ndarray, cache: list) -> tuple[jax.Array, list]:
     """Logits [B, S, V] f32 of S new tokens per row at `positions_bs` (None: 0..S-1, the prefill),
-    reading and writing `cache` (a list per layer)."""
+    reading and writing `cache` (kv_cache.init_cache(..., per_layer=True))."""
     x = _embed(self.embed, jnp.asarray(tokens_bs), self.dt)
     pos = None if positions_bs is None else jnp.asarray(positions_bs, jnp.int32)
     moe_cfg = self.cfg.moe
@@ -286,11 +287,6 @@ class TieredRuntime:
         acc = experts(self.kind, self.num_experts, tiers.slots[layer].buffers, h_nd, slot_nk, active_nk, acc)
     return acc
 
-  def init_cache(self, batch: int, max_len: int) -> list:
-    mc = self.cfg.model
-    shape = (batch, max_len, mc.num_kv_heads, mc.resolved_head_dim)
-    return [{'k': jnp.zeros(shape, self.dt), 'v': jnp.zeros(shape, self.dt)} for _ in range(mc.num_layers)]
-
   def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                seed: int = 0, keep_logits: bool = False) -> tuple[Generation, list[np.ndarray]]:
     """As litejax.inference.decode.generate (batch = len(prompts)); returns (Generation, logits per decode step
@@ -300,7 +296,7 @@ class TieredRuntime:
       raise ValueError(f'max_new_tokens: must be >= 1, got {max_new_tokens}')
     batch = len(prompts)
     tokens, lengths = pad_prompts(prompts, batch)
-    cache = self.init_cache(batch, tokens.shape[1] + max_new_tokens)
+    cache = kv_cache.init_cache(self.cfg, None, batch, tokens.shape[1] + max_new_tokens, per_layer=True)
     key, samp = jax.random.key(seed), sampling.as_arrays()
     out: list[list[int]] = [[] for _ in range(batch)]
     kept, step_s = [], []
