@@ -84,10 +84,11 @@ def worker(args) -> dict:
       return metrics['loss']
 
     med = statistics.median(time_calls(one_step, args.steps, warmup=2))
+  from litejax import jaxcompat
   from litejax.model import bounds
   return {'config': args.name, 'model': args.model, 'devices': args.devices, 'batch': b, 'seq_len': s,
           'median_step_seconds': med, 'tokens_per_second': b * s / med, 'first_step_seconds': compile_s,
-          'compiles': step._cache_size(), 'timed_steps': args.steps,
+          'compiles': jaxcompat.compiled_variants(step), 'timed_steps': args.steps,
           'params_active_per_token': bounds.param_counts(cfg).active_per_token,
           'params_total': bounds.param_counts(cfg).total, 'loss_last': float(last['loss'])}
 

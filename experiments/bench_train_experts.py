@@ -102,6 +102,7 @@ def measure(experts: int, tokens: dict, steps: int, warmup: int = 2) -> list[dic
   import jax
 
   from bench_train import build
+  from litejax import jaxcompat
   from litejax.model import bounds
   from litejax.train.sparse_step import update_mode
   built = {name: build(cfg, 1) for name, cfg in _configs(experts, tokens).items()}
@@ -124,7 +125,7 @@ def measure(experts: int, tokens: dict, steps: int, warmup: int = 2) -> list[dic
                    'nk': n * K, 'resolved_update': update_mode(cfg, b['mesh']) if name != 'dense_model' else 'dense',
                    'step_seconds': statistics.median(times[name]), 'step_seconds_min': min(times[name]),
                    'timed_steps': steps, 'first_step_seconds': b['first_step_seconds'],
-                   'compiles': b['step']._cache_size(), 'loss_last': float(calls[name]()),
+                   'compiles': jaxcompat.compiled_variants(b['step']), 'loss_last': float(calls[name]()),
                    'params_total': bounds.param_counts(cfg).total,
                    'params_active_per_token': bounds.param_counts(cfg).active_per_token,
                    'peak_bytes_source': 'memory_analysis: arguments + outputs - aliased + temporaries',

@@ -1,7 +1,8 @@
-"""Decoding runtime: a preallocated, sharded KV cache, one prefill call, one jitted decode step; prefill and
-the step run the model's own forward (`Transformer.__call__(..., cache=)`).
+"""Decoding runtime: a preallocated, sharded KV cache, one prefill call, one jitted decode step, and the
+generate loop every decoding runtime runs (`run_generation`; the expert store's runtime too).
 
-The cache layout is litejax.model.kv_cache's.
+The cache layout is litejax.model.kv_cache's; prefill and the step run the model's own forward
+(`Transformer.__call__(..., cache=)`).
 
 Batches of prompts of different lengths are right-padded to a common length P. Prefill runs all P
 positions at once and fills cache entries 0..P-1; the first new token of row b comes from position
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +26,11 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from litejax import sharding as shd
+from litejax import jaxcompat, sharding as shd
 from litejax.config import Config
-from litejax.model import kv_cache
 from litejax.inference.sampling import Sampling, sample
+from litejax.model import kv_cache
+from litejax.model.transformer import abstract_model
 
 # Calls into the runtime `generate` makes per decode step, each costing host time beyond the step's
 # kernels (hardware.Chip.call_overhead_s; the latency model's host term): the positions' device_put,
@@ -93,7 +95,7 @@ class Runtime:
   def abstract_step_args(self) -> tuple:
     """ShapeDtypeStructs (with shardings) of the decode step's arguments: `step.trace(*args)` lowers
     it without allocating anything."""
-    graphdef, params, extra = nnx.split(_abstract(self.cfg), nnx.Param, ...)
+    graphdef, params, extra = nnx.split(abstract_model(self.cfg), nnx.Param, ...)
     del graphdef
 
     def attach(tree, shardings):
@@ -108,11 +110,6 @@ class Runtime:
             jax.eval_shape(lambda: Sampling().as_arrays()))
 
 
-def _abstract(cfg: Config):
-  from litejax.model.transformer import abstract_model
-  return abstract_model(cfg)
-
-
 def make_runtime(cfg: Config, mesh: Mesh, batch: int, max_len: int, with_routing: bool = False) -> Runtime:
   """Builds (does not compile) prefill and the decode step. batch must divide over data·expert ranks.
 
@@ -122,9 +119,9 @@ def make_runtime(cfg: Config, mesh: Mesh, batch: int, max_len: int, with_routing
   shd.validate_mesh(cfg, mesh, batch)
   if max_len < 2:
     raise ValueError(f'max_len: must be >= 2 (a prompt token and a new one), got {max_len}')
-  graph_step = nnx.split(_abstract(decode_config(cfg)), nnx.Param, ...)[0]
-  graph_prefill = nnx.split(_abstract(prefill_config(cfg)), nnx.Param, ...)[0]
-  _, params, extra = nnx.split(_abstract(cfg), nnx.Param, ...)
+  graph_step = nnx.split(abstract_model(decode_config(cfg)), nnx.Param, ...)[0]
+  graph_prefill = nnx.split(abstract_model(prefill_config(cfg)), nnx.Param, ...)[0]
+  _, params, extra = nnx.split(abstract_model(cfg), nnx.Param, ...)
   params_sh, extra_sh = shd.state_shardings(params, mesh), shd.state_shardings(extra, mesh)
   cache_sh = kv_cache.cache_shardings(cfg, mesh, batch, max_len)
   rows = shd.logical_sharding(mesh, ('batch',))
@@ -197,33 +194,63 @@ def pad_prompts(prompts: list[list[int]], batch: int) -> tuple[np.ndarray, np.nd
   return tokens, lengths
 
 
-def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_tokens: int,
-             sampling: Sampling = Sampling(), seed: int = 0,
-             on_step: Callable[[list[list[int]]], None] | None = None) -> Generation:
-  """Generates `max_new_tokens` per prompt. Ctrl-C (KeyboardInterrupt) stops after the current step and
-  returns what was generated so far (interrupted=True)."""
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One generation's inputs, as `run_generation` hands them to a decoder."""
+  tokens_bp: np.ndarray       # int32 [rows, P] right-padded prompts (dummy rows at the end)
+  lengths_b: np.ndarray       # int32 [rows] prompt lengths
+  prompts: int                # real rows (the first `prompts`)
+  max_new_tokens: int
+  key: jax.Array
+  sampling: Sampling
+
+
+class Decoder(Protocol):
+  """A decoding runtime with its weights, as the generate loop drives it. Timed: `prefill` (the time to
+  first token) and each `step`; `end_token` (bookkeeping after each token) is not."""
+
+  def rows(self, prompts: int) -> int:
+    """Batch rows the prompts are padded to."""
+
+  def begin(self, req: Request) -> None:
+    """Validates the request against the runtime (ValueError naming the constraint) and readies a
+    zeroed cache."""
+
+  def prefill(self) -> np.ndarray:
+    """The first new token of every row, on the host."""
+
+  def step(self, positions_b: np.ndarray, index: int) -> np.ndarray:
+    """Decode step `index` (1, 2, ...): feeds every row's last token at `positions_b`; the next tokens."""
+
+  def end_token(self) -> None:
+    """After the prefill and after each step."""
+
+  def compiles(self) -> int:
+    """Compiled variants of the runtime's decode program so far."""
+
+  def experts(self) -> list | None:
+    """Per new token the experts that computed it (runtimes that record them), else None."""
+
+
+def run_generation(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
+                   sampling: Sampling = Sampling(), seed: int = 0,
+                   on_step: Callable[[list[list[int]]], None] | None = None) -> Generation:
+  """The generate loop: `max_new_tokens` per prompt from `decoder`. Ctrl-C (KeyboardInterrupt) stops after
+  the current step and returns what was generated so far (interrupted=True)."""
   sampling.validate()
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens: must be >= 1, got {max_new_tokens}')
-  tokens, lengths = pad_prompts(prompts, rt.batch)
-  if tokens.shape[1] + max_new_tokens - 1 > rt.max_len:
-    raise ValueError(f'longest prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) - 1 exceeds the '
-                     f'cache length {rt.max_len}')
+  tokens, lengths = pad_prompts(prompts, decoder.rows(len(prompts)))
   n = len(prompts)
-  params, extra = rt.place(params, extra)        # a no-op when already in the runtime's shardings
   out: list[list[int]] = [[] for _ in range(n)]
-  key, samp = rt.replicated((jax.random.key(seed), sampling.as_arrays()))
   step_s: list[float] = []
   interrupted, ttft = False, 0.0
-  experts: list = []
   try:
-    cache = kv_cache.init_cache(rt.cfg, rt.mesh, rt.batch, rt.max_len)
+    decoder.begin(Request(tokens, lengths, n, max_new_tokens, jax.random.key(seed), sampling))
     t0 = time.perf_counter()
-    next_b, _, cache, *ids = rt.prefill(params, extra, cache, tokens, rt.rows(lengths), key, samp)
-    host = np.asarray(jax.device_get(next_b))
-    if ids:
-      experts.append(np.asarray(ids[0])[:, np.arange(n), lengths[:n] - 1])
+    host = decoder.prefill()
     ttft = time.perf_counter() - t0
+    decoder.end_token()
     for j in range(max_new_tokens):
       for i in range(n):
         out[i].append(int(host[i]))
@@ -231,14 +258,70 @@ def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_token
         on_step(out)
       if j == max_new_tokens - 1:
         break
-      t0 = time.perf_counter()   # the HOST_CALLS_PER_STEP calls; a NumPy index is one put, not two
-      next_b, _, cache, *ids = rt.step(params, extra, cache, next_b, rt.rows(lengths + j), key,
-                                       rt.replicated(np.int32(j + 1)), samp)
-      host = np.asarray(jax.device_get(next_b))
+      t0 = time.perf_counter()
+      host = decoder.step(lengths + j, j + 1)
       step_s.append(time.perf_counter() - t0)
-      if ids:
-        experts.append(np.asarray(ids[0])[:, :n])
+      decoder.end_token()
   except KeyboardInterrupt:
     interrupted = True
-  return Generation(out, ttft, step_s, interrupted, rt.step._cache_size(),
-                    experts if rt.with_routing else None)
+  return Generation(out, ttft, step_s, interrupted, decoder.compiles(), decoder.experts())
+
+
+class ResidentDecoder:
+  """The Decoder of a `Runtime` with its weights (placed in the runtime's shardings)."""
+
+  def __init__(self, rt: Runtime, params, extra):
+    self.rt = rt
+    self.params, self.extra = params, extra
+    self._experts: list = []
+    self._ids = None
+
+  def rows(self, prompts: int) -> int:
+    return self.rt.batch
+
+  def begin(self, req: Request) -> None:
+    rt = self.rt
+    if req.tokens_bp.shape[1] + req.max_new_tokens - 1 > rt.max_len:
+      raise ValueError(f'longest prompt ({req.tokens_bp.shape[1]}) + max_new_tokens ({req.max_new_tokens}) - 1 '
+                       f'exceeds the cache length {rt.max_len}')
+    self.req = req
+    self.params, self.extra = rt.place(self.params, self.extra)   # a no-op when already placed
+    self.key, self.samp = rt.replicated((req.key, req.sampling.as_arrays()))
+    self.cache = kv_cache.init_cache(rt.cfg, rt.mesh, rt.batch, rt.max_len)
+
+  def prefill(self) -> np.ndarray:
+    rt, req = self.rt, self.req
+    self.next_b, _, self.cache, *ids = rt.prefill(self.params, self.extra, self.cache, req.tokens_bp,
+                                                  rt.rows(req.lengths_b), self.key, self.samp)
+    host = np.asarray(jax.device_get(self.next_b))
+    if ids:
+      n = req.prompts
+      self._experts.append(np.asarray(ids[0])[:, np.arange(n), req.lengths_b[:n] - 1])
+    return host
+
+  def step(self, positions_b: np.ndarray, index: int) -> np.ndarray:
+    # the HOST_CALLS_PER_STEP calls; a NumPy index is one put, not two
+    rt = self.rt
+    self.next_b, _, self.cache, *ids = rt.step(self.params, self.extra, self.cache, self.next_b,
+                                               rt.rows(positions_b), self.key, rt.replicated(np.int32(index)),
+                                               self.samp)
+    self._ids = ids[0] if ids else None
+    return np.asarray(jax.device_get(self.next_b))
+
+  def end_token(self) -> None:
+    if self._ids is not None:
+      self._experts.append(np.asarray(self._ids)[:, :self.req.prompts])
+      self._ids = None
+
+  def compiles(self) -> int:
+    return jaxcompat.compiled_variants(self.rt.step)
+
+  def experts(self) -> list | None:
+    return self._experts if self.rt.with_routing else None
+
+
+def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_tokens: int,
+             sampling: Sampling = Sampling(), seed: int = 0,
+             on_step: Callable[[list[list[int]]], None] | None = None) -> Generation:
+  """Generates `max_new_tokens` per prompt with the resident runtime `rt` (`run_generation`)."""
+  return run_generation(ResidentDecoder(rt, params, extra), prompts, max_new_tokens, sampling, seed, on_step)
