@@ -70,8 +70,9 @@ def load(ckpt_dir: pathlib.Path, store_dir: pathlib.Path):
 
 
 def decode(cfg, model, store, opts, prompt, new_tokens, sampling, seed=0, keep_logits=False, preload=False,
-           record=None):
-  """One tiered decode; returns (Generation, logits, store report, runtime)."""
+           record=None, hooks=None):
+  """One tiered decode; returns (Generation, logits, store report, runtime). hooks: the runtime's
+  (litejax.inference.store_programs.Hooks; default: none)."""
   from litejax.inference.store.levels import Tiers, int8_copies
   from litejax.inference.store_decode import TieredRuntime
   tiers = Tiers(store, opts, load_width=cfg.moe.k_active,
@@ -82,7 +83,7 @@ def decode(cfg, model, store, opts, prompt, new_tokens, sampling, seed=0, keep_l
     if record is not None:
       _record(tiers, record)
     rt = TieredRuntime(cfg, model, tiers)
-    gen, logits = rt.generate([prompt], new_tokens, sampling, seed, keep_logits=keep_logits)
+    gen, logits = rt.generate([prompt], new_tokens, sampling, seed, keep_logits=keep_logits, hooks=hooks)
   finally:
     tiers.close()
   return gen, logits, tiers.report(len(gen.step_s), rt.decode_stall_s), rt

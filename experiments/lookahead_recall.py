@@ -39,35 +39,28 @@ PROXIES = ('after_attn', 'after_moe')
 def record_decode(cfg, model, store, prompt: str, new_tokens: int, temperature: float, seed: int):
   """(per decode step: [(after_attn [1,d], after_moe [1,d], experts [K], groups [K])] per MoE layer, layers)."""
   from litejax.train import data
-  from litejax.inference import store_decode as tiered_decode
   from litejax.inference.sampling import Sampling
   from litejax.inference.store.levels import TierOptions
+  from litejax.inference.store_programs import Hooks
   steps, cur = [], []
-  pre, fin = tiered_decode.moe_pre, tiered_decode.finish
 
-  def rec_pre(*a, **k):
-    out = pre(*a, **k)
-    if out[0].shape[1] == 1:    # decode steps only: [B=1, S=1, d]
-      cur.append([np.asarray(out[0][0, 0], np.float32), None, np.asarray(out[2][0]), np.asarray(out[4][0])])
-    return out
+  class States(Hooks):
+    """The runtime's hooks, keeping each decode step's moe_pre and finish outputs."""
 
-  def rec_fin(*a, **k):
-    x = fin(*a, **k)
-    if x.shape[1] == 1:
-      cur[-1][1] = np.asarray(x[0, 0], np.float32)
-      if len(cur) == cfg.model.num_moe_layers:
-        steps.append(list(cur))
-        cur.clear()
-    return x
+    def call(self, program, *args, **kwargs):
+      out = program.fn(*args, **kwargs)
+      if program.name == 'moe_pre' and out[0].shape[1] == 1:    # decode steps only: [B=1, S=1, d]
+        cur.append([np.asarray(out[0][0, 0], np.float32), None, np.asarray(out[2][0]), np.asarray(out[4][0])])
+      elif program.name == 'finish' and out.shape[1] == 1:
+        cur[-1][1] = np.asarray(out[0, 0], np.float32)
+        if len(cur) == cfg.model.num_moe_layers:
+          steps.append(list(cur))
+          cur.clear()
+      return out
 
-  rec_pre._cache_size = pre._cache_size   # read by TieredRuntime.generate
-  tiered_decode.moe_pre, tiered_decode.finish = rec_pre, rec_fin
-  try:
-    opts = TierOptions(1.0, 1.0, 'lru', 0, 'stall')
-    gen, _, _, rt = bench_tiers.decode(cfg, model, store, opts, data.encode(prompt).astype(int).tolist(),
-                                       new_tokens, Sampling(temperature), seed, preload=True)
-  finally:
-    tiered_decode.moe_pre, tiered_decode.finish = pre, fin
+  opts = TierOptions(1.0, 1.0, 'lru', 0, 'stall')
+  gen, _, _, rt = bench_tiers.decode(cfg, model, store, opts, data.encode(prompt).astype(int).tolist(),
+                                     new_tokens, Sampling(temperature), seed, preload=True, hooks=States())
   return steps, rt.moe, data.decode(gen.tokens[0])
 
 
@@ -96,10 +89,10 @@ def recall_table(cfg, steps, moe_layers, max_depth: int) -> dict:
     sums = {p: {'expert': [], 'group': [], 'tier': []} for p in PROXIES}
     for j in range(L - d):
       tgt = moe_layers[j + d]
-      f = fns.setdefault(tgt.index, _router_fn(cfg, tgt.graphdefs[2]))
+      f = fns.setdefault(tgt.index, _router_fn(cfg, tgt.gate.norm_graphdef))
       for p_i, proxy in enumerate(PROXIES):
         x = np.stack([s[j][p_i] for s in steps])
-        e_nk, g_nk, _ = (np.asarray(a) for a in f(tgt.states[2], tgt.router, tgt.bias, x))
+        e_nk, g_nk, _ = (np.asarray(a) for a in f(tgt.gate.norm_state, tgt.gate.router, tgt.gate.bias, x))
         for n, s in enumerate(steps):
           used_e, used_g = set(s[j + d][2].tolist()), set(s[j + d][3].tolist())
           sums[proxy]['expert'].append(len(used_e & set(e_nk[n].tolist())) / len(used_e))
@@ -116,8 +109,9 @@ def recall_table(cfg, steps, moe_layers, max_depth: int) -> dict:
   # Depth 0 with the layer's own post-attention state must reproduce the experts the decode used.
   self_check = []
   for j, layer in enumerate(moe_layers):
-    f = fns.setdefault(layer.index, _router_fn(cfg, layer.graphdefs[2]))
-    e_nk = np.asarray(f(layer.states[2], layer.router, layer.bias, np.stack([s[j][0] for s in steps]))[0])
+    f = fns.setdefault(layer.index, _router_fn(cfg, layer.gate.norm_graphdef))
+    e_nk = np.asarray(f(layer.gate.norm_state, layer.gate.router, layer.gate.bias,
+                        np.stack([s[j][0] for s in steps]))[0])
     self_check += [set(e_nk[n].tolist()) == set(s[j][2].tolist()) for n, s in enumerate(steps)]
   return {'recall': out, 'cosine_to_true_router_input_depth1': {p: float(np.mean(c)) for p, c in cosine.items()},
           'self_check_depth0': float(np.mean(self_check))}
@@ -150,8 +144,9 @@ def width_table(cfg, steps, moe_layers, max_depth: int, widths, expert_bytes: in
       hits, per_token = [], np.zeros(len(steps))
       for j in range(L - d):
         tgt = moe_layers[j + d]
-        f = _candidates_fn(cfg, tgt.graphdefs[2], w)
-        cand = np.asarray(f(tgt.states[2], tgt.router, tgt.bias, np.stack([s[j][p_i] for s in steps])))
+        f = _candidates_fn(cfg, tgt.gate.norm_graphdef, w)
+        x = np.stack([s[j][p_i] for s in steps])
+        cand = np.asarray(f(tgt.gate.norm_state, tgt.gate.router, tgt.gate.bias, x))
         for n, s in enumerate(steps):
           used, got = set(s[j + d][2].tolist()), set(cand[n].tolist())
           hits.append(len(used & got) / len(used))
