@@ -14,7 +14,7 @@ best W·K beam paths) from the after_moe proxy, against W: expert recall per dep
 predicted layer did not use (extra bytes per token for a cold cache).
 
 Recall at depth d = mean over decode tokens of |predicted ∩ used| / |used| (batch 1: per token), at the
-expert, group and tier level. The decode is the tiered runtime with every expert resident (no I/O), its
+expert, group and tier level. The decode is the store runtime with every expert resident (no I/O), its
 per-layer programs wrapped to record the states.
 
     python experiments/lookahead_recall.py --ckpt-dir runs/tiny_1k/ckpt --store runs/tiny_1k/store \\
@@ -40,7 +40,7 @@ def record_decode(cfg, model, store, prompt: str, new_tokens: int, temperature: 
   """(per decode step: [(after_attn [1,d], after_moe [1,d], experts [K], groups [K])] per MoE layer, layers)."""
   from litejax.train import data
   from litejax.inference.sampling import Sampling
-  from litejax.inference.store.levels import TierOptions
+  from litejax.inference.store.levels import LevelOptions
   from litejax.inference.store_programs import Hooks
   steps, cur = [], []
 
@@ -58,7 +58,7 @@ def record_decode(cfg, model, store, prompt: str, new_tokens: int, temperature: 
           cur.clear()
       return out
 
-  opts = TierOptions(1.0, 1.0, 'lru', 0, 'stall')
+  opts = LevelOptions(1.0, 1.0, 'lru', 0, 'stall')
   gen, _, _, rt = bench_tiers.decode(cfg, model, store, opts, data.encode(prompt).astype(int).tolist(),
                                      new_tokens, Sampling(temperature), seed, preload=True, hooks=States())
   return steps, rt.moe, data.decode(gen.tokens[0])

@@ -1,15 +1,15 @@
-"""The latency model of one decode step of the tiered runtime (litejax.inference.store_decode), program by program.
+"""The latency model of one decode step of the store runtime (litejax.inference.store_decode), program by program.
 
 The store decode does not run one fused step: per token it runs an embed, per layer one to four jitted
 programs (dense layer; or moe_pre, experts per wave, finish, lookahead), the head and the sampler, and it
 waits for the device once per MoE layer (the expert ids it routes on) and once more per lookahead and per
-token. Those waits serialise host and device: while the host looks up tiers and dispatches, the device
+token. Those waits serialise host and device: while the host looks up levels and dispatches, the device
 has nothing queued, and while the device runs, the host waits. So a step costs
 
     sum over the programs run per token of latency.estimate_compiled(program).total_s    (device)
     + sum over those calls of a host dispatch overhead: hardware.Chip.call_overhead_s where `litejax
       calibrate` measured it, else `dispatch_probe_s` (a do-nothing program with the call's arguments)
-    + the host work outside the calls (tier lookups, the runtime's bookkeeping), measured on real
+    + the host work outside the calls (level lookups, the runtime's bookkeeping), measured on real
       steps by `record_step`
 
 and the I/O term (litejax.inference.tiersets.io_ms_per_step) is added by the caller. The programs are the ones a
@@ -78,10 +78,10 @@ class Recorder:
 def record_step(runtime, prompts: list[list[int]], steps: int = 5) -> Recording:
   """The jitted calls of one decode step of `runtime` (a store runtime) after a prefill of `prompts` (one
   per batch row), in order, with abstract arguments and the host time each call took, and the step's
-  host work outside the calls (the tier lookups and the runtime's bookkeeping: the wall time less the
+  host work outside the calls (the level lookups and the runtime's bookkeeping: the wall time less the
   calls, the waits for device results and the recording's own work; the median over `steps` steps).
   Runs a real decode of steps + 2 tokens through a Recorder and keeps the last step's calls (the first
-  step compiles). Pass a runtime whose step does no I/O (e.g. hot tiers preloaded), or its I/O is counted
+  step compiles). Pass a runtime whose step does no I/O (e.g. hot tiers' experts preloaded), or its I/O is counted
   as host time."""
   rec = Recorder()
   runtime.generate(prompts, steps + 2, hooks=rec)
@@ -114,7 +114,7 @@ def dispatch_probe_s(call: Call, repeats: int = 20) -> float:
 
 
 def price(rec: Recording, chip, call_overhead_s: float | None = None) -> dict:
-  """The compute part of one decode step of the tiered runtime (module docstring), in ms, with its parts:
+  """The compute part of one decode step of the store runtime (module docstring), in ms, with its parts:
   per program the calls, the summed estimate and dispatch. Dispatch per call: `call_overhead_s` when
   given, else the chip's `call_overhead_s` (litejax calibrate), else `dispatch_probe_s` of that call."""
   from litejax.perf import latency

@@ -1,10 +1,10 @@
-"""Decoding from the tiered expert store: the decode step split per layer, so that an MoE layer's experts
+"""Decoding from the expert store: the decode step split per layer, so that an MoE layer's experts
 are fetched (disk -> host -> device slot) after its router has run and before its experts do.
 
 Per token, for each layer (the programs are litejax.inference.store_programs', pieces of the model's own
 forward): a dense layer is one jitted program (both halves of its Block). An MoE layer is
   1. `moe_pre`: the attention half, ffn_norm, the router;
-  2. the host reads the chosen expert ids (one small device -> host copy) and `Tiers.resolve` puts every
+  2. the host reads the chosen expert ids (one small device -> host copy) and `ExpertLevels.resolve` puts every
      chosen expert in a device slot (stall) or points it at its int8 copy (fallback);
   3. `experts`: the dropless expert FFN over the slot buffer with expert ids remapped to slots
      (litejax.inference.store.slot_moe), repeated per wave when a step uses more distinct experts than slots;
@@ -37,7 +37,7 @@ from litejax import jaxcompat
 from litejax.config import Config
 from litejax.inference.decode import Generation, Request, decode_config, prefill_config, run_generation
 from litejax.inference.sampling import Sampling
-from litejax.inference.store.levels import Tiers
+from litejax.inference.store.levels import ExpertLevels
 from litejax.inference.store_programs import Hooks, Program, build_programs, model_layers, stacked_gates
 from litejax.model import kv_cache
 from litejax.model.layers import DTYPES
@@ -76,14 +76,14 @@ def model_without_experts(cfg: Config, seed: int = 0):
 
 # ---------------------------------------------------------------------------- the runtime
 
-class TieredRuntime:
-  """Decoding with routed experts from `tiers` and every other weight from `model` (one device)."""
+class StoreRuntime:
+  """Decoding with routed experts from the store's `levels` and every other weight from `model` (one device)."""
 
-  def __init__(self, cfg: Config, model, tiers: Tiers, tier_mask: Any = None,
+  def __init__(self, cfg: Config, model, levels: ExpertLevels, tier_mask: Any = None,
                programs: dict[str, Program] | None = None):
     """tier_mask: optional bool [T], the TierSet every MoE layer routes among (litejax.inference.tiersets).
     programs: the jitted programs to run (store_programs.build_programs(); default: a fresh set)."""
-    self.cfg, self.tiers = decode_config(cfg), tiers
+    self.cfg, self.levels = decode_config(cfg), levels
     self.tier_mask = None if tier_mask is None else jnp.asarray(tier_mask, bool)
     self.prefill_cfg = prefill_config(cfg)
     if self.prefill_cfg.moe.dispatch != 'dropless':
@@ -92,11 +92,11 @@ class TieredRuntime:
     self.dt = DTYPES[cfg.model.dtype]
     self.layers = model_layers(model)
     self.moe = [l for l in self.layers if l.is_moe]
-    if [l.index for l in self.moe] != list(tiers.store.layers):
-      raise ValueError(f'the store holds layers {tiers.store.layers}, the model has MoE layers '
+    if [l.index for l in self.moe] != list(levels.store.layers):
+      raise ValueError(f'the store holds layers {levels.store.layers}, the model has MoE layers '
                        f'{[l.index for l in self.moe]}')
-    self.ahead = dict(zip((l.index for l in self.moe), stacked_gates(self.moe, tiers.opts.lookahead)))
-    self.next_moe = {l.index: [m.index for m in self.moe[j + 1:j + 1 + tiers.opts.lookahead]]
+    self.ahead = dict(zip((l.index for l in self.moe), stacked_gates(self.moe, levels.opts.lookahead)))
+    self.next_moe = {l.index: [m.index for m in self.moe[j + 1:j + 1 + levels.opts.lookahead]]
                      for j, l in enumerate(self.moe)}
     self.embed = model.embed[...]
     self.w_out = model.output_weights()
@@ -114,7 +114,7 @@ class TieredRuntime:
               hooks: Hooks = DEFAULT_HOOKS) -> tuple[jax.Array, list]:
     """Logits [B, S, V] f32 of S new tokens per row at `positions_bs` (None: 0..S-1, the prefill),
     reading and writing `cache` (kv_cache.init_cache(..., per_layer=True))."""
-    run, progs, opts = hooks.call, self.programs, self.tiers.opts
+    run, progs, opts = hooks.call, self.programs, self.levels.opts
     x = run(progs['_embed'], self.embed, jnp.asarray(tokens_bs), self.dt)
     pos = None if positions_bs is None else jnp.asarray(positions_bs, jnp.int32)
     pending = None    # the last lookahead's (predictions, target layers), read after the next dispatch
@@ -145,34 +145,34 @@ class TieredRuntime:
     if pending is not None:
       ahead_host = hooks.device_get(pending[0])
       for d, target in enumerate(pending[1]):
-        self.tiers.prefetch(target, ahead_host[d].T.reshape(-1), d + 1)
+        self.levels.prefetch(target, ahead_host[d].T.reshape(-1), d + 1)
     return None
 
   def _experts(self, layer: int, h_nd, e_nk: np.ndarray, g_nk: np.ndarray, hooks: Hooks) -> jax.Array:
     """[N, K, d] expert outputs, in as many waves as the slots need."""
-    tiers, program = self.tiers, self.programs['experts']
+    levels, program = self.levels, self.programs['experts']
     unique = list(dict.fromkeys(int(e) for e in e_nk.reshape(-1)))
     acc = jnp.zeros(e_nk.shape + (h_nd.shape[-1],), h_nd.dtype)
-    groups = list(dict.fromkeys(int(g) for g in g_nk.reshape(-1))) if tiers.opts.policy == 'group' else ()
-    for start in range(0, len(unique), tiers.num_slots):
-      wave = unique[start:start + tiers.num_slots]
-      slot = tiers.resolve(layer, wave, groups)
+    groups = list(dict.fromkeys(int(g) for g in g_nk.reshape(-1))) if levels.opts.policy == 'group' else ()
+    for start in range(0, len(unique), levels.num_slots):
+      wave = unique[start:start + levels.num_slots]
+      slot = levels.resolve(layer, wave, groups)
       lut = np.zeros(self.num_experts, np.int32)
       active = np.zeros(self.num_experts, bool)
-      fb = tiers.fallback_ids
+      fb = levels.fallback_ids
       for e in wave:
         s = slot[e]
-        lut[e] = s if s >= 0 else tiers.num_slots + (-1 - s)
+        lut[e] = s if s >= 0 else levels.num_slots + (-1 - s)
         active[e] = True
       slot_nk, active_nk = lut[e_nk], active[e_nk]
-      if tiers.opts.miss == 'fallback':
+      if levels.opts.miss == 'fallback':
         width = e_nk.size   # static: at most one fallback per assignment
         fb_f = np.zeros(width, np.int32)
         fb_f[:len(fb)] = fb
-        acc = hooks.call(program, self.kind, self.num_experts, tiers.slots[layer].buffers, h_nd, slot_nk,
-                         active_nk, acc, tiers.int8[layer], fb_f)
+        acc = hooks.call(program, self.kind, self.num_experts, levels.slots[layer].buffers, h_nd, slot_nk,
+                         active_nk, acc, levels.int8[layer], fb_f)
       else:
-        acc = hooks.call(program, self.kind, self.num_experts, tiers.slots[layer].buffers, h_nd, slot_nk,
+        acc = hooks.call(program, self.kind, self.num_experts, levels.slots[layer].buffers, h_nd, slot_nk,
                          active_nk, acc)
     return acc
 
@@ -191,7 +191,7 @@ class StoreDecoder:
   """The generate loop's Decoder (litejax.inference.decode.Decoder) of a store runtime: one row per prompt,
   a cache sized to the request, sampling as a program of its own after the head."""
 
-  def __init__(self, rt: TieredRuntime, hooks: Hooks, keep_logits: bool):
+  def __init__(self, rt: StoreRuntime, hooks: Hooks, keep_logits: bool):
     self.rt, self.hooks, self.keep_logits = rt, hooks, keep_logits
     self.kept: list[np.ndarray] = []
     self._stall0 = None
@@ -219,20 +219,20 @@ class StoreDecoder:
     return self.host
 
   def step(self, positions_b: np.ndarray, index: int) -> np.ndarray:
-    self._step_stall0 = self.rt.tiers.counters.stall_s
+    self._step_stall0 = self.rt.levels.counters.stall_s
     logits_b1v, self.cache = self.rt.forward(self.host[:, None], positions_b[:, None], self.cache, self.hooks)
     self.host = self._sample(logits_b1v[:, 0], jax.random.fold_in(self.req.key, index))
     return self.host
 
   def end_token(self) -> None:
     rt = self.rt
-    stall_s = rt.tiers.counters.stall_s
+    stall_s = rt.levels.counters.stall_s
     if self._stall0 is None:       # after the prefill: decode stalls count from here
       self._stall0 = stall_s
     else:
       rt.step_stall_s.append(stall_s - self._step_stall0)
     rt.decode_stall_s = stall_s - self._stall0
-    rt.tiers.end_step()
+    rt.levels.end_step()
     if self.keep_logits:
       self.kept.append(np.asarray(self.logits_bv))
 
