@@ -167,12 +167,12 @@ def make_runtime(cfg: Config, mesh: Mesh, batch: int, max_len: int, with_routing
 
 @dataclasses.dataclass
 class Generation:
-  """What `generate` returns: new tokens per prompt and timings (seconds)."""
+  """What the generate loop (`run_generation`) returns: new tokens per prompt and timings (seconds)."""
   tokens: list[list[int]]
   ttft_s: float                    # prefill + first token, compile included on a cold runtime
   step_s: list[float]              # one entry per decode step (every row gets a token)
   interrupted: bool
-  compiles: int                    # compiled variants of the decode step so far
+  compiles: int                    # compiled variants of the runtime's decode program so far
   # with_routing runtimes: per new token j, the experts that computed it, int [MoE layers, prompts, K]
   # (token 0: the prompt's last position in prefill; token j: decode step j, fed token j - 1)
   experts: list | None = None

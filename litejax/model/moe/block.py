@@ -60,8 +60,8 @@ class MoEStats:
   # Sparse training only: ids of the rows behind each RowDelta, {'experts' | 'router_group' |
   # 'router_expert': int32 [rows]}, padded with the table's row count (`attach_row_deltas`).
   touched: dict[str, jax.Array] | None = None
-  # The router's choice, int32 [N, K] expert ids: for inspection (litejax.inference.decode's with_routing);
-  # a program that does not return it never computes it (dead code to XLA). None for a dense model.
+  # The router's choice, int32 [N, K] expert ids (Routing.expert_nk), for inspection: decode's with_routing
+  # returns it; every other program drops it. None for a dense model.
   expert_ids: jax.Array | None = None
 
   @classmethod
