@@ -97,7 +97,7 @@ def preload_all(tiers) -> None:
       ids = list(range(start, min(start + 512, store.num_experts)))
       slots = tiers.caches[layer].access(ids).slots
       arrays = store.read_experts(layer, ids)
-      tiers._load(layer, [(int(s), {k: v[i] for k, v in arrays.items()}) for i, s in enumerate(slots)])
+      tiers.load_slots(layer, [(int(s), {k: v[i] for k, v in arrays.items()}) for i, s in enumerate(slots)])
 
 
 def _record(tiers, trace: list) -> None:

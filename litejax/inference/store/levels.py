@@ -198,7 +198,7 @@ class ExpertLevels:
         return
       cache.prefetch(list(values), protected=experts)
       self._staged[layer].update(values)
-      self._load(layer, [(int(cache.slot_of[e]), v) for e, v in values.items()])
+      self.load_slots(layer, [(int(cache.slot_of[e]), v) for e, v in values.items()])
       self.counters.staged += len(values)
 
   # -------------------------------------------------------------------------- device level
@@ -254,7 +254,7 @@ class ExpertLevels:
     loaded = [e for e in unique if e not in fallback]
     access = cache.access(loaded) if loaded else None
     slot = {e: int(s) for e, s in zip(loaded, access.slots)} if access else {}
-    self._load(layer, [(slot[e], arrays[e]) for e in need if e in arrays])
+    self.load_slots(layer, [(slot[e], arrays[e]) for e in need if e in arrays])
     self._fallback_ids = fallback
     slot.update({e: -1 - i for i, e in enumerate(fallback)})
     for key in [k for k, f in self._inflight.items() if f.counted]:   # in the host level by now
@@ -267,7 +267,9 @@ class ExpertLevels:
     """The experts of the last `resolve` that run on their int8 copy, in fallback-index order."""
     return self._fallback_ids
 
-  def _load(self, layer: int, items: list[tuple[int, dict[str, np.ndarray]]]) -> None:
+  def load_slots(self, layer: int, items: list[tuple[int, dict[str, np.ndarray]]]) -> None:
+    """Writes (slot, expert arrays) pairs into `layer`'s device slots, `load_width` per program call; the
+    slot cache's bookkeeping is the caller's (SlotCache.access or .prefetch first)."""
     dev = self.slots[layer]
     for start in range(0, len(items), dev.load_width):
       chunk = items[start:start + dev.load_width]
