@@ -43,13 +43,13 @@ QUICK_1B_SETS = ['moe.num_tiers=2', 'moe.groups_per_tier=4', 'moe.experts_per_gr
 
 def sim_grid(trace, store, fractions, host_fraction: float) -> list[dict]:
   from litejax.inference.store.simulate import Step, simulate
-  from litejax.inference.store.levels import TierOptions
+  from litejax.inference.store.levels import LevelOptions
   steps = [Step(l, e) for l, e in trace]
   tokens = len(trace) // max(len(store.layers), 1)
   rows = []
   for policy in POLICIES:
     for f in fractions:
-      opts = TierOptions(f, host_fraction, policy, 0, 'stall')
+      opts = LevelOptions(f, host_fraction, policy, 0, 'stall')
       r = simulate(steps, layers=store.layers, experts_per_layer=store.num_experts,
                    expert_bytes=store.expert_bytes, device_slots=opts.num_slots(store.num_experts),
                    host_bytes=opts.host_experts(store.num_experts, len(store.layers)) * store.expert_bytes,
@@ -64,12 +64,12 @@ def sim_grid(trace, store, fractions, host_fraction: float) -> list[dict]:
 def decode_grid(cfg, model, store, fractions, prompt, new_tokens, host_fraction, width: int,
                 policies=POLICIES) -> list[dict]:
   from litejax.inference.sampling import Sampling
-  from litejax.inference.store.levels import TierOptions
+  from litejax.inference.store.levels import LevelOptions
   rows = []
   for policy in policies:
     for lookahead in (0, 1):
       for f in fractions:
-        opts = TierOptions(f, host_fraction, policy, lookahead, 'stall', width)
+        opts = LevelOptions(f, host_fraction, policy, lookahead, 'stall', width)
         gen, _, rep, _ = harness.tiered_decode(cfg, model, store, opts, prompt, new_tokens,
                                                Sampling(temperature=1.0))
         steps = gen.step_s[1:] or gen.step_s      # the first decode step compiles
@@ -88,10 +88,10 @@ def decode_grid(cfg, model, store, fractions, prompt, new_tokens, host_fraction,
 
 def fallback_cost(cfg, model, store, prompt, new_tokens, host_fraction) -> dict:
   from litejax.inference.sampling import Sampling
-  from litejax.inference.store.levels import TierOptions
+  from litejax.inference.store.levels import LevelOptions
   out = {}
   for miss in ('stall', 'fallback'):
-    opts = TierOptions(0.01, host_fraction, 'lru', 1, miss)
+    opts = LevelOptions(0.01, host_fraction, 'lru', 1, miss)
     gen, logits, rep, _ = harness.tiered_decode(cfg, model, store, opts, prompt, new_tokens, Sampling(),
                                                 keep_logits=True)
     out[miss] = (gen.tokens[0], logits, rep)
@@ -114,9 +114,9 @@ def store_1b(location: pathlib.Path, quick: bool, new_tokens: int, rounds: int, 
   from litejax.config import load_config
   from litejax.inference.sampling import Sampling
   from litejax.inference.store.disk import ExpertStore
-  from litejax.inference.store.levels import TierOptions, Tiers
+  from litejax.inference.store.levels import LevelOptions, ExpertLevels
   from litejax.inference.store.writer import write_random
-  from litejax.inference.store_decode import TieredRuntime, model_without_experts
+  from litejax.inference.store_decode import StoreRuntime, model_without_experts
   cfg = load_config(harness.REPO / 'configs' / 'store_1b.yaml', QUICK_1B_SETS if quick else ())
   if not (location / 'manifest.json').exists():
     t0 = time.perf_counter()
@@ -125,14 +125,14 @@ def store_1b(location: pathlib.Path, quick: bool, new_tokens: int, rounds: int, 
   store = ExpertStore.open(str(location), cfg)
   model = model_without_experts(cfg, 0)
   prompt = harness.prompt_tokens()
-  variants = {'tiered': TierOptions(0.01, 0.1, 'lru', 1, 'stall', width),
-              'tiered_no_stage': TierOptions(0.01, 0.1, 'lru', 1, 'stall', width, stage=False),
-              'tiered_no_lookahead': TierOptions(0.01, 0.1, 'lru', 0, 'stall')}
+  variants = {'tiered': LevelOptions(0.01, 0.1, 'lru', 1, 'stall', width),
+              'tiered_no_stage': LevelOptions(0.01, 0.1, 'lru', 1, 'stall', width, stage=False),
+              'tiered_no_lookahead': LevelOptions(0.01, 0.1, 'lru', 0, 'stall')}
   if width != 1:      # the router's own picks only, for comparison
-    variants['tiered_width_1'] = TierOptions(0.01, 0.1, 'lru', 1, 'stall', 1)
-  resident = Tiers(store, TierOptions(1.0, 1.0, 'lru', 0, 'stall'), load_width=cfg.moe.k_active)
+    variants['tiered_width_1'] = LevelOptions(0.01, 0.1, 'lru', 1, 'stall', 1)
+  resident = ExpertLevels(store, LevelOptions(1.0, 1.0, 'lru', 0, 'stall'), load_width=cfg.moe.k_active)
   harness.preload_all(resident)
-  rt_res = TieredRuntime(cfg, model, resident)
+  rt_res = StoreRuntime(cfg, model, resident)
   ms: dict[str, list[float]] = {name: [] for name in ['resident', *variants]}
   rows, tokens = {}, {}
   for r in range(rounds):
@@ -215,10 +215,10 @@ def main(argv=None) -> int:
   how = harness.ensure_checkpoint(ckpt, args.quick)
   cfg, model, store = harness.load_store_model(ckpt, ckpt.parent / 'store')
   from litejax.inference.sampling import Sampling
-  from litejax.inference.store.levels import TierOptions
+  from litejax.inference.store.levels import LevelOptions
   prompt = harness.prompt_tokens()
   trace: list = []
-  harness.tiered_decode(cfg, model, store, TierOptions(1.0, 0.1, 'lru', 0, 'stall'), prompt, trace_n,
+  harness.tiered_decode(cfg, model, store, LevelOptions(1.0, 0.1, 'lru', 0, 'stall'), prompt, trace_n,
                         Sampling(temperature=1.0), record=trace)
   sim_rows = sim_grid(trace, store, FRACTIONS, 0.1)
   dec_rows = decode_grid(cfg, model, store, fractions, prompt, dec_n, 0.1, args.lookahead_width,

@@ -37,12 +37,13 @@ def _pieces(rt, params, extra, args):
   import numpy as np
 
   from litejax.inference import decode
+  from litejax.model import kv_cache
   batch = rt.batch
   key, samp = rt.replicated((jax.random.key(0), decode.Sampling().as_arrays()))
   tok, pos = rt.rows(np.zeros(batch)), rt.rows(np.full(batch, args.prompt_len))
   idx = rt.replicated(np.int32(1))
-  state = {'cache': decode.init_cache(rt.cfg, rt.mesh, batch, rt.max_len)}
-  other_cache = decode.init_cache(rt.cfg, rt.mesh, batch, rt.max_len)
+  state = {'cache': kv_cache.init_cache(rt.cfg, rt.mesh, batch, rt.max_len)}
+  other_cache = kv_cache.init_cache(rt.cfg, rt.mesh, batch, rt.max_len)
   noop = jax.jit(lambda p, e, c, t, q, k, i, s: t)
   lengths = np.full(batch, args.prompt_len, np.int32)
 

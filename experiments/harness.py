@@ -110,7 +110,8 @@ def time_compiled(fn, args, repeats: int, *, warmup: int = 1, budget_s: float | 
 
 def compiles(jitted) -> int:
   """How many programs a jitted function has compiled (a benchmark asserts its step compiled once)."""
-  return jitted._cache_size()
+  from litejax import jaxcompat
+  return jaxcompat.compiled_variants(jitted)
 
 
 # ------------------------------------------------------------------------------------------ figures
@@ -221,21 +222,21 @@ def load_store_model(ckpt: pathlib.Path, store_dir: pathlib.Path):
 
 
 def tiered_decode(cfg, model, store, opts, prompt, new_tokens, sampling, seed=0, keep_logits=False, preload=False,
-                  record=None):
-  """One tiered decode with fresh tiers; returns (Generation, logits, store report, runtime).
-  preload: every expert resident first (`preload_all`); record: a list the decode steps' lookups are
-  appended to (`record_lookups`)."""
-  from litejax.inference.store.levels import Tiers, int8_copies
-  from litejax.inference.store_decode import TieredRuntime
-  tiers = Tiers(store, opts, load_width=cfg.moe.k_active,
-                int8=int8_copies(store) if opts.miss == 'fallback' else None)
+                  record=None, hooks=None):
+  """One decode from the store with fresh storage levels; returns (Generation, logits, store report,
+  runtime). preload: every expert resident first (`preload_all`); record: a list the decode steps'
+  lookups are appended to (`record_lookups`); hooks: the runtime's (litejax.inference.store_programs.Hooks)."""
+  from litejax.inference.store.levels import ExpertLevels, int8_copies
+  from litejax.inference.store_decode import StoreRuntime
+  tiers = ExpertLevels(store, opts, load_width=cfg.moe.k_active,
+                       int8=int8_copies(store) if opts.miss == 'fallback' else None)
   try:
     if preload:
       preload_all(tiers)
     if record is not None:
       record_lookups(tiers, record)
-    rt = TieredRuntime(cfg, model, tiers)
-    gen, logits = rt.generate([prompt], new_tokens, sampling, seed, keep_logits=keep_logits)
+    rt = StoreRuntime(cfg, model, tiers)
+    gen, logits = rt.generate([prompt], new_tokens, sampling, seed, keep_logits=keep_logits, hooks=hooks)
   finally:
     tiers.close()
   return gen, logits, tiers.report(len(gen.step_s), rt.decode_stall_s), rt
@@ -250,7 +251,7 @@ def preload_all(tiers) -> None:
       ids = list(range(start, min(start + 512, store.num_experts)))
       slots = tiers.caches[layer].access(ids).slots
       arrays = store.read_experts(layer, ids)
-      tiers._load(layer, [(int(s), {k: v[i] for k, v in arrays.items()}) for i, s in enumerate(slots)])
+      tiers.load_slots(layer, [(int(s), {k: v[i] for k, v in arrays.items()}) for i, s in enumerate(slots)])
 
 
 def record_lookups(tiers, trace: list) -> None:

@@ -37,35 +37,28 @@ PROXIES = ('after_attn', 'after_moe')
 def record_decode(cfg, model, store, prompt: str, new_tokens: int, temperature: float, seed: int):
   """(per decode step: [(after_attn [1,d], after_moe [1,d], experts [K], groups [K])] per MoE layer, layers)."""
   from litejax.train import data
-  from litejax.inference import store_decode as tiered_decode
   from litejax.inference.sampling import Sampling
-  from litejax.inference.store.levels import TierOptions
+  from litejax.inference.store.levels import LevelOptions
+  from litejax.inference.store_programs import Hooks
   steps, cur = [], []
-  pre, fin = tiered_decode.moe_pre, tiered_decode.finish
 
-  def rec_pre(*a, **k):
-    out = pre(*a, **k)
-    if out[0].shape[1] == 1:    # decode steps only: [B=1, S=1, d]
-      cur.append([np.asarray(out[0][0, 0], np.float32), None, np.asarray(out[2][0]), np.asarray(out[4][0])])
-    return out
+  class States(Hooks):
+    """The runtime's hooks, keeping each decode step's moe_pre and finish outputs."""
 
-  def rec_fin(*a, **k):
-    x = fin(*a, **k)
-    if x.shape[1] == 1:
-      cur[-1][1] = np.asarray(x[0, 0], np.float32)
-      if len(cur) == cfg.model.num_moe_layers:
-        steps.append(list(cur))
-        cur.clear()
-    return x
+    def call(self, program, *args, **kwargs):
+      out = program.fn(*args, **kwargs)
+      if program.name == 'moe_pre' and out[0].shape[1] == 1:    # decode steps only: [B=1, S=1, d]
+        cur.append([np.asarray(out[0][0, 0], np.float32), None, np.asarray(out[2][0]), np.asarray(out[4][0])])
+      elif program.name == 'finish' and out.shape[1] == 1:
+        cur[-1][1] = np.asarray(out[0, 0], np.float32)
+        if len(cur) == cfg.model.num_moe_layers:
+          steps.append(list(cur))
+          cur.clear()
+      return out
 
-  rec_pre._cache_size = pre._cache_size   # read by TieredRuntime.generate
-  tiered_decode.moe_pre, tiered_decode.finish = rec_pre, rec_fin
-  try:
-    opts = TierOptions(1.0, 1.0, 'lru', 0, 'stall')
-    gen, _, _, rt = harness.tiered_decode(cfg, model, store, opts, data.encode(prompt).astype(int).tolist(),
-                                          new_tokens, Sampling(temperature), seed, preload=True)
-  finally:
-    tiered_decode.moe_pre, tiered_decode.finish = pre, fin
+  opts = LevelOptions(1.0, 1.0, 'lru', 0, 'stall')
+  gen, _, _, rt = harness.tiered_decode(cfg, model, store, opts, data.encode(prompt).astype(int).tolist(),
+                                        new_tokens, Sampling(temperature), seed, preload=True, hooks=States())
   return steps, rt.moe, data.decode(gen.tokens[0])
 
 

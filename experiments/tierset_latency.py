@@ -24,12 +24,12 @@ PLACEMENT = 'hot,warm,cold,cold'
 def measure(cfg, model, store, opts, mask, prompt: list[int], new_tokens: int) -> dict:
   """Median ms per decode step of one TierSet, decoded as generate --latency-budget-ms decodes it."""
   from litejax.commands import generate_tierset
-  from litejax.inference.store.levels import Tiers
-  from litejax.inference.store_decode import TieredRuntime
-  tiers = Tiers(store, opts, load_width=cfg.moe.k_active)
+  from litejax.inference.store.levels import ExpertLevels
+  from litejax.inference.store_decode import StoreRuntime
+  tiers = ExpertLevels(store, opts, load_width=cfg.moe.k_active)
   try:
     generate_tierset.preload(cfg, tiers)
-    rt = TieredRuntime(cfg, model, tiers, mask)
+    rt = StoreRuntime(cfg, model, tiers, mask)
     gen, _ = rt.generate([prompt], new_tokens)
   finally:
     tiers.close()
@@ -52,7 +52,7 @@ def main(argv=None) -> int:
   cfg, model, store = harness.load_store_model(ckpt, ckpt.parent / 'store')
   from litejax.commands import generate_tierset
   from litejax.config import from_dict
-  from litejax.inference.store.levels import TierOptions
+  from litejax.inference.store.levels import LevelOptions
   placement = PLACEMENT    # tiny_1k (and its --quick shrink) has 4 routing tiers
   cfg = from_dict({'store': {'placement': placement}}, base=cfg)
   prompt = harness.prompt_tokens()
@@ -60,7 +60,7 @@ def main(argv=None) -> int:
   from litejax.perf.host import measure_host
   # --quick: the host chip from the quick probes (fewer programs to compile): the figures are untimed here
   chip = measure_host(repeats=2, quick=True) if args.quick else measure_host(repeats=3)
-  chosen, opts = generate_tierset.choose(ns, cfg, model, store, TierOptions(miss='stall'), 1,
+  chosen, opts = generate_tierset.choose(ns, cfg, model, store, LevelOptions(miss='stall'), 1,
                                          len(prompt) + args.tokens, chip)
   from litejax.inference import tiersets
   masks = {ts.name: ts.mask for ts in tiersets.candidates(cfg)}

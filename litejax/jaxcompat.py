@@ -1,5 +1,6 @@
 """JAX's private APIs, behind one small wrapper: the only module of litejax that may reach into `jax._src`
-(tests/test_layering.py checks it). Each function says what it needs and why no public API gives it."""
+or a jitted function's private attributes (tests/test_layering.py checks it), so that a JAX upgrade that
+moves them breaks here. Each function says what it needs and why no public API gives it."""
 from __future__ import annotations
 
 
@@ -17,3 +18,11 @@ def prefer_cpu_backend() -> None:
   import jax
   if jax.config.jax_platforms is None and not backends_initialized():
     jax.config.update('jax_platforms', 'cpu')
+
+
+def compiled_variants(jitted) -> int:
+  """How many variants (argument shapes, dtypes, shardings, static values) the jitted function `jitted`
+  has compiled so far in this process. Reads the private `_cache_size()` of a `jax.jit` wrapper (no public
+  API counts compilations); its cache is per wrapped function object, shared by every `jax.jit` of the
+  same function."""
+  return int(jitted._cache_size())

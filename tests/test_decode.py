@@ -8,8 +8,9 @@ import pytest
 from flax import nnx
 
 from litejax.inference import decode
-from litejax import sharding as shd
+from litejax import jaxcompat, sharding as shd
 from litejax.config import MeshConfig, load_config
+from litejax.model import kv_cache
 from litejax.model.transformer import init_model
 from litejax.inference.sampling import Sampling
 from train_helpers import REPO, TINY, enable_compile_cache
@@ -63,7 +64,7 @@ def cached_logits(rt, params, extra, tokens):
   padded = np.where(np.arange(LENGTHS.max())[None] < LENGTHS[:, None], tokens[:, :LENGTHS.max()], 0)
   key, samp = rt.replicated((jax.random.key(0), Sampling().as_arrays()))
   with jax.set_mesh(mesh):
-    cache = decode.init_cache(cfg, mesh, 8, S + EXTRA)
+    cache = kv_cache.init_cache(cfg, mesh, 8, S + EXTRA)
     _, logits_p, cache = rt.prefill(params, extra, cache, padded, rt.rows(LENGTHS), key, samp)
     got = np.full((8, S, cfg.model.vocab_size), np.nan, np.float32)
     logits_p = np.asarray(logits_p)
@@ -77,7 +78,7 @@ def cached_logits(rt, params, extra, tokens):
       logits_b = np.asarray(logits_b)
       for b in np.flatnonzero(pos < S):
         got[b, pos[b]] = logits_b[b]
-  return got, rt.step._cache_size()
+  return got, jaxcompat.compiled_variants(rt.step)
 
 
 def check(name, shape):
@@ -116,7 +117,7 @@ def test_cached_differs_when_the_cache_is_wrong():
   params, extra = rt.place(params, extra)
   key, step, samp = rt.replicated((jax.random.key(0), jnp.int32(0), Sampling().as_arrays()))
   with jax.set_mesh(rt.mesh):
-    cache = decode.init_cache(cfg, rt.mesh, 8, S + EXTRA)
+    cache = kv_cache.init_cache(cfg, rt.mesh, 8, S + EXTRA)
     _, _, cache = rt.prefill(params, extra, cache, tokens[:, :8], rt.rows(np.full(8, 4)), key, samp)
     _, logits_b, _ = rt.step(params, extra, cache, rt.rows(tokens[:, 4]), rt.rows(np.full(8, 5)), key, step, samp)
   assert np.abs(np.asarray(logits_b) - want[:, 4]).max() > 1e-3
@@ -151,7 +152,7 @@ def test_seed_reproduces_a_sample(tiny_runtime):
     c = decode.generate(rt, params, extra, PROMPTS, 8, s, seed=4).tokens
     greedy = decode.generate(rt, params, extra, PROMPTS, 8).tokens
   assert a == b and a != c and a != greedy
-  assert rt.step._cache_size() == 1        # sampling settings are traced: no recompile
+  assert jaxcompat.compiled_variants(rt.step) == 1        # sampling settings are traced: no recompile
 
 
 def test_ctrl_c_returns_what_was_generated(tiny_runtime):
@@ -189,7 +190,7 @@ def test_bf16_runs():
 
 def test_cache_layout_follows_the_logical_rules():
   cfg = config('tiny')
-  sh = decode.cache_shardings(cfg, mesh_of((2, 2, 2)), 8, 16)
+  sh = kv_cache.cache_shardings(cfg, mesh_of((2, 2, 2)), 8, 16)
   spec = sh[0]['k'].spec                    # scanned: [periods, B, T, KV, hd]
   assert tuple(spec) == (None, ('data', 'expert'), None, 'tensor', None)
 

@@ -4,6 +4,7 @@ import jax
 import numpy as np
 import pytest
 
+from litejax import jaxcompat
 from litejax.inference.store import quant
 from litejax.inference.store.slots import DeviceSlots, to_pinned_host
 
@@ -22,7 +23,7 @@ def test_fetched_experts_land_in_their_slots_bit_exactly():
   for idx in ([4, 1, 2], [0], [1, 3]):     # fewer than the width: the padding must be dropped
     x = experts(rng, len(idx))
     slots.load(idx, x)
-    programs.append(slots._set._cache_size())
+    programs.append(jaxcompat.compiled_variants(slots._set))
     for name in want:
       want[name][idx] = x[name]
     for name, buf in slots.buffers.items():

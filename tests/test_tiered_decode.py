@@ -1,4 +1,4 @@
-"""Decoding from the tiered expert store (litejax.inference.store_decode): with miss='stall' tokens and logits are
+"""Decoding from the expert store (litejax.inference.store_decode): with miss='stall' tokens and logits are
 bit-identical to the resident decode step for every policy and lookahead; bytes read from disk are
 exactly the expert reads x expert bytes (TensorStore's own counter); the int8 fallback stays close."""
 import jax
@@ -10,12 +10,13 @@ from flax import nnx
 from litejax.inference import decode
 from litejax import sharding as shd
 from litejax.config import MeshConfig
+from litejax.model import kv_cache
 from litejax.model.transformer import init_model
 from litejax.inference.sampling import Sampling
 from litejax.inference.store import layout
-from litejax.inference.store.levels import TierOptions, Tiers, int8_copies
+from litejax.inference.store.levels import ExpertLevels, LevelOptions, int8_copies
 from litejax.inference.store.writer import StoreWriter
-from litejax.inference.store_decode import TieredRuntime
+from litejax.inference.store_decode import StoreRuntime
 from store_helpers import bytes_read, small_cfg
 from train_helpers import enable_compile_cache
 
@@ -45,7 +46,7 @@ def resident(cfg, model):
     params, extra = rt.place(params, extra)
     tokens, lengths = decode.pad_prompts(PROMPTS, len(PROMPTS))
     key, samp = rt.replicated((jax.random.key(0), Sampling().as_arrays()))
-    cache = decode.init_cache(cfg, mesh, len(PROMPTS), 5 + NEW)
+    cache = kv_cache.init_cache(cfg, mesh, len(PROMPTS), 5 + NEW)
     nb, lp, cache = rt.prefill(params, extra, cache, tokens, rt.rows(lengths), key, samp)
     logits, toks = [np.asarray(lp)[np.arange(len(PROMPTS)), lengths - 1]], [np.asarray(nb)]
     for j in range(NEW - 1):
@@ -66,17 +67,17 @@ def setup(tmp_path_factory):
 
 def run(setup, opts, **kw):
   cfg, model, store = setup[:3]
-  tiers = Tiers(store, opts, load_width=8, **kw)
+  tiers = ExpertLevels(store, opts, load_width=8, **kw)
   try:
-    gen, logits = TieredRuntime(cfg, model, tiers).generate(PROMPTS, NEW, keep_logits=True)
+    gen, logits = StoreRuntime(cfg, model, tiers).generate(PROMPTS, NEW, keep_logits=True)
   finally:
     tiers.close()
   return gen, logits, tiers
 
 
-@pytest.mark.parametrize('opts', [TierOptions(0.25, 0.5, 'lru', 0), TierOptions(0.5, 0.5, 'group', 1),
-                                  TierOptions(0.125, 0.25, 'lfu', 2, lookahead_width=3),
-                                  TierOptions(0.25, 0.25, 'lru', 1, lookahead_width=4)],
+@pytest.mark.parametrize('opts', [LevelOptions(0.25, 0.5, 'lru', 0), LevelOptions(0.5, 0.5, 'group', 1),
+                                  LevelOptions(0.125, 0.25, 'lfu', 2, lookahead_width=3),
+                                  LevelOptions(0.25, 0.25, 'lru', 1, lookahead_width=4)],
                          ids=['lru', 'group-ahead1', 'lfu-ahead2-width3', 'lru-ahead1-width4-staged'])
 def test_stall_is_bit_identical_to_resident_decoding(setup, opts):
   tokens, ref_logits = setup[3:]
@@ -94,7 +95,7 @@ def test_stall_is_bit_identical_to_resident_decoding(setup, opts):
 def test_staging_fills_slots_only_before_the_layer_runs(setup):
   store = setup[2]
   layer = store.layers[1]
-  tiers = Tiers(store, TierOptions(0.25, 0.25, 'lru', 1), load_width=8)    # 4 slots: stages at most 2
+  tiers = ExpertLevels(store, LevelOptions(0.25, 0.25, 'lru', 1), load_width=8)    # 4 slots: stages at most 2
   try:
     tiers.prefetch(layer, [3, 5, 6], depth=1)
     tiers.drain()
@@ -119,7 +120,7 @@ def test_staging_fills_slots_only_before_the_layer_runs(setup):
 
 def test_bytes_read_are_misses_times_expert_bytes(setup):
   before = bytes_read()
-  _, _, tiers = run(setup, TierOptions(0.25, 0.25, 'lru', 1))    # close() waits for the prefetch thread
+  _, _, tiers = run(setup, LevelOptions(0.25, 0.25, 'lru', 1))    # close() waits for the prefetch thread
   rep = tiers.report(1)
   assert rep['disk_reads'] > 0
   assert rep['bytes_read']['disk'] == rep['disk_reads'] * rep['expert_bytes'] == bytes_read() - before
@@ -131,7 +132,7 @@ def test_bytes_read_are_misses_times_expert_bytes(setup):
 
 def test_fallback_uses_int8_copies_and_stays_close(setup):
   store = setup[2]
-  gen, logits, tiers = run(setup, TierOptions(0.25, 0.25, 'lru', 0, 'fallback'), int8=int8_copies(store))
+  gen, logits, tiers = run(setup, LevelOptions(0.25, 0.25, 'lru', 0, 'fallback'), int8=int8_copies(store))
   rep = tiers.report(1)
   assert rep['fallbacks'] > 0
   ref = setup[4]
@@ -141,12 +142,12 @@ def test_fallback_uses_int8_copies_and_stays_close(setup):
 
 
 @pytest.mark.parametrize('field,opts,match', [
-    ('--device-slots', TierOptions(device_slots=0), 'device-slots'),
-    ('--host-cache', TierOptions(host_cache=1.5), 'host-cache'),
-    ('--policy', TierOptions(policy='fifo'), 'policy'),
-    ('--lookahead', TierOptions(lookahead=-1), 'lookahead'),
-    ('--lookahead-width', TierOptions(lookahead_width=0), 'lookahead-width'),
-    ('--miss', TierOptions(miss='skip'), 'miss')])
+    ('--device-slots', LevelOptions(device_slots=0), 'device-slots'),
+    ('--host-cache', LevelOptions(host_cache=1.5), 'host-cache'),
+    ('--policy', LevelOptions(policy='fifo'), 'policy'),
+    ('--lookahead', LevelOptions(lookahead=-1), 'lookahead'),
+    ('--lookahead-width', LevelOptions(lookahead_width=0), 'lookahead-width'),
+    ('--miss', LevelOptions(miss='skip'), 'miss')])
 def test_bad_options_name_the_flag(field, opts, match):
   with pytest.raises(ValueError, match=match):
     opts.validate()

@@ -9,8 +9,8 @@ from flax import nnx
 
 from litejax.inference import tiersets
 from litejax.model.transformer import init_model
-from litejax.inference.store.levels import TierOptions, Tiers
-from litejax.inference.store_decode import TieredRuntime
+from litejax.inference.store.levels import ExpertLevels, LevelOptions
+from litejax.inference.store_decode import StoreRuntime
 from store_helpers import small_cfg
 from test_tiered_decode import write_model_store
 from train_helpers import enable_compile_cache
@@ -76,11 +76,11 @@ def test_io_term_and_choice():
 def test_decode_with_hot_tierset_reads_nothing(setup):
   cfg, model, store, _ = setup
   device, host = tiersets.placement_fractions(cfg)
-  tiers = Tiers(store, TierOptions(device, host, 'lru', 1), load_width=8)
+  tiers = ExpertLevels(store, LevelOptions(device, host, 'lru', 1), load_width=8)
   try:
     tiers.preload(store.layers[0], tiersets.tier_experts(cfg, 'hot'))
     tiers.preload(store.layers[1], tiersets.tier_experts(cfg, 'hot'))
-    gen, _ = TieredRuntime(cfg, model, tiers, (True, False)).generate([[1, 2, 3]], 4)
+    gen, _ = StoreRuntime(cfg, model, tiers, (True, False)).generate([[1, 2, 3]], 4)
   finally:
     tiers.close()
   rep = tiers.report(4)
@@ -94,9 +94,9 @@ def test_step_cost_prices_the_programs_run(setup):
   from litejax.perf import chips as hardware, latency
   from litejax.inference import step_latency as step_cost
   cfg, model, store, _ = setup
-  tiers = Tiers(store, TierOptions(0.5, 0.5, 'lru', 1), load_width=8)
+  tiers = ExpertLevels(store, LevelOptions(0.5, 0.5, 'lru', 1), load_width=8)
   try:
-    rec = step_cost.record_step(TieredRuntime(cfg, model, tiers), [[1, 2, 3]])
+    rec = step_cost.record_step(StoreRuntime(cfg, model, tiers), [[1, 2, 3]])
   finally:
     tiers.close()
   calls = rec.calls

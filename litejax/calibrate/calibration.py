@@ -189,8 +189,8 @@ def _read_uncached(path: str, nbytes: int) -> tuple[float, str]:
     os.close(fd)
 
 
-def measure_tier_bandwidth(mbytes: int = 8, repeats: int = 3, directory: str | None = None) -> dict:
-  """Per-tier read bandwidth on this machine, for the TierSet latency prediction (litejax.inference.tiersets):
+def measure_level_bandwidth(mbytes: int = 8, repeats: int = 3, directory: str | None = None) -> dict:
+  """Per-level read bandwidth on this machine, for the TierSet latency prediction (litejax.inference.tiersets):
   `host_bytes_per_s` (host cache -> device slot: a host-memory copy) and `disk_bytes_per_s` (a temporary
   file of `mbytes` MiB in `directory` read back once per repeat, median), with `disk_method` saying how
   the page cache was kept out ('o_direct', 'fadvise_dontneed', or 'page_cache': then the figure is the
@@ -198,7 +198,7 @@ def measure_tier_bandwidth(mbytes: int = 8, repeats: int = 3, directory: str | N
   import os
   import tempfile
   if mbytes < 1 or repeats < 1:
-    raise ValueError(f'measure_tier_bandwidth: mbytes and repeats must be >= 1, got {mbytes}, {repeats}')
+    raise ValueError(f'measure_level_bandwidth: mbytes and repeats must be >= 1, got {mbytes}, {repeats}')
   nbytes = mbytes * 2 ** 20
   fd, path = tempfile.mkstemp(prefix='litejax-disk-probe-', dir=directory)
   try:
@@ -221,7 +221,7 @@ def measure_expert_ops(store, samples: int = 8) -> dict:
   (median seconds): `disk_read_s`, one expert read from `store` (TensorStore, one chunk per array; experts
   spread over the store, so a repeat is not a cache hit of TensorStore's own), and `slot_load_s`, one
   expert copied host -> device slot (litejax.inference.store.slots). At small expert sizes these are set by
-  per-call latency, not bandwidth, which `measure_tier_bandwidth` alone would miss. The disk figure may
+  per-call latency, not bandwidth, which `measure_level_bandwidth` alone would miss. The disk figure may
   come from the page cache when the store's files are cached."""
   import numpy as np
 

@@ -85,9 +85,9 @@ def _abstract(cfg):
 def run_store(args, prompts: list[str], sampling, fail) -> int:
   from litejax.train import data
   from litejax.inference.store.layout import ExpertStoreError
-  from litejax.inference.store.levels import TierOptions, Tiers, int8_copies
-  from litejax.inference.store_decode import TieredRuntime
-  opts = TierOptions(args.device_slots, args.host_cache, args.policy, args.lookahead, args.miss,
+  from litejax.inference.store.levels import ExpertLevels, LevelOptions, int8_copies
+  from litejax.inference.store_decode import StoreRuntime
+  opts = LevelOptions(args.device_slots, args.host_cache, args.policy, args.lookahead, args.miss,
                      args.lookahead_width, stage=not args.no_stage)
   try:
     opts.validate()
@@ -103,12 +103,12 @@ def run_store(args, prompts: list[str], sampling, fail) -> int:
                                               max(len(t) for t in tokens) + args.max_new_tokens)
     except ValueError as e:
       return fail(str(e))
-  tiers = Tiers(store, opts, load_width=cfg.moe.k_active * len(prompts),
+  tiers = ExpertLevels(store, opts, load_width=cfg.moe.k_active * len(prompts),
                 int8=int8_copies(store) if opts.miss == 'fallback' else None)
   try:
     if tierset is not None:
       generate_tierset.preload(cfg, tiers)
-    rt = TieredRuntime(cfg, model, tiers, None if tierset is None else tierset['mask'])
+    rt = StoreRuntime(cfg, model, tiers, None if tierset is None else tierset['mask'])
     gen, _ = rt.generate(tokens, args.max_new_tokens, sampling, args.seed)
   finally:
     tiers.close()

@@ -6,24 +6,24 @@ import dataclasses
 
 
 def _compute(cfg, model, store, opts, batch: int, cache_len: int, hot_mask, chip) -> dict:
-  """The latency model's compute part of one step of the tiered runtime that will decode
+  """The latency model's compute part of one step of the store runtime that will decode
   (litejax.inference.step_latency: its programs as run, and the host time of a step), the same for every TierSet
   (the tier mask is an argument of the same programs). Recorded with the hot TierSet and its experts
   preloaded, so that the step does no I/O (the I/O term is priced apart); priced on `chip`."""
   from litejax.inference import step_latency as step_cost
-  from litejax.inference.store.levels import Tiers
-  from litejax.inference.store_decode import TieredRuntime
-  tiers = Tiers(store, opts, load_width=cfg.moe.k_active * batch)
+  from litejax.inference.store.levels import ExpertLevels
+  from litejax.inference.store_decode import StoreRuntime
+  tiers = ExpertLevels(store, opts, load_width=cfg.moe.k_active * batch)
   try:
     preload(cfg, tiers)
-    rec = step_cost.record_step(TieredRuntime(cfg, model, tiers, hot_mask), [[0] * max(cache_len - 7, 1)] * batch)
+    rec = step_cost.record_step(StoreRuntime(cfg, model, tiers, hot_mask), [[0] * max(cache_len - 7, 1)] * batch)
   finally:
     tiers.close()
   return step_cost.price(rec, chip)
 
 
 def choose(args, cfg, model, store, opts, batch: int, cache_len: int, chip=None):
-  """(the chosen TierSet's row with every considered row, the TierOptions sized by placement), the
+  """(the chosen TierSet's row with every considered row, the LevelOptions sized by placement), the
   compute part priced on `chip` (default: this host, measured now: litejax.perf.host.measure_host).
   ValueError for a bad flag or when no TierSet fits."""
   from litejax.calibrate import calibration
@@ -36,7 +36,7 @@ def choose(args, cfg, model, store, opts, batch: int, cache_len: int, chip=None)
   model = tiersets.with_store_experts(cfg, model, store)
   batches = tiersets.val_batches(cfg, args.val_batches, cfg.train.batch_size)
   rows = tiersets.evaluate(cfg, model, sets, batches)
-  bandwidth = {**calibration.measure_tier_bandwidth(directory=_store_dir(args.store)),
+  bandwidth = {**calibration.measure_level_bandwidth(directory=_store_dir(args.store)),
                **calibration.measure_expert_ops(store)}
   device, host = tiersets.placement_fractions(cfg)
   opts = dataclasses.replace(opts, device_slots=device, host_cache=host)

@@ -1,10 +1,8 @@
-"""Decoding runtime: a preallocated, sharded KV cache, one prefill call, one jitted decode step.
+"""Decoding runtime: a preallocated, sharded KV cache, one prefill call, one jitted decode step, and the
+generate loop every decoding runtime runs (`run_generation`; the expert store's runtime too).
 
-KV cache. Per attention layer a key and a value array [B, max_len, KV, hd] in the compute dtype with
-the logical axes `CACHE_AXES` (scanned layers: stacked on a leading 'layers' axis per layer of the
-period), so batch rows split like the activations and kv heads like the attention weights; the mesh
-axes come from litejax.sharding.LOGICAL_RULES. Entry t of row b holds the key/value of that row's
-token at position t.
+The cache layout is litejax.model.kv_cache's; prefill and the step run the model's own forward
+(`Transformer.__call__(..., cache=)`).
 
 Batches of prompts of different lengths are right-padded to a common length P. Prefill runs all P
 positions at once and fills cache entries 0..P-1; the first new token of row b comes from position
@@ -20,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -28,14 +26,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from litejax.model.moe import routing
-from litejax import sharding as shd
+from litejax import jaxcompat, sharding as shd
 from litejax.config import Config
-from litejax.model.layers import DTYPES
 from litejax.inference.sampling import Sampling, sample
+from litejax.model import kv_cache
+from litejax.model.transformer import abstract_model
 
-# The one statement of the KV cache layout (logical axes; a leading 'layers' axis when scanned).
-CACHE_AXES = ('batch', 'sequence', 'kv_heads', 'head_dim')
 # Calls into the runtime `generate` makes per decode step, each costing host time beyond the step's
 # kernels (hardware.Chip.call_overhead_s; the latency model's host term): the positions' device_put,
 # the step index's device_put, the jitted step's dispatch, the next tokens' device_get.
@@ -53,98 +49,6 @@ def prefill_config(cfg: Config) -> Config:
   if m.eval_capacity_factor is None:
     return decode_config(cfg)
   return cfg.replace(moe=dataclasses.replace(m, capacity_factor=m.eval_capacity_factor))
-
-
-# ---------------------------------------------------------------------------- the cache
-
-def cache_shapes(cfg: Config, batch: int, max_len: int) -> Any:
-  """The cache pytree as ShapeDtypeStructs: a list over layers (scanned: over the layers of one period,
-  each stacked over periods) of {'k', 'v'}."""
-  mc = cfg.model
-  shape = (batch, max_len, mc.num_kv_heads, mc.resolved_head_dim)
-  dt = DTYPES[mc.dtype]
-  if mc.scan_layers:
-    period = max(mc.moe_every, 1)
-    shape, layers = (mc.num_layers // period,) + shape, period
-  else:
-    layers = mc.num_layers
-  return [{'k': jax.ShapeDtypeStruct(shape, dt), 'v': jax.ShapeDtypeStruct(shape, dt)} for _ in range(layers)]
-
-
-def cache_shardings(cfg: Config, mesh: Mesh, batch: int, max_len: int) -> Any:
-  """NamedShardings of the cache pytree, from CACHE_AXES."""
-  return jax.tree.map(lambda s: shd.logical_sharding(mesh, CACHE_AXES, len(s.shape)),
-                      cache_shapes(cfg, batch, max_len))
-
-
-def init_cache(cfg: Config, mesh: Mesh, batch: int, max_len: int) -> Any:
-  """A zeroed cache, each array created directly in its sharding."""
-  shapes = cache_shapes(cfg, batch, max_len)
-  return jax.jit(lambda: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes),
-                 out_shardings=cache_shardings(cfg, mesh, batch, max_len))()
-
-
-# ---------------------------------------------------------------------------- the model with a cache
-
-def _block(block, x_bsd, positions_bs, cache: dict[str, jax.Array], with_routing: bool = False):
-  """model.Block with cached attention; returns (x, updated layer cache, expert ids [B, S, K] of an
-  MoE block, else None)."""
-  h, k, v = block.attn.cached(block.attn_norm(x_bsd), positions_bs, cache['k'], cache['v'])
-  x_bsd = x_bsd + h
-  h = block.ffn_norm(x_bsd)
-  ids = None
-  if block.is_moe:
-    y = block.ffn(h)[0]
-  if block.is_moe and with_routing:
-    # The router's choice again, for inspection only (make_runtime(with_routing=True)); the step
-    # that serves tokens never computes it.
-    b, s, d = h.shape
-    ids = routing.route(h.reshape(b * s, d), block.ffn.router_params(), block.ffn.moe_cfg,
-                        block.ffn.router_bias()).expert_nk.reshape(b, s, -1)
-  if not block.is_moe:
-    with jax.named_scope('dense_ffn'):   # scope names the FLOPs for litejax.analysis.bound
-      y = block.ffn(h)
-  return x_bsd + y, {'k': k, 'v': v}, ids
-
-
-def forward_cached(model, tokens_bs: jax.Array, positions_bs: jax.Array, cache: Any,
-                   with_routing: bool = False):
-  """The Transformer's forward over S new tokens per row at `positions_bs`, reading and writing the
-  cache. Returns (logits [B, S, V] f32, cache), and with_routing: also the routed expert ids
-  int32 [MoE layers, B, S, K] in layer order."""
-  mc = model.cfg.model
-  dt = DTYPES[mc.dtype]
-  x = model.embed[...][tokens_bs].astype(dt)
-  ids: list = []
-  if mc.scan_layers:
-    @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0))
-    def step(x_c, period, cache_p):
-      new, got = [], []
-      for layer, c in zip(period.layers, cache_p):
-        x_c, c, e = _block(layer, x_c, positions_bs, c, with_routing)
-        new.append(c)
-        got.append(e)
-      return x_c, new, [e for e in got if e is not None]
-
-    x, cache, per_period = step(x, model.periods, cache)
-    if per_period:   # [periods, B, S, K] per MoE layer of a period -> layer order
-      ids = list(jnp.stack(per_period, axis=1).reshape((-1,) + per_period[0].shape[1:]))
-  else:
-    new = []
-    for block, c in zip(model.blocks, cache):
-      x, c, e = _block(block, x, positions_bs, c, with_routing)
-      new.append(c)
-      if e is not None:
-        ids.append(e)
-    cache = new
-  x = model.final_norm(x)
-  w_out = model.embed[...].T if mc.tie_embeddings else model.unembed[...]
-  with jax.named_scope('unembed'):
-    logits = jnp.einsum('bsd,dv->bsv', x, w_out.astype(dt)).astype(jnp.float32)
-  if with_routing:
-    b, s = tokens_bs.shape
-    return logits, cache, (jnp.stack(ids) if ids else jnp.zeros((0, b, s, model.cfg.moe.k_active), jnp.int32))
-  return logits, cache
 
 
 # ---------------------------------------------------------------------------- jitted programs
@@ -191,7 +95,7 @@ class Runtime:
   def abstract_step_args(self) -> tuple:
     """ShapeDtypeStructs (with shardings) of the decode step's arguments: `step.trace(*args)` lowers
     it without allocating anything."""
-    graphdef, params, extra = nnx.split(_abstract(self.cfg), nnx.Param, ...)
+    graphdef, params, extra = nnx.split(abstract_model(self.cfg), nnx.Param, ...)
     del graphdef
 
     def attach(tree, shardings):
@@ -201,14 +105,9 @@ class Runtime:
     rep = NamedSharding(self.mesh, P())
     ints = jax.ShapeDtypeStruct((self.batch,), jnp.int32, sharding=rows)
     return (attach(params, self.params_shardings), attach(extra, self.extra_shardings),
-            attach(cache_shapes(self.cfg, self.batch, self.max_len), self.cache_shardings), ints, ints,
+            attach(kv_cache.cache_shapes(self.cfg, self.batch, self.max_len), self.cache_shardings), ints, ints,
             jax.eval_shape(lambda: jax.random.key(0)), jax.ShapeDtypeStruct((), jnp.int32, sharding=rep),
             jax.eval_shape(lambda: Sampling().as_arrays()))
-
-
-def _abstract(cfg: Config):
-  from litejax.model.transformer import abstract_model
-  return abstract_model(cfg)
 
 
 def make_runtime(cfg: Config, mesh: Mesh, batch: int, max_len: int, with_routing: bool = False) -> Runtime:
@@ -220,26 +119,33 @@ def make_runtime(cfg: Config, mesh: Mesh, batch: int, max_len: int, with_routing
   shd.validate_mesh(cfg, mesh, batch)
   if max_len < 2:
     raise ValueError(f'max_len: must be >= 2 (a prompt token and a new one), got {max_len}')
-  graph_step = nnx.split(_abstract(decode_config(cfg)), nnx.Param, ...)[0]
-  graph_prefill = nnx.split(_abstract(prefill_config(cfg)), nnx.Param, ...)[0]
-  _, params, extra = nnx.split(_abstract(cfg), nnx.Param, ...)
+  graph_step = nnx.split(abstract_model(decode_config(cfg)), nnx.Param, ...)[0]
+  graph_prefill = nnx.split(abstract_model(prefill_config(cfg)), nnx.Param, ...)[0]
+  _, params, extra = nnx.split(abstract_model(cfg), nnx.Param, ...)
   params_sh, extra_sh = shd.state_shardings(params, mesh), shd.state_shardings(extra, mesh)
-  cache_sh = cache_shardings(cfg, mesh, batch, max_len)
+  cache_sh = kv_cache.cache_shardings(cfg, mesh, batch, max_len)
   rows = shd.logical_sharding(mesh, ('batch',))
   rep = NamedSharding(mesh, P())
 
-  def prefill(params, extra, cache, tokens_bp, lengths_b, key, sampling):
-    positions = jnp.broadcast_to(jnp.arange(tokens_bp.shape[1], dtype=jnp.int32), tokens_bp.shape)
+  def forward(graphdef, params, extra, tokens_bs, positions_bs, cache):
+    """(logits, cache, and with_routing the expert ids int32 [MoE layers, B, S, K] in layer order)."""
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):   # MoE dispatch follows the mesh
-      out = forward_cached(nnx.merge(graph_prefill, params, extra), tokens_bp, positions, cache, with_routing)
+      logits, stats, cache = nnx.merge(graphdef, params, extra)(tokens_bs, positions_bs=positions_bs, cache=cache)
+    if not with_routing:
+      return logits, cache
+    b, s = tokens_bs.shape
+    ids = stats.expert_ids
+    ids = jnp.zeros((0, b, s, cfg.moe.k_active), jnp.int32) if ids is None else ids.reshape(ids.shape[0], b, s, -1)
+    return logits, cache, ids
+
+  def prefill(params, extra, cache, tokens_bp, lengths_b, key, sampling):
+    out = forward(graph_prefill, params, extra, tokens_bp, None, cache)   # positions 0..P-1
     logits_bpv, cache = out[:2]
     last_bv = jnp.take_along_axis(logits_bpv, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
     return (sample(last_bv, key, sampling), logits_bpv, cache) + out[2:]
 
   def step(params, extra, cache, tokens_b, positions_b, key, step_index, sampling):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-      out = forward_cached(nnx.merge(graph_step, params, extra), tokens_b[:, None], positions_b[:, None],
-                           cache, with_routing)
+    out = forward(graph_step, params, extra, tokens_b[:, None], positions_b[:, None], cache)
     logits_bv, cache = out[0][:, 0], out[1]
     ids = (out[2][:, :, 0],) if with_routing else ()
     return (sample(logits_bv, jax.random.fold_in(key, step_index), sampling), logits_bv, cache) + ids
@@ -261,12 +167,12 @@ def make_runtime(cfg: Config, mesh: Mesh, batch: int, max_len: int, with_routing
 
 @dataclasses.dataclass
 class Generation:
-  """What `generate` returns: new tokens per prompt and timings (seconds)."""
+  """What the generate loop (`run_generation`) returns: new tokens per prompt and timings (seconds)."""
   tokens: list[list[int]]
   ttft_s: float                    # prefill + first token, compile included on a cold runtime
   step_s: list[float]              # one entry per decode step (every row gets a token)
   interrupted: bool
-  compiles: int                    # compiled variants of the decode step so far
+  compiles: int                    # compiled variants of the runtime's decode program so far
   # with_routing runtimes: per new token j, the experts that computed it, int [MoE layers, prompts, K]
   # (token 0: the prompt's last position in prefill; token j: decode step j, fed token j - 1)
   experts: list | None = None
@@ -288,33 +194,63 @@ def pad_prompts(prompts: list[list[int]], batch: int) -> tuple[np.ndarray, np.nd
   return tokens, lengths
 
 
-def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_tokens: int,
-             sampling: Sampling = Sampling(), seed: int = 0,
-             on_step: Callable[[list[list[int]]], None] | None = None) -> Generation:
-  """Generates `max_new_tokens` per prompt. Ctrl-C (KeyboardInterrupt) stops after the current step and
-  returns what was generated so far (interrupted=True)."""
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One generation's inputs, as `run_generation` hands them to a decoder."""
+  tokens_bp: np.ndarray       # int32 [rows, P] right-padded prompts (dummy rows at the end)
+  lengths_b: np.ndarray       # int32 [rows] prompt lengths
+  prompts: int                # real rows (the first `prompts`)
+  max_new_tokens: int
+  key: jax.Array
+  sampling: Sampling
+
+
+class Decoder(Protocol):
+  """A decoding runtime with its weights, as the generate loop drives it. Timed: `prefill` (the time to
+  first token) and each `step`; `end_token` (bookkeeping after each token) is not."""
+
+  def rows(self, prompts: int) -> int:
+    """Batch rows the prompts are padded to."""
+
+  def begin(self, req: Request) -> None:
+    """Validates the request against the runtime (ValueError naming the constraint) and readies a
+    zeroed cache."""
+
+  def prefill(self) -> np.ndarray:
+    """The first new token of every row, on the host."""
+
+  def step(self, positions_b: np.ndarray, index: int) -> np.ndarray:
+    """Decode step `index` (1, 2, ...): feeds every row's last token at `positions_b`; the next tokens."""
+
+  def end_token(self) -> None:
+    """After the prefill and after each step."""
+
+  def compiles(self) -> int:
+    """Compiled variants of the runtime's decode program so far."""
+
+  def experts(self) -> list | None:
+    """Per new token the experts that computed it (runtimes that record them), else None."""
+
+
+def run_generation(decoder: Decoder, prompts: list[list[int]], max_new_tokens: int,
+                   sampling: Sampling = Sampling(), seed: int = 0,
+                   on_step: Callable[[list[list[int]]], None] | None = None) -> Generation:
+  """The generate loop: `max_new_tokens` per prompt from `decoder`. Ctrl-C (KeyboardInterrupt) stops after
+  the current step and returns what was generated so far (interrupted=True)."""
   sampling.validate()
   if max_new_tokens < 1:
     raise ValueError(f'max_new_tokens: must be >= 1, got {max_new_tokens}')
-  tokens, lengths = pad_prompts(prompts, rt.batch)
-  if tokens.shape[1] + max_new_tokens - 1 > rt.max_len:
-    raise ValueError(f'longest prompt ({tokens.shape[1]}) + max_new_tokens ({max_new_tokens}) - 1 exceeds the '
-                     f'cache length {rt.max_len}')
+  tokens, lengths = pad_prompts(prompts, decoder.rows(len(prompts)))
   n = len(prompts)
-  params, extra = rt.place(params, extra)        # a no-op when already in the runtime's shardings
   out: list[list[int]] = [[] for _ in range(n)]
-  key, samp = rt.replicated((jax.random.key(seed), sampling.as_arrays()))
   step_s: list[float] = []
   interrupted, ttft = False, 0.0
-  experts: list = []
   try:
-    cache = init_cache(rt.cfg, rt.mesh, rt.batch, rt.max_len)
+    decoder.begin(Request(tokens, lengths, n, max_new_tokens, jax.random.key(seed), sampling))
     t0 = time.perf_counter()
-    next_b, _, cache, *ids = rt.prefill(params, extra, cache, tokens, rt.rows(lengths), key, samp)
-    host = np.asarray(jax.device_get(next_b))
-    if ids:
-      experts.append(np.asarray(ids[0])[:, np.arange(n), lengths[:n] - 1])
+    host = decoder.prefill()
     ttft = time.perf_counter() - t0
+    decoder.end_token()
     for j in range(max_new_tokens):
       for i in range(n):
         out[i].append(int(host[i]))
@@ -322,14 +258,70 @@ def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_token
         on_step(out)
       if j == max_new_tokens - 1:
         break
-      t0 = time.perf_counter()   # the HOST_CALLS_PER_STEP calls; a NumPy index is one put, not two
-      next_b, _, cache, *ids = rt.step(params, extra, cache, next_b, rt.rows(lengths + j), key,
-                                       rt.replicated(np.int32(j + 1)), samp)
-      host = np.asarray(jax.device_get(next_b))
+      t0 = time.perf_counter()
+      host = decoder.step(lengths + j, j + 1)
       step_s.append(time.perf_counter() - t0)
-      if ids:
-        experts.append(np.asarray(ids[0])[:, :n])
+      decoder.end_token()
   except KeyboardInterrupt:
     interrupted = True
-  return Generation(out, ttft, step_s, interrupted, rt.step._cache_size(),
-                    experts if rt.with_routing else None)
+  return Generation(out, ttft, step_s, interrupted, decoder.compiles(), decoder.experts())
+
+
+class ResidentDecoder:
+  """The Decoder of a `Runtime` with its weights (placed in the runtime's shardings)."""
+
+  def __init__(self, rt: Runtime, params, extra):
+    self.rt = rt
+    self.params, self.extra = params, extra
+    self._experts: list = []
+    self._ids = None
+
+  def rows(self, prompts: int) -> int:
+    return self.rt.batch
+
+  def begin(self, req: Request) -> None:
+    rt = self.rt
+    if req.tokens_bp.shape[1] + req.max_new_tokens - 1 > rt.max_len:
+      raise ValueError(f'longest prompt ({req.tokens_bp.shape[1]}) + max_new_tokens ({req.max_new_tokens}) - 1 '
+                       f'exceeds the cache length {rt.max_len}')
+    self.req = req
+    self.params, self.extra = rt.place(self.params, self.extra)   # a no-op when already placed
+    self.key, self.samp = rt.replicated((req.key, req.sampling.as_arrays()))
+    self.cache = kv_cache.init_cache(rt.cfg, rt.mesh, rt.batch, rt.max_len)
+
+  def prefill(self) -> np.ndarray:
+    rt, req = self.rt, self.req
+    self.next_b, _, self.cache, *ids = rt.prefill(self.params, self.extra, self.cache, req.tokens_bp,
+                                                  rt.rows(req.lengths_b), self.key, self.samp)
+    host = np.asarray(jax.device_get(self.next_b))
+    if ids:
+      n = req.prompts
+      self._experts.append(np.asarray(ids[0])[:, np.arange(n), req.lengths_b[:n] - 1])
+    return host
+
+  def step(self, positions_b: np.ndarray, index: int) -> np.ndarray:
+    # the HOST_CALLS_PER_STEP calls; a NumPy index is one put, not two
+    rt = self.rt
+    self.next_b, _, self.cache, *ids = rt.step(self.params, self.extra, self.cache, self.next_b,
+                                               rt.rows(positions_b), self.key, rt.replicated(np.int32(index)),
+                                               self.samp)
+    self._ids = ids[0] if ids else None
+    return np.asarray(jax.device_get(self.next_b))
+
+  def end_token(self) -> None:
+    if self._ids is not None:
+      self._experts.append(np.asarray(self._ids)[:, :self.req.prompts])
+      self._ids = None
+
+  def compiles(self) -> int:
+    return jaxcompat.compiled_variants(self.rt.step)
+
+  def experts(self) -> list | None:
+    return self._experts if self.rt.with_routing else None
+
+
+def generate(rt: Runtime, params, extra, prompts: list[list[int]], max_new_tokens: int,
+             sampling: Sampling = Sampling(), seed: int = 0,
+             on_step: Callable[[list[list[int]]], None] | None = None) -> Generation:
+  """Generates `max_new_tokens` per prompt with the resident runtime `rt` (`run_generation`)."""
+  return run_generation(ResidentDecoder(rt, params, extra), prompts, max_new_tokens, sampling, seed, on_step)

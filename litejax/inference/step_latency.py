@@ -1,20 +1,20 @@
-"""The latency model of one decode step of the tiered runtime (litejax.inference.store_decode), program by program.
+"""The latency model of one decode step of the store runtime (litejax.inference.store_decode), program by program.
 
 The store decode does not run one fused step: per token it runs an embed, per layer one to four jitted
 programs (dense layer; or moe_pre, experts per wave, finish, lookahead), the head and the sampler, and it
 waits for the device once per MoE layer (the expert ids it routes on) and once more per lookahead and per
-token. Those waits serialise host and device: while the host looks up tiers and dispatches, the device
+token. Those waits serialise host and device: while the host looks up levels and dispatches, the device
 has nothing queued, and while the device runs, the host waits. So a step costs
 
     sum over the programs run per token of latency.estimate_compiled(program).total_s    (device)
     + sum over those calls of a host dispatch overhead: hardware.Chip.call_overhead_s where `litejax
       calibrate` measured it, else `dispatch_probe_s` (a do-nothing program with the call's arguments)
-    + the host work outside the calls (tier lookups, the runtime's bookkeeping), measured on real
+    + the host work outside the calls (level lookups, the runtime's bookkeeping), measured on real
       steps by `record_step`
 
 and the I/O term (litejax.inference.tiersets.io_ms_per_step) is added by the caller. The programs are the ones a
-real step runs: `record_step` decodes a few tokens with the runtime's programs wrapped and keeps the
-calls of the last forward, with their argument shapes.
+real step runs: `record_step` decodes a few tokens through the runtime's hooks (a `Recorder`) and keeps
+the calls of the last forward, with their argument shapes.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from typing import Any, Callable
 
 from litejax.perf import timing
 
-PROGRAMS = ('_embed', 'dense_layer', 'moe_pre', 'experts', 'finish', 'lookahead', '_head', '_sample')
 SYNCING = ('moe_pre', 'lookahead', '_sample')   # outputs the host reads before it can go on
 
 
@@ -35,6 +34,7 @@ class Call:
   fn: Callable
   args: tuple
   kwargs: dict
+  static_argnums: tuple[int, ...] = ()
   dispatch_s: float = 0.0     # host time inside the call (jitted calls return before the device is done)
   t_start: float = 0.0
   t_end: float = 0.0
@@ -51,49 +51,43 @@ class Recording:
   host_s: float         # the step's host work outside jitted calls: wall less calls, waits and recording
 
 
-def record_step(runtime, prompts: list[list[int]], steps: int = 5) -> Recording:
-  """The jitted calls of one decode step of `runtime` (a TieredRuntime) after a prefill of `prompts` (one
-  per batch row), in order, with abstract arguments and the host time each call took, and the step's
-  host work outside the calls (the tier lookups and the runtime's bookkeeping: the wall time less the
-  calls, the waits for device results and the recording's own work; the median over `steps` steps).
-  Runs a real decode of steps + 2 tokens and keeps the last step's calls (the first step compiles). Pass
-  a runtime whose step does no I/O (e.g. hot tiers preloaded), or its I/O is counted as host time."""
-  import jax
+class Recorder:
+  """Store-runtime hooks (litejax.inference.store_programs.Hooks) that run every program call and host wait
+  and record each: the calls with abstract arguments and their host time, the waits' start and length."""
 
-  from litejax.inference import store_decode as tiered_decode
-  calls: list[Call] = []
-  waits: list[tuple[float, float]] = []   # (start, seconds) of each wait for a device result
-  saved = {name: getattr(tiered_decode, name) for name in PROGRAMS}
-  device_get = jax.device_get
+  def __init__(self):
+    self.calls: list[Call] = []
+    self.waits: list[tuple[float, float]] = []   # (start, seconds) of each wait for a device result
 
-  def wrap(name, fn):
-    def rec(*args, **kwargs):
-      t = time.perf_counter()
-      call = Call(name, fn, _abstract(args), _abstract(kwargs), t_start=t)
-      t0 = time.perf_counter()
-      out = fn(*args, **kwargs)
-      call.t_end = time.perf_counter()
-      call.dispatch_s = call.t_end - t0
-      calls.append(call)
-      return out
-    rec._cache_size = getattr(fn, '_cache_size', None)   # read by TieredRuntime.generate
-    return rec
-
-  def timed_get(x):
+  def call(self, program, *args, **kwargs):
+    t = time.perf_counter()
+    call = Call(program.name, program.fn, _abstract(args), _abstract(kwargs), program.static_argnums, t_start=t)
     t0 = time.perf_counter()
-    out = device_get(x)
-    waits.append((t0, time.perf_counter() - t0))
+    out = program.fn(*args, **kwargs)
+    call.t_end = time.perf_counter()
+    call.dispatch_s = call.t_end - t0
+    self.calls.append(call)
     return out
 
-  for name, fn in saved.items():
-    setattr(tiered_decode, name, wrap(name, fn))
-  jax.device_get = timed_get     # for the recording only: the runtime reads device results through it
-  try:
-    runtime.generate(prompts, steps + 2)
-  finally:
-    jax.device_get = device_get
-    for name, fn in saved.items():
-      setattr(tiered_decode, name, fn)
+  def device_get(self, tree):
+    import jax
+    t0 = time.perf_counter()
+    out = jax.device_get(tree)
+    self.waits.append((t0, time.perf_counter() - t0))
+    return out
+
+
+def record_step(runtime, prompts: list[list[int]], steps: int = 5) -> Recording:
+  """The jitted calls of one decode step of `runtime` (a store runtime) after a prefill of `prompts` (one
+  per batch row), in order, with abstract arguments and the host time each call took, and the step's
+  host work outside the calls (the level lookups and the runtime's bookkeeping: the wall time less the
+  calls, the waits for device results and the recording's own work; the median over `steps` steps).
+  Runs a real decode of steps + 2 tokens through a Recorder and keeps the last step's calls (the first
+  step compiles). Pass a runtime whose step does no I/O (e.g. hot tiers' experts preloaded), or its I/O is counted
+  as host time."""
+  rec = Recorder()
+  runtime.generate(prompts, steps + 2, hooks=rec)
+  calls, waits = rec.calls, rec.waits
   firsts = [i for i, c in enumerate(calls) if c.name == '_embed'][-steps:]
   host = []
   for a, b in zip(firsts, firsts[1:] + [len(calls)]):
@@ -110,16 +104,14 @@ def dispatch_probe_s(call: Call, repeats: int = 20) -> float:
   a small program inline in the dispatching thread, so the recorded call times include execution)."""
   import jax
   import jax.numpy as jnp
-  info = getattr(call.fn, '_jit_info', None)
-  static = tuple(info.static_argnums) if info is not None else ()
-  noop = jax.jit(lambda *a, **k: jnp.zeros((), jnp.int32), static_argnums=static)
+  noop = jax.jit(lambda *a, **k: jnp.zeros((), jnp.int32), static_argnums=call.static_argnums)
   concrete = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype) if isinstance(a, jax.ShapeDtypeStruct) else a,
                           (call.args, call.kwargs))
   return timing.per_call_s(lambda: noop(*concrete[0], **concrete[1]), repeats)
 
 
 def price(rec: Recording, chip, call_overhead_s: float | None = None) -> dict:
-  """The compute part of one decode step of the tiered runtime (module docstring), in ms, with its parts:
+  """The compute part of one decode step of the store runtime (module docstring), in ms, with its parts:
   per program the calls, the summed estimate and dispatch. Dispatch per call: `call_overhead_s` when
   given, else the chip's `call_overhead_s` (litejax calibrate), else `dispatch_probe_s` of that call."""
   from litejax.perf import latency

@@ -9,7 +9,7 @@ warm, and all tiers (those allowing at least moe.k_tier tiers; duplicates droppe
   (litejax.analysis.decode_bound, the same for every TierSet) plus an I/O term. The store is laid out by placement
   (hot tiers' experts in device slots, warm ones in the host cache, cold ones on disk) and the I/O term
   charges every selection of a warm expert one host -> device copy and of a cold expert one disk read
-  plus that copy, at the bandwidths `calibration.measure_tier_bandwidth` measured. Reuse by the caches is
+  plus that copy, at the bandwidths `calibration.measure_level_bandwidth` measured. Reuse by the caches is
   not credited, so the term is an upper bound for a cold cache and pessimistic once the caches warm.
 
 `choose` keeps the TierSets whose prediction fits the budget and picks the least validation loss.
@@ -58,7 +58,7 @@ def io_ms_per_step(fractions: dict[str, float], assignments_per_step: float, exp
   disk read and that load; hot ones nothing (resident in device slots). Each operation costs the larger
   of its measured per-expert time (`slot_load_s`, `disk_read_s`, calibration.measure_expert_ops) and the
   expert's bytes over the tier's bandwidth (`host_bytes_per_s`, `disk_bytes_per_s`,
-  calibration.measure_tier_bandwidth); either may be absent."""
+  calibration.measure_level_bandwidth); either may be absent."""
   load = max(io.get('slot_load_s', 0.0), expert_bytes / io['host_bytes_per_s'])
   read = max(io.get('disk_read_s', 0.0), expert_bytes / io['disk_bytes_per_s'])
   warm, cold = assignments_per_step * fractions['warm'], assignments_per_step * fractions['cold']

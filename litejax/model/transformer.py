@@ -1,4 +1,5 @@
-"""Decoder-only language model (NNX): embed -> L × (attention, dense FFN or MoE) -> norm -> logits.
+"""Decoder-only language model (NNX): embed -> L × (attention, dense FFN or MoE) -> norm -> logits, one
+forward for training, prefill and cached decoding (`Transformer.__call__(..., cache=)`).
 
 Layer i (1-based) is MoE when i % moe_every == 0. With `scan_layers`, each run of `moe_every`
 layers (dense..., MoE) is one scanned "period" with stacked parameters (leading axis 'layers').
@@ -14,10 +15,36 @@ from flax import nnx
 from litejax.config import Config, ConfigError
 from litejax.model.layers import DTYPES, FFN, Attention, RMSNorm, param
 from litejax.model.moe.block import MoEBlock, MoEStats
+from litejax.model.moe.routing import Routing
+
+
+def causal_positions(batch: int, seq: int) -> jax.Array:
+  """int32 [B, S]: positions 0..S-1 of every row (a forward over whole sequences, and prefill). Built
+  inside the program that uses them, so XLA folds the rotary angles the same way wherever they are."""
+  return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
+
+
+def embed_tokens(embed_vd: jax.Array, tokens_bs: jax.Array, dtype) -> jax.Array:
+  """[B, S, d] input embeddings in the compute dtype."""
+  return embed_vd[tokens_bs].astype(dtype)
+
+
+def output_logits(final_norm: RMSNorm, x_bsd: jax.Array, w_out_dv: jax.Array) -> jax.Array:
+  """Logits [B, S, V] f32 of the residual stream: the final norm, then the unembedding."""
+  x_bsd = final_norm(x_bsd)
+  with jax.named_scope('unembed'):   # scope names the FLOPs for litejax.analysis.bound
+    return jnp.einsum('bsd,dv->bsv', x_bsd, w_out_dv.astype(x_bsd.dtype)).astype(jnp.float32)
 
 
 class Block(nnx.Module):
-  """Pre-norm residual block: x + attn(norm(x)); x + ffn(norm(x)) where ffn is dense or MoE."""
+  """Pre-norm residual block in two halves: x + attn(attn_norm(x)), then x + ffn(ffn_norm(x)) where ffn is
+  dense or MoE. An MoE block's FFN half is `route` -> the routed experts -> `combine`; the expert store's
+  runtime (litejax.inference.store_programs) calls those pieces with its own experts in between.
+
+  Where variants land: an attention variant (MLA, q/k norms) in layers.Attention and the cache entry it
+  keeps (litejax.model.kv_cache.layer_entry); a router variant in `route` (a pre-gated router, whose
+  choice for this layer was made D layers earlier, hands that choice to `feed_forward` in place of it).
+  """
 
   def __init__(self, cfg: Config, is_moe: bool, rngs: nnx.Rngs):
     mc = cfg.model
@@ -28,15 +55,43 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(mc.d_model, mc.norm_eps)
     self.ffn = MoEBlock(cfg, rngs) if is_moe else FFN(mc.d_model, mc.resolved_d_ff, mc.ffn_kind, rngs, pd)
 
-  def __call__(self, x_bsd, positions_bs, tier_mask=None):
-    x_bsd = x_bsd + self.attn(self.attn_norm(x_bsd), positions_bs)
-    h = self.ffn_norm(x_bsd)
-    if self.is_moe:
-      y, aux = self.ffn(h, tier_mask)
-    else:
+  def attention(self, x_bsd: jax.Array, positions_bs: jax.Array, kv: dict[str, jax.Array] | None = None):
+    """The attention half with its residual: (x + attn(attn_norm(x)), kv). With `kv`, this layer's cache
+    entry {'k', 'v'} (litejax.model.kv_cache), attention writes this call's keys and values at
+    `positions_bs` and reads the cache; the entry comes back updated (None without a cache)."""
+    h_bsd = self.attn_norm(x_bsd)
+    if kv is None:
+      return x_bsd + self.attn(h_bsd, positions_bs), None
+    out, k, v = self.attn.cached(h_bsd, positions_bs, kv['k'], kv['v'])
+    return x_bsd + out, {'k': k, 'v': v}
+
+  def route(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None) -> tuple[jax.Array, Routing]:
+    """MoE block: (the router's input ffn_norm(x) [N, d], the router's choice for it)."""
+    b, s, d = x_bsd.shape
+    h_nd = self.ffn_norm(x_bsd).reshape(b * s, d)
+    return h_nd, self.ffn.route(h_nd, tier_mask)
+
+  def combine(self, x_bsd: jax.Array, h_nd: jax.Array, y_nd: jax.Array) -> jax.Array:
+    """MoE block: the FFN half's residual, x + (y + shared experts(h)), from the routed experts' combined
+    output y [N, d] on the router input h [N, d]."""
+    return x_bsd + self.ffn.add_shared(h_nd, y_nd).reshape(x_bsd.shape).astype(x_bsd.dtype)
+
+  def feed_forward(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
+    """The FFN half with its residual: (x + ffn(ffn_norm(x)), MoEStats of an MoE block, else None)."""
+    if not self.is_moe:
+      h_bsd = self.ffn_norm(x_bsd)
       with jax.named_scope('dense_ffn'):   # scope names the FLOPs for litejax.analysis.bound
-        y, aux = self.ffn(h), None
-    return x_bsd + y, aux
+        y_bsd = self.ffn(h_bsd)
+      return x_bsd + y_bsd, None
+    h_nd, r = self.route(x_bsd, tier_mask)
+    y_nd, stats = self.ffn.routed_experts(h_nd, r)
+    return self.combine(x_bsd, h_nd, y_nd), stats
+
+  def __call__(self, x_bsd, positions_bs, tier_mask=None, kv=None):
+    """(x after both halves, MoEStats or None, the updated cache entry or None)."""
+    x_bsd, kv = self.attention(x_bsd, positions_bs, kv)
+    x_bsd, aux = self.feed_forward(x_bsd, tier_mask)
+    return x_bsd, aux, kv
 
 
 class Period(nnx.Module):
@@ -46,16 +101,18 @@ class Period(nnx.Module):
     n = max(cfg.model.moe_every, 1)
     self.layers = nnx.List([Block(cfg, cfg.model.moe_every > 0 and i == n - 1, rngs) for i in range(n)])
 
-  def __call__(self, x_bsd, positions_bs, tier_mask=None):
-    aux = None
-    for layer in self.layers:
-      x_bsd, a = layer(x_bsd, positions_bs, tier_mask)
+  def __call__(self, x_bsd, positions_bs, tier_mask=None, cache=None):
+    """(x, the MoE layer's stats or None, the period's cache entries or None)."""
+    aux, new = None, []
+    for i, layer in enumerate(self.layers):
+      x_bsd, a, kv = layer(x_bsd, positions_bs, tier_mask, None if cache is None else cache[i])
       aux = a if a is not None else aux
-    return x_bsd, aux
+      new.append(kv)
+    return x_bsd, aux, (None if cache is None else new)
 
 
 class Transformer(nnx.Module):
-  """The litejax LM. __call__(tokens [B, S]) -> (logits [B, S, V] f32, aux)."""
+  """The litejax LM, for training, prefill and cached decoding alike (`__call__`)."""
 
   def __init__(self, cfg: Config, rngs: nnx.Rngs):
     mc = cfg.model
@@ -86,35 +143,42 @@ class Transformer(nnx.Module):
       return [b.ffn for b in self.blocks if b.is_moe]
     return [layer.ffn for layer in self.periods.layers if layer.is_moe]
 
-  def __call__(self, tokens_bs: jax.Array, tier_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
-    """logits [B, S, V] f32 and the MoE layers' stats stacked [L_moe, ...] (in layer order).
-    tier_mask: optional bool [T], a TierSet: every MoE layer routes among those tiers only."""
-    mc = self.cfg.model
-    dt = DTYPES[mc.dtype]
-    b, s = tokens_bs.shape
-    positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
-    x = self.embed[...][tokens_bs].astype(dt)
-    if mc.scan_layers:
-      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
-      def step(x_c, period):
-        x_c, aux = period(x_c, positions, tier_mask)
-        return x_c, (aux if aux is not None else ())
+  def output_weights(self) -> jax.Array:
+    """The unembedding [d, V] (the embedding's transpose when tied)."""
+    return self.embed[...].T if self.cfg.model.tie_embeddings else self.unembed[...]
 
-      x, stats = step(x, self.periods)
+  def __call__(self, tokens_bs: jax.Array, tier_mask: jax.Array | None = None, *,
+               positions_bs: jax.Array | None = None, cache: list | None = None):
+    """embed -> blocks -> final norm -> unembed over S tokens per row.
+
+    Without `cache` (training, evaluation): (logits [B, S, V] f32, MoEStats stacked [L_moe, ...] in layer
+    order), every row at positions 0..S-1. With `cache` (litejax.model.kv_cache layout): the tokens sit at
+    `positions_bs` (default 0..S-1: prefill), attention reads and writes the cache, and the result is
+    (logits, stats, updated cache). tier_mask: optional bool [T], a TierSet: every MoE layer routes among
+    those tiers only."""
+    mc = self.cfg.model
+    b, s = tokens_bs.shape
+    positions = causal_positions(b, s) if positions_bs is None else positions_bs
+    x = embed_tokens(self.embed[...], tokens_bs, DTYPES[mc.dtype])
+    if mc.scan_layers:
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0))
+      def step(x_c, period, cache_p):
+        x_c, aux, cache_p = period(x_c, positions, tier_mask, cache_p)
+        return x_c, (aux if aux is not None else ()), cache_p
+
+      x, stats, new_cache = step(x, self.periods, cache)
     else:
-      per_layer = []
-      for block in self.blocks:
-        x, aux = block(x, positions, tier_mask)
+      per_layer, new_cache = [], []
+      for i, block in enumerate(self.blocks):
+        x, aux, kv = block(x, positions, tier_mask, None if cache is None else cache[i])
+        new_cache.append(kv)
         if aux is not None:
           per_layer.append(aux)
       stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else ()
     if not isinstance(stats, MoEStats):   # no MoE layer
       stats = MoEStats.empty(self.cfg.moe)
-    x = self.final_norm(x)
-    w_out = self.embed[...].T if mc.tie_embeddings else self.unembed[...]
-    with jax.named_scope('unembed'):
-      logits = jnp.einsum('bsd,dv->bsv', x, w_out.astype(dt)).astype(jnp.float32)
-    return logits, stats
+    logits = output_logits(self.final_norm, x, self.output_weights())
+    return (logits, stats) if cache is None else (logits, stats, new_cache)
 
 
 def layer_mean(x_l: jax.Array) -> jax.Array:

@@ -1,4 +1,4 @@
-"""The tiered expert store (issue 13): routed experts on disk (TensorStore zarr3, one chunk per expert),
+"""The expert store (issue 13): routed experts on disk (TensorStore zarr3, one chunk per expert),
 a host-memory cache and a fixed number of device slots per MoE layer.
 
   layout.py   manifest, config digest, expert shapes and the checkpoint leaves that hold experts (pure)
@@ -9,6 +9,6 @@ a host-memory cache and a fixed number of device slots per MoE layer.
   slots.py    the device slot buffer: [slots, d, h] arrays updated in place from pinned host memory
   quant.py    the int8 fallback copy of an expert (per-row symmetric scales)
   slot_moe.py the MoE expert FFN over a slot buffer, bit-identical to the resident dropless path (pure JAX)
-  tiers.py    decode-time tiers: slots + host cache + disk, lookahead prefetch thread, fallback, metrics
+  levels.py   decode-time storage levels: slots + host cache + disk, lookahead prefetch thread, fallback, metrics
   plot.py     the `generate --store --plot` PNG
 """

@@ -1,5 +1,5 @@
 """Expert caches with a static number of slots, as plain Python + NumPy (no JAX): the policy half of the
-device tier and of the host tier.
+device level and of the host level.
 
 A `SlotCache` has `num_slots` slots, an expert->slot table `slot_of` [num_keys] (-1: not resident) and a
 slot->expert array `key_of` [num_slots] (-1: empty), so a decode step can gather from a fixed-shape slot
@@ -127,7 +127,7 @@ class SlotCache:
 
 
 class HostCache:
-  """The host tier: a byte budget over (layer, expert) keys, each entry one expert's arrays (or None when
+  """The host level: a byte budget over (layer, expert) keys, each entry one expert's arrays (or None when
   only simulating). Eviction as SlotCache (default LRU)."""
 
   def __init__(self, budget_bytes: int, expert_bytes: int, layers: Sequence[int], experts_per_layer: int,

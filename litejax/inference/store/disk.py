@@ -1,9 +1,9 @@
-"""The disk tier: every routed expert of every MoE layer in TensorStore zarr3 arrays, one chunk per expert.
+"""The disk level: every routed expert of every MoE layer in TensorStore zarr3 arrays, one chunk per expert.
 
 Chunks are uncompressed (the `bytes` codec only), so a chunk file is exactly one expert's array and
 reading expert e reads that expert's bytes and no more (tests/test_store_disk.py measures it with
 TensorStore's own kvstore byte counters). TensorStore's chunk cache is off (the default context):
-caching is the host tier's job, with a budget it controls.
+caching is the host level's job, with a budget it controls.
 
 Arrays are opened with `fill_missing_data_reads: false`: zarr3 would otherwise return the fill value
 for a chunk that was never written, and a half-exported store would decode with zero experts.

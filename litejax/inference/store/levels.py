@@ -1,11 +1,11 @@
-"""The three tiers at decode time (host side): per MoE layer a SlotCache + DeviceSlots (device tier), one
-HostCache of expert arrays (host tier), the ExpertStore (disk tier), a prefetch thread fed by router
+"""The three storage levels at decode time (host side): per MoE layer a SlotCache + DeviceSlots (device level), one
+HostCache of expert arrays (host level), the ExpertStore (disk level), a prefetch thread fed by router
 lookahead, and the counters the `store` JSON reports.
 
 `resolve(layer, experts)` is called once per wave of a layer, after routing and before the experts run:
 every expert it returns a slot for is in that slot when it returns (stall), except that with
 miss='fallback' an expert that is on disk only is given a fallback index instead (its int8 copy is
-used) and is read into the host tier in the background for later tokens.
+used) and is read into the host level in the background for later tokens.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ MISS_MODES = ('stall', 'fallback')
 
 
 @dataclasses.dataclass(frozen=True)
-class TierOptions:
+class LevelOptions:
   """What `litejax generate --store` was asked for. Fractions are of each MoE layer's experts."""
   device_slots: float = 0.05
   host_cache: float = 0.1
@@ -34,7 +34,7 @@ class TierOptions:
   lookahead: int = 0
   miss: str = 'stall'
   lookahead_width: int = 1    # prefetch W·K candidates per token and layer (litejax.inference.store.lookahead)
-  stage: bool = True          # lookahead also copies its depth-1 candidates into device slots (Tiers.prefetch)
+  stage: bool = True          # lookahead also copies its depth-1 candidates into device slots (ExpertLevels.prefetch)
 
   def validate(self) -> None:
     """ValueError naming the flag and the constraint."""
@@ -59,7 +59,7 @@ class TierOptions:
 
 
 @dataclasses.dataclass
-class TierCounters:
+class LevelCounters:
   lookups: int = 0            # (layer, expert) lookups, one per distinct expert per wave
   device_hits: int = 0
   host_hits: int = 0          # found in the host cache (or its prefetch had finished)
@@ -76,13 +76,13 @@ class TierCounters:
   staged_hits: int = 0        # device hits on a staged expert (its first use since it was staged)
 
 
-class Tiers:
+class ExpertLevels:
   """Device slots, host cache and disk for every MoE layer of one store."""
 
-  def __init__(self, store: ExpertStore, opts: TierOptions, load_width: int, int8=None):
+  def __init__(self, store: ExpertStore, opts: LevelOptions, load_width: int, int8=None):
     opts.validate()
     if opts.miss == 'fallback' and int8 is None:
-      raise ValueError('--miss fallback needs the int8 copies (Tiers(int8=...))')
+      raise ValueError('--miss fallback needs the int8 copies (ExpertLevels(int8=...))')
     self.store, self.opts = store, opts
     e = store.num_experts
     self.num_slots = opts.num_slots(e)
@@ -92,7 +92,7 @@ class Tiers:
     self.host = HostCache(opts.host_experts(e, len(store.layers)) * store.expert_bytes, store.expert_bytes,
                           store.layers, e, opts.policy, store.experts_per_group)
     self.int8 = int8
-    self.counters = TierCounters(recall_hit=[0] * opts.lookahead, recall_total=[0] * opts.lookahead)
+    self.counters = LevelCounters(recall_hit=[0] * opts.lookahead, recall_total=[0] * opts.lookahead)
     self._lock = threading.RLock()
     self._inflight: dict[tuple[int, int], Any] = {}    # (layer, expert) -> disk.PendingRead
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='prefetch')
@@ -109,16 +109,16 @@ class Tiers:
     self._pool.shutdown(wait=True)
 
   def drain(self) -> None:
-    """Waits until every prefetch job submitted so far (reads into the host tier, staging) is done."""
+    """Waits until every prefetch job submitted so far (reads into the host level, staging) is done."""
     self._pool.submit(lambda: None).result()    # one worker, jobs in order
 
-  # -------------------------------------------------------------------------- host and disk tiers
+  # -------------------------------------------------------------------------- host and disk levels
 
   def _host_get(self, layer: int, expert: int):
     with self._lock:
       value = self.host.get(layer, expert)
       if value is not None:
-        self.host.access(layer, [expert])   # a use, for the host tier's policy
+        self.host.access(layer, [expert])   # a use, for the host level's policy
       return value
 
   def _host_put(self, layer: int, experts: Sequence[int], arrays: dict[str, np.ndarray], use: bool) -> None:
@@ -139,7 +139,7 @@ class Tiers:
     return arrays
 
   def _complete(self, layer: int, pending) -> None:
-    """Waits for an asynchronous read and puts its experts in the host tier, once per read (the prefetch
+    """Waits for an asynchronous read and puts its experts in the host level, once per read (the prefetch
     thread and a resolve that needs one of its experts may both get here)."""
     arrays = pending.result()
     with self._lock:     # re-entrant: the put happens before the other caller can look for the experts
@@ -151,7 +151,7 @@ class Tiers:
 
   def _read_async(self, layer: int, experts: list[int]):
     """Issues the reads now (TensorStore reads every chunk concurrently on its own threads) and marks the
-    experts in flight; the prefetch thread puts them in the host tier when they arrive."""
+    experts in flight; the prefetch thread puts them in the host level when they arrive."""
     pending = self.store.read_experts_async(layer, experts)
     for e in experts:
       self._inflight[(layer, e)] = pending
@@ -159,7 +159,7 @@ class Tiers:
 
   def prefetch(self, layer: int, experts: Sequence[int], depth: int) -> None:
     """Lookahead: records the prediction for recall; on the background thread reads the experts that are
-    on disk only into the host tier and then (opts.stage, depth 1) copies the first candidates, best
+    on disk only into the host level and then (opts.stage, depth 1) copies the first candidates, best
     first, into device slots of `layer`: at most half its slots per step, evicting by the policy but never
     a candidate, and never once `layer` has run in this step."""
     ids = [int(e) for e in dict.fromkeys(int(e) for e in experts)]
@@ -185,7 +185,7 @@ class Tiers:
       self._stage(layer, stage)
 
   def _stage(self, layer: int, experts: list[int]) -> None:
-    """Copies host-tier experts into device slots of `layer` (device_put and the slot write are
+    """Copies host-level experts into device slots of `layer` (device_put and the slot write are
     dispatched asynchronously: the copy overlaps whatever the device is running)."""
     with self._dev_lock:
       if layer in self._closed:
@@ -198,10 +198,10 @@ class Tiers:
         return
       cache.prefetch(list(values), protected=experts)
       self._staged[layer].update(values)
-      self._load(layer, [(int(cache.slot_of[e]), v) for e, v in values.items()])
+      self.load_slots(layer, [(int(cache.slot_of[e]), v) for e, v in values.items()])
       self.counters.staged += len(values)
 
-  # -------------------------------------------------------------------------- device tier
+  # -------------------------------------------------------------------------- device level
 
   def resolve(self, layer: int, experts: Sequence[int], groups: Sequence[int] = ()) -> dict[int, int]:
     """{expert: slot} for the distinct experts of one wave (at most num_slots); with miss='fallback' an
@@ -254,10 +254,10 @@ class Tiers:
     loaded = [e for e in unique if e not in fallback]
     access = cache.access(loaded) if loaded else None
     slot = {e: int(s) for e, s in zip(loaded, access.slots)} if access else {}
-    self._load(layer, [(slot[e], arrays[e]) for e in need if e in arrays])
+    self.load_slots(layer, [(slot[e], arrays[e]) for e in need if e in arrays])
     self._fallback_ids = fallback
     slot.update({e: -1 - i for i, e in enumerate(fallback)})
-    for key in [k for k, f in self._inflight.items() if f.counted]:   # in the host tier by now
+    for key in [k for k, f in self._inflight.items() if f.counted]:   # in the host level by now
       del self._inflight[key]
     c.stall_s += time.perf_counter() - t0
     return slot
@@ -267,7 +267,9 @@ class Tiers:
     """The experts of the last `resolve` that run on their int8 copy, in fallback-index order."""
     return self._fallback_ids
 
-  def _load(self, layer: int, items: list[tuple[int, dict[str, np.ndarray]]]) -> None:
+  def load_slots(self, layer: int, items: list[tuple[int, dict[str, np.ndarray]]]) -> None:
+    """Writes (slot, expert arrays) pairs into `layer`'s device slots, `load_width` per program call; the
+    slot cache's bookkeeping is the caller's (SlotCache.access or .prefetch first)."""
     dev = self.slots[layer]
     for start in range(0, len(items), dev.load_width):
       chunk = items[start:start + dev.load_width]
@@ -296,7 +298,7 @@ class Tiers:
     host = [int(e) for e in host]
     if host:
       self._read_into_host(layer, host)
-    self.counters = TierCounters(recall_hit=[0] * self.opts.lookahead, recall_total=[0] * self.opts.lookahead)
+    self.counters = LevelCounters(recall_hit=[0] * self.opts.lookahead, recall_total=[0] * self.opts.lookahead)
     self._closed.discard(layer)
 
   def end_step(self) -> None:
@@ -308,7 +310,7 @@ class Tiers:
       self._closed.clear()
 
   def report(self, tokens: int, stall_s: float | None = None) -> dict:
-    """The `store` JSON: hit rates per tier, lookahead recall per depth, bytes read per token per tier.
+    """The `store` JSON: hit rates per level, lookahead recall per depth, bytes read per token per level.
     stall_s: the stall time to divide by `tokens` (default: all of it, prefill included)."""
     c, eb = self.counters, self.store.expert_bytes
     stall_s = c.stall_s if stall_s is None else stall_s

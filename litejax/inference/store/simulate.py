@@ -1,9 +1,9 @@
-"""Replay a routing trace through the tiers: device slots per layer -> host cache -> disk.
+"""Replay a routing trace through the storage levels: device slots per layer -> host cache -> disk.
 
 A trace is a sequence of `Step`s, one per (decode step, MoE layer) in execution order, holding every
 expert id the batch routes to at that layer (and the groups chosen, for the `group` policy). Each
 distinct expert of a step is one lookup: a device hit, or a device miss that is a host hit, or a host
-miss read from disk. Bytes read out of a tier are counted per expert moved, so
+miss read from disk. Bytes read out of a level are counted per expert moved, so
 
   bytes_read['host'] = device misses x expert_bytes    (host -> device slot)
   bytes_read['disk'] = host misses   x expert_bytes    (disk -> host)
@@ -27,7 +27,7 @@ class Step:
 
 
 @dataclasses.dataclass
-class TierCounts:
+class LevelCounts:
   hits: int = 0
   misses: int = 0
 
@@ -39,9 +39,9 @@ class TierCounts:
 @dataclasses.dataclass
 class SimResult:
   expert_bytes: int
-  device: TierCounts
-  host: TierCounts
-  per_layer: dict[int, TierCounts]       # device tier, per layer
+  device: LevelCounts
+  host: LevelCounts
+  per_layer: dict[int, LevelCounts]       # device level, per layer
   tokens: int
 
   @property
@@ -67,7 +67,7 @@ def simulate(trace: Iterable[Step], *, layers: Sequence[int], experts_per_layer:
   per-token figures."""
   device = {l: SlotCache(device_slots, experts_per_layer, policy, experts_per_group) for l in layers}
   host = HostCache(host_bytes, expert_bytes, layers, experts_per_layer, host_policy, experts_per_group)
-  res = SimResult(expert_bytes, TierCounts(), TierCounts(), {l: TierCounts() for l in layers}, tokens)
+  res = SimResult(expert_bytes, LevelCounts(), LevelCounts(), {l: LevelCounts() for l in layers}, tokens)
   for step in trace:
     cache = device[step.layer]
     if policy == 'group':

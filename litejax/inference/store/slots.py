@@ -1,6 +1,6 @@
 """The device slot buffer: per MoE layer, static-shape [slots, ...] arrays of expert weights on device.
 
-Experts arrive from the host tier as arrays in JAX's `pinned_host` memory (the staging copy a DMA
+Experts arrive from the host level as arrays in JAX's `pinned_host` memory (the staging copy a DMA
 reads from; on CPU in jax 0.10.2 it is listed but is not physically separate) and are written into
 their slots by one jitted `.at[slot].set` of every expert array at once, with the buffers donated, so the
 update is in place, costs one dispatch per load, and compiles once per load width, whatever slots it fills.

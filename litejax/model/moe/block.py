@@ -60,6 +60,9 @@ class MoEStats:
   # Sparse training only: ids of the rows behind each RowDelta, {'experts' | 'router_group' |
   # 'router_expert': int32 [rows]}, padded with the table's row count (`attach_row_deltas`).
   touched: dict[str, jax.Array] | None = None
+  # The router's choice, int32 [N, K] expert ids (Routing.expert_nk), for inspection: decode's with_routing
+  # returns it; every other program drops it. None for a dense model.
+  expert_ids: jax.Array | None = None
 
   @classmethod
   def empty(cls, cfg: MoEConfig) -> MoEStats:
@@ -142,16 +145,22 @@ class MoEBlock(nnx.Module):
       out['w_gate'] = self.w_gate[...]
     return {k: sparse_grad.from_bits(v, self.table_dtype) for k, v in out.items()}
 
-  def __call__(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
-    """Routes and runs the experts; local or expert-parallel as the ambient mesh says (`jax.set_mesh`).
-    tier_mask: optional bool [T], a TierSet (routing.route): the routing tiers these tokens may use."""
-    b, s, d = x_bsd.shape
-    x_nd = x_bsd.reshape(b * s, d)
+  # The layer is route -> routed_experts -> add_shared; litejax.model.transformer.Block composes them with
+  # its residual, and the expert store's runtime runs its own experts between `route` and `add_shared`.
+
+  def route(self, x_nd: jax.Array, tier_mask: jax.Array | None = None) -> routing.Routing:
+    """The router's choice for [N, d] tokens (routing.route), reading the router rows of sparse training's
+    deltas when attached. tier_mask: optional bool [T], a TierSet: the routing tiers these tokens may use."""
     deltas = self._row_deltas()
     router_deltas = {level: deltas[f'router_{level}'] for level in ('group', 'expert') if f'router_{level}' in deltas}
-    r = routing.route(x_nd, self.router_params(), self.moe_cfg, self.router_bias(), tier_mask=tier_mask,
-                      row_deltas=router_deltas)
+    return routing.route(x_nd, self.router_params(), self.moe_cfg, self.router_bias(), tier_mask=tier_mask,
+                         row_deltas=router_deltas)
+
+  def routed_experts(self, x_nd: jax.Array, r: routing.Routing) -> tuple[jax.Array, MoEStats]:
+    """(y [N, d]: the routed experts' combined outputs, MoEStats); local or expert-parallel as the ambient
+    mesh says (`jax.set_mesh`)."""
     touched = dict(r.touched or {})
+    deltas = self._row_deltas()
     expert_deltas = {name: deltas[name] for name in EXPERT_TABLES if name in deltas}
     with jax.named_scope('dispatch'):   # packing and combine; the expert matmuls inside are 'experts'
       if expert_deltas:
@@ -159,13 +168,25 @@ class MoEBlock(nnx.Module):
             x_nd, r, self.expert_params(), expert_deltas, self.moe_cfg)
       else:
         y_nd, drop_fraction = expert_parallel.moe_ffn(x_nd, r, self.expert_params(), self.moe_cfg)
-    if hasattr(self, 'shared'):
-      with jax.named_scope('shared_experts'):   # scope names the FLOPs for litejax.analysis.bound
-        y_nd = y_nd + self.shared(x_nd)
     stats = MoEStats(load_balance_loss=r.load_balance_loss, z_loss=r.z_loss, drop_fraction=drop_fraction,
                      tokens_per_expert=r.tokens_per_expert, tokens_per_group=r.tokens_per_group,
-                     tokens_per_tier=r.tokens_per_tier, touched=touched or None)
-    return y_nd.reshape(b, s, d).astype(x_bsd.dtype), stats
+                     tokens_per_tier=r.tokens_per_tier, touched=touched or None, expert_ids=r.expert_nk)
+    return y_nd, stats
+
+  def add_shared(self, x_nd: jax.Array, y_nd: jax.Array) -> jax.Array:
+    """y_nd plus the shared experts' output on x_nd (y_nd itself without shared experts)."""
+    if not hasattr(self, 'shared'):
+      return y_nd
+    with jax.named_scope('shared_experts'):   # scope names the FLOPs for litejax.analysis.bound
+      return y_nd + self.shared(x_nd)
+
+  def __call__(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats]:
+    """Routes and runs the experts (and the shared experts) on [B, S, d] activations.
+    tier_mask: optional bool [T], a TierSet (routing.route): the routing tiers these tokens may use."""
+    b, s, d = x_bsd.shape
+    x_nd = x_bsd.reshape(b * s, d)
+    y_nd, stats = self.routed_experts(x_nd, self.route(x_nd, tier_mask))
+    return self.add_shared(x_nd, y_nd).reshape(b, s, d).astype(x_bsd.dtype), stats
 
   def update_bias(self, stats: MoEStats, rate: float) -> None:
     """Loss-free balancing step on every level's selection bias (sigmoid scoring only).
