@@ -12,7 +12,8 @@ import numpy as np
 import orbax.checkpoint._src.handlers.json_checkpoint_handler as json_handler
 import pytest
 
-from litejax.train.checkpoint import (DIGEST_FILE, CheckpointCorruptError, Checkpointer, CheckpointWriteError)
+from litejax.train.checkpoint import (DIGEST_FILE, CheckpointCorruptError, Checkpointer, CheckpointMismatchError,
+                                      CheckpointWriteError)
 from train_helpers import subprocess_env
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
@@ -129,3 +130,27 @@ def test_digest_lists_every_file(tmp_path):
   on_disk = {str(p.relative_to(tmp_path / 'ckpt' / '1')) for p in (tmp_path / 'ckpt' / '1').rglob('*')
              if p.is_file() and p.name != DIGEST_FILE}
   assert set(digest) == on_disk and any(k.startswith('state/') for k in digest)
+
+
+def test_partial_and_single_leaf_reads_share_the_checks(tmp_path):
+  """The reader's partial restore (params alone, as decoding reads them) and single-leaf reads (as
+  export-experts reads them) go through the same digest check, fall-back and shape check as a full restore."""
+  _save(tmp_path / 'ckpt', [1, 2])
+  f = _tensor_files(tmp_path / 'ckpt' / '2')[0]
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  f.write_bytes(bytes(data))
+  ck = Checkpointer(tmp_path / 'ckpt', read_only=True)
+  try:
+    with pytest.warns(RuntimeWarning, match=rf'/2 is unreadable \(CheckpointCorruptError: {f}'):
+      restored = ck.restore({'params': ABSTRACT['params']}, partial=True)
+    assert restored.step == 1 and set(restored.state) == {'params'}
+    for k in ('w', 'b'):
+      assert np.array_equal(np.asarray(restored.state['params'][k]), state(1)['params'][k]), k
+    with pytest.raises(CheckpointCorruptError, match=str(f)):
+      ck.read_leaf(2, 'params/w')
+    wrong = {'params': {'w': jax.ShapeDtypeStruct((64, 33), np.float32)}}
+    with pytest.raises(CheckpointMismatchError, match=r'params/w has shape \(64, 32\) in the checkpoint but \(64, 33\)'):
+      ck.restore(wrong, step=1, partial=True)
+  finally:
+    ck.close()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import pathlib
-import warnings
 from typing import Any
 
 import jax
@@ -42,54 +41,23 @@ class Session:
 
 def load(ckpt_dir: str | pathlib.Path, overrides: list[str] = (), devices=None) -> Session:
   """Reads the config stored with the newest checkpoint (plus `overrides`, e.g. mesh.*) and restores
-  its parameters onto that config's mesh over `devices` (default all). FileNotFoundError when ckpt_dir holds no checkpoint."""
-  from litejax.train import loop as train_lib, step as train_step
-  stored = train_lib.restore_config(ckpt_dir)
-  if stored is None:
-    raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: run `litejax train` first (or pass --ckpt-dir)')
-  cfg = from_dict(parse_overrides(overrides), base=stored) if overrides else stored
-  mesh = shd.make_mesh(cfg.mesh, devices)
-  _, abstract, _ = train_step.state_layout(cfg, mesh)
-  restored = restore_params(ckpt_dir, {'params': abstract['params'], 'extra': abstract['extra']})
-  if restored is None:
-    raise FileNotFoundError(f'no readable checkpoint in {ckpt_dir}: run `litejax train` first')
-  step, state = restored
-  return Session(cfg, mesh, state['params'], state['extra'], step)
-
-
-def restore_params(ckpt_dir, abstract: dict) -> tuple[int, dict] | None:
-  """(step, {'params', 'extra'}) of the newest intact checkpoint, restored into `abstract`'s
-  shardings by an Orbax partial restore: the optimizer state (dense AdamW moments or the sparse
-  update's rows) is never read. The checks of Checkpointer.restore, on these leaves: each candidate's
-  digest, then its stored shapes against `abstract` (CheckpointMismatchError naming the leaf); an
-  unreadable checkpoint is skipped with a warning for the previous one. None: no checkpoint."""
-  import orbax.checkpoint as ocp
-
-  from litejax.train.checkpoint import (Checkpointer, CheckpointCorruptError, CheckpointMismatchError, leaf_specs)
-  ckpt = Checkpointer(ckpt_dir)
-  skipped = []
+  its parameters onto that config's mesh over `devices` (default all): params and extra alone, by the
+  checkpoint reader's partial restore (the optimizer state is never read), from the newest intact
+  checkpoint. FileNotFoundError when ckpt_dir holds no checkpoint."""
+  from litejax.train import step as train_step
+  from litejax.train.checkpoint import Checkpointer
+  ckpt = Checkpointer(ckpt_dir, read_only=True)
   try:
-    ckpt.manager.reload()
-    for s in reversed(ckpt.all_steps()):
-      where = f'checkpoint {ckpt_dir}/{s}'
-      try:
-        ckpt.verify(s)
-        saved = ckpt.read_meta(s).get('leaves', {})
-        for name, spec in leaf_specs(abstract).items():
-          if list(saved.get(name, {}).get('shape', [None])) != list(spec['shape']):
-            raise CheckpointMismatchError(f'{where}: {name} {tuple(spec["shape"])} of the config is '
-                                          f'{saved.get(name, {}).get("shape", "missing")} in the checkpoint')
-        args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
-                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
-        return s, ckpt.manager.restore(s, args=ocp.args.Composite(state=args))['state']
-      except CheckpointMismatchError:
-        raise
-      except Exception as e:  # noqa: BLE001 (any read failure means: not a usable checkpoint)
-        warnings.warn(f'{where}: unreadable ({type(e).__name__}: {e}); trying the previous one', RuntimeWarning,
-                      stacklevel=2)
-        skipped.append(where)
+    found = ckpt.newest_meta()
+    if found is None:
+      raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: run `litejax train` first (or pass --ckpt-dir)')
+    stored = from_dict(found[1]['config'])
+    cfg = from_dict(parse_overrides(overrides), base=stored) if overrides else stored
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    _, abstract, _ = train_step.state_layout(cfg, mesh)
+    restored = ckpt.restore({'params': abstract['params'], 'extra': abstract['extra']}, partial=True)
   finally:
     ckpt.close()
-  if skipped:
-    raise CheckpointCorruptError(f'no intact checkpoint in {ckpt_dir}: ' + '; '.join(skipped))
-  return None
+  if restored is None:
+    raise FileNotFoundError(f'no readable checkpoint in {ckpt_dir}: run `litejax train` first')
+  return Session(cfg, mesh, restored.state['params'], restored.state['extra'], restored.step)
