@@ -122,15 +122,24 @@ def layer_mean(x_l: jax.Array) -> jax.Array:
   return jnp.mean(x_l, axis=0) if x_l.shape[0] else jnp.zeros(x_l.shape[1:], x_l.dtype)
 
 
-def init_model(cfg: Config, seed: int = 0) -> Transformer:
-  """Builds the model with materialised parameters.
+def build_model(cfg: Config, seed: int | jax.Array = 0) -> Transformer:
+  """The model with its parameters drawn from `seed`: litejax's one initialisation. `init_model(cfg, s)`,
+  the step-0 state of a run with `train.seed: s` (litejax.train.step) and a store's non-expert weights
+  (litejax.inference.store_decode.model_without_experts) are all this function, traced inside a jit.
 
-  Initialisation runs as one jitted program with the 'rbg' PRNG: eager init compiles one kernel
-  per parameter shape, and threefry bit generation compiles much slower on CPU than 'rbg'.
+  The PRNG is 'rbg': threefry bit generation compiles several times slower on CPU. rbg draws the same
+  values on every mesh (a sharded init equals the unsharded one), but its SPMD lowering generates each
+  parameter whole on every device and keeps that device's slice.
   """
-  return nnx.jit(lambda: Transformer(cfg, nnx.Rngs(params=jax.random.key(seed, impl='rbg'))))()
+  return Transformer(cfg, nnx.Rngs(params=jax.random.key(seed, impl='rbg')))
+
+
+def init_model(cfg: Config, seed: int = 0) -> Transformer:
+  """Builds the model with materialised parameters (`build_model` as one jitted program: eager init
+  compiles one kernel per parameter shape)."""
+  return nnx.jit(lambda: build_model(cfg, seed))()
 
 
 def abstract_model(cfg: Config) -> Transformer:
   """The model with ShapeDtypeStruct leaves: nothing is allocated (works for 1e15 parameters)."""
-  return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
+  return nnx.eval_shape(lambda: build_model(cfg))
