@@ -110,14 +110,14 @@ def model_without_experts(cfg: Config, seed: int = 0):
   """The model with every weight but the routed experts initialised as `init_model(cfg, seed)` would
   (one jitted init whose expert outputs are dead code, so XLA never builds them), the routed experts left
   abstract: for a store written by `export-experts --init`, whose model was never trained."""
-  from litejax.model.transformer import abstract_model, build_model
+  from litejax.model.transformer import abstract_model, build_model, init_compiler_options
   model = abstract_model(cfg)
 
   def build():
     m = build_model(cfg, seed)
     return {path: v[...] for path, v in nnx.to_flat_state(nnx.state(m)) if not _is_routed(path, cfg)}
 
-  values = jax.jit(build)()
+  values = jax.jit(build, compiler_options=init_compiler_options(jax.default_backend()))()
   for path, var in nnx.to_flat_state(nnx.state(model)):
     if path in values:
       var.set_value(values[path])

@@ -122,22 +122,31 @@ def layer_mean(x_l: jax.Array) -> jax.Array:
   return jnp.mean(x_l, axis=0) if x_l.shape[0] else jnp.zeros(x_l.shape[1:], x_l.dtype)
 
 
-def build_model(cfg: Config, seed: int | jax.Array = 0) -> Transformer:
+def build_model(cfg: Config, seed: int = 0) -> Transformer:
   """The model with its parameters drawn from `seed`: litejax's one initialisation. `init_model(cfg, s)`,
   the step-0 state of a run with `train.seed: s` (litejax.train.step) and a store's non-expert weights
   (litejax.inference.store_decode.model_without_experts) are all this function, traced inside a jit.
 
-  The PRNG is 'rbg': threefry bit generation compiles several times slower on CPU. rbg draws the same
-  values on every mesh (a sharded init equals the unsharded one), but its SPMD lowering generates each
-  parameter whole on every device and keeps that device's slice.
+  The key is JAX's default threefry: the same values on every mesh and backend, and a sharded init
+  generates only each device's part of a parameter.
   """
-  return Transformer(cfg, nnx.Rngs(params=jax.random.key(seed, impl='rbg')))
+  return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+def init_compiler_options(platform: str) -> dict[str, int]:
+  """XLA options for a program that runs once (an init): on CPU, LLVM -O1 compiles threefry's hash several
+  times faster than the default -O3, for the same bits (tests/test_train.py checks init_model against the
+  train state's own program)."""
+  return {'xla_backend_optimization_level': 1} if platform == 'cpu' else {}
 
 
 def init_model(cfg: Config, seed: int = 0) -> Transformer:
-  """Builds the model with materialised parameters (`build_model` as one jitted program: eager init
-  compiles one kernel per parameter shape)."""
-  return nnx.jit(lambda: build_model(cfg, seed))()
+  """Builds the model with materialised parameters: `build_model` as one jitted program (eager init
+  compiles one kernel per parameter shape), compiled with `init_compiler_options`."""
+  graphdef = nnx.split(abstract_model(cfg))[0]
+  state = jax.jit(lambda: nnx.state(build_model(cfg, seed)),
+                  compiler_options=init_compiler_options(jax.default_backend()))()
+  return nnx.merge(graphdef, state)
 
 
 def abstract_model(cfg: Config) -> Transformer:

@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from litejax import sharding as shd
 from litejax.train import sparse_step as sparse_train
 from litejax.config import Config
-from litejax.model.transformer import abstract_model, build_model
+from litejax.model.transformer import abstract_model, build_model, init_compiler_options
 from litejax.train.objective import forward_loss, loss_terms, step_metrics, update_bias
 from litejax.train.optimizer import make_optimizer
 
@@ -74,7 +74,8 @@ def state_layout(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation | Non
 def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardings: Any) -> dict[str, Any]:
   """A fresh train state, each array created directly in its sharding (no host copy)."""
   mode = sparse_train.update_mode(cfg, mesh)
-  return jax.jit(lambda: _new_state(cfg, tx, mode), out_shardings=shardings)()
+  options = init_compiler_options(mesh.devices.flat[0].platform)
+  return jax.jit(lambda: _new_state(cfg, tx, mode), out_shardings=shardings, compiler_options=options)()
 
 
 # ---------------------------------------------------------------------------- steps
