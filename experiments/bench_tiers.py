@@ -40,7 +40,7 @@ FRACTIONS = (0.005, 0.01, 0.05, 0.1, 1.0)
 POLICIES = ('lru', 'lfu', 'group')
 PROMPT = 'And God said, Let there be light: and there was light. '
 sys.path.insert(0, str(REPO))
-from litejax.commands.generate_store import DEFAULT_LOOKAHEAD_WIDTH  # noqa: E402
+from litejax.commands.generate import DEFAULT_LOOKAHEAD_WIDTH  # noqa: E402
 QUICK_SETS = ['model.num_layers=2', 'moe.groups_per_tier=4', 'train.batch_size=2', 'train.eval_every=2',
               'train.ckpt_every=2']
 QUICK_1B_SETS = ['moe.num_tiers=2', 'moe.groups_per_tier=4', 'moe.experts_per_group=16']
@@ -61,11 +61,11 @@ def ensure_checkpoint(ckpt_dir: pathlib.Path, quick: bool) -> str:
 
 def load(ckpt_dir: pathlib.Path, store_dir: pathlib.Path):
   """(cfg, model without experts, ExpertStore) of a checkpoint, exporting its experts once."""
-  from litejax.commands.generate_store import _session_model
+  from litejax.inference.session import load_store_model
   from litejax.inference.store.from_checkpoint import write_from_checkpoint
   if not (store_dir / 'manifest.json').exists():
     write_from_checkpoint(str(store_dir), str(ckpt_dir), overwrite=True)
-  cfg, model, store, _ = _session_model(argparse.Namespace(ckpt_dir=str(ckpt_dir), overrides=[]), str(store_dir))
+  cfg, model, store, _ = load_store_model(str(store_dir), str(ckpt_dir))
   return cfg, model, store
 
 

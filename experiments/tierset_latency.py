@@ -27,12 +27,12 @@ PLACEMENT = 'hot,warm,cold,cold'
 
 def measure(cfg, model, store, opts, mask, prompt: list[int], new_tokens: int) -> dict:
   """Median ms per decode step of one TierSet, decoded as generate --latency-budget-ms decodes it."""
-  from litejax.commands import generate_tierset
+  from litejax.inference import tiersets
   from litejax.inference.store.levels import Tiers
   from litejax.inference.store_decode import TieredRuntime
   tiers = Tiers(store, opts, load_width=cfg.moe.k_active)
   try:
-    generate_tierset.preload(cfg, tiers)
+    tiersets.preload(cfg, tiers)
     rt = TieredRuntime(cfg, model, tiers, mask)
     gen, _ = rt.generate([prompt], new_tokens)
   finally:
@@ -61,16 +61,17 @@ def main(argv=None) -> int:
     host.host_chip = functools.partial(host.host_chip, quick=True)
   source = bench_tiers.ensure_checkpoint(ckpt, args.quick)
   cfg, model, store = bench_tiers.load(ckpt, ckpt.parent / 'store')
-  from litejax.commands import generate_tierset
+  from litejax.commands.generate import io_probes
   from litejax.config import from_dict
+  from litejax.inference import tiersets
   from litejax.inference.store.levels import TierOptions
   placement = PLACEMENT    # tiny_1k (and its --quick shrink) has 4 routing tiers
   cfg = from_dict({'store': {'placement': placement}}, base=cfg)
   prompt = [int(b) for b in bench_tiers.PROMPT.encode()]
-  ns = argparse.Namespace(val_batches=1 if args.quick else 2, latency_budget_ms=1e9, store=str(ckpt.parent / 'store'))
-  chosen, opts = generate_tierset.choose(ns, cfg, model, store, TierOptions(miss='stall'), 1,
-                                         len(prompt) + args.tokens)
-  from litejax.inference import tiersets
+  chosen, opts = tiersets.choose_for_budget(cfg, model, store, TierOptions(miss='stall'), batch=1,
+                                            cache_len=len(prompt) + args.tokens, budget_ms=1e9,
+                                            num_val_batches=1 if args.quick else 2,
+                                            io_probes=lambda: io_probes(str(ckpt.parent / 'store'), store))
   masks = {ts.name: ts.mask for ts in tiersets.candidates(cfg)}
   rows = []
   for row in chosen['considered']:

@@ -1,12 +1,13 @@
 """A checkpoint loaded for decoding: config from the checkpoint, parameters onto the current mesh, and
-`generate` with a runtime sized to the prompts (litejax.inference.decode) and the latency model's split.
+`generate` with a runtime sized to the prompts (litejax.inference.decode) and the latency model's split;
+and the model that decodes with an expert store's routed experts (`load_store_model`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import pathlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -61,3 +62,50 @@ def load(ckpt_dir: str | pathlib.Path, overrides: list[str] = (), devices=None) 
   if restored is None:
     raise FileNotFoundError(f'no readable checkpoint in {ckpt_dir}: run `litejax train` first')
   return Session(cfg, mesh, restored.state['params'], restored.state['extra'], restored.step)
+
+
+class StoreModel(NamedTuple):
+  """What decoding from an expert store needs (`load_store_model`)."""
+  cfg: Config
+  model: Any             # the Transformer: concrete non-expert weights, routed experts abstract or from a checkpoint
+  store: Any             # the opened ExpertStore
+  weights: str           # where the non-expert weights came from, for the report
+
+
+def load_store_model(store_location: str, ckpt_dir: str | pathlib.Path | None = None,
+                     overrides: list[str] = ()) -> StoreModel:
+  """The model to decode with the routed experts of the store at `store_location`. Its other weights
+  come from `ckpt_dir`, else from the checkpoint the store was exported from (its manifest names it),
+  else (a store written by `export-experts --init`) they are initialised from the store's config and seed.
+  A store exported from a checkpoint never decodes with initialised weights: FileNotFoundError when
+  that checkpoint is gone, ValueError when `ckpt_dir` restores another step than the store's experts'."""
+  from flax import nnx
+
+  from litejax.inference.store.disk import ExpertStore
+  from litejax.inference.store_decode import model_without_experts
+  from litejax.model.transformer import abstract_model
+  source = ExpertStore.read_source(store_location)
+  ckpt = pathlib.Path(ckpt_dir) if ckpt_dir else None
+  if ckpt is None and source.get('kind') == 'checkpoint':
+    ckpt = pathlib.Path(source['ckpt_dir'])
+    if not ckpt.is_dir():
+      raise FileNotFoundError(f"--store {store_location}: its experts come from checkpoint {ckpt} (step "
+                              f"{source.get('step')}), which is not there: pass --ckpt-dir with that checkpoint")
+  if ckpt is not None and ckpt.is_dir():
+    session = load(ckpt, overrides, jax.devices()[:1])
+    if source.get('kind') == 'checkpoint' and 'step' in source and int(source['step']) != session.step:
+      raise ValueError(f"--store {store_location} holds the experts of step {source['step']} but --ckpt-dir "
+                       f"{ckpt} restored step {session.step}: re-export with `litejax export-experts --ckpt-dir "
+                       f"{ckpt} --out STORE`, or pass the checkpoint the store came from")
+    store = ExpertStore.open(store_location, session.cfg)
+    graphdef = nnx.split(abstract_model(session.cfg), nnx.Param, ...)[0]
+    params, extra = jax.device_get((session.params, session.extra))
+    return StoreModel(session.cfg, nnx.merge(graphdef, params, extra), store, f'checkpoint {ckpt}')
+  if ckpt is not None:
+    raise FileNotFoundError(f'--ckpt-dir {ckpt}: no such checkpoint folder')
+  store = ExpertStore.open(store_location)
+  cfg = from_dict(store.manifest['config'])
+  if overrides:
+    cfg = from_dict(parse_overrides(overrides), base=cfg)
+  seed = int(store.manifest.get('source', {}).get('seed', 0))
+  return StoreModel(cfg, model_without_experts(cfg, seed), store, f'initialised (seed {seed}): the store has no checkpoint')
