@@ -51,22 +51,19 @@ def killed_runs(tmp_path_factory):
 
 
 def test_sigkill_during_async_saves_restores_newest_complete(killed_runs):
+  # Every kill came after the run's first logged step (ckpt_kill_worker waits for it): all 20 are checked.
   assert len(killed_runs) == SEEDS
-  resumed = 0
   for run in killed_runs:
-    committed = [int(s) for s in (run / 'committed').read_text().split()] if (run / 'committed').exists() else []
+    committed = [int(s) for s in (run / 'committed').read_text().split()]
+    assert committed, run
     with warnings.catch_warnings():
       warnings.simplefilter('ignore')       # a step killed between its commit and its digest is unverified
-      restored = restore(run / 'ckpt') if (run / 'ckpt').exists() else None
-    if not committed:
-      continue                              # killed before its first save completed
+      restored = restore(run / 'ckpt')
     assert restored is not None, run
     # Newest complete: at least the newest step the child knew was on disk, at most the one after it
     # (committed by Orbax, killed before the child could log it); and exactly that step's arrays.
     assert committed[-1] <= restored.step <= committed[-1] + 1, (run, committed[-1], restored.step)
     assert_state(restored, restored.step)
-    resumed += 1
-  assert resumed >= SEEDS // 2, 'too few seeds got past their first save: lengthen the delays'
 
 
 def _save(directory, steps, keep=3):
