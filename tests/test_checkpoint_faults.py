@@ -3,6 +3,7 @@ disk in the write path, flipped and truncated bytes. Small NumPy states keep the
 loop's own resume (bit-exact losses, metrics 1..N once each after a kill) is tests/test_train.py's."""
 import errno
 import pathlib
+import shutil
 import subprocess
 import sys
 import warnings
@@ -137,8 +138,11 @@ def test_partial_and_single_leaf_reads_share_the_checks(tmp_path):
   data = bytearray(f.read_bytes())
   data[len(data) // 2] ^= 0x10
   f.write_bytes(bytes(data))
+  in_flight = tmp_path / 'ckpt' / '3.orbax-checkpoint-tmp-1234'    # another process's save, still writing
+  shutil.copytree(tmp_path / 'ckpt' / '1', in_flight)
   ck = Checkpointer(tmp_path / 'ckpt', read_only=True)
   try:
+    assert ck.all_steps() == [1, 2]
     with pytest.warns(RuntimeWarning, match=rf'/2 is unreadable \(CheckpointCorruptError: {f}'):
       restored = ck.restore({'params': ABSTRACT['params']}, partial=True)
     assert restored.step == 1 and set(restored.state) == {'params'}
@@ -151,3 +155,4 @@ def test_partial_and_single_leaf_reads_share_the_checks(tmp_path):
       ck.restore(wrong, step=1, partial=True)
   finally:
     ck.close()
+  assert in_flight.is_dir()              # a reader never deletes a writer's temporary folder
