@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 import harness
-from litejax.commands.generate_store import DEFAULT_LOOKAHEAD_WIDTH
+from litejax.commands.generate import DEFAULT_LOOKAHEAD_WIDTH
 
 FRACTIONS = (0.005, 0.01, 0.05, 0.1, 1.0)
 POLICIES = ('lru', 'lfu', 'group')

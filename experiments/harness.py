@@ -213,11 +213,11 @@ def ensure_checkpoint(ckpt: pathlib.Path, quick: bool) -> str:
 
 def load_store_model(ckpt: pathlib.Path, store_dir: pathlib.Path):
   """(cfg, model without experts, ExpertStore) of a checkpoint, its experts exported to `store_dir` once."""
-  from litejax.commands.generate_store import _session_model
+  from litejax.inference.session import load_store_model
   from litejax.inference.store.from_checkpoint import write_from_checkpoint
   if not (store_dir / 'manifest.json').exists():
     write_from_checkpoint(str(store_dir), str(ckpt), overwrite=True)
-  cfg, model, store, _ = _session_model(argparse.Namespace(ckpt_dir=str(ckpt), overrides=[]), str(store_dir))
+  cfg, model, store, _ = load_store_model(str(store_dir), str(ckpt))
   return cfg, model, store
 
 

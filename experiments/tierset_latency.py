@@ -11,7 +11,6 @@ tier mask in every router, --miss stall, batch 1; measured = median decode step.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import statistics
 import sys
@@ -23,12 +22,12 @@ PLACEMENT = 'hot,warm,cold,cold'
 
 def measure(cfg, model, store, opts, mask, prompt: list[int], new_tokens: int) -> dict:
   """Median ms per decode step of one TierSet, decoded as generate --latency-budget-ms decodes it."""
-  from litejax.commands import generate_tierset
+  from litejax.inference import tiersets
   from litejax.inference.store.levels import ExpertLevels
   from litejax.inference.store_decode import StoreRuntime
   tiers = ExpertLevels(store, opts, load_width=cfg.moe.k_active)
   try:
-    generate_tierset.preload(cfg, tiers)
+    tiersets.preload(cfg, tiers)
     rt = StoreRuntime(cfg, model, tiers, mask)
     gen, _ = rt.generate([prompt], new_tokens)
   finally:
@@ -50,19 +49,21 @@ def main(argv=None) -> int:
     args.tokens = 4
   source = harness.ensure_checkpoint(ckpt, args.quick)
   cfg, model, store = harness.load_store_model(ckpt, ckpt.parent / 'store')
-  from litejax.commands import generate_tierset
+  from litejax.commands.generate import io_probes
   from litejax.config import from_dict
+  from litejax.inference import tiersets
   from litejax.inference.store.levels import LevelOptions
+  from litejax.perf.host import measure_host
   placement = PLACEMENT    # tiny_1k (and its --quick shrink) has 4 routing tiers
   cfg = from_dict({'store': {'placement': placement}}, base=cfg)
   prompt = harness.prompt_tokens()
-  ns = argparse.Namespace(val_batches=1 if args.quick else 2, latency_budget_ms=1e9, store=str(ckpt.parent / 'store'))
-  from litejax.perf.host import measure_host
   # --quick: the host chip from the quick probes (fewer programs to compile): the figures are untimed here
   chip = measure_host(repeats=2, quick=True) if args.quick else measure_host(repeats=3)
-  chosen, opts = generate_tierset.choose(ns, cfg, model, store, LevelOptions(miss='stall'), 1,
-                                         len(prompt) + args.tokens, chip)
-  from litejax.inference import tiersets
+  store_dir = str(ckpt.parent / 'store')
+  chosen, opts = tiersets.choose_for_budget(cfg, model, store, LevelOptions(miss='stall'), batch=1,
+                                            cache_len=len(prompt) + args.tokens, budget_ms=1e9,
+                                            num_val_batches=1 if args.quick else 2,
+                                            io_probes=lambda: io_probes(store_dir, store), chip=chip)
   masks = {ts.name: ts.mask for ts in tiersets.candidates(cfg)}
   rows = []
   for row in chosen['considered']:

@@ -4,8 +4,9 @@
 
 For each seed a forked child saves `state(step)` at steps 1, 2, ... into OUT_DIR/<seed>/ckpt
 (asynchronously, keeping 2) and appends to OUT_DIR/<seed>/committed each step it knows is complete
-(its save finished and its digest written); the parent kills it after a random delay. Forking from one
-parent that imported jax and Orbax but never started a backend pays the import once, not per seed.
+(its save finished and its digest written); once the first step is logged, the parent kills it after a
+random delay (so every kill lands among saves, never before the first one). Forking from one parent
+that imported jax and Orbax but never started a backend pays the import once, not per seed.
 tests/test_checkpoint_faults.py then restores every folder.
 """
 import os
@@ -42,16 +43,30 @@ def main(out: str, seeds: int) -> None:
   for seed in range(seeds):
     run_dir = pathlib.Path(out) / str(seed)
     run_dir.mkdir(parents=True)
-    delay = np.random.default_rng(seed).uniform(0.2, 1.0)
+    delay = np.random.default_rng(seed).uniform(0.0, 0.5)
     pid = os.fork()
     if pid == 0:
       try:
         child(run_dir)
       finally:
         os._exit(0)
+    wait_for_first_commit(run_dir / 'committed', pid)
     time.sleep(delay)
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
+
+
+def wait_for_first_commit(log: pathlib.Path, pid: int, timeout_s: float = 120.0) -> None:
+  """Returns once the child has logged a complete step; raises if it died or took `timeout_s`."""
+  deadline = time.monotonic() + timeout_s
+  while not (log.exists() and log.read_text().strip()):
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+      raise RuntimeError(f'{log.parent}: the saving child exited ({status}) before its first checkpoint')
+    if time.monotonic() > deadline:
+      os.kill(pid, signal.SIGKILL)
+      raise RuntimeError(f'{log.parent}: no checkpoint committed within {timeout_s:.0f} s')
+    time.sleep(0.01)
 
 
 if __name__ == '__main__':

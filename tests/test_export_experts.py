@@ -57,6 +57,21 @@ def test_checkpoint_experts_land_unchanged(tmp_path, extra, capsys):
     assert store.layers == [1, 3]
 
 
+def test_damaged_checkpoint_is_one_line_and_writes_nothing(tmp_path, capsys):
+  """export-experts reads through the checkpoint reader: its digest check names the damaged file."""
+  cfg = small_cfg()
+  save_checkpoint(cfg, tmp_path / 'ckpt')
+  f = max((p for p in (tmp_path / 'ckpt' / '0' / 'state').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  data = bytearray(f.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  f.write_bytes(bytes(data))
+  out = tmp_path / 'store'
+  assert main(['export-experts', '--ckpt-dir', str(tmp_path / 'ckpt'), '--step', '0', '--out', str(out)]) == 2
+  err = capsys.readouterr().err
+  assert f'{f}: SHA-256 differs' in err and len(err.strip().splitlines()) == 1
+  assert not out.exists()
+
+
 def test_init_writes_the_configured_store_and_refuses_to_overwrite(tmp_path, capsys):
   cfg_args = ['--config', STORE_1B] + sum((['--set', s] for s in SMALL), [])
   out = str(tmp_path / 'store')

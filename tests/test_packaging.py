@@ -1,5 +1,5 @@
 """The wheel ships the configs (issue 11 item 7): installed non-editable into a fresh venv, `litejax params`
-finds `--config tiny` from an unrelated folder. The build fetches setuptools>=77
+finds `--config tiny` from an unrelated folder, and `plan --serve` prices the --hit-rates it is given. The build fetches setuptools>=77
 (pyproject's build requirement) from PyPI into pip's isolated build env; the venv sees this environment's dependencies through a
 .pth line, so nothing is downloaded."""
 import os
@@ -51,3 +51,10 @@ def test_wheel_installs_and_finds_its_configs(tmp_path):
   assert 'parameters         total 1.22M' in p.stdout
   where = run(str(py), '-c', 'import litejax; print(litejax.__file__)', cwd=elsewhere, env=env).stdout
   assert where.startswith(purelib), where          # the wheel's copy, not this checkout
+  # plan --serve reads no results file of a checkout: without --hit-rates it says there is no I/O term, and
+  # with one it prices that file's rates (issue 19 item 5).
+  serve = [str(py.parent / 'litejax'), 'plan', '--config', 'quadrillion', '--generation', 'v5p', '--serve']
+  p = run(*serve, cwd=elsewhere, env=env)
+  assert p.returncode == 0 and 'no I/O term: no --hit-rates given' in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]
+  p = run(*serve, '--hit-rates', str(REPO / 'experiments' / 'results' / 'bench_tiers.json'), cwd=elsewhere, env=env)
+  assert p.returncode == 0 and 'bench_tiers.json (lru, 1% device slots' in p.stdout, p.stdout[-2000:] + p.stderr[-2000:]

@@ -89,6 +89,56 @@ def test_plan_serve_command_prints_the_slice(capsys):
   assert 'host RAM per chip assumed 112 GB' in out
 
 
+def _bench(path, device=0.25, device_or_host=0.75):
+  """A tiers benchmark JSON as experiments/bench_tiers.py writes it (the fields read_hit_rates reads)."""
+  import json
+  rows = [{'policy': p, 'device_fraction': f, 'device_hit_rate': device if (p, f) == ('lru', 0.01) else 0.0,
+           'hit_rate_device_or_host': device_or_host if (p, f) == ('lru', 0.01) else 0.0}
+          for p in ('lru', 'lfu') for f in (0.005, 0.01, 0.05)]
+  path.write_text(json.dumps({'config': 'configs/tiny_1k.yaml', 'host_cache_fraction': 0.1, 'sim': rows}))
+  return path
+
+
+def test_plan_serve_hit_rates_come_from_the_flag_from_any_folder(tmp_path, monkeypatch, capsys):
+  """--hit-rates PATH prices the I/O term and the output names the file; without it, from a folder that is
+  no checkout, the output says there is no I/O term (nothing is read relative to the source tree)."""
+  import json
+
+  from litejax import cli
+  monkeypatch.chdir(tmp_path)
+  serve = ['plan', '--config', 'quadrillion', '--generation', 'v5p', '--serve']
+  assert cli.main(serve) == 0
+  assert 'no I/O term: no --hit-rates given' in capsys.readouterr().out
+  assert cli.main(serve + ['--json']) == 0
+  assert 'latency' not in json.loads(capsys.readouterr().out)
+  _bench(tmp_path / 'tiers.json')
+  assert cli.main(serve + ['--hit-rates', 'tiers.json']) == 0
+  out = capsys.readouterr().out
+  assert ('(hit rates device 0.250, device or host 0.750: tiers.json (lru, 1% device slots, 10% host cache, '
+          'decode trace of configs/tiny_1k.yaml))') in out
+  assert cli.main(serve + ['--hit-rates', 'tiers.json', '--json']) == 0
+  lat = json.loads(capsys.readouterr().out)['latency']
+  want = planning.serve_plan(load_config('quadrillion'), 'v5p',
+                             hit_rates={'device': 0.25, 'device_or_host': 0.75})['latency']
+  assert lat['hit_rates']['device'] == 0.25 and lat['per_token_ms'] == pytest.approx(want['per_token_ms'])
+
+
+@pytest.mark.parametrize('argv, words', [
+    (['--serve', '--hit-rates', 'missing.json'], '--hit-rates missing.json: no such file'),
+    (['--serve', '--hit-rates', 'notes.txt'], '--hit-rates notes.txt: not a tiers benchmark JSON'),
+    (['--serve', '--hit-rates', 'empty.json'], '--hit-rates empty.json: no lru row at 1% device slots'),
+    (['--hit-rates', 'empty.json'], '--hit-rates: prices the I/O term of --serve'),
+])
+def test_plan_bad_hit_rates_are_one_line(tmp_path, monkeypatch, capsys, argv, words):
+  from litejax import cli
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / 'notes.txt').write_text('not json\n')
+  (tmp_path / 'empty.json').write_text('{"sim": []}')
+  assert cli.main(['plan', '--config', 'quadrillion', '--generation', 'v5p'] + argv) == 2
+  err = capsys.readouterr().err
+  assert words in err and len(err.strip().splitlines()) == 1
+
+
 def test_train_state_honours_expert_update_and_optimizer():
   """tiny (flat router: only the expert tables are row tables), one device: the state's differences
   between the three choices are the expert tables' row state, by hand."""

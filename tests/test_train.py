@@ -37,6 +37,30 @@ def full30(tmp_path_factory):
   return result, d
 
 
+def test_init_model_is_the_step_0_state_of_train_seed():
+  """One init convention: init_model(cfg, s) holds exactly the parameters (and router biases) of a fresh
+  train state of `train.seed: s`, here created sharded over the 8-device mesh."""
+  import jax
+  from flax import nnx
+
+  from litejax import sharding as shd
+  from litejax.model.transformer import init_model
+  from litejax.train import step as train_step
+  from litejax.train.optimizer import make_optimizer
+  cfg = tiny_cfg('train.seed=3')
+  mesh = shd.make_mesh(cfg.mesh)
+  tx = make_optimizer(cfg.train)
+  _, _, shardings = train_step.state_layout(cfg, mesh, tx)
+  state = train_step.init_state(cfg, mesh, tx, shardings)
+  _, params, extra = nnx.split(init_model(cfg, seed=3), nnx.Param, ...)
+  for part, got in (('params', params), ('extra', extra)):
+    want = jax.tree_util.tree_leaves_with_path(state[part])
+    got = jax.tree_util.tree_leaves_with_path(got)
+    assert [k for k, _ in got] == [k for k, _ in want], part
+    for (k, a), (_, b) in zip(got, want):
+      assert np.array_equal(np.asarray(a), np.asarray(b)), (part, jax.tree_util.keystr(k))
+
+
 def test_schedule_warms_up_then_decays():
   tc = tiny_cfg('train.steps=100', 'train.warmup_steps=10', 'train.lr=0.001', 'train.min_lr_ratio=0.1').train
   sched = lr_schedule(tc)

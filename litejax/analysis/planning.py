@@ -7,13 +7,18 @@ compile the step for that topology (libtpu, no TPU needed) and take memory_analy
 outputs + temporaries (activations included) against the chip's HBM. The first slice that fits is
 the answer. When none fits, the result says by how much the largest slice misses and how many chips
 the state alone would need.
+
+Serving (`serve_plan`, `litejax plan --serve`) is arithmetic alone; its I/O term prices the hit rates it is
+given, e.g. those a tiers benchmark measured (`read_hit_rates`, `--hit-rates PATH`).
 """
 from __future__ import annotations
 
+import json
 import math
+import pathlib
 
 from litejax import units
-from litejax.config import ConfigError
+from litejax.config import ConfigError, InputError
 from litejax.analysis.footprint import state_bytes_per_device
 
 
@@ -200,6 +205,28 @@ def serve_plan(cfg, generation: str, *, device_fraction: float = 0.01, host_frac
                       'compute_ms': 1e3 * compute_s, 'io_host_to_hbm_ms': 1e3 * host_s, 'io_disk_ms': 1e3 * disk_s,
                       'per_token_ms': 1e3 * (compute_s + host_s + disk_s)}
   return out
+
+
+def read_hit_rates(path: str | pathlib.Path, device_fraction: float = 0.01, policy: str = 'lru') -> dict:
+  """The hit rates `serve_plan` prices with, from a tiers benchmark JSON (experiments/bench_tiers.py writes
+  one: trace-replay rows per policy and device-slot fraction): {'device', 'device_or_host', 'source'} of the
+  `policy` row at `device_fraction`. InputError naming --hit-rates for a file that is not such a JSON."""
+  where = f'--hit-rates {path}'
+  try:
+    bench = json.loads(pathlib.Path(path).read_text())
+    rows = [r for r in bench['sim'] if r['policy'] == policy and r['device_fraction'] == device_fraction]
+  except FileNotFoundError:
+    raise InputError(f'{where}: no such file') from None
+  except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+    raise InputError(f'{where}: not a tiers benchmark JSON (experiments/bench_tiers.py): {type(e).__name__}: {e}') \
+        from None
+  if not rows:
+    raise InputError(f'{where}: no {policy} row at {device_fraction:.0%} device slots in its "sim" rows')
+  host = bench.get('host_cache_fraction')
+  return {'device': rows[0]['device_hit_rate'], 'device_or_host': rows[0]['hit_rate_device_or_host'],
+          'source': f"{path} ({policy}, {device_fraction:.0%} device slots, "
+                    + (f'{host:.0%} host cache, ' if isinstance(host, (int, float)) else '')
+                    + f"decode trace of {bench.get('config', 'an unnamed config')})"}
 
 
 def bounds_moe_layers(cfg) -> int:

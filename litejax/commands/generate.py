@@ -1,5 +1,9 @@
 """`litejax generate`: continue prompts with a trained checkpoint (KV cache, dropless MoE decode).
 
+With `--store STORE` the routed experts come from the tiered expert store (litejax.inference.store_decode;
+the other weights: litejax.inference.session.load_store_model), and with `--latency-budget-ms X` the
+TierSet that fits X is chosen first (litejax.inference.tiersets.choose_for_budget).
+
 JAX is imported only inside `run`, after `--devices` has set XLA_FLAGS (an emulated N-device CPU mesh).
 """
 from __future__ import annotations
@@ -11,6 +15,8 @@ import statistics
 import sys
 
 DEFAULT_CKPT = pathlib.Path('runs') / 'tiny' / 'ckpt'
+# Measured on trained configs/tiny_1k.yaml (experiments/lookahead_recall.py; README "Lookahead width").
+DEFAULT_LOOKAHEAD_WIDTH = 4
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +33,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='CPU only: emulate N host devices (default 1); ignored on GPU/TPU')
   parser.add_argument('--set', dest='overrides', action='append', default=[], metavar='SECTION.KEY=VALUE',
                       help='override a field of the stored config (e.g. mesh.expert=2); repeatable')
-  from litejax.commands import generate_store
-  generate_store.add_arguments(parser)
+  _add_store_arguments(parser)
+
+
+def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument('--store', help='expert store (litejax export-experts): decode from device slots, host '
+                                      'cache and disk')
+  parser.add_argument('--device-slots', type=float, default=0.05, metavar='F',
+                      help='device slots per MoE layer, a fraction of its experts (default 0.05)')
+  parser.add_argument('--host-cache', type=float, default=0.1, metavar='F',
+                      help='host cache, a fraction of each layer\'s experts (default 0.1)')
+  parser.add_argument('--policy', default='lru', help='eviction policy: lru, lfu, group (default lru)')
+  parser.add_argument('--lookahead', type=int, default=0, metavar='D',
+                      help='prefetch with the routers of the next D MoE layers (default 0)')
+  parser.add_argument('--lookahead-width', type=int, default=DEFAULT_LOOKAHEAD_WIDTH, metavar='W',
+                      help='with --lookahead: prefetch the top W*K candidates of the lookahead routing per token '
+                           f'and layer (default {DEFAULT_LOOKAHEAD_WIDTH}; README "Lookahead width")')
+  parser.add_argument('--no-stage', action='store_true',
+                      help='with --lookahead: prefetch into the host tier only, do not stage predicted experts '
+                           'into device slots')
+  parser.add_argument('--miss', default='stall', help='stall (exact) or fallback (int8 copy; default stall)')
+  parser.add_argument('--plot', metavar='PNG', help='with --store: write the store metrics plot here')
+  parser.add_argument('--latency-budget-ms', type=float, metavar='X',
+                      help='with --store: decode with the TierSet (store.placement: hot, hot+warm, all) whose '
+                           'predicted per-token latency fits X ms and whose validation loss is least; device '
+                           'slots and host cache are then sized and filled by the placement')
+  parser.add_argument('--val-batches', type=int, default=2, metavar='N',
+                      help='with --latency-budget-ms: validation batches per TierSet (default 2)')
 
 
 def _fail(message: str) -> int:
@@ -68,8 +99,7 @@ def run(args: argparse.Namespace) -> int:
   except ValueError as e:
     return _fail(f'--{str(e).replace("_", "-")}')
   if args.store:
-    from litejax.commands.generate_store import run_store
-    return run_store(args, prompts, sampling, _fail)
+    return _run_store(args, prompts, sampling)
   from litejax.inference import session as generation
   try:
     cpu = jax.devices()[0].platform == 'cpu'
@@ -107,3 +137,74 @@ def run(args: argparse.Namespace) -> int:
     print('litejax generate: interrupted; printed what was generated so far', file=sys.stderr)
     return 130
   return 0
+
+
+def _run_store(args, prompts: list[str], sampling) -> int:
+  from litejax.inference import tiersets
+  from litejax.inference.session import load_store_model
+  from litejax.inference.store.layout import ExpertStoreError
+  from litejax.inference.store.levels import ExpertLevels, LevelOptions, int8_copies
+  from litejax.inference.store_decode import StoreRuntime
+  from litejax.train import data
+  opts = LevelOptions(args.device_slots, args.host_cache, args.policy, args.lookahead, args.miss,
+                     args.lookahead_width, stage=not args.no_stage)
+  try:
+    opts.validate()
+    cfg, model, store, source = load_store_model(args.store, args.ckpt_dir, args.overrides)
+  except (ValueError, ExpertStoreError, FileNotFoundError) as e:
+    return _fail(str(e))
+  tokens = [data.encode(p).astype(int).tolist() for p in prompts]
+  tierset = None
+  if args.latency_budget_ms is not None:
+    from litejax.perf.host import measure_host
+    try:
+      tierset, opts = tiersets.choose_for_budget(
+          cfg, model, store, opts, batch=len(prompts), cache_len=max(len(t) for t in tokens) + args.max_new_tokens,
+          budget_ms=args.latency_budget_ms, num_val_batches=args.val_batches,
+          io_probes=lambda: io_probes(args.store, store), chip=measure_host(repeats=3))
+    except ValueError as e:
+      return _fail(str(e))
+  tiers = ExpertLevels(store, opts, load_width=cfg.moe.k_active * len(prompts),
+                       int8=int8_copies(store) if opts.miss == 'fallback' else None)
+  try:
+    if tierset is not None:
+      tiersets.preload(cfg, tiers)
+    rt = StoreRuntime(cfg, model, tiers, None if tierset is None else tierset['mask'])
+    gen, _ = rt.generate(tokens, args.max_new_tokens, sampling, args.seed)
+  finally:
+    tiers.close()
+  generated = sum(len(t) for t in gen.tokens)
+  rep = tiers.report(len(prompts) * len(gen.step_s), rt.decode_stall_s)
+  rep['weights'] = source
+  texts = [data.decode(t) for t in gen.tokens]
+  if args.plot:
+    from litejax.inference.store.plot import plot_store
+    plot_store(rep, gen.step_s, rt.step_stall_s, args.plot)
+  if args.json:
+    steps_ms = [1e3 * s for s in gen.step_s]
+    io_ms = statistics.median(1e3 * s for s in rt.step_stall_s) if steps_ms else 0.0
+    mean = statistics.median(steps_ms) if steps_ms else None   # the median: the first step compiles
+    out = {'texts': texts, 'tokens': gen.tokens, 'ttft_ms': 1e3 * gen.ttft_s,
+           'ms_per_token_p50': statistics.median(steps_ms) if steps_ms else None,
+           'tokens_per_second': (len(prompts) * len(gen.step_s) / sum(gen.step_s)) if gen.step_s else None,
+           'compiles': gen.compiles, 'batch': len(prompts), 'generated': generated,
+           # measured: I/O = time inside the tier lookups (disk reads, waits, slot loads) per decode step
+           'latency_split': {'measured_ms_per_step_p50': mean, 'io_ms_per_step_p50': io_ms,
+                             'compute_ms_per_step_p50': None if mean is None else mean - io_ms},
+           'store': rep}
+    if tierset is not None:
+      out['tierset'] = tiersets.report(tierset, mean)
+    print(json.dumps(out, indent=2, default=float))
+  else:
+    for prompt, text in zip(prompts, texts):
+      print(prompt + text)
+  return 0
+
+
+def io_probes(location: str, store) -> dict[str, float]:
+  """This machine's host and disk bandwidth (the disk probe's file in the store's folder when it is local)
+  and the store's per-expert read and slot-load times (litejax.calibrate.calibration)."""
+  from litejax.calibrate import calibration
+  path = pathlib.Path(location.removeprefix('file://'))
+  return {**calibration.measure_level_bandwidth(directory=str(path) if path.is_dir() else None),
+          **calibration.measure_expert_ops(store)}

@@ -21,16 +21,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help='global batch (default: one sequence per batch rank of each slice)')
   parser.add_argument('--serve', action='store_true',
                       help='plan serving from the tiered expert store: 1%% of experts in device slots + KV cache '
-                           'in HBM, 10%% in host RAM, the rest on disk; latency at the hit rates '
-                           'experiments/results/bench_tiers.json measured')
+                           'in HBM, 10%% in host RAM, the rest on disk; latency at the --hit-rates given')
+  parser.add_argument('--hit-rates', metavar='PATH',
+                      help='--serve: price the I/O term at the hit rates of this tiers benchmark JSON (lru, 1%% '
+                           'device slots; python experiments/bench_tiers.py --out DIR writes DIR/bench_tiers.json); '
+                           'without it there is no I/O term')
   parser.add_argument('--json', action='store_true', help='print one JSON object')
 
 
 def run(args: argparse.Namespace) -> int:
   from litejax.perf import chips as hardware
   from litejax.analysis import per_chip, planning, targets
-  from litejax.config import load_config
+  from litejax.config import InputError, load_config
   cfg = load_config(args.config, args.overrides)
+  if args.hit_rates and not args.serve:
+    raise InputError('--hit-rates: prices the I/O term of --serve; add --serve')
   try:
     hardware.chip(args.generation)
   except ValueError as e:
@@ -106,26 +111,11 @@ def _print_train_state(out: dict, h) -> None:
           + ('   <- this config' if o['chosen'] else ''))
 
 
-BENCH = 'experiments/results/bench_tiers.json'
-
-
-def measured_hit_rates(path: str = BENCH) -> dict | None:
-  """The lru trace-replay hit rates at 1% device slots + 10% host cache, from the tiers benchmark."""
-  import pathlib
-  p = pathlib.Path(__file__).resolve().parents[2] / path
-  if not p.exists():
-    return None
-  rows = [r for r in json.loads(p.read_text())['sim'] if r['policy'] == 'lru' and r['device_fraction'] == 0.01]
-  if not rows:
-    return None
-  return {'device': rows[0]['device_hit_rate'], 'device_or_host': rows[0]['hit_rate_device_or_host'],
-          'source': f'{path} (lru, 1% device slots, 10% host cache, trained tiny_1k decode trace)'}
-
-
 def _serve(cfg, args, h) -> int:
   from litejax.analysis import planning
   try:
-    out = planning.serve_plan(cfg, args.generation, batch=args.batch or 1, hit_rates=measured_hit_rates())
+    hit_rates = planning.read_hit_rates(args.hit_rates) if args.hit_rates else None
+    out = planning.serve_plan(cfg, args.generation, batch=args.batch or 1, hit_rates=hit_rates)
   except ValueError as e:
     print(f'litejax plan: {e}', file=sys.stderr)
     return 2
@@ -150,5 +140,6 @@ def _serve(cfg, args, h) -> int:
           f"{lat['hit_rates']['device']:.3f}, device or host {lat['hit_rates']['device_or_host']:.3f}: "
           f"{lat['hit_rates']['source']})")
   else:
-    print(f'  no I/O term: {BENCH} is missing (python experiments/bench_tiers.py --out experiments/results)')
+    print('  no I/O term: no --hit-rates given (a tiers benchmark JSON: python experiments/bench_tiers.py '
+          '--out DIR writes DIR/bench_tiers.json; a checkout has experiments/results/bench_tiers.json)')
   return 0 if out['answer'] else 1

@@ -76,57 +76,6 @@ def _mode(args: argparse.Namespace) -> str:
   return 'overwrite' if args.overwrite else 'fresh'
 
 
-def _load_config(args: argparse.Namespace):
-  """(config, where it came from): --config, else the config stored in a checkpoint being resumed,
-  else the default."""
-  from litejax.train import run_folder
-  from litejax.config import from_dict, load_config, parse_overrides
-  overrides = list(args.overrides) + ([f'train.steps={args.steps}'] if args.steps is not None else [])
-  if args.config is None and args.ckpt_dir and _mode(args).startswith('resume') and \
-      run_folder.checkpoint_steps(run_folder.make_paths(args.ckpt_dir, None).local_ckpt):
-    from litejax.train import loop as train_lib
-    stored = train_lib.restore_config(args.ckpt_dir)   # `--resume --ckpt-dir D` alone reuses D's config
-    if stored is not None:
-      return from_dict(parse_overrides(overrides), base=stored), f'{args.ckpt_dir} (stored config)'
-  path = args.config or DEFAULT_CONFIG
-  return load_config(path, overrides), path
-
-
-def _preflight(args, cfg, paths, mode: str) -> None:
-  """Every check that can fail on the user's input, before anything is written or deleted."""
-  from litejax.train import run_folder
-  from litejax import sharding as shd
-  from litejax.config import InputError
-  from litejax.train.data import TokenDataset
-  run_folder.check_paths(paths)
-  steps = run_folder.check_mode(paths, mode)
-  mesh = shd.make_mesh(cfg.mesh)
-  shd.validate_mesh(cfg, mesh, cfg.train.batch_size)
-  try:
-    TokenDataset.from_path(args.data, val_fraction=cfg.train.val_fraction, seq_len=cfg.model.seq_len,
-                           vocab_size=cfg.model.vocab_size)
-  except (OSError, ValueError) as e:
-    raise InputError(str(e) if str(e).startswith('--data') else f'--data: {e}') from None
-  if steps and mode.startswith('resume'):
-    _check_checkpoint(cfg, mesh, paths.local_ckpt, steps)
-
-
-def _check_checkpoint(cfg, mesh, ckpt_dir, steps) -> None:
-  """The newest checkpoint with a readable sidecar must fit the state this config builds."""
-  import json
-
-  from litejax.train import step as train_step
-  from litejax.train.checkpoint import check_compatible, leaf_specs
-  _, abstract, _ = train_step.state_layout(cfg, mesh)
-  for s in reversed(steps):
-    try:
-      meta = json.loads((ckpt_dir / str(s) / 'meta' / 'metadata').read_text())
-    except (OSError, ValueError):
-      continue          # unreadable: restore skips it with a warning
-    check_compatible(meta.get('leaves', {}), leaf_specs(abstract), f'checkpoint {ckpt_dir}/{s}')
-    return
-
-
 def run(args: argparse.Namespace) -> int:
   _check_flags(args)
   _set_device_count(args.devices)
@@ -139,16 +88,17 @@ def run(args: argparse.Namespace) -> int:
     kwargs = {k: v for k, v in (('coordinator_address', args.coordinator), ('num_processes', args.num_processes),
                                 ('process_id', args.process_id)) if v is not None}
     jax.distributed.initialize(**kwargs)
-  from litejax.train import run_folder
-  from litejax.train import loop as train_lib
+  from litejax.train import loop as train_lib, preflight, run_folder
   from litejax.train.checkpoint import CheckpointCorruptError, CheckpointWriteError
 
-  cfg, config_path = _load_config(args)
   mode = _mode(args)
+  overrides = list(args.overrides) + ([f'train.steps={args.steps}'] if args.steps is not None else [])
+  cfg, config_path = preflight.run_config(args.config, overrides, args.ckpt_dir, mode.startswith('resume'),
+                                          DEFAULT_CONFIG)
   run_dir = pathlib.Path('runs') / pathlib.Path(args.config or DEFAULT_CONFIG).stem
   paths = run_folder.make_paths(None if args.no_ckpt else (args.ckpt_dir or str(run_dir / 'ckpt')),
                                 args.metrics or str(run_dir / 'metrics.jsonl'))
-  _preflight(args, cfg, paths, mode)
+  preflight.check(cfg, paths, mode, args.data)
   is_main = jax.process_index() == 0
   lock = run_folder.RunLock(paths) if is_main else run_folder.RunLock(run_folder.RunPaths(None, None))
   with lock:

@@ -1,13 +1,13 @@
 """A checkpoint loaded for decoding: config from the checkpoint, parameters onto the current mesh, and
-`generate` with a runtime sized to the prompts (litejax.inference.decode) and the latency model's split.
+`generate` with a runtime sized to the prompts (litejax.inference.decode) and the latency model's split;
+and the model that decodes with an expert store's routed experts (`load_store_model`).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import pathlib
-import warnings
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 
@@ -42,54 +42,70 @@ class Session:
 
 def load(ckpt_dir: str | pathlib.Path, overrides: list[str] = (), devices=None) -> Session:
   """Reads the config stored with the newest checkpoint (plus `overrides`, e.g. mesh.*) and restores
-  its parameters onto that config's mesh over `devices` (default all). FileNotFoundError when ckpt_dir holds no checkpoint."""
-  from litejax.train import loop as train_lib, step as train_step
-  stored = train_lib.restore_config(ckpt_dir)
-  if stored is None:
-    raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: run `litejax train` first (or pass --ckpt-dir)')
-  cfg = from_dict(parse_overrides(overrides), base=stored) if overrides else stored
-  mesh = shd.make_mesh(cfg.mesh, devices)
-  _, abstract, _ = train_step.state_layout(cfg, mesh)
-  restored = restore_params(ckpt_dir, {'params': abstract['params'], 'extra': abstract['extra']})
-  if restored is None:
-    raise FileNotFoundError(f'no readable checkpoint in {ckpt_dir}: run `litejax train` first')
-  step, state = restored
-  return Session(cfg, mesh, state['params'], state['extra'], step)
-
-
-def restore_params(ckpt_dir, abstract: dict) -> tuple[int, dict] | None:
-  """(step, {'params', 'extra'}) of the newest intact checkpoint, restored into `abstract`'s
-  shardings by an Orbax partial restore: the optimizer state (dense AdamW moments or the sparse
-  update's rows) is never read. The checks of Checkpointer.restore, on these leaves: each candidate's
-  digest, then its stored shapes against `abstract` (CheckpointMismatchError naming the leaf); an
-  unreadable checkpoint is skipped with a warning for the previous one. None: no checkpoint."""
-  import orbax.checkpoint as ocp
-
-  from litejax.train.checkpoint import (Checkpointer, CheckpointCorruptError, CheckpointMismatchError, leaf_specs)
-  ckpt = Checkpointer(ckpt_dir)
-  skipped = []
+  its parameters onto that config's mesh over `devices` (default all): params and extra alone, by the
+  checkpoint reader's partial restore (the optimizer state is never read), from the newest intact
+  checkpoint. FileNotFoundError when ckpt_dir holds no checkpoint."""
+  from litejax.train import step as train_step
+  from litejax.train.checkpoint import Checkpointer
+  ckpt = Checkpointer(ckpt_dir, read_only=True)
   try:
-    ckpt.manager.reload()
-    for s in reversed(ckpt.all_steps()):
-      where = f'checkpoint {ckpt_dir}/{s}'
-      try:
-        ckpt.verify(s)
-        saved = ckpt.read_meta(s).get('leaves', {})
-        for name, spec in leaf_specs(abstract).items():
-          if list(saved.get(name, {}).get('shape', [None])) != list(spec['shape']):
-            raise CheckpointMismatchError(f'{where}: {name} {tuple(spec["shape"])} of the config is '
-                                          f'{saved.get(name, {}).get("shape", "missing")} in the checkpoint')
-        args = ocp.args.PyTreeRestore(item=abstract, partial_restore=True,
-                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
-        return s, ckpt.manager.restore(s, args=ocp.args.Composite(state=args))['state']
-      except CheckpointMismatchError:
-        raise
-      except Exception as e:  # noqa: BLE001 (any read failure means: not a usable checkpoint)
-        warnings.warn(f'{where}: unreadable ({type(e).__name__}: {e}); trying the previous one', RuntimeWarning,
-                      stacklevel=2)
-        skipped.append(where)
+    found = ckpt.newest_meta()
+    if found is None:
+      raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: run `litejax train` first (or pass --ckpt-dir)')
+    stored = from_dict(found[1]['config'])
+    cfg = from_dict(parse_overrides(overrides), base=stored) if overrides else stored
+    mesh = shd.make_mesh(cfg.mesh, devices)
+    _, abstract, _ = train_step.state_layout(cfg, mesh)
+    restored = ckpt.restore({'params': abstract['params'], 'extra': abstract['extra']}, partial=True)
   finally:
     ckpt.close()
-  if skipped:
-    raise CheckpointCorruptError(f'no intact checkpoint in {ckpt_dir}: ' + '; '.join(skipped))
-  return None
+  if restored is None:
+    raise FileNotFoundError(f'no readable checkpoint in {ckpt_dir}: run `litejax train` first')
+  return Session(cfg, mesh, restored.state['params'], restored.state['extra'], restored.step)
+
+
+class StoreModel(NamedTuple):
+  """What decoding from an expert store needs (`load_store_model`)."""
+  cfg: Config
+  model: Any             # the Transformer: concrete non-expert weights, routed experts abstract or from a checkpoint
+  store: Any             # the opened ExpertStore
+  weights: str           # where the non-expert weights came from, for the report
+
+
+def load_store_model(store_location: str, ckpt_dir: str | pathlib.Path | None = None,
+                     overrides: list[str] = ()) -> StoreModel:
+  """The model to decode with the routed experts of the store at `store_location`. Its other weights
+  come from `ckpt_dir`, else from the checkpoint the store was exported from (its manifest names it),
+  else (a store written by `export-experts --init`) they are initialised from the store's config and seed.
+  A store exported from a checkpoint never decodes with initialised weights: FileNotFoundError when
+  that checkpoint is gone, ValueError when `ckpt_dir` restores another step than the store's experts'."""
+  from flax import nnx
+
+  from litejax.inference.store.disk import ExpertStore
+  from litejax.inference.store_decode import model_without_experts
+  from litejax.model.transformer import abstract_model
+  source = ExpertStore.read_source(store_location)
+  ckpt = pathlib.Path(ckpt_dir) if ckpt_dir else None
+  if ckpt is None and source.get('kind') == 'checkpoint':
+    ckpt = pathlib.Path(source['ckpt_dir'])
+    if not ckpt.is_dir():
+      raise FileNotFoundError(f"--store {store_location}: its experts come from checkpoint {ckpt} (step "
+                              f"{source.get('step')}), which is not there: pass --ckpt-dir with that checkpoint")
+  if ckpt is not None and ckpt.is_dir():
+    session = load(ckpt, overrides, jax.devices()[:1])
+    if source.get('kind') == 'checkpoint' and 'step' in source and int(source['step']) != session.step:
+      raise ValueError(f"--store {store_location} holds the experts of step {source['step']} but --ckpt-dir "
+                       f"{ckpt} restored step {session.step}: re-export with `litejax export-experts --ckpt-dir "
+                       f"{ckpt} --out STORE`, or pass the checkpoint the store came from")
+    store = ExpertStore.open(store_location, session.cfg)
+    graphdef = nnx.split(abstract_model(session.cfg), nnx.Param, ...)[0]
+    params, extra = jax.device_get((session.params, session.extra))
+    return StoreModel(session.cfg, nnx.merge(graphdef, params, extra), store, f'checkpoint {ckpt}')
+  if ckpt is not None:
+    raise FileNotFoundError(f'--ckpt-dir {ckpt}: no such checkpoint folder')
+  store = ExpertStore.open(store_location)
+  cfg = from_dict(store.manifest['config'])
+  if overrides:
+    cfg = from_dict(parse_overrides(overrides), base=cfg)
+  seed = int(store.manifest.get('source', {}).get('seed', 0))
+  return StoreModel(cfg, model_without_experts(cfg, seed), store, f'initialised (seed {seed}): the store has no checkpoint')

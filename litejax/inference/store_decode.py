@@ -42,7 +42,7 @@ from litejax.inference.store_programs import Hooks, Program, build_programs, mod
 from litejax.model import kv_cache
 from litejax.model.layers import DTYPES
 from litejax.model.moe.block import EXPERT_TABLES
-from litejax.model.transformer import Transformer, abstract_model
+from litejax.model.transformer import abstract_model, build_model, init_compiler_options
 
 DEFAULT_HOOKS = Hooks()
 
@@ -64,10 +64,10 @@ def model_without_experts(cfg: Config, seed: int = 0):
   model = abstract_model(cfg)
 
   def build():
-    m = Transformer(cfg, nnx.Rngs(params=jax.random.key(seed, impl='rbg')))
+    m = build_model(cfg, seed)
     return {path: v[...] for path, v in nnx.to_flat_state(nnx.state(m)) if not _is_routed(path, cfg)}
 
-  values = jax.jit(build)()
+  values = jax.jit(build, compiler_options=init_compiler_options(jax.default_backend()))()
   for path, var in nnx.to_flat_state(nnx.state(model)):
     if path in values:
       var.set_value(values[path])

@@ -12,12 +12,14 @@ warm, and all tiers (those allowing at least moe.k_tier tiers; duplicates droppe
   plus that copy, at the bandwidths `calibration.measure_level_bandwidth` measured. Reuse by the caches is
   not credited, so the term is an upper bound for a cold cache and pessimistic once the caches warm.
 
-`choose` keeps the TierSets whose prediction fits the budget and picks the least validation loss.
+`choose` keeps the TierSets whose prediction fits the budget and picks the least validation loss;
+`choose_for_budget` does all of it for `generate --store S --latency-budget-ms X`, and `preload` fills the
+tiers by placement before that decode.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -174,3 +176,69 @@ def with_store_experts(cfg: Config, model, store) -> Any:
 def assignments_per_step(cfg: Config, batch: int) -> float:
   """Expert selections per decode step: batch x MoE layers x K."""
   return float(batch * cfg.model.num_moe_layers * cfg.moe.k_active)
+
+
+# ---------------------------------------------------------------------------- generate --latency-budget-ms
+
+def choose_for_budget(cfg: Config, model, store, opts, *, batch: int, cache_len: int, budget_ms: float,
+                      num_val_batches: int, io_probes: Callable[[], dict[str, float]], chip) -> tuple[dict, Any]:
+  """The TierSet to decode `batch` sequences of up to `cache_len` tokens with, under `budget_ms` per token:
+  every candidate's validation loss over `num_val_batches` val batches (`evaluate`), its predicted latency
+  (`predict`: the compute term of the tiered step as it will run, `compute_term`, plus the I/O term at the
+  rates `io_probes()` returns, e.g. calibration.measure_level_bandwidth's; priced on `chip`, a
+  litejax.perf.chips.Chip such as litejax.perf.host.measure_host's), and the one `choose` picks.
+
+  Returns (the choice: budget, chosen name, tier mask, predicted latency, every considered row, the
+  compute and I/O figures, the placement's fractions; `opts` with device slots and host cache sized by
+  `placement_fractions`). ValueError for a bad argument or when no TierSet fits."""
+  if num_val_batches < 1:
+    raise ValueError(f'--val-batches: must be >= 1, got {num_val_batches}')
+  if not budget_ms > 0:
+    raise ValueError(f'--latency-budget-ms: must be > 0, got {budget_ms}')
+  sets = candidates(cfg)
+  model = with_store_experts(cfg, model, store)
+  rows = evaluate(cfg, model, sets, val_batches(cfg, num_val_batches, cfg.train.batch_size))
+  bandwidth = io_probes()
+  device, host = placement_fractions(cfg)
+  opts = dataclasses.replace(opts, device_slots=device, host_cache=host)
+  compute = compute_term(cfg, model, store, opts, batch, cache_len, sets[0].mask, chip)
+  rows = predict(rows, compute['compute_ms'], assignments_per_step(cfg, batch), store.expert_bytes, bandwidth)
+  best = choose(rows, budget_ms)
+  mask = next(ts.mask for ts in sets if ts.name == best['name'])
+  return {'budget_ms': budget_ms, 'chosen': best['name'], 'mask': mask,
+          'predicted_ms_per_token': best['predicted_ms_per_token'], 'considered': rows,
+          'compute': compute, 'io_probes': bandwidth, 'device_slots': device, 'host_cache': host}, opts
+
+
+def compute_term(cfg: Config, model, store, opts, batch: int, cache_len: int, hot_mask, chip) -> dict:
+  """The latency model's compute part of one step of the store runtime that will decode
+  (litejax.inference.step_latency: its programs as run, and the host time of a step), the same for every
+  TierSet (the tier mask is an argument of the same programs). Recorded with the hot TierSet and its
+  experts preloaded, so that the step does no I/O (the I/O term is priced apart); priced on `chip`."""
+  from litejax.inference import step_latency
+  from litejax.inference.store.levels import ExpertLevels
+  from litejax.inference.store_decode import StoreRuntime
+  levels = ExpertLevels(store, opts, load_width=cfg.moe.k_active * batch)
+  try:
+    preload(cfg, levels)
+    rec = step_latency.record_step(StoreRuntime(cfg, model, levels, hot_mask), [[0] * max(cache_len - 7, 1)] * batch)
+  finally:
+    levels.close()
+  return step_latency.price(rec, chip)
+
+
+def preload(cfg: Config, tiers) -> None:
+  """Hot tiers' experts into device slots, warm ones into the host cache, for every MoE layer."""
+  hot, warm = tier_experts(cfg, 'hot'), tier_experts(cfg, 'warm')
+  for layer in tiers.store.layers:
+    tiers.preload(layer, hot, warm)
+
+
+def report(choice: dict, measured_ms: float | None) -> dict:
+  """The `tierset` JSON of `generate --latency-budget-ms`: `choose_for_budget`'s choice without its mask,
+  the chosen tiers, and the prediction against `measured_ms` per token."""
+  out = {k: v for k, v in choice.items() if k != 'mask'}
+  out['tiers'] = [i for i, m in enumerate(choice['mask']) if m]
+  out['measured_ms_per_token'] = measured_ms
+  out['predicted_over_measured'] = (choice['predicted_ms_per_token'] / measured_ms) if measured_ms else None
+  return out

@@ -186,15 +186,33 @@ def layer_mean(x_l: jax.Array) -> jax.Array:
   return jnp.mean(x_l, axis=0) if x_l.shape[0] else jnp.zeros(x_l.shape[1:], x_l.dtype)
 
 
-def init_model(cfg: Config, seed: int = 0) -> Transformer:
-  """Builds the model with materialised parameters.
+def build_model(cfg: Config, seed: int = 0) -> Transformer:
+  """The model with its parameters drawn from `seed`: litejax's one initialisation. `init_model(cfg, s)`,
+  the step-0 state of a run with `train.seed: s` (litejax.train.step) and a store's non-expert weights
+  (litejax.inference.store_decode.model_without_experts) are all this function, traced inside a jit.
 
-  Initialisation runs as one jitted program with the 'rbg' PRNG: eager init compiles one kernel
-  per parameter shape, and threefry bit generation compiles much slower on CPU than 'rbg'.
+  The key is JAX's default threefry: the same values on every mesh and backend, and a sharded init
+  generates only each device's part of a parameter.
   """
-  return nnx.jit(lambda: Transformer(cfg, nnx.Rngs(params=jax.random.key(seed, impl='rbg'))))()
+  return Transformer(cfg, nnx.Rngs(params=seed))
+
+
+def init_compiler_options(platform: str) -> dict[str, int]:
+  """XLA options for a program that runs once (an init): on CPU, LLVM -O1 compiles threefry's hash several
+  times faster than the default -O3, for the same bits (tests/test_train.py checks init_model against the
+  train state's own program)."""
+  return {'xla_backend_optimization_level': 1} if platform == 'cpu' else {}
+
+
+def init_model(cfg: Config, seed: int = 0) -> Transformer:
+  """Builds the model with materialised parameters: `build_model` as one jitted program (eager init
+  compiles one kernel per parameter shape), compiled with `init_compiler_options`."""
+  graphdef = nnx.split(abstract_model(cfg))[0]
+  state = jax.jit(lambda: nnx.state(build_model(cfg, seed)),
+                  compiler_options=init_compiler_options(jax.default_backend()))()
+  return nnx.merge(graphdef, state)
 
 
 def abstract_model(cfg: Config) -> Transformer:
   """The model with ShapeDtypeStruct leaves: nothing is allocated (works for 1e15 parameters)."""
-  return nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0)))
+  return nnx.eval_shape(lambda: build_model(cfg))

@@ -10,6 +10,12 @@ current mesh's shardings, so a checkpoint written on 8 devices is read straight 
 any tensor is read, the saved shapes in `meta` are compared with the abstract state: an incompatible
 config fails with `CheckpointMismatchError` naming the first mismatched leaf.
 
+`Checkpointer` is the one reader: the whole state (`restore`), some of it (`restore(partial=True)`: params
+and extra for decoding, never the optimizer state), one array as NumPy (`read_leaf`, for exporting
+experts), the sidecar (`newest_meta`) and the config stored with it (`restore_config`). Each goes through
+the same digest check (`verify`, once per step and reader), shape check (`check_compatible`) and
+newest-intact fall-back (`Checkpointer._newest_intact`).
+
 Faults:
   * a save cut off by a kill: Orbax writes each step to a temporary folder and renames it only when
     complete, so it is never even listed (and its leftovers are deleted);
@@ -31,13 +37,13 @@ import logging
 import os
 import pathlib
 import warnings
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from litejax.config import InputError
+from litejax.config import Config, InputError, from_dict
 
 log = logging.getLogger(__name__)
 
@@ -91,45 +97,65 @@ def path_str(path: tuple[Any, ...]) -> str:
   return '/'.join(parts)
 
 
-def check_compatible(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]], where: str) -> None:
+def check_compatible(saved: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]], where: str,
+                     partial: bool = False) -> None:
   """Raises CheckpointMismatchError naming the first leaf that is missing, extra, or reshaped
-  (parameters are checked before optimizer state, so the name is the one a user recognises)."""
+  (parameters are checked before optimizer state, so the name is the one a user recognises).
+  partial: `current` is a part of the saved state (a partial restore): saved leaves beyond it are fine."""
   for name in sorted(current, key=lambda n: not n.startswith('params/')):
     spec = current[name]
     if name not in saved:
+      hint = ('another --ckpt-dir, or the config the checkpoint was written with' if partial else
+              'another --ckpt-dir or drop --resume')
       raise CheckpointMismatchError(
           f'{where}: the current config has {name} {tuple(spec["shape"])} but the checkpoint has no such '
-          'array (a different model/optimizer structure; use another --ckpt-dir or drop --resume)')
+          f'array (a different model/optimizer structure; use {hint})')
     if list(saved[name]['shape']) != list(spec['shape']):
       raise CheckpointMismatchError(
           f'{where}: {name} has shape {tuple(saved[name]["shape"])} in the checkpoint but '
           f'{tuple(spec["shape"])} in the current config (incompatible config; use another --ckpt-dir '
           'or the config the checkpoint was written with)')
   extra = sorted(set(saved) - set(current))
-  if extra:
+  if extra and not partial:
     raise CheckpointMismatchError(
         f'{where}: the checkpoint has {extra[0]} {tuple(saved[extra[0]]["shape"])} which the current config '
         f'does not build ({len(extra)} such arrays)')
 
 
+def restore_config(directory: str | pathlib.Path) -> Config | None:
+  """The config stored with the newest checkpoint of `directory` whose sidecar is intact (None: no
+  checkpoint). Opens the folder read-only: nothing is created or cleaned up."""
+  ckpt = Checkpointer(directory, read_only=True)
+  try:
+    found = ckpt.newest_meta()
+    return None if found is None else from_dict(found[1]['config'])
+  finally:
+    ckpt.close()
+
+
 class Checkpointer:
-  """Keeps the last `keep` checkpoints of a run in `directory`; saves asynchronously.
+  """Keeps the last `keep` checkpoints of a run in `directory`; saves asynchronously; reads them back.
 
   Every process calls every method (Orbax writes collectively: each process its own shards,
-  process 0 the metadata and the digest).
+  process 0 the metadata and the digest). read_only: a reader (decoding, exporting, a preflight check)
+  that creates nothing and leaves a running writer's temporary folders alone.
   """
 
-  def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str | pathlib.Path, keep: int = 3, async_save: bool = True,
+               read_only: bool = False):
     d = str(directory)
     # Remote stores (gs://, s3://) go to Orbax as URLs; local paths are made absolute.
     self.directory = d if '://' in d else pathlib.Path(d).expanduser().absolute()
     self._local = '://' not in d
+    self._read_only = read_only
     self._pending: int | None = None      # a step whose save may still be in flight (no digest yet)
     self._last_good: int | None = None
+    self._verified: set[tuple[int, str]] = set()   # (step, file prefix) whose digest passed
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        # Leftover temporary folders from a save cut off by a kill are deleted, never read.
-        cleanup_tmp_directories=True)
+        max_to_keep=None if read_only else keep, create=not read_only, enable_async_checkpointing=async_save,
+        # Leftover temporary folders from a save cut off by a kill are deleted, never read (by the writer:
+        # a reader must not delete the folder a running save is writing).
+        cleanup_tmp_directories=not read_only)
     self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=('state', 'meta'))
 
   def all_steps(self) -> list[int]:
@@ -146,6 +172,8 @@ class Checkpointer:
 
     Raises CheckpointWriteError when this or the previous in-flight save failed to write.
     """
+    if self._read_only:
+      raise ValueError(f'{self.directory}: opened read-only')
     self._finish_pending()
     self._last_good = self.latest_step()
     meta = dict(meta, step=int(step), format_version=FORMAT_VERSION, leaves=leaf_specs(state))
@@ -155,61 +183,102 @@ class Checkpointer:
     self._pending = int(step)
 
   def read_meta(self, step: int) -> dict[str, Any]:
-    """The JSON sidecar of one checkpoint (no tensors read)."""
+    """The JSON sidecar of one checkpoint as stored (no digest check, no tensors read)."""
     return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
 
-  def restore(self, abstract_state: Any, step: int | None = None) -> Restored | None:
+  def newest_meta(self, step: int | None = None, *, whole: bool = False) -> tuple[int, dict[str, Any]] | None:
+    """(step, sidecar) of the newest checkpoint whose sidecar passes its digest (whole: every file of it),
+    or of exactly `step`. None when there is no checkpoint; the fall-back of `restore`."""
+    return self._newest_intact(step, lambda s: (s, self._checked_meta(s, whole)))
+
+  def restore(self, abstract_state: Any, step: int | None = None, *, partial: bool = False) -> Restored | None:
     """Restores the newest intact checkpoint (or exactly `step`) into `abstract_state`'s shardings.
 
-    Returns None when the directory holds no checkpoint. Raises CheckpointMismatchError when the
-    checkpoint was written by an incompatible config. A checkpoint that cannot be read or fails its
-    digest is skipped with a warning (only when `step` is None); CheckpointCorruptError when none
-    is left.
+    partial: `abstract_state` is a part of the saved state (e.g. {'params': ..., 'extra': ...}); an Orbax
+    partial restore reads those arrays alone (the optimizer state is never read) and only their shapes
+    are checked. Returns None when the directory holds no checkpoint. Raises CheckpointMismatchError
+    when the checkpoint was written by an incompatible config. A checkpoint that cannot be read or
+    fails its digest is skipped with a warning (only when `step` is None); CheckpointCorruptError when
+    none is left.
     """
-    self.manager.reload()
-    candidates = [step] if step is not None else list(reversed(self.all_steps()))
     current = leaf_specs(abstract_state)
+
+    def read(s: int) -> Restored:
+      meta = self._checked_meta(s, whole=True)
+      check_compatible(meta.get('leaves', {}), current, f'checkpoint {self.directory}/{s}', partial=partial)
+      if partial:
+        args = ocp.args.PyTreeRestore(item=abstract_state, partial_restore=True,
+                                      restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state))
+      else:
+        args = ocp.args.StandardRestore(abstract_state)
+      return Restored(step=s, state=self.manager.restore(s, args=ocp.args.Composite(state=args))['state'],
+                      meta=meta)
+
+    return self._newest_intact(step, read)
+
+  def read_leaf(self, step: int, name: str) -> np.ndarray:
+    """One saved parameter (an nnx Variable) of checkpoint `step` as NumPy, `name` as in `leaf_specs`
+    (e.g. 'params/blocks/1/ffn/w_in'); nothing else is restored. The step's digest is checked first."""
+    meta = self._checked_meta(step, whole=True)
+    spec = meta.get('leaves', {}).get(name)
+    if spec is None:
+      raise CheckpointMismatchError(f'checkpoint {self.directory}/{step}: no array {name}')
+    parts = name.split('/') + ['value']    # nnx Variables are stored as <path>/value
+    item: Any = jax.ShapeDtypeStruct(tuple(spec['shape']), np.dtype(spec['dtype']))
+    for part in reversed(parts):
+      item = {part: item}
+    args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
+                                  restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item))
+    tree = self.manager.restore(step, args=ocp.args.Composite(state=args))['state']
+    for part in parts:
+      tree = tree[part]
+    return np.asarray(tree)
+
+  def _checked_meta(self, step: int, whole: bool) -> dict[str, Any]:
+    """The sidecar of `step` once its digest passes: its own files, or every file (whole)."""
+    self.verify(step, prefix='' if whole else 'meta/')
+    return self.read_meta(step)
+
+  def _newest_intact(self, step: int | None, read: Callable[[int], Any]) -> Any:
+    """read(step), or read(s) for each checkpoint newest first until one succeeds: the one place where
+    an unreadable checkpoint is skipped (with a warning naming why) for the previous one.
+    CheckpointMismatchError (a config problem, not damage) is never skipped; CheckpointCorruptError
+    when every checkpoint was; None when there is none."""
+    self.manager.reload()
+    if step is not None:
+      return read(step)
     skipped = []
-    for s in candidates:
-      where = f'checkpoint {self.directory}/{s}'
+    for s in reversed(self.all_steps()):
       try:
-        self.verify(s)
-        meta = self.read_meta(s)
+        return read(s)
+      except CheckpointMismatchError:
+        raise
       except Exception as e:  # noqa: BLE001 (any read failure means: not a usable checkpoint)
-        if step is not None:
-          raise
-        skipped.append(_skip(where, e))
-        continue
-      check_compatible(meta.get('leaves', {}), current, where)
-      try:
-        restored = self.manager.restore(
-            s, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))['state']
-      except Exception as e:  # noqa: BLE001
-        if step is not None:
-          raise
-        skipped.append(_skip(where, e))
-        continue
-      return Restored(step=s, state=restored, meta=meta)
+        skipped.append(_skip(f'checkpoint {self.directory}/{s}', e))
     if skipped:
       raise CheckpointCorruptError(f'no intact checkpoint in {self.directory}: ' + '; '.join(skipped))
     return None
 
-  def verify(self, step: int) -> None:
-    """Checks every file of checkpoint `step` against its digest; raises CheckpointCorruptError naming
-    the first file that is missing, resized or changed. Warns when the checkpoint has no digest."""
-    if not self._local:
+  def verify(self, step: int, prefix: str = '') -> None:
+    """Checks the files of checkpoint `step` under `prefix` (default: every file) against its digest;
+    raises CheckpointCorruptError naming the first file that is missing, resized or changed. Warns when
+    the checkpoint has no digest. A step that passed is not hashed again by this Checkpointer."""
+    if not self._local or (step, '') in self._verified or (step, prefix) in self._verified:
       return
     step_dir = pathlib.Path(self.directory) / str(step)
     digest_path = step_dir / DIGEST_FILE
     if not digest_path.is_file():
       warnings.warn(f'checkpoint {step_dir} has no {DIGEST_FILE} (cut off after its commit, or written by '
                     'an older litejax): restoring it unverified', RuntimeWarning, stacklevel=3)
+      self._verified.add((step, ''))    # warned once: there is nothing to check it against
       return
     try:
       recorded = json.loads(digest_path.read_text())['files']
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise CheckpointCorruptError(f'{digest_path}: unreadable digest ({e})') from None
     for rel, (size, sha) in sorted(recorded.items()):
+      if not rel.startswith(prefix):
+        continue
       f = step_dir / rel
       if not f.is_file():
         raise CheckpointCorruptError(f'{f}: file missing')
@@ -217,6 +286,7 @@ class Checkpointer:
         raise CheckpointCorruptError(f'{f}: {f.stat().st_size} bytes, {size} when written (truncated?)')
       if _sha256(f) != sha:
         raise CheckpointCorruptError(f'{f}: SHA-256 differs from when it was written (corrupted)')
+    self._verified.add((step, prefix))
 
   def wait(self) -> None:
     """Blocks until in-flight saves are on disk (and digested)."""

@@ -23,7 +23,7 @@ from litejax.model import bounds
 from litejax.train import sparse_step as sparse_train
 from litejax import sharding as shd
 from litejax.train.checkpoint import Checkpointer
-from litejax.config import Config, from_dict
+from litejax.config import Config
 from litejax.train.data import TokenDataset, global_batch_to_device
 from litejax.train.metrics import MetricsWriter, plot_metrics
 from litejax.train.progress import Progress, make_record, printer
@@ -82,16 +82,6 @@ class _StopFlag:
   def __exit__(self, *exc):
     for sig, old in self._old.items():
       signal.signal(sig, old)
-
-
-def restore_config(ckpt_dir: str | pathlib.Path) -> Config | None:
-  """The config stored in the newest checkpoint of `ckpt_dir` (None if there is none)."""
-  ckpt = Checkpointer(ckpt_dir)
-  try:
-    step = ckpt.latest_step()
-    return None if step is None else from_dict(ckpt.read_meta(step)['config'])
-  finally:
-    ckpt.close()
 
 
 # ---------------------------------------------------------------------------- the loop

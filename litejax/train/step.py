@@ -24,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from litejax import sharding as shd
 from litejax.train import sparse_step as sparse_train
 from litejax.config import Config
-from litejax.model.transformer import Transformer
+from litejax.model.transformer import abstract_model, build_model, init_compiler_options
 from litejax.train.objective import forward_loss, loss_terms, step_metrics, update_bias
 from litejax.train.optimizer import make_optimizer
 
@@ -32,7 +32,7 @@ from litejax.train.optimizer import make_optimizer
 # ---------------------------------------------------------------------------- state
 
 def _new_state(cfg: Config, tx: optax.GradientTransformation, mode: str = 'dense') -> dict[str, Any]:
-  model = Transformer(cfg, nnx.Rngs(params=cfg.train.seed))
+  model = build_model(cfg, cfg.train.seed)    # the one init convention: init_model(cfg, train.seed)
   _, params, extra = nnx.split(model, nnx.Param, ...)
   return {
       'params': params, 'extra': extra,
@@ -55,7 +55,7 @@ def state_layout(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation | Non
   """
   tx = make_optimizer(cfg.train) if tx is None else tx
   mode = sparse_train.update_mode(cfg, mesh)
-  graphdef = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(params=0))), nnx.Param, ...)[0]
+  graphdef = nnx.split(abstract_model(cfg), nnx.Param, ...)[0]
   abstract = jax.eval_shape(lambda: _new_state(cfg, tx, mode))
   replicated = NamedSharding(mesh, P())
   params_sh = shd.state_shardings(abstract['params'], mesh)
@@ -74,7 +74,8 @@ def state_layout(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation | Non
 def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardings: Any) -> dict[str, Any]:
   """A fresh train state, each array created directly in its sharding (no host copy)."""
   mode = sparse_train.update_mode(cfg, mesh)
-  return jax.jit(lambda: _new_state(cfg, tx, mode), out_shardings=shardings)()
+  options = init_compiler_options(mesh.devices.flat[0].platform)
+  return jax.jit(lambda: _new_state(cfg, tx, mode), out_shardings=shardings, compiler_options=options)()
 
 
 # ---------------------------------------------------------------------------- steps

@@ -1,15 +1,15 @@
 """Export a training checkpoint's routed experts into an expert store.
 
-Only the expert arrays are read (Orbax partial restore of one leaf at a time, as NumPy), never the
-optimizer state or the rest of the model. A scanned model's leaf holds every period's experts
-([P, E, d, h]), so one such leaf is in memory at a time.
+Only the expert arrays are read (the checkpoint reader's single-leaf reads, `Checkpointer.read_leaf`, as
+NumPy), never the optimizer state or the rest of the model; the checkpoint's digest is checked first and
+without --step a damaged newest checkpoint falls back to the previous intact one, as `generate` does. A
+scanned model's leaf holds every period's experts ([P, E, d, h]), so one such leaf is in memory at a time.
 """
 from __future__ import annotations
 
 import pathlib
 from typing import Any
 
-import numpy as np
 import tensorstore as ts
 
 from litejax.config import Config, from_dict
@@ -20,18 +20,23 @@ from litejax.inference.store.writer import StoreWriter
 
 
 def open_checkpoint(ckpt_dir: str, step: int | None):
-  """(Checkpointer, step, meta, config) of a checkpoint; raises before anything is created on disk."""
-  from litejax.train.checkpoint import Checkpointer
+  """(read-only Checkpointer, step, meta, config) of checkpoint `step` (default: the newest intact one);
+  raises ExpertStoreError before anything is created on disk."""
+  from litejax.train.checkpoint import Checkpointer, CheckpointCorruptError
   if '://' not in ckpt_dir and not pathlib.Path(ckpt_dir).expanduser().is_dir():
     raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: no such directory')
-  ckpt = Checkpointer(ckpt_dir)
+  ckpt = Checkpointer(ckpt_dir, read_only=True)
   steps = ckpt.all_steps()
-  if not steps or (step is not None and step not in steps):
+  try:
+    if not steps or (step is not None and step not in steps):
+      want = 'any checkpoint' if step is None else f'step {step} (it has {steps})'
+      raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: holds no {want}')
+    step, meta = ckpt.newest_meta(step, whole=True)
+  except Exception as e:
     ckpt.close()
-    want = 'any checkpoint' if step is None else f'step {step} (it has {steps})'
-    raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: holds no {want}')
-  step = steps[-1] if step is None else step
-  meta = ckpt.read_meta(step)
+    if isinstance(e, CheckpointCorruptError):
+      raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: {e}') from None
+    raise
   return ckpt, step, meta, from_dict(meta['config'])
 
 
@@ -50,21 +55,6 @@ def check_leaves(cfg: Config, leaves: dict[str, Any], where: str) -> None:
                              f'expected {dtype} {tuple(want)}')
 
 
-def read_leaf(ckpt, step: int, name: str, spec: dict[str, Any]) -> np.ndarray:
-  """One array of a checkpoint's state, as NumPy, without restoring anything else."""
-  import jax
-  import orbax.checkpoint as ocp
-  item: Any = jax.ShapeDtypeStruct(tuple(spec['shape']), np.dtype(spec['dtype']))
-  for part in reversed(name.split('/') + ['value']):   # nnx Variables are stored as <path>/value
-    item = {part: item}
-  args = ocp.args.PyTreeRestore(item=item, partial_restore=True,
-                                restore_args=jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item))
-  tree = ckpt.manager.restore(step, args=ocp.args.Composite(state=args))['state']
-  for part in name.split('/') + ['value']:
-    tree = tree[part]
-  return np.asarray(tree)
-
-
 def write_from_checkpoint(location: str, ckpt_dir: str, step: int | None = None, *, overwrite: bool = False,
                           context: ts.Context | None = None) -> ExpertStore:
   """Writes the routed experts of checkpoint `step` (default: the newest) of `ckpt_dir` to LOCATION."""
@@ -76,7 +66,7 @@ def write_from_checkpoint(location: str, ckpt_dir: str, step: int | None = None,
     for layer, name, leaf, index in layout.expert_leaves(cfg):
       by_leaf.setdefault(leaf, []).append((layer, name, index))
     for leaf, targets in by_leaf.items():
-      value = read_leaf(ckpt, step, leaf, meta['leaves'][leaf])
+      value = ckpt.read_leaf(step, leaf)
       for layer, name, index in targets:
         writer.write(layer, 0, {name: value if index is None else value[index]})
   finally:
