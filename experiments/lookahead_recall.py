@@ -14,7 +14,7 @@ best W·K beam paths) from the after_moe proxy, against W: expert recall per dep
 predicted layer did not use (extra bytes per token for a cold cache).
 
 Recall at depth d = mean over decode tokens of |predicted ∩ used| / |used| (batch 1: per token), at the
-expert, group and tier level. The decode is the tiered runtime with every expert resident (no I/O), its
+expert, group and tier level. The decode is the store runtime with every expert resident (no I/O), its
 per-layer programs wrapped to record the states.
 
     python experiments/lookahead_recall.py --ckpt-dir runs/tiny_1k/ckpt --store runs/tiny_1k/store \\
@@ -87,10 +87,10 @@ def recall_table(cfg, steps, moe_layers, max_depth: int) -> dict:
     sums = {p: {'expert': [], 'group': [], 'tier': []} for p in PROXIES}
     for j in range(L - d):
       tgt = moe_layers[j + d]
-      f = fns.setdefault(tgt.index, _router_fn(cfg, tgt.graphdefs[2]))
+      f = fns.setdefault(tgt.index, _router_fn(cfg, tgt.gate.norm_graphdef))
       for p_i, proxy in enumerate(PROXIES):
         x = np.stack([s[j][p_i] for s in steps])
-        e_nk, g_nk, _ = (np.asarray(a) for a in f(tgt.states[2], tgt.router, tgt.bias, x))
+        e_nk, g_nk, _ = (np.asarray(a) for a in f(tgt.gate.norm_state, tgt.gate.router, tgt.gate.bias, x))
         for n, s in enumerate(steps):
           used_e, used_g = set(s[j + d][2].tolist()), set(s[j + d][3].tolist())
           sums[proxy]['expert'].append(len(used_e & set(e_nk[n].tolist())) / len(used_e))
@@ -107,8 +107,9 @@ def recall_table(cfg, steps, moe_layers, max_depth: int) -> dict:
   # Depth 0 with the layer's own post-attention state must reproduce the experts the decode used.
   self_check = []
   for j, layer in enumerate(moe_layers):
-    f = fns.setdefault(layer.index, _router_fn(cfg, layer.graphdefs[2]))
-    e_nk = np.asarray(f(layer.states[2], layer.router, layer.bias, np.stack([s[j][0] for s in steps]))[0])
+    f = fns.setdefault(layer.index, _router_fn(cfg, layer.gate.norm_graphdef))
+    e_nk = np.asarray(f(layer.gate.norm_state, layer.gate.router, layer.gate.bias,
+                        np.stack([s[j][0] for s in steps]))[0])
     self_check += [set(e_nk[n].tolist()) == set(s[j][2].tolist()) for n, s in enumerate(steps)]
   return {'recall': out, 'cosine_to_true_router_input_depth1': {p: float(np.mean(c)) for p, c in cosine.items()},
           'self_check_depth0': float(np.mean(self_check))}
@@ -141,8 +142,9 @@ def width_table(cfg, steps, moe_layers, max_depth: int, widths, expert_bytes: in
       hits, per_token = [], np.zeros(len(steps))
       for j in range(L - d):
         tgt = moe_layers[j + d]
-        f = _candidates_fn(cfg, tgt.graphdefs[2], w)
-        cand = np.asarray(f(tgt.states[2], tgt.router, tgt.bias, np.stack([s[j][p_i] for s in steps])))
+        f = _candidates_fn(cfg, tgt.gate.norm_graphdef, w)
+        x = np.stack([s[j][p_i] for s in steps])
+        cand = np.asarray(f(tgt.gate.norm_state, tgt.gate.router, tgt.gate.bias, x))
         for n, s in enumerate(steps):
           used, got = set(s[j + d][2].tolist()), set(cand[n].tolist())
           hits.append(len(used & got) / len(used))
