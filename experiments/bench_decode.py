@@ -1,7 +1,7 @@
 """Per-token decode latency: the MoE at fixed active parameters with 16 .. 16384 experts per layer,
 beside the dense model with the same active parameters, at batch 1 and 16 (one CPU device).
 
-    python experiments/bench_decode.py --out experiments/results            # the README table
+    python experiments/bench_decode.py --out experiments/results            # the docs/decoding.md table
     python experiments/bench_decode.py --quick --out /tmp/bench              # tests: E = 16, batch 1, untimed
 
 Each model decodes greedily through litejax.inference.decode (KV cache, dropless routing) from random weights;

@@ -1,4 +1,4 @@
-"""Renders README's decoding table (markdown) from bench_decode.json and bench_decode_summary.json.
+"""Renders docs/decoding.md's decoding table (markdown) from bench_decode.json and bench_decode_summary.json.
 
     python experiments/decode_table.py experiments/results
 """

@@ -1,4 +1,4 @@
-"""Renders README's Performance tables (markdown) from bench_moe.json and bench_train.json, and the
+"""Renders docs/performance.md's tables (markdown) from bench_moe.json and bench_train.json, and the
 "Sparse expert updates" table from bench_train_experts.json (when present).
 
     python experiments/perf_table.py experiments/results

@@ -1,4 +1,4 @@
-"""The profile behind README's "Profile (part 3)": times the MoE layer's pieces under jit at one E.
+"""The profile behind docs/performance.md's "Profile": times the MoE layer's pieces under jit at one E.
 
     python experiments/profile_moe.py                  # E = 1024, 1,024 tokens, d = 128, h = 256, K = 2
     python experiments/profile_moe.py --experts 256 --json

@@ -22,7 +22,7 @@ from litejax import units
 # Temporaries per device beyond the CPU table copy, in units of the touched experts' training state:
 # the rows gathered in f32 for the update, their gradients before and after the regroup, the dispatch
 # buffers and activations of the step. The shrunk quadrillion (experiments/temp_breakdown.py) and the
-# full one stay below it (README "Sparse expert updates").
+# full one stay below it (docs/training.md "Sparse expert updates").
 TEMP_FACTOR = 4.0
 
 

@@ -15,7 +15,7 @@ import statistics
 import sys
 
 DEFAULT_CKPT = pathlib.Path('runs') / 'tiny' / 'ckpt'
-# Measured on trained configs/tiny_1k.yaml (experiments/lookahead_recall.py; README "Lookahead width").
+# Measured on trained configs/tiny_1k.yaml (experiments/lookahead_recall.py; docs/store.md "Lookahead width").
 DEFAULT_LOOKAHEAD_WIDTH = 4
 
 
@@ -48,7 +48,7 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
                       help='prefetch with the routers of the next D MoE layers (default 0)')
   parser.add_argument('--lookahead-width', type=int, default=DEFAULT_LOOKAHEAD_WIDTH, metavar='W',
                       help='with --lookahead: prefetch the top W*K candidates of the lookahead routing per token '
-                           f'and layer (default {DEFAULT_LOOKAHEAD_WIDTH}; README "Lookahead width")')
+                           f'and layer (default {DEFAULT_LOOKAHEAD_WIDTH}; docs/store.md "Lookahead width")')
   parser.add_argument('--no-stage', action='store_true',
                       help='with --lookahead: prefetch into the host tier only, do not stage predicted experts '
                            'into device slots')

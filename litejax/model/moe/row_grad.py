@@ -70,7 +70,7 @@ def dedup_rows(ids_n: jax.Array, grads_n: jax.Array, u: int, num_rows: int) -> t
 # Whether held 16-bit float tables are read and written as their uint16 bits (`as_bits`). On for XLA:CPU,
 # which emulates bf16 (it converts whole tables to f32 around a gather or scatter of bf16 values); off
 # where bf16 is native: the TPU compiler lays uint16 out unlike bf16 and copies every table through the
-# bitcasts (README "Sparse expert updates" has the shrunk quadrillion step on v5p).
+# bitcasts (docs/training.md "Sparse expert updates" has the shrunk quadrillion step on v5p).
 _BITS_VIEW = contextvars.ContextVar('litejax_bits_view', default=True)
 
 
