@@ -5,6 +5,9 @@ FLOPs count a multiply-add as 2. Per token and per layer:
   attention scores       4·S·H·hd                     (QKᵀ and AV over the full S×S block: the causal
                                                        mask is applied to a dense product)
   router, per level      tier 2·d·T (T > 1); group 2·d·k_tier·G (G > 1); expert 2·d·k_tier·k_group·E_g
+                         (moe.group_score top2_experts: no group router, and the expert level scores
+                         every expert of the kept tiers' groups, 2·d·k_tier·G·E_g, to score the groups;
+                         pooled selection scores the same rows as per-group selection)
   experts                K · c·d·h,  c = 4 (mlp: two matmuls) or 6 (glu: three)
   with capacity padding  (E·C / N) · c·d·h for the capacity/einsum paths (C slots for each of E experts,
                          filled or not), K · c·d·h for gather (every assignment computed, drops masked)
@@ -66,8 +69,9 @@ def param_counts(cfg: Config) -> ParamCounts:
   dense_ffn = _ffn_params(mc.ffn_kind) * d * mc.resolved_d_ff
   shared = _ffn_params(m.expert_kind) * d * m.num_shared_experts * m.resolved_d_shared
   T, G, Eg = m.num_tiers, m.groups_per_tier, m.experts_per_group
-  router = (d * T if T > 1 else 0) + (T * d * G if G > 1 else 0) + T * G * d * Eg
-  router_active = (d * T if T > 1 else 0) + (m.k_tier * d * G if G > 1 else 0) + m.k_tier * m.k_group * d * Eg
+  group_router = G > 1 and m.group_score == 'router'
+  router = (d * T if T > 1 else 0) + (T * d * G if group_router else 0) + T * G * d * Eg
+  router_active = (d * T if T > 1 else 0) + (m.k_tier * d * G if group_router else 0) + m.router_expert_visits * d * Eg
   n_moe = mc.num_moe_layers
   n_dense = mc.num_layers - n_moe
   embedding = mc.vocab_size * d * (1 if mc.tie_embeddings else 2)
@@ -112,8 +116,8 @@ def forward_flops_per_token(cfg: Config, tokens_per_group: int | None = None,
       'attention_proj': L * (2 * d * hd * (H + 2 * KV) + 2 * H * hd * d),
       'attention_scores': L * 4 * S * H * hd,
       'router_tier': n_moe * (2 * d * T if T > 1 else 0),
-      'router_group': n_moe * (2 * d * m.k_tier * G if G > 1 else 0),
-      'router_expert': n_moe * 2 * d * m.k_tier * m.k_group * Eg,
+      'router_group': n_moe * (2 * d * m.k_tier * G if G > 1 and m.group_score == 'router' else 0),
+      'router_expert': n_moe * 2 * d * m.router_expert_visits * Eg,
       'experts': n_moe * expert_rows * per_expert,
       'shared_experts': n_moe * _ffn_coef(m.expert_kind) * d * m.num_shared_experts * m.resolved_d_shared,
       'dense_ffn': n_dense * _ffn_coef(mc.ffn_kind) * d * mc.resolved_d_ff,
@@ -169,7 +173,7 @@ def elementwise_flops_per_token(cfg: Config, seq_len: int | None = None) -> floa
   # The router's softmax / top-k / masking over every score it computes: ~9 ops per score (measured
   # with litejax.hlo.flops on a 16K-expert flat router), O(E_g) per token like its matmul.
   scores = ((m.num_tiers if m.num_tiers > 1 else 0) + (m.k_tier * m.groups_per_tier if m.groups_per_tier > 1 else 0)
-            + m.k_tier * m.k_group * m.experts_per_group)
+            + m.router_expert_visits * m.experts_per_group)
   return float(mc.num_layers * per_layer + mc.num_moe_layers * (moe + 9 * scores) + 4 * mc.d_model)
 
 
