@@ -113,7 +113,7 @@ def validate_model(cfg: Config, s: dict[str, int]) -> None:
   checks = [
       (m.num_heads % s['tensor'] == 0,
        f'model.num_heads ({m.num_heads}) is not divisible by mesh.tensor ({s["tensor"]})'),
-      (m.num_kv_heads % s['tensor'] == 0,
+      (m.attention == 'mla' or m.num_kv_heads % s['tensor'] == 0,   # MLA has no kv heads
        f'model.num_kv_heads ({m.num_kv_heads}) is not divisible by mesh.tensor ({s["tensor"]})'),
       (m.resolved_d_ff % s['tensor'] == 0,
        f'model.d_ff ({m.resolved_d_ff}) is not divisible by mesh.tensor ({s["tensor"]})'),
