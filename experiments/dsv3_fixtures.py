@@ -110,7 +110,8 @@ def mla_fixture(extra, gen, batch=2, seq=7, prefill=4) -> dict[str, np.ndarray]:
   config = {**MLA, **extra, 'rms_norm_eps': cfg.rms_norm_eps}
   return {**weights(attn), 'x': x.numpy(), 'out': out.numpy(), 'out_cached': torch.cat(steps, 1).numpy(),
           'prefill': np.array(prefill), 'inv_freq': rotary.inv_freq.numpy(),
-          'attention_scaling': np.array(rotary.attention_scaling, np.float32), 'scaling': np.array(attn.scaling, np.float32),
+          'attention_scaling': np.array(rotary.attention_scaling, np.float32),
+          'scaling': np.array(attn.scaling, np.float32),
           'config': np.array(json.dumps(config))}
 
 

@@ -49,7 +49,8 @@ def _validate_rope_scaling(m) -> None:
   _require(m.rope_beta_fast > 0 and m.rope_beta_slow > 0,
            f'model.rope_beta_fast/rope_beta_slow: must be > 0, got {m.rope_beta_fast}/{m.rope_beta_slow}')
   _require(m.rope_mscale >= 0 and m.rope_mscale_all_dim >= 0,
-           f'model.rope_mscale/rope_mscale_all_dim: must be >= 0 (0 = unset), got {m.rope_mscale}/{m.rope_mscale_all_dim}')
+           'model.rope_mscale/rope_mscale_all_dim: must be >= 0 (0 = unset), got '
+           f'{m.rope_mscale}/{m.rope_mscale_all_dim}')
 
 
 def _validate_routing_variants(e) -> None:
@@ -64,7 +65,8 @@ def _validate_routing_variants(e) -> None:
     _require(e.k_expert <= e.experts_per_group,
              f'moe.k_expert ({e.k_expert}) must be <= moe.experts_per_group ({e.experts_per_group})')
   if e.group_score == 'top2_experts':
-    _require(e.score == 'sigmoid', 'moe.group_score: top2_experts sums expert selection scores; needs moe.score=sigmoid')
+    _require(e.score == 'sigmoid',
+             'moe.group_score: top2_experts sums expert selection scores; needs moe.score=sigmoid')
     _require(e.groups_per_tier > 1, 'moe.group_score: top2_experts needs moe.groups_per_tier > 1')
     _require(e.experts_per_group >= 2,
              f'moe.group_score: top2_experts needs moe.experts_per_group >= 2, got {e.experts_per_group}')

@@ -29,8 +29,8 @@ def model_section(hc: dict) -> dict:
              qk_rope_head_dim=hc['qk_rope_head_dim'], v_head_dim=hc['v_head_dim'], rope_theta=rp['rope_theta'],
              norm_eps=hc['rms_norm_eps'])
   if rp['rope_type'] == 'yarn':
-    out.update(rope_scaling='yarn', rope_factor=rp['factor'], rope_original_max_len=rp['original_max_position_embeddings'],
-               rope_beta_fast=rp['beta_fast'], rope_beta_slow=rp['beta_slow'], rope_mscale=rp['mscale'],
+    out.update(rope_scaling='yarn', rope_factor=rp['factor'],
+               rope_original_max_len=rp['original_max_position_embeddings'], rope_beta_fast=rp['beta_fast'], rope_beta_slow=rp['beta_slow'], rope_mscale=rp['mscale'],
                rope_mscale_all_dim=rp['mscale_all_dim'])
   return out
 

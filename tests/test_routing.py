@@ -226,7 +226,8 @@ def test_top2_group_score_is_the_two_best_biased_expert_scores():
   bias = {'tier': jnp.zeros(1), 'group': jnp.zeros(2), 'expert': jnp.asarray([0, 1.0, 0, 0, 0, 0], jnp.float32)}
   r = route(jnp.asarray(x), p, cfg, bias)
   assert sorted(np.asarray(r.expert_nk)[0]) == [0, 1]
-  np.testing.assert_allclose(np.sort(np.asarray(r.weight_nk)[0]), np.sort(ref.sigmoid(np.array([4.0, -4.0]))), rtol=1e-6)
+  want = np.sort(ref.sigmoid(np.array([4.0, -4.0])))
+  np.testing.assert_allclose(np.sort(np.asarray(r.weight_nk)[0]), want, rtol=1e-6)
 
 
 def test_pooled_switch_loss_on_tied_logits():
@@ -259,8 +260,10 @@ def test_variant_config_rules():
   for extra, msg in ((dict(), r'moe.k_expert \(4\) must be <= moe.experts_per_group \(3\)'),
                      (dict(expert_selection='pooled', k_expert=7), r'<= moe.k_group \* moe.experts_per_group \(6\)'),
                      (dict(expert_selection='pooled', rank_aligned_groups=True), 'moe.rank_aligned_groups'),
-                     (dict(expert_selection='pooled', group_score='top2_experts', score='softmax'), 'needs moe.score=sigmoid'),
-                     (dict(expert_selection='pooled', group_score='top2_experts', num_tiers=2), 'moe.k_tier == moe.num_tiers'),
+                     (dict(expert_selection='pooled', group_score='top2_experts', score='softmax'),
+                      'needs moe.score=sigmoid'),
+                     (dict(expert_selection='pooled', group_score='top2_experts', num_tiers=2),
+                      'moe.k_tier == moe.num_tiers'),
                      (dict(expert_selection='pooled', routed_scale=0.0), 'moe.routed_scale: must be > 0')):
     with pytest.raises(ConfigError, match=msg):
       from_dict({'moe': {**base, **extra}})

@@ -178,7 +178,8 @@ def decode_flops_per_token(cfg: Config, cache_len: int, expert_rows: float | Non
   """Forward FLOPs of one decode step per generated token, by component (summed over layers).
 
   One new token per row attends over the whole cache (the step multiplies by a mask, not a shorter
-  product): attention scores 4·cache_len·H·hd per layer (MLA: its absorbed form, 2·cache_len·H·(2·r_kv + rope)). Decode routing is dropless, so expert work is
+  product): attention scores 4·cache_len·H·hd per layer (MLA: its absorbed form,
+  2·cache_len·H·(2·r_kv + rope)). Decode routing is dropless, so expert work is
   K experts' rows (`expert_rows` overrides K: the padded rows per token of the path that runs, e.g.
   R_EP·K for expert-parallel dispatch; `router_visits` likewise overrides the k_tier·k_group (token,
   kept group) visits scored at the expert level, e.g. R_EP·k_tier·k_group where the groups' owners score

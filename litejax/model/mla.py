@@ -27,7 +27,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from litejax.config import ModelConfig
-from litejax.model.layers import DTYPES, RMSNorm, param, rope_attention_factor, rope_frequencies, rotate, write_cache, yarn_mscale
+from litejax.model.layers import (DTYPES, RMSNorm, param, rope_attention_factor, rope_frequencies, rotate,
+                                  write_cache, yarn_mscale)
 
 # DeepSeek's q_a_layernorm and kv_a_layernorm use RMSNorm's default epsilon, not rms_norm_eps
 # (DeepSeek-V3's inference/model.py and transformers' DeepseekV3Attention alike).
