@@ -206,9 +206,13 @@ def test_pooled_gradients_match_finite_differences():
     r = route(x, rp, cfg)
     return jnp.sum((moe_ffn(x, r, w, cfg, 'gather')[0] - target) ** 2)
 
-  g_rp, g_w = jax.jit(jax.grad(loss, argnums=(0, 1)))(rp, w)
-  loss_j = jax.jit(loss)
-  used = int(route(x, rp, cfg).expert_nk[0, 1])
+  value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))   # one compile for both
+
+  def loss_j(rp, w):
+    return value_and_grad(rp, w)[0]
+
+  _, (g_rp, g_w) = value_and_grad(rp, w)
+  used = int(jax.jit(lambda rp: route(x, rp, cfg).expert_nk)(rp)[0, 1])
   a = np.asarray(rp['expert'])
   idx = (used // 3, 2, used % 3)
   fd = finite_difference_check(lambda v: float(loss_j({'expert': jnp.asarray(v)}, w)), a, idx, eps=1e-3)

@@ -203,15 +203,6 @@ def test_group_limited_variants_match_numpy(shape, selection, group_score, score
   assert int(np.asarray(r.tokens_per_group).sum()) == x.shape[0] * kt * kg   # selections of kept groups
 
 
-def test_pooled_takes_more_than_one_group_s_worth_from_a_group():
-  """Pooled: a token's k_expert picks follow the scores wherever they fall among its kept groups, so one
-  group can give all of them (per_group would take exactly k_expert from each)."""
-  cfg, params, x = make(1, 4, 3, 1, 2, 3, n=64, seed=3, score='sigmoid', expert_selection='pooled')
-  r = route(jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()}, cfg)
-  per_token_groups = [len(set(row)) for row in np.asarray(r.group_nk)]
-  assert 1 in per_token_groups and 2 in per_token_groups
-
-
 def test_top2_group_score_is_the_two_best_biased_expert_scores():
   """One token, hand-set logits: group 0 holds the single best expert, group 1 the best pair, so the
   top-2 sum keeps group 1; a bias on group 0's experts turns it around (the bias moves selection only)."""
