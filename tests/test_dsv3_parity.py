@@ -86,6 +86,7 @@ def hfw_model_fields(mc: ModelConfig) -> dict:
                                       'kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim')}
 
 
+@pytest.mark.slow   # compiles the layer's whole-sequence, prefill and decode programs per fixture
 @pytest.mark.parametrize('name', ['mla_yarn_lora', 'mla_yarn_mscale_half', 'mla_plain'])
 def test_mla_matches_transformers(name):
   """Whole sequence (keys and values up-projected) and, through the latent cache (W_kv_b absorbed),
