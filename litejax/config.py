@@ -15,6 +15,8 @@ from typing import Any, Iterable, Literal, get_args, get_origin
 
 import yaml
 
+from litejax import config_rules
+
 
 class InputError(ValueError):
   """Bad input from the user (a config, a flag, a data or checkpoint path): the CLI prints the message,
@@ -27,9 +29,7 @@ class ConfigError(InputError):
 
 # Shipped configs: the repo's top-level configs/ folder, installed as the package data litejax/configs/
 # (pyproject.toml maps one onto the other), so `--config tiny` works from any folder.
-# Upper bounds that only catch absurd values (each loop over layers is Python-level work at trace time,
-# and shapes must fit int32 indexing).
-MAX_LAYERS = 4096
+# An upper bound that only catches absurd values (shapes must fit int32 indexing).
 MAX_INT = 2**31 - 1
 
 
@@ -51,6 +51,25 @@ class ModelConfig:
   norm_eps: float = 1e-6
   dtype: Literal['float32', 'bfloat16'] = 'float32'        # compute dtype
   param_dtype: Literal['float32', 'bfloat16'] = 'float32'
+  # Attention: grouped-query (gqa) or DeepSeek's Multi-head Latent Attention (mla, litejax.model.mla),
+  # whose sizes are the five fields below (0 where unused); mla ignores num_kv_heads and head_dim.
+  attention: Literal['gqa', 'mla'] = 'gqa'
+  q_lora_rank: int = 0              # mla: rank of q's low-rank projection; 0 = one full q projection
+  kv_lora_rank: int = 0             # mla: width of the compressed key/value latent (what the cache holds)
+  qk_nope_head_dim: int = 0         # mla: per-head query/key width without RoPE
+  qk_rope_head_dim: int = 0         # mla: per-head query width with RoPE (the key's RoPE part is shared)
+  v_head_dim: int = 0               # mla: per-head value width
+  # RoPE scaling: none, or YaRN (arXiv 2309.00071, as transformers' `rope_type: yarn` computes it):
+  # frequencies interpolated by rope_factor outside the [beta_slow, beta_fast] rotation band of
+  # rope_original_max_len positions, cos/sin scaled by the attention factor from the two mscales
+  # (0 = unset), and mla's softmax scale by mscale(rope_factor, rope_mscale_all_dim)^2.
+  rope_scaling: Literal['none', 'yarn'] = 'none'
+  rope_factor: float = 1.0
+  rope_original_max_len: int = 0
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_mscale: float = 0.0
+  rope_mscale_all_dim: float = 0.0
 
   @property
   def resolved_head_dim(self) -> int:
@@ -97,6 +116,14 @@ class MoEConfig:
   aux_loss_weight: float = 0.01     # Switch load-balance loss, summed over levels
   z_loss_weight: float = 0.001      # ST-MoE router z-loss
   rank_aligned_groups: bool = False  # send a token once per chosen group (rank) in expert parallel
+  # The last level: k_expert experts in each kept group (per_group), or k_expert experts of each kept
+  # tier pooled over its kept groups' experts (pooled: DeepSeek-V3's group-limited routing).
+  expert_selection: Literal['per_group', 'pooled'] = 'per_group'
+  # How groups are scored: by their own router table (router_group), or, as DeepSeek-V3, by the sum of
+  # their two best expert selection scores (top2_experts: every expert of every candidate group is
+  # scored first; no router_group table).
+  group_score: Literal['router', 'top2_experts'] = 'router'
+  routed_scale: float = 1.0         # routed experts' combine weights scaled by this (routed_scaling_factor)
 
   @property
   def experts_total(self) -> int:
@@ -105,8 +132,18 @@ class MoEConfig:
 
   @property
   def k_active(self) -> int:
-    """K = k_tier * k_group * k_expert."""
+    """K = k_tier * k_group * k_expert (per_group), k_tier * k_expert (pooled)."""
+    if self.expert_selection == 'pooled':
+      return self.k_tier * self.k_expert
     return self.k_tier * self.k_group * self.k_expert
+
+  @property
+  def router_expert_visits(self) -> int:
+    """(token, group) rows the expert level scores per token: the kept groups, k_tier·k_group; with
+    group_score top2_experts every group of the kept tiers, k_tier·G."""
+    if self.group_score == 'top2_experts':
+      return self.k_tier * self.groups_per_tier
+    return self.k_tier * self.k_group
 
   @property
   def resolved_d_shared(self) -> int:
@@ -319,6 +356,11 @@ def load_config(path: str | pathlib.Path | None = None, overrides: Iterable[str]
   return from_dict(ov, base=cfg) if ov else cfg
 
 
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
 def _validate_store(cfg: Config) -> None:
   if not cfg.store.placement:
     return
@@ -333,61 +375,10 @@ def _validate_store(cfg: Config) -> None:
            f'smallest TierSet), got {hot} in {cfg.store.placement!r}')
 
 
-def _require(ok: bool, message: str) -> None:
-  if not ok:
-    raise ConfigError(message)
-
-
 def validate(cfg: Config) -> None:
-  """Raises ConfigError for the first violated constraint."""
-  m, e, t = cfg.model, cfg.moe, cfg.train
+  """Raises ConfigError for the first violated constraint (the store's here, the rest litejax.config_rules')."""
   _validate_store(cfg)
-  for name in ('d_model', 'num_layers', 'num_heads', 'num_kv_heads', 'seq_len', 'vocab_size'):
-    _require(getattr(m, name) > 0, f'model.{name}: must be > 0, got {getattr(m, name)}')
-  _require(m.num_layers <= MAX_LAYERS, f'model.num_layers: must be <= {MAX_LAYERS}, got {m.num_layers}')
-  _require(m.head_dim >= 0, f'model.head_dim: must be >= 0 (0 = d_model/num_heads), got {m.head_dim}')
-  _require(m.d_ff >= 0, f'model.d_ff: must be >= 0 (0 = 4*d_model), got {m.d_ff}')
-  if m.head_dim == 0:
-    _require(m.d_model % m.num_heads == 0,
-             f'model.d_model ({m.d_model}) must be divisible by model.num_heads ({m.num_heads}) '
-             'when model.head_dim is not set')
-  _require(m.num_heads % m.num_kv_heads == 0,
-           f'model.num_heads ({m.num_heads}) must be divisible by model.num_kv_heads ({m.num_kv_heads})')
-  _require(m.resolved_head_dim % 2 == 0, f'model.head_dim ({m.resolved_head_dim}) must be even for RoPE')
-  _require(m.moe_every >= 0, f'model.moe_every: must be >= 0, got {m.moe_every}')
-  _require(m.rope_theta > 0, f'model.rope_theta: must be > 0, got {m.rope_theta}')
-  for name in ('num_tiers', 'groups_per_tier', 'experts_per_group', 'k_tier', 'k_group', 'k_expert',
-               'd_expert', 'min_capacity'):
-    _require(getattr(e, name) > 0, f'moe.{name}: must be > 0, got {getattr(e, name)}')
-  _require(e.k_tier <= e.num_tiers, f'moe.k_tier ({e.k_tier}) must be <= moe.num_tiers ({e.num_tiers})')
-  _require(e.k_group <= e.groups_per_tier,
-           f'moe.k_group ({e.k_group}) must be <= moe.groups_per_tier ({e.groups_per_tier})')
-  _require(e.k_expert <= e.experts_per_group,
-           f'moe.k_expert ({e.k_expert}) must be <= moe.experts_per_group ({e.experts_per_group})')
-  _require(e.capacity_factor > 0, f'moe.capacity_factor: must be > 0, got {e.capacity_factor}')
-  _require(e.eval_capacity_factor is None or e.eval_capacity_factor > 0,
-           f'moe.eval_capacity_factor: must be > 0 or null (dropless prefill), got {e.eval_capacity_factor}')
-  _require(e.num_shared_experts >= 0, f'moe.num_shared_experts: must be >= 0, got {e.num_shared_experts}')
-  _require(e.d_shared >= 0, f'moe.d_shared: must be >= 0 (0 = d_expert), got {e.d_shared}')
-  _require(e.auto_gather_ratio > 0, f'moe.auto_gather_ratio: must be > 0, got {e.auto_gather_ratio}')
-  _require(e.bias_update_rate >= 0, f'moe.bias_update_rate: must be >= 0, got {e.bias_update_rate}')
-  _require(e.bias_update_rate == 0 or e.score == 'sigmoid',
-           'moe.bias_update_rate: selection-bias balancing needs moe.score=sigmoid')
-  _require(e.aux_loss_weight >= 0 and e.z_loss_weight >= 0, 'moe.aux_loss_weight/z_loss_weight: must be >= 0')
-  for name in ('data', 'expert', 'tensor'):
-    v = getattr(cfg.mesh, name)
-    _require(v == -1 or v > 0, f'mesh.{name}: must be > 0 or -1 (the rest), got {v}')
-  _require(sum(getattr(cfg.mesh, n) == -1 for n in ('data', 'expert', 'tensor')) <= 1,
-           'mesh: at most one of data/expert/tensor may be -1')
-  for name in ('steps', 'batch_size', 'ckpt_every', 'keep_checkpoints', 'eval_every', 'eval_batches',
-               'log_every'):
-    _require(getattr(t, name) > 0, f'train.{name}: must be > 0, got {getattr(t, name)}')
-  _require(t.lr > 0, f'train.lr: must be > 0, got {t.lr}')
-  _require(0 <= t.min_lr_ratio <= 1, f'train.min_lr_ratio: must be in [0, 1], got {t.min_lr_ratio}')
-  _require(0 <= t.warmup_steps, f'train.warmup_steps: must be >= 0, got {t.warmup_steps}')
-  _require(t.grad_clip >= 0, f'train.grad_clip: must be >= 0 (0 = off), got {t.grad_clip}')
-  _require(0 < t.val_fraction < 1, f'train.val_fraction: must be in (0, 1), got {t.val_fraction}')
-  _require(math.isfinite(t.lr), 'train.lr: must be finite')
-  _require(t.expert_optimizer == 'adamw' or t.expert_update != 'dense',
-           'train.expert_optimizer: factored runs on the sparse path only; needs train.expert_update '
-           f'sparse or auto, got {t.expert_update}')
+  try:
+    config_rules.check(cfg)
+  except config_rules.Violation as e:
+    raise ConfigError(str(e)) from None

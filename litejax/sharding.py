@@ -113,7 +113,7 @@ def validate_model(cfg: Config, s: dict[str, int]) -> None:
   checks = [
       (m.num_heads % s['tensor'] == 0,
        f'model.num_heads ({m.num_heads}) is not divisible by mesh.tensor ({s["tensor"]})'),
-      (m.num_kv_heads % s['tensor'] == 0,
+      (m.attention == 'mla' or m.num_kv_heads % s['tensor'] == 0,   # MLA has no kv heads
        f'model.num_kv_heads ({m.num_kv_heads}) is not divisible by mesh.tensor ({s["tensor"]})'),
       (m.resolved_d_ff % s['tensor'] == 0,
        f'model.d_ff ({m.resolved_d_ff}) is not divisible by mesh.tensor ({s["tensor"]})'),
@@ -156,10 +156,10 @@ def groups_shard(num_groups: int, expert_ranks: int) -> bool:
 
 def router_expert_split(m: MoEConfig, expert_ranks: int) -> bool:
   """Whether router_expert is split by group over the expert ranks and its level scored on the groups'
-  owners (litejax.model.moe.router_parallel): its level gathers kept groups (k_tier·k_group < T·G) and the ranks
-  divide the groups (`groups_shard`)."""
+  owners (litejax.model.moe.router_parallel): its level gathers the groups it scores
+  (MoEConfig.router_expert_visits < T·G) and the ranks divide the groups (`groups_shard`)."""
   groups = m.num_tiers * m.groups_per_tier
-  return m.k_tier * m.k_group < groups and groups_shard(groups, expert_ranks)
+  return m.router_expert_visits < groups and groups_shard(groups, expert_ranks)
 
 
 def _is_var(x: Any) -> bool:

@@ -19,13 +19,18 @@ def topk(v, k):
 
 
 def hierarchical_route(x_nd, params, T, G, Eg, kt, kg, ke, score='softmax', renormalize=True, bias=None,
-                       tier_mask=None):
+                       tier_mask=None, selection='per_group', group_score='router', routed_scale=1.0):
   """Scores every branch densely, then selects level by level. Returns (experts [N,K], weights [N,K]).
 
   bias: optional selection biases {'tier' [T], 'group' [T·G], 'expert' [E]}: selection ranks
   score + bias, the weight is the product of the unbiased scores.
   tier_mask: optional bool [T] (a TierSet): tier scores are computed over the allowed tiers only
-  (softmax over them; sigmoid unchanged) and only they are selected."""
+  (softmax over them; sigmoid unchanged) and only they are selected.
+  selection 'pooled' / group_score 'top2_experts' / routed_scale: DeepSeek-V3's group-limited routing
+  (`pooled_tier`, `top2_groups`), written out per token."""
+  if selection == 'pooled' or group_score == 'top2_experts':
+    return _route_variants(x_nd, params, T, G, Eg, kt, kg, ke, score, renormalize, bias, selection, group_score,
+                           routed_scale)
   zero = {'tier': np.zeros(T), 'group': np.zeros(T * G), 'expert': np.zeros(T * G * Eg)}
   bias = zero if bias is None else {k: np.asarray(v, np.float64) for k, v in bias.items()}
   f = softmax if score == 'softmax' else sigmoid
@@ -57,6 +62,66 @@ def hierarchical_route(x_nd, params, T, G, Eg, kt, kg, ke, score='softmax', reno
       wt = wt / wt.sum()
     experts.append(ex)
     weights.append(wt)
+  return np.array(experts), np.array(weights)
+
+
+def top2_groups(x, w_expert, t, G, Eg, kg, bias_e):
+  """DeepSeek-V3's group choice in tier t: each group scores the sum of its two best sigmoid(x·w) + bias."""
+  gscore = []
+  for g in range(G):
+    gid = t * G + g
+    select = sigmoid(x @ w_expert[gid]) + bias_e[gid * Eg:(gid + 1) * Eg]
+    gscore.append(np.sort(select)[-2:].sum())
+  return topk(np.array(gscore), kg)
+
+
+def pooled_tier(x, w_expert, gids, gates, Eg, ke, score, bias_e):
+  """The pooled last level of one kept tier: the ke best experts over all kept groups' experts (scores
+  normalised over that pool for softmax). Returns ([expert ids], [weights = group gate · expert score])."""
+  ids = np.concatenate([gid * Eg + np.arange(Eg) for gid in gids])
+  logits = np.concatenate([x @ w_expert[gid] for gid in gids])
+  s = softmax(logits) if score == 'softmax' else sigmoid(logits)
+  gate = np.repeat(np.asarray(gates, np.float64), Eg)
+  pick = topk(s + bias_e[ids], ke)
+  return list(ids[pick]), list(gate[pick] * s[pick])
+
+
+def _route_variants(x_nd, params, T, G, Eg, kt, kg, ke, score, renormalize, bias, selection, group_score,
+                    routed_scale):
+  zero = {'tier': np.zeros(T), 'group': np.zeros(T * G), 'expert': np.zeros(T * G * Eg)}
+  bias = zero if bias is None else {k: np.asarray(v, np.float64) for k, v in bias.items()}
+  f = softmax if score == 'softmax' else sigmoid
+  experts, weights = [], []
+  for x in x_nd.astype(np.float64):
+    tier_s = f(x @ params['tier']) if T > 1 else np.ones(1)
+    ex, wt = [], []
+    for t in (topk(tier_s + bias['tier'], kt) if T > 1 else [0]):
+      if G == 1:
+        groups, gates = [0], [1.0]
+      elif group_score == 'top2_experts':
+        groups = top2_groups(x, params['expert'], t, G, Eg, kg, bias['expert'])
+        gates = [1.0] * kg
+      else:
+        group_s = f(x @ params['group'][t])
+        groups = topk(group_s + bias['group'][t * G:(t + 1) * G], kg)
+        gates = group_s[groups]
+      gids = [t * G + g for g in groups]
+      if selection == 'pooled':
+        e, w = pooled_tier(x, params['expert'], gids, gates, Eg, ke, score, bias['expert'])
+      else:
+        e, w = [], []
+        for gid, gate in zip(gids, gates):
+          s = f(x @ params['expert'][gid])
+          for j in topk(s + bias['expert'][gid * Eg:(gid + 1) * Eg], ke):
+            e.append(gid * Eg + j)
+            w.append(gate * s[j])
+      ex += e
+      wt += [tier_s[t] * v for v in w]
+    wt = np.array(wt)
+    if renormalize:
+      wt = wt / wt.sum()
+    experts.append(ex)
+    weights.append(wt * routed_scale)
   return np.array(experts), np.array(weights)
 
 

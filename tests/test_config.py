@@ -49,6 +49,20 @@ def test_quadrillion_is_the_spec_example():
     ({'mesh': {'data': -1, 'expert': -1}}, 'mesh', 'at most one'),
     ({'train': {'lr': 0}}, 'train.lr', '> 0'),
     ({'model': {'head_dim': 3}}, 'model.head_dim', 'even'),
+    ({'model': {'kv_lora_rank': 8}}, 'model.kv_lora_rank', 'model.attention=mla'),
+    ({'model': {'attention': 'mla', 'kv_lora_rank': 8, 'qk_nope_head_dim': 4, 'qk_rope_head_dim': 3,
+                'v_head_dim': 4}}, 'model.qk_rope_head_dim', 'even'),
+    ({'model': {'attention': 'mla', 'qk_nope_head_dim': 4, 'qk_rope_head_dim': 4, 'v_head_dim': 4}},
+     'model.kv_lora_rank', '> 0'),
+    ({'model': {'attention': 'mla', 'head_dim': 8, 'kv_lora_rank': 8, 'qk_nope_head_dim': 4, 'qk_rope_head_dim': 4,
+                'v_head_dim': 4}}, 'model.head_dim', 'unused'),
+    ({'model': {'rope_factor': 40}}, 'model.rope_factor', 'rope_scaling=yarn'),
+    ({'model': {'rope_scaling': 'yarn', 'rope_factor': 40, 'rope_original_max_len': 64}}, 'model.rope_scaling',
+     'attention=mla'),
+    ({'model': {'attention': 'mla', 'kv_lora_rank': 8, 'qk_nope_head_dim': 4, 'qk_rope_head_dim': 4, 'v_head_dim': 4,
+                'rope_scaling': 'yarn', 'rope_factor': 40}}, 'model.rope_original_max_len', '> 0'),
+    ({'model': {'rope_scaling': 'ntk'}}, 'model.rope_scaling', 'one of'),
+    ({'moe': {'expert_selection': 'all'}}, 'moe.expert_selection', 'one of'),
 ])
 def test_invalid_configs_name_field_and_constraint(overrides, field, words):
   with pytest.raises(ConfigError) as e:
@@ -112,7 +126,9 @@ def test_exponent_floats_without_a_dot_are_floats(tmp_path):
 SHRINK = ['model.d_model=32', 'model.num_layers=2', 'model.seq_len=32', 'model.num_heads=2',
           'model.num_kv_heads=2', 'model.head_dim=0', 'model.d_ff=0', 'moe.d_expert=32', 'moe.d_shared=0',
           'model.vocab_size=256', 'mesh.data=-1', 'mesh.expert=1', 'mesh.tensor=1']
-SHRINK_EXPERTS = {'quadrillion': ['moe.num_tiers=2', 'moe.groups_per_tier=4', 'moe.experts_per_group=8']}
+SHRINK_EXPERTS = {'quadrillion': ['moe.num_tiers=2', 'moe.groups_per_tier=4', 'moe.experts_per_group=8'],
+                  'deepseek_v3': ['moe.experts_per_group=4', 'model.q_lora_rank=16', 'model.kv_lora_rank=16',
+                                  'model.qk_nope_head_dim=8', 'model.qk_rope_head_dim=8', 'model.v_head_dim=8']}
 
 
 @pytest.mark.parametrize('path', all_config_files(), ids=lambda p: p.name)

@@ -169,3 +169,56 @@ def test_expert_matmul_gradients_match_einsum(experts, rows):
     np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=2e-5, atol=2e-5)
   hlo = jax.jit(jax.grad(loss(expert_matmul), argnums=(0, 1))).lower(x, w).compile().as_text()
   assert ('while' in hlo) == (experts >= 128 and rows <= 128)
+
+
+# DeepSeek-V3's routing in miniature: 12 experts in 4 groups of 3, keep 2 groups, 3 experts pooled over
+# them, sigmoid scores with top-2 group scores, weights renormalised and scaled by 2.5.
+POOLED = dict(num_tiers=1, groups_per_tier=4, experts_per_group=3, k_tier=1, k_group=2, k_expert=3,
+              score='sigmoid', expert_selection='pooled', group_score='top2_experts', routed_scale=2.5)
+
+
+@pytest.mark.parametrize('path', ['capacity', 'gather', 'einsum', 'dropless'])
+def test_pooled_routing_on_every_path_matches_reference(path):
+  d, n = 12, 40
+  cfg = moe_cfg(**POOLED, expert_kind='glu', capacity_factor=0.75)
+  w = weights(cfg, d)
+  x = np.random.default_rng(9).normal(size=(n, d)).astype(np.float32)
+  y, e, wt, drops = run(jnp.asarray(x), router_params(cfg, d), {k: jnp.asarray(v) for k, v in w.items()}, cfg, path)
+  assert e.shape == (n, 3) and np.allclose(np.asarray(wt).sum(1), 2.5, rtol=1e-5)
+  cap = int(np.ceil(0.75 * n * cfg.k_active / cfg.experts_total))
+  keep = np.ones(e.shape, bool) if path == 'dropless' else ref.capacity_keep(np.asarray(e), cap)[1]
+  assert path == 'dropless' or not keep.all(), 'this case must drop'
+  y_ref = ref.dense_moe(x.astype(np.float64), np.asarray(e), np.asarray(wt, np.float64), keep, w, 'glu')
+  np.testing.assert_allclose(np.asarray(y), y_ref, rtol=2e-4, atol=2e-5)
+  np.testing.assert_allclose(float(drops[2]), 1 - keep.mean(), atol=1e-6)
+  np.testing.assert_allclose(float(drops[1]), float(drops[0]))   # pooled: the group figure is the tier's
+
+
+def test_pooled_gradients_match_finite_differences():
+  d, n = 6, 8
+  cfg = moe_cfg(**POOLED, capacity_factor=50.0, d_expert=4)
+  w = {k: jnp.asarray(v) for k, v in weights(cfg, d).items()}
+  rp = {'expert': router_params(cfg, d)['expert'] * 0.5}
+  x = jnp.asarray(np.random.default_rng(7).normal(size=(n, d)).astype(np.float32))
+  target = jnp.asarray(np.random.default_rng(8).normal(size=(n, d)).astype(np.float32))
+
+  def loss(rp, w):
+    r = route(x, rp, cfg)
+    return jnp.sum((moe_ffn(x, r, w, cfg, 'gather')[0] - target) ** 2)
+
+  value_and_grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))   # one compile for both
+
+  def loss_j(rp, w):
+    return value_and_grad(rp, w)[0]
+
+  _, (g_rp, g_w) = value_and_grad(rp, w)
+  used = int(jax.jit(lambda rp: route(x, rp, cfg).expert_nk)(rp)[0, 1])
+  a = np.asarray(rp['expert'])
+  idx = (used // 3, 2, used % 3)
+  fd = finite_difference_check(lambda v: float(loss_j({'expert': jnp.asarray(v)}, w)), a, idx, eps=1e-3)
+  np.testing.assert_allclose(float(g_rp['expert'][idx]), fd, rtol=3e-2, atol=1e-3)
+  assert abs(fd) > 1e-3, 'the checked router entry must matter'
+  a = np.asarray(w['w_in'])
+  idx = (used, 1, 2)
+  fd = finite_difference_check(lambda v: float(loss_j(rp, {**w, 'w_in': jnp.asarray(v)})), a, idx)
+  np.testing.assert_allclose(float(g_w['w_in'][idx]), fd, rtol=3e-2, atol=1e-3)

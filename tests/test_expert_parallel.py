@@ -68,7 +68,12 @@ def test_capacity_is_per_source_rank(dispatch_path, mesh_shape):
 
 
 @pytest.mark.parametrize('moe', [dict(rank_aligned_groups=True),
-                                 dict(rank_aligned_groups=True, dispatch='gather')], ids=str)
+                                 dict(rank_aligned_groups=True, dispatch='gather'),
+                                 # DeepSeek-V3's pooled routing; the second with router-scored groups, whose
+                                 # router_expert is split by group over the 4 expert ranks (router_parallel)
+                                 dict(expert_selection='pooled', group_score='top2_experts', score='sigmoid',
+                                      k_expert=3, routed_scale=2.5),
+                                 dict(expert_selection='pooled', k_expert=3, dispatch='gather')], ids=str)
 def test_paths_equal_single_device_without_drops(moe):
   cfg = tiny_config(**moe)
   x, params, w = _moe_inputs(cfg, 128, seed=1)

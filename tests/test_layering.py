@@ -16,6 +16,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # Bottom to top. A module of layer i imports modules of layers < i, or of its own package.
 LAYERS = [
+    ['litejax.config_rules'],
     ['litejax.config'],
     ['litejax.env', 'litejax.units', 'litejax.jaxcompat'],
     ['litejax.sharding'],

@@ -87,6 +87,11 @@ def test_scan_equals_unrolled(moe_every):
     {'moe': {'num_tiers': 1, 'groups_per_tier': 1, 'experts_per_group': 8, 'score': 'sigmoid'}},
     {'model': {'scan_layers': True, 'moe_every': 2, 'head_dim': 16}},
     {'model': {'moe_every': 0}},
+    # DeepSeek-V3's MLA without q's low rank, and its group-limited routing (no group router table)
+    {'model': {'attention': 'mla', 'kv_lora_rank': 12, 'qk_nope_head_dim': 6, 'qk_rope_head_dim': 4, 'v_head_dim': 5,
+               'scan_layers': True},
+     'moe': {'num_tiers': 1, 'groups_per_tier': 4, 'experts_per_group': 2, 'k_group': 2, 'k_expert': 3,
+             'score': 'sigmoid', 'expert_selection': 'pooled', 'group_score': 'top2_experts'}},
 ])
 def test_param_counts_match_model_and_axes_are_tagged(sections):
   cfg = cfg_with(**sections)

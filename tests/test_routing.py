@@ -12,14 +12,14 @@ from litejax.model.moe.routing import route as route_eager, update_selection_bia
 route = jax.jit(route_eager, static_argnums=(2,))
 
 
-def make(T, G, Eg, kt, kg, ke, d=16, n=24, seed=0, score='softmax', renormalize=True):
+def make(T, G, Eg, kt, kg, ke, d=16, n=24, seed=0, score='softmax', renormalize=True, **variants):
   cfg = from_dict({'moe': dict(num_tiers=T, groups_per_tier=G, experts_per_group=Eg, k_tier=kt, k_group=kg,
-                               k_expert=ke, score=score, renormalize=renormalize)}).moe
+                               k_expert=ke, score=score, renormalize=renormalize, **variants)}).moe
   rng = np.random.default_rng(seed)
   params = {'expert': rng.normal(size=(T * G, d, Eg)).astype(np.float32)}
   if T > 1:
     params['tier'] = rng.normal(size=(d, T)).astype(np.float32)
-  if G > 1:
+  if G > 1 and cfg.group_score == 'router':
     params['group'] = rng.normal(size=(T, d, G)).astype(np.float32)
   x = rng.normal(size=(n, d)).astype(np.float32)
   return cfg, params, x
@@ -165,3 +165,96 @@ def test_routing_partitions_over_batch_without_gathering_tokens():
   assert 'all-gather' not in hlo and 'all-to-all' not in hlo
   e_ref, _ = ref.hierarchical_route(x, params, 2, 2, 8, 1, 2, 2)
   np.testing.assert_array_equal(np.asarray(fn(x_sharded, {k: jnp.asarray(v) for k, v in params.items()})[0]), e_ref)
+
+
+# DeepSeek-V3's group-limited routing: (T, G, E_g, k_tier, k_group, k_expert), expert counts that are not
+# powers of two and k_group < G, k_expert pooled over the kept groups (more than one group's worth), with
+# (selection, group_score, score, renormalize, routed_scale).
+VARIANT_CASES = [
+    ((1, 4, 3, 1, 2, 4), 'pooled', 'top2_experts', 'sigmoid', True, 2.5),      # DeepSeek-V3 in miniature
+    ((1, 5, 4, 1, 3, 5), 'pooled', 'top2_experts', 'sigmoid', False, 1.0),
+    ((3, 2, 5, 2, 1, 3), 'pooled', 'router', 'sigmoid', True, 1.0),
+    ((2, 3, 3, 2, 2, 5), 'pooled', 'router', 'softmax', True, 2.5),
+    ((2, 3, 3, 2, 2, 2), 'per_group', 'top2_experts', 'sigmoid', True, 1.5),
+]
+
+
+@pytest.mark.parametrize('shape, selection, group_score, score, renorm, scale', VARIANT_CASES)
+def test_group_limited_variants_match_numpy(shape, selection, group_score, score, renorm, scale):
+  T, G, Eg, kt, kg, ke = shape
+  rng = np.random.default_rng(sum(shape))
+  bias = None
+  if score == 'sigmoid':   # selection biases large enough to move choices
+    bias = {'tier': rng.normal(size=T) * 0.3, 'group': rng.normal(size=T * G) * 0.3,
+            'expert': rng.normal(size=T * G * Eg) * 0.3}
+  cfg, params, x = make(T, G, Eg, kt, kg, ke, score=score, renormalize=renorm, seed=sum(shape),
+                        expert_selection=selection, group_score=group_score, routed_scale=scale)
+  jb = None if bias is None else {k: jnp.asarray(v, jnp.float32) for k, v in bias.items()}
+  r = route(jnp.asarray(x), {k: jnp.asarray(v) for k, v in params.items()}, cfg, jb)
+  e_ref, w_ref = ref.hierarchical_route(x, params, T, G, Eg, kt, kg, ke, score, renorm, bias=bias,
+                                        selection=selection, group_score=group_score, routed_scale=scale)
+  np.testing.assert_array_equal(np.asarray(r.expert_nk), e_ref)
+  np.testing.assert_allclose(np.asarray(r.weight_nk), w_ref, rtol=1e-5, atol=1e-6)
+  ex = np.asarray(r.expert_nk)
+  assert ex.shape == (x.shape[0], cfg.k_active) and all(len(set(row)) == cfg.k_active for row in ex)
+  np.testing.assert_array_equal(ex // Eg, np.asarray(r.group_nk))
+  np.testing.assert_array_equal(ex // (G * Eg), np.asarray(r.tier_nk))
+  np.testing.assert_array_equal(np.asarray(r.tokens_per_expert), np.bincount(ex.reshape(-1), minlength=T * G * Eg))
+  assert int(np.asarray(r.tokens_per_group).sum()) == x.shape[0] * kt * kg   # selections of kept groups
+
+
+def test_top2_group_score_is_the_two_best_biased_expert_scores():
+  """One token, hand-set logits: group 0 holds the single best expert, group 1 the best pair, so the
+  top-2 sum keeps group 1; a bias on group 0's experts turns it around (the bias moves selection only)."""
+  cfg = from_dict({'moe': dict(num_tiers=1, groups_per_tier=2, experts_per_group=3, k_group=1, k_expert=2,
+                               score='sigmoid', expert_selection='pooled', group_score='top2_experts',
+                               renormalize=False)}).moe
+  logits = np.array([[4.0, -4.0, -4.0], [1.0, 1.0, -4.0]], np.float32)      # [G, E_g]
+  x = np.ones((1, 1), np.float32)
+  p = {'expert': jnp.asarray(logits[:, None, :])}                           # x·w = logits
+  r = route(jnp.asarray(x), p, cfg)
+  assert sorted(np.asarray(r.expert_nk)[0]) == [3, 4]
+  bias = {'tier': jnp.zeros(1), 'group': jnp.zeros(2), 'expert': jnp.asarray([0, 1.0, 0, 0, 0, 0], jnp.float32)}
+  r = route(jnp.asarray(x), p, cfg, bias)
+  assert sorted(np.asarray(r.expert_nk)[0]) == [0, 1]
+  want = np.sort(ref.sigmoid(np.array([4.0, -4.0])))
+  np.testing.assert_allclose(np.sort(np.asarray(r.weight_nk)[0]), want, rtol=1e-6)
+
+
+def test_pooled_switch_loss_on_tied_logits():
+  """Zero logits, 1 tier x 4 groups x 3 experts, keep 2 groups, pool 3 experts: ties keep groups 0, 1
+  and experts 0, 1, 2 (all of group 0). f on experts 0..2 = 1/3 each; P = 1/6 on each of the 6 pooled
+  experts (groups 0, 1): 12·3·(1/3·1/6) = 2."""
+  cfg, params, x = make(1, 4, 3, 1, 2, 3, score='sigmoid', expert_selection='pooled', group_score='top2_experts')
+  zero = {k: jnp.zeros(v.shape) for k, v in params.items()}
+  r = route(jnp.asarray(x), zero, cfg)
+  np.testing.assert_allclose(np.asarray(r.load_balance_loss), [0.0, 0.0, 2.0], rtol=1e-6)
+  assert (np.asarray(r.expert_nk) == [0, 1, 2]).all()
+
+
+def test_variant_bias_update_compares_an_expert_with_its_tier():
+  from litejax.model.moe.routing import update_selection_biases
+  cfg = from_dict({'moe': dict(num_tiers=1, groups_per_tier=2, experts_per_group=2, k_group=1, k_expert=2,
+                               score='sigmoid', expert_selection='pooled', group_score='top2_experts')}).moe
+  loads = type('Loads', (), {'tokens_per_tier': jnp.array([4]), 'tokens_per_group': jnp.array([4, 0]),
+                             'tokens_per_expert': jnp.array([3, 1, 0, 0])})
+  bias = {'tier': jnp.zeros(1), 'group': jnp.zeros(2), 'expert': jnp.zeros(4)}
+  new = update_selection_biases(bias, loads, 0.1, cfg)
+  np.testing.assert_allclose(np.asarray(new['expert']), [-0.1, 0.0, 0.1, 0.1])   # mean load 1 over all 4
+  np.testing.assert_array_equal(np.asarray(new['group']), [0, 0])                # not read: unchanged
+
+
+def test_variant_config_rules():
+  from litejax.config import ConfigError
+  base = dict(num_tiers=1, groups_per_tier=4, experts_per_group=3, k_group=2, k_expert=4, score='sigmoid')
+  assert from_dict({'moe': {**base, 'expert_selection': 'pooled'}}).moe.k_active == 4
+  for extra, msg in ((dict(), r'moe.k_expert \(4\) must be <= moe.experts_per_group \(3\)'),
+                     (dict(expert_selection='pooled', k_expert=7), r'<= moe.k_group \* moe.experts_per_group \(6\)'),
+                     (dict(expert_selection='pooled', rank_aligned_groups=True), 'moe.rank_aligned_groups'),
+                     (dict(expert_selection='pooled', group_score='top2_experts', score='softmax'),
+                      'needs moe.score=sigmoid'),
+                     (dict(expert_selection='pooled', group_score='top2_experts', num_tiers=2),
+                      'moe.k_tier == moe.num_tiers'),
+                     (dict(expert_selection='pooled', routed_scale=0.0), 'moe.routed_scale: must be > 0')):
+    with pytest.raises(ConfigError, match=msg):
+      from_dict({'moe': {**base, **extra}})

@@ -229,3 +229,25 @@ def test_bf16_tables_are_not_copied_as_f32():
   tables_bytes = 2 * cfg.moe.experts_total * cfg.model.d_model * cfg.moe.d_expert * 2   # w_in, w_out in bf16
   # One uint16 copy of each table and the small rest here; with the f32 copies 2.5x (checked by hand).
   assert temp < 2 * tables_bytes, (temp, tables_bytes)
+
+
+def test_pooled_routing_trains_sparse_rows_and_balances_its_bias():
+  """DeepSeek-V3's routing (sigmoid, top-2 group scores, 3 experts pooled over 3 kept groups of 8, scaled
+  by 2.5) under the sparse update with loss-free balancing: experts no token chose keep their rows bit for
+  bit, the chosen ones move, and the selection bias moves by the rate against each expert's load."""
+  base = small_config(groups=8, experts_per_group=8, batch=2)
+  moe = dataclasses.replace(base.moe, k_group=3, k_expert=3, score='sigmoid', expert_selection='pooled',
+                            group_score='top2_experts', routed_scale=2.5, bias_update_rate=0.01, expert_kind='glu')
+  cfg = from_dict(base.replace(moe=moe).to_dict())   # validated
+  losses, states, loads = run(cfg, _mesh((1, 1, 1)), 3, fixed=True)
+  assert np.isfinite(losses).all() and losses[-1] < losses[0]
+  before, after = states[2], states[3]
+  idle = loads[2][0] == 0
+  assert 0 < idle.sum() < cfg.moe.experts_total and loads[2][0].sum() == 16 * 3
+  ffn0, ffn1 = before['params']['blocks'][1]['ffn'], after['params']['blocks'][1]['ffn']
+  for name in ('w_in', 'w_gate', 'w_out'):
+    np.testing.assert_array_equal(ffn1[name][idle], ffn0[name][idle])
+    assert (np.abs(ffn1[name][~idle] - ffn0[name][~idle]).max(axis=(1, 2)) > 0).all()
+  b0, b1 = (np.asarray(s['extra']['blocks'][1]['ffn']['bias_expert']) for s in (before, after))
+  load = loads[2][0]
+  np.testing.assert_allclose(b1 - b0, 0.01 * np.sign(load.mean() - load), atol=1e-7)

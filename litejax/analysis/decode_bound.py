@@ -248,7 +248,7 @@ def analytic_step_per_device(cfg, mesh, batch: int, cache_len: int) -> dict[str,
   pc = bounds.param_counts(cfg)
   dense = (pc.active_per_token - pc.expert_active_per_token) * pbytes / s['tensor']
   experts = expert_slice_bytes_per_token(cfg, mesh, batch) * batch / devices
-  kv = mc.num_layers * 2 * cache_len * mc.num_kv_heads * mc.resolved_head_dim * abytes * batch / devices
+  kv = mc.num_layers * cache_len * bounds.kv_cache_values_per_token(mc) * abytes * batch / devices
   coll = 0.0
   if s['expert'] > 1 and n_moe:
     coll = float(buffer_plan.analytic_all_to_all_bytes_per_rank(cfg, batch, s, abytes)['total'] * n_moe)

@@ -4,7 +4,16 @@ FLOPs count a multiply-add as 2. Per token and per layer:
   attention projections  2·d·hd·(H + 2·KV) + 2·H·hd·d
   attention scores       4·S·H·hd                     (QKᵀ and AV over the full S×S block: the causal
                                                        mask is applied to a dense product)
+  MLA (model.attention mla; litejax.model.mla: nope, rope, v per head, ranks r_q, r_kv)
+    projections          q 2·d·H·(nope+rope), or 2·d·r_q + 2·r_q·H·(nope+rope) (r_q > 0);
+                         kv_a 2·d·(r_kv+rope); kv_b 2·r_kv·H·(nope+v); o 2·H·v·d
+    scores               2·S·H·(nope + rope + v)
+    with a KV cache      (prefill and decode: W_kv_b absorbed, T = cache entries) kv_b is replaced by
+                         2·H·nope·r_kv + 2·H·r_kv·v; scores 2·T·H·(2·r_kv + rope)
   router, per level      tier 2·d·T (T > 1); group 2·d·k_tier·G (G > 1); expert 2·d·k_tier·k_group·E_g
+                         (moe.group_score top2_experts: no group router, and the expert level scores
+                         every expert of the kept tiers' groups, 2·d·k_tier·G·E_g, to score the groups;
+                         pooled selection scores the same rows as per-group selection)
   experts                K · c·d·h,  c = 4 (mlp: two matmuls) or 6 (glu: three)
   with capacity padding  (E·C / N) · c·d·h for the capacity/einsum paths (C slots for each of E experts,
                          filled or not), K · c·d·h for gather (every assignment computed, drops masked)
@@ -57,17 +66,53 @@ class ParamCounts:
   dense: int                 # everything that is not a routed expert or router weight
 
 
+def attention_params(mc) -> int:
+  """Parameters of one attention layer (its latent norms' scales included for MLA)."""
+  d, H = mc.d_model, mc.num_heads
+  if mc.attention == 'mla':
+    qk = mc.qk_nope_head_dim + mc.qk_rope_head_dim
+    r_q, r_kv = mc.q_lora_rank, mc.kv_lora_rank
+    q = d * r_q + r_q + r_q * H * qk if r_q else d * H * qk
+    kv = d * (r_kv + mc.qk_rope_head_dim) + r_kv + r_kv * H * (mc.qk_nope_head_dim + mc.v_head_dim)
+    return q + kv + H * mc.v_head_dim * d
+  hd = mc.resolved_head_dim
+  return d * hd * (H + 2 * mc.num_kv_heads) + H * hd * d
+
+
+def kv_cache_values_per_token(mc) -> int:
+  """KV-cache values one token adds per attention layer (litejax.model.kv_cache.layer_entry): 2·KV·hd
+  (GQA), kv_lora_rank + qk_rope_head_dim (MLA: the latent and the shared RoPE key)."""
+  if mc.attention == 'mla':
+    return mc.kv_lora_rank + mc.qk_rope_head_dim
+  return 2 * mc.num_kv_heads * mc.resolved_head_dim
+
+
+def attention_flops(mc, seq_len: int, cached: bool = False) -> tuple[int, int]:
+  """(projection, score) FLOPs per token of one attention layer over `seq_len` keys (the module
+  docstring's formulas); `cached`: the KV-cache form, which differs for MLA only (W_kv_b absorbed)."""
+  d, H, S = mc.d_model, mc.num_heads, seq_len
+  if mc.attention != 'mla':
+    hd = mc.resolved_head_dim
+    return 2 * d * hd * (H + 2 * mc.num_kv_heads) + 2 * H * hd * d, 4 * S * H * hd
+  nope, rope, v, r_q, r_kv = mc.qk_nope_head_dim, mc.qk_rope_head_dim, mc.v_head_dim, mc.q_lora_rank, mc.kv_lora_rank
+  q = 2 * d * r_q + 2 * r_q * H * (nope + rope) if r_q else 2 * d * H * (nope + rope)
+  kv_b = 2 * H * r_kv * (nope + v)     # up-projection, or the absorbed W_uk and W_uv: the same count
+  proj = q + 2 * d * (r_kv + rope) + kv_b + 2 * H * v * d
+  return proj, (2 * S * H * (2 * r_kv + rope) if cached else 2 * S * H * (nope + rope + v))
+
+
 def param_counts(cfg: Config) -> ParamCounts:
   """Total and per-token active parameter counts, without building the model."""
   mc, m = cfg.model, cfg.moe
-  d, hd = mc.d_model, mc.resolved_head_dim
-  attn = d * hd * (mc.num_heads + 2 * mc.num_kv_heads) + mc.num_heads * hd * d
+  d = mc.d_model
+  attn = attention_params(mc)
   norms = 2 * d
   dense_ffn = _ffn_params(mc.ffn_kind) * d * mc.resolved_d_ff
   shared = _ffn_params(m.expert_kind) * d * m.num_shared_experts * m.resolved_d_shared
   T, G, Eg = m.num_tiers, m.groups_per_tier, m.experts_per_group
-  router = (d * T if T > 1 else 0) + (T * d * G if G > 1 else 0) + T * G * d * Eg
-  router_active = (d * T if T > 1 else 0) + (m.k_tier * d * G if G > 1 else 0) + m.k_tier * m.k_group * d * Eg
+  group_router = G > 1 and m.group_score == 'router'
+  router = (d * T if T > 1 else 0) + (T * d * G if group_router else 0) + T * G * d * Eg
+  router_active = (d * T if T > 1 else 0) + (m.k_tier * d * G if group_router else 0) + m.router_expert_visits * d * Eg
   n_moe = mc.num_moe_layers
   n_dense = mc.num_layers - n_moe
   embedding = mc.vocab_size * d * (1 if mc.tie_embeddings else 2)
@@ -86,17 +131,19 @@ COMPONENTS = ('attention_proj', 'attention_scores', 'router_tier', 'router_group
 
 
 def forward_flops_per_token(cfg: Config, tokens_per_group: int | None = None,
-                            dispatch: str | None = None, seq_len: int | None = None) -> dict[str, float]:
-  """Whole-model forward FLOPs per token by component (summed over layers).
+                            dispatch: str | None = None, seq_len: int | None = None,
+                            cached: bool = False) -> dict[str, float]:
+  """Whole-model forward FLOPs per token by component (summed over layers); `cached`: attention reads a
+  KV cache of seq_len entries (its form differs for MLA).
 
   tokens_per_group: N, the tokens routed together in one MoE call on one device. None gives the
   unpadded bound (exactly K experts per token); otherwise expert work includes capacity padding
   for the dispatch path that runs at that N (`dispatch` overrides moe.dispatch).
   """
   mc, m = cfg.model, cfg.moe
-  d, hd, S = mc.d_model, mc.resolved_head_dim, seq_len or mc.seq_len
-  H, KV = mc.num_heads, mc.num_kv_heads
+  d, S = mc.d_model, seq_len or mc.seq_len
   L, n_moe = mc.num_layers, mc.num_moe_layers
+  attn_proj, attn_scores = attention_flops(mc, S, cached)
   n_dense = L - n_moe
   T, G, Eg, E, K = m.num_tiers, m.groups_per_tier, m.experts_per_group, m.experts_total, m.k_active
   path = dispatch_path(cfg, tokens_per_group, dispatch)
@@ -109,11 +156,11 @@ def forward_flops_per_token(cfg: Config, tokens_per_group: int | None = None,
   else:
     expert_rows = E * capacity(m, tokens_per_group) / tokens_per_group
   out = {
-      'attention_proj': L * (2 * d * hd * (H + 2 * KV) + 2 * H * hd * d),
-      'attention_scores': L * 4 * S * H * hd,
+      'attention_proj': L * attn_proj,
+      'attention_scores': L * attn_scores,
       'router_tier': n_moe * (2 * d * T if T > 1 else 0),
-      'router_group': n_moe * (2 * d * m.k_tier * G if G > 1 else 0),
-      'router_expert': n_moe * 2 * d * m.k_tier * m.k_group * Eg,
+      'router_group': n_moe * (2 * d * m.k_tier * G if G > 1 and m.group_score == 'router' else 0),
+      'router_expert': n_moe * 2 * d * m.router_expert_visits * Eg,
       'experts': n_moe * expert_rows * per_expert,
       'shared_experts': n_moe * _ffn_coef(m.expert_kind) * d * m.num_shared_experts * m.resolved_d_shared,
       'dense_ffn': n_dense * _ffn_coef(mc.ffn_kind) * d * mc.resolved_d_ff,
@@ -131,7 +178,8 @@ def decode_flops_per_token(cfg: Config, cache_len: int, expert_rows: float | Non
   """Forward FLOPs of one decode step per generated token, by component (summed over layers).
 
   One new token per row attends over the whole cache (the step multiplies by a mask, not a shorter
-  product): attention scores 4·cache_len·H·hd per layer. Decode routing is dropless, so expert work is
+  product): attention scores 4·cache_len·H·hd per layer (MLA: its absorbed form,
+  2·cache_len·H·(2·r_kv + rope)). Decode routing is dropless, so expert work is
   K experts' rows (`expert_rows` overrides K: the padded rows per token of the path that runs, e.g.
   R_EP·K for expert-parallel dispatch; `router_visits` likewise overrides the k_tier·k_group (token,
   kept group) visits scored at the expert level, e.g. R_EP·k_tier·k_group where the groups' owners score
@@ -141,7 +189,7 @@ def decode_flops_per_token(cfg: Config, cache_len: int, expert_rows: float | Non
   """
   if cache_len < 1:
     raise ValueError(f'cache_len: must be >= 1, got {cache_len}')
-  out = forward_flops_per_token(cfg, None, seq_len=cache_len)
+  out = forward_flops_per_token(cfg, None, seq_len=cache_len, cached=True)
   if expert_rows is not None:
     out['experts'] = float(cfg.model.num_moe_layers * expert_rows * expert_flops(cfg))
   if router_visits is not None:
@@ -164,12 +212,16 @@ def elementwise_flops_per_token(cfg: Config, seq_len: int | None = None) -> floa
   `forward_flops_per_token`."""
   mc, m = cfg.model, cfg.moe
   S = seq_len or mc.seq_len
-  per_layer = 2 * 4 * mc.d_model + 5 * S * mc.num_heads + 6 * mc.resolved_head_dim * (mc.num_heads + mc.num_kv_heads)
+  if mc.attention == 'mla':   # RoPE on the query heads' and the shared key's rope dims, two latent norms
+    rotary = 6 * mc.qk_rope_head_dim * (mc.num_heads + 1) + 4 * (mc.q_lora_rank + mc.kv_lora_rank)
+  else:
+    rotary = 6 * mc.resolved_head_dim * (mc.num_heads + mc.num_kv_heads)
+  per_layer = 2 * 4 * mc.d_model + 5 * S * mc.num_heads + rotary
   moe = m.k_active * m.d_expert * (4 if m.expert_kind == 'glu' else 1)
   # The router's softmax / top-k / masking over every score it computes: ~9 ops per score (measured
   # with litejax.hlo.flops on a 16K-expert flat router), O(E_g) per token like its matmul.
   scores = ((m.num_tiers if m.num_tiers > 1 else 0) + (m.k_tier * m.groups_per_tier if m.groups_per_tier > 1 else 0)
-            + m.k_tier * m.k_group * m.experts_per_group)
+            + m.router_expert_visits * m.experts_per_group)
   return float(mc.num_layers * per_layer + mc.num_moe_layers * (moe + 9 * scores) + 4 * mc.d_model)
 
 

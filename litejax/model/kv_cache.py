@@ -8,8 +8,8 @@ token at position t (litejax.model.layers.write_cache writes it, Attention.cache
 The cache is a list over layers in the order `Transformer.__call__(..., cache=)` walks them: for a scanned
 model (`model.scan_layers`) one entry per layer of a period, each stacked over the periods on a leading
 axis; otherwise one entry per layer. `per_layer=True` lists every layer on its own whatever the model
-(the expert store's runtime runs layer by layer). An attention variant with another cache (a latent
-for MLA, say) changes `layer_entry` alone.
+(the expert store's runtime runs layer by layer). An attention variant with another cache changes
+`layer_entry` alone (MLA's latent entry is one).
 """
 from __future__ import annotations
 
@@ -24,14 +24,22 @@ from litejax.model.layers import DTYPES
 
 # Logical axes of one cache array (a leading 'layers' axis when stacked over periods).
 CACHE_AXES = ('batch', 'sequence', 'kv_heads', 'head_dim')
+# MLA's entries (the latent [.., r_kv], the shared RoPE key [.., rope]) have no head axis: whole per row.
+LATENT_CACHE_AXES = ('batch', 'sequence', None)
 
 
 def layer_entry(cfg: Config, batch: int, max_len: int, lead: tuple[int, ...] = ()) -> dict[str, jax.ShapeDtypeStruct]:
-  """One attention layer's cache entry as ShapeDtypeStructs (`lead`: leading stacked axes)."""
+  """One attention layer's cache entry as ShapeDtypeStructs (`lead`: leading stacked axes): GQA's
+  {'k', 'v'} [B, T, KV, hd]; MLA's {'latent' [B, T, kv_lora_rank], 'k_rope' [B, T, qk_rope_head_dim]}
+  (litejax.model.mla: the compressed latent and the shared RoPE key, post-RoPE)."""
   mc = cfg.model
-  shape = lead + (batch, max_len, mc.num_kv_heads, mc.resolved_head_dim)
   dt = DTYPES[mc.dtype]
+  if mc.attention == 'mla':
+    return {'latent': jax.ShapeDtypeStruct(lead + (batch, max_len, mc.kv_lora_rank), dt),
+            'k_rope': jax.ShapeDtypeStruct(lead + (batch, max_len, mc.qk_rope_head_dim), dt)}
+  shape = lead + (batch, max_len, mc.num_kv_heads, mc.resolved_head_dim)
   return {'k': jax.ShapeDtypeStruct(shape, dt), 'v': jax.ShapeDtypeStruct(shape, dt)}
+
 
 
 def cache_shapes(cfg: Config, batch: int, max_len: int, per_layer: bool = False) -> list[dict[str, Any]]:
@@ -44,8 +52,9 @@ def cache_shapes(cfg: Config, batch: int, max_len: int, per_layer: bool = False)
 
 
 def cache_shardings(cfg: Config, mesh, batch: int, max_len: int) -> list[dict[str, Any]]:
-  """NamedShardings of the cache pytree on `mesh`, from CACHE_AXES."""
-  return jax.tree.map(lambda s: shd.logical_sharding(mesh, CACHE_AXES, len(s.shape)),
+  """NamedShardings of the cache pytree on `mesh`, from CACHE_AXES (LATENT_CACHE_AXES for MLA)."""
+  axes = LATENT_CACHE_AXES if cfg.model.attention == 'mla' else CACHE_AXES
+  return jax.tree.map(lambda s: shd.logical_sharding(mesh, axes, len(s.shape)),
                       cache_shapes(cfg, batch, max_len))
 
 

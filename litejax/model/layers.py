@@ -1,12 +1,16 @@
-"""Dense transformer layers (NNX): RMSNorm, RoPE, grouped-query causal attention, FFN.
+"""Dense transformer layers (NNX): RMSNorm, RoPE (with YaRN scaling), grouped-query causal attention, FFN.
+(DeepSeek's latent attention is litejax.model.mla.)
 
 Every parameter carries `logical_axes` metadata (e.g. ('embed', 'mlp')); litejax.sharding maps those
 names onto mesh axes, so nothing here names a physical axis.
 """
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from litejax.config import ModelConfig
@@ -40,16 +44,60 @@ class RMSNorm(nnx.Module):
 def rope(x_bshk: jax.Array, positions_bs: jax.Array, theta: float) -> jax.Array:
   """Rotary position embedding over the last axis (rotate-half convention)."""
   half = x_bshk.shape[-1] // 2
-  freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  return rotate(x_bshk, positions_bs, theta ** (-jnp.arange(half, dtype=jnp.float32) / half))
+
+
+def rotate(x_bshk: jax.Array, positions_bs: jax.Array, freq: jax.Array, scale: float = 1.0) -> jax.Array:
+  """x rotated by position · freq (freq [hd/2], pair i = dims (i, i + hd/2): rotate-half), cos and sin
+  scaled by `scale` (YaRN's attention factor; 1: plain RoPE)."""
   angle = positions_bs[..., None, None].astype(jnp.float32) * freq          # [B, S, 1, half]
   sin, cos = jnp.sin(angle), jnp.cos(angle)
+  if scale != 1.0:
+    sin, cos = sin * scale, cos * scale
   x1, x2 = jnp.split(x_bshk.astype(jnp.float32), 2, axis=-1)
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return out.astype(x_bshk.dtype)
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+  """YaRN's attention-temperature factor 0.1·mscale·ln(factor) + 1 (1 for factor <= 1; arXiv 2309.00071)."""
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_frequencies(cfg: ModelConfig, dim: int) -> np.ndarray:
+  """The rotary frequencies [dim/2] (f32) of `cfg`'s RoPE over `dim` dims: θ^(-2i/dim), or under YaRN
+  (model.rope_scaling) blended per pair with the interpolated θ^(-2i/dim)/factor by a linear ramp between
+  the dims whose wavelengths turn beta_fast and beta_slow times over rope_original_max_len positions
+  (floored/ceiled: transformers' `truncate`): high-frequency pairs keep their frequency, low ones are
+  interpolated."""
+  base = cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+  if cfg.rope_scaling == 'none':
+    return (1.0 / base).astype(np.float32)
+
+  def correction_dim(rotations: float) -> float:
+    return dim * math.log(cfg.rope_original_max_len / (rotations * 2 * math.pi)) / (2 * math.log(cfg.rope_theta))
+
+  low = max(math.floor(correction_dim(cfg.rope_beta_fast)), 0)
+  high = min(math.ceil(correction_dim(cfg.rope_beta_slow)), dim - 1)
+  ramp = np.clip((np.arange(dim // 2) - low) / ((high - low) or 0.001), 0, 1)
+  keep = 1 - ramp                     # 1: extrapolate (the frequency as trained), 0: interpolate
+  return ((1.0 / (cfg.rope_factor * base)) * (1 - keep) + (1.0 / base) * keep).astype(np.float32)
+
+
+def rope_attention_factor(cfg: ModelConfig) -> float:
+  """YaRN's scale of cos and sin: mscale(f, rope_mscale) / mscale(f, rope_mscale_all_dim) when both are
+  set, else mscale(f); 1 without rope scaling."""
+  if cfg.rope_scaling == 'none':
+    return 1.0
+  if cfg.rope_mscale and cfg.rope_mscale_all_dim:
+    return yarn_mscale(cfg.rope_factor, cfg.rope_mscale) / yarn_mscale(cfg.rope_factor, cfg.rope_mscale_all_dim)
+  return yarn_mscale(cfg.rope_factor)
+
+
 class Attention(nnx.Module):
   """Causal self-attention with RoPE and grouped-query heads (num_kv_heads divides num_heads)."""
+
+  CACHE_KEYS = ('k', 'v')   # its cache entry (litejax.model.kv_cache), in `cached`'s argument order
 
   def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
     d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.resolved_head_dim
@@ -108,7 +156,7 @@ class Attention(nnx.Module):
 
 
 def write_cache(cache_btnk: jax.Array, new_bsnk: jax.Array, positions_bs: jax.Array) -> jax.Array:
-  """Writes new_bsnk into cache_btnk at each row's positions.
+  """Writes new_bsnk into cache_btnk at each row's positions (any trailing axes after [B, T]).
 
   One token per row (decode): a select against the row's position, so rows write at different
   positions without a scatter (XLA partitions a select over a sharded batch trivially). Several tokens
@@ -118,7 +166,7 @@ def write_cache(cache_btnk: jax.Array, new_bsnk: jax.Array, positions_bs: jax.Ar
   if new_bsnk.shape[1] == 1:
     t = jnp.arange(cache_btnk.shape[1], dtype=jnp.int32)
     hit_bt = t[None, :] == positions_bs[:, :1]
-    return jnp.where(hit_bt[:, :, None, None], new_bsnk, cache_btnk)
+    return jnp.where(hit_bt.reshape(hit_bt.shape + (1,) * (cache_btnk.ndim - 2)), new_bsnk, cache_btnk)
   return jax.lax.dynamic_update_slice_in_dim(cache_btnk, new_bsnk, positions_bs[0, 0], axis=1)
 
 

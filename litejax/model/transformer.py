@@ -14,6 +14,7 @@ from flax import nnx
 
 from litejax.config import Config, ConfigError
 from litejax.model.layers import DTYPES, FFN, Attention, RMSNorm, param
+from litejax.model.mla import MLAttention
 from litejax.model.moe.block import MoEBlock, MoEStats
 from litejax.model.moe.routing import Routing
 
@@ -41,8 +42,9 @@ class Block(nnx.Module):
   dense or MoE. An MoE block's FFN half is `route` -> the routed experts -> `combine`; the expert store's
   runtime (litejax.inference.store_programs) calls those pieces with its own experts in between.
 
-  Where variants land: an attention variant (MLA, q/k norms) in layers.Attention and the cache entry it
-  keeps (litejax.model.kv_cache.layer_entry); a router variant in `route` (a pre-gated router, whose
+  Where variants land: an attention variant in its class (GQA: layers.Attention; DeepSeek's latent
+  attention: litejax.model.mla, `model.attention: mla`) and the cache entry it keeps
+  (litejax.model.kv_cache.layer_entry); a router variant in `route` (a pre-gated router, whose
   choice for this layer was made D layers earlier, hands that choice to `feed_forward` in place of it).
   """
 
@@ -51,19 +53,21 @@ class Block(nnx.Module):
     pd = DTYPES[mc.param_dtype]
     self.is_moe = is_moe
     self.attn_norm = RMSNorm(mc.d_model, mc.norm_eps)
-    self.attn = Attention(mc, rngs)
+    self.attn = MLAttention(mc, rngs) if mc.attention == 'mla' else Attention(mc, rngs)
     self.ffn_norm = RMSNorm(mc.d_model, mc.norm_eps)
     self.ffn = MoEBlock(cfg, rngs) if is_moe else FFN(mc.d_model, mc.resolved_d_ff, mc.ffn_kind, rngs, pd)
 
   def attention(self, x_bsd: jax.Array, positions_bs: jax.Array, kv: dict[str, jax.Array] | None = None):
     """The attention half with its residual: (x + attn(attn_norm(x)), kv). With `kv`, this layer's cache
-    entry {'k', 'v'} (litejax.model.kv_cache), attention writes this call's keys and values at
-    `positions_bs` and reads the cache; the entry comes back updated (None without a cache)."""
+    entry (litejax.model.kv_cache: {'k', 'v'}, or MLA's {'latent', 'k_rope'}: the attention's CACHE_KEYS),
+    attention writes this call's entries at `positions_bs` and reads the cache; the entry comes back
+    updated (None without a cache)."""
     h_bsd = self.attn_norm(x_bsd)
     if kv is None:
       return x_bsd + self.attn(h_bsd, positions_bs), None
-    out, k, v = self.attn.cached(h_bsd, positions_bs, kv['k'], kv['v'])
-    return x_bsd + out, {'k': k, 'v': v}
+    keys = self.attn.CACHE_KEYS
+    out, *entry = self.attn.cached(h_bsd, positions_bs, *(kv[k] for k in keys))
+    return x_bsd + out, dict(zip(keys, entry))
 
   def route(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None) -> tuple[jax.Array, Routing]:
     """MoE block: (the router's input ffn_norm(x) [N, d], the router's choice for it)."""

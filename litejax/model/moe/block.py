@@ -2,7 +2,7 @@
 
 Parameters (logical axes in brackets):
   router_tier   [d, T]          ('embed', None)                 only when T > 1
-  router_group  [T, d, G]       (None, 'embed', None)           only when G > 1
+  router_group  [T, d, G]       (None, 'embed', None)           only when G > 1 (and group_score router)
   router_expert [T·G, d, E_g]   ('expert_group', 'embed', None)  (None first when every group is kept)
   w_in/w_gate   [E, d, h]       ('expert', 'embed', 'expert_mlp')
   w_out         [E, h, d]       ('expert', 'expert_mlp', 'embed')
@@ -84,9 +84,9 @@ class MoEBlock(nnx.Module):
     T, G, Eg, E, h = m.num_tiers, m.groups_per_tier, m.experts_per_group, m.experts_total, m.d_expert
     if T > 1:
       self.router_tier = param(rngs, (d, T), ('embed', None), d)
-    if G > 1:
+    if G > 1 and m.group_score == 'router':   # top2_experts scores groups from their experts: no table
       self.router_group = param(rngs, (T, d, G), (None, 'embed', None), d, kind=_row_kind(m.k_tier < T))
-    gathered = m.k_tier * m.k_group < T * G   # split by group over expert ranks only then (router_parallel)
+    gathered = m.router_expert_visits < T * G   # split by group over expert ranks only then (router_parallel)
     self.router_expert = param(rngs, (T * G, d, Eg), ('expert_group' if gathered else None, 'embed', None), d,
                                kind=_row_kind(gathered))
     self.w_in = param(rngs, (E, d, h), ('expert', 'embed', 'expert_mlp'), d, pd, kind=RowParam)

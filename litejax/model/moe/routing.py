@@ -11,6 +11,15 @@ Expert ids are global: expert = (tier * G + group) * E_g + local_expert, so the 
 are contiguous (which lets groups align with expert-parallel ranks).
 
 Assignment order inside the K slots of a token is (tier rank, group rank, expert rank), best first.
+
+DeepSeek-V3's group-limited routing is two options of this hierarchy (litejax.config.MoEConfig):
+  expert_selection: pooled   the last level keeps k_expert experts per kept tier, pooled over the
+                             experts of its kept groups (not k_expert per group): K = k_tier·k_expert,
+                             order (tier rank, expert rank). A softmax score normalises over the pool.
+  group_score: top2_experts  no group router: every expert of the kept tiers' G groups is scored first
+                             (router FLOPs 2·d·k_tier·G·E_g), a group scores the sum of its two best
+                             selection scores (score + expert bias), the best k_group are kept, gate 1.
+and `routed_scale` multiplies the combine weights after renormalisation (routed_scaling_factor).
 """
 from __future__ import annotations
 
@@ -28,7 +37,7 @@ from litejax.model.moe import router_parallel
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class Routing:
-  """What the router decided for N tokens (K = k_tier·k_group·k_expert assignments each)."""
+  """What the router decided for N tokens (K = MoEConfig.k_active assignments each)."""
   expert_nk: jax.Array           # int32 [N, K] global expert id of each assignment
   weight_nk: jax.Array           # f32 [N, K] combine weight (product of level gates, maybe renormalised)
   group_nk: jax.Array            # int32 [N, K] global group id (tier * G + group) of each assignment
@@ -90,19 +99,20 @@ def _level(logits_npb: jax.Array, bias_npb: jax.Array | None, k: int, kind: str,
 
 
 def _switch_loss(branch_ids: jax.Array, scores_npb: jax.Array, parent_np: jax.Array | None,
-                 num_parents: int) -> jax.Array:
+                 num_parents: int, normalized: bool = False) -> jax.Array:
   """Switch load-balance loss B·Σ_b f_b·P_b over all B branches of a level.
 
   f_b: fraction of selections that chose branch b. P_b: share of router probability given to b,
   summed only over the branches that were scored (children of kept parents; branch id =
   parent · children + child). Both sum to 1, so perfectly uniform routing gives 1.0. Scores are
-  normalised per parent so sigmoid levels work too. parent_np None: one parent, every row scored.
+  normalised per parent so sigmoid levels work too (`normalized`: the caller normalised them, over a
+  pool of several parents' children). parent_np None: one parent, every row scored.
   """
   children = scores_npb.shape[-1]
   num_branches = num_parents * children
   counts = jnp.zeros((num_branches,), jnp.float32).at[branch_ids.reshape(-1)].add(1.0)
   f = counts / jnp.maximum(counts.sum(), 1.0)
-  probs = scores_npb / jnp.maximum(scores_npb.sum(-1, keepdims=True), 1e-9)
+  probs = scores_npb if normalized else scores_npb / jnp.maximum(scores_npb.sum(-1, keepdims=True), 1e-9)
   if parent_np is None:
     p = probs.reshape(-1, children).sum(0)
   else:   # one scatter of a whole row of children per kept parent, not one per element
@@ -165,7 +175,8 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
 
   Args:
     x_nd: [N, d] token activations (compute dtype; router math is done in f32).
-    params: router weights: 'tier' [d, T] (if T > 1), 'group' [T, d, G] (if G > 1), 'expert' [T·G, d, E_g].
+    params: router weights: 'tier' [d, T] (if T > 1), 'group' [T, d, G] (if G > 1 and the groups have a
+      router: group_score router), 'expert' [T·G, d, E_g].
     cfg: the MoE config.
     bias: optional selection-only biases (sigmoid scoring): 'tier' [T], 'group' [T·G], 'expert' [E].
     tier_mask: optional bool [T], the TierSet: the routing tiers this request may use. The others are
@@ -201,7 +212,12 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
     lb.append(jnp.zeros((), jnp.float32))
 
   # Level 2: groups inside kept tiers.
-  if G > 1:
+  keep_ng = None
+  if G > 1 and cfg.group_score == 'top2_experts':   # the expert level is scored here, for every group
+    group_nk, logits_nge, logits_nte = _top2_groups(x32, params['expert'], tier_nk, bias.get('expert'), cfg)
+    gate_tg = jnp.repeat(gate_t, cfg.k_group, axis=1)
+    lb.append(jnp.zeros((), jnp.float32))   # no router of its own: balanced by the experts' loss and bias
+  elif G > 1:
     with jax.named_scope('router_group'):
       logits_ntg = _touched_child_logits(x32, params['group'], tier_nk, row_deltas.get('group'), touched,
                                          'router_group')
@@ -218,29 +234,88 @@ def route(x_nd: jax.Array, params: dict[str, Any], cfg: MoEConfig,
     lb.append(jnp.zeros((), jnp.float32))
 
   # Level 3: experts inside kept groups.
-  with jax.named_scope('router_expert'):
-    logits_nge, keep_ng = _expert_logits(x32, params['expert'], group_nk, row_deltas.get('expert'), touched, cfg)
+  if G == 1 or cfg.group_score == 'router':
+    with jax.named_scope('router_expert'):
+      logits_nge, keep_ng = _expert_logits(x32, params['expert'], group_nk, row_deltas.get('expert'), touched, cfg)
+    logits_nte = logits_nge.reshape(n, cfg.k_tier, -1) if cfg.expert_selection == 'pooled' else logits_nge
   scored = group_nk[:, :, None] * Eg + jnp.arange(Eg)
   b = bias.get('expert')
-  local_e, gate_e, scores_e = _level(logits_nge, None if b is None else b[scored], cfg.k_expert, cfg.score)
-  if keep_ng is not None:   # a visit its group's owner had no slot for: dropped (weight 0)
-    gate_e = jnp.where(keep_ng[:, :, None], gate_e, 0.0)
-  expert_nk = (group_nk[:, :, None] * Eg + local_e).reshape(n, -1)
-  weight_nk = (gate_tg[:, :, None] * gate_e).reshape(n, -1)
-  z_terms.append(_z(logits_nge))
+  if cfg.expert_selection == 'pooled':
+    expert_nk, weight_nk, probs_nge = _pooled(logits_nge, None if b is None else b[scored], scored, keep_ng,
+                                              gate_tg, cfg)
+  else:
+    local_e, gate_e, scores_e = _level(logits_nge, None if b is None else b[scored], cfg.k_expert, cfg.score)
+    if keep_ng is not None:   # a visit its group's owner had no slot for: dropped (weight 0)
+      gate_e = jnp.where(keep_ng[:, :, None], gate_e, 0.0)
+    expert_nk = (group_nk[:, :, None] * Eg + local_e).reshape(n, -1)
+    weight_nk = (gate_tg[:, :, None] * gate_e).reshape(n, -1)
+  z_terms.append(_z(logits_nte))
   num_experts = T * G * Eg
-  lb.append(_switch_loss(expert_nk, scores_e, group_nk if T * G > 1 else None, T * G) if num_experts > 1
-            else jnp.zeros((), jnp.float32))
+  parents = group_nk if T * G > 1 else None
+  if num_experts == 1:
+    lb.append(jnp.zeros((), jnp.float32))
+  elif cfg.expert_selection == 'pooled':
+    lb.append(_switch_loss(expert_nk, probs_nge, parents, T * G, normalized=True))
+  else:
+    lb.append(_switch_loss(expert_nk, scores_e, parents, T * G))
 
   if cfg.renormalize:
     weight_nk = weight_nk / jnp.maximum(weight_nk.sum(-1, keepdims=True), 1e-9)
-  group_k = jnp.repeat(group_nk, cfg.k_expert, axis=1)
-  tier_k = jnp.repeat(tier_nk, cfg.k_group * cfg.k_expert, axis=1)
+  if cfg.routed_scale != 1.0:
+    weight_nk = weight_nk * cfg.routed_scale
+  if cfg.expert_selection == 'pooled':
+    group_k, tier_k = expert_nk // Eg, jnp.repeat(tier_nk, cfg.k_expert, axis=1)
+  else:
+    group_k = jnp.repeat(group_nk, cfg.k_expert, axis=1)
+    tier_k = jnp.repeat(tier_nk, cfg.k_group * cfg.k_expert, axis=1)
   return Routing(
       expert_nk=expert_nk.astype(jnp.int32), weight_nk=weight_nk, group_nk=group_k.astype(jnp.int32),
       tier_nk=tier_k.astype(jnp.int32), load_balance_loss=jnp.stack(lb), z_loss=sum(z_terms),
       tokens_per_expert=_counts(expert_nk, num_experts), tokens_per_group=_counts(group_nk, T * G),
       tokens_per_tier=_counts(tier_nk, T), touched=touched or None)
+
+
+def _top2_groups(x32, w_pdb, tier_nk, bias_e, cfg: MoEConfig):
+  """DeepSeek-V3's group choice (group_score top2_experts): every expert of the kept tiers' G groups is
+  scored, a group's score is the sum of its two best selection scores (sigmoid + expert bias), and each
+  kept tier keeps its best k_group groups. Returns (group_nk [N, kt·kg] global ids, the kept groups'
+  logits [N, kt·kg, E_g], every candidate's logits [N, kt, G·E_g] for the z-loss)."""
+  n = x32.shape[0]
+  G, Eg, kt = cfg.groups_per_tier, cfg.experts_per_group, cfg.k_tier
+  cand_nc = (tier_nk[:, :, None] * G + jnp.arange(G)).reshape(n, -1)       # every group of the kept tiers
+  with jax.named_scope('router_expert'):   # k_tier = T (config): all rows, never a gathered table
+    logits_nce = _child_logits(x32, w_pdb, cand_nc)
+  select = _scores(logits_nce.astype(jnp.float32), 'sigmoid')
+  if bias_e is not None:
+    select = select + bias_e[cand_nc[:, :, None] * Eg + jnp.arange(Eg)]
+  group_score_ntg = top_k(select, 2)[0].sum(-1).reshape(n, kt, G)
+  _, local_g = top_k(group_score_ntg, cfg.k_group)                           # [N, kt, kg]
+  visit_nv = (jnp.arange(kt)[:, None] * G + local_g).reshape(n, -1)          # row in cand_nc
+  logits_nve = jnp.take_along_axis(logits_nce, visit_nv[:, :, None], axis=1)
+  return (tier_nk[:, :, None] * G + local_g).reshape(n, -1), logits_nve, logits_nce.reshape(n, kt, -1)
+
+
+def _pooled(logits_nve, bias_nve, scored_nve, keep_nv, gate_nv, cfg: MoEConfig):
+  """The pooled last level: each kept tier's k_expert best experts over all its kept groups' experts.
+
+  logits/bias/scored (global expert ids): [N, V, E_g] over the V = k_tier·k_group kept groups (in tier
+  order); keep_nv: visits the router's owner scored (None: all); gate_nv: the tier·group gate per visit.
+  Returns (expert_nk [N, kt·ke], weight_nk (unnormalised), the pool-normalised scores [N, V, E_g])."""
+  n, v, eg = logits_nve.shape
+  kt = cfg.k_tier
+  scores_ntc = _scores(logits_nve.reshape(n, kt, -1).astype(jnp.float32), cfg.score)   # the pool: kg·E_g
+  select = scores_ntc if bias_nve is None else scores_ntc + bias_nve.reshape(n, kt, -1)
+  if keep_nv is not None:   # a visit its group's owner had no slot for: never chosen
+    keep_ntc = jnp.repeat(keep_nv, eg, axis=1).reshape(n, kt, -1)
+    select = jnp.where(keep_ntc, select, -jnp.inf)
+  _, idx_ntk = top_k(select, cfg.k_expert)
+  gate = jnp.take_along_axis(scores_ntc, idx_ntk, axis=-1) * jnp.take_along_axis(
+      gate_nv.reshape(n, kt, -1), idx_ntk // eg, axis=-1)
+  if keep_nv is not None:   # fewer kept visits than k_expert picks: the rest weigh 0
+    gate = jnp.where(jnp.take_along_axis(keep_ntc, idx_ntk, axis=-1), gate, 0.0)
+  expert_ntk = jnp.take_along_axis(scored_nve.reshape(n, kt, -1), idx_ntk, axis=-1)
+  probs = scores_ntc / jnp.maximum(scores_ntc.sum(-1, keepdims=True), 1e-9)
+  return expert_ntk.reshape(n, -1), gate.reshape(n, -1), probs.reshape(n, v, eg)
 
 
 def _check_tier_mask(tier_mask: Any, cfg: MoEConfig) -> jax.Array:
@@ -278,8 +353,11 @@ def update_selection_biases(bias: dict[str, jax.Array], r: Routing | Any, rate: 
   """One loss-free balancing step on every level: 'tier' [T], 'group' [T·G], 'expert' [E], each
   from its own load (`r` has the fields tokens_per_tier / _group / _expert, e.g. a Routing)."""
   T, G = cfg.num_tiers, cfg.groups_per_tier
+  top2 = cfg.group_score == 'top2_experts'   # the expert bias then picks groups too; no group bias is read
+  # An expert competes with its group's experts, or with its tier's where they pool or score the groups.
+  expert_parents = T if top2 or cfg.expert_selection == 'pooled' else T * G
   return {
       'tier': update_selection_bias(bias['tier'], r.tokens_per_tier, rate),
-      'group': update_selection_bias(bias['group'], r.tokens_per_group, rate, T),
-      'expert': update_selection_bias(bias['expert'], r.tokens_per_expert, rate, T * G),
+      'group': bias['group'] if top2 else update_selection_bias(bias['group'], r.tokens_per_group, rate, T),
+      'expert': update_selection_bias(bias['expert'], r.tokens_per_expert, rate, expert_parents),
   }

@@ -110,11 +110,13 @@ def assignment_positions(expert_nk: jax.Array, capacity_per_expert: int):
 
 def drop_fractions(keep_nk: jax.Array, cfg: MoEConfig) -> jax.Array:
   """Dropped fraction per level [tier, group, expert]: a kept tier (group) branch counts as dropped
-  when every assignment under it was dropped."""
+  when every assignment under it was dropped. Pooled selection has no per-group assignments: its group
+  figure is the tier's (the pool)."""
   n = keep_nk.shape[0]
   dropped = ~keep_nk
   tier = dropped.reshape(n, cfg.k_tier, -1).all(-1).mean()
-  group = dropped.reshape(n, cfg.k_tier * cfg.k_group, -1).all(-1).mean()
+  visits = cfg.k_tier if cfg.expert_selection == 'pooled' else cfg.k_tier * cfg.k_group
+  group = dropped.reshape(n, visits, -1).all(-1).mean()
   return jnp.stack([tier, group, dropped.mean()]).astype(jnp.float32)
 
 
