@@ -72,6 +72,30 @@ def test_damaged_checkpoint_is_one_line_and_writes_nothing(tmp_path, capsys):
   assert not out.exists()
 
 
+@pytest.mark.parametrize('how', ['flip', 'truncate', 'missing'])
+def test_damaged_newest_checkpoint_exports_the_previous_step(tmp_path, capsys, how):
+  """Without --step, a damaged newest step is skipped (named on stderr and in the manifest's source) for the
+  previous intact one, and the checkpoint folder is left as it was (a reader renames nothing)."""
+  import shutil
+
+  from fault_helpers import damage
+  cfg = small_cfg()
+  state = save_checkpoint(cfg, tmp_path / 'ckpt')
+  shutil.copytree(tmp_path / 'ckpt' / '0', tmp_path / 'ckpt' / '3')    # a newer step, then damaged
+  f = max((p for p in (tmp_path / 'ckpt' / '3' / 'state').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  damage(f, how)
+  assert main(['export-experts', '--ckpt-dir', str(tmp_path / 'ckpt'), '--out', str(tmp_path / 'store'),
+               '--json']) == 0
+  out, err = capsys.readouterr()
+  assert err.startswith(f'litejax export-experts: warning: checkpoint {tmp_path}/ckpt/3 is unreadable '
+                        f'(CheckpointCorruptError: {f}') and len(err.splitlines()) == 1, err
+  source = json.loads(out)['source']
+  assert source['step'] == 0 and [s['step'] for s in source['skipped']] == [3] and str(f) in source['skipped'][0]['why']
+  assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir()) == ['0', '3']
+  got = ExpertStore.open(str(tmp_path / 'store'), cfg).read_experts(0, [1])['w_in'][0]
+  assert np.array_equal(got, expert_param(state, cfg, 0, 'w_in')[1])
+
+
 def test_init_writes_the_configured_store_and_refuses_to_overwrite(tmp_path, capsys):
   cfg_args = ['--config', STORE_1B] + sum((['--set', s] for s in SMALL), [])
   out = str(tmp_path / 'store')

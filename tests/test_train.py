@@ -147,3 +147,39 @@ def test_cli_stop_after_then_resume(full30, tmp_path):
   got = [(r['step'], r['loss']) for r in read_metrics(tmp_path / 'm.jsonl')]
   want = [(r['step'], r['loss']) for r in full30[0].history[:6]]
   assert got == want
+
+
+@pytest.fixture(scope='module')
+def run_to_4(full30, tmp_path_factory):
+  """Steps 1-4 of the 30-step run with checkpoints at 2 and 4 (full30 compiled the programs)."""
+  d = tmp_path_factory.mktemp('run4')
+  train_lib.train(tiny_cfg('train.ckpt_every=2'), ckpt_dir=d / 'ck', metrics_path=d / 'm.jsonl', stop_after=4,
+                  quiet=True)
+  return d
+
+
+def _cli_train(d, *flags):
+  from litejax import cli
+  return cli.main(['train', '--config', str(TINY_YAML), '--devices', '8', '--quiet', '--ckpt-dir', str(d / 'ck'),
+                   '--metrics', str(d / 'm.jsonl'), *[a for o in RUN + ['train.ckpt_every=2'] for a in ('--set', o)],
+                   *flags])
+
+
+@pytest.mark.parametrize('how', ['flip', 'truncate', 'missing'])
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_goes_past_it(full30, run_to_4, tmp_path, capsys, how):
+  """`litejax train --resume` over a damaged step 4: it resumes from step 2, moves step 4 aside to a name that
+  says why, saves step 4 afresh on its way to 6, logs each step once, and its losses are the uninterrupted run's."""
+  import shutil
+
+  from fault_helpers import damage
+  from litejax.train import run_folder
+  shutil.copytree(run_to_4, tmp_path, dirs_exist_ok=True)
+  ck = tmp_path / 'ck'
+  damage(max((p for p in (ck / '4' / 'state').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size), how)
+  assert _cli_train(tmp_path, '--resume', '--stop-after', '6') == 0
+  err = capsys.readouterr().err
+  why = {'flip': 'sha256-differs', 'truncate': 'truncated', 'missing': 'file-missing'}[how]
+  assert 'Traceback' not in err and f'moved the damaged checkpoint {ck}/4 aside to {ck}/4.corrupt-{why}' in err, err
+  assert (ck / f'4.corrupt-{why}').is_dir() and run_folder.checkpoint_steps(ck) == [2, 4, 6]
+  got = [(r['step'], r['loss']) for r in read_metrics(tmp_path / 'm.jsonl')]
+  assert got == [(r['step'], r['loss']) for r in full30[0].history[:6]]    # bit for bit, each step once

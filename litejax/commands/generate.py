@@ -62,9 +62,14 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
                       help='with --latency-budget-ms: validation batches per TierSet (default 2)')
 
 
-def _fail(message: str) -> int:
-  print(f'litejax generate: {message}', file=sys.stderr)
-  return 2
+def _fail(message: str, status: int = 2) -> int:
+  print(f'litejax generate: {" ".join(message.split())}', file=sys.stderr)
+  return status
+
+
+def _skipped(skipped) -> list[dict]:
+  """The `checkpoints_skipped` JSON: newer checkpoints passed over for the one decoded with, and why."""
+  return [{'step': step, 'why': why} for step, why in skipped]
 
 
 def _prompts(args) -> list[str] | None:
@@ -101,11 +106,14 @@ def run(args: argparse.Namespace) -> int:
   if args.store:
     return _run_store(args, prompts, sampling)
   from litejax.inference import session as generation
+  from litejax.train.checkpoint import CheckpointCorruptError, CheckpointInFlightError
   try:
     cpu = jax.devices()[0].platform == 'cpu'
     session = generation.load(ckpt_dir, args.overrides, jax.devices()[:args.devices] if cpu else None)
   except FileNotFoundError as e:
     return _fail(str(e))
+  except (CheckpointCorruptError, CheckpointInFlightError) as e:
+    return _fail(str(e), status=1)
   if session.cfg.model.vocab_size < 256:
     return _fail(f'the checkpoint has vocab_size {session.cfg.model.vocab_size}; byte prompts need 256')
   tokens = [data.encode(p).astype(int).tolist() for p in prompts]
@@ -128,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
            'ms_per_token_p50': q(50), 'ms_per_token_p99': q(99),
            'tokens_per_second': (len(prompts) * len(gen.step_s) / sum(gen.step_s)) if gen.step_s else None,
            'compiles': gen.compiles, 'latency_split': split, 'interrupted': gen.interrupted,
-           'batch': session.runtime.batch if session.runtime else None}
+           'batch': session.runtime.batch if session.runtime else None,
+           'checkpoint_step': session.step, 'checkpoints_skipped': _skipped(session.skipped)}
     print(json.dumps(out, indent=2, default=float))
   else:
     for prompt, text in zip(prompts, texts):
@@ -146,13 +155,16 @@ def _run_store(args, prompts: list[str], sampling) -> int:
   from litejax.inference.store.levels import ExpertLevels, LevelOptions, int8_copies
   from litejax.inference.store_decode import StoreRuntime
   from litejax.train import data
+  from litejax.train.checkpoint import CheckpointCorruptError, CheckpointInFlightError
   opts = LevelOptions(args.device_slots, args.host_cache, args.policy, args.lookahead, args.miss,
                      args.lookahead_width, stage=not args.no_stage)
   try:
     opts.validate()
-    cfg, model, store, source = load_store_model(args.store, args.ckpt_dir, args.overrides)
+    cfg, model, store, source, skipped = load_store_model(args.store, args.ckpt_dir, args.overrides)
   except (ValueError, ExpertStoreError, FileNotFoundError) as e:
     return _fail(str(e))
+  except (CheckpointCorruptError, CheckpointInFlightError) as e:
+    return _fail(str(e), status=1)
   tokens = [data.encode(p).astype(int).tolist() for p in prompts]
   tierset = None
   if args.latency_budget_ms is not None:
@@ -191,7 +203,7 @@ def _run_store(args, prompts: list[str], sampling) -> int:
            # measured: I/O = time inside the tier lookups (disk reads, waits, slot loads) per decode step
            'latency_split': {'measured_ms_per_step_p50': mean, 'io_ms_per_step_p50': io_ms,
                              'compute_ms_per_step_p50': None if mean is None else mean - io_ms},
-           'store': rep}
+           'store': rep, 'checkpoints_skipped': _skipped(skipped)}
     if tierset is not None:
       out['tierset'] = tiersets.report(tierset, mean)
     print(json.dumps(out, indent=2, default=float))

@@ -22,7 +22,7 @@ from litejax.inference.store.writer import StoreWriter
 def open_checkpoint(ckpt_dir: str, step: int | None):
   """(read-only Checkpointer, step, meta, config) of checkpoint `step` (default: the newest intact one);
   raises ExpertStoreError before anything is created on disk."""
-  from litejax.train.checkpoint import Checkpointer, CheckpointCorruptError
+  from litejax.train.checkpoint import Checkpointer, CheckpointCorruptError, CheckpointInFlightError
   if '://' not in ckpt_dir and not pathlib.Path(ckpt_dir).expanduser().is_dir():
     raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: no such directory')
   ckpt = Checkpointer(ckpt_dir, read_only=True)
@@ -34,7 +34,7 @@ def open_checkpoint(ckpt_dir: str, step: int | None):
     step, meta = ckpt.newest_meta(step, whole=True)
   except Exception as e:
     ckpt.close()
-    if isinstance(e, CheckpointCorruptError):
+    if isinstance(e, (CheckpointCorruptError, CheckpointInFlightError)):
       raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: {e}') from None
     raise
   return ckpt, step, meta, from_dict(meta['config'])
@@ -72,4 +72,6 @@ def write_from_checkpoint(location: str, ckpt_dir: str, step: int | None = None,
   finally:
     ckpt.close()
   # Absolute, so `generate --store` finds the same checkpoint's other weights from any working directory.
-  return writer.finish({'kind': 'checkpoint', 'ckpt_dir': str(pathlib.Path(ckpt_dir).resolve()), 'step': int(step)})
+  source = {'kind': 'checkpoint', 'ckpt_dir': str(pathlib.Path(ckpt_dir).resolve()), 'step': int(step)}
+  skipped = [{'step': s, 'why': why} for s, why in sorted(ckpt.skipped.items(), reverse=True) if s > step]
+  return writer.finish({**source, 'skipped': skipped} if skipped else source)
