@@ -67,6 +67,10 @@ def _fail(message: str, status: int = 2) -> int:
   return status
 
 
+def _damaged(error: Exception, store: str) -> int:
+  return _fail(f'{error}; check the whole store with `litejax export-experts --verify {store}`', status=1)
+
+
 def _skipped(skipped) -> list[dict]:
   """The `checkpoints_skipped` JSON: newer checkpoints passed over for the one decoded with, and why."""
   return [{'step': step, 'why': why} for step, why in skipped]
@@ -151,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_store(args, prompts: list[str], sampling) -> int:
   from litejax.inference import tiersets
   from litejax.inference.session import load_store_model
-  from litejax.inference.store.layout import ExpertStoreError
+  from litejax.inference.store.layout import ChunkDamagedError, ExpertStoreError
   from litejax.inference.store.levels import ExpertLevels, LevelOptions, int8_copies
   from litejax.inference.store_decode import StoreRuntime
   from litejax.train import data
@@ -174,17 +178,22 @@ def _run_store(args, prompts: list[str], sampling) -> int:
           cfg, model, store, opts, batch=len(prompts), cache_len=max(len(t) for t in tokens) + args.max_new_tokens,
           budget_ms=args.latency_budget_ms, num_val_batches=args.val_batches,
           io_probes=lambda: io_probes(args.store, store), chip=measure_host(repeats=3))
+    except ChunkDamagedError as e:
+      return _damaged(e, args.store)
     except ValueError as e:
       return _fail(str(e))
-  tiers = ExpertLevels(store, opts, load_width=cfg.moe.k_active * len(prompts),
-                       int8=int8_copies(store) if opts.miss == 'fallback' else None)
-  try:
-    if tierset is not None:
-      tiersets.preload(cfg, tiers)
-    rt = StoreRuntime(cfg, model, tiers, None if tierset is None else tierset['mask'])
-    gen, _ = rt.generate(tokens, args.max_new_tokens, sampling, args.seed)
-  finally:
-    tiers.close()
+  try:   # every read checks each chunk: a damaged one stops here, naming layer, array and expert
+    tiers = ExpertLevels(store, opts, load_width=cfg.moe.k_active * len(prompts),
+                         int8=int8_copies(store) if opts.miss == 'fallback' else None)
+    try:
+      if tierset is not None:
+        tiersets.preload(cfg, tiers)
+      rt = StoreRuntime(cfg, model, tiers, None if tierset is None else tierset['mask'])
+      gen, _ = rt.generate(tokens, args.max_new_tokens, sampling, args.seed)
+    finally:
+      tiers.close()
+  except ChunkDamagedError as e:
+    return _damaged(e, args.store)
   generated = sum(len(t) for t in gen.tokens)
   rep = tiers.report(len(prompts) * len(gen.step_s), rt.decode_stall_s)
   rep['weights'] = source

@@ -89,8 +89,8 @@ def _create(location: str, layer: int, name: str, shape: list[int], dtype: np.dt
   spec = dict(zarr_spec(location, layer, name), metadata={
       'shape': shape, 'data_type': 'bfloat16' if dtype.name == 'bfloat16' else dtype.name,
       'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [1, *shape[1:]]}},
-      # bytes only: no compression, so a chunk file is exactly one expert's array.
-      'codecs': [{'name': 'bytes', 'configuration': {'endian': 'little'}}],
+      # No compression, so a chunk file is exactly one expert's array, then its CRC-32C (layout.CODECS).
+      'codecs': [dict(c) for c in layout.CODECS],
       'fill_value': 0,
   })
   return ts.open(spec, create=True, context=context).result()
