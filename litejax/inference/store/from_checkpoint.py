@@ -62,13 +62,17 @@ def write_from_checkpoint(location: str, ckpt_dir: str, step: int | None = None,
   try:
     check_leaves(cfg, meta.get('leaves', {}), f'checkpoint {ckpt_dir}/{step}')
     writer = StoreWriter(location, cfg, overwrite=overwrite, context=context)
-    by_leaf: dict[str, list[tuple[int, str, int | None]]] = {}
-    for layer, name, leaf, index in layout.expert_leaves(cfg):
-      by_leaf.setdefault(leaf, []).append((layer, name, index))
-    for leaf, targets in by_leaf.items():
-      value = ckpt.read_leaf(step, leaf)
-      for layer, name, index in targets:
-        writer.write(layer, 0, {name: value if index is None else value[index]})
+    try:
+      by_leaf: dict[str, list[tuple[int, str, int | None]]] = {}
+      for layer, name, leaf, index in layout.expert_leaves(cfg):
+        by_leaf.setdefault(leaf, []).append((layer, name, index))
+      for leaf, targets in by_leaf.items():
+        value = ckpt.read_leaf(step, leaf)
+        for layer, name, index in targets:
+          writer.write(layer, 0, {name: value if index is None else value[index]})
+    except BaseException:
+      writer.close()
+      raise
   finally:
     ckpt.close()
   # Absolute, so `generate --store` finds the same checkpoint's other weights from any working directory.
