@@ -137,6 +137,13 @@ def test_damaged_chunk_is_detected_on_every_read_naming_layer_array_expert(store
   assert all(WHY[how] in str(d) for d in damaged)
 
 
+def test_an_all_zero_expert_is_stored_not_taken_for_a_missing_one(tmp_path, ref):
+  zeroed = {layer: {k: v.copy() for k, v in arrays.items()} for layer, arrays in ref.items()}
+  zeroed[0]['w_in'][3] = 0.0
+  store = write_reference(tmp_path / 'store', zeroed)
+  assert not store.read_experts(0, [3])['w_in'].any() and store.damaged_chunks() == []
+
+
 def test_store_written_before_checksums_names_the_reexport(store, tmp_path):
   edit_manifest(tmp_path / 'store', format_version=1, source={'kind': 'checkpoint', 'ckpt_dir': '/r/ck', 'step': 4})
   with pytest.raises(ExpertStoreError, match=r'format version 1, written before every chunk carried a checksum; '

@@ -17,6 +17,9 @@ import sys
 DEFAULT_CKPT = pathlib.Path('runs') / 'tiny' / 'ckpt'
 # Measured on trained configs/tiny_1k.yaml (experiments/lookahead_recall.py; docs/store.md "Lookahead width").
 DEFAULT_LOOKAHEAD_WIDTH = 4
+# The positions the model can address: litejax.model.layers.rope turns positions into float32 angles, and float32
+# holds every integer below 2**24 exactly; past it, neighbouring positions share an angle.
+MAX_POSITIONS = 1 << 24
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,27 +79,55 @@ def _skipped(skipped) -> list[dict]:
   return [{'step': step, 'why': why} for step, why in skipped]
 
 
-def _prompts(args) -> list[str] | None:
+def _prompts(args) -> list[str]:
+  """The prompts of --prompt or --prompts, or InputError naming the flag: an empty prompt, a file with no
+  prompt in it, a binary or non-UTF-8 file."""
+  from litejax.config import InputError
   if args.prompts:
-    lines = pathlib.Path(args.prompts).read_text(encoding='utf-8').splitlines()
-    return [line for line in lines if line]
-  return [args.prompt] if args.prompt else None
+    path = pathlib.Path(args.prompts)
+    if not path.is_file():
+      raise InputError(f'--prompts {args.prompts}: no such file')
+    data = path.read_bytes()
+    if b'\0' in data:
+      raise InputError(f'--prompts {args.prompts}: a binary file (NUL bytes), not text with one prompt per line')
+    try:
+      lines = data.decode('utf-8').splitlines()
+    except UnicodeDecodeError as e:
+      raise InputError(f'--prompts {args.prompts}: not UTF-8 text (byte {e.start}); save it as UTF-8') from None
+    prompts = [line for line in lines if line]
+    if not prompts:
+      raise InputError(f'--prompts {args.prompts}: holds no prompt (one prompt per non-empty line)')
+    return prompts
+  if args.prompt is None:
+    raise InputError('give --prompt TEXT or --prompts FILE (one prompt per non-empty line)')
+  if not args.prompt:
+    raise InputError('--prompt: must not be empty (the model continues the prompt\'s bytes)')
+  return [args.prompt]
+
+
+def _check_flags(args, prompts: list[str]) -> None:
+  """Every flag that can be checked before a checkpoint or store is read (InputError naming it)."""
+  from litejax.config import InputError
+  longest = max(len(p.encode('utf-8')) for p in prompts)     # byte-level tokens
+  if longest + args.max_new_tokens > MAX_POSITIONS:
+    raise InputError(f'--max-new-tokens: the prompt ({longest} tokens) plus {args.max_new_tokens:,} new tokens pass '
+                     f'the {MAX_POSITIONS:,} positions the model can address')
+  if args.latency_budget_ms is not None and not args.latency_budget_ms > 0:
+    raise InputError(f'--latency-budget-ms: must be > 0, got {args.latency_budget_ms}')
+  if args.val_batches < 1:
+    raise InputError(f'--val-batches: must be >= 1, got {args.val_batches}')
 
 
 def run(args: argparse.Namespace) -> int:
   from litejax.env import set_cpu_device_count
   if args.devices < 1:
-    return _fail('--devices must be >= 1')
+    return _fail(f'--devices: must be >= 1, got {args.devices}')
   if args.max_new_tokens < 1:
-    return _fail(f'--max-new-tokens must be >= 1, got {args.max_new_tokens}')
+    return _fail(f'--max-new-tokens: must be >= 1, got {args.max_new_tokens}')
   ckpt_dir = pathlib.Path(args.ckpt_dir) if args.ckpt_dir else DEFAULT_CKPT
   if not ckpt_dir.is_dir() and not args.store:
     return _fail(f'no checkpoint in {ckpt_dir}: run `litejax train` first (or pass --ckpt-dir)')
-  if args.prompts and not pathlib.Path(args.prompts).is_file():
-    return _fail(f'--prompts {args.prompts}: no such file')
   prompts = _prompts(args)
-  if not prompts:
-    return _fail('give --prompt TEXT or --prompts FILE (one prompt per non-empty line)')
   set_cpu_device_count(args.devices)   # no-op when jax is already imported (in-process tests)
 
   import jax
@@ -107,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
     sampling.validate()
   except ValueError as e:
     return _fail(f'--{str(e).replace("_", "-")}')
+  _check_flags(args, prompts)
   if args.store:
     return _run_store(args, prompts, sampling)
   from litejax.inference import session as generation

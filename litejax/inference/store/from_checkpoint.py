@@ -29,7 +29,7 @@ def open_checkpoint(ckpt_dir: str, step: int | None):
   steps = ckpt.all_steps()
   try:
     if not steps or (step is not None and step not in steps):
-      want = 'any checkpoint' if step is None else f'step {step} (it has {steps})'
+      want = 'checkpoint' if step is None else f'step {step} (it has {steps})'
       raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: holds no {want}')
     step, meta = ckpt.newest_meta(step, whole=True)
   except Exception as e:
@@ -60,6 +60,9 @@ def write_from_checkpoint(location: str, ckpt_dir: str, step: int | None = None,
   """Writes the routed experts of checkpoint `step` (default: the newest) of `ckpt_dir` to LOCATION."""
   ckpt, step, meta, cfg = open_checkpoint(str(ckpt_dir), step)
   try:
+    if not layout.moe_layers(cfg):
+      raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: checkpoint step {step} is of a dense model (model.moe_every='
+                             f'{cfg.model.moe_every}): it has no routed experts to export')
     check_leaves(cfg, meta.get('leaves', {}), f'checkpoint {ckpt_dir}/{step}')
     writer = StoreWriter(location, cfg, overwrite=overwrite, context=context)
     try:

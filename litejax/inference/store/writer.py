@@ -149,7 +149,9 @@ class StoreWriter:
 
 def _create(location: str, layer: int, name: str, shape: list[int], dtype: np.dtype,
             context: ts.Context) -> ts.TensorStore:
-  spec = dict(zarr_spec(location, layer, name), metadata={
+  # Every chunk is written, an all-zero expert too (by default TensorStore skips chunks equal to the fill
+  # value, and the reader, which refuses missing chunks, would take that expert for a lost one).
+  spec = dict(zarr_spec(location, layer, name), store_data_equal_to_fill_value=True, metadata={
       'shape': shape, 'data_type': 'bfloat16' if dtype.name == 'bfloat16' else dtype.name,
       'chunk_grid': {'name': 'regular', 'configuration': {'chunk_shape': [1, *shape[1:]]}},
       # No compression, so a chunk file is exactly one expert's array, then its CRC-32C (layout.CODECS).
