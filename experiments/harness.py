@@ -217,7 +217,7 @@ def load_store_model(ckpt: pathlib.Path, store_dir: pathlib.Path):
   from litejax.inference.store.from_checkpoint import write_from_checkpoint
   if not (store_dir / 'manifest.json').exists():
     write_from_checkpoint(str(store_dir), str(ckpt), overwrite=True)
-  cfg, model, store, _ = load_store_model(str(store_dir), str(ckpt))
+  cfg, model, store, *_ = load_store_model(str(store_dir), str(ckpt))
   return cfg, model, store
 
 

@@ -9,8 +9,11 @@ status 2 and one line on stderr naming the field or path and the constraint.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import logging
 import sys
+import warnings
 
 from litejax.config import ConfigError, InputError
 from litejax.env import quiet_libtpu
@@ -38,6 +41,25 @@ def _one_line(error: Exception) -> str:
   return ' '.join(str(error).split()) or type(error).__name__
 
 
+@contextlib.contextmanager
+def _warnings_as_lines(command: str):
+  """Library warnings (a damaged checkpoint skipped, ...) as one line each, `litejax CMD: warning: ...`,
+  instead of Python's two-line form plus litejax's log record of the same message."""
+  def show(message, category, filename, lineno, file=None, line=None):
+    print(f'litejax {command}: warning: {_one_line(message)}', file=sys.stderr)
+
+  logger, null = logging.getLogger('litejax'), logging.NullHandler()
+  with warnings.catch_warnings():
+    warnings.showwarning = show
+    propagate, logger.propagate = logger.propagate, False
+    logger.addHandler(null)
+    try:
+      yield
+    finally:
+      logger.removeHandler(null)
+      logger.propagate = propagate
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   quiet_libtpu()
@@ -54,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.print_help()
     return 2
   try:
-    return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
+    with _warnings_as_lines(args.command):
+      return int(importlib.import_module(COMMANDS[args.command][0]).run(args) or 0)
   except ConfigError as e:
     print(f'litejax {args.command}: config error: {_one_line(e)}', file=sys.stderr)
     return 2

@@ -6,6 +6,7 @@ import pathlib
 import shutil
 import subprocess
 import sys
+import time
 import warnings
 
 import jax
@@ -13,12 +14,14 @@ import numpy as np
 import orbax.checkpoint._src.handlers.json_checkpoint_handler as json_handler
 import pytest
 
-from litejax.train.checkpoint import (DIGEST_FILE, CheckpointCorruptError, Checkpointer, CheckpointMismatchError,
+from litejax.train.checkpoint import (CheckpointCorruptError, Checkpointer, CheckpointMismatchError,
                                       CheckpointWriteError)
+from litejax.train.digest import DIGEST_FILE
 from train_helpers import subprocess_env
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 from ckpt_kill_worker import state  # noqa: E402
+from fault_helpers import DAMAGES, damage  # noqa: E402
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
 pytestmark = pytest.mark.slow
@@ -119,6 +122,35 @@ def test_no_intact_checkpoint_stops_naming_the_file(tmp_path):
   f.write_bytes(bytes(data))
   with pytest.warns(RuntimeWarning), pytest.raises(CheckpointCorruptError, match=rf'no intact checkpoint .*{f}'):
     restore(tmp_path / 'ckpt')
+  assert sorted(p.name for p in (tmp_path / 'ckpt').iterdir()) == ['1']   # nothing moved: the user decides
+
+
+WHY = {'flip': 'sha256-differs', 'truncate': 'truncated', 'missing': 'file-missing'}
+
+
+@pytest.mark.parametrize('how', DAMAGES)
+def test_writer_moves_a_damaged_step_aside_readers_only_skip_it(tmp_path, how):
+  """A reader (read_only) skips the damaged newest step and changes nothing; the writer moves it aside to a
+  name that says why (never deleting it) and can then save that step afresh."""
+  ck = tmp_path / 'ckpt'
+  _save(ck, [1, 2])
+  f = _tensor_files(ck / '2')[0]
+  damage(f, how)
+  reader = Checkpointer(ck, read_only=True)
+  with pytest.warns(RuntimeWarning, match=rf'/2 is unreadable \(CheckpointCorruptError: {f}'):
+    restored = reader.restore(ABSTRACT)
+  reader.close()
+  assert restored.step == 1 and [s for s, _ in restored.skipped] == [2] and str(f) in restored.skipped[0][1]
+  assert sorted(p.name for p in ck.iterdir()) == ['1', '2']
+  writer = Checkpointer(ck)
+  with pytest.warns(RuntimeWarning, match=rf'moved the damaged checkpoint {ck}/2 aside to {ck}/2.corrupt-{WHY[how]}'):
+    assert_state(writer.restore(ABSTRACT), 1)
+  aside = ck / f'2.corrupt-{WHY[how]}'
+  assert sorted(p.name for p in ck.iterdir()) == ['1', aside.name] and writer.all_steps() == [1]
+  assert str(f) in (aside / 'litejax_moved_aside.txt').read_text()
+  writer.save(2, state(2), {'data': {'next_batch': 2}})      # the skipped step, saved afresh
+  writer.close()
+  assert_state(restore(ck), 2)
 
 
 def test_digest_lists_every_file(tmp_path):
@@ -156,3 +188,53 @@ def test_partial_and_single_leaf_reads_share_the_checks(tmp_path):
   finally:
     ck.close()
   assert in_flight.is_dir()              # a reader never deletes a writer's temporary folder
+
+
+def test_reader_takes_the_newest_complete_step_while_a_save_is_held_open(tmp_path, monkeypatch):
+  """A writer holding the run lock (as `litejax train` does) saves step 3 while a reader restores: while the
+  save is held open mid-write, and while it is committed but not yet digested, the reader takes step 2 and
+  leaves the writer's files alone; once the writer's `poll` has digested it, the reader takes step 3."""
+  import asyncio
+  import threading
+
+  from litejax.train import run_folder
+  ck = tmp_path / 'ckpt'
+  _save(ck, [1, 2])
+  entered, release = threading.Event(), threading.Event()
+  original = json_handler.JsonCheckpointHandler._save_fn
+
+  async def held_open(self, item, directory):
+    entered.set()
+    await asyncio.to_thread(release.wait, 60)
+    return await original(self, item, directory)
+
+  monkeypatch.setattr(json_handler.JsonCheckpointHandler, '_save_fn', held_open)
+  with run_folder.RunLock(run_folder.make_paths(str(ck), None)):
+    writer = Checkpointer(ck)
+    saving = threading.Thread(target=writer.save, args=(3, state(3), {'data': {'next_batch': 3}}))
+    saving.start()
+    try:
+      assert entered.wait(60)
+      in_flight = list(ck.glob('3.orbax-checkpoint-tmp*'))
+      assert in_flight and not (ck / '3').exists()          # mid-write: Orbax's temporary folder only
+      reader = Checkpointer(ck, read_only=True)
+      assert reader.all_steps() == [1, 2]
+      assert_state(reader.restore(ABSTRACT), 2)
+      assert all(p.is_dir() for p in in_flight)
+    finally:
+      release.set()
+      saving.join()
+    while writer.manager.is_saving_in_progress():
+      time.sleep(0.01)
+    assert (ck / '3').is_dir() and not (ck / '3' / DIGEST_FILE).exists()   # committed, not yet digested
+    with pytest.warns(RuntimeWarning, match=rf'checkpoint {ck}/3: its save is not finished'):
+      restored = reader.restore(ABSTRACT)
+    assert_state(restored, 2)
+    assert restored.skipped[0][0] == 3
+    writer.poll()                                   # what the training loop does after every step
+    assert (ck / '3' / DIGEST_FILE).is_file()
+    with warnings.catch_warnings():
+      warnings.simplefilter('error')                # verified: no warning
+      assert_state(reader.restore(ABSTRACT), 3)
+    reader.close()
+    writer.close()

@@ -47,6 +47,7 @@ def test_generate_json(ckpt, tmp_path, capsys):
   # the model's prediction beside the measurement of the same step
   assert split['predicted_ms_per_token'] > 0 and split['measured_ms_per_token'] == out['ms_per_token_p50']
   assert split['predicted_over_measured'] == pytest.approx(split['predicted_ms_per_token'] / out['ms_per_token_p50'])
+  assert out['checkpoint_step'] == 2 and out['checkpoints_skipped'] == []
   # Arbitrary bytes decode with replacement characters, never an exception.
   assert all(isinstance(t, str) for t in out['texts'])
 
@@ -57,6 +58,30 @@ def test_generate_text_is_greedy_and_deterministic(ckpt, capsys):
   first = capsys.readouterr().out
   assert cli.main(args) == 0
   assert capsys.readouterr().out == first and first.startswith('In the')
+
+
+@pytest.mark.parametrize('how', ['flip', 'truncate', 'missing'])
+def test_damaged_newest_checkpoint_is_skipped_and_left_in_place(ckpt, tmp_path, capsys, how):
+  """generate reads the newest intact step, says which one it skipped, and renames nothing (a reader may
+  not: the folder may belong to a running train)."""
+  import shutil
+
+  from fault_helpers import damage
+  args = ['--prompt', 'In the', '--max-new-tokens', '4']
+  assert cli.main(['generate', '--ckpt-dir', str(ckpt), *args]) == 0
+  want = capsys.readouterr().out
+  shutil.copytree(ckpt, tmp_path / 'ck')
+  shutil.copytree(ckpt / '2', tmp_path / 'ck' / '4')     # a newer step (a copy: its digest matches) ...
+  f = max((p for p in (tmp_path / 'ck' / '4').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size)
+  damage(f, how)                                          # ... then damaged
+  assert cli.main(['generate', '--ckpt-dir', str(tmp_path / 'ck'), *args]) == 0
+  out, err = capsys.readouterr()
+  assert out == want
+  lines = err.splitlines()
+  assert len(lines) == 1 and lines[0].startswith(f'litejax generate: warning: checkpoint {tmp_path}/ck/4 is '
+                                                 f'unreadable (CheckpointCorruptError: {f}: '), err
+  assert lines[0].endswith('skipping it and trying an older one'), err
+  assert sorted(p.name for p in (tmp_path / 'ck').iterdir()) == ['2', '4']
 
 
 def test_no_checkpoint_says_train_first(tmp_path, capsys, monkeypatch):

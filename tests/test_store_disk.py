@@ -9,7 +9,8 @@ import tensorstore as ts
 
 from litejax.inference.store import layout
 from litejax.inference.store.disk import ExpertStore
-from litejax.inference.store.layout import ExpertStoreError
+from fault_helpers import DAMAGES, damage
+from litejax.inference.store.layout import ChunkDamagedError, ExpertStoreError
 from litejax.inference.store.writer import StoreWriter, check_destination, write_random
 from store_helpers import bytes_read, small_cfg
 
@@ -56,16 +57,17 @@ def test_reads_match_numpy_in_request_order(store, ref):
 def test_one_chunk_file_per_expert_and_a_read_reads_only_its_bytes(store, tmp_path):
   d, h = CFG.model.d_model, CFG.moe.d_expert
   assert store.expert_bytes == layout.expert_bytes(CFG) == 3 * d * h * 4
+  assert store.chunk_bytes_per_expert == store.expert_bytes + 3 * 4      # one 4-byte CRC-32C per array
   for layer in store.layers:
     for name, shape in layout.expert_shapes(CFG).items():
       root = tmp_path / 'store' / layout.array_path(layer, name) / 'c'
       files = [os.path.join(r, f) for r, _, fs in os.walk(root) for f in fs]
       assert len(files) == E, (layer, name)
-      assert {os.path.getsize(f) for f in files} == {int(np.prod(shape)) * 4}
+      assert {os.path.getsize(f) for f in files} == {int(np.prod(shape)) * 4 + 4}
   for ids in ([5], [1, 2, 14], [3, 3]):
     before = bytes_read()
     store.read_experts(0, ids)
-    assert bytes_read() - before == len(set(ids)) * store.expert_bytes, ids
+    assert bytes_read() - before == len(set(ids)) * store.chunk_bytes_per_expert, ids
 
 
 def test_memory_kvstore(ref):
@@ -107,6 +109,46 @@ def test_short_chunk_is_an_error_naming_layer_and_expert(store, tmp_path):
     f.truncate(100)
   with pytest.raises(ExpertStoreError, match=r'layer 0 expert 11: w_out chunk is short'):
     store.read_experts_async(0, [11, 0]).result()
+
+
+def _chunk(tmp_path, layer, name, expert):
+  return tmp_path / 'store' / layout.array_path(layer, name) / 'c' / str(expert) / '0' / '0'
+
+
+WHY = {'flip': 'chunk is damaged: its CRC-32C checksum differs', 'truncate': 'chunk is short',
+       'missing': 'chunk is missing'}
+
+
+@pytest.mark.parametrize('how', DAMAGES)
+def test_damaged_chunk_is_detected_on_every_read_naming_layer_array_expert(store, tmp_path, how):
+  """A flipped byte (the checksum), a truncated chunk and a missing one: batched, single and asynchronous reads
+  raise ChunkDamagedError naming layer, array and expert; the other experts still read; a whole-store check
+  lists each damaged chunk."""
+  damage(_chunk(tmp_path, 1, 'w_out', 6), how)
+  damage(_chunk(tmp_path, 0, 'w_in', 15), how)
+  for read in (lambda: store.read_experts(1, [2, 6, 9]), lambda: store.read_experts(1, [6]),
+               lambda: store.read_experts_async(1, np.array([6, 0])).result()):
+    with pytest.raises(ChunkDamagedError, match=rf'layer 1 expert 6: w_out {WHY[how]}') as e:
+      read()
+    assert (e.value.layer, e.value.array, e.value.expert) == (1, 'w_out', 6)
+  assert store.read_experts(1, [2, 9])['w_out'].shape == (2, 8, 16)
+  damaged = ExpertStore.open(str(tmp_path / 'store')).damaged_chunks()
+  assert [(d.layer, d.array, d.expert) for d in damaged] == [(0, 'w_in', 15), (1, 'w_out', 6)]
+  assert all(WHY[how] in str(d) for d in damaged)
+
+
+def test_an_all_zero_expert_is_stored_not_taken_for_a_missing_one(tmp_path, ref):
+  zeroed = {layer: {k: v.copy() for k, v in arrays.items()} for layer, arrays in ref.items()}
+  zeroed[0]['w_in'][3] = 0.0
+  store = write_reference(tmp_path / 'store', zeroed)
+  assert not store.read_experts(0, [3])['w_in'].any() and store.damaged_chunks() == []
+
+
+def test_store_written_before_checksums_names_the_reexport(store, tmp_path):
+  edit_manifest(tmp_path / 'store', format_version=1, source={'kind': 'checkpoint', 'ckpt_dir': '/r/ck', 'step': 4})
+  with pytest.raises(ExpertStoreError, match=r'format version 1, written before every chunk carried a checksum; '
+                     rf'.*`litejax export-experts --ckpt-dir /r/ck --step 4 --out {tmp_path}/store --overwrite`'):
+    ExpertStore.open(str(tmp_path / 'store'))
 
 
 def test_unfinished_store_does_not_open(tmp_path, ref):

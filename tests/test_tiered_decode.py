@@ -123,7 +123,9 @@ def test_bytes_read_are_misses_times_expert_bytes(setup):
   _, _, tiers = run(setup, LevelOptions(0.25, 0.25, 'lru', 1))    # close() waits for the prefetch thread
   rep = tiers.report(1)
   assert rep['disk_reads'] > 0
-  assert rep['bytes_read']['disk'] == rep['disk_reads'] * rep['expert_bytes'] == bytes_read() - before
+  assert rep['bytes_read']['disk'] == rep['disk_reads'] * rep['expert_bytes']
+  # TensorStore also reads each chunk's 4-byte checksum: exactly those chunks, no more
+  assert bytes_read() - before == rep['disk_reads'] * setup[2].chunk_bytes_per_expert
   assert rep['bytes_read']['host'] == rep['device_loads'] * rep['expert_bytes']
   assert 0 <= rep['prefetch_wasted_reads'] <= rep['prefetch_reads']
   assert rep['prefetch_wasted_bytes_per_token'] == rep['prefetch_wasted_reads'] * rep['expert_bytes']
@@ -175,6 +177,30 @@ def test_generate_store_cli_json_and_png(tmp_path, capsys):
   assert png.stat().st_size > 0
   assert main(['generate', '--store', str(tmp_path / 'store'), '--prompt', 'x', '--policy', 'fifo']) == 2
   assert '--policy' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('miss', ['stall', 'fallback'])
+def test_generate_stops_on_a_damaged_chunk_naming_it(tmp_path, capsys, miss):
+  """The issue's case: a flipped byte in one expert chunk, then `generate --store --device-slots 1.0`: one
+  line naming layer, array and expert, exit 1, nothing decoded (with --miss fallback its int8 copy cannot be
+  made from an intact read, so it stops too); `export-experts --verify` lists that chunk."""
+  from fault_helpers import damage
+  from litejax.cli import main
+  from litejax.inference.store.writer import write_random
+  write_random(str(tmp_path / 'store'), small_cfg(), 0)
+  damage(tmp_path / 'store' / layout.array_path(0, 'w_out') / 'c' / '15' / '0' / '0', 'flip')
+  prompt = 'In the beginning God created the heaven and the earth.'    # long enough to route to every expert
+  assert main(['generate', '--store', str(tmp_path / 'store'), '--prompt', prompt, '--max-new-tokens', '3',
+               '--device-slots', '1.0', '--miss', miss]) == 1
+  out, err = capsys.readouterr()
+  assert out == '' and len(err.splitlines()) == 1 and 'Traceback' not in err, err
+  assert err.startswith(f'litejax generate: expert store {tmp_path}/store: layer 0 expert 15: w_out chunk is '
+                        'damaged: its CRC-32C checksum differs'), err
+  assert err.rstrip().endswith(f'check the whole store with `litejax export-experts --verify {tmp_path}/store`')
+  assert main(['export-experts', '--verify', str(tmp_path / 'store')]) == 1
+  lines = capsys.readouterr().out.splitlines()
+  assert len(lines) == 2 and 'layer 0 expert 15: w_out chunk is damaged' in lines[0], lines
+  assert lines[1].startswith(f'checked 96 chunks (2 layers x 3 arrays x 16 experts) of {tmp_path}/store: 1 damaged')
 
 
 def test_store_from_a_checkpoint_decodes_with_that_checkpoint(tmp_path, capsys):

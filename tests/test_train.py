@@ -147,3 +147,98 @@ def test_cli_stop_after_then_resume(full30, tmp_path):
   got = [(r['step'], r['loss']) for r in read_metrics(tmp_path / 'm.jsonl')]
   want = [(r['step'], r['loss']) for r in full30[0].history[:6]]
   assert got == want
+
+
+@pytest.fixture(scope='module')
+def run_to_4(full30, tmp_path_factory):
+  """Steps 1-4 of the 30-step run with checkpoints at 2 and 4 (full30 compiled the programs)."""
+  d = tmp_path_factory.mktemp('run4')
+  train_lib.train(tiny_cfg('train.ckpt_every=2'), ckpt_dir=d / 'ck', metrics_path=d / 'm.jsonl', stop_after=4,
+                  quiet=True)
+  return d
+
+
+def _cli_train(d, *flags):
+  from litejax import cli
+  return cli.main(['train', '--config', str(TINY_YAML), '--devices', '8', '--quiet', '--ckpt-dir', str(d / 'ck'),
+                   '--metrics', str(d / 'm.jsonl'), *[a for o in RUN + ['train.ckpt_every=2'] for a in ('--set', o)],
+                   *flags])
+
+
+@pytest.mark.parametrize('how', ['flip', 'truncate', 'missing'])
+def test_damaged_newest_checkpoint_is_moved_aside_and_the_run_goes_past_it(full30, run_to_4, tmp_path, capsys, how):
+  """`litejax train --resume` over a damaged step 4: it resumes from step 2, moves step 4 aside to a name that
+  says why, saves step 4 afresh on its way to 6, logs each step once, and its losses are the uninterrupted run's."""
+  import shutil
+
+  from fault_helpers import damage
+  from litejax.train import run_folder
+  shutil.copytree(run_to_4, tmp_path, dirs_exist_ok=True)
+  ck = tmp_path / 'ck'
+  damage(max((p for p in (ck / '4' / 'state').rglob('*') if p.is_file()), key=lambda p: p.stat().st_size), how)
+  assert _cli_train(tmp_path, '--resume', '--stop-after', '6') == 0
+  err = capsys.readouterr().err
+  why = {'flip': 'sha256-differs', 'truncate': 'truncated', 'missing': 'file-missing'}[how]
+  assert 'Traceback' not in err and f'moved the damaged checkpoint {ck}/4 aside to {ck}/4.corrupt-{why}' in err, err
+  assert (ck / f'4.corrupt-{why}').is_dir() and run_folder.checkpoint_steps(ck) == [2, 4, 6]
+  got = [(r['step'], r['loss']) for r in read_metrics(tmp_path / 'm.jsonl')]
+  assert got == [(r['step'], r['loss']) for r in full30[0].history[:6]]    # bit for bit, each step once
+
+
+def _wait_for(condition, proc, timeout_s=300.0, poll_s=0.001):
+  """Polls `condition()` until true; False if `proc` exited first. Raises after timeout_s."""
+  import time
+  deadline = time.monotonic() + timeout_s
+  while not condition():
+    if proc.poll() is not None:
+      return False
+    if time.monotonic() > deadline:
+      proc.kill()
+      raise TimeoutError('the training run did not get there')
+    time.sleep(poll_s)
+  return True
+
+
+def test_preempted_five_times_with_resume_if_possible_is_bit_exact(full30, tmp_path):
+  """As experiments/pod/* reruns its command after a preemption: `litejax train --resume-if-possible` is
+  SIGKILLed at 5 random steps (a checkpoint step's kill lands mid-save: Orbax's temporary folder there, or the
+  step committed but not yet digested) and rerun each time; then it runs to step 20. The losses are the
+  uninterrupted run's bit for bit and metrics.jsonl holds steps 1-20 once each."""
+  import os
+  import signal
+
+  from litejax.train.digest import DIGEST_FILE
+  ck, metrics = tmp_path / 'ck', tmp_path / 'm.jsonl'
+  cmd = [sys.executable, '-m', 'litejax.cli', 'train', '--devices', '8', '--quiet', '--resume-if-possible',
+         '--stop-after', '20', '--config', str(TINY_YAML), '--ckpt-dir', str(ck), '--metrics', str(metrics),
+         *[a for o in RUN + ['train.ckpt_every=3'] for a in ('--set', o)]]
+  kills = sorted(int(s) for s in np.random.default_rng(0).choice(np.arange(2, 20), 5, replace=False))
+  assert any(k % 3 == 0 for k in kills), kills           # at least one kill at a save
+
+  def logged(step):
+    try:
+      return any(r['step'] >= step for r in read_metrics(metrics)[-2:])
+    except (OSError, ValueError):
+      return False
+
+  def mid_save(step):
+    if any(ck.glob(f'{step}.orbax-checkpoint-tmp*')):
+      return 'writing'
+    return 'undigested' if (ck / str(step)).is_dir() and not (ck / str(step) / DIGEST_FILE).exists() else None
+
+  hit = {}
+  for step in kills:
+    proc = subprocess.Popen(cmd, env=subprocess_env(None), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    assert _wait_for(lambda: logged(step), proc, poll_s=0.005), proc.stderr.read()[-3000:]
+    if step % 3 == 0:
+      _wait_for(lambda: mid_save(step) or (ck / str(step) / DIGEST_FILE).exists(), proc)
+      hit[step] = mid_save(step) or 'after the save'
+    os.kill(proc.pid, signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+  print('killed at steps', kills, '; at the saves:', hit)
+  assert any(h in ('writing', 'undigested') for h in hit.values()), hit
+  p = subprocess.run(cmd, env=subprocess_env(None), capture_output=True, text=True, timeout=600)
+  assert p.returncode == 0, p.stderr[-3000:]
+  got = [(r['step'], r['loss']) for r in read_metrics(metrics)]
+  assert got == [(r['step'], r['loss']) for r in full30[0].history[:20]], (kills, hit)

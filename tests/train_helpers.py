@@ -19,13 +19,19 @@ TINY = ['model.d_model=32', 'model.num_layers=2', 'model.num_heads=2', 'model.nu
         'train.log_every=1', 'train.eval_batches=1']
 
 
+# Every program is cached, however quick to compile: a checkpoint save on the 8-device mesh runs ~60 tiny
+# slicing programs (Orbax copies one replica of each shard), each compiling in well under 0.2 s, which a
+# child process that saves (tests/test_train.py's preemptions) would otherwise compile afresh: seconds each.
+MIN_COMPILE_TIME_S = 0.0
+
+
 def enable_compile_cache() -> None:
   COMPILE_CACHE.mkdir(parents=True, exist_ok=True)
   jax.config.update('jax_compilation_cache_dir', str(COMPILE_CACHE))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.2)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', MIN_COMPILE_TIME_S)
 
 
 def subprocess_env(devices: int | None) -> dict[str, str]:
   """Environment for a child JAX process with `devices` CPU devices and the same compile cache."""
   return env.child_env(devices, JAX_COMPILATION_CACHE_DIR=str(COMPILE_CACHE),
-                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0.2')
+                       JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=str(MIN_COMPILE_TIME_S))

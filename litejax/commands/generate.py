@@ -17,6 +17,9 @@ import sys
 DEFAULT_CKPT = pathlib.Path('runs') / 'tiny' / 'ckpt'
 # Measured on trained configs/tiny_1k.yaml (experiments/lookahead_recall.py; docs/store.md "Lookahead width").
 DEFAULT_LOOKAHEAD_WIDTH = 4
+# The positions the model can address: litejax.model.layers.rope turns positions into float32 angles, and float32
+# holds every integer below 2**24 exactly; past it, neighbouring positions share an angle.
+MAX_POSITIONS = 1 << 24
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,32 +65,69 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
                       help='with --latency-budget-ms: validation batches per TierSet (default 2)')
 
 
-def _fail(message: str) -> int:
-  print(f'litejax generate: {message}', file=sys.stderr)
-  return 2
+def _fail(message: str, status: int = 2) -> int:
+  print(f'litejax generate: {" ".join(message.split())}', file=sys.stderr)
+  return status
 
 
-def _prompts(args) -> list[str] | None:
+def _damaged(error: Exception, store: str) -> int:
+  return _fail(f'{error}; check the whole store with `litejax export-experts --verify {store}`', status=1)
+
+
+def _skipped(skipped) -> list[dict]:
+  """The `checkpoints_skipped` JSON: newer checkpoints passed over for the one decoded with, and why."""
+  return [{'step': step, 'why': why} for step, why in skipped]
+
+
+def _prompts(args) -> list[str]:
+  """The prompts of --prompt or --prompts, or InputError naming the flag: an empty prompt, a file with no
+  prompt in it, a binary or non-UTF-8 file."""
+  from litejax.config import InputError
   if args.prompts:
-    lines = pathlib.Path(args.prompts).read_text(encoding='utf-8').splitlines()
-    return [line for line in lines if line]
-  return [args.prompt] if args.prompt else None
+    path = pathlib.Path(args.prompts)
+    if not path.is_file():
+      raise InputError(f'--prompts {args.prompts}: no such file')
+    data = path.read_bytes()
+    if b'\0' in data:
+      raise InputError(f'--prompts {args.prompts}: a binary file (NUL bytes), not text with one prompt per line')
+    try:
+      lines = data.decode('utf-8').splitlines()
+    except UnicodeDecodeError as e:
+      raise InputError(f'--prompts {args.prompts}: not UTF-8 text (byte {e.start}); save it as UTF-8') from None
+    prompts = [line for line in lines if line]
+    if not prompts:
+      raise InputError(f'--prompts {args.prompts}: holds no prompt (one prompt per non-empty line)')
+    return prompts
+  if args.prompt is None:
+    raise InputError('give --prompt TEXT or --prompts FILE (one prompt per non-empty line)')
+  if not args.prompt:
+    raise InputError('--prompt: must not be empty (the model continues the prompt\'s bytes)')
+  return [args.prompt]
+
+
+def _check_flags(args, prompts: list[str]) -> None:
+  """Every flag that can be checked before a checkpoint or store is read (InputError naming it)."""
+  from litejax.config import InputError
+  longest = max(len(p.encode('utf-8')) for p in prompts)     # byte-level tokens
+  if longest + args.max_new_tokens > MAX_POSITIONS:
+    raise InputError(f'--max-new-tokens: the prompt ({longest} tokens) plus {args.max_new_tokens:,} new tokens pass '
+                     f'the {MAX_POSITIONS:,} positions the model can address')
+  if args.latency_budget_ms is not None and not args.latency_budget_ms > 0:
+    raise InputError(f'--latency-budget-ms: must be > 0, got {args.latency_budget_ms}')
+  if args.val_batches < 1:
+    raise InputError(f'--val-batches: must be >= 1, got {args.val_batches}')
 
 
 def run(args: argparse.Namespace) -> int:
   from litejax.env import set_cpu_device_count
   if args.devices < 1:
-    return _fail('--devices must be >= 1')
+    return _fail(f'--devices: must be >= 1, got {args.devices}')
   if args.max_new_tokens < 1:
-    return _fail(f'--max-new-tokens must be >= 1, got {args.max_new_tokens}')
+    return _fail(f'--max-new-tokens: must be >= 1, got {args.max_new_tokens}')
   ckpt_dir = pathlib.Path(args.ckpt_dir) if args.ckpt_dir else DEFAULT_CKPT
   if not ckpt_dir.is_dir() and not args.store:
     return _fail(f'no checkpoint in {ckpt_dir}: run `litejax train` first (or pass --ckpt-dir)')
-  if args.prompts and not pathlib.Path(args.prompts).is_file():
-    return _fail(f'--prompts {args.prompts}: no such file')
   prompts = _prompts(args)
-  if not prompts:
-    return _fail('give --prompt TEXT or --prompts FILE (one prompt per non-empty line)')
   set_cpu_device_count(args.devices)   # no-op when jax is already imported (in-process tests)
 
   import jax
@@ -98,14 +138,18 @@ def run(args: argparse.Namespace) -> int:
     sampling.validate()
   except ValueError as e:
     return _fail(f'--{str(e).replace("_", "-")}')
+  _check_flags(args, prompts)
   if args.store:
     return _run_store(args, prompts, sampling)
   from litejax.inference import session as generation
+  from litejax.train.checkpoint import CheckpointCorruptError, CheckpointInFlightError
   try:
     cpu = jax.devices()[0].platform == 'cpu'
     session = generation.load(ckpt_dir, args.overrides, jax.devices()[:args.devices] if cpu else None)
   except FileNotFoundError as e:
     return _fail(str(e))
+  except (CheckpointCorruptError, CheckpointInFlightError) as e:
+    return _fail(str(e), status=1)
   if session.cfg.model.vocab_size < 256:
     return _fail(f'the checkpoint has vocab_size {session.cfg.model.vocab_size}; byte prompts need 256')
   tokens = [data.encode(p).astype(int).tolist() for p in prompts]
@@ -128,7 +172,8 @@ def run(args: argparse.Namespace) -> int:
            'ms_per_token_p50': q(50), 'ms_per_token_p99': q(99),
            'tokens_per_second': (len(prompts) * len(gen.step_s) / sum(gen.step_s)) if gen.step_s else None,
            'compiles': gen.compiles, 'latency_split': split, 'interrupted': gen.interrupted,
-           'batch': session.runtime.batch if session.runtime else None}
+           'batch': session.runtime.batch if session.runtime else None,
+           'checkpoint_step': session.step, 'checkpoints_skipped': _skipped(session.skipped)}
     print(json.dumps(out, indent=2, default=float))
   else:
     for prompt, text in zip(prompts, texts):
@@ -142,17 +187,20 @@ def run(args: argparse.Namespace) -> int:
 def _run_store(args, prompts: list[str], sampling) -> int:
   from litejax.inference import tiersets
   from litejax.inference.session import load_store_model
-  from litejax.inference.store.layout import ExpertStoreError
+  from litejax.inference.store.layout import ChunkDamagedError, ExpertStoreError
   from litejax.inference.store.levels import ExpertLevels, LevelOptions, int8_copies
   from litejax.inference.store_decode import StoreRuntime
   from litejax.train import data
+  from litejax.train.checkpoint import CheckpointCorruptError, CheckpointInFlightError
   opts = LevelOptions(args.device_slots, args.host_cache, args.policy, args.lookahead, args.miss,
                      args.lookahead_width, stage=not args.no_stage)
   try:
     opts.validate()
-    cfg, model, store, source = load_store_model(args.store, args.ckpt_dir, args.overrides)
+    cfg, model, store, source, skipped = load_store_model(args.store, args.ckpt_dir, args.overrides)
   except (ValueError, ExpertStoreError, FileNotFoundError) as e:
     return _fail(str(e))
+  except (CheckpointCorruptError, CheckpointInFlightError) as e:
+    return _fail(str(e), status=1)
   tokens = [data.encode(p).astype(int).tolist() for p in prompts]
   tierset = None
   if args.latency_budget_ms is not None:
@@ -162,17 +210,22 @@ def _run_store(args, prompts: list[str], sampling) -> int:
           cfg, model, store, opts, batch=len(prompts), cache_len=max(len(t) for t in tokens) + args.max_new_tokens,
           budget_ms=args.latency_budget_ms, num_val_batches=args.val_batches,
           io_probes=lambda: io_probes(args.store, store), chip=measure_host(repeats=3))
+    except ChunkDamagedError as e:
+      return _damaged(e, args.store)
     except ValueError as e:
       return _fail(str(e))
-  tiers = ExpertLevels(store, opts, load_width=cfg.moe.k_active * len(prompts),
-                       int8=int8_copies(store) if opts.miss == 'fallback' else None)
-  try:
-    if tierset is not None:
-      tiersets.preload(cfg, tiers)
-    rt = StoreRuntime(cfg, model, tiers, None if tierset is None else tierset['mask'])
-    gen, _ = rt.generate(tokens, args.max_new_tokens, sampling, args.seed)
-  finally:
-    tiers.close()
+  try:   # every read checks each chunk: a damaged one stops here, naming layer, array and expert
+    tiers = ExpertLevels(store, opts, load_width=cfg.moe.k_active * len(prompts),
+                         int8=int8_copies(store) if opts.miss == 'fallback' else None)
+    try:
+      if tierset is not None:
+        tiersets.preload(cfg, tiers)
+      rt = StoreRuntime(cfg, model, tiers, None if tierset is None else tierset['mask'])
+      gen, _ = rt.generate(tokens, args.max_new_tokens, sampling, args.seed)
+    finally:
+      tiers.close()
+  except ChunkDamagedError as e:
+    return _damaged(e, args.store)
   generated = sum(len(t) for t in gen.tokens)
   rep = tiers.report(len(prompts) * len(gen.step_s), rt.decode_stall_s)
   rep['weights'] = source
@@ -191,7 +244,7 @@ def _run_store(args, prompts: list[str], sampling) -> int:
            # measured: I/O = time inside the tier lookups (disk reads, waits, slot loads) per decode step
            'latency_split': {'measured_ms_per_step_p50': mean, 'io_ms_per_step_p50': io_ms,
                              'compute_ms_per_step_p50': None if mean is None else mean - io_ms},
-           'store': rep}
+           'store': rep, 'checkpoints_skipped': _skipped(skipped)}
     if tierset is not None:
       out['tierset'] = tiersets.report(tierset, mean)
     print(json.dumps(out, indent=2, default=float))

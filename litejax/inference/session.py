@@ -25,6 +25,7 @@ class Session:
   extra: Any
   step: int
   runtime: decode.Runtime | None = None
+  skipped: tuple[tuple[int, str], ...] = ()   # newer checkpoints passed over (damaged, or a save in flight)
 
   def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = Sampling(),
                seed: int = 0) -> decode.Generation:
@@ -44,7 +45,9 @@ def load(ckpt_dir: str | pathlib.Path, overrides: list[str] = (), devices=None) 
   """Reads the config stored with the newest checkpoint (plus `overrides`, e.g. mesh.*) and restores
   its parameters onto that config's mesh over `devices` (default all): params and extra alone, by the
   checkpoint reader's partial restore (the optimizer state is never read), from the newest intact
-  checkpoint. FileNotFoundError when ckpt_dir holds no checkpoint."""
+  checkpoint (the steps it passed over, and why, in `Session.skipped`). Read-only: a damaged step is skipped,
+  never moved (only the run's writer does that, litejax.train.run_folder). FileNotFoundError when ckpt_dir
+  holds no checkpoint."""
   from litejax.train import step as train_step
   from litejax.train.checkpoint import Checkpointer
   ckpt = Checkpointer(ckpt_dir, read_only=True)
@@ -61,7 +64,8 @@ def load(ckpt_dir: str | pathlib.Path, overrides: list[str] = (), devices=None) 
     ckpt.close()
   if restored is None:
     raise FileNotFoundError(f'no readable checkpoint in {ckpt_dir}: run `litejax train` first')
-  return Session(cfg, mesh, restored.state['params'], restored.state['extra'], restored.step)
+  return Session(cfg, mesh, restored.state['params'], restored.state['extra'], restored.step,
+                 skipped=restored.skipped)
 
 
 class StoreModel(NamedTuple):
@@ -70,6 +74,7 @@ class StoreModel(NamedTuple):
   model: Any             # the Transformer: concrete non-expert weights, routed experts abstract or from a checkpoint
   store: Any             # the opened ExpertStore
   weights: str           # where the non-expert weights came from, for the report
+  skipped: tuple[tuple[int, str], ...] = ()   # newer checkpoints passed over for those weights
 
 
 def load_store_model(store_location: str, ckpt_dir: str | pathlib.Path | None = None,
@@ -100,7 +105,7 @@ def load_store_model(store_location: str, ckpt_dir: str | pathlib.Path | None = 
     store = ExpertStore.open(store_location, session.cfg)
     graphdef = nnx.split(abstract_model(session.cfg), nnx.Param, ...)[0]
     params, extra = jax.device_get((session.params, session.extra))
-    return StoreModel(session.cfg, nnx.merge(graphdef, params, extra), store, f'checkpoint {ckpt}')
+    return StoreModel(session.cfg, nnx.merge(graphdef, params, extra), store, f'checkpoint {ckpt}', session.skipped)
   if ckpt is not None:
     raise FileNotFoundError(f'--ckpt-dir {ckpt}: no such checkpoint folder')
   store = ExpertStore.open(store_location)

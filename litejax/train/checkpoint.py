@@ -18,23 +18,26 @@ newest-intact fall-back (`Checkpointer._newest_intact`).
 
 Faults:
   * a save cut off by a kill: Orbax writes each step to a temporary folder and renames it only when
-    complete, so it is never even listed (and its leftovers are deleted);
-  * a changed file (flipped bit, truncation): once a save is on disk, process 0 records every file's
-    size and SHA-256 in `DIR/<step>/litejax_digest.json`; restore checks them before reading a tensor
-    and skips a checkpoint that differs, with a warning naming the file, for the previous one. If no
-    checkpoint is intact, restore raises `CheckpointCorruptError` (never a silent fresh start);
+    complete, so it is never even listed (and the writer deletes its leftovers);
+  * a changed file (flipped bit, truncation, a file gone): once a save is committed, process 0 records
+    every file's size and SHA-256 (litejax.train.digest; `poll` does it as soon as the save finishes);
+    restore checks them before reading a tensor and skips a checkpoint that differs, with a warning naming
+    the file, for the previous one. The writer (the run lock's holder, litejax.train.run_folder) then
+    moves each skipped step aside, `DIR/<step>.corrupt-<why>`, so that the run saves that step afresh;
+    a reader (read_only) changes nothing. If no checkpoint is intact, restore raises
+    `CheckpointCorruptError` and moves nothing (never a silent fresh start);
+  * a save in flight: a reader skips the newest step while it has no digest and a live writer holds the
+    run lock (its save is not finished), and reads the previous one;
   * a failed write (disk full): `CheckpointWriteError` names the step and the intact previous one.
-A checkpoint committed by Orbax but cut off before its digest was written is restored unverified,
-with a warning.
+A checkpoint committed by Orbax but cut off before its digest was written (no live writer) is restored
+unverified, with a warning.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
-import hashlib
-import json
 import logging
-import os
 import pathlib
 import warnings
 from typing import Any, Callable
@@ -44,16 +47,24 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from litejax.config import Config, InputError, from_dict
+from litejax.train import digest, run_folder
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-DIGEST_FILE = 'litejax_digest.json'
-_HASH_BLOCK = 1 << 22
 
 
 class CheckpointCorruptError(RuntimeError):
-  """Checkpoints exist, but none could be read intact (each was skipped with a warning)."""
+  """A checkpoint differs from its digest (`kind` says how: litejax.train.digest.Damage), or none could be
+  read intact (each was skipped with a warning)."""
+
+  def __init__(self, message: str, kind: str = 'unreadable'):
+    super().__init__(message)
+    self.kind = kind
+
+
+class CheckpointInFlightError(RuntimeError):
+  """A reader asked for a step whose save a live writer has not finished (no digest yet)."""
 
 
 class CheckpointWriteError(OSError):
@@ -70,6 +81,7 @@ class Restored:
   step: int
   state: Any
   meta: dict[str, Any]
+  skipped: tuple[tuple[int, str], ...] = ()   # (newer step, why) passed over for this one
 
 
 def leaf_specs(tree: Any) -> dict[str, dict[str, Any]]:
@@ -148,9 +160,12 @@ class Checkpointer:
     self.directory = d if '://' in d else pathlib.Path(d).expanduser().absolute()
     self._local = '://' not in d
     self._read_only = read_only
-    self._pending: int | None = None      # a step whose save may still be in flight (no digest yet)
+    self._pending: int | None = None      # a step whose save may still be in flight
+    self._digested: int | None = None     # `poll` wrote the pending step's digest already
     self._last_good: int | None = None
     self._verified: set[tuple[int, str]] = set()   # (step, file prefix) whose digest passed
+    self.skipped: dict[int, str] = {}     # steps passed over by the fall-back, and why (for the user)
+    self._damaged: dict[int, tuple[Exception, str]] = {}
     options = ocp.CheckpointManagerOptions(
         max_to_keep=None if read_only else keep, create=not read_only, enable_async_checkpointing=async_save,
         # Leftover temporary folders from a save cut off by a kill are deleted, never read (by the writer:
@@ -177,7 +192,7 @@ class Checkpointer:
     self._finish_pending()
     self._last_good = self.latest_step()
     meta = dict(meta, step=int(step), format_version=FORMAT_VERSION, leaves=leaf_specs(state))
-    with self._write_errors(step):
+    with _write_errors(self, step):
       self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(meta)), force=True)
     self._pending = int(step)
@@ -214,7 +229,11 @@ class Checkpointer:
       return Restored(step=s, state=self.manager.restore(s, args=ocp.args.Composite(state=args))['state'],
                       meta=meta)
 
-    return self._newest_intact(step, read)
+    restored = self._newest_intact(step, read)
+    if restored is not None:
+      restored = dataclasses.replace(restored, skipped=tuple(
+          (s, why) for s, why in sorted(self.skipped.items(), reverse=True) if s > restored.step))
+    return restored
 
   def read_leaf(self, step: int, name: str) -> np.ndarray:
     """One saved parameter (an nnx Variable) of checkpoint `step` as NumPy, `name` as in `leaf_specs`
@@ -241,52 +260,89 @@ class Checkpointer:
 
   def _newest_intact(self, step: int | None, read: Callable[[int], Any]) -> Any:
     """read(step), or read(s) for each checkpoint newest first until one succeeds: the one place where
-    an unreadable checkpoint is skipped (with a warning naming why) for the previous one.
-    CheckpointMismatchError (a config problem, not damage) is never skipped; CheckpointCorruptError
-    when every checkpoint was; None when there is none."""
+    an unreadable checkpoint is skipped (with a warning naming why) for the previous one, and where the
+    writer moves the skipped ones aside once an intact one was read. CheckpointMismatchError (a config
+    problem, not damage) is never skipped; CheckpointCorruptError when every checkpoint was (nothing is
+    moved then); None when there is none."""
     self.manager.reload()
     if step is not None:
       return read(step)
-    skipped = []
+    damaged, in_flight = [], None
     for s in reversed(self.all_steps()):
+      if s in self._damaged:     # found by an earlier read of this Checkpointer: not read or warned again
+        damaged.append((s, *self._damaged[s]))
+        continue
       try:
-        return read(s)
+        result = read(s)
       except CheckpointMismatchError:
         raise
+      except CheckpointInFlightError as e:
+        self.skipped[s], in_flight = str(e), e
+        _say(f'{e}; reading the previous one')
       except Exception as e:  # noqa: BLE001 (any read failure means: not a usable checkpoint)
-        skipped.append(_skip(f'checkpoint {self.directory}/{s}', e))
-    if skipped:
-      raise CheckpointCorruptError(f'no intact checkpoint in {self.directory}: ' + '; '.join(skipped))
+        self._damaged[s] = (e, _skip(f'checkpoint {self.directory}/{s}', e))
+        damaged.append((s, *self._damaged[s]))
+        self.skipped[s] = damaged[-1][2]
+      else:
+        self._move_aside(damaged)
+        return result
+    if damaged:
+      raise CheckpointCorruptError(f'no intact checkpoint in {self.directory}: ' +
+                                   '; '.join(why for _, _, why in damaged) +
+                                   ' (nothing was moved or deleted; start afresh with --overwrite or another '
+                                   '--ckpt-dir)')
+    if in_flight is not None:
+      raise in_flight
     return None
+
+  def _move_aside(self, damaged: list[tuple[int, Exception, str]]) -> None:
+    """The writer renames each damaged step to `<step>.corrupt-<why>` (process 0; every process waits)."""
+    if self._read_only or not self._local or not damaged:
+      return
+    if jax.process_index() == 0:
+      for s, error, why in damaged:
+        kind = error.kind if isinstance(error, CheckpointCorruptError) else 'unreadable'
+        to = run_folder.move_aside(pathlib.Path(self.directory), s, kind, why)
+        self._damaged.pop(s, None)
+        _say(f'moved the damaged checkpoint {self.directory}/{s} aside to {to} (step {s} will be saved afresh)')
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('litejax checkpoint: damaged steps moved aside')
+    self.manager.reload()
 
   def verify(self, step: int, prefix: str = '') -> None:
     """Checks the files of checkpoint `step` under `prefix` (default: every file) against its digest;
-    raises CheckpointCorruptError naming the first file that is missing, resized or changed. Warns when
-    the checkpoint has no digest. A step that passed is not hashed again by this Checkpointer."""
+    raises CheckpointCorruptError naming the first file that is missing, resized or changed. Without a
+    digest: a reader raises CheckpointInFlightError for the newest step while a live writer holds the run
+    lock; otherwise it warns and the step is read unverified. A step that passed is not hashed again by
+    this Checkpointer."""
     if not self._local or (step, '') in self._verified or (step, prefix) in self._verified:
       return
     step_dir = pathlib.Path(self.directory) / str(step)
-    digest_path = step_dir / DIGEST_FILE
-    if not digest_path.is_file():
-      warnings.warn(f'checkpoint {step_dir} has no {DIGEST_FILE} (cut off after its commit, or written by '
-                    'an older litejax): restoring it unverified', RuntimeWarning, stacklevel=3)
+    if not digest.exists(step_dir):
+      lock = run_folder.lock_path(pathlib.Path(self.directory))
+      if self._read_only and step == self.latest_step() and run_folder.held_by_another(lock):
+        raise CheckpointInFlightError(f'checkpoint {step_dir}: its save is not finished (no '
+                                      f'{digest.DIGEST_FILE} yet; a running process holds {lock})')
+      warnings.warn(f'checkpoint {step_dir} has no {digest.DIGEST_FILE} (cut off after its commit, or written '
+                    'by an older litejax): restoring it unverified', RuntimeWarning, stacklevel=3)
       self._verified.add((step, ''))    # warned once: there is nothing to check it against
       return
-    try:
-      recorded = json.loads(digest_path.read_text())['files']
-    except (OSError, ValueError, KeyError, TypeError) as e:
-      raise CheckpointCorruptError(f'{digest_path}: unreadable digest ({e})') from None
-    for rel, (size, sha) in sorted(recorded.items()):
-      if not rel.startswith(prefix):
-        continue
-      f = step_dir / rel
-      if not f.is_file():
-        raise CheckpointCorruptError(f'{f}: file missing')
-      if f.stat().st_size != size:
-        raise CheckpointCorruptError(f'{f}: {f.stat().st_size} bytes, {size} when written (truncated?)')
-      if _sha256(f) != sha:
-        raise CheckpointCorruptError(f'{f}: SHA-256 differs from when it was written (corrupted)')
+    damage = digest.first_damage(step_dir, prefix)
+    if damage is not None:
+      raise CheckpointCorruptError(damage.message, damage.kind)
     self._verified.add((step, prefix))
+
+  def poll(self) -> None:
+    """Writes the digest of a save that has finished in the background (the training loop calls this after
+    every step, so a reader waits at most a step for a committed checkpoint to count as complete)."""
+    step = self._pending
+    if step is None or self._digested == step or not self._local or jax.process_index() != 0:
+      return
+    step_dir = pathlib.Path(self.directory) / str(step)
+    if not self.manager.is_saving_in_progress() and step_dir.is_dir():
+      digest.write(step_dir)
+      self._digested = step
 
   def wait(self) -> None:
     """Blocks until in-flight saves are on disk (and digested)."""
@@ -300,55 +356,31 @@ class Checkpointer:
 
   def _finish_pending(self) -> None:
     step, self._pending = self._pending, None
-    with self._write_errors(step):
+    with _write_errors(self, step):
       self.manager.wait_until_finished()
-      if step is not None and self._local and jax.process_index() == 0:
-        _write_digest(pathlib.Path(self.directory) / str(step))
-
-  def _write_errors(self, step: int | None):
-    return _WriteErrors(self, step)
+      if step is not None and step != self._digested and self._local and jax.process_index() == 0:
+        digest.write(pathlib.Path(self.directory) / str(step))
 
 
-class _WriteErrors:
+@contextlib.contextmanager
+def _write_errors(ckpt: Checkpointer, step: int | None):
   """Turns an OSError while writing a checkpoint into CheckpointWriteError with one clear line."""
-
-  def __init__(self, ckpt: Checkpointer, step: int | None):
-    self.ckpt, self.step = ckpt, step
-
-  def __enter__(self):
-    return self
-
-  def __exit__(self, kind, error, tb):
+  try:
+    yield
+  except CheckpointWriteError:
+    raise
+  except Exception as error:
     cause = error
     while cause is not None and not isinstance(cause, OSError):   # Orbax may wrap the OSError
       cause = cause.__cause__ or cause.__context__
-    if cause is None or isinstance(error, CheckpointWriteError):
-      return False
+    if cause is None:
+      raise
     why = 'no space left on device' if cause.errno == errno.ENOSPC else (cause.strerror or str(cause))
-    prev = self.ckpt._last_good
+    prev = ckpt._last_good
     kept = f'the previous checkpoint (step {prev}) is kept' if prev is not None else 'no earlier checkpoint'
-    e = CheckpointWriteError(f'writing checkpoint step {self.step} to {self.ckpt.directory} failed: {why}; '
-                             f'{kept}')
+    e = CheckpointWriteError(f'writing checkpoint step {step} to {ckpt.directory} failed: {why}; {kept}')
     e.errno = cause.errno
     raise e from error
-
-
-def _sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with path.open('rb') as f:
-    while block := f.read(_HASH_BLOCK):
-      h.update(block)
-  return h.hexdigest()
-
-
-def _write_digest(step_dir: pathlib.Path) -> None:
-  """Records size and SHA-256 of every file under a committed step folder (written atomically)."""
-  files = {}
-  for f in sorted(p for p in step_dir.rglob('*') if p.is_file() and p.name != DIGEST_FILE):
-    files[str(f.relative_to(step_dir))] = [f.stat().st_size, _sha256(f)]
-  tmp = step_dir / (DIGEST_FILE + '.tmp')
-  tmp.write_text(json.dumps({'algorithm': 'sha256', 'files': files}))
-  os.replace(tmp, step_dir / DIGEST_FILE)
 
 
 def _skip(where: str, error: Exception) -> str:
@@ -357,3 +389,8 @@ def _skip(where: str, error: Exception) -> str:
   warnings.warn(msg, RuntimeWarning, stacklevel=3)
   log.warning(msg)
   return f'{where}: {first[:300]}'
+
+
+def _say(message: str) -> None:
+  warnings.warn(message, RuntimeWarning, stacklevel=4)
+  log.warning(message)

@@ -206,6 +206,8 @@ def train(cfg: Config, *, ckpt_dir: str | pathlib.Path | None = None, resume: bo
           bar.update(step, record)
         if step % tc.ckpt_every == 0:
           save(state, step)
+        elif ckpt is not None:
+          ckpt.poll()                    # a finished background save gets its digest: complete to readers
         if on_step is not None:
           on_step(step, m)
         if flag.signal is not None and step < stop:

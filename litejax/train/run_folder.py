@@ -10,6 +10,12 @@ Modes: a fresh run refuses a folder that holds a previous run (checkpoints or me
 deletes that run's files, but only after every input has been validated and the lock is held;
 `resume` needs a checkpoint; `resume_if_possible` resumes when there is one and starts fresh otherwise
 (what a preempted job that reruns its own command needs). Nothing here writes before `acquire`.
+
+Who may change a checkpoint folder: only the process holding the run lock (`litejax train`). It saves,
+deletes steps past `keep_checkpoints` and a killed save's temporary folder, and moves a damaged step aside
+(`move_aside`: renamed, never deleted). Readers (`generate`, `export-experts --ckpt-dir`, the resume
+preflight) open the folder read-only and change nothing: they skip a damaged step, and a newest step
+whose save a live writer (`held_by_another`) has not finished, for the previous one.
 """
 from __future__ import annotations
 
@@ -19,6 +25,7 @@ import fcntl
 import os
 import pathlib
 import shutil
+import time
 
 from litejax.config import InputError
 
@@ -95,30 +102,38 @@ def check_mode(paths: RunPaths, mode: str) -> list[int]:
   return steps
 
 
-class RunLock:
-  """An exclusive `flock` on `<ckpt_dir>.lock` (or `<metrics>.lock`): a second process training into
-  the same folder is refused; the kernel drops the lock when its holder dies, so a killed run never
-  leaves it stuck. The file itself (holding the pid, for the message) stays behind, unlocked."""
+def lock_path(target: pathlib.Path) -> pathlib.Path:
+  """The lock file of a run whose checkpoints (or metrics) are `target`: `<target>.lock` beside it."""
+  return target.with_name(target.name + '.lock')
 
-  def __init__(self, paths: RunPaths):
-    target = paths.local_ckpt or paths.metrics
-    self.path = None if target is None else target.with_name(target.name + '.lock')
+
+class FolderLock:
+  """An exclusive `flock` on a lock file: a second process is refused with `busy` (formatted with the
+  holder's pid); the kernel drops the lock when its holder dies, so a killed process never leaves it
+  stuck. The file itself (holding the pid, for the message) stays behind, unlocked."""
+
+  def __init__(self, path: pathlib.Path | None, busy: str):
+    self.path, self.busy = path, busy
     self._fd: int | None = None
 
-  def acquire(self) -> 'RunLock':
+  def acquire(self) -> 'FolderLock':
     if self.path is None:
       return self
     self.path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      holder = os.pread(fd, 32, 0).decode(errors='replace').strip() or '?'
-      os.close(fd)
-      if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
-        raise InputError(f'{self.path}: another process (pid {holder}) is training into this run; '
-                         'wait for it or choose another --ckpt-dir') from None
-      raise
+    for attempt in range(_LOCK_ATTEMPTS):
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except OSError as e:
+        if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+          os.close(fd)
+          raise
+        if attempt + 1 == _LOCK_ATTEMPTS:
+          holder = os.pread(fd, 32, 0).decode(errors='replace').strip() or '?'
+          os.close(fd)
+          raise InputError(self.busy.format(path=self.path, pid=holder)) from None
+        time.sleep(_LOCK_RETRY_S)   # a reader's probe (`held_by_another`) holds it for microseconds
     os.ftruncate(fd, 0)
     os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
     self._fd = fd
@@ -129,11 +144,60 @@ class RunLock:
       os.close(self._fd)      # closing the descriptor drops the flock
       self._fd = None
 
-  def __enter__(self) -> 'RunLock':
+  def __enter__(self) -> 'FolderLock':
     return self.acquire()
 
   def __exit__(self, *exc) -> None:
     self.release()
+
+
+_LOCK_ATTEMPTS, _LOCK_RETRY_S = 20, 0.01
+
+
+class RunLock(FolderLock):
+  """The run folder's lock, `<ckpt_dir>.lock` (or `<metrics>.lock`), held by the process training into it:
+  the one process that may write, clean up or move aside checkpoints there."""
+
+  def __init__(self, paths: RunPaths):
+    target = paths.local_ckpt or paths.metrics
+    super().__init__(None if target is None else lock_path(target),
+                     '{path}: another process (pid {pid}) is training into this run; wait for it or choose '
+                     'another --ckpt-dir')
+
+
+def held_by_another(path: pathlib.Path) -> bool:
+  """Whether some process (this one included, through another lock object) holds the lock file at `path`
+  (a running writer). Creates nothing: no file, no lock held once it returns."""
+  try:
+    fd = os.open(path, os.O_RDONLY)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+  except OSError as e:
+    if e.errno in (errno.EWOULDBLOCK, errno.EACCES):
+      return True
+    raise
+  finally:
+    os.close(fd)
+  return False
+
+
+def move_aside(ckpt_dir: pathlib.Path, step: int, why: str, message: str) -> pathlib.Path:
+  """Renames the damaged checkpoint `ckpt_dir/<step>` to `<step>.corrupt-<why>` (`.2`, `.3`, ... when taken),
+  never deleting it, with the full reason in a text file inside. Only the run's writer (the lock holder)
+  calls this; the new name is not a step, so the step can be saved afresh."""
+  base = ckpt_dir / f'{step}.corrupt-{why}'
+  target, n = base, 1
+  while target.exists():
+    n += 1
+    target = base.with_name(f'{base.name}.{n}')
+  os.rename(ckpt_dir / str(step), target)
+  (target / MOVED_ASIDE_NOTE).write_text(message + '\n')
+  return target
+
+
+MOVED_ASIDE_NOTE = 'litejax_moved_aside.txt'
 
 
 def clear_previous(paths: RunPaths) -> list[str]:

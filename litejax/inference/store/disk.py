@@ -1,12 +1,15 @@
 """The disk level: every routed expert of every MoE layer in TensorStore zarr3 arrays, one chunk per expert.
 
-Chunks are uncompressed (the `bytes` codec only), so a chunk file is exactly one expert's array and
-reading expert e reads that expert's bytes and no more (tests/test_store_disk.py measures it with
-TensorStore's own kvstore byte counters). TensorStore's chunk cache is off (the default context):
-caching is the host level's job, with a budget it controls.
+Chunks are uncompressed (the `bytes` codec, then `crc32c`), so a chunk file is exactly one expert's array
+plus its 4-byte checksum, and reading expert e reads those bytes and no more (tests/test_store_disk.py
+measures it with TensorStore's own kvstore byte counters). TensorStore's chunk cache is off (the default
+context): caching is the host level's job, with a budget it controls.
 
-Arrays are opened with `fill_missing_data_reads: false`: zarr3 would otherwise return the fill value
-for a chunk that was never written, and a half-exported store would decode with zero experts.
+Every read is checked: TensorStore verifies each chunk's CRC-32C as it decodes it, and arrays are opened
+with `fill_missing_data_reads: false` (zarr3 would otherwise return the fill value for a chunk that was
+never written, and a half-exported store would decode with zero experts). A failed read becomes a
+`ChunkDamagedError` naming the layer, array and expert (`ExpertStore.diagnose`); `damaged_chunks` checks
+a whole store (`litejax export-experts --verify`).
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ import tensorstore as ts
 
 from litejax.config import Config
 from litejax.inference.store import layout
-from litejax.inference.store.layout import ExpertStoreError
+from litejax.inference.store.layout import ChunkDamagedError, ExpertStoreError
 
 
 def kvstore_spec(location: str) -> Any:
@@ -70,7 +73,7 @@ class PendingRead:
       try:
         self._value = {name: np.asarray(f.result())[self.inverse] for name, f in self.futures.items()}
       except ValueError:
-        # One batched read failed: read the experts one by one to name the first bad one.
+        # One batched read failed: read the experts one by one to name the first damaged chunk.
         raise self.store.diagnose(self.layer, self.ids) from None
     return self._value
 
@@ -86,6 +89,8 @@ class ExpertStore:
     self.expert_bytes: int = int(manifest['expert_bytes'])
     self.dtype = _dtype(manifest['dtype'])
     self.shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in manifest['arrays'].items()}
+    # What reading one expert reads from disk: its arrays and one checksum per array.
+    self.chunk_bytes_per_expert: int = self.expert_bytes + layout.CHECKSUM_BYTES * len(self.shapes)
 
   @staticmethod
   def read_source(location: str) -> dict[str, Any]:
@@ -104,6 +109,10 @@ class ExpertStore:
     if manifest is None:
       raise ExpertStoreError(f'expert store {location}: no {layout.MANIFEST} (not an expert store, or its '
                              'export did not finish; rerun `litejax export-experts`)')
+    if manifest.get('format') == layout.FORMAT and manifest.get('format_version') == 1:
+      raise ExpertStoreError(f'expert store {location}: format version 1, written before every chunk carried a '
+                             f'checksum; this litejax reads version {layout.FORMAT_VERSION}: re-export it with `'
+                             f'{layout.reexport_hint(location, manifest.get("source", {}))}`')
     if manifest.get('format') != layout.FORMAT or manifest.get('format_version') != layout.FORMAT_VERSION:
       raise ExpertStoreError(f'expert store {location}: format {manifest.get("format")!r} version '
                              f'{manifest.get("format_version")!r}; this litejax reads {layout.FORMAT!r} version '
@@ -145,26 +154,50 @@ class ExpertStore:
     return self.read_experts_async(layer, ids).result()
 
   def diagnose(self, layer: int, ids: np.ndarray) -> ExpertStoreError:
-    """The error for the first expert of `ids` that cannot be read (missing or short chunk)."""
+    """The error for the first expert of `ids` that cannot be read (a ChunkDamagedError: missing, short or
+    checksum differs)."""
     for e in dict.fromkeys(int(i) for i in ids):
-      for name, arr in self.arrays[layer].items():
-        try:
-          arr[e].read().result()
-        except ValueError as err:
-          return ExpertStoreError(f'expert store {self.location}: layer {layer} expert {e}: {name} '
-                                  f'{_why(str(err))}')
+      for name in self.arrays[layer]:
+        damage = self._chunk_damage(layer, name, e)
+        if damage is not None:
+          return damage
     return ExpertStoreError(f'expert store {self.location}: layer {layer}: a read of experts {ids.tolist()} '
                             'failed but each expert reads alone (a transient I/O error?)')
 
-  def verify(self, layer: int | None = None) -> None:
-    """Reads every expert (of one layer, or all), raising on the first missing or short chunk."""
+  def _chunk_damage(self, layer: int, name: str, expert: int) -> ChunkDamagedError | None:
+    try:
+      self.arrays[layer][name][expert].read().result()
+    except ValueError as err:
+      return ChunkDamagedError(f'expert store {self.location}: layer {layer} expert {expert}: {name} '
+                               f'{_why(str(err))}', layer, name, expert)
+    return None
+
+  def damaged_chunks(self, layer: int | None = None, block: int = 256) -> list[ChunkDamagedError]:
+    """Reads every chunk (of one layer, or all) and returns one error per damaged chunk (missing, short,
+    or its checksum differs), in (layer, array, expert) order; [] when the store is intact."""
+    found = []
     for l in ([layer] if layer is not None else self.layers):
-      for start in range(0, self.num_experts, 256):
-        self.read_experts(l, range(start, min(start + 256, self.num_experts)))
+      self._check(l, [])
+      for name, arr in self.arrays[l].items():
+        for start in range(0, self.num_experts, block):
+          stop = min(start + block, self.num_experts)
+          try:
+            arr[start:stop].read().result()
+          except ValueError:     # some chunk of the block: find each one
+            found += [d for d in (self._chunk_damage(l, name, e) for e in range(start, stop)) if d is not None]
+    return found
+
+  def verify(self, layer: int | None = None) -> None:
+    """Reads every expert (of one layer, or all), raising the first damaged chunk's ChunkDamagedError."""
+    damaged = self.damaged_chunks(layer)
+    if damaged:
+      raise damaged[0]
 
 
 def _why(message: str) -> str:
   first = message.strip().splitlines()[0] if message.strip() else ''
+  if 'DATA_LOSS' in first or 'Digest mismatch' in first:
+    return f'chunk is damaged: its CRC-32C checksum differs from when it was written ({first[:200]})'
   if 'NOT_FOUND' in first or 'is missing' in first:
     return f'chunk is missing: the store is truncated or was not completely written ({first[:200]})'
   if 'Not enough data' in first or 'size' in first:
@@ -196,7 +229,8 @@ def _open_array(location: str, layer: int, name: str, shape: list[int], dtype: n
   if chunk != [1, *shape[1:]]:
     raise ExpertStoreError(f'{where} has chunks {tuple(chunk)}, not one expert per chunk {(1, *shape[1:])}')
   codecs = [c['name'] for c in arr.codec.to_json().get('codecs', [])]
-  if codecs != ['bytes']:
-    raise ExpertStoreError(f'{where} has codecs {codecs}; an expert store is uncompressed (bytes only), so '
-                           'one expert reads exactly its bytes')
+  want = [c['name'] for c in layout.CODECS]
+  if codecs != want:
+    raise ExpertStoreError(f'{where} has codecs {codecs}, not {want}: an expert store is uncompressed, so one '
+                           'expert reads exactly its bytes, and checksummed, so a damaged chunk is detected')
   return arr

@@ -22,19 +22,19 @@ from litejax.inference.store.writer import StoreWriter
 def open_checkpoint(ckpt_dir: str, step: int | None):
   """(read-only Checkpointer, step, meta, config) of checkpoint `step` (default: the newest intact one);
   raises ExpertStoreError before anything is created on disk."""
-  from litejax.train.checkpoint import Checkpointer, CheckpointCorruptError
+  from litejax.train.checkpoint import Checkpointer, CheckpointCorruptError, CheckpointInFlightError
   if '://' not in ckpt_dir and not pathlib.Path(ckpt_dir).expanduser().is_dir():
     raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: no such directory')
   ckpt = Checkpointer(ckpt_dir, read_only=True)
   steps = ckpt.all_steps()
   try:
     if not steps or (step is not None and step not in steps):
-      want = 'any checkpoint' if step is None else f'step {step} (it has {steps})'
+      want = 'checkpoint' if step is None else f'step {step} (it has {steps})'
       raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: holds no {want}')
     step, meta = ckpt.newest_meta(step, whole=True)
   except Exception as e:
     ckpt.close()
-    if isinstance(e, CheckpointCorruptError):
+    if isinstance(e, (CheckpointCorruptError, CheckpointInFlightError)):
       raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: {e}') from None
     raise
   return ckpt, step, meta, from_dict(meta['config'])
@@ -60,16 +60,25 @@ def write_from_checkpoint(location: str, ckpt_dir: str, step: int | None = None,
   """Writes the routed experts of checkpoint `step` (default: the newest) of `ckpt_dir` to LOCATION."""
   ckpt, step, meta, cfg = open_checkpoint(str(ckpt_dir), step)
   try:
+    if not layout.moe_layers(cfg):
+      raise ExpertStoreError(f'--ckpt-dir {ckpt_dir}: checkpoint step {step} is of a dense model (model.moe_every='
+                             f'{cfg.model.moe_every}): it has no routed experts to export')
     check_leaves(cfg, meta.get('leaves', {}), f'checkpoint {ckpt_dir}/{step}')
     writer = StoreWriter(location, cfg, overwrite=overwrite, context=context)
-    by_leaf: dict[str, list[tuple[int, str, int | None]]] = {}
-    for layer, name, leaf, index in layout.expert_leaves(cfg):
-      by_leaf.setdefault(leaf, []).append((layer, name, index))
-    for leaf, targets in by_leaf.items():
-      value = ckpt.read_leaf(step, leaf)
-      for layer, name, index in targets:
-        writer.write(layer, 0, {name: value if index is None else value[index]})
+    try:
+      by_leaf: dict[str, list[tuple[int, str, int | None]]] = {}
+      for layer, name, leaf, index in layout.expert_leaves(cfg):
+        by_leaf.setdefault(leaf, []).append((layer, name, index))
+      for leaf, targets in by_leaf.items():
+        value = ckpt.read_leaf(step, leaf)
+        for layer, name, index in targets:
+          writer.write(layer, 0, {name: value if index is None else value[index]})
+    except BaseException:
+      writer.close()
+      raise
   finally:
     ckpt.close()
   # Absolute, so `generate --store` finds the same checkpoint's other weights from any working directory.
-  return writer.finish({'kind': 'checkpoint', 'ckpt_dir': str(pathlib.Path(ckpt_dir).resolve()), 'step': int(step)})
+  source = {'kind': 'checkpoint', 'ckpt_dir': str(pathlib.Path(ckpt_dir).resolve()), 'step': int(step)}
+  skipped = [{'step': s, 'why': why} for s, why in sorted(ckpt.skipped.items(), reverse=True) if s > step]
+  return writer.finish({**source, 'skipped': skipped} if skipped else source)

@@ -4,11 +4,15 @@ which checkpoint leaves hold the routed experts.
 A store at LOCATION (a local path or a TensorStore kvstore URL such as memory:// or file:///...) is
 
   manifest.json                      written last: a store without it is incomplete
+  export.lock                        held (flock) by the export writing it (local stores)
   experts/layer_<i>/w_in             zarr3 [E, d, h]   one chunk = one expert, no compression
   experts/layer_<i>/w_gate           zarr3 [E, d, h]   (glu experts only)
   experts/layer_<i>/w_out            zarr3 [E, h, d]
 
-for every MoE layer i (0-based model layer index), in the model's param dtype.
+for every MoE layer i (0-based model layer index), in the model's param dtype. Each chunk is the expert's
+array (the `bytes` codec) followed by its CRC-32C (the `crc32c` codec, CHECKSUM_BYTES): TensorStore checks
+it on every read, so a damaged chunk is an error, never weights. Version 1 stores (before the checksums)
+are refused with the command that re-exports them.
 """
 from __future__ import annotations
 
@@ -22,12 +26,39 @@ import numpy as np
 from litejax.config import Config
 
 FORMAT = 'litejax-expert-store'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = 'manifest.json'
+LOCK = 'export.lock'
+# zarr3 codecs of every array: the raw little-endian array, then a CRC-32C of it (4 bytes) per chunk.
+CODECS = ({'name': 'bytes', 'configuration': {'endian': 'little'}}, {'name': 'crc32c'})
+CHECKSUM_BYTES = 4
 
 
 class ExpertStoreError(ValueError):
   """A store is missing, incomplete, truncated, or does not match the config or its own manifest."""
+
+
+class ChunkDamagedError(ExpertStoreError):
+  """One expert's chunk of one array fails its read: missing, short, or its checksum differs."""
+
+  def __init__(self, message: str, layer: int, array: str, expert: int):
+    super().__init__(message)
+    self.layer, self.array, self.expert = layer, array, expert
+
+
+class StoreWriteError(ExpertStoreError):
+  """Writing a store failed (e.g. the disk is full); it has no manifest, so nothing opens it as a store."""
+
+
+def reexport_hint(location: str, source: dict[str, Any]) -> str:
+  """The command that writes the store at `location` again, from what its manifest says it came from."""
+  if source.get('kind') == 'checkpoint':
+    step = f" --step {source['step']}" if 'step' in source else ''
+    return f"litejax export-experts --ckpt-dir {source.get('ckpt_dir', 'D')}{step} --out {location} --overwrite"
+  if source.get('kind') == 'init':
+    return (f"litejax export-experts --init --config C --seed {source.get('seed', 0)} --out {location} "
+            '--overwrite (C: the config it was written from)')
+  return f'litejax export-experts ... --out {location} --overwrite'
 
 
 def array_names(cfg: Config) -> tuple[str, ...]:

@@ -6,6 +6,11 @@ lookahead, and the counters the `store` JSON reports.
 every expert it returns a slot for is in that slot when it returns (stall), except that with
 miss='fallback' an expert that is on disk only is given a fallback index instead (its int8 copy is
 used) and is read into the host level in the background for later tokens.
+
+Damage (a chunk that fails its read, litejax.inference.store.disk): a read on the decoding thread raises
+its ChunkDamagedError; one on the prefetch thread is recorded and raised by the next `resolve`. With
+miss='fallback' a damaged expert runs on its int8 copy from then on instead (every copy was made from an
+intact read: `int8_copies` raises otherwise), and the `store` report lists it under `damaged_chunks`.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import numpy as np
 
 from litejax.inference.store.cache import POLICIES, HostCache, SlotCache
 from litejax.inference.store.disk import ExpertStore
+from litejax.inference.store.layout import ChunkDamagedError
 from litejax.inference.store.slots import DeviceSlots
 
 MISS_MODES = ('stall', 'fallback')
@@ -104,6 +110,7 @@ class ExpertLevels:
     self._dev_lock = threading.RLock()
     self._closed: set[int] = set()
     self._staged: dict[int, set[int]] = {l: set() for l in store.layers}
+    self.damaged: dict[tuple[int, int], ChunkDamagedError] = {}   # (layer, expert) whose read failed
 
   def close(self) -> None:
     self._pool.shutdown(wait=True)
@@ -140,8 +147,17 @@ class ExpertLevels:
 
   def _complete(self, layer: int, pending) -> None:
     """Waits for an asynchronous read and puts its experts in the host level, once per read (the prefetch
-    thread and a resolve that needs one of its experts may both get here)."""
-    arrays = pending.result()
+    thread and a resolve that needs one of its experts may both get here). A damaged chunk is recorded
+    (its read's other experts stay on disk); with miss='stall' it is raised as well."""
+    try:
+      arrays = pending.result()
+    except ChunkDamagedError as e:
+      with self._lock:
+        self.damaged.setdefault((e.layer, e.expert), e)
+        pending.counted = True
+      if self.opts.miss == 'stall':
+        raise
+      return
     with self._lock:     # re-entrant: the put happens before the other caller can look for the experts
       if pending.counted:
         return
@@ -207,6 +223,8 @@ class ExpertLevels:
     """{expert: slot} for the distinct experts of one wave (at most num_slots); with miss='fallback' an
     expert that is on disk only maps to -1 - i, i its index in `fallback_ids` (see `fallback_ids`)."""
     t0 = time.perf_counter()
+    if self.damaged and self.opts.miss == 'stall':    # found by the prefetch thread
+      raise next(iter(self.damaged.values()))
     c = self.counters
     unique = [int(e) for e in dict.fromkeys(int(e) for e in experts)]
     self._count_recall(layer, unique)
@@ -233,7 +251,9 @@ class ExpertLevels:
         self._complete(layer, self._inflight.pop((layer, e)))   # waits for that read only
         c.prefetch_waits += 1
         value = self._host_get(layer, e)
-      if value is None:
+      if value is None and (layer, e) in self.damaged:          # miss='fallback': its int8 copy, for good
+        fallback.append(e)
+      elif value is None:
         on_disk.append(e)
       else:
         c.host_hits += 1
@@ -337,6 +357,9 @@ class ExpertLevels:
         'slots_per_layer': self.num_slots, 'host_cache_experts': self.host.capacity,
         'policy': self.opts.policy, 'lookahead': self.opts.lookahead, 'miss': self.opts.miss,
         'lookahead_width': self.opts.lookahead_width,
+        # chunks whose read failed (miss='fallback': each such expert ran on its int8 copy from then on)
+        'damaged_chunks': [{'layer': d.layer, 'array': d.array, 'expert': d.expert, 'ran_on': 'int8 copy',
+                            'error': str(d)} for _, d in sorted(self.damaged.items())],
     }
 
 
