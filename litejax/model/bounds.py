@@ -62,7 +62,7 @@ def param_counts(cfg: Config) -> ParamCounts:
   mc, m = cfg.model, cfg.moe
   d, hd = mc.d_model, mc.resolved_head_dim
   attn = d * hd * (mc.num_heads + 2 * mc.num_kv_heads) + mc.num_heads * hd * d
-  norms = 2 * d
+  norms = 2 * d + (2 * hd if mc.qk_norm else 0)
   dense_ffn = _ffn_params(mc.ffn_kind) * d * mc.resolved_d_ff
   shared = _ffn_params(m.expert_kind) * d * m.num_shared_experts * m.resolved_d_shared
   T, G, Eg = m.num_tiers, m.groups_per_tier, m.experts_per_group
@@ -165,6 +165,7 @@ def elementwise_flops_per_token(cfg: Config, seq_len: int | None = None) -> floa
   mc, m = cfg.model, cfg.moe
   S = seq_len or mc.seq_len
   per_layer = 2 * 4 * mc.d_model + 5 * S * mc.num_heads + 6 * mc.resolved_head_dim * (mc.num_heads + mc.num_kv_heads)
+  per_layer += 4 * mc.resolved_head_dim * (mc.num_heads + mc.num_kv_heads) if mc.qk_norm else 0
   moe = m.k_active * m.d_expert * (4 if m.expert_kind == 'glu' else 1)
   # The router's softmax / top-k / masking over every score it computes: ~9 ops per score (measured
   # with litejax.hlo.flops on a 16K-expert flat router), O(E_g) per token like its matmul.
