@@ -1,0 +1,219 @@
+"""`import_hf`: a Hugging Face folder (config.json, safetensors, tokenizer.json) into a litejax checkpoint folder,
+the routed experts optionally straight into an expert store.
+
+Everything that can fail is checked first, from config.json and the safetensors headers alone: the architecture
+and each config field (litejax.hf.families), every tensor's place and shape and every litejax parameter's source
+(litejax.hf.mapping.plan_import), the tokenizer, the destinations. Only then is anything deleted or written.
+
+Tensors are read one at a time (litejax.hf.weights). With a store, each expert is read and written on its own
+(the next expert is read while the previous one is written), so an import holds the non-expert weights, which
+the checkpoint is written from in one save, and a few experts; without one the whole model is in memory once.
+
+The checkpoint is step 0 of a run: params, extra, step and the key of `train.seed`, no optimizer state (a
+`train --resume` starts a fresh optimizer, litejax.train.loop), and in its sidecar the config, the source and,
+with a store, the store's location (litejax.inference.session.EXPERT_STORE). The tokenizer files are copied to
+CKPT_DIR/tokenizer/ (litejax.train.tokenizer).
+"""
+from __future__ import annotations
+
+import pathlib
+import shutil
+import time
+from typing import Any, Callable
+
+import numpy as np
+
+from litejax.config import Config
+from litejax.hf.config_fields import ConfigFields, read_config_json
+from litejax.hf.families import family_for_hf
+from litejax.hf.mapping import ExpertArray, plan_import
+from litejax.hf.weights import HFError, WeightIndex
+from litejax.train import tokenizer as tokenizers
+
+DTYPES = ('float32', 'bfloat16')
+
+
+def default_dtype(raw: dict[str, Any]) -> str:
+  """The dtype config.json says its weights are in, where litejax has it; float32 otherwise (float16 converts
+  exactly to it)."""
+  named = raw.get('dtype') or raw.get('torch_dtype')
+  return named if named in DTYPES else 'float32'
+
+
+def check_destination(out: pathlib.Path, hf_dir: pathlib.Path, overwrite: bool) -> None:
+  """CKPT_DIR must be new, empty, or (with --overwrite) a checkpoint folder; never the source or around it."""
+  from litejax.train import run_folder
+  src, dst = hf_dir.resolve(), out.resolve()
+  if dst == src or src.is_relative_to(dst) or dst.is_relative_to(src):
+    raise HFError(f'--out {out}: must not be the Hugging Face folder {hf_dir}, inside it, or around it')
+  run_folder.check_paths(run_folder.RunPaths(out, None))
+  if not out.exists() or not any(out.iterdir()):
+    return
+  litejax_folder = run_folder.checkpoint_steps(out) or (out / tokenizers.TOKENIZER_DIR).is_dir()
+  if not litejax_folder:
+    raise HFError(f'--out {out}: is not empty and holds no litejax checkpoint; refusing to write into it')
+  if not overwrite:
+    raise HFError(f'--out {out}: already holds a checkpoint; pass --overwrite to replace it')
+
+
+def _tokenizer_files(hf_dir: pathlib.Path, cfg: Config, wanted: bool) -> list[pathlib.Path]:
+  if not wanted:
+    return []
+  path = hf_dir / tokenizers.TOKENIZER_FILE
+  if not path.is_file():
+    raise HFError(f'{hf_dir}: no {tokenizers.TOKENIZER_FILE} (the fast tokenizer generate and eval read); '
+                  'pass --no-tokenizer to import the weights alone (text is then byte-level)')
+  tok = tokenizers.HFTokenizer(path)
+  if tok.vocab_size > cfg.model.vocab_size:
+    raise HFError(f'{path}: {tok.vocab_size} tokens, more than config.json vocab_size {cfg.model.vocab_size}')
+  return [hf_dir / n for n in tokenizers.TOKENIZER_FILES if (hf_dir / n).is_file()]
+
+
+def prepare(hf_dir: str | pathlib.Path, dtype: str | None = None, seq_len: int | None = None):
+  """(config.json, family, litejax config, weight index, plan): everything an import checks before writing."""
+  hf_dir = pathlib.Path(hf_dir).expanduser()
+  raw = read_config_json(hf_dir)
+  family = family_for_hf(raw)
+  dtype = dtype or default_dtype(raw)
+  if dtype not in DTYPES:
+    raise HFError(f'--dtype {dtype}: one of {", ".join(DTYPES)}')
+  cfg = family.to_config(ConfigFields(raw), dtype, seq_len)
+  index = WeightIndex.open(hf_dir, family.canonical)
+  mc = cfg.model
+  if not mc.tie_embeddings and 'lm_head.weight' not in index:
+    raise HFError('config.json: tie_word_embeddings: false, but the checkpoint has no lm_head.weight')
+  if mc.tie_embeddings and 'lm_head.weight' in index:
+    tied = index.read('lm_head.weight')
+    if not np.array_equal(tied, index.read('model.embed_tokens.weight')):
+      raise HFError('config.json: tie_word_embeddings: true, but lm_head.weight differs from '
+                    'model.embed_tokens.weight')
+    del index.tensors['lm_head.weight']   # the tied copy of the embedding: nothing to convert
+  plan = plan_import(cfg, family, index, param_shapes(cfg))
+  return raw, family, cfg, index, plan
+
+
+def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+  """{checkpoint leaf: shape} of every parameter of `cfg`'s model (nothing allocated)."""
+  from flax import nnx
+
+  from litejax.model.transformer import abstract_model
+  from litejax.train.checkpoint import leaf_specs
+  params = nnx.split(abstract_model(cfg), nnx.Param, ...)[1]
+  return {k: tuple(v['shape']) for k, v in leaf_specs({'params': params}).items()}
+
+
+class _ExpertReader:
+  """Reads expert e of one MoE layer's arrays, each fused tensor's [e] once for the arrays sharing it."""
+
+  def __init__(self, index: WeightIndex, arrays: list[ExpertArray], layout: str, dtype: np.dtype):
+    self.index, self.arrays, self.layout, self.dtype = index, arrays, layout, dtype
+
+  def expert(self, e: int) -> dict[str, np.ndarray]:
+    fused: dict[str, np.ndarray] = {}
+    out = {}
+    for a in self.arrays:
+      if self.layout == 'fused':
+        if a.fused not in fused:
+          fused[a.fused] = self.index.read(a.fused, e)
+        matrix = fused[a.fused]
+      else:
+        matrix = self.index.read(a.per_expert.format(e=e))
+      out[a.array] = np.ascontiguousarray(a.from_matrix(matrix, self.layout == 'fused').astype(self.dtype))
+    return out
+
+
+def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, store: str | None = None,
+              dtype: str | None = None, seq_len: int | None = None, overwrite: bool = False,
+              tokenizer: bool = True, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+  """Converts the Hugging Face folder `hf_dir` into the litejax checkpoint folder `out` (routed experts into the
+  expert store `store` when given). Returns the report `litejax import-hf --json` prints."""
+  import jax
+  import tensorstore as ts
+  from flax import nnx
+
+  from litejax.inference.session import EXPERT_STORE
+  from litejax.inference.store import layout, writer
+  from litejax.model.transformer import abstract_model
+  from litejax.train.checkpoint import Checkpointer
+  from litejax.train.step import initial_rng
+  t0 = time.time()
+  hf_dir, out = pathlib.Path(hf_dir).expanduser(), pathlib.Path(out).expanduser()
+  raw, family, cfg, index, plan = prepare(hf_dir, dtype, seq_len)
+  tok_files = _tokenizer_files(hf_dir, cfg, tokenizer)
+  check_destination(out, hf_dir, overwrite)
+  context = ts.Context()
+  if store is not None:
+    writer.check_destination(store, overwrite, context)
+  # ---- everything is checked: write
+  if out.exists() and overwrite:
+    shutil.rmtree(out)
+  np_dtype = layout.param_dtype(cfg)
+  shapes = param_shapes(cfg)
+  moe_layers = sorted(plan.layouts)
+  total = len(plan.tensors) + len(moe_layers) * cfg.moe.experts_total
+  done, read_bytes = 0, 0
+  values: dict[str, Any] = {}
+  for t in plan.tensors:
+    x = index.read(t.hf)
+    read_bytes += x.nbytes
+    values[t.leaf] = jax.device_put(t.to_litejax(x, shapes[t.leaf]).astype(np_dtype))
+    done += 1
+    if progress:
+      progress(done, total)
+  experts_writer = writer.StoreWriter(store, cfg, overwrite=overwrite, context=context) if store else None
+  for layer in moe_layers:
+    arrays = [a for a in plan.experts if a.layer == layer]
+    reader = _ExpertReader(index, arrays, plan.layouts[layer], np_dtype)
+    whole = None if experts_writer else {a.array: np.empty(shapes[a.leaf], np_dtype) for a in arrays}
+    pending: list = []
+    for e in range(cfg.moe.experts_total):
+      block = reader.expert(e)
+      read_bytes += sum(x.nbytes for x in block.values())
+      if experts_writer:
+        for f in pending:
+          f.result()
+        pending = experts_writer.write_async(layer, e, {k: v[None] for k, v in block.items()})
+      else:
+        for k, v in block.items():
+          whole[k][e] = v
+      done += 1
+      if progress:
+        progress(done, total)
+    for f in pending:
+      f.result()
+    if whole is not None:
+      values.update({a.leaf: jax.device_put(whole[a.array]) for a in arrays})
+  params = nnx.split(abstract_model(cfg), nnx.Param, ...)[1]
+  flat = [(p, v.replace(values[_leaf(p)])) for p, v in nnx.to_flat_state(params) if _leaf(p) in values]
+  state = {'params': nnx.from_flat_state(flat), 'extra': nnx.split(abstract_model(cfg), nnx.Param, ...)[2],
+           'step': jax.numpy.zeros((), jax.numpy.int32), 'rng': initial_rng(cfg.train.seed)}
+  if jax.tree.leaves(state['extra']):
+    raise HFError(f'{family.architecture}: the litejax model has state beyond its parameters '
+                  f'({next(iter(nnx.to_flat_state(state["extra"])))[0]}) that nothing fills')
+  source = {'architecture': family.architecture, 'hf_dir': str(hf_dir.resolve()), 'layouts': sorted(set(plan.layouts.values())),
+            'dtype': cfg.model.param_dtype, 'skipped': plan.skipped, 'hf_config': raw}
+  meta = {'config': cfg.to_dict(), 'data': {'seed': cfg.train.seed, 'next_batch': 0}, 'imported': source}
+  if store:
+    meta[EXPERT_STORE] = store if '://' in store else str(pathlib.Path(store).expanduser().resolve())
+  ckpt = Checkpointer(out, keep=1, async_save=False)
+  try:
+    ckpt.save(0, state, meta)
+  finally:
+    ckpt.close()
+  if tok_files:
+    (out / tokenizers.TOKENIZER_DIR).mkdir()
+    for f in tok_files:
+      shutil.copyfile(f, out / tokenizers.TOKENIZER_DIR / f.name)
+  if experts_writer:
+    experts_writer.finish({'kind': 'checkpoint', 'ckpt_dir': str(out.resolve()), 'step': 0,
+                           'hf_dir': str(hf_dir.resolve())})
+  seconds = time.time() - t0
+  return {'architecture': family.architecture, 'out': str(out), 'store': store, 'dtype': cfg.model.param_dtype,
+          'layouts': source['layouts'], 'tensors': len(plan.tensors), 'moe_layers': len(moe_layers),
+          'experts': len(moe_layers) * cfg.moe.experts_total, 'skipped': plan.skipped,
+          'tokenizer': bool(tok_files), 'bytes_read': read_bytes, 'checkpoint_bytes': index.nbytes,
+          'seconds': round(seconds, 3), 'gb_per_s': round(read_bytes / max(seconds, 1e-9) / 1e9, 3)}
+
+
+def _leaf(path: tuple) -> str:
+  return 'params/' + '/'.join(map(str, path))
