@@ -143,7 +143,10 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, store: str
   check_destination(out, hf_dir, overwrite)
   context = ts.Context()
   if store is not None:
-    writer.check_destination(store, overwrite, context)
+    try:
+      writer.check_destination(store, overwrite, context)
+    except layout.ExpertStoreError as e:
+      raise HFError(f'--store {store}: {str(e).split(": ", 1)[-1]}') from None
   # ---- everything is checked: write
   if out.exists() and overwrite:
     shutil.rmtree(out)

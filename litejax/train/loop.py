@@ -119,7 +119,12 @@ def train(cfg: Config, *, ckpt_dir: str | pathlib.Path | None = None, resume: bo
   if ckpt is not None and resume:
     found = ckpt.newest_meta()
     if found is not None and not holds_optimizer_state(found[1]):   # imported weights: a fresh optimizer
-      restored = ckpt.restore({k: abstract[k] for k in ('params', 'extra', 'step', 'rng')}, partial=True)
+      # A reader of its own: Orbax binds an item to the handler of its first use, and this writer saves whole states.
+      reader = Checkpointer(ckpt_dir, read_only=True)
+      try:
+        restored = reader.restore({k: abstract[k] for k in ('params', 'extra', 'step', 'rng')}, partial=True)
+      finally:
+        reader.close()
       opt = init_opt_state(cfg, mesh, tx, shardings, restored.state['params'])
       restored = dataclasses.replace(restored, state={**restored.state, 'opt': opt})
     else:
