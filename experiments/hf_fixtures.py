@@ -121,6 +121,7 @@ def reference(model, tokenizer_path: pathlib.Path) -> dict:
       ids = torch.tensor([tok.encode(text).ids])
       chosen.clear()
       res = model(ids, output_router_logits=True)
+      out[f'prompt_{i}'] = np.asarray(text)
       out[f'tokens_{i}'] = ids[0].numpy().astype(np.int32)
       out[f'logits_{i}'] = res.logits[0].float().numpy()
       out[f'experts_{i}'] = torch.stack(chosen).numpy().astype(np.int32)     # [MoE layers, S, k]

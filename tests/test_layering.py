@@ -24,6 +24,7 @@ LAYERS = [
     ['litejax.model'],
     ['litejax.train'],
     ['litejax.inference'],
+    ['litejax.hf'],
     ['litejax.analysis'],
     ['litejax.calibrate'],
     ['litejax.commands'],

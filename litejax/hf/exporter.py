@@ -68,8 +68,9 @@ def export_tensors(cfg: Config, family: Family, leaves: _Leaves, layout: str,
   item = dtype.itemsize
   out = []
   shapes = _shapes(cfg)
+  name = family.published if layout == 'per-expert' else (lambda n: n)   # fused: transformers 5's own names
   for t in family.tensors(cfg):
-    out.append((t.hf, lambda t=t: t.to_hf(leaves.param(t.leaf)).astype(dtype),
+    out.append((name(t.hf), lambda t=t: t.to_hf(leaves.param(t.leaf)).astype(dtype),
                 math.prod(shapes[t.leaf]) * item))
   experts = family.experts(cfg)
   e_total = cfg.moe.experts_total
@@ -77,7 +78,7 @@ def export_tensors(cfg: Config, family: Family, leaves: _Leaves, layout: str,
     for a in experts:
       n = math.prod(shapes[a.leaf][1:]) * item
       for e in range(e_total):
-        out.append((family.published(a.per_expert.format(e=e)),
+        out.append((name(a.per_expert.format(e=e)),
                     lambda a=a, e=e: np.ascontiguousarray(leaves.expert(a, e).T).astype(dtype), n))
     return out
   for fused in dict.fromkeys(a.fused for a in experts):
@@ -91,8 +92,8 @@ def export_tensors(cfg: Config, family: Family, leaves: _Leaves, layout: str,
 
 
 def _shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-  from litejax.hf.importer import param_shapes
-  return param_shapes(cfg.replace(model=_unscanned(cfg)))
+  from litejax.hf.importer import abstract_state, param_shapes
+  return param_shapes(abstract_state(cfg.replace(model=_unscanned(cfg)))[0])
 
 
 def _unscanned(cfg: Config):

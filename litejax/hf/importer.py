@@ -88,17 +88,22 @@ def prepare(hf_dir: str | pathlib.Path, dtype: str | None = None, seq_len: int |
       raise HFError('config.json: tie_word_embeddings: true, but lm_head.weight differs from '
                     'model.embed_tokens.weight')
     del index.tensors['lm_head.weight']   # the tied copy of the embedding: nothing to convert
-  plan = plan_import(cfg, family, index, param_shapes(cfg))
-  return raw, family, cfg, index, plan
+  params, extra = abstract_state(cfg)
+  plan = plan_import(cfg, family, index, param_shapes(params))
+  return raw, family, cfg, index, plan, (params, extra)
 
 
-def param_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-  """{checkpoint leaf: shape} of every parameter of `cfg`'s model (nothing allocated)."""
+def abstract_state(cfg: Config):
+  """(params, extra) of `cfg`'s model as nnx States of ShapeDtypeStructs (nothing allocated)."""
   from flax import nnx
 
   from litejax.model.transformer import abstract_model
+  return nnx.split(abstract_model(cfg), nnx.Param, ...)[1:]
+
+
+def param_shapes(params) -> dict[str, tuple[int, ...]]:
+  """{checkpoint leaf: shape} of every parameter of an (abstract) params State."""
   from litejax.train.checkpoint import leaf_specs
-  params = nnx.split(abstract_model(cfg), nnx.Param, ...)[1]
   return {k: tuple(v['shape']) for k, v in leaf_specs({'params': params}).items()}
 
 
@@ -133,12 +138,11 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, store: str
 
   from litejax.inference.session import EXPERT_STORE
   from litejax.inference.store import layout, writer
-  from litejax.model.transformer import abstract_model
   from litejax.train.checkpoint import Checkpointer
   from litejax.train.step import initial_rng
   t0 = time.time()
   hf_dir, out = pathlib.Path(hf_dir).expanduser(), pathlib.Path(out).expanduser()
-  raw, family, cfg, index, plan = prepare(hf_dir, dtype, seq_len)
+  raw, family, cfg, index, plan, (params, extra) = prepare(hf_dir, dtype, seq_len)
   tok_files = _tokenizer_files(hf_dir, cfg, tokenizer)
   check_destination(out, hf_dir, overwrite)
   context = ts.Context()
@@ -151,7 +155,7 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, store: str
   if out.exists() and overwrite:
     shutil.rmtree(out)
   np_dtype = layout.param_dtype(cfg)
-  shapes = param_shapes(cfg)
+  shapes = param_shapes(params)
   moe_layers = sorted(plan.layouts)
   total = len(plan.tensors) + len(moe_layers) * cfg.moe.experts_total
   done, read_bytes = 0, 0
@@ -186,9 +190,8 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, store: str
       f.result()
     if whole is not None:
       values.update({a.leaf: jax.device_put(whole[a.array]) for a in arrays})
-  params = nnx.split(abstract_model(cfg), nnx.Param, ...)[1]
   flat = [(p, v.replace(values[_leaf(p)])) for p, v in nnx.to_flat_state(params) if _leaf(p) in values]
-  state = {'params': nnx.from_flat_state(flat), 'extra': nnx.split(abstract_model(cfg), nnx.Param, ...)[2],
+  state = {'params': nnx.from_flat_state(flat), 'extra': extra,
            'step': jax.numpy.zeros((), jax.numpy.int32), 'rng': initial_rng(cfg.train.seed)}
   if jax.tree.leaves(state['extra']):
     raise HFError(f'{family.architecture}: the litejax model has state beyond its parameters '
