@@ -230,3 +230,45 @@ def test_eval_refuses_bad_input(imported, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2, err
     assert message in err and len(err.strip().splitlines()) == 1, err
+
+
+# ---------------------------------------------------------------------------- the published models
+
+# config.json of mistralai/Mixtral-8x7B-v0.1 and Qwen/Qwen3-235B-A22B as published (transformers 4.x names).
+PUBLISHED = {
+    'mixtral_8x7b': dict(
+        architectures=['MixtralForCausalLM'], attention_dropout=0.0, bos_token_id=1, eos_token_id=2, hidden_act='silu',
+        hidden_size=4096, initializer_range=0.02, intermediate_size=14336, max_position_embeddings=32768,
+        model_type='mixtral', num_attention_heads=32, num_experts_per_tok=2, num_hidden_layers=32,
+        num_key_value_heads=8, num_local_experts=8, output_router_logits=False, rms_norm_eps=1e-05,
+        rope_theta=1000000.0, router_aux_loss_coef=0.02, sliding_window=None, tie_word_embeddings=False,
+        torch_dtype='bfloat16', transformers_version='4.36.0.dev0', use_cache=True, vocab_size=32000),
+    'qwen3_235b_a22b': dict(
+        architectures=['Qwen3MoeForCausalLM'], attention_bias=False, attention_dropout=0.0, bos_token_id=151643,
+        decoder_sparse_step=1, eos_token_id=151645, head_dim=128, hidden_act='silu', hidden_size=4096,
+        initializer_range=0.02, intermediate_size=12288, max_position_embeddings=40960, max_window_layers=94,
+        mlp_only_layers=[], model_type='qwen3_moe', moe_intermediate_size=1536, norm_topk_prob=True,
+        num_attention_heads=64, num_experts=128, num_experts_per_tok=8, num_hidden_layers=94, num_key_value_heads=4,
+        output_router_logits=False, rms_norm_eps=1e-06, rope_scaling=None, rope_theta=1000000.0,
+        router_aux_loss_coef=0.001, sliding_window=None, tie_word_embeddings=False, torch_dtype='bfloat16',
+        transformers_version='4.51.0', use_cache=True, use_sliding_window=False, vocab_size=151936),
+}
+# Their published parameter counts (total, active per token).
+PUBLISHED_PARAMS = {'mixtral_8x7b': (46.7e9, 12.9e9), 'qwen3_235b_a22b': (235e9, 22e9)}
+
+
+@pytest.mark.parametrize('name', list(PUBLISHED))
+def test_shipped_configs_are_the_published_models(name):
+  import dataclasses
+
+  from litejax.config import load_config
+  from litejax.hf.config_fields import ConfigFields
+  from litejax.hf.families import family_for_hf
+  from litejax.model import bounds
+  raw = PUBLISHED[name]
+  cfg = family_for_hf(raw).to_config(ConfigFields(raw), 'bfloat16')
+  shipped = load_config(name)
+  assert dataclasses.replace(cfg.model, scan_layers=True) == shipped.model and cfg.moe == shipped.moe
+  counts = bounds.param_counts(shipped)
+  total, active = PUBLISHED_PARAMS[name]
+  assert abs(counts.total / total - 1) < 0.01 and abs(counts.active_per_token / active - 1) < 0.01

@@ -10,17 +10,16 @@ shard's tensors are in memory at a time.
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 import shutil
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from litejax.config import Config
 from litejax.hf.families import family_for_config
 from litejax.hf.mapping import LAYOUTS, ExpertArray, Family
-from litejax.hf.weights import HFError, write_shards
+from litejax.hf.weights import HFError, OutTensor, write_shards
 from litejax.train import tokenizer as tokenizers
 
 DEFAULT_SHARD_BYTES = 2 << 30
@@ -62,24 +61,22 @@ class _Leaves:
     return self.param(a.leaf)[e]
 
 
-def export_tensors(cfg: Config, family: Family, leaves: _Leaves, layout: str,
-                   dtype: np.dtype) -> list[tuple[str, Callable[[], np.ndarray], int]]:
-  """(HF name, make the array, bytes) for every tensor of the exported folder, in order."""
-  item = dtype.itemsize
+def export_tensors(cfg: Config, family: Family, leaves: _Leaves, layout: str, dtype: np.dtype) -> list[OutTensor]:
+  """Every tensor of the exported folder, in order, each made when it is written."""
   out = []
   shapes = _shapes(cfg)
   name = family.published if layout == 'per-expert' else (lambda n: n)   # fused: transformers 5's own names
   for t in family.tensors(cfg):
-    out.append((name(t.hf), lambda t=t: t.to_hf(leaves.param(t.leaf)).astype(dtype),
-                math.prod(shapes[t.leaf]) * item))
+    out.append(OutTensor(name(t.hf), t.hf_shape(shapes[t.leaf]), dtype,
+                         lambda t=t: t.to_hf(leaves.param(t.leaf)).astype(dtype)))
   experts = family.experts(cfg)
   e_total = cfg.moe.experts_total
   if layout == 'per-expert':
     for a in experts:
-      n = math.prod(shapes[a.leaf][1:]) * item
+      _, d_in, d_out = shapes[a.leaf]
       for e in range(e_total):
-        out.append((name(a.per_expert.format(e=e)),
-                    lambda a=a, e=e: np.ascontiguousarray(leaves.expert(a, e).T).astype(dtype), n))
+        out.append(OutTensor(name(a.per_expert.format(e=e)), (d_out, d_in), dtype,
+                             lambda a=a, e=e: leaves.expert(a, e).T.astype(dtype)))
     return out
   for fused in dict.fromkeys(a.fused for a in experts):
     mine = sorted((a for a in experts if a.fused == fused), key=lambda a: a.rows or (0, 0))
@@ -87,7 +84,8 @@ def export_tensors(cfg: Config, family: Family, leaves: _Leaves, layout: str,
     def make(mine=mine):
       return np.stack([np.concatenate([leaves.expert(a, e).T for a in mine], axis=0)
                        for e in range(e_total)]).astype(dtype)
-    out.append((fused, make, sum(math.prod(shapes[a.leaf]) for a in mine) * item))
+    rows = sum(shapes[a.leaf][2] for a in mine)
+    out.append(OutTensor(fused, (e_total, rows, shapes[mine[0].leaf][1]), dtype, make))
   return out
 
 
@@ -165,7 +163,7 @@ def export_hf(ckpt_dir: str | pathlib.Path, out: str | pathlib.Path, *, family_n
       copied.append(name)
   return {'architecture': family.architecture, 'out': str(out), 'step': step, 'layout': layout,
           'dtype': config['dtype'], 'tensors': len(tensors), 'files': files, 'tokenizer': copied,
-          'bytes': sum(n for _, _, n in tensors)}
+          'bytes': sum(t.nbytes for t in tensors)}
 
 
 def _with_dtype(cfg: Config, dtype: str):

@@ -163,7 +163,7 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, store: str
   for t in plan.tensors:
     x = index.read(t.hf)
     read_bytes += x.nbytes
-    values[t.leaf] = jax.device_put(t.to_litejax(x, shapes[t.leaf]).astype(np_dtype))
+    values[t.leaf] = t.to_litejax(x, shapes[t.leaf]).astype(np_dtype, copy=False)
     done += 1
     if progress:
       progress(done, total)
@@ -189,8 +189,11 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, store: str
     for f in pending:
       f.result()
     if whole is not None:
-      values.update({a.leaf: jax.device_put(whole[a.array]) for a in arrays})
-  flat = [(p, v.replace(values[_leaf(p)])) for p, v in nnx.to_flat_state(params) if _leaf(p) in values]
+      values.update({a.leaf: whole[a.array] for a in arrays})
+  flat = []
+  for p, v in nnx.to_flat_state(params):   # one host array at a time into a device buffer, then dropped
+    if _leaf(p) in values:
+      flat.append((p, v.replace(jax.device_put(values.pop(_leaf(p))))))
   state = {'params': nnx.from_flat_state(flat), 'extra': extra,
            'step': jax.numpy.zeros((), jax.numpy.int32), 'rng': initial_rng(cfg.train.seed)}
   if jax.tree.leaves(state['extra']):

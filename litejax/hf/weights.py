@@ -117,30 +117,64 @@ def _files(folder: pathlib.Path) -> list[tuple[pathlib.Path, set[str] | None]]:
   raise HFError(f'{folder}: no {SINGLE_FILE} or {INDEX_FILE}{hint}')
 
 
-def write_shards(folder: pathlib.Path, tensors: Iterable[tuple[str, Callable[[], np.ndarray], int]],
-                 shard_bytes: int, metadata: dict[str, str] | None = None) -> list[str]:
-  """Writes (name, make the array, its bytes) in order into safetensors shards of at most `shard_bytes` each
-  (one tensor above it gets a shard of its own), as transformers names them, with the index when there is
-  more than one. Only one shard's arrays are in memory at a time. Returns the files written."""
-  from safetensors.numpy import save_file
+@dataclasses.dataclass(frozen=True)
+class OutTensor:
+  """A tensor to write: its name, shape and dtype up front (they go in the file's header), its values on demand."""
+  name: str
+  shape: tuple[int, ...]
+  dtype: np.dtype
+  make: Callable[[], np.ndarray]
+
+  @property
+  def nbytes(self) -> int:
+    return math.prod(self.shape) * np.dtype(self.dtype).itemsize
+
+
+_SAFETENSORS_DTYPE = {v: k for k, v in DTYPES.items()}
+
+
+def write_shards(folder: pathlib.Path, tensors: Iterable[OutTensor], shard_bytes: int,
+                 metadata: dict[str, str] | None = None) -> list[str]:
+  """Writes `tensors` in order into safetensors shards of at most `shard_bytes` each (a larger tensor gets a
+  shard of its own), named as transformers names them, with the index when there is more than one. The
+  header of each file is written first (every shape is known), then each tensor as it is made: one tensor
+  is in memory at a time. Returns the files written."""
   entries = list(tensors)
-  shards: list[list[tuple[str, Callable[[], np.ndarray]]]] = [[]]
+  shards: list[list[OutTensor]] = [[]]
   size = 0
-  for name, make, nbytes in entries:
-    if shards[-1] and size + nbytes > shard_bytes:
+  for t in entries:
+    if shards[-1] and size + t.nbytes > shard_bytes:
       shards.append([])
       size = 0
-    shards[-1].append((name, make))
-    size += nbytes
+    shards[-1].append(t)
+    size += t.nbytes
   n = len(shards)
   names = [SINGLE_FILE] if n == 1 else [f'model-{i + 1:05d}-of-{n:05d}.safetensors' for i in range(n)]
-  weight_map = {}
   for file, shard in zip(names, shards):
-    save_file({name: np.ascontiguousarray(make()) for name, make in shard}, str(folder / file),
-              metadata=metadata or {'format': 'pt'})
-    weight_map.update({name: file for name, _ in shard})
+    _write_file(folder / file, shard, metadata or {'format': 'pt'})
   if n > 1:
-    total = sum(nbytes for _, _, nbytes in entries)
-    (folder / INDEX_FILE).write_text(json.dumps({'metadata': {'total_size': total}, 'weight_map': weight_map},
-                                                indent=2))
+    weight_map = {t.name: file for file, shard in zip(names, shards) for t in shard}
+    index = {'metadata': {'total_size': sum(t.nbytes for t in entries)}, 'weight_map': weight_map}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
   return names
+
+
+def _write_file(path: pathlib.Path, tensors: list[OutTensor], metadata: dict[str, str]) -> None:
+  """One safetensors file: an 8-byte little-endian header length, the JSON header (dtype, shape and byte range
+  of each tensor in the data that follows), padded with spaces to a multiple of 8, then the tensors' bytes."""
+  header: dict = {'__metadata__': metadata}
+  offset = 0
+  for t in tensors:
+    header[t.name] = {'dtype': _SAFETENSORS_DTYPE[np.dtype(t.dtype)], 'shape': list(t.shape),
+                      'data_offsets': [offset, offset + t.nbytes]}
+    offset += t.nbytes
+  text = json.dumps(header, separators=(',', ':')).encode()
+  text += b' ' * (-len(text) % 8)
+  with path.open('wb') as f:
+    f.write(len(text).to_bytes(8, 'little'))
+    f.write(text)
+    for t in tensors:
+      x = np.ascontiguousarray(t.make())
+      if x.shape != tuple(t.shape) or x.dtype != np.dtype(t.dtype):
+        raise AssertionError(f'{t.name}: made {x.dtype} {x.shape}, announced {np.dtype(t.dtype)} {tuple(t.shape)}')
+      f.write(x.reshape(-1).view(np.uint8))
