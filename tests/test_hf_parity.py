@@ -151,7 +151,7 @@ def test_store_import_decodes_as_transformers(tmp_path, capsys):
   out = json.loads(capsys.readouterr().out)
   assert out['tokens'] == [ref['greedy_1'].tolist()]
   assert cli.main(['generate', '--ckpt-dir', str(tmp_path / 'ckpt'), '--prompt', 'a']) == 2
-  assert 'pass --store' in capsys.readouterr().err
+  assert 'decode with --store' in capsys.readouterr().err
 
 
 def test_train_resumes_an_import_and_bound_reads_it(ckpts, tmp_path, capsys):

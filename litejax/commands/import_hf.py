@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     print(json.dumps(rep, indent=2))
   else:
     where = f' and {rep["experts"]:,} experts into {rep["store"]}' if rep['store'] else ''
-    print(f'imported {rep["architecture"]} ({", ".join(rep["layouts"]) or "dense"} experts, {rep["dtype"]}) into '
+    print(f'imported {rep["architecture"]} ({", ".join(rep["layouts"]) or "no expert"} layout, {rep["dtype"]}) into '
           f'{rep["out"]}{where}: {rep["bytes_read"] / 2**30:.2f} GiB in {rep["seconds"]:.1f} s '
           f'({rep["gb_per_s"]:.2f} GB/s)' + ('' if rep['tokenizer'] else '; no tokenizer (byte-level text)'))
   return 0

@@ -62,7 +62,7 @@ def load(ckpt_dir: str | pathlib.Path, overrides: list[str] = (), devices=None, 
       raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: run `litejax train` first (or pass --ckpt-dir)')
     if experts and found[1].get(EXPERT_STORE):
       raise FileNotFoundError(f'--ckpt-dir {ckpt_dir}: holds no routed experts; they are in the expert store '
-                              f'{found[1][EXPERT_STORE]} (imported with --store): pass --store {found[1][EXPERT_STORE]}')
+                              f'{found[1][EXPERT_STORE]} (imported with --store): decode with --store {found[1][EXPERT_STORE]}')
     stored = from_dict(found[1]['config'])
     cfg = from_dict(parse_overrides(overrides), base=stored) if overrides else stored
     mesh = shd.make_mesh(cfg.mesh, devices)
