@@ -36,12 +36,34 @@ def copy_fixture(name: str, layout: str, dst: pathlib.Path) -> pathlib.Path:
 
 
 def leaves(ckpt_dir: pathlib.Path) -> dict[str, np.ndarray]:
-  """Every saved array of a checkpoint folder's newest step, by leaf name."""
+  """Every saved parameter of a checkpoint folder's newest step as NumPy, by leaf name: one Orbax restore of
+  them all (the reader's read_leaf does one restore per leaf)."""
+  import jax
+  import orbax.checkpoint as ocp
+
   from litejax.train.checkpoint import Checkpointer
   ckpt = Checkpointer(ckpt_dir, read_only=True)
   try:
-    step, meta = ckpt.newest_meta()
-    return {name: ckpt.read_leaf(step, name) for name in meta['leaves'] if name.startswith('params/')}
+    step, meta = ckpt.newest_meta(whole=True)
+    names = [n for n in meta['leaves'] if n.startswith('params/')]
+    item: dict = {}
+    for name in names:
+      node = item
+      *parents, last = name.split('/')
+      for part in parents:
+        node = node.setdefault(part, {})
+      spec = meta['leaves'][name]
+      node[last] = {'value': jax.ShapeDtypeStruct(tuple(spec['shape']), np.dtype(spec['dtype']))}
+    args = ocp.args.PyTreeRestore(item=item, partial_restore=True, restore_args=jax.tree.map(
+        lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item))
+    tree = ckpt.manager.restore(step, args=ocp.args.Composite(state=args))['state']
+    out = {}
+    for name in names:
+      node = tree
+      for part in name.split('/'):
+        node = node[part]
+      out[name] = np.asarray(node['value'])
+    return out
   finally:
     ckpt.close()
 

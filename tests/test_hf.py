@@ -272,3 +272,36 @@ def test_shipped_configs_are_the_published_models(name):
   counts = bounds.param_counts(shipped)
   total, active = PUBLISHED_PARAMS[name]
   assert abs(counts.total / total - 1) < 0.01 and abs(counts.active_per_token / active - 1) < 0.01
+
+
+def test_a_scanned_model_exports_as_its_unscanned_twin(imported, tmp_path):
+  """export-hf reads a scanned checkpoint's stacked leaves layer by layer: the same folder as unscanned."""
+  import dataclasses
+
+  import jax
+  from flax import nnx
+
+  from litejax.hf.importer import abstract_state
+  from litejax.train.checkpoint import Checkpointer, restore_config
+  from litejax.train.step import initial_rng
+  src = imported['mixtral', 'per_expert']
+  cfg = restore_config(src)
+  scanned = cfg.replace(model=dataclasses.replace(cfg.model, scan_layers=True))
+  flat = leaves(src)
+  params, extra = abstract_state(scanned)
+  filled = []
+  for path, var in nnx.to_flat_state(params):   # ('periods', 'layers', 0, 'attn', 'w_q'): layer p of the stack
+    name = '/'.join(map(str, path))
+    if path[0] == 'periods':
+      rest = '/'.join(map(str, path[3:]))
+      value = np.stack([flat[f'params/blocks/{i}/{rest}'] for i in range(cfg.model.num_layers)])
+    else:
+      value = flat['params/' + name]
+    filled.append((path, var.replace(jax.numpy.asarray(value))))
+  ckpt = Checkpointer(tmp_path / 'scanned', async_save=False)
+  ckpt.save(0, {'params': nnx.from_flat_state(filled), 'extra': extra, 'step': np.int32(0),
+                'rng': initial_rng(0)}, {'config': scanned.to_dict()})
+  ckpt.close()
+  export_hf(tmp_path / 'scanned', tmp_path / 'a')
+  export_hf(src, tmp_path / 'b')
+  assert (tmp_path / 'a' / 'model.safetensors').read_bytes() == (tmp_path / 'b' / 'model.safetensors').read_bytes()

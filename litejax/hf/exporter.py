@@ -9,6 +9,7 @@ shard's tensors are in memory at a time.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -90,13 +91,9 @@ def export_tensors(cfg: Config, family: Family, leaves: _Leaves, layout: str, dt
 
 
 def _shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+  """{unscanned leaf: shape}: the names the family's mapping uses, whatever the checkpoint's layout."""
   from litejax.hf.importer import abstract_state, param_shapes
-  return param_shapes(abstract_state(cfg.replace(model=_unscanned(cfg)))[0])
-
-
-def _unscanned(cfg: Config):
-  import dataclasses
-  return dataclasses.replace(cfg.model, scan_layers=False)
+  return param_shapes(abstract_state(cfg.replace(model=dataclasses.replace(cfg.model, scan_layers=False)))[0])
 
 
 def hf_config(cfg: Config, family: Family, source: dict[str, Any] | None) -> dict[str, Any]:
@@ -143,7 +140,7 @@ def export_hf(ckpt_dir: str | pathlib.Path, out: str | pathlib.Path, *, family_n
         store = ExpertStore.open(meta[EXPERT_STORE], cfg)
       except ExpertStoreError as e:
         raise HFError(f'--ckpt-dir {ckpt_dir}: its routed experts are in {meta[EXPERT_STORE]}: {e}') from None
-    np_dtype = param_dtype(cfg) if dtype is None else param_dtype(cfg.replace(model=_with_dtype(cfg, dtype)))
+    np_dtype = param_dtype(cfg if dtype is None else cfg.replace(model=dataclasses.replace(cfg.model, param_dtype=dtype)))
     tensors = export_tensors(cfg, family, _Leaves(ckpt, step, cfg, store), layout, np_dtype)
     # ---- everything is checked: write
     if out.exists():
@@ -164,8 +161,3 @@ def export_hf(ckpt_dir: str | pathlib.Path, out: str | pathlib.Path, *, family_n
   return {'architecture': family.architecture, 'out': str(out), 'step': step, 'layout': layout,
           'dtype': config['dtype'], 'tensors': len(tensors), 'files': files, 'tokenizer': copied,
           'bytes': sum(t.nbytes for t in tensors)}
-
-
-def _with_dtype(cfg: Config, dtype: str):
-  import dataclasses
-  return dataclasses.replace(cfg.model, param_dtype=dtype)

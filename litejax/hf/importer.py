@@ -89,6 +89,9 @@ def prepare(hf_dir: str | pathlib.Path, dtype: str | None = None, seq_len: int |
                     'model.embed_tokens.weight')
     del index.tensors['lm_head.weight']   # the tied copy of the embedding: nothing to convert
   params, extra = abstract_state(cfg)
+  if extra_leaves := nnx_paths(extra):
+    raise HFError(f'{family.architecture}: the litejax model has state beyond its parameters ({extra_leaves[0]}) '
+                  'that no tensor fills')
   plan = plan_import(cfg, family, index, param_shapes(params))
   return raw, family, cfg, index, plan, (params, extra)
 
@@ -99,6 +102,12 @@ def abstract_state(cfg: Config):
 
   from litejax.model.transformer import abstract_model
   return nnx.split(abstract_model(cfg), nnx.Param, ...)[1:]
+
+
+def nnx_paths(state) -> list[str]:
+  """The leaf paths of an nnx State, 'a/b/c'."""
+  from flax import nnx
+  return ['/'.join(map(str, p)) for p, _ in nnx.to_flat_state(state)]
 
 
 def param_shapes(params) -> dict[str, tuple[int, ...]]:
@@ -131,15 +140,12 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, store: str
               dtype: str | None = None, seq_len: int | None = None, overwrite: bool = False,
               tokenizer: bool = True, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
   """Converts the Hugging Face folder `hf_dir` into the litejax checkpoint folder `out` (routed experts into the
-  expert store `store` when given). Returns the report `litejax import-hf --json` prints."""
-  import jax
+  expert store `store` when given). progress(done, total) after each tensor and expert. Returns the report
+  `litejax import-hf --json` prints."""
   import tensorstore as ts
-  from flax import nnx
 
   from litejax.inference.session import EXPERT_STORE
   from litejax.inference.store import layout, writer
-  from litejax.train.checkpoint import Checkpointer
-  from litejax.train.step import initial_rng
   t0 = time.time()
   hf_dir, out = pathlib.Path(hf_dir).expanduser(), pathlib.Path(out).expanduser()
   raw, family, cfg, index, plan, (params, extra) = prepare(hf_dir, dtype, seq_len)
@@ -154,61 +160,20 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, store: str
   # ---- everything is checked: write
   if out.exists() and overwrite:
     shutil.rmtree(out)
-  np_dtype = layout.param_dtype(cfg)
-  shapes = param_shapes(params)
-  moe_layers = sorted(plan.layouts)
-  total = len(plan.tensors) + len(moe_layers) * cfg.moe.experts_total
-  done, read_bytes = 0, 0
-  values: dict[str, Any] = {}
-  for t in plan.tensors:
-    x = index.read(t.hf)
-    read_bytes += x.nbytes
-    values[t.leaf] = t.to_litejax(x, shapes[t.leaf]).astype(np_dtype, copy=False)
-    done += 1
-    if progress:
-      progress(done, total)
+  counter = _Counter(len(plan.tensors) + len(plan.layouts) * cfg.moe.experts_total, progress)
+  shapes, np_dtype = param_shapes(params), layout.param_dtype(cfg)
+  values = {t.leaf: counter.add(t.to_litejax(index.read(t.hf), shapes[t.leaf]).astype(np_dtype, copy=False))
+            for t in plan.tensors}
   experts_writer = writer.StoreWriter(store, cfg, overwrite=overwrite, context=context) if store else None
-  for layer in moe_layers:
-    arrays = [a for a in plan.experts if a.layer == layer]
-    reader = _ExpertReader(index, arrays, plan.layouts[layer], np_dtype)
-    whole = None if experts_writer else {a.array: np.empty(shapes[a.leaf], np_dtype) for a in arrays}
-    pending: list = []
-    for e in range(cfg.moe.experts_total):
-      block = reader.expert(e)
-      read_bytes += sum(x.nbytes for x in block.values())
-      if experts_writer:
-        for f in pending:
-          f.result()
-        pending = experts_writer.write_async(layer, e, {k: v[None] for k, v in block.items()})
-      else:
-        for k, v in block.items():
-          whole[k][e] = v
-      done += 1
-      if progress:
-        progress(done, total)
-    for f in pending:
-      f.result()
-    if whole is not None:
-      values.update({a.leaf: whole[a.array] for a in arrays})
-  flat = []
-  for p, v in nnx.to_flat_state(params):   # one host array at a time into a device buffer, then dropped
-    if _leaf(p) in values:
-      flat.append((p, v.replace(jax.device_put(values.pop(_leaf(p))))))
-  state = {'params': nnx.from_flat_state(flat), 'extra': extra,
-           'step': jax.numpy.zeros((), jax.numpy.int32), 'rng': initial_rng(cfg.train.seed)}
-  if jax.tree.leaves(state['extra']):
-    raise HFError(f'{family.architecture}: the litejax model has state beyond its parameters '
-                  f'({next(iter(nnx.to_flat_state(state["extra"])))[0]}) that nothing fills')
-  source = {'architecture': family.architecture, 'hf_dir': str(hf_dir.resolve()), 'layouts': sorted(set(plan.layouts.values())),
-            'dtype': cfg.model.param_dtype, 'skipped': plan.skipped, 'hf_config': raw}
+  for layer in sorted(plan.layouts):
+    values.update(_convert_layer(index, plan, layer, shapes, np_dtype, experts_writer, counter))
+  source = {'architecture': family.architecture, 'hf_dir': str(hf_dir.resolve()),
+            'layouts': sorted(set(plan.layouts.values())), 'dtype': cfg.model.param_dtype, 'skipped': plan.skipped,
+            'hf_config': raw}
   meta = {'config': cfg.to_dict(), 'data': {'seed': cfg.train.seed, 'next_batch': 0}, 'imported': source}
   if store:
     meta[EXPERT_STORE] = store if '://' in store else str(pathlib.Path(store).expanduser().resolve())
-  ckpt = Checkpointer(out, keep=1, async_save=False)
-  try:
-    ckpt.save(0, state, meta)
-  finally:
-    ckpt.close()
+  _save(out, cfg, params, extra, values, meta)
   if tok_files:
     (out / tokenizers.TOKENIZER_DIR).mkdir()
     for f in tok_files:
@@ -218,10 +183,65 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, store: str
                            'hf_dir': str(hf_dir.resolve())})
   seconds = time.time() - t0
   return {'architecture': family.architecture, 'out': str(out), 'store': store, 'dtype': cfg.model.param_dtype,
-          'layouts': source['layouts'], 'tensors': len(plan.tensors), 'moe_layers': len(moe_layers),
-          'experts': len(moe_layers) * cfg.moe.experts_total, 'skipped': plan.skipped,
-          'tokenizer': bool(tok_files), 'bytes_read': read_bytes, 'checkpoint_bytes': index.nbytes,
-          'seconds': round(seconds, 3), 'gb_per_s': round(read_bytes / max(seconds, 1e-9) / 1e9, 3)}
+          'layouts': source['layouts'], 'tensors': len(plan.tensors), 'moe_layers': len(plan.layouts),
+          'experts': len(plan.layouts) * cfg.moe.experts_total, 'skipped': plan.skipped,
+          'tokenizer': bool(tok_files), 'bytes_read': counter.bytes, 'checkpoint_bytes': index.nbytes,
+          'seconds': round(seconds, 3), 'gb_per_s': round(counter.bytes / max(seconds, 1e-9) / 1e9, 3)}
+
+
+class _Counter:
+  """Tensors and experts converted, and their bytes, reported to `progress`."""
+
+  def __init__(self, total: int, progress: Callable[[int, int], None] | None):
+    self.total, self.progress, self.done, self.bytes = total, progress, 0, 0
+
+  def add(self, x: Any) -> Any:
+    self.bytes += sum(a.nbytes for a in x.values()) if isinstance(x, dict) else x.nbytes
+    self.done += 1
+    if self.progress:
+      self.progress(self.done, self.total)
+    return x
+
+
+def _convert_layer(index: WeightIndex, plan, layer: int, shapes, np_dtype, experts_writer,
+                   counter: _Counter) -> dict[str, np.ndarray]:
+  """One MoE layer's experts, expert by expert: into the store (the next one read while the previous one is
+  written; returns {}), or into whole [E, ...] arrays (returned by leaf)."""
+  arrays = [a for a in plan.experts if a.layer == layer]
+  reader = _ExpertReader(index, arrays, plan.layouts[layer], np_dtype)
+  whole = None if experts_writer else {a.array: np.empty(shapes[a.leaf], np_dtype) for a in arrays}
+  pending: list = []
+  for e in range(shapes[arrays[0].leaf][0]):
+    block = counter.add(reader.expert(e))
+    if experts_writer:
+      for f in pending:
+        f.result()
+      pending = experts_writer.write_async(layer, e, {k: v[None] for k, v in block.items()})
+    else:
+      for k, v in block.items():
+        whole[k][e] = v
+  for f in pending:
+    f.result()
+  return {} if whole is None else {a.leaf: whole[a.array] for a in arrays}
+
+
+def _save(out: pathlib.Path, cfg: Config, params, extra, values: dict[str, np.ndarray], meta: dict) -> None:
+  """Step 0 of a run without optimizer state (litejax.train.checkpoint.holds_optimizer_state), through the
+  checkpoint writer; each host array goes into a device buffer and is dropped, one at a time."""
+  import jax
+  from flax import nnx
+
+  from litejax.train.checkpoint import Checkpointer
+  from litejax.train.step import initial_rng
+  flat = [(p, v.replace(jax.device_put(values.pop(_leaf(p))))) for p, v in nnx.to_flat_state(params)
+          if _leaf(p) in values]
+  state = {'params': nnx.from_flat_state(flat), 'extra': extra, 'step': jax.numpy.zeros((), jax.numpy.int32),
+           'rng': initial_rng(cfg.train.seed)}
+  ckpt = Checkpointer(out, keep=1, async_save=False)
+  try:
+    ckpt.save(0, state, meta)
+  finally:
+    ckpt.close()
 
 
 def _leaf(path: tuple) -> str:
