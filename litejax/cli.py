@@ -27,6 +27,9 @@ COMMANDS = {
     'train': ('litejax.commands.train', 'train a config on the embedded corpus (or --data) with checkpoints'),
     'generate': ('litejax.commands.generate', 'continue prompts from a checkpoint (KV cache, dropless MoE)'),
     'export-experts': ('litejax.commands.export_experts', 'write an expert store from a checkpoint or random init'),
+    'eval': ('litejax.commands.eval', 'mean loss per token and perplexity of a checkpoint on a text or token file'),
+    'import-hf': ('litejax.commands.import_hf', 'a Hugging Face Mixtral / Qwen3-MoE folder into a litejax checkpoint'),
+    'export-hf': ('litejax.commands.export_hf', 'a litejax checkpoint as a Hugging Face folder transformers loads'),
 }
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Literal, get_args, get_origin
 import yaml
 
 from litejax import config_rules
+from litejax.config_rules import parse_layer_list
 
 
 class InputError(ValueError):
@@ -44,11 +45,13 @@ class ModelConfig:
   vocab_size: int = 256
   tie_embeddings: bool = True
   moe_every: int = 1                # layer i (1-based) is MoE when i % moe_every == 0; 0 = no MoE
+  dense_layers: str = ''            # dense although moe_every says MoE: '0,3', a prefix '0-2' (0-based; '' none)
   d_ff: int = 0                     # dense FFN hidden size; 0 -> 4 * d_model
   ffn_kind: Literal['mlp', 'glu'] = 'glu'
   scan_layers: bool = False
   rope_theta: float = 10000.0
   norm_eps: float = 1e-6
+  qk_norm: bool = False             # RMSNorm over head_dim on each query and key head, before RoPE (Qwen3)
   dtype: Literal['float32', 'bfloat16'] = 'float32'        # compute dtype
   param_dtype: Literal['float32', 'bfloat16'] = 'float32'
   # Attention: grouped-query (gqa) or DeepSeek's Multi-head Latent Attention (mla, litejax.model.mla),
@@ -80,8 +83,8 @@ class ModelConfig:
     return self.d_ff or 4 * self.d_model
 
   def is_moe_layer(self, layer: int) -> bool:
-    """Whether 0-based `layer` holds an MoE block (every `moe_every`-th layer, counting from 1)."""
-    return self.moe_every > 0 and (layer + 1) % self.moe_every == 0
+    """Whether 0-based `layer` holds an MoE block: every `moe_every`-th layer from 1, except `dense_layers`."""
+    return self.moe_every > 0 and (layer + 1) % self.moe_every == 0 and layer not in parse_layer_list(self.dense_layers)
 
   @property
   def num_moe_layers(self) -> int:
@@ -213,17 +216,15 @@ class Config:
     return dataclasses.asdict(self)
 
 
-_SECTION_TYPES = {'model': ModelConfig, 'moe': MoEConfig, 'mesh': MeshConfig, 'train': TrainConfig,
-                  'store': StoreConfig}
+_SECTION_TYPES = {'model': ModelConfig, 'moe': MoEConfig, 'mesh': MeshConfig, 'train': TrainConfig, 'store': StoreConfig}
 
 
 def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
   name = f'{section}.{field.name}'
   ftype = eval(field.type) if isinstance(field.type, str) else field.type  # noqa: S307 (own annotations)
   if get_origin(ftype) is Literal:
-    choices = get_args(ftype)
-    if value not in choices:
-      raise ConfigError(f'{name}: must be one of {list(choices)}, got {value!r}')
+    if value not in get_args(ftype):
+      raise ConfigError(f'{name}: must be one of {list(get_args(ftype))}, got {value!r}')
     return value
   if isinstance(ftype, types.UnionType) and type(None) in get_args(ftype):   # `float | None`: null allowed
     if value is None:
@@ -231,10 +232,8 @@ def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
     inner = copy.copy(field)
     (inner.type,) = [a for a in get_args(ftype) if a is not type(None)]
     return _coerce(section, inner, value)
-  if ftype is bool:
-    if not isinstance(value, bool):
-      raise ConfigError(f'{name}: must be a bool (true/false), got {value!r}')
-    return value
+  if ftype is bool and not isinstance(value, bool):
+    raise ConfigError(f'{name}: must be a bool (true/false), got {value!r}')
   if ftype is int:
     if isinstance(value, bool) or not isinstance(value, int):
       if not (isinstance(value, float) and value.is_integer()):
@@ -243,9 +242,9 @@ def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
     if abs(value) > MAX_INT:
       raise ConfigError(f'{name}: must be at most {MAX_INT} in magnitude, got {value}')
     return value
-  if ftype is str:
-    if not isinstance(value, str):
-      raise ConfigError(f'{name}: must be a string, got {value!r}')
+  if ftype is str and not isinstance(value, str):
+    raise ConfigError(f'{name}: must be a string, got {value!r}')
+  if ftype in (bool, str):
     return value
   if ftype is float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -258,11 +257,9 @@ def _coerce(section: str, field: dataclasses.Field, value: Any) -> Any:
 
 def from_dict(raw: dict[str, Any] | None, base: Config | None = None) -> Config:
   """Builds a validated Config from nested dicts, on top of `base` (defaults if None)."""
-  base = base or Config()
-  raw = raw or {}
+  base, raw = base or Config(), raw or {}
   if not isinstance(raw, dict):
-    raise ConfigError(f'config: top level must be a mapping of sections, got {type(raw).__name__} '
-                      f'{_short(raw)}')
+    raise ConfigError(f'config: top level must be a mapping of sections, got {type(raw).__name__} {_short(raw)}')
   sections = {}
   for sname, svalue in raw.items():
     if not isinstance(sname, str) or sname not in _SECTION_TYPES:
@@ -284,8 +281,7 @@ def from_dict(raw: dict[str, Any] | None, base: Config | None = None) -> Config:
 
 
 class _Loader(yaml.SafeLoader):
-  """The safe loader, also reading exponent floats without a dot (1e-3) as floats: YAML 1.1's float
-  pattern needs a '.', so `lr: 1e-3` would otherwise be the string '1e-3'."""
+  """The safe loader, also reading exponent floats without a dot (1e-3) as floats (YAML 1.1's need a '.')."""
 
 
 _Loader.add_implicit_resolver('tag:yaml.org,2002:float', re.compile(r'^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$'),
@@ -316,8 +312,7 @@ def _short(value: Any, limit: int = 60) -> str:
 
 
 def shipped_configs() -> dict[str, pathlib.Path]:
-  """{'tiny': path, ...}: the configs shipped with litejax (litejax/configs/ in an installed wheel; the
-  repo's configs/ folder in a source tree or an editable install)."""
+  """{'tiny': path, ...}: the shipped configs (litejax/configs/ in a wheel; the repo's configs/ in a source tree)."""
   here = pathlib.Path(__file__).resolve().parent
   root = here / 'configs' if (here / 'configs').is_dir() else here.parent / 'configs'
   return {p.stem: p for p in sorted(root.glob('*.yaml'))}
@@ -326,15 +321,12 @@ def shipped_configs() -> dict[str, pathlib.Path]:
 def resolve_config_path(path: str | pathlib.Path) -> pathlib.Path:
   """A config path as given if it exists, else the shipped config of that name ('tiny' or 'tiny.yaml')."""
   p = pathlib.Path(path).expanduser()
-  if p.exists() or len(p.parts) != 1:
-    return p
-  return shipped_configs().get(p.name.removesuffix('.yaml'), p)
+  return p if p.exists() or len(p.parts) != 1 else shipped_configs().get(p.name.removesuffix('.yaml'), p)
 
 
 def _read_yaml(p: pathlib.Path) -> Any:
   if not p.is_file():
-    shipped = ', '.join(shipped_configs())
-    raise ConfigError(f'config file {str(p)!r} does not exist (or is not a file); shipped: {shipped}')
+    raise ConfigError(f'config file {str(p)!r} does not exist (or is not a file); shipped: {", ".join(shipped_configs())}')
   try:
     text = p.read_bytes().decode('utf-8')
   except UnicodeDecodeError as e:
@@ -350,8 +342,7 @@ def _read_yaml(p: pathlib.Path) -> Any:
 def load_config(path: str | pathlib.Path | None = None, overrides: Iterable[str] = ()) -> Config:
   """Loads a YAML config file (safe loader; a bare name like 'tiny' finds the shipped one) and applies
   `--set` overrides, then validates."""
-  raw = _read_yaml(resolve_config_path(path)) if path is not None else None
-  cfg = from_dict(raw)
+  cfg = from_dict(_read_yaml(resolve_config_path(path)) if path is not None else None)
   ov = parse_overrides(overrides)
   return from_dict(ov, base=cfg) if ov else cfg
 

@@ -6,6 +6,7 @@ ConfigError).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 # Upper bound that only catches absurd values (each loop over layers is Python-level work at trace time).
@@ -14,6 +15,18 @@ MAX_LAYERS = 4096
 
 class Violation(ValueError):
   """A violated constraint: the message names the field and the constraint."""
+
+
+@functools.lru_cache(maxsize=64)   # is_moe_layer asks once per layer
+def parse_layer_list(text: str) -> frozenset[int]:
+  """The 0-based layers of model.dense_layers: '0,3', ranges '0-2,5' (ends included), '' for none."""
+  try:
+    ranges = [[int(x) for x in p.split('-', 1)] for p in text.replace(' ', '').split(',')] if text.strip() else []
+  except ValueError:
+    ranges = [[1, 0]]
+  if any(r[-1] < r[0] for r in ranges):
+    raise Violation(f'model.dense_layers: expected 0-based layers or ranges like 0,3 or 0-2, got {text!r}')
+  return frozenset(i for r in ranges for i in range(r[0], r[-1] + 1))
 
 
 MLA_FIELDS = ('q_lora_rank', 'kv_lora_rank', 'qk_nope_head_dim', 'qk_rope_head_dim', 'v_head_dim')
@@ -100,6 +113,10 @@ def check(cfg) -> None:
   _validate_attention(m)
   _validate_rope_scaling(m)
   _require(m.moe_every >= 0, f'model.moe_every: must be >= 0, got {m.moe_every}')
+  last = max(parse_layer_list(m.dense_layers), default=-1)
+  _require(last < m.num_layers, f'model.dense_layers: layer {last} does not exist (0-based; num_layers={m.num_layers})')
+  _require(last < 0 or not m.scan_layers, 'model.dense_layers: not supported with model.scan_layers (scans repeat '
+           'identical periods of moe_every layers)')
   _require(m.rope_theta > 0, f'model.rope_theta: must be > 0, got {m.rope_theta}')
   for name in ('num_tiers', 'groups_per_tier', 'experts_per_group', 'k_tier', 'k_group', 'k_expert',
                'd_expert', 'min_capacity'):

@@ -63,6 +63,11 @@ def test_quadrillion_is_the_spec_example():
                 'rope_scaling': 'yarn', 'rope_factor': 40}}, 'model.rope_original_max_len', '> 0'),
     ({'model': {'rope_scaling': 'ntk'}}, 'model.rope_scaling', 'one of'),
     ({'moe': {'expert_selection': 'all'}}, 'moe.expert_selection', 'one of'),
+    ({'model': {'dense_layers': '0,x'}}, 'model.dense_layers', '0-based layers'),
+    ({'model': {'dense_layers': '3-1'}}, 'model.dense_layers', '0-based layers'),
+    ({'model': {'dense_layers': '2'}}, 'model.dense_layers', 'does not exist'),
+    ({'model': {'dense_layers': '0', 'scan_layers': True}}, 'model.dense_layers', 'scan_layers'),
+    ({'model': {'qk_norm': 'yes'}}, 'model.qk_norm', 'bool'),
 ])
 def test_invalid_configs_name_field_and_constraint(overrides, field, words):
   with pytest.raises(ConfigError) as e:
@@ -90,6 +95,13 @@ def test_yaml_is_read_safely(tmp_path):
   evil.write_text('model: !!python/object/apply:os.system ["echo hi"]\n')
   with pytest.raises(ConfigError):
     load_config(evil)
+
+
+def test_dense_layers_name_dense_layers_among_moe_every():
+  m = from_dict({'model': {'num_layers': 6, 'moe_every': 2, 'dense_layers': ' 0-1, 5'}}).model
+  assert [m.is_moe_layer(i) for i in range(6)] == [False, False, False, True, False, False]
+  assert m.num_moe_layers == 1
+  assert from_dict({'model': {'num_layers': 3, 'dense_layers': '0-2'}}).model.num_moe_layers == 0
 
 
 def test_config_is_frozen():

@@ -144,3 +144,15 @@ def test_bench_tiers_quick(tmp_path, tiny_1k_ckpt):
   assert (tmp_path / 'bench_tiers.png').stat().st_size > 0
   trace = json.loads((tmp_path / 'bench_tiers_trace.json').read_text())
   assert len(trace['trace']) == 15 * len(trace['layers'])   # 16 tokens: 15 decode steps
+
+
+def test_bench_import_quick(tmp_path):
+  """bench_import --quick: a sharded synthetic Qwen3-MoE folder written tensor by tensor, imported into a store
+  in a child process whose peak RSS is reported."""
+  subprocess.run([sys.executable, str(REPO / 'experiments' / 'bench_import.py'), '--quick', '--out', str(tmp_path)],
+                 check=True, env=_env(), capture_output=True, timeout=600)
+  row = json.loads((tmp_path / 'bench_import.json').read_text())
+  assert row['mode'] == 'quick' and row['files'] > 1 and row['experts'] == 2 * 16
+  assert row['checkpoint_bytes'] > row['non_expert_bytes'] > row['largest_non_expert_tensor_bytes'] > 0
+  assert row['peak_rss'] >= row['rss_before_import'] > 0 and row['gb_per_s'] > 0
+  assert not (tmp_path / 'work').exists()

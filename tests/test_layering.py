@@ -25,6 +25,7 @@ LAYERS = [
     ['litejax.model'],
     ['litejax.train'],
     ['litejax.inference'],
+    ['litejax.hf'],
     ['litejax.analysis'],
     ['litejax.calibrate'],
     ['litejax.commands'],

@@ -92,6 +92,7 @@ def test_scan_equals_unrolled(moe_every):
                'scan_layers': True},
      'moe': {'num_tiers': 1, 'groups_per_tier': 4, 'experts_per_group': 2, 'k_group': 2, 'k_expert': 3,
              'score': 'sigmoid', 'expert_selection': 'pooled', 'group_score': 'top2_experts'}},
+    {'model': {'qk_norm': True, 'head_dim': 6, 'dense_layers': '0,2'}},
 ])
 def test_param_counts_match_model_and_axes_are_tagged(sections):
   cfg = cfg_with(**sections)
@@ -102,6 +103,15 @@ def test_param_counts_match_model_and_axes_are_tagged(sections):
   for v in leaves:
     axes = v.get_metadata()['logical_axes']
     assert len(v.shape) - len(axes) in (0, 1), (v.shape, axes)   # +1: the scanned 'layers' axis
+
+
+def test_dense_layers_and_qk_norm_build_what_they_name():
+  cfg = cfg_with(model={'qk_norm': True, 'head_dim': 6, 'dense_layers': '0-1'})
+  model = abstract_model(cfg)
+  assert [b.is_moe for b in model.blocks] == [False, False, True, True]
+  attn = model.blocks[0].attn
+  assert attn.q_norm.scale.shape == attn.k_norm.scale.shape == (6,)
+  assert attn.q_norm.scale.get_metadata()['logical_axes'] == ('head_dim',)
 
 
 def test_expert_weights_use_expert_axis():

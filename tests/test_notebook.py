@@ -51,3 +51,10 @@ def test_tiers_notebook_executes():
   """tiers.ipynb replays the committed decode trace (its first tokens) per policy."""
   text = execute('tiers.ipynb', {'NB_TRACE_TOKENS': '64'}, timeout=120)
   assert '64 decoded tokens' in text and 'PASS lru hit rate grows' in text and 'FAIL' not in text
+
+
+def test_hf_notebook_executes():
+  """hf.ipynb imports the tiny transformers-made Qwen3-MoE fixture, generates, evaluates, plots expert usage."""
+  text = execute('hf.ipynb', {'NB_NEW_TOKENS': '4'}, timeout=300)
+  assert "'architecture': 'Qwen3MoeForCausalLM'" in text and 'eval: loss 5.' in text
+  assert 'tokens per expert, per MoE layer {0:' in text

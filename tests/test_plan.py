@@ -239,3 +239,17 @@ def test_plan_command_on_an_expert_only_mesh(capsys):
   assert s['state_by_table_per_chip_on_largest_slice']['router_expert'] > ROUTER_EXPERT_F32   # replicated
   assert ROUTER_EXPERT_F32 / 2048 < s['state_by_table_per_chip_on_least_short_slice']['router_expert'] \
       < 1.01 * ROUTER_EXPERT_F32 / 2048
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_plan_counts_a_compiler_refusal_as_does_not_fit():
+  """A step whose buffers the TPU compiler refuses (here the 65,536² attention scores) is a 'does not fit'
+  verdict with the compiler's figures, not a traceback: the mesh (tensor over every chip) divides only v5e:2x2."""
+  cfg = load_config('configs/tiny.yaml', ['model.num_layers=1', 'model.seq_len=65536', 'model.num_kv_heads=4', 'mesh.data=1',
+                                         'mesh.tensor=-1'])
+  out = planning.smallest_slice(cfg, 'v5e', train=False)
+  refused = [r for r in out['tried'] if r.get('by') == 'compiler refused']
+  assert out['answer'] is None and [r['target'] for r in refused] == ['v5e:2x2']
+  assert refused[0]['verdict'] == 'does not fit' and refused[0]['need_over_hbm'] > 1
+  assert 'per device' in refused[0]['compiler_refused'] and out['shortfall']['least_short_slice'] == 'v5e:2x2'

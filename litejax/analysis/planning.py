@@ -28,7 +28,7 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
   from litejax.analysis import bound as bound_report
   from litejax.perf import chips as hardware
   from litejax import sharding
-  from litejax.analysis import per_chip, targets
+  from litejax.analysis import core, per_chip, targets
   chip = hardware.chip(generation)
   tried = []
   answer = None
@@ -58,7 +58,13 @@ def smallest_slice(cfg, generation: str, *, train: bool = True, global_batch: in
       continue
     target = targets.resolve(spec)
     c, mesh = targets.target_mesh(cfg, target)
-    prog = bound_report.compile_program(c, train=train, mesh=mesh, global_batch=global_batch)
+    prog, refused = core.compile_or_refusal(
+        lambda: bound_report.compile_program(c, train=train, mesh=mesh, global_batch=global_batch))
+    if refused is not None:   # the TPU compiler's own verdict: the step's buffers exceed a device's HBM
+      tried.append({**row, **per_chip.fit_verdict(refused['required_bytes'], refused['available_bytes']),
+                    'by': 'compiler refused', 'compiler_refused': refused['message']})
+      log(f"{spec:16s} does not fit: the compiler refused it ({refused['message']})")
+      continue
     rep = per_chip.per_chip_report(prog, target)
     tried.append({**row, **rep['fit'], 'by': 'memory_analysis'})
     log(f"{spec:16s} {rep['fit']['verdict']}: {rep['fit']['need_over_hbm']:.3g}x HBM (compiled)")

@@ -11,12 +11,12 @@ import json
 import sys
 
 from litejax import units
-from litejax.commands.args import add_config_arguments, positive_int
+from litejax.commands.args import add_config_arguments, config_from_args, positive_int
 from litejax.env import set_cpu_device_count
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  add_config_arguments(parser)
+  add_config_arguments(parser, checkpoint=True)
   parser.add_argument('--train', action='store_true', help='compile a whole training step, not a forward')
   parser.add_argument('--json', action='store_true', help='print one JSON object')
   parser.add_argument('--tol', type=float, default=0.03, help='allowed excess over the padded bound')
@@ -33,8 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-  from litejax.config import load_config
-  cfg = load_config(args.config, args.overrides)
+  cfg = config_from_args(args)
   if args.decode or args.cache_len:
     return _run_decode(args, cfg)
   target = target_devices(args)

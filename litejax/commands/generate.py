@@ -131,8 +131,8 @@ def run(args: argparse.Namespace) -> int:
   set_cpu_device_count(args.devices)   # no-op when jax is already imported (in-process tests)
 
   import jax
-  from litejax.train import data
   from litejax.inference.sampling import Sampling
+  from litejax.train import tokenizer as tokenizers
   sampling = Sampling(args.temperature, args.top_k, args.top_p)
   try:
     sampling.validate()
@@ -150,9 +150,10 @@ def run(args: argparse.Namespace) -> int:
     return _fail(str(e))
   except (CheckpointCorruptError, CheckpointInFlightError) as e:
     return _fail(str(e), status=1)
-  if session.cfg.model.vocab_size < 256:
+  tok = tokenizers.for_checkpoint(ckpt_dir)   # an imported model's tokenizer.json, else bytes
+  if tok.kind == 'bytes' and session.cfg.model.vocab_size < 256:
     return _fail(f'the checkpoint has vocab_size {session.cfg.model.vocab_size}; byte prompts need 256')
-  tokens = [data.encode(p).astype(int).tolist() for p in prompts]
+  tokens = [tok.encode(p).astype(int).tolist() for p in prompts]
   gen = session.generate(tokens, args.max_new_tokens, sampling, args.seed)
   split = None
   if args.json:   # compiles the step once more from abstract shapes: only when it is printed
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     from litejax.perf.host import measure_host
     with jax.set_mesh(session.mesh):
       split = runtime_latency_split(session.runtime, measure_host(repeats=3))
-  texts = [data.decode(t) for t in gen.tokens]
+  texts = [tok.decode(t) for t in gen.tokens]
   if args.json:
     steps_ms = [1e3 * s for s in gen.step_s]
     q = (lambda p: float(statistics.quantiles(steps_ms, n=100, method='inclusive')[p - 1])  # noqa: E731
@@ -189,8 +190,9 @@ def _run_store(args, prompts: list[str], sampling) -> int:
   from litejax.inference.session import load_store_model
   from litejax.inference.store.layout import ChunkDamagedError, ExpertStoreError
   from litejax.inference.store.levels import ExpertLevels, LevelOptions, int8_copies
+  from litejax.inference.store.disk import ExpertStore
   from litejax.inference.store_decode import StoreRuntime
-  from litejax.train import data
+  from litejax.train import tokenizer as tokenizers
   from litejax.train.checkpoint import CheckpointCorruptError, CheckpointInFlightError
   opts = LevelOptions(args.device_slots, args.host_cache, args.policy, args.lookahead, args.miss,
                      args.lookahead_width, stage=not args.no_stage)
@@ -201,7 +203,8 @@ def _run_store(args, prompts: list[str], sampling) -> int:
     return _fail(str(e))
   except (CheckpointCorruptError, CheckpointInFlightError) as e:
     return _fail(str(e), status=1)
-  tokens = [data.encode(p).astype(int).tolist() for p in prompts]
+  tok = tokenizers.for_checkpoint(args.ckpt_dir or ExpertStore.read_source(args.store).get('ckpt_dir'))
+  tokens = [tok.encode(p).astype(int).tolist() for p in prompts]
   tierset = None
   if args.latency_budget_ms is not None:
     from litejax.perf.host import measure_host
@@ -229,7 +232,7 @@ def _run_store(args, prompts: list[str], sampling) -> int:
   generated = sum(len(t) for t in gen.tokens)
   rep = tiers.report(len(prompts) * len(gen.step_s), rt.decode_stall_s)
   rep['weights'] = source
-  texts = [data.decode(t) for t in gen.tokens]
+  texts = [tok.decode(t) for t in gen.tokens]
   if args.plot:
     from litejax.inference.store.plot import plot_store
     plot_store(rep, gen.step_s, rt.step_stall_s, args.plot)

@@ -10,19 +10,18 @@ import json
 
 from litejax import units
 from litejax.model import bounds
-from litejax.commands.args import add_config_arguments, positive_int
-from litejax.config import load_config
+from litejax.commands.args import add_config_arguments, config_from_args, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  add_config_arguments(parser)
+  add_config_arguments(parser, checkpoint=True)
   parser.add_argument('--json', action='store_true', help='print one JSON object')
   parser.add_argument('--tokens-per-group', type=positive_int, default=None,
                       help='N for capacity padding (default: train.batch_size * model.seq_len)')
 
 
 def run(args: argparse.Namespace) -> int:
-  cfg = load_config(args.config, args.overrides)
+  cfg = config_from_args(args)
   n = args.tokens_per_group or cfg.train.batch_size * cfg.model.seq_len
   out = bounds.summary(cfg, n)
   from litejax.analysis.footprint import count_model_params

@@ -9,11 +9,11 @@ import json
 import sys
 
 from litejax import units
-from litejax.commands.args import add_config_arguments, positive_int
+from litejax.commands.args import add_config_arguments, config_from_args, positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-  add_config_arguments(parser)
+  add_config_arguments(parser, checkpoint=True)
   parser.add_argument('--generation', default='v5p', help='TPU generation: v5p, v5e, v6e or v4 (default v5p)')
   parser.add_argument('--forward', action='store_true',
                       help='plan a forward pass (parameters only), not a training step')
@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
   from litejax.perf import chips as hardware
   from litejax.analysis import per_chip, planning, targets
-  from litejax.config import InputError, load_config
-  cfg = load_config(args.config, args.overrides)
+  from litejax.config import InputError
+  cfg = config_from_args(args)
   if args.hit_rates and not args.serve:
     raise InputError('--hit-rates: prices the I/O term of --serve; add --serve')
   try:

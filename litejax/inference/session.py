@@ -16,6 +16,10 @@ from litejax import sharding as shd
 from litejax.config import Config, from_dict, parse_overrides
 from litejax.inference.sampling import Sampling
 
+# A checkpoint sidecar's key naming the expert store that holds its routed experts, where the checkpoint holds
+# none of them (`litejax import-hf --store`); absent for training checkpoints.
+EXPERT_STORE = 'expert_store'
+
 
 @dataclasses.dataclass
 class Session:
@@ -41,13 +45,17 @@ class Session:
       return decode.generate(rt, self.params, self.extra, prompts, max_new_tokens, sampling, seed)
 
 
-def load(ckpt_dir: str | pathlib.Path, overrides: list[str] = (), devices=None) -> Session:
+def load(ckpt_dir: str | pathlib.Path, overrides: list[str] = (), devices=None, *, experts: bool = True) -> Session:
   """Reads the config stored with the newest checkpoint (plus `overrides`, e.g. mesh.*) and restores
   its parameters onto that config's mesh over `devices` (default all): params and extra alone, by the
   checkpoint reader's partial restore (the optimizer state is never read), from the newest intact
-  checkpoint (the steps it passed over, and why, in `Session.skipped`). Read-only: a damaged step is skipped,
-  never moved (only the run's writer does that, litejax.train.run_folder). FileNotFoundError when ckpt_dir
-  holds no checkpoint."""
+  checkpoint (the steps it passed over, and why, in `Session.skipped`); without `experts`, the params less
+  the routed experts (an expert store holds them). Read-only: a damaged step is skipped, never moved (only
+  the run's writer does that, litejax.train.run_folder). FileNotFoundError when ckpt_dir holds no
+  checkpoint, or its experts live in a store and `experts` is set."""
+  from flax import nnx
+
+  from litejax.inference.store.layout import expert_leaves
   from litejax.train import step as train_step
   from litejax.train.checkpoint import Checkpointer
   ckpt = Checkpointer(ckpt_dir, read_only=True)
@@ -55,11 +63,19 @@ def load(ckpt_dir: str | pathlib.Path, overrides: list[str] = (), devices=None) 
     found = ckpt.newest_meta()
     if found is None:
       raise FileNotFoundError(f'no checkpoint in {ckpt_dir}: run `litejax train` first (or pass --ckpt-dir)')
+    if experts and found[1].get(EXPERT_STORE):
+      raise FileNotFoundError(f'--ckpt-dir {ckpt_dir}: holds no routed experts; they are in the expert store '
+                              f'{found[1][EXPERT_STORE]} (imported with --store): decode with --store {found[1][EXPERT_STORE]}')
     stored = from_dict(found[1]['config'])
     cfg = from_dict(parse_overrides(overrides), base=stored) if overrides else stored
     mesh = shd.make_mesh(cfg.mesh, devices)
     _, abstract, _ = train_step.state_layout(cfg, mesh)
-    restored = ckpt.restore({'params': abstract['params'], 'extra': abstract['extra']}, partial=True)
+    params = abstract['params']
+    if not experts:
+      routed = {leaf for _, _, leaf, _ in expert_leaves(cfg)}
+      params = nnx.from_flat_state([(p, v) for p, v in nnx.to_flat_state(params)
+                                    if 'params/' + '/'.join(map(str, p)) not in routed])
+    restored = ckpt.restore({'params': params, 'extra': abstract['extra']}, partial=True)
   finally:
     ckpt.close()
   if restored is None:
@@ -97,15 +113,18 @@ def load_store_model(store_location: str, ckpt_dir: str | pathlib.Path | None = 
       raise FileNotFoundError(f"--store {store_location}: its experts come from checkpoint {ckpt} (step "
                               f"{source.get('step')}), which is not there: pass --ckpt-dir with that checkpoint")
   if ckpt is not None and ckpt.is_dir():
-    session = load(ckpt, overrides, jax.devices()[:1])
+    session = load(ckpt, overrides, jax.devices()[:1], experts=False)   # the store has the routed experts
     if source.get('kind') == 'checkpoint' and 'step' in source and int(source['step']) != session.step:
       raise ValueError(f"--store {store_location} holds the experts of step {source['step']} but --ckpt-dir "
                        f"{ckpt} restored step {session.step}: re-export with `litejax export-experts --ckpt-dir "
                        f"{ckpt} --out STORE`, or pass the checkpoint the store came from")
     store = ExpertStore.open(store_location, session.cfg)
-    graphdef = nnx.split(abstract_model(session.cfg), nnx.Param, ...)[0]
-    params, extra = jax.device_get((session.params, session.extra))
-    return StoreModel(session.cfg, nnx.merge(graphdef, params, extra), store, f'checkpoint {ckpt}', session.skipped)
+    model = abstract_model(session.cfg)   # routed experts stay abstract
+    values = dict(nnx.to_flat_state(jax.device_get(nnx.merge_state(session.params, session.extra))))
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+      if path in values:
+        var.set_value(values[path][...])
+    return StoreModel(session.cfg, model, store, f'checkpoint {ckpt}', session.skipped)
   if ckpt is not None:
     raise FileNotFoundError(f'--ckpt-dir {ckpt}: no such checkpoint folder')
   store = ExpertStore.open(store_location)

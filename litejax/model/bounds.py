@@ -106,7 +106,7 @@ def param_counts(cfg: Config) -> ParamCounts:
   mc, m = cfg.model, cfg.moe
   d = mc.d_model
   attn = attention_params(mc)
-  norms = 2 * d
+  norms = 2 * d + (2 * mc.resolved_head_dim if mc.qk_norm else 0)   # qk_norm: one scale each for q and k heads
   dense_ffn = _ffn_params(mc.ffn_kind) * d * mc.resolved_d_ff
   shared = _ffn_params(m.expert_kind) * d * m.num_shared_experts * m.resolved_d_shared
   T, G, Eg = m.num_tiers, m.groups_per_tier, m.experts_per_group
@@ -216,6 +216,7 @@ def elementwise_flops_per_token(cfg: Config, seq_len: int | None = None) -> floa
     rotary = 6 * mc.qk_rope_head_dim * (mc.num_heads + 1) + 4 * (mc.q_lora_rank + mc.kv_lora_rank)
   else:
     rotary = 6 * mc.resolved_head_dim * (mc.num_heads + mc.num_kv_heads)
+    rotary += 4 * mc.resolved_head_dim * (mc.num_heads + mc.num_kv_heads) if mc.qk_norm else 0   # q/k norms
   per_layer = 2 * 4 * mc.d_model + 5 * S * mc.num_heads + rotary
   moe = m.k_active * m.d_expert * (4 if m.expert_kind == 'glu' else 1)
   # The router's softmax / top-k / masking over every score it computes: ~9 ops per score (measured

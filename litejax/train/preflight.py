@@ -32,13 +32,14 @@ def check(cfg: Config, paths: RunPaths, mode: str, data_path: str | None) -> Non
   mode against what the folder holds, the mesh, the corpus, and the checkpoint a resume would read."""
   from litejax import sharding as shd
   from litejax.train.data import TokenDataset
+  from litejax.train.tokenizer import text_encoder
   run_folder.check_paths(paths)
   steps = run_folder.check_mode(paths, mode)
   mesh = shd.make_mesh(cfg.mesh)
   shd.validate_mesh(cfg, mesh, cfg.train.batch_size)
   try:
     TokenDataset.from_path(data_path, val_fraction=cfg.train.val_fraction, seq_len=cfg.model.seq_len,
-                           vocab_size=cfg.model.vocab_size)
+                           vocab_size=cfg.model.vocab_size, encode_text=text_encoder(paths.local_ckpt))
   except (OSError, ValueError) as e:
     raise InputError(str(e) if str(e).startswith('--data') else f'--data: {e}') from None
   if steps and mode.startswith('resume'):
@@ -50,7 +51,8 @@ def check_checkpoint(cfg: Config, mesh, ckpt_dir: pathlib.Path) -> None:
   (CheckpointMismatchError naming the leaf). Read-only: a running writer's folders are left alone. When
   none is intact the restore itself reports it (CheckpointCorruptError)."""
   from litejax.train import step as train_step
-  from litejax.train.checkpoint import Checkpointer, CheckpointCorruptError, check_compatible, leaf_specs
+  from litejax.train.checkpoint import (Checkpointer, CheckpointCorruptError, check_compatible,
+                                       holds_optimizer_state, leaf_specs)
   _, abstract, _ = train_step.state_layout(cfg, mesh)
   ckpt = Checkpointer(ckpt_dir, read_only=True)
   try:
@@ -61,4 +63,7 @@ def check_checkpoint(cfg: Config, mesh, ckpt_dir: pathlib.Path) -> None:
     ckpt.close()
   if found is not None:
     step, meta = found
-    check_compatible(meta.get('leaves', {}), leaf_specs(abstract), f'checkpoint {ckpt_dir}/{step}')
+    weights_only = not holds_optimizer_state(meta)   # imported weights: the optimizer starts fresh
+    if weights_only:
+      abstract = {k: abstract[k] for k in ('params', 'extra', 'step', 'rng')}
+    check_compatible(meta.get('leaves', {}), leaf_specs(abstract), f'checkpoint {ckpt_dir}/{step}', partial=weights_only)

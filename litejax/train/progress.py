@@ -1,5 +1,6 @@
 """What a training run shows and records: the progress bar or log lines, `say` messages, and the
-metrics.jsonl record of a logged step (in-graph metrics, the writer and the plot: litejax.train.metrics)."""
+metrics.jsonl record of a logged step (in-graph metrics, the writer and the plot: litejax.train.metrics); and
+`count_bar`, the bar of other long loops (eval's windows, an import's tensors)."""
 from __future__ import annotations
 
 import sys
@@ -86,3 +87,30 @@ def printer(quiet: bool):
     else:
       print(text, file=sys.stderr, flush=True)
   return say
+
+
+class count_bar:
+  """`with count_bar('eval', enabled) as progress:` a rich bar on stderr when it is a terminal, drawn from the
+  first progress(done, total) call; progress is None otherwise (nothing is printed)."""
+
+  def __init__(self, label: str, enabled: bool = True):
+    from rich.console import Console
+    self.label, self.console = label, Console(stderr=True)
+    self.enabled = enabled and self.console.is_terminal
+    self.bar = None
+
+  def __enter__(self):
+    return self if self.enabled else None
+
+  def __call__(self, done: int, total: int) -> None:
+    if self.bar is None:
+      from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+      self.bar = Progress(TextColumn(f'[bold]{self.label}'), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          console=self.console, transient=True)
+      self.bar.start()
+      self.task = self.bar.add_task(self.label, total=total)
+    self.bar.update(self.task, completed=done)
+
+  def __exit__(self, *exc):
+    if self.bar is not None:
+      self.bar.stop()

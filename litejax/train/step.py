@@ -38,10 +38,14 @@ def _new_state(cfg: Config, tx: optax.GradientTransformation, mode: str = 'dense
       'params': params, 'extra': extra,
       'opt': tx.init(params) if mode == 'dense' else sparse_train.init_opt(cfg, params),
       'step': jnp.zeros((), jnp.int32),
-      # No layer draws randomness today; the key is carried (and checkpointed) so one that does
-      # (dropout, noisy routing) resumes bit-exactly.
-      'rng': jax.random.key_data(jax.random.key(cfg.train.seed + 1)),
+      'rng': initial_rng(cfg.train.seed),
   }
+
+
+def initial_rng(seed: int) -> jax.Array:
+  """The train state's key data at step 0 of a run with `train.seed: seed`. No layer draws randomness today;
+  the key is carried (and checkpointed) so one that does (dropout, noisy routing) resumes bit-exactly."""
+  return jax.random.key_data(jax.random.key(seed + 1))
 
 
 def state_layout(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation | None = None):
@@ -76,6 +80,14 @@ def init_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardi
   mode = sparse_train.update_mode(cfg, mesh)
   options = init_compiler_options(mesh.devices.flat[0].platform)
   return jax.jit(lambda: _new_state(cfg, tx, mode), out_shardings=shardings, compiler_options=options)()
+
+
+def init_opt_state(cfg: Config, mesh: Mesh, tx: optax.GradientTransformation, shardings: Any, params: Any) -> Any:
+  """A fresh optimizer state for `params` in its shardings: what resuming a checkpoint without one (an
+  imported model's weights, litejax.hf) starts from."""
+  mode = sparse_train.update_mode(cfg, mesh)
+  init = (lambda p: tx.init(p)) if mode == 'dense' else (lambda p: sparse_train.init_opt(cfg, p))
+  return jax.jit(init, out_shardings=shardings['opt'])(params)
 
 
 # ---------------------------------------------------------------------------- steps
