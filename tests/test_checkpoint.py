@@ -9,7 +9,8 @@ import pytest
 from litejax import sharding as shd
 from litejax.train import loop as train_lib
 from litejax.train import step as train_step
-from litejax.train.checkpoint import Checkpointer, CheckpointMismatchError
+from litejax.train.checkpoint import Checkpointer
+from litejax.train.leaf_specs import CheckpointMismatchError
 from litejax.config import load_config
 from train_helpers import TINY, TINY_YAML, enable_compile_cache
 

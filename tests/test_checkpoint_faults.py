@@ -14,9 +14,9 @@ import numpy as np
 import orbax.checkpoint._src.handlers.json_checkpoint_handler as json_handler
 import pytest
 
-from litejax.train.checkpoint import (CheckpointCorruptError, Checkpointer, CheckpointMismatchError,
-                                      CheckpointWriteError)
+from litejax.train.checkpoint import CheckpointCorruptError, Checkpointer, CheckpointWriteError
 from litejax.train.digest import DIGEST_FILE
+from litejax.train.leaf_specs import CheckpointMismatchError
 from train_helpers import subprocess_env
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))

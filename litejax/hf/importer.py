@@ -112,7 +112,7 @@ def nnx_paths(state) -> list[str]:
 
 def param_shapes(params) -> dict[str, tuple[int, ...]]:
   """{checkpoint leaf: shape} of every parameter of an (abstract) params State."""
-  from litejax.train.checkpoint import leaf_specs
+  from litejax.train.leaf_specs import leaf_specs
   return {k: tuple(v['shape']) for k, v in leaf_specs({'params': params}).items()}
 
 

@@ -51,8 +51,8 @@ def check_checkpoint(cfg: Config, mesh, ckpt_dir: pathlib.Path) -> None:
   (CheckpointMismatchError naming the leaf). Read-only: a running writer's folders are left alone. When
   none is intact the restore itself reports it (CheckpointCorruptError)."""
   from litejax.train import step as train_step
-  from litejax.train.checkpoint import (Checkpointer, CheckpointCorruptError, check_compatible,
-                                       holds_optimizer_state, leaf_specs)
+  from litejax.train.checkpoint import Checkpointer, CheckpointCorruptError, holds_optimizer_state
+  from litejax.train.leaf_specs import check_compatible, leaf_specs
   _, abstract, _ = train_step.state_layout(cfg, mesh)
   ckpt = Checkpointer(ckpt_dir, read_only=True)
   try:

@@ -125,7 +125,7 @@ def config_difference(stored: dict[str, Any], current: dict[str, Any]) -> str | 
 
 def expert_leaves(cfg: Config) -> list[tuple[int, str, str, int | None]]:
   """(model layer, array name, checkpoint leaf name, index along the leaf's leading 'layers' axis or None)
-  for every routed-expert array of the model, as litejax.train.checkpoint.leaf_specs names leaves.
+  for every routed-expert array of the model, as litejax.train.leaf_specs.leaf_specs names leaves.
 
   Unscanned: params/blocks/<i>/ffn/w_in [E, d, h]. Scanned: one stacked leaf per position j in a period,
   params/periods/layers/<j>/ffn/w_in [P, E, d, h]; model layer = p * moe_every + j.
