@@ -97,6 +97,9 @@ class MoEConfig:
   aux_loss_weight: float = 0.01     # Switch load-balance loss, summed over levels
   z_loss_weight: float = 0.001      # ST-MoE router z-loss
   rank_aligned_groups: bool = False  # send a token once per chosen group (rank) in expert parallel
+  # Pre-gated routing (Hwang et al., ISCA 2024; litejax.model.transformer): MoE layer l routes the router
+  # input of MoE layer l - pregate (the first `pregate` their own), so its experts are known early. 0 = off.
+  pregate: int = 0
 
   @property
   def experts_total(self) -> int:
@@ -374,6 +377,9 @@ def validate(cfg: Config) -> None:
   _require(e.bias_update_rate == 0 or e.score == 'sigmoid',
            'moe.bias_update_rate: selection-bias balancing needs moe.score=sigmoid')
   _require(e.aux_loss_weight >= 0 and e.z_loss_weight >= 0, 'moe.aux_loss_weight/z_loss_weight: must be >= 0')
+  _require(e.pregate >= 0, f'moe.pregate: must be >= 0 (0 = off), got {e.pregate}')
+  _require(e.pregate == 0 or e.pregate < m.num_moe_layers, f'moe.pregate ({e.pregate}) must be less than '
+           f'the MoE layers ({m.num_moe_layers}): the first moe.pregate MoE layers route their own input')
   for name in ('data', 'expert', 'tensor'):
     v = getattr(cfg.mesh, name)
     _require(v == -1 or v > 0, f'mesh.{name}: must be > 0 or -1 (the rest), got {v}')

@@ -49,6 +49,8 @@ def test_quadrillion_is_the_spec_example():
     ({'mesh': {'data': -1, 'expert': -1}}, 'mesh', 'at most one'),
     ({'train': {'lr': 0}}, 'train.lr', '> 0'),
     ({'model': {'head_dim': 3}}, 'model.head_dim', 'even'),
+    ({'moe': {'pregate': -1}}, 'moe.pregate', '>= 0'),
+    ({'moe': {'pregate': 2}, 'model': {'num_layers': 2}}, 'moe.pregate', 'less than the MoE layers (2)'),
 ])
 def test_invalid_configs_name_field_and_constraint(overrides, field, words):
   with pytest.raises(ConfigError) as e:
