@@ -45,7 +45,8 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
                       help='host cache, a fraction of each layer\'s experts (default 0.1)')
   parser.add_argument('--policy', default='lru', help='eviction policy: lru, lfu, group (default lru)')
   parser.add_argument('--lookahead', type=int, default=0, metavar='D',
-                      help='prefetch with the routers of the next D MoE layers (default 0)')
+                      help='prefetch with the routers of the next D MoE layers (default 0; a pre-gated model, '
+                           'moe.pregate > 0, prefetches its exact experts instead and takes 0)')
   parser.add_argument('--lookahead-width', type=int, default=DEFAULT_LOOKAHEAD_WIDTH, metavar='W',
                       help='with --lookahead: prefetch the top W*K candidates of the lookahead routing per token '
                            f'and layer (default {DEFAULT_LOOKAHEAD_WIDTH}; docs/store.md "Lookahead width")')
@@ -153,6 +154,9 @@ def _run_store(args, prompts: list[str], sampling) -> int:
     cfg, model, store, source = load_store_model(args.store, args.ckpt_dir, args.overrides)
   except (ValueError, ExpertStoreError, FileNotFoundError) as e:
     return _fail(str(e))
+  if cfg.moe.pregate and opts.lookahead:
+    return _fail(f'--lookahead: the model is pre-gated (moe.pregate={cfg.moe.pregate}): its experts are fetched '
+                 f'exactly {cfg.moe.pregate} MoE layer(s) ahead and no lookahead routers run; use --lookahead 0')
   tokens = [data.encode(p).astype(int).tolist() for p in prompts]
   tierset = None
   if args.latency_budget_ms is not None:
@@ -174,7 +178,7 @@ def _run_store(args, prompts: list[str], sampling) -> int:
   finally:
     tiers.close()
   generated = sum(len(t) for t in gen.tokens)
-  rep = tiers.report(len(prompts) * len(gen.step_s), rt.decode_stall_s)
+  rep = tiers.report(len(prompts) * len(gen.step_s), rt.decode_stall_s, rt.decode_io_wait_s)
   rep['weights'] = source
   texts = [data.decode(t) for t in gen.tokens]
   if args.plot:

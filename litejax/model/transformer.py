@@ -66,14 +66,18 @@ class Block(nnx.Module):
     out, k, v = self.attn.cached(h_bsd, positions_bs, kv['k'], kv['v'])
     return x_bsd + out, {'k': k, 'v': v}
 
+  def router_input(self, x_bsd: jax.Array) -> jax.Array:
+    """MoE block: ffn_norm(x) as [N, d] tokens, what its experts (and, unless pre-gated, its router) read."""
+    b, s, d = x_bsd.shape
+    return self.ffn_norm(x_bsd).reshape(b * s, d)
+
   def route(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None, gate_in_nd: jax.Array | None = None,
             gate_own: jax.Array | None = None) -> tuple[jax.Array, Routing]:
     """MoE block: (the router's input ffn_norm(x) [N, d], the router's choice). A pre-gated layer (moe.pregate
     = D) routes `gate_in_nd` [N, d] in place of its own input: the router input of the MoE layer D earlier,
     the same tokens. gate_own: under a scan over layers, a bool scalar that is true for the first D MoE
     layers, which route their own input (a select, not a branch: the scan runs one body)."""
-    b, s, d = x_bsd.shape
-    h_nd = self.ffn_norm(x_bsd).reshape(b * s, d)
+    h_nd = self.router_input(x_bsd)
     router_in = h_nd
     if gate_in_nd is not None:
       router_in = gate_in_nd if gate_own is None else jnp.where(gate_own, h_nd, gate_in_nd)
