@@ -178,7 +178,7 @@ def _run_store(args, prompts: list[str], sampling) -> int:
   finally:
     tiers.close()
   generated = sum(len(t) for t in gen.tokens)
-  rep = tiers.report(len(prompts) * len(gen.step_s), rt.decode_stall_s, rt.decode_io_wait_s)
+  rep = tiers.report(len(prompts) * len(gen.step_s), rt.decode_stall_s, rt.decode_io_wait_s, rt.prefill_counters)
   rep['weights'] = source
   texts = [data.decode(t) for t in gen.tokens]
   if args.plot:

@@ -33,6 +33,7 @@ One device only: the store runtime does not shard (expert parallelism over a sto
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import jax
@@ -121,6 +122,7 @@ class StoreRuntime:
     self.step_stall_s: list[float] = []    # per decode step of the last generate: seconds inside resolve
     self.decode_stall_s = 0.0              # the last generate's decode steps together
     self.decode_io_wait_s = 0.0            # of it, waiting on I/O (LevelCounters.io_wait_s)
+    self.prefill_counters = None           # a copy of the levels' counters after the last generate's prefill
 
   def compiles(self) -> int:
     """Compiled variants of this runtime's `moe_pre` program so far (one per (batch, tokens) it ran)."""
@@ -243,7 +245,7 @@ class StoreDecoder:
   def __init__(self, rt: StoreRuntime, hooks: Hooks, keep_logits: bool):
     self.rt, self.hooks, self.keep_logits = rt, hooks, keep_logits
     self.kept: list[np.ndarray] = []
-    self._stall0 = None
+    self._after_prefill = False
 
   def rows(self, prompts: int) -> int:
     return prompts
@@ -274,15 +276,15 @@ class StoreDecoder:
     return self.host
 
   def end_token(self) -> None:
-    rt, c = self.rt, self.rt.levels.counters
-    stall_s = c.stall_s
-    if self._stall0 is None:       # after the prefill: decode stalls count from here
-      self._stall0, self._io0 = stall_s, c.io_wait_s
-    else:
-      rt.step_stall_s.append(stall_s - self._step_stall0)
-    rt.decode_stall_s = stall_s - self._stall0
-    rt.decode_io_wait_s = c.io_wait_s - self._io0
-    rt.levels.end_step()
+    rt = self.rt
+    rt.levels.end_step()           # settles the token's recall and wasted reads into the counters
+    c = rt.levels.counters
+    if self._after_prefill:
+      rt.step_stall_s.append(c.stall_s - self._step_stall0)
+    else:                          # after the prefill: decode steps count from here
+      self._after_prefill, rt.prefill_counters = True, copy.deepcopy(c)
+    rt.decode_stall_s = c.stall_s - rt.prefill_counters.stall_s
+    rt.decode_io_wait_s = c.io_wait_s - rt.prefill_counters.io_wait_s
     if self.keep_logits:
       self.kept.append(np.asarray(self.logits_bv))
 

@@ -330,18 +330,17 @@ class ExpertLevels:
     with self._dev_lock:
       self._closed.clear()
 
-  def report(self, tokens: int, stall_s: float | None = None, io_wait_s: float | None = None) -> dict:
+  def report(self, tokens: int, stall_s: float | None = None, io_wait_s: float | None = None,
+             since: LevelCounters | None = None) -> dict:
     """The `store` JSON: hit rates per level (summing to 1), lookahead recall per depth, bytes read per token
-    per level. stall_s, io_wait_s: the times to divide by `tokens` (default: all, prefill included)."""
+    per level. stall_s, io_wait_s: the times to divide by `tokens` (default: all, prefill included). since:
+    a copy of the counters after the prefill: `decode_hit_rate` then rates the decode steps' lookups alone."""
     c, eb = self.counters, self.store.expert_bytes
     stall_s = c.stall_s if stall_s is None else stall_s
     io_wait_s = c.io_wait_s if io_wait_s is None else io_wait_s
-    n = max(c.lookups, 1)
     tokens = max(tokens, 1)
-    disk_lookups = c.disk_demand + c.prefetch_waits
     return {
-        'hit_rate': {'device': c.device_hits / n, 'host': c.host_hits / n, 'disk': disk_lookups / n,
-                     'fallback': c.fallbacks / n},
+        'hit_rate': hit_rates(c), **({'decode_hit_rate': hit_rates(c, since)} if since is not None else {}),
         'lookahead_recall': [h / t if t else None for h, t in zip(c.recall_hit, c.recall_total)],
         'bytes_read_per_token': {'disk': c.disk_reads * eb / tokens, 'host': c.device_loads * eb / tokens},
         'bytes_read': {'disk': c.disk_reads * eb, 'host': c.device_loads * eb},
@@ -363,6 +362,15 @@ class ExpertLevels:
         'lookahead_width': self.opts.lookahead_width,
         'pregate': self.depths - self.opts.lookahead,   # exact prefetch depth (moe.pregate; 0: none)
     }
+
+
+def hit_rates(c: LevelCounters, since: LevelCounters | None = None) -> dict[str, float]:
+  """Fractions of the lookups (after `since`, earlier counters, when given) found at each level; they sum to 1."""
+  d = {k: getattr(c, k) - (getattr(since, k) if since else 0)
+       for k in ('lookups', 'device_hits', 'host_hits', 'disk_demand', 'prefetch_waits', 'fallbacks')}
+  n = max(d['lookups'], 1)
+  return {'device': d['device_hits'] / n, 'host': d['host_hits'] / n,
+          'disk': (d['disk_demand'] + d['prefetch_waits']) / n, 'fallback': d['fallbacks'] / n}
 
 
 def _timed(fn, *args) -> float:
