@@ -73,9 +73,9 @@ class Block(nnx.Module):
 
   def route(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None, gate_in_nd: jax.Array | None = None,
             gate_own: jax.Array | None = None) -> tuple[jax.Array, Routing]:
-    """MoE block: (the router's input ffn_norm(x) [N, d], the router's choice). A pre-gated layer (moe.pregate
-    = D) routes `gate_in_nd` [N, d] in place of its own input: the router input of the MoE layer D earlier,
-    the same tokens. gate_own: under a scan over layers, a bool scalar that is true for the first D MoE
+    """MoE block: (its router input h = ffn_norm(x) [N, d], which its experts read, and the router's choice).
+    A pre-gated layer (moe.pregate = D) routes `gate_in_nd` [N, d] in place of h: the router input of the MoE
+    layer D earlier, the same tokens. gate_own: under a scan over layers, a bool scalar that is true for the first D MoE
     layers, which route their own input (a select, not a branch: the scan runs one body)."""
     h_nd = self.router_input(x_bsd)
     router_in = h_nd
@@ -109,7 +109,7 @@ class Block(nnx.Module):
     return x_bsd, aux, kv, h_nd
 
 
-def push_gate(queue: tuple, h_nd: jax.Array, depth: int) -> tuple:
+def _push_gate(queue: tuple, h_nd: jax.Array, depth: int) -> tuple:
   """The pre-gating queue after an MoE layer: the router inputs of the last `depth` MoE layers, oldest first."""
   return (queue + (h_nd,))[-depth:] if depth else ()
 
@@ -133,7 +133,7 @@ class Period(nnx.Module):
         gate_in, own = gate[0][0], gate[1] < len(gate[0])
       x_bsd, a, kv, h_nd = layer(x_bsd, positions_bs, tier_mask, None if cache is None else cache[i], gate_in, own)
       if gate_in is not None:
-        gate = (push_gate(gate[0], h_nd, len(gate[0])), gate[1] + 1)
+        gate = (_push_gate(gate[0], h_nd, len(gate[0])), gate[1] + 1)
       aux = a if a is not None else aux
       new.append(kv)
     return x_bsd, aux, (None if cache is None else new), gate
@@ -209,7 +209,7 @@ class Transformer(nnx.Module):
         new_cache.append(kv)
         if aux is not None:
           per_layer.append(aux)
-          queue = push_gate(queue, h_nd, depth)
+          queue = _push_gate(queue, h_nd, depth)
       stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else ()
     if not isinstance(stats, MoEStats):   # no MoE layer
       stats = MoEStats.empty(self.cfg.moe)
