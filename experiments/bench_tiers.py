@@ -84,6 +84,7 @@ def decode_grid(models, fractions, prompt, new_tokens, host_fraction, width: int
                      'tokens_per_second': 1 / statistics.median(steps), 'ms_per_token_p50':
                      1e3 * statistics.median(steps), 'hit_rate': rep['hit_rate'],
                      'decode_hit_rate': rep['decode_hit_rate'],
+                     'decode_device_hit_rate_per_layer': rep['decode_device_hit_rate_per_layer'],
                      'lookahead_recall': rep['lookahead_recall'], 'stall_ms_per_token': rep['stall_ms_per_token'],
                      'io_wait_ms_per_token': rep['io_wait_ms_per_token'],
                      'slots_per_layer': rep['slots_per_layer'], 'lookahead_width': width if lookahead else None,
@@ -161,6 +162,7 @@ def store_1b(location: pathlib.Path, pregated_location: pathlib.Path, quick: boo
       tokens[name] = gen.tokens[0]
       rows[name] = {'pregate': model_of[0].moe.pregate, 'hit_rate': rep['hit_rate'],
                     'decode_hit_rate': rep['decode_hit_rate'], 'lookahead_recall': rep['lookahead_recall'],
+                    'decode_device_hit_rate_per_layer': rep['decode_device_hit_rate_per_layer'],
                     'stall_ms_per_token': rep['stall_ms_per_token'], 'io_wait_ms_per_token': rep['io_wait_ms_per_token'],
                     'bytes_read_per_token': rep['bytes_read_per_token'], 'prefetch_wasted_bytes_per_token':
                     rep['prefetch_wasted_bytes_per_token'], 'staged': rep['staged'], 'staged_hits': rep['staged_hits'],

@@ -145,7 +145,7 @@ def test_prediction_ledger_counts_every_wave_of_a_step():
   """Recall and wasted prefetch reads compare a step's predictions with everything a layer used in the
   step, over all its waves (a layer with more experts than slots looks them up in several)."""
   from litejax.inference.store.levels import LevelCounters
-  from litejax.inference.store.recall import PredictionLedger
+  from litejax.inference.store.accounting import PredictionLedger
   c = LevelCounters(recall_hit=[0, 0], recall_total=[0, 0])
   ledger = PredictionLedger()
   ledger.predicted[(1, 1)] = {3, 5, 7}

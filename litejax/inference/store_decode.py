@@ -14,9 +14,10 @@ forward): a dense layer is one jitted program (both halves of its Block). An MoE
      dispatched, the host reads the predictions and starts reading the predicted experts that are on
      disk only (and staging them into device slots) on the background thread, overlapping that layer.
 A pre-gated model (moe.pregate = D) knows layer l's experts when MoE layer l - D runs: there, `pregate` routes
-that layer's router input with layer l's router, the host reads the ids once that layer's experts and
-combine are dispatched (the device runs them meanwhile) and hands them to `ExpertLevels.prefetch(exact=True)`:
-disk reads and slot staging on the background thread, nearest layer first, nothing guessed. Layer l then
+that layer's router input with layer l's router, and the host reads the ids at once (the earlier the reads
+start, the more of them arrive before their layer: measured, docs/store.md) and hands them to
+`ExpertLevels.prefetch(exact=True)`: disk reads and slot staging on the background thread, nearest layer
+first, nothing guessed; then it looks up this layer's slots and dispatches its experts. Layer l then
 runs `moe_attend` (attention and router input, no routing) and resolves its slots with the ids it already
 holds, so no host round trip stands between its attention and its experts; only the first D MoE layers
 of a token route their own input with `moe_pre` and wait for it. No lookahead routers run (--lookahead 0).
@@ -180,12 +181,11 @@ class StoreRuntime:
       target = self.gate_target.get(layer.index)
       if target is not None:
         ahead = run(progs['pregate'], self.cfg.moe, target.gate.router, target.gate.bias, h_nd, self.tier_mask)
-      y = self._experts(layer.index, h_nd, np.asarray(e_host), np.asarray(g_host), hooks)
-      x = run(progs['finish'], layer.graphdef, layer.state, x, h_nd, y, w_nk)
-      if target is not None:        # read while the device runs this layer's experts and combine
         host = hooks.device_get((ahead[0], ahead[2]))
         chosen[target.index] = (ahead, host)
         self.levels.prefetch(target.index, np.asarray(host[0]).reshape(-1), self.pregate, exact=True)
+      y = self._experts(layer.index, h_nd, np.asarray(e_host), np.asarray(g_host), hooks)
+      x = run(progs['finish'], layer.graphdef, layer.state, x, h_nd, y, w_nk)
     return x
 
   def _prefetch(self, pending, hooks: Hooks) -> None:

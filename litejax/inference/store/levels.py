@@ -21,7 +21,7 @@ import numpy as np
 
 from litejax.inference.store.cache import POLICIES, HostCache, SlotCache
 from litejax.inference.store.disk import ExpertStore
-from litejax.inference.store.recall import PredictionLedger
+from litejax.inference.store.accounting import PredictionLedger, device_hit_rate_per_layer, hit_rates
 from litejax.inference.store.slots import DeviceSlots
 
 MISS_MODES = ('stall', 'fallback')
@@ -77,6 +77,7 @@ class LevelCounters:
   prefetch_wasted: int = 0    # prefetch disk reads of experts the predicted layer did not use then
   staged: int = 0             # experts the lookahead copied host -> device slot ahead of their layer
   staged_hits: int = 0        # device hits on a staged expert (its first use since it was staged)
+  layer_hits: dict[int, list[int]] = dataclasses.field(default_factory=dict)   # layer -> [lookups, device hits]
 
 
 class ExpertLevels:
@@ -245,6 +246,8 @@ class ExpertLevels:
     c.lookups += len(unique)
     resident = [e for e in unique if cache.slot_of[e] >= 0]
     c.device_hits += len(resident)
+    per_layer = c.layer_hits.setdefault(layer, [0, 0])
+    per_layer[0], per_layer[1] = per_layer[0] + len(unique), per_layer[1] + len(resident)
     staged = self._staged[layer]
     c.staged_hits += len(staged.intersection(resident))
     staged.difference_update(unique)
@@ -323,7 +326,7 @@ class ExpertLevels:
 
   def end_step(self) -> None:
     """Settles the step's predictions against every wave its layers looked up (recall, wasted prefetch
-    reads: recall.PredictionLedger) and reopens every layer to staging."""
+    reads: accounting.PredictionLedger) and reopens every layer to staging."""
     self._ledger.settle(self.counters)
     with self._lock:
       self._pinned = {}
@@ -334,13 +337,16 @@ class ExpertLevels:
              since: LevelCounters | None = None) -> dict:
     """The `store` JSON: hit rates per level (summing to 1), lookahead recall per depth, bytes read per token
     per level. stall_s, io_wait_s: the times to divide by `tokens` (default: all, prefill included). since:
-    a copy of the counters after the prefill: `decode_hit_rate` then rates the decode steps' lookups alone."""
+    a copy of the counters after the prefill: `decode_hit_rate` (and per layer) then rate the decode steps'
+    lookups alone."""
     c, eb = self.counters, self.store.expert_bytes
     stall_s = c.stall_s if stall_s is None else stall_s
     io_wait_s = c.io_wait_s if io_wait_s is None else io_wait_s
     tokens = max(tokens, 1)
     return {
-        'hit_rate': hit_rates(c), **({'decode_hit_rate': hit_rates(c, since)} if since is not None else {}),
+        'hit_rate': hit_rates(c), 'device_hit_rate_per_layer': device_hit_rate_per_layer(c),
+        **({'decode_hit_rate': hit_rates(c, since),
+            'decode_device_hit_rate_per_layer': device_hit_rate_per_layer(c, since)} if since is not None else {}),
         'lookahead_recall': [h / t if t else None for h, t in zip(c.recall_hit, c.recall_total)],
         'bytes_read_per_token': {'disk': c.disk_reads * eb / tokens, 'host': c.device_loads * eb / tokens},
         'bytes_read': {'disk': c.disk_reads * eb, 'host': c.device_loads * eb},
@@ -362,15 +368,6 @@ class ExpertLevels:
         'lookahead_width': self.opts.lookahead_width,
         'pregate': self.depths - self.opts.lookahead,   # exact prefetch depth (moe.pregate; 0: none)
     }
-
-
-def hit_rates(c: LevelCounters, since: LevelCounters | None = None) -> dict[str, float]:
-  """Fractions of the lookups (after `since`, earlier counters, when given) found at each level; they sum to 1."""
-  d = {k: getattr(c, k) - (getattr(since, k) if since else 0)
-       for k in ('lookups', 'device_hits', 'host_hits', 'disk_demand', 'prefetch_waits', 'fallbacks')}
-  n = max(d['lookups'], 1)
-  return {'device': d['device_hits'] / n, 'host': d['host_hits'] / n,
-          'disk': (d['disk_demand'] + d['prefetch_waits']) / n, 'fallback': d['fallbacks'] / n}
 
 
 def _timed(fn, *args) -> float:
