@@ -7,8 +7,9 @@
                  function's compile count)
   figures        `figure`, `style`, `save`: the headless backend, log axes, labels, one PNG
   child process  `child_env` (JAX platform, emulated CPU devices), `run_json` (a worker's JSON line)
-  fixtures       the tiers benchmarks' trained checkpoint, store, prompt and tiered decode
-                 (bench_tiers, lookahead_recall, tierset_latency); the training benchmarks' step builder
+  fixtures       the tiers benchmarks' trained checkpoint (pre-gated or not) and its val loss, store
+                 (exported, or of random weights), prompt and tiered decode (bench_tiers,
+                 lookahead_recall, tierset_latency); the training benchmarks' step builder
                  and dense twin (bench_train, bench_train_experts, gpu_check.sh); the decode rows' models
                  (bench_decode, decode_breakdown)
 

@@ -173,6 +173,9 @@ def test_generate_store_cli_json_and_png(tmp_path, capsys):
   assert set(s['hit_rate']) == {'device', 'host', 'disk', 'fallback'} and len(s['lookahead_recall']) == 1
   assert s['bytes_read']['disk'] == s['disk_reads'] * s['expert_bytes']
   assert s['lookahead_width'] == 2 and 'prefetch_wasted_bytes_per_token' in s
+  assert s['pregate'] == 0 and 0 <= s['io_wait_ms_per_token'] <= s['stall_ms_per_token']
+  assert sum(s['hit_rate'].values()) == pytest.approx(1.0) and sum(s['decode_hit_rate'].values()) == pytest.approx(1.0)
+  assert set(s['decode_device_hit_rate_per_layer']) == {'0', '1'}
   assert 'io_ms_per_step_p50' in out['latency_split'] and len(out['tokens'][0]) == 3
   assert png.stat().st_size > 0
   assert main(['generate', '--store', str(tmp_path / 'store'), '--prompt', 'x', '--policy', 'fifo']) == 2

@@ -14,10 +14,10 @@ forward): a dense layer is one jitted program (both halves of its Block). An MoE
      dispatched, the host reads the predictions and starts reading the predicted experts that are on
      disk only (and staging them into device slots) on the background thread, overlapping that layer.
 A pre-gated model (moe.pregate = D) knows layer l's experts when MoE layer l - D runs: there, `pregate` routes
-that layer's router input with layer l's router, and the host reads the ids at once (the earlier the reads
-start, the more of them arrive before their layer: measured, docs/store.md) and hands them to
-`ExpertLevels.prefetch(exact=True)`: disk reads and slot staging on the background thread, nearest layer
-first, nothing guessed; then it looks up this layer's slots and dispatches its experts. Layer l then
+that layer's router input with layer l's router, and the host reads the ids at once (the earlier their
+reads start, the more of them arrive before their layer) and hands them to `ExpertLevels.prefetch(exact=True)`:
+disk reads and slot staging on the background thread, nearest layer first, nothing guessed; then it looks
+up this layer's slots and dispatches its experts. Layer l then
 runs `moe_attend` (attention and router input, no routing) and resolves its slots with the ids it already
 holds, so no host round trip stands between its attention and its experts; only the first D MoE layers
 of a token route their own input with `moe_pre` and wait for it. No lookahead routers run (--lookahead 0).
@@ -232,8 +232,8 @@ class StoreRuntime:
                hooks: Hooks | None = None) -> tuple[Generation, list[np.ndarray]]:
     """The generate loop (litejax.inference.decode.run_generation, batch = len(prompts)); returns
     (Generation, logits per decode step [B, V] when keep_logits: the prefill's last-position logits first).
-    Sets `step_stall_s`, `decode_stall_s` and `decode_io_wait_s`. hooks: what every program call and host wait goes through
-    (default: store_programs.Hooks, which only runs them)."""
+    Sets `step_stall_s`, `decode_stall_s`, `decode_io_wait_s` and `prefill_counters`. hooks: what every
+    program call and host wait goes through (default: store_programs.Hooks, which only runs them)."""
     decoder = StoreDecoder(self, DEFAULT_HOOKS if hooks is None else hooks, keep_logits)
     return run_generation(decoder, prompts, max_new_tokens, sampling, seed), decoder.kept
 
