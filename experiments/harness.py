@@ -7,8 +7,9 @@
                  function's compile count)
   figures        `figure`, `style`, `save`: the headless backend, log axes, labels, one PNG
   child process  `child_env` (JAX platform, emulated CPU devices), `run_json` (a worker's JSON line)
-  fixtures       the tiers benchmarks' trained checkpoint, store, prompt and tiered decode
-                 (bench_tiers, lookahead_recall, tierset_latency); the training benchmarks' step builder
+  fixtures       the tiers benchmarks' trained checkpoint (pre-gated or not) and its val loss, store
+                 (exported, or of random weights), prompt and tiered decode (bench_tiers,
+                 lookahead_recall, tierset_latency); the training benchmarks' step builder
                  and dense twin (bench_train, bench_train_experts, gpu_check.sh); the decode rows' models
                  (bench_decode, decode_breakdown)
 
@@ -198,17 +199,41 @@ def ckpt_dir(args, out: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(args.ckpt_dir or (out / 'ckpt' if args.quick else 'runs/tiny_1k/ckpt'))
 
 
-def ensure_checkpoint(ckpt: pathlib.Path, quick: bool) -> str:
-  """Trains configs/tiny_1k.yaml into `ckpt` unless it already holds a checkpoint ('read' or 'trained');
-  quick: QUICK_SETS for 2 steps."""
+def ensure_checkpoint(ckpt: pathlib.Path, quick: bool, pregate: int = 0) -> str:
+  """Trains configs/tiny_1k.yaml into `ckpt` unless it already holds a checkpoint ('read' or 'trained'), with
+  its metrics beside it (`val_loss`); quick: QUICK_SETS for 2 steps; pregate: with moe.pregate (the same seed
+  and data)."""
   if ckpt.is_dir() and any(p.name.isdigit() for p in ckpt.iterdir()):
     return 'read'
   cmd = [sys.executable, '-m', 'litejax.cli', 'train', '--config', str(REPO / 'configs' / 'tiny_1k.yaml'),
          '--devices', '1', '--ckpt-dir', str(ckpt), '--metrics', str(ckpt.parent / 'metrics.jsonl'), '--quiet']
+  if pregate:
+    cmd += ['--set', f'moe.pregate={pregate}']
   if quick:
     cmd += ['--steps', '2'] + [a for s in QUICK_SETS for a in ('--set', s)]
   subprocess.run(cmd, check=True, cwd=REPO)
   return 'trained'
+
+
+def val_loss(ckpt: pathlib.Path) -> dict | None:
+  """{'step', 'val_loss'} of the last evaluation in the metrics `ensure_checkpoint` wrote beside `ckpt`."""
+  path = ckpt.parent / 'metrics.jsonl'
+  rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+  evals = [r for r in rows if 'val_loss' in r]
+  return {'step': evals[-1]['step'], 'val_loss': evals[-1]['val_loss']} if evals else None
+
+
+def init_store_model(cfg, location: pathlib.Path):
+  """(cfg, model without experts, ExpertStore) of randomly initialised `cfg` (seed 0), its experts written to
+  `location` once (as `litejax export-experts --init` writes them)."""
+  from litejax.inference.store.disk import ExpertStore
+  from litejax.inference.store.writer import write_random
+  from litejax.inference.store_decode import model_without_experts
+  if not (location / 'manifest.json').exists():
+    t0 = time.perf_counter()
+    write_random(str(location), cfg, 0, overwrite=True)
+    print(f'wrote {location} in {time.perf_counter() - t0:.0f} s', flush=True)
+  return cfg, model_without_experts(cfg, 0), ExpertStore.open(str(location), cfg)
 
 
 def load_store_model(ckpt: pathlib.Path, store_dir: pathlib.Path):
@@ -226,7 +251,8 @@ def tiered_decode(cfg, model, store, opts, prompt, new_tokens, sampling, seed=0,
   """One decode from the store with fresh storage levels; returns (Generation, logits, store report,
   runtime). preload: every expert resident first (`preload_all`); record: a list the decode steps'
   lookups are appended to (`record_lookups`); hooks: the runtime's (litejax.inference.store_programs.Hooks)."""
-  from litejax.inference.store.levels import ExpertLevels, int8_copies
+  from litejax.inference.store.levels import ExpertLevels
+  from litejax.inference.store.quant import int8_copies
   from litejax.inference.store_decode import StoreRuntime
   tiers = ExpertLevels(store, opts, load_width=cfg.moe.k_active,
                        int8=int8_copies(store) if opts.miss == 'fallback' else None)
@@ -239,7 +265,7 @@ def tiered_decode(cfg, model, store, opts, prompt, new_tokens, sampling, seed=0,
     gen, logits = rt.generate([prompt], new_tokens, sampling, seed, keep_logits=keep_logits, hooks=hooks)
   finally:
     tiers.close()
-  return gen, logits, tiers.report(len(gen.step_s), rt.decode_stall_s), rt
+  return gen, logits, tiers.report(len(gen.step_s), rt.decode_stall_s, rt.decode_io_wait_s, rt.prefill_counters), rt
 
 
 def preload_all(tiers) -> None:

@@ -127,6 +127,9 @@ class MoEConfig:
   # scored first; no router_group table).
   group_score: Literal['router', 'top2_experts'] = 'router'
   routed_scale: float = 1.0         # routed experts' combine weights scaled by this (routed_scaling_factor)
+  # Pre-gated routing (Hwang et al., ISCA 2024; litejax.model.transformer): MoE layer l routes the router
+  # input of MoE layer l - pregate (the first `pregate` their own), so its experts are known early. 0 = off.
+  pregate: int = 0
 
   @property
   def experts_total(self) -> int:

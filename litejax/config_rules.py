@@ -134,6 +134,9 @@ def check(cfg) -> None:
   _require(e.bias_update_rate == 0 or e.score == 'sigmoid',
            'moe.bias_update_rate: selection-bias balancing needs moe.score=sigmoid')
   _require(e.aux_loss_weight >= 0 and e.z_loss_weight >= 0, 'moe.aux_loss_weight/z_loss_weight: must be >= 0')
+  _require(e.pregate >= 0, f'moe.pregate: must be >= 0 (0 = off), got {e.pregate}')
+  _require(e.pregate == 0 or e.pregate < m.num_moe_layers, f'moe.pregate ({e.pregate}) must be less than '
+           f'the MoE layers ({m.num_moe_layers}): the first moe.pregate MoE layers route their own input')
   _validate_routing_variants(e)
   for name in ('data', 'expert', 'tensor'):
     v = getattr(cfg.mesh, name)

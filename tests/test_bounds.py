@@ -3,7 +3,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from litejax.model import bounds
 from litejax.config import from_dict, load_config

@@ -68,6 +68,8 @@ def test_quadrillion_is_the_spec_example():
     ({'model': {'dense_layers': '2'}}, 'model.dense_layers', 'does not exist'),
     ({'model': {'dense_layers': '0', 'scan_layers': True}}, 'model.dense_layers', 'scan_layers'),
     ({'model': {'qk_norm': 'yes'}}, 'model.qk_norm', 'bool'),
+    ({'moe': {'pregate': -1}}, 'moe.pregate', '>= 0'),
+    ({'moe': {'pregate': 2}, 'model': {'num_layers': 2}}, 'moe.pregate', 'less than the MoE layers (2)'),
 ])
 def test_invalid_configs_name_field_and_constraint(overrides, field, words):
   with pytest.raises(ConfigError) as e:

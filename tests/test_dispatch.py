@@ -11,7 +11,7 @@ from litejax.config import from_dict
 from litejax.model.moe.capacity import resolve_dispatch
 from litejax.model.moe.dispatch import moe_ffn
 from litejax.model.moe.rows import assignment_positions, drop_fractions
-from litejax.model.moe.routing import Routing, route
+from litejax.model.moe.routing import route
 
 
 def moe_cfg(**kw):

@@ -141,6 +141,19 @@ def test_bench_tiers_quick(tmp_path, tiny_1k_ckpt):
   assert big['tiered']['lookahead_width'] == 4 and big['tiered_no_lookahead']['lookahead_width'] is None
   assert set(r['targets']) == {'lookahead_recall_1_ahead', 'device_hit_rate_at_5pct_best_policy',
                                'store_1b_latency_ratio_1pct_lookahead'}
+  # pre-gated rows (issue 22) beside today's: exact prefetch, recall 1 at depth 1, nothing wasted
+  assert all('pregate' in row for row in r['sim'] + r['decode'])
+  gated = [d for d in r['decode'] if d['pregate'] == 1]
+  assert [(d['lookahead'], d['policy']) for d in gated] == [(0, 'lru')]
+  for row in gated + [big['pregated']]:
+    assert row['lookahead_recall'] == [1.0] and row['prefetch_wasted_bytes_per_token'] == 0
+    assert sum(row['decode_hit_rate'].values()) == pytest.approx(1.0)
+  assert big['pregated']['latency_ratio'] > 0 and len(big['pregated']['ms_per_token_rounds']) == big['rounds']
+  assert big['profile']['pregated']['pregate_calls'] == 3 and big['profile']['pregated']['moe_pre_calls'] == 1
+  assert [q['pregate'] for q in r['quality']] == [0, 1] and r['quality'][0]['val_loss'] > 0
+  assert set(r['pregate_targets']) == {'store_1b_pregate1_latency_ratio_1pct', 'lookahead_recall_every_depth_pregated',
+                                       'prefetch_wasted_bytes_per_token_pregated', 'val_loss_pregate1_over_pregate0',
+                                       'decode_device_hit_rate_at_5pct_pregated_best_policy'}
   assert (tmp_path / 'bench_tiers.png').stat().st_size > 0
   trace = json.loads((tmp_path / 'bench_tiers_trace.json').read_text())
   assert len(trace['trace']) == 15 * len(trace['layers'])   # 16 tokens: 15 decode steps

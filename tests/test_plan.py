@@ -76,6 +76,35 @@ def test_serve_plan_by_hand():
     planning.serve_plan(cfg, 'v5e')
 
 
+def test_pregated_io_is_what_does_not_fit_under_the_layers_ahead():
+  """moe.pregate = D: a layer's reads start when the MoE layer D earlier runs, on one link in issue order.
+  4 MoE layers, 1 s of compute each, by hand: 0.5 s of reads per layer hide behind the next layer but the
+  first (its own router's); 2 s per layer keep the link busy, hiding 3 s of compute's worth."""
+  cfg = load_config('configs/tiny.yaml', ['moe.pregate=1'])
+  assert planning.exposed_io_s(cfg, 4.0, 2.0) == pytest.approx(0.5)
+  assert planning.exposed_io_s(cfg, 4.0, 8.0) == pytest.approx(5.0)
+  assert planning.exposed_io_s(load_config('configs/tiny.yaml', ['moe.pregate=2']), 4.0, 8.0) == pytest.approx(5.0)
+  assert planning.exposed_io_s(load_config('configs/tiny.yaml'), 4.0, 2.0) == 2.0     # not pre-gated: all of it
+  hr = {'device': 0.5, 'device_or_host': 0.9, 'source': 'by hand'}
+  plain = planning.serve_plan(load_config('configs/quadrillion.yaml'), 'v5p', hit_rates=hr)['latency']
+  gated = planning.serve_plan(load_config('configs/quadrillion.yaml', ['moe.pregate=1']), 'v5p', hit_rates=hr)['latency']
+  io = 1e-3 * (plain['io_host_to_hbm_ms'] + plain['io_disk_ms'])
+  assert 'pregate' not in plain and gated['pregate'] == 1
+  assert gated['io_exposed_ms'] == pytest.approx(
+      1e3 * planning.exposed_io_s(load_config('configs/quadrillion.yaml', ['moe.pregate=1']), 1e-3 * plain['compute_ms'], io))
+  assert gated['per_token_ms'] == pytest.approx(gated['compute_ms'] + gated['io_exposed_ms'])
+  assert gated['io_exposed_ms'] + gated['io_overlapped_ms'] == pytest.approx(1e3 * io)
+
+
+def test_plan_serve_says_a_pregated_models_io_overlaps(tmp_path, capsys):
+  from litejax import cli
+  bench = _bench(tmp_path / 'tiers.json')
+  assert cli.main(['plan', '--config', 'quadrillion', '--generation', 'v5p', '--serve', '--set', 'moe.pregate=1',
+                   '--hit-rates', str(bench)]) == 0
+  out = capsys.readouterr().out
+  assert 'the I/O that does not fit under it' in out and 'pre-gated (moe.pregate=1)' in out
+
+
 def _chips(topo):
   import math
   return math.prod(int(x) for x in topo.split('x'))

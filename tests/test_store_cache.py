@@ -128,6 +128,37 @@ def test_prefetch_admits_without_a_use_and_a_step_never_evicts_its_own_keys():
     c.access([4, 5, 6])
 
 
+def test_access_never_evicts_protected_keys():
+  """A pre-gated model's pending layers' experts (litejax.inference.store.levels pins them): an access
+  evicts around them, by the policy among the rest."""
+  c = SlotCache(3, 8, 'lfu')
+  c.access([1])
+  c.access([1, 2])
+  c.prefetch([3])                      # no use yet: lfu's first victim
+  c.access([4], protected=[3])
+  assert c.resident() == {1, 3, 4}     # 2 (one use) went, not 3
+  with pytest.raises(ValueError, match='no slot can be evicted'):
+    c.access([5], protected=[1, 3, 4])
+
+
+def test_prediction_ledger_counts_every_wave_of_a_step():
+  """Recall and wasted prefetch reads compare a step's predictions with everything a layer used in the
+  step, over all its waves (a layer with more experts than slots looks them up in several)."""
+  from litejax.inference.store.levels import LevelCounters
+  from litejax.inference.store.accounting import PredictionLedger
+  c = LevelCounters(recall_hit=[0, 0], recall_total=[0, 0])
+  ledger = PredictionLedger()
+  ledger.predicted[(1, 1)] = {3, 5, 7}
+  ledger.predicted[(1, 2)] = {3}
+  ledger.read[1] = {5, 7}
+  ledger.used[1] = {3, 4}              # first wave
+  ledger.used[1].update({5, 6})        # second wave
+  ledger.used[0] = {1}                 # a layer without predictions counts for none
+  ledger.settle(c)
+  assert (c.recall_hit, c.recall_total, c.prefetch_wasted) == ([2, 1], [4, 4], 1)
+  assert not (ledger.predicted or ledger.read or ledger.used)
+
+
 def test_bad_arguments():
   with pytest.raises(ValueError, match='policy'):
     SlotCache(2, 8, 'fifo')

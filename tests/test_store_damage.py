@@ -9,7 +9,8 @@ import pytest
 from fault_helpers import DAMAGES, damage
 from litejax.inference.store import layout
 from litejax.inference.store.layout import ChunkDamagedError
-from litejax.inference.store.levels import ExpertLevels, LevelOptions, int8_copies
+from litejax.inference.store.levels import ExpertLevels, LevelOptions
+from litejax.inference.store.quant import int8_copies
 from litejax.inference.store.writer import StoreWriter
 from store_helpers import small_cfg
 

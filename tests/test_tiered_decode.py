@@ -1,23 +1,15 @@
 """Decoding from the expert store (litejax.inference.store_decode): with miss='stall' tokens and logits are
 bit-identical to the resident decode step for every policy and lookahead; bytes read from disk are
 exactly the expert reads x expert bytes (TensorStore's own counter); the int8 fallback stays close."""
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from litejax.inference import decode
-from litejax import sharding as shd
-from litejax.config import MeshConfig
-from litejax.model import kv_cache
 from litejax.model.transformer import init_model
-from litejax.inference.sampling import Sampling
 from litejax.inference.store import layout
-from litejax.inference.store.levels import ExpertLevels, LevelOptions, int8_copies
-from litejax.inference.store.writer import StoreWriter
+from litejax.inference.store.levels import ExpertLevels, LevelOptions
+from litejax.inference.store.quant import int8_copies
 from litejax.inference.store_decode import StoreRuntime
-from store_helpers import bytes_read, small_cfg
+from store_helpers import bytes_read, resident, small_cfg, write_model_store
 from train_helpers import enable_compile_cache
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
@@ -29,40 +21,12 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8, 9]]
 NEW = 6
 
 
-def write_model_store(cfg, model, location):
-  """The model's routed experts, written to a store (unscanned model)."""
-  w = StoreWriter(str(location), cfg, overwrite=True)
-  for layer, name, _, _ in layout.expert_leaves(cfg):
-    w.write(layer, 0, {name: np.asarray(getattr(model.blocks[layer].ffn, name)[...])})
-  return w.finish({'test': True})
-
-
-def resident(cfg, model):
-  """Tokens [B, NEW] and logits per step [NEW][B, V] of the resident decode step (litejax.inference.decode)."""
-  _, params, extra = nnx.split(model, nnx.Param, ...)
-  mesh = shd.make_mesh(MeshConfig(1, 1, 1), jax.devices()[:1])
-  rt = decode.make_runtime(cfg, mesh, len(PROMPTS), 5 + NEW)
-  with jax.set_mesh(mesh):
-    params, extra = rt.place(params, extra)
-    tokens, lengths = decode.pad_prompts(PROMPTS, len(PROMPTS))
-    key, samp = rt.replicated((jax.random.key(0), Sampling().as_arrays()))
-    cache = kv_cache.init_cache(cfg, mesh, len(PROMPTS), 5 + NEW)
-    nb, lp, cache = rt.prefill(params, extra, cache, tokens, rt.rows(lengths), key, samp)
-    logits, toks = [np.asarray(lp)[np.arange(len(PROMPTS)), lengths - 1]], [np.asarray(nb)]
-    for j in range(NEW - 1):
-      nb, lb, cache = rt.step(params, extra, cache, nb, rt.rows(lengths + j), key,
-                              rt.replicated(jnp.int32(j + 1)), samp)
-      logits.append(np.asarray(lb))
-      toks.append(np.asarray(nb))
-  return np.stack(toks, 1), logits
-
-
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   cfg = small_cfg()
   model = init_model(cfg, seed=1)
   store = write_model_store(cfg, model, tmp_path_factory.mktemp('store'))
-  return cfg, model, store, *resident(cfg, model)
+  return cfg, model, store, *resident(cfg, model, PROMPTS, NEW)
 
 
 def run(setup, opts, **kw):
@@ -88,6 +52,7 @@ def test_stall_is_bit_identical_to_resident_decoding(setup, opts):
   rep = tiers.report(NEW * len(PROMPTS))
   assert rep['misses']['device'] > 0 and rep['hit_rate']['device'] < 1   # the slots really were too few
   assert len(rep['lookahead_recall']) == opts.lookahead
+  assert sum(rep['hit_rate'].values()) == pytest.approx(1.0)      # each lookup counted at one level
   # how much staging gets done before a layer runs depends on thread timing; what it did is counted
   assert 0 <= rep['staged_hits'] <= min(rep['staged'], rep['lookups'] * rep['hit_rate']['device'])
 
@@ -115,6 +80,44 @@ def test_staging_fills_slots_only_before_the_layer_runs(setup):
     tiers.drain()
     assert cache.slot_of[9] >= 0 and 7 in cache.resident()    # 7 was used this step: not evicted
   finally:
+    tiers.close()
+
+
+def test_a_wait_for_a_prefetch_in_flight_counts_once(setup, monkeypatch):
+  """A lookup whose prefetch read is still in flight waits for it and counts as a disk lookup (a prefetch
+  wait), not also as a host hit: the hit rates sum to 1 (they summed to more with --lookahead >= 1)."""
+  import threading
+  store = setup[2]
+  layer, arrived = store.layers[1], threading.Event()
+  real = store.read_experts_async
+
+  class Slow:
+    """A read that arrives once `arrived` is set."""
+    def __init__(self, pending):
+      self.pending, self.ids, self.counted = pending, pending.ids, False
+
+    def done(self):
+      return arrived.is_set() and self.pending.done()
+
+    def result(self):
+      arrived.wait()
+      return self.pending.result()
+
+  monkeypatch.setattr(store, 'read_experts_async', lambda *a: Slow(real(*a)))
+  tiers = ExpertLevels(store, LevelOptions(0.25, 0.25, 'lru', 1, stage=False), load_width=8)
+  try:
+    tiers.prefetch(layer, [3, 5], depth=1)
+    threading.Timer(0.2, arrived.set).start()
+    tiers.resolve(layer, [3, 5, 6])
+    c = tiers.counters
+    # the first lookup waits for the read of both (3 and 5), the second then finds it in the host level
+    assert (c.prefetch_waits, c.host_hits, c.disk_demand, c.lookups) == (1, 1, 1, 3)
+    rep = tiers.report(1)
+    assert rep['hit_rate'] == pytest.approx({'device': 0, 'host': 1 / 3, 'disk': 2 / 3, 'fallback': 0})
+    assert sum(rep['hit_rate'].values()) == pytest.approx(1.0)
+    assert rep['io_wait_ms_per_token'] > 0
+  finally:
+    arrived.set()
     tiers.close()
 
 
@@ -173,6 +176,9 @@ def test_generate_store_cli_json_and_png(tmp_path, capsys):
   assert set(s['hit_rate']) == {'device', 'host', 'disk', 'fallback'} and len(s['lookahead_recall']) == 1
   assert s['bytes_read']['disk'] == s['disk_reads'] * s['expert_bytes']
   assert s['lookahead_width'] == 2 and 'prefetch_wasted_bytes_per_token' in s
+  assert s['pregate'] == 0 and 0 <= s['io_wait_ms_per_token'] <= s['stall_ms_per_token']
+  assert sum(s['hit_rate'].values()) == pytest.approx(1.0) and sum(s['decode_hit_rate'].values()) == pytest.approx(1.0)
+  assert set(s['decode_device_hit_rate_per_layer']) == {'0', '1'}
   assert 'io_ms_per_step_p50' in out['latency_split'] and len(out['tokens'][0]) == 3
   assert png.stat().st_size > 0
   assert main(['generate', '--store', str(tmp_path / 'store'), '--prompt', 'x', '--policy', 'fifo']) == 2

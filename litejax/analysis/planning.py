@@ -164,7 +164,10 @@ def serve_plan(cfg, generation: str, *, device_fraction: float = 0.01, host_frac
   fit is the answer. Per-token latency at batch 1: the active weights read once from HBM (the memory
   roofline, at one chip's bandwidth), plus the I/O term -- each token's K experts per layer that miss the device slots cross
   host -> HBM, and those that also miss the host cache are read from disk first -- at `hit_rates`
-  ({'device': ..., 'device_or_host': ...}, e.g. the benchmark's measured ones)."""
+  ({'device': ..., 'device_or_host': ...}, e.g. the benchmark's measured ones). A pre-gated model
+  (moe.pregate = D) fetches a layer's experts from the time the MoE layer D earlier runs, so its I/O
+  overlaps the compute of the layers in between; the I/O term is then what does not fit under that
+  compute (`exposed_io_s`)."""
   from litejax.model import bounds
   from litejax.perf import chips as hardware
   chip = hardware.chip(generation)
@@ -210,7 +213,37 @@ def serve_plan(cfg, generation: str, *, device_fraction: float = 0.01, host_frac
     out['latency'] = {'hit_rates': hr, 'expert_bytes': one_expert, 'expert_lookups_per_token': lookups,
                       'compute_ms': 1e3 * compute_s, 'io_host_to_hbm_ms': 1e3 * host_s, 'io_disk_ms': 1e3 * disk_s,
                       'per_token_ms': 1e3 * (compute_s + host_s + disk_s)}
+    if mm.pregate:
+      exposed_s = exposed_io_s(cfg, compute_s, host_s + disk_s)
+      out['latency'].update(pregate=mm.pregate, io_exposed_ms=1e3 * exposed_s,
+                            io_overlapped_ms=1e3 * (host_s + disk_s - exposed_s), per_token_ms=1e3 * (compute_s + exposed_s))
   return out
+
+
+def exposed_io_s(cfg, compute_s: float, io_s: float) -> float:
+  """The part of a token's I/O (io_s, spread evenly over its MoE layers) that a pre-gated model
+  (moe.pregate = D) cannot hide under compute (compute_s, spread evenly over its layers), by a schedule of
+  one token: one I/O link serving reads in the order they are issued; MoE layer j's experts are known when
+  MoE layer j - D starts (the first D: when they start themselves) and its reads are issued then; a layer
+  starts once the layer before it is done and its own reads have arrived. D = 0 exposes all of io_s."""
+  mc, depth = cfg.model, cfg.moe.pregate
+  moe_index = [i for i in range(mc.num_layers) if mc.is_moe_layer(i)]
+  if not moe_index:
+    return 0.0
+  per_layer_s, io_layer_s = compute_s / mc.num_layers, io_s / len(moe_index)
+  t = link = 0.0
+  arrive: dict[int, float] = {}
+  for i in range(mc.num_layers):
+    if mc.is_moe_layer(i):
+      j = moe_index.index(i)
+      issued = [j] if depth == 0 or j < depth else []       # read on demand when its own router has run
+      issued += [j + depth] if depth and j + depth < len(moe_index) else []   # the layer D ahead, known now
+      for target in issued:
+        link = max(link, t) + io_layer_s
+        arrive[target] = link
+      t = max(t, arrive[j])
+    t += per_layer_s
+  return t - mc.num_layers * per_layer_s
 
 
 def read_hit_rates(path: str | pathlib.Path, device_fraction: float = 0.01, policy: str = 'lru') -> dict:

@@ -48,7 +48,8 @@ def _add_store_arguments(parser: argparse.ArgumentParser) -> None:
                       help='host cache, a fraction of each layer\'s experts (default 0.1)')
   parser.add_argument('--policy', default='lru', help='eviction policy: lru, lfu, group (default lru)')
   parser.add_argument('--lookahead', type=int, default=0, metavar='D',
-                      help='prefetch with the routers of the next D MoE layers (default 0)')
+                      help='prefetch with the routers of the next D MoE layers (default 0; a pre-gated model, '
+                           'moe.pregate > 0, prefetches its exact experts instead and takes 0)')
   parser.add_argument('--lookahead-width', type=int, default=DEFAULT_LOOKAHEAD_WIDTH, metavar='W',
                       help='with --lookahead: prefetch the top W*K candidates of the lookahead routing per token '
                            f'and layer (default {DEFAULT_LOOKAHEAD_WIDTH}; docs/store.md "Lookahead width")')
@@ -189,7 +190,8 @@ def _run_store(args, prompts: list[str], sampling) -> int:
   from litejax.inference import tiersets
   from litejax.inference.session import load_store_model
   from litejax.inference.store.layout import ChunkDamagedError, ExpertStoreError
-  from litejax.inference.store.levels import ExpertLevels, LevelOptions, int8_copies
+  from litejax.inference.store.levels import ExpertLevels, LevelOptions
+  from litejax.inference.store.quant import int8_copies
   from litejax.inference.store.disk import ExpertStore
   from litejax.inference.store_decode import StoreRuntime
   from litejax.train import tokenizer as tokenizers
@@ -205,6 +207,9 @@ def _run_store(args, prompts: list[str], sampling) -> int:
     return _fail(str(e), status=1)
   tok = tokenizers.for_checkpoint(args.ckpt_dir or ExpertStore.read_source(args.store).get('ckpt_dir'))
   tokens = [tok.encode(p).astype(int).tolist() for p in prompts]
+  if cfg.moe.pregate and opts.lookahead:
+    return _fail(f'--lookahead: the model is pre-gated (moe.pregate={cfg.moe.pregate}): its experts are fetched '
+                 f'exactly {cfg.moe.pregate} MoE layer(s) ahead and no lookahead routers run; use --lookahead 0')
   tierset = None
   if args.latency_budget_ms is not None:
     from litejax.perf.host import measure_host
@@ -230,7 +235,7 @@ def _run_store(args, prompts: list[str], sampling) -> int:
   except ChunkDamagedError as e:
     return _damaged(e, args.store)
   generated = sum(len(t) for t in gen.tokens)
-  rep = tiers.report(len(prompts) * len(gen.step_s), rt.decode_stall_s)
+  rep = tiers.report(len(prompts) * len(gen.step_s), rt.decode_stall_s, rt.decode_io_wait_s, rt.prefill_counters)
   rep['weights'] = source
   texts = [tok.decode(t) for t in gen.tokens]
   if args.plot:

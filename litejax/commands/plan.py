@@ -134,7 +134,15 @@ def _serve(cfg, args, h) -> int:
   else:
     print(f"plan --serve: no {args.generation} slice serves this config: {out['why_none']}")
   lat = out.get('latency')
-  if lat:
+  if lat and 'pregate' in lat:
+    print(f"  per-token latency at batch 1: {lat['per_token_ms']:.3g} ms = compute {lat['compute_ms']:.3g} + the I/O "
+          f"that does not fit under it {lat['io_exposed_ms']:.3g} (of host->HBM {lat['io_host_to_hbm_ms']:.3g} + disk "
+          f"{lat['io_disk_ms']:.3g}; hit rates device {lat['hit_rates']['device']:.3f}, device or host "
+          f"{lat['hit_rates']['device_or_host']:.3f}: {lat['hit_rates']['source']})")
+    print(f"  pre-gated (moe.pregate={lat['pregate']}): a layer's experts are read from the time the MoE layer "
+          f"{lat['pregate']} earlier runs, overlapping the compute in between ({lat['io_overlapped_ms']:.3g} ms of I/O "
+          f"hidden; the first {lat['pregate']} MoE layer(s) of a token read on demand)")
+  elif lat:
     print(f"  per-token latency at batch 1: {lat['per_token_ms']:.3g} ms = compute {lat['compute_ms']:.3g} + "
           f"host->HBM {lat['io_host_to_hbm_ms']:.3g} + disk {lat['io_disk_ms']:.3g} (hit rates device "
           f"{lat['hit_rates']['device']:.3f}, device or host {lat['hit_rates']['device_or_host']:.3f}: "

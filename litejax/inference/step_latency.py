@@ -1,9 +1,10 @@
 """The latency model of one decode step of the store runtime (litejax.inference.store_decode), program by program.
 
 The store decode does not run one fused step: per token it runs an embed, per layer one to four jitted
-programs (dense layer; or moe_pre, experts per wave, finish, lookahead), the head and the sampler, and it
-waits for the device once per MoE layer (the expert ids it routes on) and once more per lookahead and per
-token. Those waits serialise host and device: while the host looks up levels and dispatches, the device
+programs (dense layer; or moe_pre, experts per wave, finish, lookahead; pre-gated: moe_attend or moe_pre,
+pregate, experts, finish), the head and the sampler, and it waits for the device once per MoE layer (the
+expert ids it routes on; pre-gated, the ids of the layer D ahead, read once this layer's experts are
+queued) and once more per lookahead and per token. Those waits serialise host and device: while the host looks up levels and dispatches, the device
 has nothing queued, and while the device runs, the host waits. So a step costs
 
     sum over the programs run per token of latency.estimate_compiled(program).total_s    (device)
@@ -25,7 +26,7 @@ from typing import Any, Callable
 
 from litejax.perf import timing
 
-SYNCING = ('moe_pre', 'lookahead', '_sample')   # outputs the host reads before it can go on
+SYNCING = ('moe_pre', 'lookahead', 'pregate', '_sample')   # outputs the host reads before it can go on
 
 
 @dataclasses.dataclass

@@ -13,6 +13,14 @@ forward): a dense layer is one jitted program (both halves of its Block). An MoE
      ffn_norm scale) to the residual stream `finish` returned; once the next layer's first program is
      dispatched, the host reads the predictions and starts reading the predicted experts that are on
      disk only (and staging them into device slots) on the background thread, overlapping that layer.
+A pre-gated model (moe.pregate = D) knows layer l's experts when MoE layer l - D runs: there, `pregate` routes
+that layer's router input with layer l's router, and the host reads the ids at once (the earlier their
+reads start, the more of them arrive before their layer) and hands them to `ExpertLevels.prefetch(exact=True)`:
+disk reads and slot staging on the background thread, nearest layer first, nothing guessed; then it looks
+up this layer's slots and dispatches its experts. Layer l then
+runs `moe_attend` (attention and router input, no routing) and resolves its slots with the ids it already
+holds, so no host round trip stands between its attention and its experts; only the first D MoE layers
+of a token route their own input with `moe_pre` and wait for it. No lookahead routers run (--lookahead 0).
 Every program has static shapes ([slots, d, h] buffers, [N, K] slot ids), so each compiles once per
 (batch, tokens); the same programs serve every layer (layer weights are arguments). The arithmetic is
 the resident decode step's (litejax.inference.decode, one device, dropless), so with miss='stall' tokens and
@@ -26,6 +34,7 @@ One device only: the store runtime does not shard (expert parallelism over a sto
 """
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import jax
@@ -95,6 +104,14 @@ class StoreRuntime:
     if [l.index for l in self.moe] != list(levels.store.layers):
       raise ValueError(f'the store holds layers {levels.store.layers}, the model has MoE layers '
                        f'{[l.index for l in self.moe]}')
+    self.pregate = cfg.moe.pregate
+    if self.pregate and levels.opts.lookahead:
+      raise ValueError(f'--lookahead: the model is pre-gated (moe.pregate={self.pregate}): its experts are '
+                       f'fetched exactly {self.pregate} MoE layer(s) ahead and no lookahead routers run; use --lookahead 0')
+    if self.pregate:
+      levels.expect_exact(self.pregate)
+    # pre-gated: MoE layer -> the MoE layer D ahead, whose experts it chooses
+    self.gate_target = {l.index: t for l, t in zip(self.moe, self.moe[self.pregate:])} if self.pregate else {}
     self.ahead = dict(zip((l.index for l in self.moe), stacked_gates(self.moe, levels.opts.lookahead)))
     self.next_moe = {l.index: [m.index for m in self.moe[j + 1:j + 1 + levels.opts.lookahead]]
                      for j, l in enumerate(self.moe)}
@@ -105,6 +122,8 @@ class StoreRuntime:
     self.num_experts = cfg.moe.experts_total
     self.step_stall_s: list[float] = []    # per decode step of the last generate: seconds inside resolve
     self.decode_stall_s = 0.0              # the last generate's decode steps together
+    self.decode_io_wait_s = 0.0            # of it, waiting on I/O (LevelCounters.io_wait_s)
+    self.prefill_counters = None           # a copy of the levels' counters after the last generate's prefill
 
   def compiles(self) -> int:
     """Compiled variants of this runtime's `moe_pre` program so far (one per (batch, tokens) it ran)."""
@@ -114,9 +133,15 @@ class StoreRuntime:
               hooks: Hooks = DEFAULT_HOOKS) -> tuple[jax.Array, list]:
     """Logits [B, S, V] f32 of S new tokens per row at `positions_bs` (None: 0..S-1, the prefill),
     reading and writing `cache` (kv_cache.init_cache(..., per_layer=True))."""
-    run, progs, opts = hooks.call, self.programs, self.levels.opts
-    x = run(progs['_embed'], self.embed, jnp.asarray(tokens_bs), self.dt)
+    run = hooks.call
+    x = run(self.programs['_embed'], self.embed, jnp.asarray(tokens_bs), self.dt)
     pos = None if positions_bs is None else jnp.asarray(positions_bs, jnp.int32)
+    x = (self._pregated_layers if self.pregate else self._layers)(x, pos, cache, hooks)
+    return run(self.programs['_head'], *self.final_norm, x, self.w_out), cache
+
+  def _layers(self, x, pos, cache: list, hooks: Hooks):
+    """The residual stream after every layer (module docstring; lookahead when opts.lookahead)."""
+    run, progs, opts = hooks.call, self.programs, self.levels.opts
     pending = None    # the last lookahead's (predictions, target layers), read after the next dispatch
     for layer in self.layers:
       kv = cache[layer.index]
@@ -135,7 +160,33 @@ class StoreRuntime:
         pending = (run(progs['lookahead'], layer.gate.norm_graphdef, self.cfg.moe, opts.lookahead,
                        opts.lookahead_width, self.ahead[layer.index], x, self.tier_mask), targets)
     self._prefetch(pending, hooks)
-    return run(progs['_head'], *self.final_norm, x, self.w_out), cache
+    return x
+
+  def _pregated_layers(self, x, pos, cache: list, hooks: Hooks):
+    """The residual stream after every layer of a pre-gated model (module docstring)."""
+    run, progs = hooks.call, self.programs
+    chosen = {}    # MoE layer -> its routing on device (ids, weights, groups) and its (ids, groups) on the host
+    for layer in self.layers:
+      kv = cache[layer.index]
+      if not layer.is_moe:
+        x, cache[layer.index] = run(progs['dense_layer'], layer.graphdef, layer.state, x, pos, kv)
+        continue
+      if layer.index in chosen:     # chosen D MoE layers ago
+        x, h_nd, cache[layer.index] = run(progs['moe_attend'], layer.graphdef, layer.state, x, pos, kv)
+        (_, w_nk, _), (e_host, g_host) = chosen.pop(layer.index)
+      else:                         # one of the first D: routes its own input, and the host waits for it
+        x, h_nd, e_nk, w_nk, g_nk, cache[layer.index] = run(progs['moe_pre'], layer.graphdef, layer.state, x, pos,
+                                                             kv, self.tier_mask)
+        e_host, g_host = hooks.device_get((e_nk, g_nk))
+      target = self.gate_target.get(layer.index)
+      if target is not None:
+        ahead = run(progs['pregate'], self.cfg.moe, target.gate.router, target.gate.bias, h_nd, self.tier_mask)
+        host = hooks.device_get((ahead[0], ahead[2]))
+        chosen[target.index] = (ahead, host)
+        self.levels.prefetch(target.index, np.asarray(host[0]).reshape(-1), self.pregate, exact=True)
+      y = self._experts(layer.index, h_nd, np.asarray(e_host), np.asarray(g_host), hooks)
+      x = run(progs['finish'], layer.graphdef, layer.state, x, h_nd, y, w_nk)
+    return x
 
   def _prefetch(self, pending, hooks: Hooks) -> None:
     """Starts the prefetch of a lookahead's predictions (None: nothing pending). Called after the next
@@ -181,8 +232,8 @@ class StoreRuntime:
                hooks: Hooks | None = None) -> tuple[Generation, list[np.ndarray]]:
     """The generate loop (litejax.inference.decode.run_generation, batch = len(prompts)); returns
     (Generation, logits per decode step [B, V] when keep_logits: the prefill's last-position logits first).
-    Sets `step_stall_s` and `decode_stall_s`. hooks: what every program call and host wait goes through
-    (default: store_programs.Hooks, which only runs them)."""
+    Sets `step_stall_s`, `decode_stall_s`, `decode_io_wait_s` and `prefill_counters`. hooks: what every
+    program call and host wait goes through (default: store_programs.Hooks, which only runs them)."""
     decoder = StoreDecoder(self, DEFAULT_HOOKS if hooks is None else hooks, keep_logits)
     return run_generation(decoder, prompts, max_new_tokens, sampling, seed), decoder.kept
 
@@ -194,7 +245,7 @@ class StoreDecoder:
   def __init__(self, rt: StoreRuntime, hooks: Hooks, keep_logits: bool):
     self.rt, self.hooks, self.keep_logits = rt, hooks, keep_logits
     self.kept: list[np.ndarray] = []
-    self._stall0 = None
+    self._after_prefill = False
 
   def rows(self, prompts: int) -> int:
     return prompts
@@ -226,13 +277,14 @@ class StoreDecoder:
 
   def end_token(self) -> None:
     rt = self.rt
-    stall_s = rt.levels.counters.stall_s
-    if self._stall0 is None:       # after the prefill: decode stalls count from here
-      self._stall0 = stall_s
-    else:
-      rt.step_stall_s.append(stall_s - self._step_stall0)
-    rt.decode_stall_s = stall_s - self._stall0
-    rt.levels.end_step()
+    rt.levels.end_step()           # settles the token's recall and wasted reads into the counters
+    c = rt.levels.counters
+    if self._after_prefill:
+      rt.step_stall_s.append(c.stall_s - self._step_stall0)
+    else:                          # after the prefill: decode steps count from here
+      self._after_prefill, rt.prefill_counters = True, copy.deepcopy(c)
+    rt.decode_stall_s = c.stall_s - rt.prefill_counters.stall_s
+    rt.decode_io_wait_s = c.io_wait_s - rt.prefill_counters.io_wait_s
     if self.keep_logits:
       self.kept.append(np.asarray(self.logits_bv))
 

@@ -2,7 +2,9 @@
 
 Each program is a piece of the model's own forward (litejax.model.transformer): `embed_tokens`, a Block's
 `attention` and `feed_forward` halves, or an MoE Block's FFN half split around the experts (`route`,
-then the store's experts over device slots, then `combine`), and `output_logits`. A layer's weights are
+then the store's experts over device slots, then `combine`), and `output_logits`. A pre-gated model
+(moe.pregate = D) splits `route` in two: `moe_attend` returns a layer's router input, and `pregate` routes
+it with the router of the MoE layer D ahead, whose experts the store then fetches. A layer's weights are
 its Block's graphdef and state with the routed expert tables left empty (None): those live in the store's
 levels (litejax.inference.store.levels), and no program reads them.
 
@@ -23,6 +25,7 @@ from flax import nnx
 from litejax.inference.sampling import sample
 from litejax.inference.store import lookahead as lookahead_lib
 from litejax.inference.store import slot_moe
+from litejax.model.moe import routing
 from litejax.model.moe.block import EXPERT_TABLES
 from litejax.model.transformer import causal_positions, embed_tokens, output_logits
 
@@ -31,8 +34,8 @@ from litejax.model.transformer import causal_positions, embed_tokens, output_log
 
 @dataclasses.dataclass
 class Gate:
-  """What an MoE layer's router reads, for lookahead: its ffn_norm (graphdef, state), router weights and
-  selection biases (None without sigmoid scoring)."""
+  """What an MoE layer's router reads, for lookahead and pre-gated routing: its ffn_norm (graphdef, state),
+  router weights and selection biases (None without sigmoid scoring)."""
   norm_graphdef: Any
   norm_state: Any
   router: dict[str, jax.Array]
@@ -116,6 +119,22 @@ def moe_pre(graphdef, state, x_bsd, positions_bs, kv, tier_mask=None):
   return x_bsd, h_nd, r.expert_nk, r.weight_nk, r.group_nk, kv
 
 
+def moe_attend(graphdef, state, x_bsd, positions_bs, kv):
+  """A pre-gated MoE layer up to its experts, whose routing was made D MoE layers earlier: the attention
+  half and the layer's router input (Block.router_input). Returns (residual [B,S,d], router input [N,d], kv)."""
+  block = nnx.merge(graphdef, state)
+  x_bsd, kv = block.attention(x_bsd, _positions(positions_bs, x_bsd), kv)
+  return x_bsd, block.router_input(x_bsd), kv
+
+
+def pregate(moe_cfg, router, bias, h_nd, tier_mask=None):
+  """Pre-gated routing: the router of the MoE layer D ahead (its Gate's weights and biases) applied to this
+  layer's router input h [N, d], as that layer's Block.route does (litejax.model.moe.routing.route).
+  Returns (expert ids [N,K], weights [N,K], group ids [N,K]) for that layer."""
+  r = routing.route(h_nd, router, moe_cfg, bias, tier_mask=tier_mask)
+  return r.expert_nk, r.weight_nk, r.group_nk
+
+
 def lookahead(norm_graphdef, moe_cfg, depth, width, ahead, x_bsd, tier_mask=None):
   """[D, N, W·K]: the experts to prefetch for the next D MoE layers: the routers of those layers (each
   with its own ffn_norm scale) applied to the residual stream entering the next layer (after this
@@ -159,6 +178,8 @@ PROGRAMS: dict[str, tuple[Callable, tuple[int, ...], tuple[int, ...]]] = {
     '_embed': (embed, (2,), ()),
     'dense_layer': (dense_layer, (0,), (4,)),
     'moe_pre': (moe_pre, (0,), (4,)),
+    'moe_attend': (moe_attend, (0,), (4,)),
+    'pregate': (pregate, (0,), ()),
     'experts': (experts, (0, 1), (6,)),
     'finish': (finish, (0,), ()),
     'lookahead': (lookahead, (0, 1, 2, 3), ()),

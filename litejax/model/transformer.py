@@ -44,8 +44,9 @@ class Block(nnx.Module):
 
   Where variants land: an attention variant in its class (GQA: layers.Attention; DeepSeek's latent
   attention: litejax.model.mla, `model.attention: mla`) and the cache entry it keeps
-  (litejax.model.kv_cache.layer_entry); a router variant in `route` (a pre-gated router, whose
-  choice for this layer was made D layers earlier, hands that choice to `feed_forward` in place of it).
+  (litejax.model.kv_cache.layer_entry); a router variant in `route`. Pre-gated routing (moe.pregate
+  = D): `route` reads the router input of the MoE layer D earlier, which the Transformer carries down
+  (a queue of D router inputs [N, d]; under a scan over layers part of the scan's carry).
   """
 
   def __init__(self, cfg: Config, is_moe: bool, rngs: nnx.Rngs):
@@ -69,33 +70,52 @@ class Block(nnx.Module):
     out, *entry = self.attn.cached(h_bsd, positions_bs, *(kv[k] for k in keys))
     return x_bsd + out, dict(zip(keys, entry))
 
-  def route(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None) -> tuple[jax.Array, Routing]:
-    """MoE block: (the router's input ffn_norm(x) [N, d], the router's choice for it)."""
+  def router_input(self, x_bsd: jax.Array) -> jax.Array:
+    """MoE block: ffn_norm(x) as [N, d] tokens, what its experts (and, unless pre-gated, its router) read."""
     b, s, d = x_bsd.shape
-    h_nd = self.ffn_norm(x_bsd).reshape(b * s, d)
-    return h_nd, self.ffn.route(h_nd, tier_mask)
+    return self.ffn_norm(x_bsd).reshape(b * s, d)
+
+  def route(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None, gate_in_nd: jax.Array | None = None,
+            gate_own: jax.Array | None = None) -> tuple[jax.Array, Routing]:
+    """MoE block: (its router input h = ffn_norm(x) [N, d], which its experts read, and the router's choice).
+    A pre-gated layer (moe.pregate = D) routes `gate_in_nd` [N, d] in place of h: the router input of the MoE
+    layer D earlier, the same tokens. gate_own: under a scan over layers, a bool scalar that is true for the first D MoE
+    layers, which route their own input (a select, not a branch: the scan runs one body)."""
+    h_nd = self.router_input(x_bsd)
+    router_in = h_nd
+    if gate_in_nd is not None:
+      router_in = gate_in_nd if gate_own is None else jnp.where(gate_own, h_nd, gate_in_nd)
+    return h_nd, self.ffn.route(router_in, tier_mask)
 
   def combine(self, x_bsd: jax.Array, h_nd: jax.Array, y_nd: jax.Array) -> jax.Array:
     """MoE block: the FFN half's residual, x + (y + shared experts(h)), from the routed experts' combined
     output y [N, d] on the router input h [N, d]."""
     return x_bsd + self.ffn.add_shared(h_nd, y_nd).reshape(x_bsd.shape).astype(x_bsd.dtype)
 
-  def feed_forward(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None]:
-    """The FFN half with its residual: (x + ffn(ffn_norm(x)), MoEStats of an MoE block, else None)."""
+  def feed_forward(self, x_bsd: jax.Array, tier_mask: jax.Array | None = None, gate_in_nd: jax.Array | None = None,
+                   gate_own: jax.Array | None = None) -> tuple[jax.Array, MoEStats | None, jax.Array | None]:
+    """The FFN half with its residual: (x + ffn(ffn_norm(x)), MoEStats of an MoE block, else None, and an MoE
+    block's own router input ffn_norm(x) [N, d], else None). gate_in_nd, gate_own: as `route`."""
     if not self.is_moe:
       h_bsd = self.ffn_norm(x_bsd)
       with jax.named_scope('dense_ffn'):   # scope names the FLOPs for litejax.analysis.bound
         y_bsd = self.ffn(h_bsd)
-      return x_bsd + y_bsd, None
-    h_nd, r = self.route(x_bsd, tier_mask)
+      return x_bsd + y_bsd, None, None
+    h_nd, r = self.route(x_bsd, tier_mask, gate_in_nd, gate_own)
     y_nd, stats = self.ffn.routed_experts(h_nd, r)
-    return self.combine(x_bsd, h_nd, y_nd), stats
+    return self.combine(x_bsd, h_nd, y_nd), stats, h_nd
 
-  def __call__(self, x_bsd, positions_bs, tier_mask=None, kv=None):
-    """(x after both halves, MoEStats or None, the updated cache entry or None)."""
+  def __call__(self, x_bsd, positions_bs, tier_mask=None, kv=None, gate_in_nd=None, gate_own=None):
+    """(x after both halves, MoEStats or None, the updated cache entry or None, an MoE block's router input
+    or None)."""
     x_bsd, kv = self.attention(x_bsd, positions_bs, kv)
-    x_bsd, aux = self.feed_forward(x_bsd, tier_mask)
-    return x_bsd, aux, kv
+    x_bsd, aux, h_nd = self.feed_forward(x_bsd, tier_mask, gate_in_nd, gate_own)
+    return x_bsd, aux, kv, h_nd
+
+
+def _push_gate(queue: tuple, h_nd: jax.Array, depth: int) -> tuple:
+  """The pre-gating queue after an MoE layer: the router inputs of the last `depth` MoE layers, oldest first."""
+  return (queue + (h_nd,))[-depth:] if depth else ()
 
 
 class Period(nnx.Module):
@@ -105,14 +125,22 @@ class Period(nnx.Module):
     n = max(cfg.model.moe_every, 1)
     self.layers = nnx.List([Block(cfg, cfg.model.moe_every > 0 and i == n - 1, rngs) for i in range(n)])
 
-  def __call__(self, x_bsd, positions_bs, tier_mask=None, cache=None):
-    """(x, the MoE layer's stats or None, the period's cache entries or None)."""
+  def __call__(self, x_bsd, positions_bs, tier_mask=None, cache=None, gate=None):
+    """(x, the MoE layer's stats or None, the period's cache entries or None, gate). gate: pre-gated routing's
+    scan carry (queue, MoE layers so far) or None (moe.pregate 0): the queue holds the router inputs
+    [N, d] of the last D MoE layers, oldest first; the period's MoE layer routes the oldest unless it is
+    among the first D (Block.route)."""
     aux, new = None, []
     for i, layer in enumerate(self.layers):
-      x_bsd, a, kv = layer(x_bsd, positions_bs, tier_mask, None if cache is None else cache[i])
+      gate_in = own = None
+      if gate is not None and layer.is_moe:
+        gate_in, own = gate[0][0], gate[1] < len(gate[0])
+      x_bsd, a, kv, h_nd = layer(x_bsd, positions_bs, tier_mask, None if cache is None else cache[i], gate_in, own)
+      if gate_in is not None:
+        gate = (_push_gate(gate[0], h_nd, len(gate[0])), gate[1] + 1)
       aux = a if a is not None else aux
       new.append(kv)
-    return x_bsd, aux, (None if cache is None else new)
+    return x_bsd, aux, (None if cache is None else new), gate
 
 
 class Transformer(nnx.Module):
@@ -164,20 +192,28 @@ class Transformer(nnx.Module):
     b, s = tokens_bs.shape
     positions = causal_positions(b, s) if positions_bs is None else positions_bs
     x = embed_tokens(self.embed[...], tokens_bs, DTYPES[mc.dtype])
+    depth = self.cfg.moe.pregate if mc.num_moe_layers else 0
     if mc.scan_layers:
-      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0))
-      def step(x_c, period, cache_p):
-        x_c, aux, cache_p = period(x_c, positions, tier_mask, cache_p)
-        return x_c, (aux if aux is not None else ()), cache_p
+      # Pre-gating's queue starts as D copies of the embeddings reshaped to [N, d]: placeholders with the
+      # tokens' sharding, never routed (the first D MoE layers route their own input).
+      gate = ((x.reshape(b * s, -1),) * depth, jnp.zeros((), jnp.int32)) if depth else None
 
-      x, stats, new_cache = step(x, self.periods, cache)
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0))
+      def step(carry, period, cache_p):
+        x_c, gate_c = carry
+        x_c, aux, cache_p, gate_c = period(x_c, positions, tier_mask, cache_p, gate_c)
+        return (x_c, gate_c), (aux if aux is not None else ()), cache_p
+
+      (x, _), stats, new_cache = step((x, gate), self.periods, cache)
     else:
-      per_layer, new_cache = [], []
+      per_layer, new_cache, queue = [], [], ()
       for i, block in enumerate(self.blocks):
-        x, aux, kv = block(x, positions, tier_mask, None if cache is None else cache[i])
+        gate_in = queue[0] if depth and len(queue) == depth else None
+        x, aux, kv, h_nd = block(x, positions, tier_mask, None if cache is None else cache[i], gate_in)
         new_cache.append(kv)
         if aux is not None:
           per_layer.append(aux)
+          queue = _push_gate(queue, h_nd, depth)
       stats = jax.tree.map(lambda *a: jnp.stack(a), *per_layer) if per_layer else ()
     if not isinstance(stats, MoEStats):   # no MoE layer
       stats = MoEStats.empty(self.cfg.moe)

@@ -10,5 +10,7 @@ a host-memory cache and a fixed number of device slots per MoE layer.
   quant.py    the int8 fallback copy of an expert (per-row symmetric scales)
   slot_moe.py the MoE expert FFN over a slot buffer, bit-identical to the resident dropless path (pure JAX)
   levels.py   decode-time storage levels: slots + host cache + disk, lookahead prefetch thread, fallback, metrics
+  accounting.py  hit rates per level and per layer, lookahead recall and wasted prefetch reads (the ledger)
+  lookahead.py   router lookahead candidates (a beam over the hierarchical router)
   plot.py     the `generate --store --plot` PNG
 """

@@ -62,8 +62,9 @@ class SlotCache:
     self.clock += 1
     self.group_last[np.asarray(list(groups), np.int64)] = self.clock
 
-  def access(self, keys: Sequence[int]) -> Access:
-    """Looks up one step's keys (duplicates allowed), admitting every miss; returns where each key is."""
+  def access(self, keys: Sequence[int], protected: Iterable[int] = ()) -> Access:
+    """Looks up one step's keys (duplicates allowed), admitting every miss; returns where each key is.
+    protected: keys no admission may evict besides the step's own (a pre-gated model's pending layers')."""
     self.clock += 1
     keys = [int(k) for k in keys]
     unique = list(dict.fromkeys(keys))
@@ -75,7 +76,7 @@ class SlotCache:
         hits.append(k)
       else:
         misses.append(k)
-    protected = set(unique)
+    protected = set(unique) | set(int(k) for k in protected)
     for k in misses:
       out = self._admit(k, protected)
       if out is not None:

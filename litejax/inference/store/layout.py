@@ -88,9 +88,11 @@ def moe_layers(cfg: Config) -> list[int]:
 
 
 def architecture(cfg: Config) -> dict[str, Any]:
-  """The config sections that decide the weights (model, moe); mesh and train do not."""
+  """The config sections that decide the weights (model, moe); mesh and train do not. moe.pregate is left
+  out when 0, so a store written before the field existed keeps its digest."""
   d = cfg.to_dict()
-  return {'model': d['model'], 'moe': d['moe']}
+  moe = {k: v for k, v in d['moe'].items() if k != 'pregate' or v}
+  return {'model': d['model'], 'moe': moe}
 
 
 def config_digest(cfg: Config) -> str:

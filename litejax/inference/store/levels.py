@@ -1,6 +1,7 @@
 """The three storage levels at decode time (host side): per MoE layer a SlotCache + DeviceSlots (device level), one
 HostCache of expert arrays (host level), the ExpertStore (disk level), a prefetch thread fed by router
-lookahead, and the counters the `store` JSON reports.
+lookahead or, for a pre-gated model, by the exact expert ids of the layers ahead (`prefetch(exact=True)`),
+and the counters the `store` JSON reports.
 
 `resolve(layer, experts)` is called once per wave of a layer, after routing and before the experts run:
 every expert it returns a slot for is in that slot when it returns (stall), except that with
@@ -10,7 +11,7 @@ used) and is read into the host level in the background for later tokens.
 Damage (a chunk that fails its read, litejax.inference.store.disk): a read on the decoding thread raises
 its ChunkDamagedError; one on the prefetch thread is recorded and raised by the next `resolve`. With
 miss='fallback' a damaged expert runs on its int8 copy from then on instead (every copy was made from an
-intact read: `int8_copies` raises otherwise), and the `store` report lists it under `damaged_chunks`.
+intact read: `quant.int8_copies` raises otherwise), and the `store` report lists it under `damaged_chunks`.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import numpy as np
 from litejax.inference.store.cache import POLICIES, HostCache, SlotCache
 from litejax.inference.store.disk import ExpertStore
 from litejax.inference.store.layout import ChunkDamagedError
+from litejax.inference.store.accounting import PredictionLedger, device_hit_rate_per_layer, hit_rates
 from litejax.inference.store.slots import DeviceSlots
 
 MISS_MODES = ('stall', 'fallback')
@@ -69,17 +71,19 @@ class LevelCounters:
   lookups: int = 0            # (layer, expert) lookups, one per distinct expert per wave
   device_hits: int = 0
   host_hits: int = 0          # found in the host cache (or its prefetch had finished)
-  prefetch_waits: int = 0     # lookahead read still in flight: waited for it
+  prefetch_waits: int = 0     # prefetch read still in flight: waited for it (not a host hit)
   disk_demand: int = 0        # read from disk on demand (stall)
   fallbacks: int = 0          # ran on the int8 copy (miss='fallback')
   disk_reads: int = 0         # experts read from disk: demand + prefetch (each exactly expert_bytes)
   device_loads: int = 0       # experts copied host -> device slot
   stall_s: float = 0.0        # wall time inside resolve (lookups, waits, reads, slot loads)
+  io_wait_s: float = 0.0      # of it, waiting on I/O: disk reads (demand, in flight), slot loads, staging
   recall_hit: list[int] = dataclasses.field(default_factory=list)    # per lookahead depth
   recall_total: list[int] = dataclasses.field(default_factory=list)
   prefetch_wasted: int = 0    # prefetch disk reads of experts the predicted layer did not use then
   staged: int = 0             # experts the lookahead copied host -> device slot ahead of their layer
   staged_hits: int = 0        # device hits on a staged expert (its first use since it was staged)
+  layer_hits: dict[int, list[int]] = dataclasses.field(default_factory=dict)   # layer -> [lookups, device hits]
 
 
 class ExpertLevels:
@@ -98,12 +102,12 @@ class ExpertLevels:
     self.host = HostCache(opts.host_experts(e, len(store.layers)) * store.expert_bytes, store.expert_bytes,
                           store.layers, e, opts.policy, store.experts_per_group)
     self.int8 = int8
-    self.counters = LevelCounters(recall_hit=[0] * opts.lookahead, recall_total=[0] * opts.lookahead)
+    self.depths = opts.lookahead     # prediction depths recall is counted at (`expect_exact`)
+    self.counters = self._fresh_counters()
     self._lock = threading.RLock()
     self._inflight: dict[tuple[int, int], Any] = {}    # (layer, expert) -> disk.PendingRead
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='prefetch')
-    self._predicted: dict[tuple[int, int], set[int]] = {}    # (target layer, depth) -> experts
-    self._prefetch_read: dict[int, set[int]] = {}   # target layer -> experts its prefetches read from disk
+    self._ledger = PredictionLedger()    # this step's predictions and prefetch reads vs what layers used
     # Staging (the prefetch thread writing device slots) and resolve exclude each other with _dev_lock; a
     # layer is `closed` from its first resolve of a step to end_step, and staging skips closed layers, so
     # a slot the running step's experts read is never overwritten.
@@ -111,6 +115,16 @@ class ExpertLevels:
     self._closed: set[int] = set()
     self._staged: dict[int, set[int]] = {l: set() for l in store.layers}
     self.damaged: dict[tuple[int, int], ChunkDamagedError] = {}   # (layer, expert) whose read failed
+    self._pinned: dict[int, set[int]] = {}    # exact prefetch: layer -> experts the host level keeps for it
+
+  def _fresh_counters(self) -> LevelCounters:
+    return LevelCounters(recall_hit=[0] * self.depths, recall_total=[0] * self.depths)
+
+  def expect_exact(self, depth: int) -> None:
+    """Before decoding a pre-gated model (moe.pregate = depth; `prefetch(exact=True)`): recall is counted per
+    depth 1..depth (the counters restart)."""
+    self.depths = max(self.opts.lookahead, depth)
+    self.counters = self._fresh_counters()
 
   def close(self) -> None:
     self._pool.shutdown(wait=True)
@@ -130,12 +144,15 @@ class ExpertLevels:
 
   def _host_put(self, layer: int, experts: Sequence[int], arrays: dict[str, np.ndarray], use: bool) -> None:
     with self._lock:
+      # never evicted: the experts exact prefetch holds for pending layers (while the new ones still fit)
+      pinned = {self.host.key(l, e) for l, es in self._pinned.items() for e in es}
+      keep = pinned if len(pinned) + len(experts) <= self.host.capacity else set()
       for i, e in enumerate(experts):
         key = self.host.key(layer, e)
         if use:
-          self.host.slots.access([key])
+          self.host.slots.access([key], protected=keep)
         elif self.host.slots.slot_of[key] < 0:
-          self.host.slots.prefetch([key])
+          self.host.slots.prefetch([key], protected=keep)
         self.host.put(layer, e, {name: a[i] for name, a in arrays.items()})
 
   def _read_into_host(self, layer: int, experts: list[int]) -> dict[str, np.ndarray]:
@@ -173,23 +190,31 @@ class ExpertLevels:
       self._inflight[(layer, e)] = pending
     return pending
 
-  def prefetch(self, layer: int, experts: Sequence[int], depth: int) -> None:
+  def prefetch(self, layer: int, experts: Sequence[int], depth: int, exact: bool = False) -> None:
     """Lookahead: records the prediction for recall; on the background thread reads the experts that are
     on disk only into the host level and then (opts.stage, depth 1) copies the first candidates, best
     first, into device slots of `layer`: at most half its slots per step, evicting by the policy but never
-    a candidate, and never once `layer` has run in this step."""
+    a candidate, and never once `layer` has run in this step.
+
+    exact (pre-gated: the experts `layer` will use, known `depth` MoE layers ahead): the prediction holds at
+    depths 1..depth, the host level keeps them until `layer` has run, and all (up to its slots) are staged.
+    Jobs run in submission order, so the nearest layer's first."""
     ids = [int(e) for e in dict.fromkeys(int(e) for e in experts)]
-    self._predicted[(layer, depth)] = set(ids)
+    for d in range(1, depth + 1) if exact else (depth,):
+      self._ledger.predicted[(layer, d)] = set(ids)
     todo = []
     with self._lock:
+      if exact:
+        self._pinned[layer] = set(ids)
       for e in ids:
         if self.caches[layer].slot_of[e] < 0 and self.host.get(layer, e) is None \
            and (layer, e) not in self._inflight:
           todo.append(e)
-    stage = ids[:max(1, self.num_slots // 2)] if self.opts.stage and depth == 1 else []
+    stage = ids[:self.num_slots if exact else max(1, self.num_slots // 2)] if self.opts.stage and (
+        exact or depth == 1) else []
     pending = None
     if todo:
-      self._prefetch_read.setdefault(layer, set()).update(todo)
+      self._ledger.read.setdefault(layer, set()).update(todo)
       pending = self._read_async(layer, todo)
     if todo or stage:
       self._pool.submit(self._prefetch_job, layer, pending, stage)
@@ -227,36 +252,41 @@ class ExpertLevels:
       raise next(iter(self.damaged.values()))
     c = self.counters
     unique = [int(e) for e in dict.fromkeys(int(e) for e in experts)]
-    self._count_recall(layer, unique)
+    self._ledger.used.setdefault(layer, set()).update(unique)
     cache = self.caches[layer]
     with self._dev_lock:     # waits for a slot write in progress; no staging into this layer after this
       self._closed.add(layer)
+    io_s = time.perf_counter() - t0
+    with self._lock:     # layers that have run keep no pins (this one keeps its own for its later waves)
+      self._pinned = {l: es for l, es in self._pinned.items() if l not in self._closed or l == layer}
     if groups:
       cache.note_groups(groups)
     c.lookups += len(unique)
     resident = [e for e in unique if cache.slot_of[e] >= 0]
     c.device_hits += len(resident)
+    per_layer = c.layer_hits.setdefault(layer, [0, 0])
+    per_layer[0], per_layer[1] = per_layer[0] + len(unique), per_layer[1] + len(resident)
     staged = self._staged[layer]
     c.staged_hits += len(staged.intersection(resident))
     staged.difference_update(unique)
     need = [e for e in unique if cache.slot_of[e] < 0]
-    arrays, fallback = {}, []
-    on_disk = []
+    arrays, fallback, on_disk = {}, [], []
     for e in need:
-      value = self._host_get(layer, e)
+      value, waited = self._host_get(layer, e), False
       if value is None and (layer, e) in self._inflight:
         if self.opts.miss == 'fallback' and not self._inflight[(layer, e)].done():
           fallback.append(e)
           continue
-        self._complete(layer, self._inflight.pop((layer, e)))   # waits for that read only
-        c.prefetch_waits += 1
+        io_s += _timed(self._complete, layer, self._inflight.pop((layer, e)))   # waits for that read only
         value = self._host_get(layer, e)
+        waited = value is not None
       if value is None and (layer, e) in self.damaged:          # miss='fallback': its int8 copy, for good
         fallback.append(e)
       elif value is None:
         on_disk.append(e)
-      else:
-        c.host_hits += 1
+      else:     # one level per lookup: a wait for a read in flight counts as disk (report), not as a host hit
+        c.prefetch_waits += waited
+        c.host_hits += not waited
         arrays[e] = value
     if self.opts.miss == 'fallback':
       fallback += on_disk
@@ -264,7 +294,9 @@ class ExpertLevels:
       if on_disk:
         self._pool.submit(self._complete, layer, self._read_async(layer, on_disk))
     elif on_disk:
+      t_read = time.perf_counter()
       got = self.store.read_experts(layer, on_disk)
+      io_s += time.perf_counter() - t_read
       self._host_put(layer, on_disk, got, use=True)
       c.disk_demand += len(on_disk)
       with self._lock:
@@ -274,12 +306,13 @@ class ExpertLevels:
     loaded = [e for e in unique if e not in fallback]
     access = cache.access(loaded) if loaded else None
     slot = {e: int(s) for e, s in zip(loaded, access.slots)} if access else {}
-    self.load_slots(layer, [(slot[e], arrays[e]) for e in need if e in arrays])
+    io_s += _timed(self.load_slots, layer, [(slot[e], arrays[e]) for e in need if e in arrays])
     self._fallback_ids = fallback
     slot.update({e: -1 - i for i, e in enumerate(fallback)})
     for key in [k for k, f in self._inflight.items() if f.counted]:   # in the host level by now
       del self._inflight[key]
     c.stall_s += time.perf_counter() - t0
+    c.io_wait_s += io_s
     return slot
 
   @property
@@ -298,17 +331,6 @@ class ExpertLevels:
       with self._lock:
         self.counters.device_loads += len(chunk)
 
-  def _count_recall(self, layer: int, used: list[int]) -> None:
-    read = self._prefetch_read.pop(layer, None)
-    if read:
-      self.counters.prefetch_wasted += len(read.difference(used))
-    for depth in range(1, self.opts.lookahead + 1):
-      pred = self._predicted.pop((layer, depth), None)
-      if pred is None:
-        continue
-      self.counters.recall_hit[depth - 1] += len(pred.intersection(used))
-      self.counters.recall_total[depth - 1] += len(used)
-
   def preload(self, layer: int, device: Sequence[int], host: Sequence[int] = ()) -> None:
     """Places experts before decoding (TierSets: the hot tiers in device slots, the warm ones in the host
     cache), then zeroes the counters, so that the run's figures count decoding only."""
@@ -318,28 +340,33 @@ class ExpertLevels:
     host = [int(e) for e in host]
     if host:
       self._read_into_host(layer, host)
-    self.counters = LevelCounters(recall_hit=[0] * self.opts.lookahead, recall_total=[0] * self.opts.lookahead)
+    self.counters = self._fresh_counters()
+    self._ledger.used.pop(layer, None)
     self._closed.discard(layer)
 
   def end_step(self) -> None:
-    """Drops predictions that were never checked (the first layers of a token have none) and reopens
-    every layer to staging."""
-    self._predicted.clear()
-    self._prefetch_read.clear()
+    """Settles the step's predictions against every wave its layers looked up (recall, wasted prefetch
+    reads: accounting.PredictionLedger) and reopens every layer to staging."""
+    self._ledger.settle(self.counters)
+    with self._lock:
+      self._pinned = {}
     with self._dev_lock:
       self._closed.clear()
 
-  def report(self, tokens: int, stall_s: float | None = None) -> dict:
-    """The `store` JSON: hit rates per level, lookahead recall per depth, bytes read per token per level.
-    stall_s: the stall time to divide by `tokens` (default: all of it, prefill included)."""
+  def report(self, tokens: int, stall_s: float | None = None, io_wait_s: float | None = None,
+             since: LevelCounters | None = None) -> dict:
+    """The `store` JSON: hit rates per level (summing to 1), lookahead recall per depth, bytes read per token
+    per level. stall_s, io_wait_s: the times to divide by `tokens` (default: all, prefill included). since:
+    a copy of the counters after the prefill: `decode_hit_rate` (and per layer) then rate the decode steps'
+    lookups alone."""
     c, eb = self.counters, self.store.expert_bytes
     stall_s = c.stall_s if stall_s is None else stall_s
-    n = max(c.lookups, 1)
+    io_wait_s = c.io_wait_s if io_wait_s is None else io_wait_s
     tokens = max(tokens, 1)
-    disk_lookups = c.disk_demand + c.prefetch_waits
     return {
-        'hit_rate': {'device': c.device_hits / n, 'host': c.host_hits / n, 'disk': disk_lookups / n,
-                     'fallback': c.fallbacks / n},
+        'hit_rate': hit_rates(c), 'device_hit_rate_per_layer': device_hit_rate_per_layer(c),
+        **({'decode_hit_rate': hit_rates(c, since),
+            'decode_device_hit_rate_per_layer': device_hit_rate_per_layer(c, since)} if since is not None else {}),
         'lookahead_recall': [h / t if t else None for h, t in zip(c.recall_hit, c.recall_total)],
         'bytes_read_per_token': {'disk': c.disk_reads * eb / tokens, 'host': c.device_loads * eb / tokens},
         'bytes_read': {'disk': c.disk_reads * eb, 'host': c.device_loads * eb},
@@ -354,27 +381,19 @@ class ExpertLevels:
         # device hits that lookahead staging made: a staged expert found in its slot when its layer ran
         'staged': c.staged, 'staged_hits': c.staged_hits, 'stage': self.opts.stage,
         'stall_ms_per_token': 1e3 * stall_s / tokens,
+        # of the stall, the time spent waiting on I/O: disk reads (on demand or in flight), slot loads, staging
+        'io_wait_ms_per_token': 1e3 * io_wait_s / tokens,
         'slots_per_layer': self.num_slots, 'host_cache_experts': self.host.capacity,
         'policy': self.opts.policy, 'lookahead': self.opts.lookahead, 'miss': self.opts.miss,
         'lookahead_width': self.opts.lookahead_width,
         # chunks whose read failed (miss='fallback': each such expert ran on its int8 copy from then on)
         'damaged_chunks': [{'layer': d.layer, 'array': d.array, 'expert': d.expert, 'ran_on': 'int8 copy',
                             'error': str(d)} for _, d in sorted(self.damaged.items())],
+        'pregate': self.depths - self.opts.lookahead,   # exact prefetch depth (moe.pregate; 0: none)
     }
 
 
-def int8_copies(store: ExpertStore, block: int = 1024) -> dict[int, dict[str, tuple]]:
-  """The resident int8 copy of every expert (miss='fallback'): per layer {name: (q int8 [E, ...] , scale
-  f32 [E, rows, 1])} on the default device, quantised per row as litejax.inference.store.quant does."""
-  import jax
-  from litejax.inference.store.quant import quantize_int8
-  out = {}
-  for layer in store.layers:
-    parts: dict[str, list] = {name: [] for name in store.shapes}
-    for start in range(0, store.num_experts, block):
-      got = store.read_experts(layer, range(start, min(start + block, store.num_experts)))
-      for name, w in got.items():
-        parts[name].append(quantize_int8(w))
-    out[layer] = {name: tuple(jax.device_put(np.concatenate([p[i] for p in ps])) for i in range(2))
-                  for name, ps in parts.items()}
-  return out
+def _timed(fn, *args) -> float:
+  t0 = time.perf_counter()
+  fn(*args)
+  return time.perf_counter() - t0

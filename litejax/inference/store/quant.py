@@ -35,3 +35,20 @@ def int8_bytes(shapes: dict[str, tuple[int, ...]]) -> int:
     rows = int(np.prod(shape[:-1]))
     total += rows * shape[-1] + 4 * rows
   return total
+
+
+def int8_copies(store, block: int = 1024) -> dict[int, dict[str, tuple]]:
+  """The resident int8 copy of every expert (miss='fallback'): per layer {name: (q int8 [E, ...] , scale
+  f32 [E, rows, 1])} on the default device, quantised per row by `quantize_int8`. store: an ExpertStore;
+  a damaged chunk raises its ChunkDamagedError (copies are made from intact reads only)."""
+  import jax
+  out = {}
+  for layer in store.layers:
+    parts: dict[str, list] = {name: [] for name in store.shapes}
+    for start in range(0, store.num_experts, block):
+      got = store.read_experts(layer, range(start, min(start + block, store.num_experts)))
+      for name, w in got.items():
+        parts[name].append(quantize_int8(w))
+    out[layer] = {name: tuple(jax.device_put(np.concatenate([p[i] for p in ps])) for i in range(2))
+                  for name, ps in parts.items()}
+  return out

@@ -79,7 +79,6 @@ def gathered_logits(x_md: jax.Array, w_rdb: jax.Array, row_m: jax.Array) -> jax.
 def _owner_logits(x_nd, group_np, w_loc, delta_loc, cfg: MoEConfig, num_ranks: int):
   """The per-rank body: (logits [N_loc, kept, E_g] f32, keep [N_loc, kept], touched global ids or None)."""
   n, kept = group_np.shape
-  d = x_nd.shape[-1]
   g_loc = w_loc.shape[0]
   c = router_slots_per_rank(cfg, n, num_ranks)
   m = num_ranks * c
