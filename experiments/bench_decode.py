@@ -8,7 +8,7 @@ Each model decodes greedily through litejax.inference.decode (KV cache, dropless
 ms_per_token is the median decode step (every row gets one token per step) of the run with the median
 median of `--repeats`. Beside it, from the same step compiled from abstract shapes
 (litejax.analysis.decode_bound): bytes accessed per token (the HLO walker), the bytes read from the expert
-tables, and the latency model's prediction (decode_cost.predict) on this host as
+tables, and the latency model's prediction (litejax.analysis.decode_bound.predict) on this host as
 litejax.perf.host's probes measure it, the probes' rounds interleaved with the row's runs: the
 machine may be shared, and host and step are then measured under the same load. Each row also
 carries `cpu_share` (process CPU seconds / wall seconds over its runs; up to the 2 threads XLA:CPU

@@ -7,7 +7,7 @@
   host pieces   the loop's other calls into the runtime per step: the batch-sharded positions
                 (device_put), the step index (a NumPy scalar, replicated device_put), the next
                 tokens back to the host (device_get)
-  (c) model     the latency model's prediction (decode_cost.report: compute, memory, per-kernel
+  (c) model     the latency model's prediction (litejax.analysis.decode_bound.report: compute, memory, per-kernel
                 overhead and the host term = decode.HOST_CALLS_PER_STEP x call_overhead_s)
 
 Each round times every piece of a row once, after one round of litejax.perf.host's probes

@@ -19,3 +19,13 @@ def all_config_files():
 @pytest.fixture(scope='session')
 def repo_root() -> pathlib.Path:
   return REPO
+
+
+def import_experiment(name: str):
+  """experiments/<name>.py as a module, with experiments/ on sys.path (its scripts import `harness`)."""
+  import importlib
+  import sys
+  folder = str(REPO / 'experiments')
+  if folder not in sys.path:
+    sys.path.insert(0, folder)
+  return importlib.import_module(name)

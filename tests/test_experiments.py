@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import tiers_quick
-from conftest import REPO
+from conftest import REPO, import_experiment
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
 pytestmark = pytest.mark.slow
@@ -66,8 +66,7 @@ def test_bench_train_experts_quick(tmp_path):
   summary = json.loads((tmp_path / 'bench_train_experts_summary.json').read_text())
   assert summary['experts_at_or_above_nk'] == [2048] and set(summary['pass']) == set(summary['targets'])
   assert (tmp_path / 'bench_train_experts.png').stat().st_size > 0
-  sys.path.insert(0, str(REPO / 'experiments'))
-  import perf_table
+  perf_table = import_experiment('perf_table')
   assert perf_table.experts_table(rows).count('\n') == 2   # header, rule, one row
 
 

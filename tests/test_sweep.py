@@ -1,10 +1,9 @@
 """experiments/bound_sweep.py --axis experts --quick: the headline properties, from its JSON."""
-import importlib.util
 import json
 
 import pytest
 
-from conftest import REPO
+from conftest import import_experiment
 
 # Compiles models: outside the fast loop (`pytest -m "not slow"`); CI runs everything.
 pytestmark = pytest.mark.slow
@@ -12,9 +11,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope='module')
 def sweep(tmp_path_factory):
-  spec = importlib.util.spec_from_file_location('bound_sweep', REPO / 'experiments' / 'bound_sweep.py')
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
+  mod = import_experiment('bound_sweep')
   out = tmp_path_factory.mktemp('sweep')
   rc = mod.main(['--axis', 'experts', '--quick', '--out', str(out)])
   rows = json.loads((out / 'bound_sweep.json').read_text())
