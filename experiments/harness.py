@@ -250,7 +250,8 @@ def tiered_decode(cfg, model, store, opts, prompt, new_tokens, sampling, seed=0,
                   record=None, hooks=None):
   """One decode from the store with fresh storage levels; returns (Generation, logits, store report,
   runtime). preload: every expert resident first (`preload_all`); record: a list the decode steps'
-  lookups are appended to (`record_lookups`); hooks: the runtime's (litejax.inference.store_programs.Hooks)."""
+  lookups (layer, experts) are appended to (from ExpertLevels.lookup_log); hooks: the runtime's
+  (litejax.inference.store_programs.Hooks)."""
   from litejax.inference.store.levels import ExpertLevels
   from litejax.inference.store.quant import int8_copies
   from litejax.inference.store_decode import StoreRuntime
@@ -259,12 +260,13 @@ def tiered_decode(cfg, model, store, opts, prompt, new_tokens, sampling, seed=0,
   try:
     if preload:
       preload_all(tiers)
-    if record is not None:
-      record_lookups(tiers, record)
+    tiers.lookup_log = [] if record is not None else None
     rt = StoreRuntime(cfg, model, tiers)
     gen, logits = rt.generate([prompt], new_tokens, sampling, seed, keep_logits=keep_logits, hooks=hooks)
   finally:
     tiers.close()
+  if record is not None:    # the decode steps' lookups (the prefill's, step 0, left out)
+    record.extend((layer, experts) for step, layer, experts in tiers.lookup_log if step > 0)
   return gen, logits, tiers.report(len(gen.step_s), rt.decode_stall_s, rt.decode_io_wait_s, rt.prefill_counters), rt
 
 
@@ -278,21 +280,6 @@ def preload_all(tiers) -> None:
       slots = tiers.caches[layer].access(ids).slots
       arrays = store.read_experts(layer, ids)
       tiers.load_slots(layer, [(int(s), {k: v[i] for k, v in arrays.items()}) for i, s in enumerate(slots)])
-
-
-def record_lookups(tiers, trace: list) -> None:
-  """Appends (layer, experts) of every decode-step lookup of `tiers` to `trace` (the prefill's are dropped)."""
-  resolve, end_step, state = tiers.resolve, tiers.end_step, {'decoding': False}
-
-  def rec_resolve(layer, experts, groups=()):
-    if state['decoding']:
-      trace.append((int(layer), [int(e) for e in experts]))
-    return resolve(layer, experts, groups)
-
-  def rec_end():
-    state['decoding'] = True
-    end_step()
-  tiers.resolve, tiers.end_step = rec_resolve, rec_end
 
 
 # ------------------------------------------------------------------------------------------ training fixtures

@@ -121,6 +121,22 @@ def test_a_wait_for_a_prefetch_in_flight_counts_once(setup, monkeypatch):
     tiers.close()
 
 
+def test_lookup_log_holds_every_wave_by_step_and_layer(setup):
+  """ExpertLevels.lookup_log: (steps ended, layer, experts) for every resolve, step 0 the prefill; its distinct
+  experts are the lookups the report counts."""
+  cfg, model, store = setup[:3]
+  tiers = ExpertLevels(store, LevelOptions(0.25, 0.5, 'lru', 0), load_width=8)
+  tiers.lookup_log = []
+  try:
+    StoreRuntime(cfg, model, tiers).generate(PROMPTS, NEW)
+  finally:
+    tiers.close()
+  log = tiers.lookup_log
+  assert {step for step, _, _ in log} == set(range(NEW)) and tiers.steps_ended == NEW
+  assert all({layer for s, layer, _ in log if s == step} == set(store.layers) for step in range(NEW))
+  assert sum(len(set(experts)) for _, _, experts in log) == tiers.report(1)['lookups']
+
+
 def test_bytes_read_are_misses_times_expert_bytes(setup):
   before = bytes_read()
   _, _, tiers = run(setup, LevelOptions(0.25, 0.25, 'lru', 1))    # close() waits for the prefetch thread

@@ -37,7 +37,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import logging
 import pathlib
 import warnings
 from typing import Any, Callable
@@ -50,7 +49,6 @@ from litejax.config import Config, from_dict
 from litejax.train import digest, run_folder
 from litejax.train.leaf_specs import CheckpointMismatchError, check_compatible, leaf_specs
 
-log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -340,11 +338,9 @@ def _write_errors(ckpt: Checkpointer, step: int | None):
 def _skip(where: str, error: Exception) -> str:
   first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
   msg = f'{where} is unreadable ({type(error).__name__}: {first[:300]}); skipping it and trying an older one'
-  warnings.warn(msg, RuntimeWarning, stacklevel=3)
-  log.warning(msg)
+  warnings.warn(msg, RuntimeWarning, stacklevel=3)   # once on stderr (no logger as well: it printed twice)
   return f'{where}: {first[:300]}'
 
 
 def _say(message: str) -> None:
   warnings.warn(message, RuntimeWarning, stacklevel=4)
-  log.warning(message)

@@ -108,6 +108,10 @@ class ExpertLevels:
     self._inflight: dict[tuple[int, int], Any] = {}    # (layer, expert) -> disk.PendingRead
     self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix='prefetch')
     self._ledger = PredictionLedger()    # this step's predictions and prefetch reads vs what layers used
+    # a list: every resolve appends (steps ended before it, layer, distinct experts); step 0 = the prefill
+    self.lookup_log: list[tuple[int, int, list[int]]] | None = None
+    self.steps_ended = 0
+    self.fallback_ids: list[int] = []   # the last resolve's experts on their int8 copy, in fallback-index order
     # Staging (the prefetch thread writing device slots) and resolve exclude each other with _dev_lock; a
     # layer is `closed` from its first resolve of a step to end_step, and staging skips closed layers, so
     # a slot the running step's experts read is never overwritten.
@@ -246,13 +250,15 @@ class ExpertLevels:
 
   def resolve(self, layer: int, experts: Sequence[int], groups: Sequence[int] = ()) -> dict[int, int]:
     """{expert: slot} for the distinct experts of one wave (at most num_slots); with miss='fallback' an
-    expert that is on disk only maps to -1 - i, i its index in `fallback_ids` (see `fallback_ids`)."""
+    expert that is on disk only maps to -1 - i, i its index in `fallback_ids`."""
     t0 = time.perf_counter()
     if self.damaged and self.opts.miss == 'stall':    # found by the prefetch thread
       raise next(iter(self.damaged.values()))
     c = self.counters
     unique = [int(e) for e in dict.fromkeys(int(e) for e in experts)]
     self._ledger.used.setdefault(layer, set()).update(unique)
+    if self.lookup_log is not None:
+      self.lookup_log.append((self.steps_ended, int(layer), [int(e) for e in experts]))
     cache = self.caches[layer]
     with self._dev_lock:     # waits for a slot write in progress; no staging into this layer after this
       self._closed.add(layer)
@@ -307,18 +313,13 @@ class ExpertLevels:
     access = cache.access(loaded) if loaded else None
     slot = {e: int(s) for e, s in zip(loaded, access.slots)} if access else {}
     io_s += _timed(self.load_slots, layer, [(slot[e], arrays[e]) for e in need if e in arrays])
-    self._fallback_ids = fallback
+    self.fallback_ids = fallback
     slot.update({e: -1 - i for i, e in enumerate(fallback)})
     for key in [k for k, f in self._inflight.items() if f.counted]:   # in the host level by now
       del self._inflight[key]
     c.stall_s += time.perf_counter() - t0
     c.io_wait_s += io_s
     return slot
-
-  @property
-  def fallback_ids(self) -> list[int]:
-    """The experts of the last `resolve` that run on their int8 copy, in fallback-index order."""
-    return self._fallback_ids
 
   def load_slots(self, layer: int, items: list[tuple[int, dict[str, np.ndarray]]]) -> None:
     """Writes (slot, expert arrays) pairs into `layer`'s device slots, `load_width` per program call; the
@@ -348,6 +349,7 @@ class ExpertLevels:
     """Settles the step's predictions against every wave its layers looked up (recall, wasted prefetch
     reads: accounting.PredictionLedger) and reopens every layer to staging."""
     self._ledger.settle(self.counters)
+    self.steps_ended += 1
     with self._lock:
       self._pinned = {}
     with self._dev_lock:
@@ -360,8 +362,7 @@ class ExpertLevels:
     a copy of the counters after the prefill: `decode_hit_rate` (and per layer) then rate the decode steps'
     lookups alone."""
     c, eb = self.counters, self.store.expert_bytes
-    stall_s = c.stall_s if stall_s is None else stall_s
-    io_wait_s = c.io_wait_s if io_wait_s is None else io_wait_s
+    stall_s, io_wait_s = (c.stall_s if stall_s is None else stall_s), (c.io_wait_s if io_wait_s is None else io_wait_s)
     tokens = max(tokens, 1)
     return {
         'hit_rate': hit_rates(c), 'device_hit_rate_per_layer': device_hit_rate_per_layer(c),
