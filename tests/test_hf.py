@@ -39,7 +39,9 @@ def test_import_export_import_is_bit_identical(imported, tmp_path, name):
     source = json.loads((FIXTURES / name / 'per_expert' / 'config.json').read_text())
     assert config['architectures'] == source['architectures']
     for key in ('hidden_size', 'num_hidden_layers', 'head_dim', 'num_key_value_heads', 'tie_word_embeddings',
-                'mlp_only_layers', 'decoder_sparse_step', 'norm_topk_prob', 'rms_norm_eps', 'bos_token_id'):
+                'mlp_only_layers', 'decoder_sparse_step', 'norm_topk_prob', 'rms_norm_eps', 'bos_token_id',
+                'first_k_dense_replace', 'n_group', 'topk_group', 'q_lora_rank', 'kv_lora_rank', 'rope_parameters',
+                'routed_scaling_factor', 'n_shared_experts', 'moe_intermediate_size'):
       assert config.get(key) == source.get(key), key
     again = import_hf(out, tmp_path / f'again_{layout}', seq_len=16)
     assert again['layouts'] == [layout]
