@@ -155,6 +155,26 @@ BAD = [
     ('qwen3_moe', _tensors_edit(_add('model.layers.0.mlp.experts.gate_up_proj', np.zeros((6, 20, 16), np.float32))),
      'both one tensor per expert'),
     ('qwen3_moe', _tensors_edit(_add('model.layers.0.mlp.gate.qweight', np.zeros((6, 4), np.int8))), 'I8'),
+    ('deepseek_v3', _config_edit(quantization_config={'quant_method': 'fp8', 'weight_block_size': [128, 128]}),
+     "quantization_config: 'fp8' quantised weights"),
+    ('deepseek_v3', _config_edit(rope_interleave=False), 'rope_interleave'),
+    ('deepseek_v3', _config_edit(scoring_func='softmax'), 'scoring_func'),
+    ('deepseek_v3', _config_edit(topk_method='group_limited_greedy'), 'topk_method'),
+    ('deepseek_v3', _config_edit(moe_layer_freq=2), 'moe_layer_freq'),
+    ('deepseek_v3', _config_edit(n_shared_experts=0), 'n_shared_experts'),
+    ('deepseek_v3', _config_edit(n_group=5), 'n_group: 5 groups do not divide the 12 experts'),
+    ('deepseek_v3', _config_edit(topk_group=1, num_experts_per_tok=4), 'num_experts_per_tok: 4 exceeds the 3'),
+    ('deepseek_v3', _config_edit(rope_parameters={'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0,
+                                                  'attention_factor': 1.2}), 'rope_parameters.attention_factor'),
+    ('deepseek_v3', _config_edit(rope_parameters={'rope_type': 'llama3', 'rope_theta': 1e4}),
+     'rope_parameters.rope_type'),
+    ('deepseek_v3', _config_edit(num_mtp_layers=2), 'num_mtp_layers'),
+    ('deepseek_v3', _config_edit(mystery_option=3), 'mystery_option: unknown field'),
+    # one MTP layer is declared (model.layers.3.*, skipped); a fifth layer is not
+    ('deepseek_v3', _tensors_edit(_add('model.layers.4.eh_proj.weight', np.zeros((16, 32), np.float32))),
+     'model.layers.4.eh_proj.weight (16, 32) has no place'),
+    ('deepseek_v3', _tensors_edit(_drop('model.layers.1.mlp.gate.e_score_correction_bias')),
+     'e_score_correction_bias is missing'),
     ('qwen3_moe', lambda f: (f / 'tokenizer.json').unlink(), 'no tokenizer.json'),
     ('qwen3_moe', lambda f: (f / 'config.json').unlink(), 'config.json: missing'),
     ('qwen3_moe', lambda f: (f / 'model.safetensors').rename(f / 'model-00001-of-00002.safetensors'),
@@ -170,6 +190,28 @@ def test_unsupported_checkpoints_stop_before_writing(tmp_path, capsys, name, edi
   err = capsys.readouterr().err
   assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
   assert not (tmp_path / 'out').exists() and not (tmp_path / 'store').exists()
+
+
+def test_deepseek_mtp_layers_are_skipped_and_reported(tmp_path):
+  """num_nextn_predict_layers: 1 declares model.layers.3.* (multi-token prediction, which litejax does not
+  model): an import skips those tensors and lists them; the published rope_scaling / rope_theta spelling reads
+  as transformers 5's rope_parameters."""
+  from litejax.train.checkpoint import restore_config
+  src = copy_fixture('deepseek_v3', 'per_expert', tmp_path / 'src')
+  mtp = {'model.layers.3.eh_proj.weight': np.ones((16, 32), np.float32),
+         'model.layers.3.mlp.experts.0.gate_proj.weight': np.ones((6, 16), np.float32)}
+  _tensors_edit(lambda t: t.update(mtp))(src)
+  raw = json.loads((src / 'config.json').read_text())
+  rope = raw.pop('rope_parameters')
+  raw.update(rope_theta=rope.pop('rope_theta'), rope_scaling={**rope, 'type': rope.pop('rope_type')})
+  (src / 'config.json').write_text(json.dumps(raw))
+  rep = import_hf(src, tmp_path / 'ckpt', seq_len=16)
+  assert rep['not_modelled']['tensors'] == 2 and rep['not_modelled']['names'] == sorted(mtp)
+  assert 'multi-token-prediction' in rep['not_modelled']['why']
+  cfg = restore_config(tmp_path / 'ckpt')
+  assert cfg == restore_config(import_all_one(tmp_path, 'deepseek_v3', 'per_expert'))
+  assert cfg.model.dense_layers == '0' and cfg.model.rope_scaling == 'yarn' and cfg.moe.group_score == 'top2_experts'
+  assert_same_leaves(tmp_path / 'ckpt', tmp_path / 'resident')
 
 
 def test_a_previous_folder_is_replaced_only_with_overwrite(tmp_path, capsys):
@@ -191,7 +233,7 @@ def test_a_previous_folder_is_replaced_only_with_overwrite(tmp_path, capsys):
 
 
 def test_export_names_what_does_not_map(imported, tmp_path, capsys):
-  from litejax.config import load_config
+  from litejax.config import from_dict, load_config, parse_overrides
   cases = [('tiny', [], 'moe.num_shared_experts'), ('tiny_hier', [], 'moe.num_tiers/groups_per_tier'),
            ('tiny', ['moe.num_shared_experts=0', 'moe.score=sigmoid'], 'moe.score'),
            ('tiny', ['moe.num_shared_experts=0', 'moe.expert_kind=mlp'], 'moe.expert_kind'),
@@ -201,6 +243,16 @@ def test_export_names_what_does_not_map(imported, tmp_path, capsys):
     with pytest.raises(HFError, match=field.replace('.', r'\.').replace('/', '/')):
       family_for_config(load_config(config, overrides))
   assert family_for_config(load_config('tiny', ['moe.num_shared_experts=0'])).name == 'mixtral'
+  from litejax.train.checkpoint import restore_config
+  ds = restore_config(imported['deepseek_v3', 'fused'])
+  assert family_for_config(ds).name == 'deepseek_v3'
+  for overrides, field in ((['moe.expert_selection=per_group'], 'moe.expert_selection'),
+                           (['model.dense_layers="1"'], 'a prefix (first_k_dense_replace)'),
+                           (['moe.group_score=router'], 'moe.group_score'),
+                           (['moe.d_shared=4'], 'moe.d_shared'),
+                           (['moe.num_tiers=2', 'moe.k_tier=2'], 'moe.num_tiers')):
+    with pytest.raises(HFError, match=field.replace('.', r'\.').replace('(', r'\(').replace(')', r'\)')):
+      family_for_config(from_dict(parse_overrides(overrides), base=ds))
   rc = cli.main(['export-hf', '--ckpt-dir', str(imported['qwen3_moe', 'fused']), '--out', str(tmp_path / 'x'),
                  '--family', 'mixtral'])
   err = capsys.readouterr().err
