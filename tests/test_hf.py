@@ -307,8 +307,49 @@ PUBLISHED = {
         router_aux_loss_coef=0.001, sliding_window=None, tie_word_embeddings=False, torch_dtype='bfloat16',
         transformers_version='4.51.0', use_cache=True, use_sliding_window=False, vocab_size=151936),
 }
+# config.json of deepseek-ai/DeepSeek-V3 as published, less its quantization_config (FP8 blocks: refused, below);
+# a bfloat16 conversion of it reads as this.
+DEEPSEEK_V3 = dict(
+    architectures=['DeepseekV3ForCausalLM'], attention_bias=False, attention_dropout=0.0,
+    auto_map={'AutoConfig': 'configuration_deepseek.DeepseekV3Config',
+              'AutoModel': 'modeling_deepseek.DeepseekV3Model',
+              'AutoModelForCausalLM': 'modeling_deepseek.DeepseekV3ForCausalLM'},
+    aux_loss_alpha=0.001, bos_token_id=0, eos_token_id=1, ep_size=1, first_k_dense_replace=3, hidden_act='silu',
+    hidden_size=7168, initializer_range=0.02, intermediate_size=18432, kv_lora_rank=512, max_position_embeddings=163840,
+    model_type='deepseek_v3', moe_intermediate_size=2048, moe_layer_freq=1, n_group=8, n_routed_experts=256,
+    n_shared_experts=1, norm_topk_prob=True, num_attention_heads=128, num_experts_per_tok=8, num_hidden_layers=61,
+    num_key_value_heads=128, num_nextn_predict_layers=1, pretraining_tp=1, q_lora_rank=1536, qk_nope_head_dim=128,
+    qk_rope_head_dim=64, rms_norm_eps=1e-06,
+    rope_scaling=dict(beta_fast=32, beta_slow=1, factor=40, mscale=1.0, mscale_all_dim=1.0,
+                      original_max_position_embeddings=4096, type='yarn'),
+    rope_theta=10000, routed_scaling_factor=2.5, scoring_func='sigmoid', seq_aux=True, tie_word_embeddings=False,
+    topk_group=4, topk_method='noaux_tc', torch_dtype='bfloat16', transformers_version='4.33.1', use_cache=True,
+    v_head_dim=128, vocab_size=129280)
 # Their published parameter counts (total, active per token).
 PUBLISHED_PARAMS = {'mixtral_8x7b': (46.7e9, 12.9e9), 'qwen3_235b_a22b': (235e9, 22e9)}
+
+
+def test_published_deepseek_v3_config_maps_onto_the_shipped_one():
+  """The published config.json gives configs/deepseek_v3.yaml's model but for the dense prefix (the shipped
+  config scans its layers, which model.dense_layers cannot be combined with yet: config_rules), and its
+  parameter counts: 671.03B total (published 671B); 37.55B active per token, litejax counting the input
+  embedding and output tables (published "37B"). The MTP layer (num_nextn_predict_layers) is not counted."""
+  import dataclasses
+
+  from litejax.config import load_config
+  from litejax.hf.config_fields import ConfigFields
+  from litejax.hf.families import family_for_hf
+  from litejax.model import bounds
+  cfg = family_for_hf(DEEPSEEK_V3).to_config(ConfigFields(DEEPSEEK_V3), 'bfloat16')
+  shipped = load_config('deepseek_v3')
+  assert cfg.model.dense_layers == '0-2' and not cfg.model.scan_layers
+  assert dataclasses.replace(cfg.model, scan_layers=True, dense_layers='') == shipped.model and cfg.moe == shipped.moe
+  counts = bounds.param_counts(cfg)
+  assert counts.total == 671_026_404_352 and abs(counts.total / 671e9 - 1) < 1e-4
+  assert counts.active_per_token == 37_552_282_624
+  quantised = {**DEEPSEEK_V3, 'quantization_config': {'quant_method': 'fp8', 'weight_block_size': [128, 128]}}
+  with pytest.raises(HFError, match="config.json: quantization_config: 'fp8'"):
+    family_for_hf(quantised).to_config(ConfigFields(quantised), 'bfloat16')
 
 
 @pytest.mark.parametrize('name', list(PUBLISHED))
