@@ -400,3 +400,46 @@ def test_a_scanned_model_exports_as_its_unscanned_twin(imported, tmp_path):
   export_hf(tmp_path / 'scanned', tmp_path / 'a')
   export_hf(src, tmp_path / 'b')
   assert (tmp_path / 'a' / 'model.safetensors').read_bytes() == (tmp_path / 'b' / 'model.safetensors').read_bytes()
+
+
+@pytest.mark.slow   # compiles the scanned model's init
+def test_a_scanned_deepseek_exports_its_selection_bias(imported, tmp_path):
+  """A scanned DeepSeek-V3 model (every layer MoE, as configs/deepseek_v3.yaml): export-hf reads the stacked
+  parameters and the stacked selection bias (state under extra/) layer by layer; importing the export gives
+  them back unscanned."""
+  import dataclasses
+
+  from flax import nnx
+
+  from litejax.model.transformer import init_model
+  from litejax.train.checkpoint import Checkpointer, restore_config
+  from litejax.train.step import initial_rng
+  base = restore_config(imported['deepseek_v3', 'fused'])
+  cfg = base.replace(model=dataclasses.replace(base.model, dense_layers='', scan_layers=True))
+  _, params, extra = nnx.split(init_model(cfg, 3), nnx.Param, ...)
+  bias = np.arange(3 * 12, dtype=np.float32).reshape(3, 12) % 5 / 2   # [periods, E]
+  extra = nnx.from_flat_state([(p, v.replace(bias if p[-1] == 'bias_expert' else v[...]))
+                               for p, v in nnx.to_flat_state(extra)])
+  ckpt = Checkpointer(tmp_path / 'scanned', async_save=False)
+  ckpt.save(0, {'params': params, 'extra': extra, 'step': np.int32(0), 'rng': initial_rng(0)},
+            {'config': cfg.to_dict()})
+  ckpt.close()
+  export_hf(tmp_path / 'scanned', tmp_path / 'hf', layout='fused')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert config['first_k_dense_replace'] == 0 and config['num_nextn_predict_layers'] == 0
+  import_hf(tmp_path / 'hf', tmp_path / 'again', seq_len=16, tokenizer=False)
+  again = leaves(tmp_path / 'again')
+  stacked = params['periods']['layers'][0]
+  for i in range(3):
+    for name in ('attn/w_q_b', 'attn/w_kv_a', 'ffn/router_expert', 'ffn/w_out', 'ffn/shared/w_in'):
+      node = stacked
+      for part in name.split('/'):
+        node = node[part]
+      np.testing.assert_array_equal(again[f'params/blocks/{i}/{name}'], np.asarray(node[...])[i])
+  ckpt = Checkpointer(tmp_path / 'again', read_only=True)
+  try:
+    for i in range(3):
+      np.testing.assert_array_equal(ckpt.read_leaf(0, f'extra/blocks/{i}/ffn/bias_expert'), bias[i])
+  finally:
+    ckpt.close()
+  assert restore_config(tmp_path / 'again').model == dataclasses.replace(cfg.model, scan_layers=False)
