@@ -3,6 +3,7 @@
   pip install '.[hf-reference]'      # torch and transformers (CPU wheels do), beside litejax
   python experiments/hf_fixtures.py                     # (re)writes tests/fixtures/hf/
   python experiments/hf_fixtures.py --check             # litejax import-hf -> export-hf -> transformers loads it
+  python experiments/hf_fixtures.py --only deepseek_v3   # (re)writes (or --check-s) one fixture
 
 Builds tiny random models of each family with transformers (odd shapes: head_dim != hidden/heads, several kv
 heads, expert counts that are not powers of two, a dense layer through mlp_only_layers, a tied variant), a
@@ -60,7 +61,22 @@ FIXTURES = {
         num_attention_heads=4, num_key_value_heads=1, head_dim=8, num_experts=3, num_experts_per_tok=2,
         decoder_sparse_step=2, norm_topk_prob=True, rope_theta=1e4, rms_norm_eps=1e-6,
         max_position_embeddings=64, tie_word_embeddings=True)),
+    # DeepSeek-V3: MLA with a q rank and YaRN (max_position_embeddings = factor x original, as the published
+    # config has it), 12 experts in 4 groups keeping 2, 3 pooled, sigmoid scores with a random selection bias,
+    # one shared expert, the first of 3 layers dense.
+    'deepseek_v3': dict(arch='DeepseekV3ForCausalLM', layouts=('per_expert', 'fused'), config=dict(
+        hidden_size=16, intermediate_size=20, moe_intermediate_size=6, num_hidden_layers=3, first_k_dense_replace=1,
+        num_attention_heads=3, num_key_value_heads=3, q_lora_rank=10, kv_lora_rank=8, qk_nope_head_dim=6,
+        qk_rope_head_dim=4, v_head_dim=5, n_routed_experts=12, n_group=4, topk_group=2, num_experts_per_tok=3,
+        n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True, rms_norm_eps=1e-6,
+        max_position_embeddings=64, rope_parameters=dict(
+            rope_type='yarn', rope_theta=1e4, factor=4.0, original_max_position_embeddings=16, beta_fast=32.0,
+            beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0), tie_word_embeddings=False),
+        margin=1e-3),   # sigmoid scores in (0, 1): gaps of 1e-3 are 10^4 float32 roundings
 }
+# Families whose routers choose experts in no particular order (DeepSeek's torch.topk(sorted=False)): their
+# recorded expert ids are sorted ascending, and compared as sets.
+UNORDERED_EXPERTS = ('deepseek_v3',)
 
 
 def _need(module: str):
@@ -93,15 +109,37 @@ def build_model(name: str, spec: dict, seed: int):
   config = cls.config_class(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, **spec['config'], **EAGER)
   torch.manual_seed(seed)
   model = cls(config).eval()
+  sigmoid = spec['arch'] == 'DeepseekV3ForCausalLM'
   with torch.no_grad():
     for pname, p in model.named_parameters():
       if pname.endswith('norm.weight') or 'layernorm' in pname:
         p.copy_(1 + 0.2 * torch.randn_like(p))
       elif pname.endswith('gate.weight'):
-        p.copy_(torch.randn_like(p))         # routers: decisive top-k
+        # routers: decisive top-k (sigmoid scores: logits of a few units, away from its flat tails)
+        p.copy_((0.4 if sigmoid else 1.0) * torch.randn_like(p))
       else:
         p.copy_(0.3 * torch.randn_like(p))
+    for bname, b in model.named_buffers():
+      if bname.endswith('e_score_correction_bias'):
+        b.copy_(0.1 * torch.randn_like(b))   # the selection bias moves the choice, not the gates
   return model
+
+
+def selection_margin(model, logits) -> float:
+  """DeepSeek-V3: the smallest gap, over tokens, between the last kept and the first dropped group score and
+  between the last chosen and the first unchosen selection score of the kept groups' experts."""
+  import torch
+  c = model.config
+  gate = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, 'experts')][0]
+  sel = logits.float().sigmoid() + gate.e_score_correction_bias
+  groups = sel.view(-1, c.n_group, c.n_routed_experts // c.n_group)
+  gs = groups.topk(2, dim=-1).values.sum(-1).sort(-1, descending=True).values
+  margin = float((gs[:, c.topk_group - 1] - gs[:, c.topk_group]).min())
+  kept = groups.topk(2, dim=-1).values.sum(-1).topk(c.topk_group, dim=-1).indices
+  pool = torch.gather(groups, 1, kept[..., None].expand(-1, -1, groups.shape[-1])).flatten(1)
+  top = pool.sort(-1, descending=True).values
+  k = c.num_experts_per_tok
+  return min(margin, float((top[:, k - 1] - top[:, k]).min()))
 
 
 def reference(model, tokenizer_path: pathlib.Path) -> dict:
@@ -113,20 +151,31 @@ def reference(model, tokenizer_path: pathlib.Path) -> dict:
   routers = [layer.mlp.gate for layer in model.model.layers if hasattr(layer.mlp, 'gate') and
              hasattr(layer.mlp, 'experts')]
   chosen: list = []
-  hooks = [r.register_forward_hook(lambda m, i, o: chosen.append(o[2].detach().clone())) for r in routers]
+  router_logits: list = []
+
+  def hook(module, inputs, outputs):
+    chosen.append(outputs[2].detach().clone())
+    router_logits.append(outputs[0].detach().clone())
+  hooks = [r.register_forward_hook(hook) for r in routers]
+  unordered = type(model).__name__ == 'DeepseekV3ForCausalLM'
   out = {'moe_layers': np.asarray([i for i, layer in enumerate(model.model.layers) if hasattr(layer.mlp, 'experts')])}
   margins = []
   with torch.no_grad():
     for i, text in enumerate(PROMPTS):
       ids = torch.tensor([tok.encode(text).ids])
       chosen.clear()
-      res = model(ids, output_router_logits=True)
+      router_logits.clear()
+      res = model(ids)
       out[f'prompt_{i}'] = np.asarray(text)
       out[f'tokens_{i}'] = ids[0].numpy().astype(np.int32)
       out[f'logits_{i}'] = res.logits[0].float().numpy()
-      out[f'experts_{i}'] = torch.stack(chosen).numpy().astype(np.int32)     # [MoE layers, S, k]
-      for logits in res.router_logits:   # the gap between the k-th and the next router logit
-        top = logits.float().sort(-1, descending=True).values
+      experts = torch.stack(chosen)                                           # [MoE layers, S, k]
+      out[f'experts_{i}'] = (experts.sort(-1).values if unordered else experts).numpy().astype(np.int32)
+      for logits in router_logits:
+        if unordered:
+          margins.append(selection_margin(model, logits))
+          continue
+        top = logits.float().sort(-1, descending=True).values   # the gap between the k-th and the next logit
         k = model.config.num_experts_per_tok
         margins.append(float((top[:, k - 1] - top[:, k]).min()) if top.shape[-1] > k else 1.0)
       chosen.clear()
@@ -150,21 +199,26 @@ def reference(model, tokenizer_path: pathlib.Path) -> dict:
   return out
 
 
-def write(out_dir: pathlib.Path) -> None:
+def write(out_dir: pathlib.Path, only: list[str] | None = None) -> None:
+  """Writes every fixture (the folder replaced), or only the named ones (their folders replaced)."""
   import numpy as np
   from safetensors.torch import save_file
-  if out_dir.exists():
+  if only is None and out_dir.exists():
     shutil.rmtree(out_dir)
-  out_dir.mkdir(parents=True)
+  out_dir.mkdir(parents=True, exist_ok=True)
   (out_dir / 'eval.txt').write_text(TEXT)
   with tempfile.TemporaryDirectory() as tmp:
     tok_path = pathlib.Path(tmp) / 'tokenizer.json'
     build_tokenizer(tok_path)
     for name, spec in FIXTURES.items():
+      if only is not None and name not in only:
+        continue
+      if (out_dir / name).exists():
+        shutil.rmtree(out_dir / name)
       for seed in range(20):   # the first seed whose routing is decisive on every prompt
         model = build_model(name, spec, seed)
         ref = reference(model, tok_path)
-        if ref['router_margin'] > 1e-2:
+        if ref['router_margin'] > spec.get('margin', 1e-2):
           break
       folder = out_dir / name
       for layout in spec['layouts']:
@@ -186,7 +240,7 @@ def write(out_dir: pathlib.Path) -> None:
   print(f'wrote {out_dir} ({total / 1024:.0f} KiB)')
 
 
-def check(fixtures: pathlib.Path, litejax_python: str) -> int:
+def check(fixtures: pathlib.Path, litejax_python: str, only: list[str] | None = None) -> int:
   """litejax import -> export in both layouts -> transformers from_pretrained -> the recorded logits."""
   import numpy as np
   import torch
@@ -194,6 +248,8 @@ def check(fixtures: pathlib.Path, litejax_python: str) -> int:
   report, ok = {}, True
   with tempfile.TemporaryDirectory() as tmp:
     for name, spec in FIXTURES.items():
+      if only is not None and name not in only:
+        continue
       ref = np.load(fixtures / name / 'reference.npz')
       for layout in spec['layouts']:
         ckpt = pathlib.Path(tmp) / f'{name}_{layout}_ckpt'
@@ -230,14 +286,15 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument('--out', type=pathlib.Path, default=OUT, help=f'fixture folder (default {OUT})')
   parser.add_argument('--check', action='store_true', help='import, export and load with transformers; compare')
+  parser.add_argument('--only', nargs='+', choices=list(FIXTURES), help='write (or check) only these fixtures')
   parser.add_argument('--litejax-python', default=sys.executable,
                       help='the Python with litejax installed, for --check (default: this one)')
   args = parser.parse_args(argv)
   _need('torch')
   _need('transformers')
   if args.check:
-    return check(args.out, args.litejax_python)
-  write(args.out)
+    return check(args.out, args.litejax_python, args.only)
+  write(args.out, args.only)
   return 0
 
 

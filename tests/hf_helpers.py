@@ -5,7 +5,10 @@ import shutil
 import numpy as np
 
 FIXTURES = pathlib.Path(__file__).resolve().parent / 'fixtures' / 'hf'
-FAMILIES = {'mixtral': ('per_expert', 'fused'), 'qwen3_moe': ('per_expert', 'fused'), 'qwen3_moe_tied': ('per_expert',)}
+FAMILIES = {'mixtral': ('per_expert', 'fused'), 'qwen3_moe': ('per_expert', 'fused'), 'qwen3_moe_tied': ('per_expert',),
+            'deepseek_v3': ('per_expert', 'fused')}
+# Fixtures whose recorded expert ids are sorted ascending (DeepSeek's router picks its top-k unordered).
+UNORDERED_EXPERTS = ('deepseek_v3',)
 EVAL_TEXT = FIXTURES / 'eval.txt'
 TOL = 1e-4
 
@@ -73,3 +76,8 @@ def assert_same_leaves(a: pathlib.Path, b: pathlib.Path) -> None:
   assert la.keys() == lb.keys()
   for k in la:
     assert la[k].dtype == lb[k].dtype and np.array_equal(la[k], lb[k]), k
+
+
+def assert_same_experts(name: str, got: np.ndarray, want: np.ndarray) -> None:
+  """The same expert ids per token: in transformers' order (best first), or as sets for UNORDERED_EXPERTS."""
+  np.testing.assert_array_equal(np.sort(got, -1) if name in UNORDERED_EXPERTS else got, want)

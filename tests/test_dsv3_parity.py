@@ -34,8 +34,8 @@ def test_router_matches_transformers(name):
   f = fixture(name)
   hc = hfw.config(f)
   cfg = from_dict({'moe': hfw.moe_section(hc)}).moe
-  g, e = hc['n_group'], hc['n_routed_experts']
-  params = {'expert': hfw.t(f['weight'].reshape(g, e // g, -1).transpose(0, 2, 1))}
+  g = hc['n_group']
+  params = {'expert': hfw.router_weight(f['weight'], g)}
   r = jax.jit(route, static_argnums=2)(jnp.asarray(f['hidden']), params, cfg,
                                         {'expert': hfw.t(f['e_score_correction_bias'])})
   ids, w = by_expert(np.asarray(r.expert_nk), np.asarray(r.weight_nk))
@@ -48,7 +48,7 @@ def mla_module(f):
   hc = hfw.config(f)
   mc = from_dict({'model': hfw.model_section(hc)}).model
   attn = mla.MLAttention(mc, nnx.Rngs(params=0))
-  hfw.assign(attn, hfw.mla_weights(f, '', hc))
+  hfw.assign(attn, hfw.mla_weights(f, '', hc, attn))
   return mc, attn
 
 
@@ -109,7 +109,7 @@ def tiny_deepseek():
   hc = hfw.config(f)
   cfg = hfw.model_config(hc)
   model = init_model(cfg)
-  hfw.load_model(model, f, hc)
+  hfw.load_model(model, f, cfg)
   return f, cfg, model
 
 

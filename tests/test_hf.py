@@ -39,7 +39,9 @@ def test_import_export_import_is_bit_identical(imported, tmp_path, name):
     source = json.loads((FIXTURES / name / 'per_expert' / 'config.json').read_text())
     assert config['architectures'] == source['architectures']
     for key in ('hidden_size', 'num_hidden_layers', 'head_dim', 'num_key_value_heads', 'tie_word_embeddings',
-                'mlp_only_layers', 'decoder_sparse_step', 'norm_topk_prob', 'rms_norm_eps', 'bos_token_id'):
+                'mlp_only_layers', 'decoder_sparse_step', 'norm_topk_prob', 'rms_norm_eps', 'bos_token_id',
+                'first_k_dense_replace', 'n_group', 'topk_group', 'q_lora_rank', 'kv_lora_rank', 'rope_parameters',
+                'routed_scaling_factor', 'n_shared_experts', 'moe_intermediate_size'):
       assert config.get(key) == source.get(key), key
     again = import_hf(out, tmp_path / f'again_{layout}', seq_len=16)
     assert again['layouts'] == [layout]
@@ -153,6 +155,26 @@ BAD = [
     ('qwen3_moe', _tensors_edit(_add('model.layers.0.mlp.experts.gate_up_proj', np.zeros((6, 20, 16), np.float32))),
      'both one tensor per expert'),
     ('qwen3_moe', _tensors_edit(_add('model.layers.0.mlp.gate.qweight', np.zeros((6, 4), np.int8))), 'I8'),
+    ('deepseek_v3', _config_edit(quantization_config={'quant_method': 'fp8', 'weight_block_size': [128, 128]}),
+     "quantization_config: 'fp8' quantised weights"),
+    ('deepseek_v3', _config_edit(rope_interleave=False), 'rope_interleave'),
+    ('deepseek_v3', _config_edit(scoring_func='softmax'), 'scoring_func'),
+    ('deepseek_v3', _config_edit(topk_method='group_limited_greedy'), 'topk_method'),
+    ('deepseek_v3', _config_edit(moe_layer_freq=2), 'moe_layer_freq'),
+    ('deepseek_v3', _config_edit(n_shared_experts=0), 'n_shared_experts'),
+    ('deepseek_v3', _config_edit(n_group=5), 'n_group: 5 groups do not divide the 12 experts'),
+    ('deepseek_v3', _config_edit(topk_group=1, num_experts_per_tok=4), 'num_experts_per_tok: 4 exceeds the 3'),
+    ('deepseek_v3', _config_edit(rope_parameters={'rope_type': 'yarn', 'rope_theta': 1e4, 'factor': 4.0,
+                                                  'attention_factor': 1.2}), 'rope_parameters.attention_factor'),
+    ('deepseek_v3', _config_edit(rope_parameters={'rope_type': 'llama3', 'rope_theta': 1e4}),
+     'rope_parameters.rope_type'),
+    ('deepseek_v3', _config_edit(num_mtp_layers=2), 'num_mtp_layers'),
+    ('deepseek_v3', _config_edit(mystery_option=3), 'mystery_option: unknown field'),
+    # one MTP layer is declared (model.layers.3.*, skipped); a fifth layer is not
+    ('deepseek_v3', _tensors_edit(_add('model.layers.4.eh_proj.weight', np.zeros((16, 32), np.float32))),
+     'model.layers.4.eh_proj.weight (16, 32) has no place'),
+    ('deepseek_v3', _tensors_edit(_drop('model.layers.1.mlp.gate.e_score_correction_bias')),
+     'e_score_correction_bias is missing'),
     ('qwen3_moe', lambda f: (f / 'tokenizer.json').unlink(), 'no tokenizer.json'),
     ('qwen3_moe', lambda f: (f / 'config.json').unlink(), 'config.json: missing'),
     ('qwen3_moe', lambda f: (f / 'model.safetensors').rename(f / 'model-00001-of-00002.safetensors'),
@@ -168,6 +190,28 @@ def test_unsupported_checkpoints_stop_before_writing(tmp_path, capsys, name, edi
   err = capsys.readouterr().err
   assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
   assert not (tmp_path / 'out').exists() and not (tmp_path / 'store').exists()
+
+
+def test_deepseek_mtp_layers_are_skipped_and_reported(tmp_path):
+  """num_nextn_predict_layers: 1 declares model.layers.3.* (multi-token prediction, which litejax does not
+  model): an import skips those tensors and lists them; the published rope_scaling / rope_theta spelling reads
+  as transformers 5's rope_parameters."""
+  from litejax.train.checkpoint import restore_config
+  src = copy_fixture('deepseek_v3', 'per_expert', tmp_path / 'src')
+  mtp = {'model.layers.3.eh_proj.weight': np.ones((16, 32), np.float32),
+         'model.layers.3.mlp.experts.0.gate_proj.weight': np.ones((6, 16), np.float32)}
+  _tensors_edit(lambda t: t.update(mtp))(src)
+  raw = json.loads((src / 'config.json').read_text())
+  rope = raw.pop('rope_parameters')
+  raw.update(rope_theta=rope.pop('rope_theta'), rope_scaling={**rope, 'type': rope.pop('rope_type')})
+  (src / 'config.json').write_text(json.dumps(raw))
+  rep = import_hf(src, tmp_path / 'ckpt', seq_len=16)
+  assert rep['not_modelled']['tensors'] == 2 and rep['not_modelled']['names'] == sorted(mtp)
+  assert 'multi-token-prediction' in rep['not_modelled']['why']
+  cfg = restore_config(tmp_path / 'ckpt')
+  assert cfg == restore_config(import_all_one(tmp_path, 'deepseek_v3', 'per_expert'))
+  assert cfg.model.dense_layers == '0' and cfg.model.rope_scaling == 'yarn' and cfg.moe.group_score == 'top2_experts'
+  assert_same_leaves(tmp_path / 'ckpt', tmp_path / 'resident')
 
 
 def test_a_previous_folder_is_replaced_only_with_overwrite(tmp_path, capsys):
@@ -189,7 +233,7 @@ def test_a_previous_folder_is_replaced_only_with_overwrite(tmp_path, capsys):
 
 
 def test_export_names_what_does_not_map(imported, tmp_path, capsys):
-  from litejax.config import load_config
+  from litejax.config import from_dict, load_config, parse_overrides
   cases = [('tiny', [], 'moe.num_shared_experts'), ('tiny_hier', [], 'moe.num_tiers/groups_per_tier'),
            ('tiny', ['moe.num_shared_experts=0', 'moe.score=sigmoid'], 'moe.score'),
            ('tiny', ['moe.num_shared_experts=0', 'moe.expert_kind=mlp'], 'moe.expert_kind'),
@@ -199,6 +243,16 @@ def test_export_names_what_does_not_map(imported, tmp_path, capsys):
     with pytest.raises(HFError, match=field.replace('.', r'\.').replace('/', '/')):
       family_for_config(load_config(config, overrides))
   assert family_for_config(load_config('tiny', ['moe.num_shared_experts=0'])).name == 'mixtral'
+  from litejax.train.checkpoint import restore_config
+  ds = restore_config(imported['deepseek_v3', 'fused'])
+  assert family_for_config(ds).name == 'deepseek_v3'
+  for overrides, field in ((['moe.expert_selection=per_group'], 'moe.expert_selection'),
+                           (['model.dense_layers="1"'], 'a prefix (first_k_dense_replace)'),
+                           (['moe.group_score=router'], 'moe.group_score'),
+                           (['moe.d_shared=4'], 'moe.d_shared'),
+                           (['moe.num_tiers=2', 'moe.k_tier=2'], 'moe.num_tiers')):
+    with pytest.raises(HFError, match=field.replace('.', r'\.').replace('(', r'\(').replace(')', r'\)')):
+      family_for_config(from_dict(parse_overrides(overrides), base=ds))
   rc = cli.main(['export-hf', '--ckpt-dir', str(imported['qwen3_moe', 'fused']), '--out', str(tmp_path / 'x'),
                  '--family', 'mixtral'])
   err = capsys.readouterr().err
@@ -253,8 +307,49 @@ PUBLISHED = {
         router_aux_loss_coef=0.001, sliding_window=None, tie_word_embeddings=False, torch_dtype='bfloat16',
         transformers_version='4.51.0', use_cache=True, use_sliding_window=False, vocab_size=151936),
 }
+# config.json of deepseek-ai/DeepSeek-V3 as published, less its quantization_config (FP8 blocks: refused, below);
+# a bfloat16 conversion of it reads as this.
+DEEPSEEK_V3 = dict(
+    architectures=['DeepseekV3ForCausalLM'], attention_bias=False, attention_dropout=0.0,
+    auto_map={'AutoConfig': 'configuration_deepseek.DeepseekV3Config',
+              'AutoModel': 'modeling_deepseek.DeepseekV3Model',
+              'AutoModelForCausalLM': 'modeling_deepseek.DeepseekV3ForCausalLM'},
+    aux_loss_alpha=0.001, bos_token_id=0, eos_token_id=1, ep_size=1, first_k_dense_replace=3, hidden_act='silu',
+    hidden_size=7168, initializer_range=0.02, intermediate_size=18432, kv_lora_rank=512, max_position_embeddings=163840,
+    model_type='deepseek_v3', moe_intermediate_size=2048, moe_layer_freq=1, n_group=8, n_routed_experts=256,
+    n_shared_experts=1, norm_topk_prob=True, num_attention_heads=128, num_experts_per_tok=8, num_hidden_layers=61,
+    num_key_value_heads=128, num_nextn_predict_layers=1, pretraining_tp=1, q_lora_rank=1536, qk_nope_head_dim=128,
+    qk_rope_head_dim=64, rms_norm_eps=1e-06,
+    rope_scaling=dict(beta_fast=32, beta_slow=1, factor=40, mscale=1.0, mscale_all_dim=1.0,
+                      original_max_position_embeddings=4096, type='yarn'),
+    rope_theta=10000, routed_scaling_factor=2.5, scoring_func='sigmoid', seq_aux=True, tie_word_embeddings=False,
+    topk_group=4, topk_method='noaux_tc', torch_dtype='bfloat16', transformers_version='4.33.1', use_cache=True,
+    v_head_dim=128, vocab_size=129280)
 # Their published parameter counts (total, active per token).
 PUBLISHED_PARAMS = {'mixtral_8x7b': (46.7e9, 12.9e9), 'qwen3_235b_a22b': (235e9, 22e9)}
+
+
+def test_published_deepseek_v3_config_maps_onto_the_shipped_one():
+  """The published config.json gives configs/deepseek_v3.yaml's model but for the dense prefix (the shipped
+  config scans its layers, which model.dense_layers cannot be combined with yet: config_rules), and its
+  parameter counts: 671.03B total (published 671B); 37.55B active per token, litejax counting the input
+  embedding and output tables (published "37B"). The MTP layer (num_nextn_predict_layers) is not counted."""
+  import dataclasses
+
+  from litejax.config import load_config
+  from litejax.hf.config_fields import ConfigFields
+  from litejax.hf.families import family_for_hf
+  from litejax.model import bounds
+  cfg = family_for_hf(DEEPSEEK_V3).to_config(ConfigFields(DEEPSEEK_V3), 'bfloat16')
+  shipped = load_config('deepseek_v3')
+  assert cfg.model.dense_layers == '0-2' and not cfg.model.scan_layers
+  assert dataclasses.replace(cfg.model, scan_layers=True, dense_layers='') == shipped.model and cfg.moe == shipped.moe
+  counts = bounds.param_counts(cfg)
+  assert counts.total == 671_026_404_352 and abs(counts.total / 671e9 - 1) < 1e-4
+  assert counts.active_per_token == 37_552_282_624
+  quantised = {**DEEPSEEK_V3, 'quantization_config': {'quant_method': 'fp8', 'weight_block_size': [128, 128]}}
+  with pytest.raises(HFError, match="config.json: quantization_config: 'fp8'"):
+    family_for_hf(quantised).to_config(ConfigFields(quantised), 'bfloat16')
 
 
 @pytest.mark.parametrize('name', list(PUBLISHED))
@@ -305,3 +400,46 @@ def test_a_scanned_model_exports_as_its_unscanned_twin(imported, tmp_path):
   export_hf(tmp_path / 'scanned', tmp_path / 'a')
   export_hf(src, tmp_path / 'b')
   assert (tmp_path / 'a' / 'model.safetensors').read_bytes() == (tmp_path / 'b' / 'model.safetensors').read_bytes()
+
+
+@pytest.mark.slow   # compiles the scanned model's init
+def test_a_scanned_deepseek_exports_its_selection_bias(imported, tmp_path):
+  """A scanned DeepSeek-V3 model (every layer MoE, as configs/deepseek_v3.yaml): export-hf reads the stacked
+  parameters and the stacked selection bias (state under extra/) layer by layer; importing the export gives
+  them back unscanned."""
+  import dataclasses
+
+  from flax import nnx
+
+  from litejax.model.transformer import init_model
+  from litejax.train.checkpoint import Checkpointer, restore_config
+  from litejax.train.step import initial_rng
+  base = restore_config(imported['deepseek_v3', 'fused'])
+  cfg = base.replace(model=dataclasses.replace(base.model, dense_layers='', scan_layers=True))
+  _, params, extra = nnx.split(init_model(cfg, 3), nnx.Param, ...)
+  bias = np.arange(3 * 12, dtype=np.float32).reshape(3, 12) % 5 / 2   # [periods, E]
+  extra = nnx.from_flat_state([(p, v.replace(bias if p[-1] == 'bias_expert' else v[...]))
+                               for p, v in nnx.to_flat_state(extra)])
+  ckpt = Checkpointer(tmp_path / 'scanned', async_save=False)
+  ckpt.save(0, {'params': params, 'extra': extra, 'step': np.int32(0), 'rng': initial_rng(0)},
+            {'config': cfg.to_dict()})
+  ckpt.close()
+  export_hf(tmp_path / 'scanned', tmp_path / 'hf', layout='fused')
+  config = json.loads((tmp_path / 'hf' / 'config.json').read_text())
+  assert config['first_k_dense_replace'] == 0 and config['num_nextn_predict_layers'] == 0
+  import_hf(tmp_path / 'hf', tmp_path / 'again', seq_len=16, tokenizer=False)
+  again = leaves(tmp_path / 'again')
+  stacked = params['periods']['layers'][0]
+  for i in range(3):
+    for name in ('attn/w_q_b', 'attn/w_kv_a', 'ffn/router_expert', 'ffn/w_out', 'ffn/shared/w_in'):
+      node = stacked
+      for part in name.split('/'):
+        node = node[part]
+      np.testing.assert_array_equal(again[f'params/blocks/{i}/{name}'], np.asarray(node[...])[i])
+  ckpt = Checkpointer(tmp_path / 'again', read_only=True)
+  try:
+    for i in range(3):
+      np.testing.assert_array_equal(ckpt.read_leaf(0, f'extra/blocks/{i}/ffn/bias_expert'), bias[i])
+  finally:
+    ckpt.close()
+  assert restore_config(tmp_path / 'again').model == dataclasses.replace(cfg.model, scan_layers=False)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from hf_helpers import EVAL_TEXT, FIXTURES, TOL, prompts, reference
+from hf_helpers import EVAL_TEXT, FIXTURES, TOL, assert_same_experts, prompts, reference
 from litejax import cli
 from litejax.hf.importer import import_hf
 from litejax.inference import decode, session as sessions
@@ -27,14 +27,16 @@ NEW_TOKENS = 6
 CASES = [('mixtral', [], 1, ('forward', 'decode')), ('qwen3_moe', [], 1, ('forward', 'decode')),
          ('qwen3_moe_tied', [], 1, ('forward',)),
          ('qwen3_moe', ['mesh.data=1', 'mesh.expert=2', 'mesh.tensor=2'], 4, ('decode',)),
-         ('mixtral', ['mesh.data=1', 'mesh.expert=5', 'mesh.tensor=1'], 5, ('decode', 'forward'))]
+         ('mixtral', ['mesh.data=1', 'mesh.expert=5', 'mesh.tensor=1'], 5, ('decode', 'forward')),
+         ('deepseek_v3', [], 1, ('forward', 'decode')),
+         ('deepseek_v3', ['mesh.data=1', 'mesh.expert=3', 'mesh.tensor=1'], 3, ('forward',))]
 
 
 @pytest.fixture(scope='module')
 def ckpts(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('hf_parity')
   out = {}
-  for name in ('mixtral', 'qwen3_moe', 'qwen3_moe_tied'):
+  for name in ('mixtral', 'qwen3_moe', 'qwen3_moe_tied', 'deepseek_v3'):
     out[name] = tmp / name
     import_hf(FIXTURES / name / 'per_expert', out[name], seq_len=16)
   return out
@@ -66,7 +68,7 @@ def _forward(session, tokens_bs):
   return jax.device_get(out)
 
 
-def _runtime_checks(session, ref) -> None:
+def _runtime_checks(session, ref, name) -> None:
   """Through one decoding runtime that reports its routing: prefill over whole prompts (logits and experts at
   every position), greedy generation, and prefill over each prompt's first half followed by one decode step per
   remaining token, fed the prompt's own next token (logits at every position). Every program has the prompt
@@ -84,7 +86,7 @@ def _runtime_checks(session, ref) -> None:
     logits_bpv, experts = np.asarray(logits_bpv), np.asarray(experts)
     for i, p in enumerate(ps):
       np.testing.assert_allclose(logits_bpv[i, :len(p)], ref[f'logits_{i}'], atol=TOL, rtol=0)
-      np.testing.assert_array_equal(experts[:, i, :len(p)], ref[f'experts_{i}'])
+      assert_same_experts(name, experts[:, i, :len(p)], ref[f'experts_{i}'])
     gen = decode.generate(rt, params, extra, [p.tolist() for p in ps], NEW_TOKENS)
     assert gen.tokens == [ref[f'greedy_{i}'].tolist() for i in range(len(ps))]
     pre = np.maximum(lens // 2, 1)
@@ -117,9 +119,9 @@ def test_logits_and_experts_match_transformers(ckpts, name, overrides, devices, 
     assert experts.shape[0] == len(ref['moe_layers'])
     for i, p in enumerate(ps):
       np.testing.assert_allclose(logits[i, :len(p)], ref[f'logits_{i}'], atol=TOL, rtol=0)
-      np.testing.assert_array_equal(experts[:, i, :len(p)], ref[f'experts_{i}'])   # best first, as transformers'
+      assert_same_experts(name, experts[:, i, :len(p)], ref[f'experts_{i}'])   # best first, as transformers'
   if 'decode' in checks:
-    _runtime_checks(session, ref)
+    _runtime_checks(session, ref, name)
 
 
 def test_eval_matches_transformers_loss(ckpts, tmp_path, capsys):

@@ -19,7 +19,7 @@ import numpy as np
 
 from litejax.config import Config
 from litejax.hf.families import family_for_config
-from litejax.hf.mapping import LAYOUTS, ExpertArray, Family
+from litejax.hf.mapping import LAYOUTS, ExpertArray, Family, leaf_dtype
 from litejax.hf.weights import HFError, OutTensor, write_shards
 from litejax.train import tokenizer as tokenizers
 
@@ -34,7 +34,7 @@ def layer_leaf(cfg: Config, leaf: str) -> tuple[str, int | None]:
   if not mc.scan_layers or parts[1] != 'blocks':
     return leaf, None
   period, layer = max(mc.moe_every, 1), int(parts[2])
-  return '/'.join(['params', 'periods', 'layers', str(layer % period)] + parts[3:]), layer // period
+  return '/'.join([parts[0], 'periods', 'layers', str(layer % period)] + parts[3:]), layer // period
 
 
 class _Leaves:
@@ -68,8 +68,9 @@ def export_tensors(cfg: Config, family: Family, leaves: _Leaves, layout: str, dt
   shapes = _shapes(cfg)
   name = family.published if layout == 'per-expert' else (lambda n: n)   # fused: transformers 5's own names
   for t in family.tensors(cfg):
-    out.append(OutTensor(name(t.hf), t.hf_shape(shapes[t.leaf]), dtype,
-                         lambda t=t: t.to_hf(leaves.param(t.leaf)).astype(dtype)))
+    t_dtype = leaf_dtype(t.leaf, dtype)   # state (a selection bias) stays float32
+    out.append(OutTensor(name(t.hf), t.hf_shape(shapes[t.leaf]), t_dtype,
+                         lambda t=t, t_dtype=t_dtype: t.to_hf(leaves.param(t.leaf)).astype(t_dtype)))
   experts = family.experts(cfg)
   e_total = cfg.moe.experts_total
   if layout == 'per-expert':
@@ -92,8 +93,8 @@ def export_tensors(cfg: Config, family: Family, leaves: _Leaves, layout: str, dt
 
 def _shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
   """{unscanned leaf: shape}: the names the family's mapping uses, whatever the checkpoint's layout."""
-  from litejax.hf.importer import abstract_state, param_shapes
-  return param_shapes(abstract_state(cfg.replace(model=dataclasses.replace(cfg.model, scan_layers=False)))[0])
+  from litejax.hf.importer import abstract_state, state_shapes
+  return state_shapes(*abstract_state(cfg.replace(model=dataclasses.replace(cfg.model, scan_layers=False))))
 
 
 def hf_config(cfg: Config, family: Family, source: dict[str, Any] | None) -> dict[str, Any]:

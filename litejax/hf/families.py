@@ -1,5 +1,5 @@
 """The transformers architectures litejax converts, each a `litejax.hf.mapping.Family`: its config.json <->
-litejax config, and its tensor names.
+litejax config, and its tensor names (DeepSeek-V3's in litejax.hf.deepseek).
 
 Semantics checked against transformers 5.25's modeling_mixtral.py / modeling_qwen3_moe.py (and tested against
 transformers' own logits, tests/test_hf.py):
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from litejax.config import Config, from_dict
 from litejax.hf.config_fields import INFORMATIONAL, ConfigFields, rope_theta
+from litejax.hf.deepseek import DEEPSEEK_V3
 from litejax.hf.mapping import Family, decoder_tensors, glu_experts
 from litejax.hf.weights import HFError
 
@@ -163,7 +164,7 @@ QWEN3_MOE = Family(
 
 # ---------------------------------------------------------------------------- the registry
 
-FAMILIES: dict[str, Family] = {f.architecture: f for f in (MIXTRAL, QWEN3_MOE)}
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (MIXTRAL, QWEN3_MOE, DEEPSEEK_V3)}
 
 
 def family_for_hf(raw: dict) -> Family:
@@ -181,11 +182,17 @@ def family_for_hf(raw: dict) -> Family:
 
 def family_for_config(cfg: Config, name: str | None = None) -> Family:
   """The family a litejax config exports as: `name` (a family name or architecture), else the one it maps onto
-  (Qwen3-MoE with q/k norms, else Mixtral). HFError naming the first field that does not map."""
+  (DeepSeek-V3 with MLA attention or pooled expert selection, Qwen3-MoE with q/k norms, else Mixtral). HFError
+  naming the first field that does not map."""
   by_name = {f.name: f for f in FAMILIES.values()} | FAMILIES
   if name is not None and name not in by_name:
     raise HFError(f'--family {name}: one of {", ".join(f.name for f in FAMILIES.values())}')
-  family = by_name[name] if name else (QWEN3_MOE if cfg.model.qk_norm else MIXTRAL)
+  if name:
+    family = by_name[name]
+  elif cfg.model.attention == 'mla' or cfg.moe.expert_selection == 'pooled':
+    family = DEEPSEEK_V3
+  else:
+    family = QWEN3_MOE if cfg.model.qk_norm else MIXTRAL
   problems = family.export_problems(cfg)
   if problems:
     raise HFError(f'the model does not map onto {family.architecture}: {problems[0]}'

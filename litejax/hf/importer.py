@@ -26,7 +26,7 @@ import numpy as np
 from litejax.config import Config
 from litejax.hf.config_fields import ConfigFields, read_config_json
 from litejax.hf.families import family_for_hf
-from litejax.hf.mapping import ExpertArray, plan_import
+from litejax.hf.mapping import ExpertArray, leaf_dtype, plan_import
 from litejax.hf.weights import HFError, WeightIndex
 from litejax.train import tokenizer as tokenizers
 
@@ -89,10 +89,8 @@ def prepare(hf_dir: str | pathlib.Path, dtype: str | None = None, seq_len: int |
                     'model.embed_tokens.weight')
     del index.tensors['lm_head.weight']   # the tied copy of the embedding: nothing to convert
   params, extra = abstract_state(cfg)
-  if extra_leaves := nnx_paths(extra):
-    raise HFError(f'{family.architecture}: the litejax model has state beyond its parameters ({extra_leaves[0]}) '
-                  'that no tensor fills')
-  plan = plan_import(cfg, family, index, param_shapes(params))
+  prefixes, _ = family.not_modelled(raw)
+  plan = plan_import(cfg, family, index, state_shapes(params, extra), prefixes)
   return raw, family, cfg, index, plan, (params, extra)
 
 
@@ -104,16 +102,11 @@ def abstract_state(cfg: Config):
   return nnx.split(abstract_model(cfg), nnx.Param, ...)[1:]
 
 
-def nnx_paths(state) -> list[str]:
-  """The leaf paths of an nnx State, 'a/b/c'."""
-  from flax import nnx
-  return ['/'.join(map(str, p)) for p, _ in nnx.to_flat_state(state)]
-
-
-def param_shapes(params) -> dict[str, tuple[int, ...]]:
-  """{checkpoint leaf: shape} of every parameter of an (abstract) params State."""
+def state_shapes(params, extra) -> dict[str, tuple[int, ...]]:
+  """{checkpoint leaf: shape} of every parameter ('params/...') and other state ('extra/...', e.g. the
+  router's selection biases) of an abstract model."""
   from litejax.train.leaf_specs import leaf_specs
-  return {k: tuple(v['shape']) for k, v in leaf_specs({'params': params}).items()}
+  return {k: tuple(v['shape']) for k, v in leaf_specs({'params': params, 'extra': extra}).items()}
 
 
 class _ExpertReader:
@@ -161,15 +154,17 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, store: str
   if out.exists() and overwrite:
     shutil.rmtree(out)
   counter = _Counter(len(plan.tensors) + len(plan.layouts) * cfg.moe.experts_total, progress)
-  shapes, np_dtype = param_shapes(params), layout.param_dtype(cfg)
-  values = {t.leaf: counter.add(t.to_litejax(index.read(t.hf), shapes[t.leaf]).astype(np_dtype, copy=False))
+  shapes, np_dtype = state_shapes(params, extra), layout.param_dtype(cfg)
+  values = {t.leaf: counter.add(t.to_litejax(index.read(t.hf), shapes[t.leaf]).astype(leaf_dtype(t.leaf, np_dtype),
+                                                                                       copy=False))
             for t in plan.tensors}
+  values.update({leaf: np.zeros(shapes[leaf], leaf_dtype(leaf, np_dtype)) for leaf in plan.zeros})
   experts_writer = writer.StoreWriter(store, cfg, overwrite=overwrite, context=context) if store else None
   for layer in sorted(plan.layouts):
     values.update(_convert_layer(index, plan, layer, shapes, np_dtype, experts_writer, counter))
   source = {'architecture': family.architecture, 'hf_dir': str(hf_dir.resolve()),
             'layouts': sorted(set(plan.layouts.values())), 'dtype': cfg.model.param_dtype, 'skipped': plan.skipped,
-            'hf_config': raw}
+            'not_modelled': not_modelled_report(family, raw, plan), 'hf_config': raw}
   meta = {'config': cfg.to_dict(), 'data': {'seed': cfg.train.seed, 'next_batch': 0}, 'imported': source}
   if store:
     meta[EXPERT_STORE] = store if '://' in store else str(pathlib.Path(store).expanduser().resolve())
@@ -185,8 +180,19 @@ def import_hf(hf_dir: str | pathlib.Path, out: str | pathlib.Path, *, store: str
   return {'architecture': family.architecture, 'out': str(out), 'store': store, 'dtype': cfg.model.param_dtype,
           'layouts': source['layouts'], 'tensors': len(plan.tensors), 'moe_layers': len(plan.layouts),
           'experts': len(plan.layouts) * cfg.moe.experts_total, 'skipped': plan.skipped,
+          'not_modelled': source['not_modelled'],
           'tokenizer': bool(tok_files), 'bytes_read': counter.bytes, 'checkpoint_bytes': index.nbytes,
           'seconds': round(seconds, 3), 'gb_per_s': round(counter.bytes / max(seconds, 1e-9) / 1e9, 3)}
+
+
+def not_modelled_report(family, raw: dict, plan) -> dict[str, Any] | None:
+  """What of the checkpoint was not imported because litejax does not model it (None: nothing): why, and the
+  tensors skipped."""
+  prefixes, why = family.not_modelled(raw)
+  if not prefixes:
+    return None
+  return {'why': why, 'prefixes': list(prefixes), 'tensors': len(plan.not_modelled),
+          'names': plan.not_modelled}
 
 
 class _Counter:
@@ -233,10 +239,13 @@ def _save(out: pathlib.Path, cfg: Config, params, extra, values: dict[str, np.nd
 
   from litejax.train.checkpoint import Checkpointer
   from litejax.train.step import initial_rng
-  flat = [(p, v.replace(jax.device_put(values.pop(_leaf(p))))) for p, v in nnx.to_flat_state(params)
-          if _leaf(p) in values]
-  state = {'params': nnx.from_flat_state(flat), 'extra': extra, 'step': jax.numpy.zeros((), jax.numpy.int32),
-           'rng': initial_rng(cfg.train.seed)}
+
+  def filled(kind: str, state):
+    flat = [(p, v.replace(jax.device_put(values.pop(_leaf(kind, p))))) for p, v in nnx.to_flat_state(state)
+            if _leaf(kind, p) in values]
+    return nnx.from_flat_state(flat)
+  state = {'params': filled('params', params), 'extra': filled('extra', extra),
+           'step': jax.numpy.zeros((), jax.numpy.int32), 'rng': initial_rng(cfg.train.seed)}
   ckpt = Checkpointer(out, keep=1, async_save=False)
   try:
     ckpt.save(0, state, meta)
@@ -244,5 +253,5 @@ def _save(out: pathlib.Path, cfg: Config, params, extra, values: dict[str, np.nd
     ckpt.close()
 
 
-def _leaf(path: tuple) -> str:
-  return 'params/' + '/'.join(map(str, path))
+def _leaf(kind: str, path: tuple) -> str:
+  return kind + '/' + '/'.join(map(str, path))

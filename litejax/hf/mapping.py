@@ -28,6 +28,11 @@ LAYOUTS = ('per-expert', 'fused')
 DERIVED_SUFFIXES = ('.rotary_emb.inv_freq',)
 
 
+def leaf_dtype(leaf: str, np_dtype: np.dtype) -> np.dtype:
+  """The dtype a leaf is stored in: the parameter dtype, float32 for state (RouterBias is float32)."""
+  return np_dtype if leaf.startswith('params/') else np.dtype(np.float32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Tensor:
   """One litejax parameter from one HF tensor. in_axes 0: the same layout; n > 0: HF stores an nn.Linear
@@ -72,8 +77,7 @@ class ExpertArray:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-  """What litejax knows of one transformers architecture. The DeepSeek-V3 family plugs in as one more of these
-  (registered in litejax.hf.families.FAMILIES)."""
+  """What litejax knows of one transformers architecture (registered in litejax.hf.families.FAMILIES)."""
   name: str                                        # `export-hf --family`, e.g. 'qwen3_moe'
   architecture: str                                # config.json architectures[0], e.g. 'Qwen3MoeForCausalLM'
   model_type: str                                  # config.json model_type
@@ -84,6 +88,12 @@ class Family:
   experts: Callable[[Config], list[ExpertArray]]
   canonical: Callable[[str], str] = lambda name: name   # a file's tensor name -> the mapping's
   published: Callable[[str], str] = lambda name: name   # the mapping's -> a one-tensor-per-expert checkpoint's
+  # litejax state leaves the architecture has no tensor for and whose value does not change its forward pass
+  # (DeepSeek-V3's tier and group selection biases): imported as zeros, not exported.
+  zeros: Callable[[Config], list[str]] = lambda cfg: []
+  # (tensor name prefixes, why) of modules a config.json declares that litejax does not model (DeepSeek-V3's
+  # multi-token-prediction layers): their tensors are skipped and listed in the import's report.
+  not_modelled: Callable[[dict], tuple[tuple[str, ...], str]] = lambda raw: ((), '')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,12 +102,16 @@ class ImportPlan:
   experts: list[ExpertArray]
   layouts: dict[int, str]          # MoE layer -> 'per-expert' | 'fused'
   skipped: list[str]               # derived buffers (DERIVED_SUFFIXES) not converted
+  zeros: list[str] = dataclasses.field(default_factory=list)          # state leaves filled with zeros
+  not_modelled: list[str] = dataclasses.field(default_factory=list)   # tensors of modules litejax lacks
 
 
-def plan_import(cfg: Config, family: Family, index: WeightIndex, shapes: dict[str, tuple[int, ...]]) -> ImportPlan:
-  """The mapping of `index` onto litejax parameters `shapes` ({leaf: shape}), checked from headers alone."""
-  tensors, experts = family.tensors(cfg), family.experts(cfg)
-  filled = [t.leaf for t in tensors] + [e.leaf for e in experts]
+def plan_import(cfg: Config, family: Family, index: WeightIndex, shapes: dict[str, tuple[int, ...]],
+                not_modelled: tuple[str, ...] = ()) -> ImportPlan:
+  """The mapping of `index` onto litejax parameters and state `shapes` ({leaf: shape}), checked from headers
+  alone; tensors whose names start with a `not_modelled` prefix are skipped (and listed)."""
+  tensors, experts, zeros = family.tensors(cfg), family.experts(cfg), family.zeros(cfg)
+  filled = [t.leaf for t in tensors] + [e.leaf for e in experts] + zeros
   unfilled = sorted(set(shapes) - set(filled))
   if unfilled:
     raise HFError(f'{family.architecture}: litejax parameter {unfilled[0]} has no source tensor in the mapping '
@@ -112,13 +126,14 @@ def plan_import(cfg: Config, family: Family, index: WeightIndex, shapes: dict[st
     arrays = [e for e in experts if e.layer == layer]
     layouts[layer] = _expert_layout(index, arrays, shapes, used)
   skipped = sorted(n for n in index.tensors if n not in used and n.endswith(DERIVED_SUFFIXES))
-  unused = sorted(set(index.tensors) - used - set(skipped))
+  lacking = sorted(n for n in index.tensors if n not in used and not_modelled and n.startswith(not_modelled))
+  unused = sorted(set(index.tensors) - used - set(skipped) - set(lacking))
   if unused:
     t = index.tensors[unused[0]]
     raise HFError(f'{t.file.name}: tensor {t.name} {t.shape} has no place in litejax\'s {family.architecture} '
                   f'(a bias, an extra module, or more layers/experts than config.json says; {len(unused)} such '
                   'tensors)')
-  return ImportPlan(tensors, experts, layouts, skipped)
+  return ImportPlan(tensors, experts, layouts, skipped, zeros, lacking)
 
 
 def _check_shape(index: WeightIndex, name: str, want: tuple[int, ...], leaf: str) -> None:
