@@ -3,6 +3,13 @@ import os
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' --xla_force_host_platform_device_count=8').strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+# One persistent compilation cache for the whole run, this process and every child it starts (they inherit
+# the environment): many tests jit fresh closures of the same small programs (a model's init, forward, train
+# step) and xdist's two workers build the same fixtures, so from a cold checkout most compiles after the
+# first of each program are cache reads. Keyed by the HLO, flags and jax version; every program is cached.
+_CACHE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.pytest_cache', 'jax-compile-cache')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', _CACHE)
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 
 import pathlib  # noqa: E402
 

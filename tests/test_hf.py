@@ -192,7 +192,7 @@ def test_unsupported_checkpoints_stop_before_writing(tmp_path, capsys, name, edi
   assert not (tmp_path / 'out').exists() and not (tmp_path / 'store').exists()
 
 
-def test_deepseek_mtp_layers_are_skipped_and_reported(tmp_path):
+def test_deepseek_mtp_layers_are_skipped_and_reported(tmp_path, capsys):
   """num_nextn_predict_layers: 1 declares model.layers.3.* (multi-token prediction, which litejax does not
   model): an import skips those tensors and lists them; the published rope_scaling / rope_theta spelling reads
   as transformers 5's rope_parameters."""
@@ -208,6 +208,9 @@ def test_deepseek_mtp_layers_are_skipped_and_reported(tmp_path):
   rep = import_hf(src, tmp_path / 'ckpt', seq_len=16)
   assert rep['not_modelled']['tensors'] == 2 and rep['not_modelled']['names'] == sorted(mtp)
   assert 'multi-token-prediction' in rep['not_modelled']['why']
+  from litejax.cli import main
+  assert main(['import-hf', str(src), '--out', str(tmp_path / 'ckpt_cli'), '--seq-len', '16', '--quiet']) == 0
+  assert 'not imported: 2 tensors under model.layers.3.' in capsys.readouterr().out
   cfg = restore_config(tmp_path / 'ckpt')
   assert cfg == restore_config(import_all_one(tmp_path, 'deepseek_v3', 'per_expert'))
   assert cfg.model.dense_layers == '0' and cfg.model.rope_scaling == 'yarn' and cfg.moe.group_score == 'top2_experts'

@@ -1,4 +1,4 @@
-"""`litejax import-hf`: a Hugging Face model folder (Mixtral, Qwen3-MoE) into a litejax checkpoint folder.
+"""`litejax import-hf`: a Hugging Face model folder (Mixtral, Qwen3-MoE, DeepSeek-V3) into a litejax checkpoint folder.
 
   litejax import-hf ~/models/Mixtral-8x7B-v0.1 --out runs/mixtral/ckpt --store runs/mixtral/store --dtype bfloat16
 
@@ -45,4 +45,7 @@ def run(args: argparse.Namespace) -> int:
     print(f'imported {rep["architecture"]} ({", ".join(rep["layouts"]) or "no expert"} layout, {rep["dtype"]}) into '
           f'{rep["out"]}{where}: {rep["bytes_read"] / 2**30:.2f} GiB in {rep["seconds"]:.1f} s '
           f'({rep["gb_per_s"]:.2f} GB/s)' + ('' if rep['tokenizer'] else '; no tokenizer (byte-level text)'))
+    skipped = rep.get('not_modelled')
+    if skipped:     # e.g. DeepSeek-V3's multi-token-prediction layer: said, never dropped silently
+      print(f'not imported: {skipped["tensors"]:,} tensors under {", ".join(skipped["prefixes"])} ({skipped["why"]})')
   return 0
