@@ -147,7 +147,9 @@ def store_1b(location: pathlib.Path, pregated_location: pathlib.Path, quick: boo
   # (same config but moe.pregate, same seed); tokens_identical checks it.
   resident = ExpertLevels(store, LevelOptions(1.0, 1.0, 'lru', 0, 'stall'), load_width=cfg.moe.k_active)
   harness.preload_all(resident)
-  residents = {'resident': StoreRuntime(cfg, model, resident), 'resident_pregated': StoreRuntime(*gated[:2], resident)}
+  shared = harness.store_programs()
+  residents = {'resident': StoreRuntime(cfg, model, resident, programs=shared),
+               'resident_pregated': StoreRuntime(*gated[:2], resident, programs=shared)}
   base = {name: 'resident_pregated' if name == 'pregated' else 'resident' for name in variants}
   ms: dict[str, list[float]] = {name: [] for name in [*residents, *variants]}
   rows, tokens = {}, {}

@@ -246,12 +246,25 @@ def load_store_model(ckpt: pathlib.Path, store_dir: pathlib.Path):
   return cfg, model, store
 
 
+_PROGRAMS: dict = {}
+
+
+def store_programs() -> dict:
+  """One set of the store runtime's jitted programs for every decode of this process
+  (litejax.inference.store_programs.build_programs, built on first use): a benchmark's many runtimes then
+  compile each program once per model and shape, not once per runtime."""
+  if not _PROGRAMS:
+    from litejax.inference.store_programs import build_programs
+    _PROGRAMS.update(build_programs())
+  return _PROGRAMS
+
+
 def tiered_decode(cfg, model, store, opts, prompt, new_tokens, sampling, seed=0, keep_logits=False, preload=False,
                   record=None, hooks=None):
   """One decode from the store with fresh storage levels; returns (Generation, logits, store report,
   runtime). preload: every expert resident first (`preload_all`); record: a list the decode steps'
   lookups (layer, experts) are appended to (from ExpertLevels.lookup_log); hooks: the runtime's
-  (litejax.inference.store_programs.Hooks)."""
+  (litejax.inference.store_programs.Hooks). The programs are `store_programs()`'s."""
   from litejax.inference.store.levels import ExpertLevels
   from litejax.inference.store.quant import int8_copies
   from litejax.inference.store_decode import StoreRuntime
@@ -261,7 +274,7 @@ def tiered_decode(cfg, model, store, opts, prompt, new_tokens, sampling, seed=0,
     if preload:
       preload_all(tiers)
     tiers.lookup_log = [] if record is not None else None
-    rt = StoreRuntime(cfg, model, tiers)
+    rt = StoreRuntime(cfg, model, tiers, programs=store_programs())
     gen, logits = rt.generate([prompt], new_tokens, sampling, seed, keep_logits=keep_logits, hooks=hooks)
   finally:
     tiers.close()

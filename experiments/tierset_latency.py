@@ -28,7 +28,7 @@ def measure(cfg, model, store, opts, mask, prompt: list[int], new_tokens: int) -
   tiers = ExpertLevels(store, opts, load_width=cfg.moe.k_active)
   try:
     tiersets.preload(cfg, tiers)
-    rt = StoreRuntime(cfg, model, tiers, mask)
+    rt = StoreRuntime(cfg, model, tiers, mask, programs=harness.store_programs())
     gen, _ = rt.generate([prompt], new_tokens)
   finally:
     tiers.close()

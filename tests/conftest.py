@@ -43,9 +43,3 @@ def import_experiment(name: str):
     sys.path.insert(0, folder)
   return importlib.import_module(name)
 
-
-def pytest_configure(config):
-  """Under xdist (`-n 2`, CI's command), whole modules go to one worker (`--dist loadscope`): a module's
-  compiled fixtures are then built once, not once per worker. An explicit --dist is kept."""
-  if getattr(config.option, 'numprocesses', None) and getattr(config.option, 'dist', 'no') == 'load':
-    config.option.dist = 'loadscope'

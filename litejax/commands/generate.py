@@ -194,6 +194,7 @@ def _run_store(args, prompts: list[str], sampling) -> int:
   from litejax.inference.store.quant import int8_copies
   from litejax.inference.store.disk import ExpertStore
   from litejax.inference.store_decode import StoreRuntime
+  from litejax.inference.store_programs import build_programs
   from litejax.train import tokenizer as tokenizers
   from litejax.train.checkpoint import CheckpointCorruptError, CheckpointInFlightError
   opts = LevelOptions(args.device_slots, args.host_cache, args.policy, args.lookahead, args.miss,
@@ -210,14 +211,15 @@ def _run_store(args, prompts: list[str], sampling) -> int:
   if cfg.moe.pregate and opts.lookahead:
     return _fail(f'--lookahead: the model is pre-gated (moe.pregate={cfg.moe.pregate}): its experts are fetched '
                  f'exactly {cfg.moe.pregate} MoE layer(s) ahead and no lookahead routers run; use --lookahead 0')
-  tierset = None
+  tierset, programs = None, build_programs()   # one set: the budget's recorded step and the decode
   if args.latency_budget_ms is not None:
     from litejax.perf.host import measure_host
     try:
       tierset, opts = tiersets.choose_for_budget(
           cfg, model, store, opts, batch=len(prompts), cache_len=max(len(t) for t in tokens) + args.max_new_tokens,
           budget_ms=args.latency_budget_ms, num_val_batches=args.val_batches,
-          io_probes=lambda: io_probes(args.store, store), chip=measure_host(repeats=3))
+          io_probes=lambda: io_probes(args.store, store), chip=measure_host(repeats=3),
+          programs=programs)
     except ChunkDamagedError as e:
       return _damaged(e, args.store)
     except ValueError as e:
@@ -228,7 +230,7 @@ def _run_store(args, prompts: list[str], sampling) -> int:
     try:
       if tierset is not None:
         tiersets.preload(cfg, tiers)
-      rt = StoreRuntime(cfg, model, tiers, None if tierset is None else tierset['mask'])
+      rt = StoreRuntime(cfg, model, tiers, None if tierset is None else tierset['mask'], programs=programs)
       gen, _ = rt.generate(tokens, args.max_new_tokens, sampling, args.seed)
     finally:
       tiers.close()

@@ -98,6 +98,7 @@ class StoreRuntime:
     if self.prefill_cfg.moe.dispatch != 'dropless':
       raise ValueError('moe.eval_capacity_factor: decoding from a store needs dropless prefill (null)')
     self.programs = build_programs() if programs is None else programs
+    self._compiled_before = jaxcompat.compiled_variants(self.programs['moe_pre'].fn)   # shared programs
     self.dt = DTYPES[cfg.model.dtype]
     self.layers = model_layers(model)
     self.moe = [l for l in self.layers if l.is_moe]
@@ -126,8 +127,9 @@ class StoreRuntime:
     self.prefill_counters = None           # a copy of the levels' counters after the last generate's prefill
 
   def compiles(self) -> int:
-    """Compiled variants of this runtime's `moe_pre` program so far (one per (batch, tokens) it ran)."""
-    return jaxcompat.compiled_variants(self.programs['moe_pre'].fn)
+    """Variants of the `moe_pre` program compiled since this runtime was made (one per new (batch, tokens)
+    it ran; programs shared with another runtime count only what this one added)."""
+    return jaxcompat.compiled_variants(self.programs['moe_pre'].fn) - self._compiled_before
 
   def forward(self, tokens_bs: np.ndarray, positions_bs: np.ndarray | None, cache: list,
               hooks: Hooks = DEFAULT_HOOKS) -> tuple[jax.Array, list]:

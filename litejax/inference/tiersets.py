@@ -181,7 +181,8 @@ def assignments_per_step(cfg: Config, batch: int) -> float:
 # ---------------------------------------------------------------------------- generate --latency-budget-ms
 
 def choose_for_budget(cfg: Config, model, store, opts, *, batch: int, cache_len: int, budget_ms: float,
-                      num_val_batches: int, io_probes: Callable[[], dict[str, float]], chip) -> tuple[dict, Any]:
+                      num_val_batches: int, io_probes: Callable[[], dict[str, float]], chip,
+                      programs: dict | None = None) -> tuple[dict, Any]:
   """The TierSet to decode `batch` sequences of up to `cache_len` tokens with, under `budget_ms` per token:
   every candidate's validation loss over `num_val_batches` val batches (`evaluate`), its predicted latency
   (`predict`: the compute term of the tiered step as it will run, `compute_term`, plus the I/O term at the
@@ -190,7 +191,8 @@ def choose_for_budget(cfg: Config, model, store, opts, *, batch: int, cache_len:
 
   Returns (the choice: budget, chosen name, tier mask, predicted latency, every considered row, the
   compute and I/O figures, the placement's fractions; `opts` with device slots and host cache sized by
-  `placement_fractions`). ValueError for a bad argument or when no TierSet fits."""
+  `placement_fractions`). programs: the store runtime's programs to record the step with (the ones the
+  decode will run: they then compile once). ValueError for a bad argument or when no TierSet fits."""
   if num_val_batches < 1:
     raise ValueError(f'--val-batches: must be >= 1, got {num_val_batches}')
   if not budget_ms > 0:
@@ -201,7 +203,7 @@ def choose_for_budget(cfg: Config, model, store, opts, *, batch: int, cache_len:
   bandwidth = io_probes()
   device, host = placement_fractions(cfg)
   opts = dataclasses.replace(opts, device_slots=device, host_cache=host)
-  compute = compute_term(cfg, model, store, opts, batch, cache_len, sets[0].mask, chip)
+  compute = compute_term(cfg, model, store, opts, batch, cache_len, sets[0].mask, chip, programs)
   rows = predict(rows, compute['compute_ms'], assignments_per_step(cfg, batch), store.expert_bytes, bandwidth)
   best = choose(rows, budget_ms)
   mask = next(ts.mask for ts in sets if ts.name == best['name'])
@@ -210,7 +212,8 @@ def choose_for_budget(cfg: Config, model, store, opts, *, batch: int, cache_len:
           'compute': compute, 'io_probes': bandwidth, 'device_slots': device, 'host_cache': host}, opts
 
 
-def compute_term(cfg: Config, model, store, opts, batch: int, cache_len: int, hot_mask, chip) -> dict:
+def compute_term(cfg: Config, model, store, opts, batch: int, cache_len: int, hot_mask, chip,
+                 programs: dict | None = None) -> dict:
   """The latency model's compute part of one step of the store runtime that will decode
   (litejax.inference.step_latency: its programs as run, and the host time of a step), the same for every
   TierSet (the tier mask is an argument of the same programs). Recorded with the hot TierSet and its
@@ -221,7 +224,8 @@ def compute_term(cfg: Config, model, store, opts, batch: int, cache_len: int, ho
   levels = ExpertLevels(store, opts, load_width=cfg.moe.k_active * batch)
   try:
     preload(cfg, levels)
-    rec = step_latency.record_step(StoreRuntime(cfg, model, levels, hot_mask), [[0] * max(cache_len - 7, 1)] * batch)
+    rt = StoreRuntime(cfg, model, levels, hot_mask, programs=programs)
+    rec = step_latency.record_step(rt, [[0] * max(cache_len - 7, 1)] * batch)
   finally:
     levels.close()
   return step_latency.price(rec, chip)
